@@ -1,0 +1,53 @@
+"""Builds a family's model from a Checkpoint and loads its weights strictly, with clear errors."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from audioenc.config import Wav2Vec2Dims, WhisperDims
+from audioenc.models.wav2vec2 import Wav2Vec2Model
+from audioenc.models.wavlm import WavLMModel
+from audioenc.models.whisper import WhisperEncoder
+from audioenc.weights import Checkpoint
+
+# Tensors a checkpoint may leave out because the model can rebuild them exactly.
+OPTIONAL_TENSORS = {"embed_positions.weight"}  # Whisper's sinusoids
+
+
+def dims_of(checkpoint: Checkpoint) -> Wav2Vec2Dims | WhisperDims:
+    if checkpoint.family == "whisper":
+        return WhisperDims.from_config(checkpoint.config, checkpoint.source)
+    return Wav2Vec2Dims.from_config(checkpoint.family, checkpoint.config, checkpoint.source)
+
+
+def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Module:
+    """The reference model of ``checkpoint``'s family, in float32 on the CPU, in eval mode."""
+    dims = dims_of(checkpoint)
+    if checkpoint.family == "whisper":
+        model = WhisperEncoder(dims)
+    elif checkpoint.family == "wavlm":
+        model = WavLMModel(dims)
+    else:
+        model = Wav2Vec2Model(dims)
+    if not random_weights:
+        load_weights(model, checkpoint.state_dict, checkpoint.source)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict) - OPTIONAL_TENSORS)
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:4])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:4])}")
+        raise ValueError(f"{source}: the checkpoint does not match its config's architecture: {'; '.join(parts)} "
+                         "(a truncated checkpoint, or a config of another model?)")
+    for name, tensor in state_dict.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"the config implies {tuple(expected[name].shape)}")
+    model.load_state_dict(state_dict, strict=False)

@@ -1,0 +1,141 @@
+"""Audio input: decoding, resampling to 16 kHz, dtype/channel handling and validation.
+
+Everything a user can pass to ``encode`` becomes a list of 1-D float32 numpy arrays at 16 kHz, or a
+ValueError / TypeError that names the problem.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from audioenc.frontend import pcm_to_float32
+
+SAMPLE_RATE = 16000
+MIN_RATE, MAX_RATE = 4000, 384000
+SUPPORTED_DTYPES = (np.float16, np.float32, np.float64, np.int16, np.int32)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".w64", ".caf")
+
+
+def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decodes a file with soundfile; multi-channel audio is averaged to mono. Returns (float32, rate)."""
+    import soundfile as sf
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, expected an audio file")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
+        raise ValueError(f"{path}: cannot decode audio ({exc})") from None
+    if data.shape[0] == 0:
+        raise ValueError(f"{path}: the file holds no audio samples")
+    return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0], int(rate)
+
+
+def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """High-quality resampling with soxr; float32 in, float32 out."""
+    if rate == target:
+        return audio
+    import soxr
+
+    return soxr.resample(audio, rate, target, quality="HQ").astype(np.float32, copy=False)
+
+
+def check_rate(sample_rate) -> int:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+        raise TypeError(f"sample_rate must be an int in Hz, got {type(sample_rate).__name__}")
+    if not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise ValueError(f"sample_rate {sample_rate} Hz is outside the supported range {MIN_RATE}-{MAX_RATE} Hz")
+    return int(sample_rate)
+
+
+def _as_numpy(x, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{what}: complex tensors are not audio")
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        x = x.numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{what}: expected a numpy array, a torch tensor or a path, got {type(x).__name__}")
+    if x.dtype.type not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: unsupported sample type {x.dtype}; expected float16/32/64, int16 or int32 PCM")
+    return x
+
+
+def _clean(x: np.ndarray, what: str, rate: int) -> np.ndarray:
+    """One item at 16 kHz: int16/int32 PCM stays as it is (the frontend scales it in its single
+    pass); float PCM becomes finite float32; anything else at another rate is resampled."""
+    if x.size == 0:
+        raise ValueError(f"{what}: empty audio (0 samples)")
+    if x.dtype.kind == "f":
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            bad = int(np.flatnonzero(~np.isfinite(x))[0])
+            raise ValueError(f"{what}: audio contains NaN or Inf (first at sample {bad})")
+    if rate != SAMPLE_RATE:
+        x = resample(pcm_to_float32(x), rate)
+    return np.ascontiguousarray(x)
+
+
+def to_waveforms(audio, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
+    """Any supported input -> list of 1-D arrays at 16 kHz (float32, or int16/int32 PCM as given).
+
+    audio: a 1-D array/tensor (one item), a 2-D array/tensor (batch, samples), a list of 1-D
+    arrays of different lengths, a path, or a list of paths. ``sample_rate`` applies to arrays;
+    files carry their own rate.
+    """
+    if isinstance(audio, (str, os.PathLike)):
+        audio = [audio]
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        x = _as_numpy(audio, "audio")
+        if x.ndim == 1:
+            items = [x]
+        elif x.ndim == 2:
+            if x.shape[0] == 0:
+                raise ValueError("audio: empty batch (shape has 0 rows)")
+            items = list(x)
+        else:
+            raise ValueError(f"audio: expected 1-D (samples) or 2-D (batch, samples), got shape {tuple(x.shape)}")
+        rates = [check_rate(sample_rate)] * len(items)
+        names = ["audio"] if x.ndim == 1 else [f"audio[{i}]" for i in range(len(items))]
+    elif isinstance(audio, Sequence) and not isinstance(audio, (bytes, bytearray)):
+        if len(audio) == 0:
+            raise ValueError("audio: empty list")
+        items, rates, names = [], [], []
+        for i, item in enumerate(audio):
+            if isinstance(item, (str, os.PathLike)):
+                data, rate = load_audio(item)
+                items.append(data)
+                rates.append(check_rate(rate))
+                names.append(os.fspath(item))
+                continue
+            x = _as_numpy(item, f"audio[{i}]")
+            if x.ndim != 1:
+                raise ValueError(f"audio[{i}]: items of a list must be 1-D, got shape {tuple(x.shape)}")
+            items.append(x)
+            rates.append(check_rate(sample_rate))
+            names.append(f"audio[{i}]")
+    else:
+        raise TypeError(f"audio: expected a numpy array, a torch tensor, a list or a path, got {type(audio).__name__}")
+    return [_clean(x, name, rate) for x, name, rate in zip(items, names, rates)]
+
+
+def find_audio_files(paths: Sequence[str]) -> list[str]:
+    """Files named directly, plus audio files found recursively under directories (sorted)."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, files in os.walk(path):
+                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(AUDIO_EXTENSIONS)]
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or directory")
+    return found

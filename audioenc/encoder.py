@@ -1,0 +1,160 @@
+"""The public encoder object: audio in, frame embeddings out, on any backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from audioenc.audio import SAMPLE_RATE, to_waveforms
+from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims
+from audioenc.frontend import log_mel_spectrogram_ref, normalize_waveforms, pcm_to_float32
+
+POOLS = ("mean", "max")
+WHISPER_WINDOWS_PER_RUN = 16  # bounds memory on long audio
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: torch.Tensor                    # (B, frames, dim); frames past lengths[b] are 0
+    lengths: torch.Tensor                              # (B,) valid frames per item, int64
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # input of layer 0, then one per layer
+
+
+class AudioEncoder:
+    """A loaded encoder. Create it with :func:`audioenc.load`. Safe to share between threads."""
+
+    def __init__(self, family: str, dims: Wav2Vec2Dims | WhisperDims, backend, source: str,
+                 preprocessor: dict, random_weights: bool = False):
+        self.family, self.dims, self.backend, self.source = family, dims, backend, source
+        self.random_weights = random_weights
+        self.do_normalize = bool(preprocessor.get("do_normalize", True))
+        if family == "whisper" and preprocessor.get("feature_size", dims.n_mels) != dims.n_mels:
+            raise ValueError(f"{source}: preprocessor feature_size {preprocessor['feature_size']} does not match "
+                             f"the model's {dims.n_mels} mel bins")
+
+    def __repr__(self) -> str:
+        weights = "RANDOM weights" if self.random_weights else self.source
+        return (f"AudioEncoder({self.family}, {self.num_layers} layers x {self.hidden_size}, "
+                f"backend={self.backend.name}, device={self.backend.device}, dtype={self.backend.dtype}, {weights})")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.dims.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.dims.num_layers
+
+    frame_rate = 50.0  # output frames per second, every family
+    sample_rate = SAMPLE_RATE
+
+    def encode(self, audio, sample_rate: int = SAMPLE_RATE, output_hidden_states: bool = False,
+               output_layer: int | None = None) -> EncoderOutput:
+        """Frame embeddings of one item or a batch (see audioenc.audio.to_waveforms for inputs).
+
+        output_layer=N runs only the first N layers and returns layer N's output (0 = the input of
+        the first layer), costing only those layers. Items of a batch never influence each other.
+        """
+        num_layers = self._layers_to_run(output_layer)
+        waves = to_waveforms(audio, sample_rate)
+        if self.family == "whisper":
+            return self._encode_whisper(waves, num_layers, output_hidden_states)
+        return self._encode_wav2vec2(waves, num_layers, output_hidden_states)
+
+    def embed(self, audio, sample_rate: int = SAMPLE_RATE, pool: str = "mean",
+              output_layer: int | None = None) -> torch.Tensor:
+        """One vector per item (B, dim): the mean (or max) of its valid frames."""
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        out = self.encode(audio, sample_rate, output_layer=output_layer)
+        return pool_frames(out.last_hidden_state, out.lengths, pool)
+
+    def _layers_to_run(self, output_layer: int | None) -> int:
+        if output_layer is None:
+            return self.num_layers
+        if isinstance(output_layer, bool) or not isinstance(output_layer, (int, np.integer)):
+            raise TypeError(f"output_layer must be an int, got {type(output_layer).__name__}")
+        if not 0 <= output_layer <= self.num_layers:
+            raise ValueError(f"output_layer must be between 0 and {self.num_layers}, got {output_layer}")
+        return int(output_layer)
+
+    def _encode_wav2vec2(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
+        shortest = self.dims.receptive_field
+        for i, w in enumerate(waves):
+            if len(w) < shortest:
+                raise ValueError(f"audio item {i} has {len(w)} samples; {self.family} needs at least {shortest} "
+                                 f"samples ({1000 * shortest / SAMPLE_RATE:g} ms at 16 kHz) for one frame")
+        dtypes = {w.dtype for w in waves}
+        if len(dtypes) > 1:  # mixed PCM types in one list: meet in float32
+            waves = [pcm_to_float32(w) for w in waves]
+        lengths = np.array([len(w) for w in waves], dtype=np.int64)
+        batch = np.zeros((len(waves), lengths.max()), dtype=waves[0].dtype)
+        for row, w in zip(batch, waves):
+            row[: len(w)] = w
+        inputs = torch.from_numpy(normalize_waveforms(batch, lengths, self.do_normalize))
+        out, hidden_states, frame_lengths = self.backend.run(inputs, torch.from_numpy(lengths), num_layers)
+        frame_lengths = frame_lengths.cpu()
+        return EncoderOutput(zero_padding(out, frame_lengths), frame_lengths,
+                             tuple(zero_padding(h, frame_lengths) for h in hidden_states) if output_hidden_states else None)
+
+    def _encode_whisper(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
+        """Each item is cut into consecutive 30 s windows (the last one padded); every window is
+        encoded on its own and the valid frames of an item's windows are concatenated."""
+        size = self.dims.window_samples
+        windows, owners, valid = [], [], []
+        for i, w in enumerate(waves):
+            if len(w) < WHISPER_HOP:
+                raise ValueError(f"audio item {i} has {len(w)} samples; whisper needs at least {WHISPER_HOP} "
+                                 f"samples (10 ms at 16 kHz) for one frame")
+            for start in range(0, len(w), size):
+                piece = w[start : start + size]
+                if len(piece) < WHISPER_HOP and start > 0:
+                    break  # a tail shorter than one mel frame adds no frame
+                windows.append(piece)
+                owners.append(i)
+                valid.append(self.dims.num_frames(len(piece)))
+        outputs, layer_outputs = [], []
+        for first in range(0, len(windows), WHISPER_WINDOWS_PER_RUN):
+            group = windows[first : first + WHISPER_WINDOWS_PER_RUN]
+            batch = np.zeros((len(group), size), dtype=np.float32)
+            for row, w in zip(batch, group):
+                row[: len(w)] = pcm_to_float32(w)
+            mel = log_mel_spectrogram_ref(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
+            out, hidden_states, _ = self.backend.run(mel, None, num_layers)
+            outputs.append(out)
+            if output_hidden_states:
+                layer_outputs.append(hidden_states)
+        out = torch.cat(outputs)
+        per_item = stitch_windows(out, owners, valid, len(waves))
+        lengths = torch.tensor([len(x) for x in per_item], dtype=torch.int64)
+        hidden = None
+        if output_hidden_states:
+            hidden = tuple(pad_items(stitch_windows(torch.cat([h[layer] for h in layer_outputs]), owners, valid, len(waves)))
+                           for layer in range(num_layers + 1))
+        return EncoderOutput(pad_items(per_item), lengths, hidden)
+
+
+def stitch_windows(out: torch.Tensor, owners: list[int], valid: list[int], num_items: int) -> list[torch.Tensor]:
+    """Concatenates the valid frames of each item's windows, in order."""
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(num_items)]
+    for window, (owner, n) in enumerate(zip(owners, valid)):
+        pieces[owner].append(out[window, :n])
+    return [torch.cat(p) for p in pieces]
+
+
+def pad_items(items: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+
+
+def zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+    return x * valid[..., None].to(x.dtype)
+
+
+def pool_frames(x: torch.Tensor, lengths: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, T, D) with lengths -> (B, D) over each item's valid frames."""
+    valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None])[..., None]
+    if pool == "mean":
+        return (x * valid).sum(1) / lengths.to(x.device, x.dtype)[:, None]
+    return x.masked_fill(~valid, float("-inf")).amax(1)

@@ -1,0 +1,76 @@
+"""Blocks shared by every family. Inference only: no dropout, masking or layer drop."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation dtype (as openai-whisper does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def key_padding_bias(lengths: torch.Tensor | None, num_frames: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention bias (B, 1, 1, T): 0 for valid keys, the dtype's lowest value for padding.
+
+    A finite value rather than -inf so a row can never become NaN.
+    """
+    if lengths is None:
+        return None
+    valid = torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
+    bias = torch.zeros(valid.shape, dtype=dtype, device=lengths.device)
+    bias.masked_fill_(~valid, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; q is scaled by head_dim ** -0.5 (inside SDPA)."""
+
+    def __init__(self, dim: int, num_heads: int, key_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=key_bias)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, frames, dim = x.shape
+        return x.view(batch, frames, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); bias: additive, broadcastable to (B, H, T, T) (padding mask and/or position bias)."""
+        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.intermediate_dense = nn.Linear(dim, hidden)
+        self.output_dense = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_dense(F.gelu(self.intermediate_dense(x)))
+
+
+def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """GroupNorm with one group per channel, statistics over each item's first ``lengths[b]`` frames.
+
+    x (B, C, T). With full lengths this equals nn.GroupNorm(C, C); with padding every item gets the
+    statistics it would get alone. Statistics in float32.
+    """
+    valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]).to(torch.float32)[:, None, :]
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    xf = x.float()
+    mean = (xf * valid).sum(-1, keepdim=True) / count
+    var = (((xf - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    out = (xf - mean) * torch.rsqrt(var + eps) * weight.float()[None, :, None] + bias.float()[None, :, None]
+    return out.to(x.dtype)
