@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints saved to disk, and test audio."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+# The real conv stack (receptive field 400, hop 320) with few channels, so lengths are realistic.
+TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                conv_dim=(24,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+TINY_WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=48,
+                    decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=48,
+                    max_source_positions=1500)
+
+# name -> (family, config overrides, do_normalize)
+W2V_VARIANTS = {
+    "wav2vec2-group": ("wav2vec2", dict(feat_extract_norm="group"), True),
+    "wav2vec2-stable": ("wav2vec2", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True), True),
+    "wav2vec2-layer-postln-oddpos": ("wav2vec2", dict(feat_extract_norm="layer", num_conv_pos_embeddings=15), False),
+    "hubert-group-noprojln": ("hubert", dict(feat_extract_norm="group", feat_proj_layer_norm=False), False),
+    "hubert-stable": ("hubert", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True), True),
+    "wavlm-group": ("wavlm", dict(feat_extract_norm="group", num_buckets=32, max_bucket_distance=60), False),
+    "wavlm-stable": ("wavlm", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                                   num_buckets=32, max_bucket_distance=60), True),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fresh random values for every parameter, so LayerNorm gains, biases and WavLM's gate
+    constants are not at their trivial initial values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen) if p.dim() < 2 else
+                        torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+    return model.eval()
+
+
+def make_w2v_hf(variant: str, path, task: str = "base"):
+    """Saves a tiny random HF model of ``variant`` to ``path``; returns the HF base model."""
+    import transformers
+
+    family, overrides, do_normalize = W2V_VARIANTS[variant]
+    names = {"wav2vec2": "Wav2Vec2", "hubert": "Hubert", "wavlm": "WavLM"}[family]
+    config = getattr(transformers, f"{names}Config")(**{**TINY_W2V, **overrides})
+    cls = getattr(transformers, f"{names}Model" if task == "base" else f"{names}{task}")
+    model = randomize(cls(config))
+    model.save_pretrained(path)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize, return_attention_mask=True).save_pretrained(path)
+    base = getattr(model, {"wav2vec2": "wav2vec2", "hubert": "hubert", "wavlm": "wavlm"}[family], model)
+    return base
+
+
+def make_whisper_hf(path, n_mels: int = 80):
+    import transformers
+
+    config = transformers.WhisperConfig(num_mel_bins=n_mels, **TINY_WHISPER)
+    model = randomize(transformers.WhisperForConditionalGeneration(config))
+    model.save_pretrained(path)
+    transformers.WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(path)
+    return model.model.encoder
+
+
+def speech_like(num_samples: int, seed: int = 0) -> np.ndarray:
+    """A voiced, amplitude-modulated harmonic signal with noise: fresh each seed, never zeros."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_samples) / 16000
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / 16000
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t + rng.uniform(0, 6)) ** 2
+    return (0.1 * envelope * voiced + 0.01 * rng.standard_normal(num_samples)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def w2v_checkpoints(tmp_path_factory):
+    """variant -> (path, HF base model) for every wav2vec2-family variant."""
+    out = {}
+    for variant in W2V_VARIANTS:
+        path = tmp_path_factory.mktemp(variant)
+        out[variant] = (str(path), make_w2v_hf(variant, path))
+    return out
+
+
+@pytest.fixture(scope="session")
+def whisper_checkpoints(tmp_path_factory):
+    """n_mels -> (path, HF WhisperEncoder)."""
+    out = {}
+    for n_mels in (80, 128):
+        path = tmp_path_factory.mktemp(f"whisper{n_mels}")
+        out[n_mels] = (str(path), make_whisper_hf(path, n_mels))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm())

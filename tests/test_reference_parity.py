@@ -1,0 +1,164 @@
+"""The torch reference against Hugging Face transformers: every family and config switch, all
+hidden states, single items and padded batches."""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import audioenc
+from conftest import W2V_VARIANTS, rel_err, speech_like
+
+TOL = 1e-4
+
+
+def hf_w2v_inputs(path, waves):
+    fe = transformers.Wav2Vec2FeatureExtractor.from_pretrained(path)
+    batch = fe(waves, sampling_rate=16000, padding=True, return_attention_mask=True, return_tensors="pt")
+    return batch["input_values"], batch["attention_mask"]
+
+
+@pytest.mark.parametrize("variant", list(W2V_VARIANTS))
+def test_wav2vec2_family_single_item(variant, w2v_checkpoints):
+    path, hf = w2v_checkpoints[variant]
+    enc = audioenc.load(path)
+    assert enc.family == W2V_VARIANTS[variant][0]
+    for n, seed in ((400, 1), (4001, 2), (16000 * 2 + 7, 3)):
+        wave = speech_like(n, seed)
+        values, _ = hf_w2v_inputs(path, [wave])
+        with torch.no_grad():
+            ref = hf(values, output_hidden_states=True)
+        out = enc.encode(wave, output_hidden_states=True)
+        assert out.lengths.tolist() == [ref.last_hidden_state.shape[1]]
+        assert rel_err(out.last_hidden_state, ref.last_hidden_state) <= TOL
+        assert len(out.hidden_states) == len(ref.hidden_states) == enc.num_layers + 1
+        for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+            assert rel_err(ours, theirs) <= TOL
+
+
+@pytest.mark.parametrize("variant", [v for v in W2V_VARIANTS if "group" not in v])
+def test_layer_norm_models_padded_batch_match_hf_with_attention_mask(variant, w2v_checkpoints):
+    path, hf = w2v_checkpoints[variant]
+    enc = audioenc.load(path)
+    waves = [speech_like(n, seed) for seed, n in enumerate((16000, 5000, 9999))]
+    values, mask = hf_w2v_inputs(path, waves)
+    with torch.no_grad():
+        ref = hf(values, attention_mask=mask, output_hidden_states=True)
+    out = enc.encode(waves, output_hidden_states=True)
+    for i, n in enumerate(out.lengths.tolist()):
+        assert rel_err(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) <= TOL
+        for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+            assert rel_err(ours[i, :n], theirs[i, :n]) <= TOL
+
+
+@pytest.mark.parametrize("variant", list(W2V_VARIANTS))
+def test_batch_items_equal_items_alone(variant, w2v_checkpoints):
+    """Group-norm models too: each item's statistics come from its own valid samples only."""
+    path, _ = w2v_checkpoints[variant]
+    enc = audioenc.load(path)
+    waves = [speech_like(n, 10 + i) for i, n in enumerate((401, 12000, 7321))]
+    batch = enc.encode(waves, output_hidden_states=True)
+    for i, wave in enumerate(waves):
+        alone = enc.encode(wave, output_hidden_states=True)
+        n = alone.lengths[0]
+        assert batch.lengths[i] == n
+        assert rel_err(batch.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 1e-5
+        assert torch.all(batch.last_hidden_state[i, n:] == 0)
+        for ours, single in zip(batch.hidden_states, alone.hidden_states):
+            assert rel_err(ours[i, :n], single[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_whisper_matches_hf(n_mels, whisper_checkpoints):
+    path, hf = whisper_checkpoints[n_mels]
+    enc = audioenc.load(path)
+    waves = [speech_like(16000 * 3, 1), speech_like(16000 * 30, 2)]
+    fe = transformers.WhisperFeatureExtractor.from_pretrained(path)
+    features = fe(waves, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        ref = hf(features, output_hidden_states=True)
+    out = enc.encode(waves, output_hidden_states=True)
+    assert out.lengths.tolist() == [150, 1500]
+    for i, n in enumerate(out.lengths.tolist()):
+        assert rel_err(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) <= TOL
+        for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+            assert rel_err(ours[i, :n], theirs[i, :n]) <= TOL
+
+
+def test_whisper_long_audio_is_consecutive_windows(whisper_checkpoints):
+    path, _ = whisper_checkpoints[80]
+    enc = audioenc.load(path)
+    wave = speech_like(16000 * 65 + 1234, 5)
+    out = enc.encode(wave)
+    windows = [wave[:480000], wave[480000:960000], wave[960000:]]
+    parts = [enc.encode(w) for w in windows]
+    assert out.lengths.item() == sum(p.lengths.item() for p in parts) == 1500 + 1500 + (81234 // 160 + 1) // 2
+    expected = torch.cat([p.last_hidden_state[0, : p.lengths[0]] for p in parts])
+    assert rel_err(out.last_hidden_state[0], expected) <= 1e-6
+
+
+def test_whisper_batch_items_equal_items_alone(whisper_checkpoints):
+    path, _ = whisper_checkpoints[80]
+    enc = audioenc.load(path)
+    waves = [speech_like(n, 20 + i) for i, n in enumerate((160, 16000 * 4, 16000 * 31))]
+    batch = enc.encode(waves)
+    for i, wave in enumerate(waves):
+        alone = enc.encode(wave)
+        n = alone.lengths[0]
+        assert batch.lengths[i] == n
+        assert rel_err(batch.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["wav2vec2-stable", "wavlm-group"])
+def test_output_layer_equals_hidden_state(variant, w2v_checkpoints):
+    path, _ = w2v_checkpoints[variant]
+    enc = audioenc.load(path)
+    wave = speech_like(8000, 3)
+    full = enc.encode(wave, output_hidden_states=True)
+    for layer in range(enc.num_layers):
+        out = enc.encode(wave, output_layer=layer)
+        assert rel_err(out.last_hidden_state, full.hidden_states[layer]) <= 1e-6
+    last = enc.encode(wave, output_layer=enc.num_layers)
+    assert rel_err(last.last_hidden_state, full.last_hidden_state) <= 1e-6
+
+
+def test_embed_pools_valid_frames(w2v_checkpoints):
+    path, _ = w2v_checkpoints["wav2vec2-group"]
+    enc = audioenc.load(path)
+    waves = [speech_like(16000, 1), speech_like(5000, 2)]
+    out = enc.encode(waves)
+    mean = enc.embed(waves)
+    top = enc.embed(waves, pool="max")
+    for i, n in enumerate(out.lengths.tolist()):
+        assert torch.allclose(mean[i], out.last_hidden_state[i, :n].mean(0), atol=1e-6)
+        assert torch.allclose(top[i], out.last_hidden_state[i, :n].amax(0))
+
+
+def test_pcm_types_give_the_same_frames(w2v_checkpoints):
+    path, _ = w2v_checkpoints["wav2vec2-stable"]
+    enc = audioenc.load(path)
+    wave = speech_like(6000, 4)
+    pcm16 = np.round(wave * 32767).astype(np.int16)
+    ref = enc.encode(pcm16.astype(np.float32) / 32768).last_hidden_state
+    for variant in (pcm16, pcm16.astype(np.int32) << 16, pcm16.astype(np.float64) / 32768, torch.from_numpy(pcm16)):
+        assert rel_err(enc.encode(variant).last_hidden_state, ref) <= 1e-5
+
+
+def test_resampled_input_has_the_frames_of_its_duration(w2v_checkpoints):
+    path, _ = w2v_checkpoints["wav2vec2-group"]
+    enc = audioenc.load(path)
+    for rate in (8000, 22050, 44100, 48000, 192000):
+        out = enc.encode(np.random.default_rng(rate).standard_normal(rate).astype(np.float32) * 0.1, sample_rate=rate)
+        assert out.lengths.item() == 49
+
+
+def test_threads_share_one_encoder(w2v_checkpoints):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, _ = w2v_checkpoints["wavlm-stable"]
+    enc = audioenc.load(path)
+    waves = [speech_like(4000 + 1000 * i, 30 + i) for i in range(8)]
+    expected = [enc.encode(w).last_hidden_state for w in waves]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda w: enc.encode(w).last_hidden_state, waves * 2))
+    for got, want in zip(results, expected * 2):
+        assert torch.equal(got, want)
