@@ -1,0 +1,5 @@
+import sys
+
+from audioenc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The command line: embed writes one output per input, never overwrites without asking, goes on
+past bad files; info reports what is built."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from safetensors.numpy import load_file
+
+import audioenc
+from audioenc.cli import main
+from conftest import speech_like
+
+
+@pytest.fixture()
+def audio_tree(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    sf.write(root / "a.wav", speech_like(16000, 1), 16000)
+    sf.write(root / "sub" / "b.flac", speech_like(24000, 2), 16000)
+    return root
+
+
+def test_embed_directory_mean_and_frames(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    out = tmp_path / "out"
+    assert main(["embed", str(audio_tree), "--model", model, "--out", str(out)]) == 0
+    enc = audioenc.load(model)
+    a = np.load(out / "a.npy")
+    assert a.shape == (32,)
+    np.testing.assert_allclose(a, enc.embed(str(audio_tree / "a.wav"))[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert np.load(out / "sub" / "b.npy").shape == (32,)
+
+    frames = tmp_path / "frames"
+    assert main(["embed", str(audio_tree / "sub" / "b.flac"), "--model", model, "--out", str(frames),
+                 "--pool", "none", "--layer", "1"]) == 0
+    expected = enc.encode(str(audio_tree / "sub" / "b.flac"), output_layer=1).last_hidden_state[0].numpy()
+    np.testing.assert_allclose(np.load(frames / "b.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_all_layers_to_safetensors(audio_tree, tmp_path, whisper_checkpoints):
+    model = whisper_checkpoints[80][0]
+    out = tmp_path / "out"
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--out", str(out), "--layer", "all"]) == 0
+    tensors = load_file(out / "a.safetensors")
+    assert sorted(tensors) == ["hidden_states.0", "hidden_states.1", "hidden_states.2", "last_hidden_state"]
+    assert tensors["last_hidden_state"].shape == (32,)
+
+
+def test_embed_never_overwrites_without_asking(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.npy").write_bytes(b"precious user data")
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--out", str(out)]) == 0
+    assert (out / "a.npy").read_bytes() == b"precious user data"
+    assert "skipped 1 existing" in capsys.readouterr().out
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--out", str(out), "--overwrite"]) == 0
+    assert np.load(out / "a.npy").shape == (32,)
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    (audio_tree / "broken.wav").write_bytes(b"not audio at all")
+    out = tmp_path / "out"
+    assert main(["embed", str(audio_tree), "--model", model, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.wav" in err and "cannot decode" in err
+    assert (out / "a.npy").exists() and (out / "sub" / "b.npy").exists()
+
+
+def test_embed_usage_errors(tmp_path, w2v_checkpoints, capsys):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    assert main(["embed", str(tmp_path / "nope.wav"), "--model", model, "--out", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
+    assert main(["embed", str(tmp_path), "--model", model, "--out", str(tmp_path), "--layer", "x"]) == 2
+
+
+def test_default_model_is_random_and_says_so(audio_tree, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "audioenc", "embed", str(audio_tree / "a.wav"),
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout
+    assert np.load(tmp_path / "o" / "a.npy").shape == (768,)
+
+
+def test_info_runs():
+    result = subprocess.run([sys.executable, "-m", "audioenc", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "native core" in result.stdout and "backend torch" in result.stdout

@@ -1,0 +1,150 @@
+"""Bad input gets a clear ValueError / TypeError naming the problem, at every entry point."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import audioenc
+from audioenc.audio import to_waveforms
+from conftest import speech_like
+
+
+@pytest.fixture(scope="module")
+def w2v(w2v_checkpoints):
+    return audioenc.load(w2v_checkpoints["wav2vec2-group"][0])
+
+
+@pytest.fixture(scope="module")
+def whisper(whisper_checkpoints):
+    return audioenc.load(whisper_checkpoints[80][0])
+
+
+BAD_ARRAYS = [
+    (np.zeros(0, np.float32), ValueError, "empty"),
+    (np.array([0.1, np.nan] * 300, np.float32), ValueError, "NaN or Inf"),
+    (np.array([0.1, np.inf] * 300, np.float32), ValueError, "NaN or Inf"),
+    (np.ones((2, 3, 400), np.float32), ValueError, "1-D .* or 2-D"),
+    (np.ones(800, np.int8), TypeError, "unsupported sample type int8"),
+    (np.ones(800, np.uint16), TypeError, "unsupported sample type"),
+    (np.ones(800, np.complex64), TypeError, "unsupported sample type"),
+    (torch.ones(800, dtype=torch.complex64), TypeError, "complex"),
+    (np.zeros((0, 400), np.float32), ValueError, "empty batch"),
+    ([], ValueError, "empty list"),
+    ([np.ones((2, 400), np.float32)], ValueError, "must be 1-D"),
+    (12345, TypeError, "expected a numpy array"),
+    ({"audio": 1}, TypeError, "expected a numpy array"),
+]
+
+
+@pytest.mark.parametrize("audio,error,message", BAD_ARRAYS)
+def test_bad_arrays(w2v, whisper, audio, error, message):
+    for enc in (w2v, whisper):
+        with pytest.raises(error, match=message):
+            enc.encode(audio)
+
+
+@pytest.mark.parametrize("rate", [0, 1000, 500000, -16000])
+def test_unsupported_sample_rates(w2v, rate):
+    with pytest.raises(ValueError, match="sample_rate"):
+        w2v.encode(speech_like(16000), sample_rate=rate)
+
+
+def test_sample_rate_must_be_int(w2v):
+    with pytest.raises(TypeError, match="sample_rate"):
+        w2v.encode(speech_like(16000), sample_rate=16000.0)
+
+
+def test_too_short_for_one_frame(w2v, whisper):
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        w2v.encode(speech_like(399))
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        w2v.encode(np.array([0.5], np.float32))
+    with pytest.raises(ValueError, match="at least 160 samples"):
+        whisper.encode(np.array([0.5], np.float32))
+    assert w2v.encode(speech_like(400)).lengths.item() == 1
+    assert whisper.encode(speech_like(160)).lengths.item() == 1
+
+
+def test_files(w2v, tmp_path):
+    wave = speech_like(44100, 7)
+    stereo = np.stack([wave, 0.5 * wave], axis=1)
+    sf.write(tmp_path / "stereo.wav", stereo, 44100, subtype="PCM_16")
+    out = w2v.encode(str(tmp_path / "stereo.wav"))
+    assert out.lengths.item() == 49  # one second at any rate
+
+    with pytest.raises(ValueError, match="is a directory"):
+        w2v.encode(str(tmp_path))
+    with pytest.raises(ValueError, match="no such file"):
+        w2v.encode(str(tmp_path / "missing.wav"))
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    with pytest.raises(ValueError, match="cannot decode"):
+        w2v.encode(str(tmp_path / "corrupt.wav"))
+    data = (tmp_path / "stereo.wav").read_bytes()
+    (tmp_path / "truncated.flac").write_bytes(data[:30])
+    with pytest.raises(ValueError, match="cannot decode"):
+        w2v.encode(str(tmp_path / "truncated.flac"))
+    sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(ValueError, match="no audio samples"):
+        w2v.encode(str(tmp_path / "empty.wav"))
+
+
+def test_valid_dtypes_and_shapes():
+    wave = speech_like(1000)
+    assert [w.shape for w in to_waveforms(np.stack([wave, wave]))] == [(1000,), (1000,)]
+    assert to_waveforms(torch.from_numpy(wave).to(torch.bfloat16))[0].dtype == np.float32
+    assert to_waveforms(wave.astype(np.float16))[0].dtype == np.float32
+    assert to_waveforms((wave * 30000).astype(np.int16))[0].dtype == np.int16  # scaled later, in one pass
+    assert to_waveforms((wave * 30000).astype(np.int16), sample_rate=8000)[0].dtype == np.float32
+
+
+def test_api_argument_errors(w2v, w2v_checkpoints, whisper_checkpoints):
+    wave = speech_like(1000)
+    with pytest.raises(ValueError, match="output_layer must be between 0 and 2"):
+        w2v.encode(wave, output_layer=3)
+    with pytest.raises(TypeError, match="output_layer must be an int"):
+        w2v.encode(wave, output_layer="2")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        w2v.embed(wave, pool="median")
+    with pytest.raises(ValueError, match="expected a whisper checkpoint, got wav2vec2"):
+        audioenc.load(w2v_checkpoints["wav2vec2-group"][0], family="whisper")
+    with pytest.raises(ValueError, match="backend 'cuda' is unknown"):
+        audioenc.load(whisper_checkpoints[80][0], backend="cuda")
+    with pytest.raises(ValueError, match="dtype 'int4' is not supported"):
+        audioenc.load(whisper_checkpoints[80][0], dtype="int4")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        audioenc.load("random:wav2vec3")
+
+
+def test_checkpoint_with_missing_or_foreign_tensors(w2v_checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = w2v_checkpoints["wav2vec2-group"][0]
+    for name, edit, message in (
+        ("missing", lambda t: t.pop("encoder.layers.1.fc2.weight", None) or t.pop("encoder.layers.1.feed_forward.output_dense.weight"),
+         "1 missing tensor"),
+        ("shape", lambda t: t.__setitem__("encoder.layer_norm.weight", torch.ones(7)), "encoder.layer_norm.weight has shape"),
+    ):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        tensors = load_file(dst / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, dst / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            audioenc.load(str(dst))
+
+
+@pytest.mark.parametrize("key,value", [("add_adapter", True), ("hidden_act", "relu"),
+                                       ("feat_extract_norm", "batch"), ("adapter_attn_dim", 16)])
+def test_unsupported_config_switch_names_the_key(w2v_checkpoints, tmp_path, key, value):
+    import json
+    import shutil
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(w2v_checkpoints["wav2vec2-group"][0], dst)
+    config = json.loads((dst / "config.json").read_text())
+    config[key] = value
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=key):
+        audioenc.load(str(dst))
