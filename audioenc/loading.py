@@ -49,9 +49,12 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     if not isinstance(name, str):
         raise TypeError(f"source must be a path or a string, got {type(source).__name__}")
     random_weights = name.startswith("random:")
-    checkpoint = random_checkpoint(name[len("random:"):]) if random_weights else load_checkpoint(name)
-    if family is not None and checkpoint.family != family:
-        raise ValueError(f"{name}: expected a {family} checkpoint, got {checkpoint.family}")
+    if random_weights:
+        checkpoint = random_checkpoint(name[len("random:"):])
+        if family is not None and checkpoint.family != family:
+            raise ValueError(f"{name}: expected a {family} architecture, got {checkpoint.family}")
+    else:
+        checkpoint = load_checkpoint(name, family=family)
     backend_name = resolve_backend(backend)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

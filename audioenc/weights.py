@@ -1,0 +1,584 @@
+"""Checkpoint loading: the only module that knows foreign tensor names.
+
+Formats :func:`load_checkpoint` reads:
+
+- a local Hugging Face model directory: config.json + model.safetensors / pytorch_model.bin, sharded
+  or not, base model or task model (ForCTC, ForXVector, ForConditionalGeneration, ...);
+- a Hugging Face hub id ("facebook/wav2vec2-base"), downloaded with huggingface_hub (or taken from
+  its local cache when offline);
+- an openai-whisper ``.pt`` (``dims`` + ``model_state_dict``);
+- a CTranslate2 / faster-whisper Whisper directory (model.bin + config.json + vocabulary), float32,
+  float16, bfloat16, int8 (with any float type), int16;
+- a fairseq wav2vec 2.0 / HuBERT ``.pt``, pre-trained or CTC fine-tuned, with a ``cfg`` or a legacy
+  ``args`` config.
+
+Every format is turned into one :class:`Checkpoint`: a Hugging Face style config dict of the base
+encoder and a float32 state dict in audioenc's canonical names, which are Hugging Face's base-model
+names with the task prefix removed:
+
+- wav2vec2 / HuBERT / WavLM: ``feature_extractor.conv_layers.0.conv.weight``, ...,
+  ``encoder.pos_conv_embed.conv.weight`` (weight norm already folded into a plain weight).
+- Whisper: the encoder only, ``conv1.weight``, ``embed_positions.weight``, ``layers.0.fc1.weight``, ...
+
+Missing or misshapen tensors are reported by the model loader (audioenc.models), not here.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import pickle
+import re
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+FAMILIES = ("wav2vec2", "hubert", "wavlm", "whisper")
+
+
+@dataclass
+class Checkpoint:
+    family: str                        # one of FAMILIES
+    config: dict                       # Hugging Face config of the base encoder (model_type, sizes, switches)
+    state_dict: dict[str, torch.Tensor]  # canonical names, float32
+    preprocessor: dict = field(default_factory=dict)  # preprocessor_config.json, if any
+    source: str = ""                   # what the user passed
+    format: str = "hf"                 # "hf" | "openai" | "ctranslate2" | "fairseq"
+
+
+def load_checkpoint(source: str | os.PathLike, *, family: str | None = None) -> Checkpoint:
+    """Any supported checkpoint (see the module docstring); ``family`` makes a checkpoint of another
+    family an error instead of a surprise."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        checkpoint = _load_dir(source)
+    elif os.path.isfile(source):
+        checkpoint = _load_file(source)
+    elif _HUB_ID.fullmatch(source):
+        checkpoint = _load_dir(_download(source), source)
+    else:
+        raise ValueError(f"{source}: no such file or directory")
+    if family is not None and checkpoint.family != family:
+        raise ValueError(f"{source}: expected a {family} checkpoint, got {checkpoint.family}")
+    return checkpoint
+
+
+def _load_dir(path: str, source: str = "") -> Checkpoint:
+    # CTranslate2 dirs carry a config.json too, so model.bin decides first.
+    if os.path.isfile(os.path.join(path, "model.bin")):
+        return load_ctranslate2_dir(path, source)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_hf_dir(path, source)
+    raise ValueError(
+        f"{source or path}: no checkpoint in this directory (expected config.json with model.safetensors "
+        f"or pytorch_model.bin, or a CTranslate2 model.bin)"
+    )
+
+
+def _load_file(path: str) -> Checkpoint:
+    if path.endswith(".safetensors"):
+        raise ValueError(f"{path}: a lone safetensors file has no config; pass the directory that holds "
+                         f"it and its config.json")
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a checkpoint audioenc can read (holds a {type(obj).__name__}, not a dict)")
+    if "model_state_dict" in obj or "dims" in obj:
+        return load_openai_whisper(obj, path)
+    if "model" in obj and ("cfg" in obj or "args" in obj):
+        return load_fairseq(obj, path)
+    raise ValueError(f"{path}: neither an openai-whisper checkpoint (dims, model_state_dict) nor a fairseq one "
+                     f"(model, cfg or args); top-level keys: {', '.join(map(str, list(obj)[:10]))}")
+
+
+def _torch_load(path: str):
+    """torch.load with weights_only=True; legacy fairseq ``args`` need argparse.Namespace, nothing else
+    is unpickled, so a file with arbitrary Python objects is an error rather than a code execution risk."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        reason = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        if "Unsupported global" in reason:
+            raise ValueError(f"{path}: refused to load, it holds Python objects beyond tensors and plain "
+                             f"containers ({reason.split(' Please use')[0]}); audioenc never unpickles "
+                             f"arbitrary objects: re-save the checkpoint with only tensors and plain dicts") from e
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from e
+    except Exception as e:  # zip/pickle/EOF errors from a file that is not a PyTorch checkpoint
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def family_of(config: dict, source: str = "") -> str:
+    """The audioenc family of a Hugging Face config, or a ValueError naming what it is instead."""
+    model_type = config.get("model_type")
+    if model_type in FAMILIES:
+        return model_type
+    raise ValueError(
+        f"{source or 'checkpoint'}: model_type {model_type!r} is not an encoder audioenc supports "
+        f"(supported: {', '.join(FAMILIES)})"
+    )
+
+
+def _rename(state_dict: dict[str, torch.Tensor], table) -> dict[str, torch.Tensor]:
+    """Applies the first matching (regex, template) of ``table`` to every name; names that match none
+    (heads, decoders, quantizers, ...) are dropped."""
+    out = {}
+    for name, tensor in state_dict.items():
+        for pattern, template in table:
+            m = re.fullmatch(pattern, name)
+            if m:
+                out[m.expand(template)] = tensor
+                break
+    return out
+
+
+def _float32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def fold_weight_norm(state_dict: dict[str, torch.Tensor], module: str, dim: int = 2) -> None:
+    """Replaces weight norm's (g, v) pair of ``module`` by the plain weight g * v / ||v||, with the
+    norm taken over every dim except ``dim`` (torch.nn.utils.weight_norm semantics)."""
+    pairs = [(f"{module}.weight_g", f"{module}.weight_v"),
+             (f"{module}.parametrizations.weight.original0", f"{module}.parametrizations.weight.original1")]
+    for g_name, v_name in pairs:
+        if g_name in state_dict and v_name in state_dict:
+            g = state_dict.pop(g_name).float()
+            v = state_dict.pop(v_name).float()
+            other = [d for d in range(v.dim()) if d != dim]
+            state_dict[f"{module}.weight"] = g * v / v.norm(dim=other, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face directories and hub ids
+
+# Task checkpoints wrap the base model under one of these prefixes (Wav2Vec2ForCTC: "wav2vec2.",
+# WhisperForConditionalGeneration: "model.encoder.", WhisperModel: "encoder."); a base model has none.
+_BASE_PREFIXES = {
+    "wav2vec2": ("wav2vec2.",),
+    "hubert": ("hubert.",),
+    "wavlm": ("wavlm.",),
+    "whisper": ("model.encoder.", "encoder."),
+}
+# What the encoder is made of once the prefix is gone; anything else (masked_spec_embed, a decoder)
+# is dropped.
+_ENCODER_ROOTS = {
+    "wav2vec2": ("feature_extractor.", "feature_projection.", "encoder."),
+    "whisper": ("conv1.", "conv2.", "embed_positions.", "layers.", "layer_norm."),
+}
+_ENCODER_ROOTS["hubert"] = _ENCODER_ROOTS["wavlm"] = _ENCODER_ROOTS["wav2vec2"]
+
+
+def canonical_hf_state_dict(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strips the task prefix, drops heads and decoder, folds weight norm; returns float32 tensors."""
+    # Only the prefixed names of a task model are the encoder: WavLMForXVector also has a top-level
+    # "feature_extractor.weight" (a Linear of its x-vector head).
+    prefix = next((p for p in _BASE_PREFIXES[family] if any(k.startswith(p) for k in state_dict)), "")
+    out = {}
+    for name, tensor in state_dict.items():
+        if name.startswith(prefix) and name[len(prefix):].startswith(_ENCODER_ROOTS[family]):
+            out[name[len(prefix):]] = tensor
+    if family != "whisper":
+        fold_weight_norm(out, "encoder.pos_conv_embed.conv")
+    return _float32(out)
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """One weights file: safetensors, or a pickle loaded with weights_only=True."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError on a truncated or corrupt header
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    return _torch_load(path)
+
+
+def load_hf_dir(path: str, source: str = "") -> Checkpoint:
+    """A Hugging Face model directory: config.json + model.safetensors / pytorch_model.bin (sharded too)."""
+    config = _read_json(os.path.join(path, "config.json"))
+    family = family_of(config, source or path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in weight_files(path):
+        tensors.update(read_tensors(os.path.join(path, name)))
+    pre_path = os.path.join(path, "preprocessor_config.json")
+    preprocessor = _read_json(pre_path) if os.path.exists(pre_path) else {}
+    return Checkpoint(family, config, canonical_hf_state_dict(family, tensors), preprocessor, source or path, "hf")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of a HF dir, safetensors first; sharded checkpoints through their index."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.exists(os.path.join(path, single)):
+            return [single]
+        if os.path.exists(os.path.join(path, index)):
+            return sorted(set(_read_json(os.path.join(path, index))["weight_map"].values()))
+    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) in this directory")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _download(repo_id: str) -> str:
+    """Fetches config, preprocessor and weights of a hub repo (safetensors, else .bin; model.bin for a
+    CTranslate2 repo); offline, huggingface_hub answers from its local cache."""
+    from huggingface_hub import snapshot_download
+
+    common = ["config.json", "preprocessor_config.json", "vocabulary.*", "model.bin"]
+    try:
+        path = snapshot_download(repo_id, allow_patterns=common + ["model*.safetensors", "model.safetensors.index.json"])
+        if not any(os.path.exists(os.path.join(path, f)) for f in
+                   ("model.safetensors", "model.safetensors.index.json", "model.bin")):
+            path = snapshot_download(repo_id, allow_patterns=common + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+    except (OSError, ValueError) as e:  # offline / connection / unknown repo (all OSError) / bad id
+        raise ValueError(
+            f"{repo_id}: no such local path, and it could not be downloaded from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}). Pass a local model directory instead, or "
+            f"download it while online."
+        ) from e
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# openai-whisper .pt
+
+_OPENAI_NAMES = [
+    (r"encoder\.conv([12])\.(weight|bias)", r"conv\1.\2"),
+    (r"encoder\.positional_embedding", "embed_positions.weight"),
+    (r"encoder\.blocks\.(\d+)\.attn\.query\.(\w+)", r"layers.\1.self_attn.q_proj.\2"),
+    (r"encoder\.blocks\.(\d+)\.attn\.key\.(\w+)", r"layers.\1.self_attn.k_proj.\2"),
+    (r"encoder\.blocks\.(\d+)\.attn\.value\.(\w+)", r"layers.\1.self_attn.v_proj.\2"),
+    (r"encoder\.blocks\.(\d+)\.attn\.out\.(\w+)", r"layers.\1.self_attn.out_proj.\2"),
+    (r"encoder\.blocks\.(\d+)\.attn_ln\.(\w+)", r"layers.\1.self_attn_layer_norm.\2"),
+    (r"encoder\.blocks\.(\d+)\.mlp\.0\.(\w+)", r"layers.\1.fc1.\2"),
+    (r"encoder\.blocks\.(\d+)\.mlp\.2\.(\w+)", r"layers.\1.fc2.\2"),
+    (r"encoder\.blocks\.(\d+)\.mlp_ln\.(\w+)", r"layers.\1.final_layer_norm.\2"),
+    (r"encoder\.ln_post\.(\w+)", r"layer_norm.\1"),
+]
+
+
+def load_openai_whisper(obj: dict, path: str) -> Checkpoint:
+    """An openai-whisper checkpoint dict: ``dims`` (ModelDimensions as a dict) + ``model_state_dict``."""
+    if "dims" not in obj or "model_state_dict" not in obj:
+        missing = "dims" if "dims" not in obj else "model_state_dict"
+        raise ValueError(f"{path}: openai-whisper checkpoint without {missing!r}")
+    dims = obj["dims"]
+    missing = [k for k in ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer") if k not in dims]
+    if missing:
+        raise ValueError(f"{path}: openai-whisper dims without {', '.join(missing)}")
+    config = _whisper_config(num_mel_bins=dims["n_mels"], d_model=dims["n_audio_state"],
+                             encoder_layers=dims["n_audio_layer"], encoder_attention_heads=dims["n_audio_head"],
+                             encoder_ffn_dim=4 * dims["n_audio_state"],  # openai's MLP is always 4x wide
+                             max_source_positions=dims["n_audio_ctx"])
+    state_dict = _float32(_rename(obj["model_state_dict"], _OPENAI_NAMES))
+    return Checkpoint("whisper", config, state_dict, _whisper_preprocessor(dims["n_mels"]), path, "openai")
+
+
+def _whisper_config(**sizes) -> dict:
+    return {"model_type": "whisper", "activation_function": "gelu", **sizes}
+
+
+def _whisper_preprocessor(n_mels: int) -> dict:
+    """WhisperFeatureExtractor's defaults, for formats that carry no preprocessor_config.json."""
+    return {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": n_mels, "sampling_rate": 16000,
+            "n_fft": 400, "hop_length": 160, "chunk_length": 30, "n_samples": 480000, "nb_max_frames": 3000,
+            "padding_value": 0.0, "return_attention_mask": False}
+
+
+# ----------------------------------------------------------------------------------------------------
+# CTranslate2 (faster-whisper) directories. model.bin layout, from ctranslate2/specs/model_spec.py
+# (little-endian): u32 binary version, string spec name, u32 spec revision, u32 variable count, then per
+# variable: string name, u8 rank, u32 dims[rank], u8 dtype id, u32 byte count, bytes; then u32 alias
+# count and (alias, target) string pairs. A string is a u16 length (with the NUL) + UTF-8 + NUL.
+
+_CT2_VERSIONS = (4, 5, 6)  # dtype ids and aliases exist from version 4 on
+_CT2_DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
+
+_CT2_NAMES = [
+    (r"encoder/conv([12])/(weight|bias)", r"conv\1.\2"),
+    (r"encoder/position_encodings/encodings", "embed_positions.weight"),
+    (r"encoder/layer_(\d+)/self_attention/q_proj/(\w+)", r"layers.\1.self_attn.q_proj.\2"),
+    (r"encoder/layer_(\d+)/self_attention/k_proj/weight", r"layers.\1.self_attn.k_proj.weight"),
+    (r"encoder/layer_(\d+)/self_attention/v_proj/(\w+)", r"layers.\1.self_attn.v_proj.\2"),
+    (r"encoder/layer_(\d+)/self_attention/linear_1/(\w+)", r"layers.\1.self_attn.out_proj.\2"),
+    (r"encoder/layer_(\d+)/self_attention/layer_norm/(\w+)", r"layers.\1.self_attn_layer_norm.\2"),
+    (r"encoder/layer_(\d+)/ffn/linear_0/(\w+)", r"layers.\1.fc1.\2"),
+    (r"encoder/layer_(\d+)/ffn/linear_1/(\w+)", r"layers.\1.fc2.\2"),
+    (r"encoder/layer_(\d+)/ffn/layer_norm/(\w+)", r"layers.\1.final_layer_norm.\2"),
+    (r"encoder/layer_norm/(\w+)", r"layer_norm.\1"),
+]
+
+
+def load_ctranslate2_dir(path: str, source: str = "") -> Checkpoint:
+    """A CTranslate2 Whisper model directory; int8/int16 weights are dequantized with their scales."""
+    bin_path = os.path.join(path, "model.bin")
+    spec, tensors = read_ctranslate2_bin(bin_path, prefix="encoder/")
+    if spec != "WhisperSpec":
+        raise ValueError(f"{source or path}: CTranslate2 model of spec {spec!r}; audioenc reads only Whisper "
+                         f"(WhisperSpec) CTranslate2 models")
+    if "encoder/num_heads" not in tensors:
+        raise ValueError(f"{bin_path}: no encoder/num_heads; this CTranslate2 Whisper model predates spec "
+                         f"revision 3, convert it again with a current ctranslate2")
+    state_dict = {}
+    for name, tensor in tensors.items():
+        name = re.sub(r"/gamma$", "/weight", re.sub(r"/beta$", "/bias", name))  # CT2's LayerNorm names
+        fused = re.fullmatch(r"(encoder/layer_\d+/self_attention)/linear_0/(weight|bias)", name)
+        if fused:  # q, k and v are one fused Linear in CT2
+            q, k, v = tensor.chunk(3, dim=0)
+            base, leaf = fused.groups()
+            state_dict[f"{base}/q_proj/{leaf}"] = q
+            state_dict[f"{base}/v_proj/{leaf}"] = v
+            if leaf == "weight":  # Whisper's key projection has no bias; CT2 stores zeros for it
+                state_dict[f"{base}/k_proj/weight"] = k
+        else:
+            state_dict[name] = tensor
+    state_dict = _float32(_rename(state_dict, _CT2_NAMES))
+    for name in ("conv1.weight", "layers.0.fc1.weight", "embed_positions.weight"):  # the config is read off these
+        if name not in state_dict:
+            raise ValueError(f"{bin_path}: CTranslate2 Whisper model without the encoder tensor for {name}")
+    conv1 = state_dict["conv1.weight"]
+    config = _whisper_config(
+        num_mel_bins=conv1.shape[1], d_model=conv1.shape[0],
+        encoder_layers=len([n for n in state_dict if re.fullmatch(r"layers\.\d+\.fc1\.weight", n)]),
+        encoder_attention_heads=int(tensors["encoder/num_heads"]),
+        encoder_ffn_dim=state_dict["layers.0.fc1.weight"].shape[0],
+        max_source_positions=state_dict["embed_positions.weight"].shape[0],
+    )
+    pre_path = os.path.join(path, "preprocessor_config.json")  # faster-whisper conversions may copy it
+    preprocessor = _read_json(pre_path) if os.path.exists(pre_path) else _whisper_preprocessor(conv1.shape[1])
+    return Checkpoint("whisper", config, state_dict, preprocessor, source or path, "ctranslate2")
+
+
+def read_ctranslate2_bin(path: str, prefix: str = "") -> tuple[str, dict[str, torch.Tensor]]:
+    """(spec name, {name: tensor}) of a CTranslate2 model.bin, for the variables and aliases whose name
+    starts with ``prefix``; quantized weights come back dequantized to float32."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        def read(fmt):
+            data = f.read(struct.calcsize(fmt))
+            if len(data) != struct.calcsize(fmt):
+                raise ValueError(f"{path}: truncated CTranslate2 model.bin")
+            return struct.unpack(fmt, data)
+
+        def read_string():
+            (length,) = read("<H")
+            data = f.read(length)
+            if len(data) != length or not data.endswith(b"\0"):
+                raise ValueError(f"{path}: truncated or corrupt CTranslate2 model.bin")
+            return data[:-1].decode("utf-8", errors="replace")
+
+        (version,) = read("<I")
+        if version not in _CT2_VERSIONS:
+            raise ValueError(f"{path}: not a CTranslate2 model.bin audioenc can read (binary version {version}, "
+                             f"expected one of {_CT2_VERSIONS})")
+        spec = read_string()
+        read("<I")  # spec revision: the layout of Whisper variables is checked through their names
+        (count,) = read("<I")
+        entries = {}  # name -> (shape, dtype id, offset, byte count); the data is read only if needed
+        for _ in range(count):
+            name = read_string()
+            (rank,) = read("<B")
+            shape = read(f"<{rank}I")
+            dtype, nbytes = read("<BI")
+            offset = f.tell()
+            if dtype not in _CT2_DTYPES or offset + nbytes > size:
+                raise ValueError(f"{path}: truncated or corrupt CTranslate2 model.bin (variable {name!r})")
+            entries[name] = (shape, dtype, offset, nbytes)
+            f.seek(nbytes, os.SEEK_CUR)
+        (num_aliases,) = read("<I")
+        aliases = {}
+        for _ in range(num_aliases):
+            alias = read_string()
+            aliases[alias] = read_string()
+
+        def target(name):
+            # An alias may point to another alias; CT2 also aliases a weight's "_scale" with it.
+            for _ in range(len(aliases) + 1):
+                if name in entries:
+                    return name
+                base = name[:-len("_scale")] if name.endswith("_scale") else None
+                if name in aliases:
+                    name = aliases[name]
+                elif base in aliases:
+                    name = aliases[base] + "_scale"
+                else:
+                    return None
+            raise ValueError(f"{path}: circular aliases in CTranslate2 model.bin")
+
+        def tensor(name):
+            shape, dtype, offset, nbytes = entries[name]
+            f.seek(offset)
+            try:
+                return torch.frombuffer(bytearray(f.read(nbytes)), dtype=_CT2_DTYPES[dtype]).reshape(shape)
+            except (RuntimeError, ValueError) as e:  # byte count that does not fit shape and dtype
+                raise ValueError(f"{path}: corrupt CTranslate2 variable {name!r} ({e})") from e
+
+        out = {}
+        for name in [*entries, *aliases]:
+            if not name.startswith(prefix) or name.endswith("_scale"):
+                continue
+            if target(name) is None:
+                raise ValueError(f"{path}: CTranslate2 alias {name!r} points to no variable")
+            value = tensor(target(name))
+            scale_name = target(name + "_scale")
+            if scale_name is not None:  # int8: one scale per output row; int16: one scale overall
+                scale = tensor(scale_name).float()
+                value = value.float() / scale.reshape(scale.shape + (1,) * (value.dim() - scale.dim()))
+            out[name] = value
+    return spec, out
+
+
+# ----------------------------------------------------------------------------------------------------
+# fairseq wav2vec 2.0 / HuBERT .pt
+
+# fairseq model names ("_name" in cfg, "arch" in legacy args) -> family; *_ctc checkpoints are
+# fine-tuned and keep the pre-trained model's config in w2v_args.
+_FAIRSEQ_MODELS = {"wav2vec2": "wav2vec2", "wav2vec_ctc": "wav2vec2", "hubert": "hubert", "hubert_ctc": "hubert"}
+_FAIRSEQ_FINETUNED_PREFIX = "w2v_encoder.w2v_model."
+
+_FAIRSEQ_NAMES = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.0\.(\w+)", r"feature_extractor.conv_layers.\1.conv.\2"),
+    (r"feature_extractor\.conv_layers\.0\.2\.(\w+)", r"feature_extractor.conv_layers.0.layer_norm.\1"),  # GroupNorm
+    (r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(\w+)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+    (r"layer_norm\.(\w+)", r"feature_projection.layer_norm.\1"),
+    (r"post_extract_proj\.(\w+)", r"feature_projection.projection.\1"),
+    (r"encoder\.pos_conv\.0\.(.+)", r"encoder.pos_conv_embed.conv.\1"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(\w+)", r"encoder.layers.\1.attention.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(\w+)", r"encoder.layers.\1.layer_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.fc1\.(\w+)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
+    (r"encoder\.layers\.(\d+)\.fc2\.(\w+)", r"encoder.layers.\1.feed_forward.output_dense.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"encoder.layers.\1.final_layer_norm.\2"),
+    (r"encoder\.layer_norm\.(\w+)", r"encoder.layer_norm.\1"),
+]
+
+# fairseq's Wav2Vec2Config / HubertConfig defaults, for legacy args that omit a field.
+_FAIRSEQ_DEFAULTS = {
+    "extractor_mode": "default",
+    "conv_feature_layers": "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2",
+    "conv_bias": False,
+    "encoder_layers": 12,
+    "encoder_embed_dim": 768,
+    "encoder_ffn_embed_dim": 3072,
+    "encoder_attention_heads": 12,
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "conv_pos": 128,
+    "conv_pos_groups": 16,
+    "pos_conv_depth": 1,
+    "layer_type": "transformer",
+}
+_FAIRSEQ_EXTRACTOR_MODES = {"default": "group", "layer_norm": "layer"}
+
+
+def load_fairseq(obj: dict, path: str) -> Checkpoint:
+    """A fairseq checkpoint dict: ``model`` (state dict) + ``cfg`` (dict) or legacy ``args`` (Namespace)."""
+    name, model_cfg, task_cfg = _fairseq_cfg(obj, path)
+    if name not in _FAIRSEQ_MODELS:
+        raise ValueError(f"{path}: fairseq model {name!r} is not supported (supported: {', '.join(_FAIRSEQ_MODELS)})")
+    family = _FAIRSEQ_MODELS[name]
+    config = _fairseq_to_hf_config(family, {**_FAIRSEQ_DEFAULTS, **model_cfg}, path)
+
+    state_dict = obj["model"]
+    if any(k.startswith(_FAIRSEQ_FINETUNED_PREFIX) for k in state_dict):  # drop the CTC head w2v_encoder.proj
+        state_dict = {k[len(_FAIRSEQ_FINETUNED_PREFIX):]: v for k, v in state_dict.items()
+                      if k.startswith(_FAIRSEQ_FINETUNED_PREFIX)}
+    state_dict = _rename(state_dict, _FAIRSEQ_NAMES)
+    fold_weight_norm(state_dict, "encoder.pos_conv_embed.conv")
+    if "feature_projection.projection.weight" not in state_dict and config["conv_dim"][-1] == config["hidden_size"]:
+        # fairseq skips post_extract_proj when the conv and encoder widths agree; HF always projects.
+        state_dict["feature_projection.projection.weight"] = torch.eye(config["hidden_size"])
+        state_dict["feature_projection.projection.bias"] = torch.zeros(config["hidden_size"])
+
+    preprocessor = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+                    "padding_value": 0.0, "do_normalize": bool(task_cfg.get("normalize", False)),
+                    # HF's convention: only layer-norm models were trained with padding masks
+                    "return_attention_mask": config["feat_extract_norm"] == "layer"}
+    return Checkpoint(family, config, _float32(state_dict), preprocessor, path, "fairseq")
+
+
+def _fairseq_cfg(obj: dict, path: str) -> tuple[str, dict, dict]:
+    """(model name, model cfg, task cfg) of a fairseq checkpoint; for a fine-tuned model, the name is
+    the fine-tuned one and the cfgs are the pre-trained model's (w2v_args), which hold the sizes."""
+    if obj.get("cfg"):
+        model_cfg, task_cfg = dict(obj["cfg"].get("model") or {}), dict(obj["cfg"].get("task") or {})
+        name = model_cfg.get("_name")
+    elif isinstance(obj.get("args"), argparse.Namespace):
+        model_cfg = task_cfg = vars(obj["args"])
+        name = model_cfg.get("arch")
+    else:
+        raise ValueError(f"{path}: fairseq checkpoint without a cfg dict or an argparse args")
+    inner = model_cfg.get("w2v_args")
+    if isinstance(inner, argparse.Namespace):
+        model_cfg = vars(inner)
+        task_cfg = {"normalize": model_cfg.get("normalize", task_cfg.get("normalize"))}
+    elif isinstance(inner, dict):
+        model_cfg = dict(inner.get("model") or {})
+        task_cfg = {"normalize": task_cfg.get("normalize", (inner.get("task") or {}).get("normalize"))}
+    elif name in ("wav2vec_ctc", "hubert_ctc"):
+        raise ValueError(f"{path}: fine-tuned fairseq checkpoint without w2v_args (the pre-trained model's "
+                         f"config); it cannot be read on its own")
+    return name, model_cfg, task_cfg
+
+
+def _fairseq_to_hf_config(family: str, cfg: dict, path: str) -> dict:
+    for key, supported in (("activation_fn", "gelu"), ("layer_type", "transformer"), ("pos_conv_depth", 1)):
+        if cfg[key] != supported:
+            raise ValueError(f"{path}: fairseq {key}={cfg[key]!r} is not supported (only {supported!r})")
+    if cfg["extractor_mode"] not in _FAIRSEQ_EXTRACTOR_MODES:
+        raise ValueError(f"{path}: fairseq extractor_mode={cfg['extractor_mode']!r} is not supported "
+                         f"(supported: {', '.join(_FAIRSEQ_EXTRACTOR_MODES)})")
+    conv_layers = parse_conv_feature_layers(cfg["conv_feature_layers"], path)
+    config = {
+        "model_type": family,
+        "hidden_size": cfg["encoder_embed_dim"],
+        "num_hidden_layers": cfg["encoder_layers"],
+        "num_attention_heads": cfg["encoder_attention_heads"],
+        "intermediate_size": cfg["encoder_ffn_embed_dim"],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,  # torch's LayerNorm default, used throughout fairseq
+        "feat_extract_norm": _FAIRSEQ_EXTRACTOR_MODES[cfg["extractor_mode"]],
+        "feat_extract_activation": "gelu",
+        "num_feat_extract_layers": len(conv_layers),
+        "conv_dim": [c[0] for c in conv_layers],
+        "conv_kernel": [c[1] for c in conv_layers],
+        "conv_stride": [c[2] for c in conv_layers],
+        "conv_bias": bool(cfg["conv_bias"]),
+        "num_conv_pos_embeddings": cfg["conv_pos"],
+        "num_conv_pos_embedding_groups": cfg["conv_pos_groups"],
+        "do_stable_layer_norm": bool(cfg["layer_norm_first"]),
+    }
+    if family == "hubert":
+        config["feat_proj_layer_norm"] = True  # fairseq HuBERT always normalises the conv features
+    return config
+
+
+def parse_conv_feature_layers(spec: str, path: str = "") -> list[tuple[int, int, int]]:
+    """fairseq's conv_feature_layers, a Python expression such as "[(512, 10, 5)] + [(512, 3, 2)] * 4",
+    read piece by piece with ast.literal_eval (fairseq itself evals it)."""
+    layers = []
+    try:
+        for piece in spec.split("+"):
+            m = re.fullmatch(r"\s*(\[.*\])\s*(?:\*\s*(\d+))?\s*", piece)
+            items = ast.literal_eval(m.group(1))
+            for item in items * int(m.group(2) or 1):
+                dim, kernel, stride = (int(x) for x in item)
+                layers.append((dim, kernel, stride))
+    except (AttributeError, ValueError, TypeError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read fairseq conv_feature_layers {spec!r}") from e
+    if not layers:
+        raise ValueError(f"{path}: fairseq conv_feature_layers {spec!r} has no layers")
+    return layers

@@ -1,0 +1,310 @@
+"""audioenc.weights: every checkpoint format loads to the same canonical state dict and config as the
+Hugging Face checkpoint it was made from, and every bad checkpoint fails with a clear ValueError."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+
+from audioenc.weights import load_checkpoint, load_hf_dir, parse_conv_feature_layers
+from ckpt_factory import (W2V_KEYS, WHISPER_KEYS, fairseq_checkpoint, openai_checkpoint, randomize,
+                          reference_state_dict, w2v_config, whisper_model, write_ct2_bin)
+
+BASE_CLASSES = {"wav2vec2_group": T.Wav2Vec2Model, "wav2vec2_layer": T.Wav2Vec2Model, "hubert": T.HubertModel,
+                "wavlm": T.WavLMModel}
+TASK_CLASSES = {"wav2vec2_group": T.Wav2Vec2ForPreTraining, "wav2vec2_layer": T.Wav2Vec2ForCTC,
+                "hubert": T.HubertForCTC, "wavlm": T.WavLMForXVector}
+XVECTOR = dict(tdnn_dim=(8, 8), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8)
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == torch.float32, name
+        assert torch.equal(got[name], want[name]), name
+
+
+def assert_same_config(got: dict, want: dict, keys) -> None:
+    for key in keys:
+        value = want.get(key)
+        assert got.get(key) == (list(value) if isinstance(value, tuple) else value), key
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def w2v(tmp_path_factory):
+    """variant -> (base model, dir of its save_pretrained) for every wav2vec2-family variant."""
+    out = {}
+    for seed, variant in enumerate(BASE_CLASSES):
+        base = randomize(BASE_CLASSES[variant](w2v_config(variant)), seed).eval()
+        path = tmp_path_factory.mktemp(variant)
+        base.save_pretrained(path)
+        out[variant] = (base, str(path))
+    return out
+
+
+@pytest.mark.parametrize("variant", list(BASE_CLASSES))
+def test_hf_base_matches_transformers(w2v, variant):
+    base, path = w2v[variant]
+    ckpt = load_checkpoint(path)
+    assert (ckpt.family, ckpt.format) == (base.config.model_type, "hf")
+    want = reference_state_dict(base)
+    name = "encoder.pos_conv_embed.conv.weight"  # folded by audioenc vs computed by torch: equal up to rounding
+    torch.testing.assert_close(ckpt.state_dict.pop(name), want.pop(name), rtol=1e-6, atol=1e-7)
+    assert_same(ckpt.state_dict, want)
+    assert_same_config(ckpt.config, base.config.to_dict(), W2V_KEYS)
+
+
+@pytest.mark.parametrize("variant", list(BASE_CLASSES))
+def test_hf_task_models_give_the_base_encoder(w2v, variant, tmp_path):
+    _, base_path = w2v[variant]
+    task = randomize(TASK_CLASSES[variant](w2v_config(variant, **(XVECTOR if variant == "wavlm" else {}))), 7)
+    task.base_model.load_state_dict(T.AutoModel.from_pretrained(base_path).state_dict())
+    task.save_pretrained(tmp_path)
+    assert_same(load_checkpoint(tmp_path).state_dict, load_hf_dir(base_path).state_dict)
+
+
+def test_hf_bin_sharded_and_old_weight_norm(w2v, tmp_path):
+    base, path = w2v["wav2vec2_group"]
+    want = load_hf_dir(path).state_dict
+    base.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    base.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    # Checkpoints saved before torch's parametrizations carry weight_g / weight_v, under a task prefix.
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), old)
+    renames = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+    sd = {}
+    for k, v in base.state_dict().items():
+        for a, b in renames.items():
+            k = k.replace(a, b)
+        sd["wav2vec2." + k] = v
+    torch.save(sd, old / "pytorch_model.bin")
+    for name in ("bin", "sharded", "old"):
+        assert_same(load_checkpoint(tmp_path / name).state_dict, want)
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    """n_mels -> (WhisperForConditionalGeneration, dir of its save_pretrained)."""
+    out = {}
+    for n_mels in (80, 128):
+        model = whisper_model(n_mels, seed=n_mels).eval()
+        path = tmp_path_factory.mktemp(f"whisper{n_mels}")
+        model.save_pretrained(path)
+        out[n_mels] = (model, str(path))
+    return out
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_hf_whisper_gives_the_encoder(whisper, n_mels, tmp_path):
+    model, path = whisper[n_mels]
+    ckpt = load_checkpoint(path, family="whisper")
+    assert (ckpt.family, ckpt.format) == ("whisper", "hf")
+    assert not any("k_proj.bias" in k for k in ckpt.state_dict)
+    assert_same(ckpt.state_dict, reference_state_dict(model.model.encoder))
+    assert_same_config(ckpt.config, model.config.to_dict(), WHISPER_KEYS)
+    # the same encoder saved as WhisperModel and WhisperForAudioClassification (prefix "encoder.") and
+    # on its own (no prefix)
+    model.model.save_pretrained(tmp_path / "model")
+    model.model.encoder.save_pretrained(tmp_path / "encoder")
+    classifier = randomize(T.WhisperForAudioClassification(model.config), 3)
+    classifier.encoder.load_state_dict(model.model.encoder.state_dict())
+    classifier.save_pretrained(tmp_path / "classifier")
+    for name in ("model", "encoder", "classifier"):
+        assert_same(load_checkpoint(tmp_path / name).state_dict, ckpt.state_dict)
+
+
+# ---- openai-whisper -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_openai_whisper(whisper, n_mels, tmp_path):
+    model, path = whisper[n_mels]
+    want = load_hf_dir(path)
+    torch.save(openai_checkpoint(model), tmp_path / "small.pt")
+    ckpt = load_checkpoint(tmp_path / "small.pt")
+    assert (ckpt.family, ckpt.format, ckpt.preprocessor["feature_size"]) == ("whisper", "openai", n_mels)
+    assert_same(ckpt.state_dict, want.state_dict)
+    assert_same_config(ckpt.config, want.config, WHISPER_KEYS)
+    # released openai checkpoints are float16
+    torch.save(openai_checkpoint(model, torch.float16), tmp_path / "half.pt")
+    assert_same(load_checkpoint(tmp_path / "half.pt").state_dict,
+                {k: v.half().float() for k, v in want.state_dict.items()})
+
+
+# ---- CTranslate2 ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ct2_dirs(whisper, tmp_path_factory):
+    """(n_mels, quantization) -> CTranslate2 dir converted by ctranslate2's own converter."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    out = {}
+    for n_mels, quantization in [(80, "float32"), (80, "float16"), (80, "int8"), (80, "bfloat16"),
+                                 (80, "int8_float16"), (80, "int16"), (128, "int8_bfloat16")]:
+        path = str(tmp_path_factory.mktemp(f"ct2_{n_mels}_{quantization}") / "model")
+        ctranslate2.converters.TransformersConverter(whisper[n_mels][1]).convert(path, quantization=quantization)
+        out[n_mels, quantization] = path
+    return out
+
+
+@pytest.mark.parametrize("n_mels,quantization", [(80, "float32"), (80, "float16"), (80, "bfloat16"), (80, "int8"),
+                                                 (80, "int8_float16"), (80, "int16"), (128, "int8_bfloat16")])
+def test_ctranslate2_whisper(whisper, ct2_dirs, n_mels, quantization):
+    want = load_hf_dir(whisper[n_mels][1])
+    ckpt = load_checkpoint(ct2_dirs[n_mels, quantization], family="whisper")
+    assert (ckpt.family, ckpt.format, ckpt.preprocessor["feature_size"]) == ("whisper", "ctranslate2", n_mels)
+    assert_same_config(ckpt.config, want.config, WHISPER_KEYS)
+    assert sorted(ckpt.state_dict) == sorted(want.state_dict)
+    float_type = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(quantization.split("_")[-1])
+    for name, w in want.state_dict.items():
+        got = ckpt.state_dict[name]
+        assert got.dtype == torch.float32
+        # CT2 quantizes Linear and conv weights (not embed_positions); the rest is stored as float_type
+        quantized = quantization.startswith("int") and name.endswith("weight") and "norm" not in name \
+            and name != "embed_positions.weight"
+        if quantized:
+            rows = w.reshape(w.shape[0], -1)
+            # int8: one scale per output row, rounding error <= amax / 254; int16: one scale overall
+            amax = rows.abs().amax(dim=1, keepdim=True) if quantization != "int16" else rows.abs().max()
+            bound = 1.5 * amax / (127 if quantization != "int16" else 1024)
+            assert ((got.reshape(rows.shape) - rows).abs() <= bound).all(), name
+        elif float_type is not None:
+            assert torch.equal(got, w.to(float_type).float()), name
+        else:
+            assert torch.equal(got, w), name
+
+
+# ---- fairseq --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,family", [("wav2vec2_group", "wav2vec2"), ("wav2vec2_layer", "wav2vec2"),
+                                            ("hubert", "hubert")])
+@pytest.mark.parametrize("style", ["cfg", "args", "finetuned"])
+def test_fairseq(w2v, variant, family, style, tmp_path):
+    base, path = w2v[variant]
+    want = load_hf_dir(path)
+    normalize = variant == "wav2vec2_layer"
+    torch.save(fairseq_checkpoint(base, family, style, normalize=normalize), tmp_path / "model.pt")
+    ckpt = load_checkpoint(tmp_path / "model.pt", family=family)
+    assert (ckpt.family, ckpt.format) == (family, "fairseq")
+    assert ckpt.preprocessor["do_normalize"] is normalize
+    assert_same(ckpt.state_dict, want.state_dict)
+    assert_same_config(ckpt.config, want.config, W2V_KEYS + (("feat_proj_layer_norm",) if family == "hubert" else ()))
+
+
+def test_conv_feature_layers_parsing():
+    assert parse_conv_feature_layers("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2") == \
+        [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+    assert parse_conv_feature_layers("[(512, 10, 5), (256, 3, 2)]") == [(512, 10, 5), (256, 3, 2)]
+    for bad in ("__import__('os').system('true')", "[(512, 10)]", "", "[(512, 10, 5)] * x"):
+        with pytest.raises(ValueError, match="conv_feature_layers"):
+            parse_conv_feature_layers(bad)
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+class NotAllowed:  # any class outside weights_only's allow-list
+    pass
+
+
+def _expect(source, match, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(source, **kwargs)
+
+
+def _truncate(path, keep=0.5):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def test_errors_paths_and_files(tmp_path):
+    _expect(tmp_path / "missing.pt", "no such file or directory")
+    _expect(str(tmp_path), "no checkpoint in this directory")
+    (tmp_path / "noise.pt").write_bytes(random.Random(0).randbytes(4096))
+    _expect(tmp_path / "noise.pt", "noise.pt: not a readable PyTorch checkpoint")
+    torch.save({"model": NotAllowed(), "cfg": {}}, tmp_path / "unsafe.pt")
+    _expect(tmp_path / "unsafe.pt", "refused to load")
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "other.pt")
+    _expect(tmp_path / "other.pt", "neither an openai-whisper checkpoint")
+    (tmp_path / "lone.safetensors").write_bytes(b"x")
+    _expect(tmp_path / "lone.safetensors", "pass the directory")
+
+
+def test_errors_hf(w2v, tmp_path):
+    _, path = w2v["wav2vec2_group"]
+    for model_type in ("bert", "wav2vec2-conformer", "data2vec-audio"):
+        d = tmp_path / model_type
+        shutil.copytree(path, d)
+        (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": model_type}))
+        _expect(d, f"model_type '{model_type}' is not an encoder audioenc supports .supported: wav2vec2, hubert, wavlm, whisper")
+    d = tmp_path / "truncated"
+    shutil.copytree(path, d)
+    _truncate(d / "model.safetensors")
+    _expect(d, "model.safetensors: not a readable safetensors file")
+    os.remove(d / "model.safetensors")
+    _expect(d, "no model.safetensors or pytorch_model.bin")
+    torch.save({"w": torch.randn(1000)}, d / "pytorch_model.bin")
+    _truncate(d / "pytorch_model.bin")
+    _expect(d, "pytorch_model.bin: not a readable PyTorch checkpoint")
+    _expect(path, "expected a whisper checkpoint, got wav2vec2", family="whisper")
+    _expect(path, "family must be one of", family="bert")
+
+
+def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):
+    ckpt = openai_checkpoint(whisper[80][0])
+    del ckpt["dims"]
+    torch.save(ckpt, tmp_path / "nodims.pt")
+    _expect(tmp_path / "nodims.pt", "without 'dims'")
+    fs = fairseq_checkpoint(w2v["wav2vec2_group"][0], "wav2vec2")
+    fs["cfg"]["model"]["_name"] = "data2vec_audio"
+    torch.save(fs, tmp_path / "d2v.pt")
+    _expect(tmp_path / "d2v.pt", "fairseq model 'data2vec_audio' is not supported .supported: wav2vec2")
+    fs["cfg"]["model"].update(_name="wav2vec2", layer_type="conformer")
+    torch.save(fs, tmp_path / "conformer.pt")
+    _expect(tmp_path / "conformer.pt", "layer_type='conformer' is not supported")
+
+
+def test_errors_ctranslate2(ct2_dirs, tmp_path):
+    d = tmp_path / "mt"
+    shutil.copytree(ct2_dirs[80, "int8"], d)
+    write_ct2_bin(d / "model.bin", "TransformerSpec", {"encoder/layer_0/ffn/linear_0/weight": torch.randn(4, 4)})
+    _expect(d, "spec 'TransformerSpec'; audioenc reads only Whisper")
+    shutil.copy(os.path.join(ct2_dirs[80, "int8"], "model.bin"), d / "model.bin")
+    _truncate(d / "model.bin", keep=0.7)
+    _expect(d, "model.bin: truncated")
+    (d / "model.bin").write_bytes(random.Random(1).randbytes(4096))
+    _expect(d, "model.bin: not a CTranslate2 model.bin")
+    _expect(ct2_dirs[80, "int8"], "expected a wav2vec2 checkpoint, got whisper", family="wav2vec2")
+
+
+def test_hub_id_offline(whisper, tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE and HF_HOME at import, hence a fresh interpreter.
+    # A cached repo (huggingface_hub's cache layout) is used offline ...
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-whisper"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(whisper[80][1], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    # ... and an uncached one gives a clear error that suggests a local directory, without hanging.
+    code = ("from audioenc.weights import load_checkpoint\n"
+            "c = load_checkpoint('someone/tiny-whisper')\n"
+            "print(c.family, c.config['num_mel_bins'], len(c.state_dict))\n"
+            "try:\n    load_checkpoint('openai/whisper-tiny')\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    loaded, error = result.stdout.split("\n", 1)
+    assert loaded.split() == ["whisper", "80", str(len(load_hf_dir(whisper[80][1]).state_dict))], result.stderr
+    assert error.startswith("openai/whisper-tiny: no such local path, and it could not be downloaded"), result.stderr
+    assert "Pass a local model directory instead" in error
