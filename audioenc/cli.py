@@ -16,7 +16,7 @@ def cmd_info(args) -> int:
 
     import audioenc
     from audioenc import _native
-    from audioenc.backends import BACKENDS, IMPLEMENTED
+    from audioenc.backends import BACKENDS, availability
     from audioenc.presets import ARCHITECTURES
 
     print(f"audioenc {audioenc.__version__}  python {platform.python_version()}  torch {torch.__version__}")
@@ -27,7 +27,8 @@ def cmd_info(args) -> int:
     cuda = torch.cuda.is_available()
     print(f"CUDA GPU: {torch.cuda.get_device_name(0) if cuda else 'none'}")
     for name in BACKENDS:
-        print(f"backend {name:9s} {'available' if name in IMPLEMENTED else 'not in this version'}")
+        reason = availability(name)
+        print(f"backend {name:9s} {'available' if reason is None else reason}")
     print("families: wav2vec2, hubert, wavlm, whisper")
     print("random-weight architectures (random:NAME): " + ", ".join(ARCHITECTURES))
     return 0

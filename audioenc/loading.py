@@ -5,13 +5,11 @@ import os
 
 import torch
 
-from audioenc.backends import resolve_backend
+from audioenc.backends import backend_class, resolve_backend
 from audioenc.encoder import AudioEncoder
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.weights import load_checkpoint
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device) -> torch.device:
@@ -24,16 +22,6 @@ def resolve_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU here")
     return device
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype="auto",
@@ -55,14 +43,12 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
             raise ValueError(f"{name}: expected a {family} architecture, got {checkpoint.family}")
     else:
         checkpoint = load_checkpoint(name, family=family)
-    backend_name = resolve_backend(backend)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    backend_name = resolve_backend(backend, torch_device.type)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random architectures are the same every run
         model = build_model(checkpoint, random_weights=random_weights)
-    if backend_name == "torch":
-        from audioenc.backends.torch import TorchBackend
-
-        runner = TorchBackend(model, torch_device, torch_dtype)
+    runner = backend_class(backend_name)(model, torch_device, dtype)
     return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, name, checkpoint.preprocessor, random_weights)

@@ -1,20 +1,66 @@
 """Backends run a family's model on prepared inputs; the torch backend is the reference.
 
-A backend has ``run(inputs, lengths, num_layers) -> (output, hidden_states, frame_lengths)`` with
-the semantics of the models in audioenc.models.
+Each backend is a class in its own module here, found through BACKENDS, with
+
+    available() -> str | None            classmethod: None when usable here, else the reason
+    __init__(model, device, dtype)       model: the float32 reference nn.Module on the CPU;
+                                         device: torch.device; dtype: the user's string ("auto" resolved
+                                         by the backend, which also rejects dtypes it cannot run)
+    run(inputs, lengths, num_layers) -> (output, hidden_states, frame_lengths)
+        Whisper: inputs = log-mel windows (B, n_mels, 3000), lengths None, frame_lengths None.
+        wav2vec2 family: normalised waveforms (B, samples) and valid samples per item (B,).
+        hidden_states: list of num_layers + 1 tensors (Hugging Face convention), output the last
+        layer's output (after the final LayerNorm when every layer ran and the model has one).
+    name, device, dtype                  attributes, for repr and info
+
+Modules are imported only when their backend is asked for.
 """
 from __future__ import annotations
 
-BACKENDS = ("torch", "triton", "onnx", "tensorrt")
-IMPLEMENTED = ("torch",)
+import importlib
+
+BACKENDS = {
+    "torch": ("audioenc.backends.torch", "TorchBackend"),
+    "triton": ("audioenc.backends.triton", "TritonBackend"),
+    "onnx": ("audioenc.backends.onnx", "OnnxBackend"),
+    "tensorrt": ("audioenc.backends.tensorrt", "TensorRTBackend"),
+}
+AUTO_ORDER = {"cuda": ("triton", "tensorrt", "torch"), "cpu": ("onnx", "torch")}
 
 
-def resolve_backend(name: str) -> str:
-    if name == "auto":
-        return "torch"  # the only backend this version implements
+def backend_class(name: str):
+    """The backend's class, or a ValueError saying why it cannot be used here."""
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is unknown; choose one of auto, {', '.join(BACKENDS)}")
-    if name not in IMPLEMENTED:
-        raise ValueError(f"backend {name!r} is not available in audioenc {__import__('audioenc').__version__}; "
-                         f"available: {', '.join(IMPLEMENTED)}")
-    return name
+    module_name, class_name = BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValueError(f"backend {name!r} is not in this version of audioenc") from None
+        raise
+    cls = getattr(module, class_name)
+    reason = cls.available()
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available here: {reason}")
+    return cls
+
+
+def availability(name: str) -> str | None:
+    """None when ``name`` can run here, else the reason (for ``audioenc info``)."""
+    try:
+        backend_class(name)
+    except ValueError as exc:
+        return str(exc).split(": ", 1)[-1] if "not available here" in str(exc) else str(exc)
+    return None
+
+
+def resolve_backend(name: str, device_type: str) -> str:
+    """'auto' -> the first backend of AUTO_ORDER that runs here; other names are checked."""
+    if name != "auto":
+        backend_class(name)
+        return name
+    for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+        if availability(candidate) is None:
+            return candidate
+    return "torch"

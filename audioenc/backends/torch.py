@@ -4,18 +4,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device, self.dtype = device, dtype
+    @classmethod
+    def available(cls) -> str | None:
+        return None
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: str):
+        if dtype == "auto":
+            dtype = "float16" if device.type == "cuda" else "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported by the torch backend; choose auto, {', '.join(DTYPES)}")
+        self.device, self.dtype = device, DTYPES[dtype]
+        self.model = model.to(device=device, dtype=self.dtype).eval()
 
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
-        """Whisper: inputs are log-mel windows and lengths is None; wav2vec2 family: normalised
-        waveforms and their valid samples. Returns (output, hidden states, frame lengths or None)."""
         inputs = inputs.to(self.device, self.dtype)
         if lengths is None:
             out, hidden_states = self.model(inputs, num_layers)
