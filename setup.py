@@ -38,6 +38,10 @@ def cuda_root(nvcc):
     for line in (out.stdout + out.stderr).splitlines():
         if "TOP=" in line:
             return line.split("TOP=", 1)[1].strip().strip('"')
+    # A wrapper script without TOP= (e.g. /usr/local/bin/nvcc -> exec /usr/local/cuda/bin/nvcc).
+    for top in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if top and os.path.exists(os.path.join(top, "bin", "nvcc")):
+            return top
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
@@ -80,7 +84,9 @@ def extensions():
         return []
     from pybind11.setup_helpers import Pybind11Extension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # csrc/tests/ holds the C++ unit tests (their own main); tests/test_native_memory.py builds them.
+    sources = sorted(p for p in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+                     if not p.startswith(os.path.join("csrc", "tests", "")))
     flags = ["-O3", "-fvisibility=hidden"]
     if os.environ.get("AUDIOENC_SANITIZE") == "address":
         flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"]

@@ -8,7 +8,8 @@ import torch
 
 from audioenc.audio import SAMPLE_RATE, to_waveforms
 from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims
-from audioenc.frontend import log_mel_spectrogram_ref, normalize_waveforms, pcm_to_float32
+from audioenc.frontend import log_mel_spectrogram, normalize_waveforms, pcm_to_float32
+from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 
 POOLS = ("mean", "max")
 WHISPER_WINDOWS_PER_RUN = 16  # bounds memory on long audio
@@ -29,6 +30,9 @@ class AudioEncoder:
         self.family, self.dims, self.backend, self.source = family, dims, backend, source
         self.random_weights = random_weights
         self.do_normalize = bool(preprocessor.get("do_normalize", True))
+        # Items longer than long_audio_threshold_s go through context windows (bounded memory).
+        (self.long_audio_threshold_s, self.long_audio_chunk_s,
+         self.long_audio_left_s, self.long_audio_right_s) = LONG_AUDIO_DEFAULTS[family]
         if family == "whisper" and preprocessor.get("feature_size", dims.n_mels) != dims.n_mels:
             raise ValueError(f"{source}: preprocessor feature_size {preprocessor['feature_size']} does not match "
                              f"the model's {dims.n_mels} mel bins")
@@ -49,18 +53,60 @@ class AudioEncoder:
     frame_rate = 50.0  # output frames per second, every family
     sample_rate = SAMPLE_RATE
 
+    @property
+    def min_samples(self) -> int:
+        """The shortest input that gives one frame (at 16 kHz)."""
+        return WHISPER_HOP if self.family == "whisper" else self.dims.receptive_field
+
+    def stream(self, sample_rate: int = SAMPLE_RATE, chunk_s: float | None = None,
+               left_context_s: float | None = None, right_context_s: float | None = None,
+               output_layer: int | None = None) -> EncoderStream:
+        """A live stream: ``push(block)`` returns the frames that became final, ``flush()`` the rest.
+        Frames sit on the offline grid (20 ms); contexts default per family (streaming.STREAM_DEFAULTS)."""
+        return EncoderStream(self, sample_rate, chunk_s, left_context_s, right_context_s, output_layer)
+
     def encode(self, audio, sample_rate: int = SAMPLE_RATE, output_hidden_states: bool = False,
-               output_layer: int | None = None) -> EncoderOutput:
+               output_layer: int | None = None, progress: bool = False) -> EncoderOutput:
         """Frame embeddings of one item or a batch (see audioenc.audio.to_waveforms for inputs).
 
         output_layer=N runs only the first N layers and returns layer N's output (0 = the input of
         the first layer), costing only those layers. Items of a batch never influence each other.
+        Items longer than ``long_audio_threshold_s`` are encoded in windows with context
+        (audioenc.streaming.encode_long); ``progress`` shows a bar for them.
         """
         num_layers = self._layers_to_run(output_layer)
         waves = to_waveforms(audio, sample_rate)
+        limit = self.long_audio_threshold_s * SAMPLE_RATE
+        long_items = [i for i, w in enumerate(waves) if len(w) > limit and self._windowed_long_audio()]
+        if long_items and output_hidden_states:
+            raise ValueError(f"output_hidden_states is not available for items longer than "
+                             f"long_audio_threshold_s={self.long_audio_threshold_s:g} s (encoded in windows); "
+                             "ask for one layer with output_layer=N, or raise the threshold")
+        short = [i for i in range(len(waves)) if i not in long_items]
+        out = None
+        if short:
+            out = self._encode_items([waves[i] for i in short], num_layers, output_hidden_states)
+            if not long_items:
+                return out
+        items = [None] * len(waves)
+        for row, i in enumerate(short):
+            items[i] = out.last_hidden_state[row, : out.lengths[row]]
+        for i in long_items:
+            items[i] = encode_long(self, waves[i], self.long_audio_chunk_s, self.long_audio_left_s,
+                                   self.long_audio_right_s, output_layer, progress)
+        if out is not None:
+            items = [x.to(out.last_hidden_state) for x in items]
+        return EncoderOutput(pad_items(items), torch.tensor([len(x) for x in items], dtype=torch.int64))
+
+    def _encode_items(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
+        """Validated 16 kHz items, each encoded whole (no long-audio windows)."""
         if self.family == "whisper":
             return self._encode_whisper(waves, num_layers, output_hidden_states)
         return self._encode_wav2vec2(waves, num_layers, output_hidden_states)
+
+    def _windowed_long_audio(self) -> bool:
+        """Whisper with no context keeps its own consecutive 30 s windows (_encode_whisper)."""
+        return self.family != "whisper" or self.long_audio_left_s > 0 or self.long_audio_right_s > 0
 
     def embed(self, audio, sample_rate: int = SAMPLE_RATE, pool: str = "mean",
               output_layer: int | None = None) -> torch.Tensor:
@@ -80,7 +126,7 @@ class AudioEncoder:
         return int(output_layer)
 
     def _encode_wav2vec2(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
-        shortest = self.dims.receptive_field
+        shortest = self.min_samples
         for i, w in enumerate(waves):
             if len(w) < shortest:
                 raise ValueError(f"audio item {i} has {len(w)} samples; {self.family} needs at least {shortest} "
@@ -120,7 +166,7 @@ class AudioEncoder:
             batch = np.zeros((len(group), size), dtype=np.float32)
             for row, w in zip(batch, group):
                 row[: len(w)] = pcm_to_float32(w)
-            mel = log_mel_spectrogram_ref(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
+            mel = log_mel_spectrogram(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
             out, hidden_states, _ = self.backend.run(mel, None, num_layers)
             outputs.append(out)
             if output_hidden_states:

@@ -90,23 +90,178 @@ def mel_filters(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE)
     return weights.astype(np.float32)
 
 
-def log_mel_spectrogram_ref(audio: torch.Tensor, n_mels: int = 80, padding: int = 0) -> torch.Tensor:
-    """openai-whisper's log_mel_spectrogram: (..., samples) float32 -> (..., n_mels, frames).
-
-    Centred STFT with reflect padding (needs more than n_fft // 2 samples after ``padding`` zeros
-    are appended), periodic Hann, |X|^2 without the last frame, Slaney mel, log10 clamp at 1e-10,
-    floor at max - 8 per item, then (x + 4) / 4.
-    """
-    audio = torch.as_tensor(audio, dtype=torch.float32)
+def _stft_power(audio: torch.Tensor, padding: int) -> torch.Tensor:
     if padding > 0:
         audio = torch.nn.functional.pad(audio, (0, padding))
     if audio.shape[-1] <= N_FFT // 2:
         raise ValueError(f"log-mel needs more than {N_FFT // 2} samples (reflect padding), got {audio.shape[-1]}")
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
-    power = stft[..., :-1].abs() ** 2
-    filters = torch.from_numpy(mel_filters(n_mels)).to(audio.device)
+    return stft[..., :-1].abs() ** 2
+
+
+def power_spectrogram_ref(audio: torch.Tensor, padding: int = 0) -> torch.Tensor:
+    """|STFT|^2 as openai-whisper computes it: (..., samples) -> (..., 201, frames)."""
+    return _stft_power(torch.as_tensor(audio, dtype=torch.float32), padding)
+
+
+def log_mel_spectrogram_ref(audio: torch.Tensor, n_mels: int = 80, padding: int = 0,
+                            normalize: bool = True) -> torch.Tensor:
+    """openai-whisper's log_mel_spectrogram: (..., samples) float32 -> (..., n_mels, frames).
+
+    Centred STFT with reflect padding (needs more than n_fft // 2 samples after ``padding`` zeros
+    are appended), periodic Hann, |X|^2 without the last frame, Slaney mel, log10 clamp at 1e-10,
+    floor at max - 8 per item, then (x + 4) / 4 (``normalize=False`` stops after the log10).
+    """
+    power = _stft_power(torch.as_tensor(audio, dtype=torch.float32), padding)
+    filters = torch.from_numpy(mel_filters(n_mels)).to(power.device)
     log_spec = torch.clamp(filters @ power, min=1e-10).log10()
+    if not normalize:
+        return log_spec
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+# ------------------------------------------------------------------ Whisper: public log-mel entry
+
+_SUPPORTED = (torch.float32, torch.float64, torch.int16)
+_NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64, np.dtype(np.int16): torch.int16}
+_cuda_tables: dict = {}
+
+
+def log_mel_spectrogram(audio, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, padding: int = 0,
+                        device=None, threads: int | None = None, normalize: bool = True):
+    """Whisper's log-mel spectrogram, one fused native pass (CPU threads or CUDA kernels).
+
+    audio: (samples,) or (batch, samples) numpy array or torch tensor of float32, float64 or int16
+      (int16 scaled by 1/32768), or a list of 1-D arrays of different lengths.
+    padding: zeros appended to every item before the STFT (openai-whisper's ``padding``).
+    Returns float32 (..., n_mels, frames), frames = (samples + padding) // 160, on ``device``
+    (None: the input's device; numpy input: CPU). A list gives a list of (n_mels, frames_i) tensors,
+    each computed on its own samples only (views into one padded buffer).
+    normalize=True: openai-whisper's output, except that the max - 8 floor uses each item's own
+    max (openai-whisper takes the max over the whole batch). normalize=False: log10 of the mel
+    power clamped at 1e-10.
+    threads: CPU threads (None: all cores; short inputs use fewer).
+    Raises ValueError for sample_rate != 16000 (resample first), items of 200 samples or fewer
+    after padding (reflect padding needs at least 201), NaN/Inf, or 3-D input; TypeError for
+    other sample types. CUDA tensors use the CUDA kernels when they were compiled, else
+    log_mel_spectrogram_ref on that device; CPU uses audioenc._C, else the torch reference.
+    """
+    return _spectrogram(audio, "normalized" if normalize else "log", n_mels, sample_rate, padding,
+                        device, threads)
+
+
+def power_spectrogram(audio, sample_rate: int = SAMPLE_RATE, padding: int = 0, device=None,
+                      threads: int | None = None):
+    """|STFT|^2 of Whisper's frontend, (..., 201, frames); same inputs and rules as
+    :func:`log_mel_spectrogram`."""
+    return _spectrogram(audio, "power", 0, sample_rate, padding, device, threads)
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in _SUPPORTED:
+            raise TypeError(f"unsupported sample type {x.dtype}; expected float32, float64 or int16")
+        return x
+    x = np.asarray(x)
+    if x.dtype not in _NUMPY:
+        raise TypeError(f"unsupported sample type {x.dtype}; expected float32, float64 or int16")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _spectrogram(audio, kind, n_mels, sample_rate, padding, device, threads):
+    if sample_rate != SAMPLE_RATE:
+        raise ValueError(f"the Whisper frontend takes {SAMPLE_RATE} Hz audio, got sample_rate={sample_rate}; "
+                         "resample first")
+    padding = int(padding)
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if kind != "power" and n_mels <= 0:
+        raise ValueError(f"n_mels must be positive, got {n_mels}")
+    is_list = isinstance(audio, (list, tuple))
+    if is_list:
+        items = [_as_tensor(a) for a in audio]
+        if not items:
+            raise ValueError("empty list of audio items")
+        if any(a.ndim != 1 for a in items):
+            raise ValueError("a list of audio items must hold 1-D arrays")
+        if len({a.dtype for a in items}) > 1:
+            items = [a.float() for a in items]
+        lengths = [a.shape[0] for a in items]
+        x = torch.zeros(len(items), max(lengths), dtype=items[0].dtype, device=items[0].device)
+        for b, a in enumerate(items):
+            x[b, : lengths[b]] = a.to(x.device)
+    else:
+        x = _as_tensor(audio)
+        if x.ndim not in (1, 2):
+            raise ValueError(f"audio must be 1-D (samples,) or 2-D (batch, samples), got shape {tuple(x.shape)}")
+        lengths = [x.shape[-1]] * (x.shape[0] if x.ndim == 2 else 1)
+    if not lengths:
+        raise ValueError("empty batch")
+    short = min(lengths) + padding
+    if short <= N_FFT // 2:
+        raise ValueError(f"log-mel needs at least {N_FFT // 2 + 1} samples per item after padding "
+                         f"(reflect padding of n_fft // 2), got {short}")
+    device = torch.device(device) if device is not None else x.device
+    x2 = x.reshape(-1, x.shape[-1]).to(device)
+    filters = None if kind == "power" else mel_filters(n_mels)
+    if device.type == "cuda" and _C is not None and getattr(_C, "cuda_compiled", False):
+        out = _spectrogram_cuda(x2, lengths, kind, filters, padding)
+    elif device.type == "cpu" and _C is not None:
+        n_out = 201 if kind == "power" else n_mels
+        out = torch.empty(x2.shape[0], n_out, (max(lengths) + padding) // HOP_LENGTH)
+        _C.log_mel_cpu(x2.detach().contiguous().numpy(), np.asarray(lengths, dtype=np.int64), out.numpy(), filters, padding,
+                       kind, threads or 0)
+    else:
+        out = _spectrogram_torch(x2, lengths, kind, n_mels, padding)
+    if is_list:
+        return [out[b, :, : (n + padding) // HOP_LENGTH] for b, n in enumerate(lengths)]
+    return out if x.ndim == 2 else out[0]
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("audio contains NaN or Inf")
+
+
+def _spectrogram_torch(x, lengths, kind, n_mels, padding):
+    _check_finite(x)
+    x = x.float() / 32768.0 if x.dtype == torch.int16 else x.float()
+    rows = []
+    for b, n in enumerate(lengths):
+        if kind == "power":
+            rows.append(power_spectrogram_ref(x[b, :n], padding))
+        else:
+            rows.append(log_mel_spectrogram_ref(x[b, :n], n_mels, padding, normalize=kind == "normalized"))
+    frames = max(r.shape[-1] for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, frames - r.shape[-1])) for r in rows])
+
+
+def _spectrogram_cuda(x, lengths, kind, filters, padding):
+    _check_finite(x)
+    if x.dtype == torch.float64:
+        x = x.float()
+    x = x.contiguous()
+    dev = x.device
+    key = (dev, None if filters is None else filters.shape[0])
+    if key not in _cuda_tables:
+        _cuda_tables[key] = torch.from_numpy(_C.mel_cuda_tables(filters)).to(dev)
+    tables = _cuda_tables[key]
+    batch = x.shape[0]
+    frames = (max(lengths) + padding) // HOP_LENGTH
+    n_out = 201 if filters is None else filters.shape[0]
+    lens = torch.tensor(lengths, dtype=torch.int64).to(dev, non_blocking=False)
+    out = torch.zeros(batch, n_out, frames, device=dev)
+    item_max = torch.empty(batch, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    _C.log_mel_cuda(x.data_ptr(), 1 if x.dtype == torch.int16 else 0, x.shape[1], lens.data_ptr(), batch,
+                    frames, padding, tables.data_ptr(), tables.numel(), n_out if filters is not None else 0,
+                    {"power": 0, "log": 1, "normalized": 2}[kind], out.data_ptr(), frames,
+                    item_max.data_ptr(), dev.index if dev.index is not None else torch.cuda.current_device(),
+                    stream)
+    # The kernels read lens/item_max asynchronously; keep them alive until the stream is done.
+    lens.record_stream(torch.cuda.current_stream(dev))
+    item_max.record_stream(torch.cuda.current_stream(dev))
+    return out

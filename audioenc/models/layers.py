@@ -67,7 +67,9 @@ def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, weight: torch.Tens
     x (B, C, T). With full lengths this equals nn.GroupNorm(C, C); with padding every item gets the
     statistics it would get alone. Statistics in float32.
     """
-    if bool((lengths == x.shape[-1]).all()):  # no padding: torch's fused kernel
+    # No padding: torch's fused kernel. An exported graph always takes the masked path, since a traced
+    # branch would be frozen to the example's choice.
+    if not torch.onnx.is_in_onnx_export() and bool((lengths == x.shape[-1]).all()):
         return F.group_norm(x.float(), x.shape[1], weight.float(), bias.float(), eps).to(x.dtype)
     valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]).to(torch.float32)[:, None, :]
     count = valid.sum(-1, keepdim=True).clamp(min=1)

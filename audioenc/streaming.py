@@ -1,0 +1,181 @@
+"""Streaming and long-audio encoding on the offline frame grid.
+
+Audio is cut by the native chunker (audioenc.chunker) into windows of ``left + chunk + right``
+samples; each window is encoded on its own and only the frames whose start lies in its centre are
+kept, so every frame is produced exactly once and at the position it has offline: frame j starts at
+sample 320 * j (20 ms), for every family. ``chunk`` and ``left`` are rounded to whole frames so
+window starts stay on that grid; the right context gets the extra samples the conv stack needs to
+finish the centre's last frame (80 for the wav2vec2 family, 200 for Whisper's mel + conv stem).
+
+Group-norm models, waveform normalisation, Whisper's per-window log-mel range and attention all see
+only the window, so streamed frames differ from offline ones; benchmarks/bench_streaming.py measures
+how much against context length, and the defaults below come from that measurement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from audioenc.audio import SAMPLE_RATE, check_rate
+from audioenc.chunker import Chunker, Window
+
+FRAME_HOP = 320  # samples per output frame, every family
+
+# Defaults (seconds): chunk, left context, right context. See BENCHMARKS.md "Streaming".
+STREAM_DEFAULTS = {
+    "wav2vec2": (1.0, 2.0, 0.5),
+    "hubert": (1.0, 2.0, 0.5),
+    "wavlm": (1.0, 2.0, 0.5),
+    "whisper": (1.0, 4.0, 0.5),
+}
+# Offline encode of longer audio goes through windows: threshold, chunk, left, right (seconds).
+LONG_AUDIO_DEFAULTS = {
+    "wav2vec2": (120.0, 60.0, 8.0, 8.0),
+    "hubert": (120.0, 60.0, 8.0, 8.0),
+    "wavlm": (120.0, 60.0, 8.0, 8.0),
+    "whisper": (30.0, 30.0, 0.0, 0.0),
+}
+
+
+@dataclass
+class StreamFrames:
+    """Frames that became final: ``frames`` (n, dim) float32 on the CPU, ``times`` (n,) seconds
+    at which each frame starts, ``first`` the index of frames[0] on the offline grid."""
+
+    frames: torch.Tensor
+    times: np.ndarray
+    first: int
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+
+def conv_tail(family: str, receptive_field: int) -> int:
+    """Samples past a frame's start that its features depend on, beyond one hop."""
+    return 200 if family == "whisper" else receptive_field - FRAME_HOP
+
+
+def frames(seconds: float, what: str, minimum: int = 0) -> int:
+    """Seconds -> whole frames of 320 samples."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        raise TypeError(f"{what} must be a number of seconds, got {seconds!r}")
+    if seconds < 0:
+        raise ValueError(f"{what} must be >= 0 seconds, got {seconds}")
+    n = round(seconds * SAMPLE_RATE / FRAME_HOP)
+    if n < minimum:
+        raise ValueError(f"{what} must be at least {minimum * FRAME_HOP / SAMPLE_RATE:g} s, got {seconds}")
+    return n
+
+
+class EncoderStream:
+    """Live encoding: ``push(block)`` any number of samples at the source rate, get the frames
+    that became final; ``flush()`` ends the stream and returns the rest. Create it with
+    :meth:`audioenc.AudioEncoder.stream`. One stream serves one producer thread."""
+
+    def __init__(self, encoder, sample_rate: int = SAMPLE_RATE, chunk_s: float | None = None,
+                 left_context_s: float | None = None, right_context_s: float | None = None,
+                 output_layer: int | None = None):
+        defaults = STREAM_DEFAULTS[encoder.family]
+        chunk_s = defaults[0] if chunk_s is None else chunk_s
+        left_context_s = defaults[1] if left_context_s is None else left_context_s
+        right_context_s = defaults[2] if right_context_s is None else right_context_s
+        self.encoder = encoder
+        self.sample_rate = check_rate(sample_rate)
+        self.num_layers = encoder._layers_to_run(output_layer)  # fails now on a bad layer
+        self.chunk = frames(chunk_s, "chunk_s", minimum=1) * FRAME_HOP
+        self.left = frames(left_context_s, "left_context_s") * FRAME_HOP
+        self.right = frames(right_context_s, "right_context_s") * FRAME_HOP
+        self.tail = conv_tail(encoder.family, getattr(encoder.dims, "receptive_field", 400))
+        window = self.left + self.chunk + self.right + self.tail
+        if encoder.family == "whisper" and window > encoder.dims.window_samples:
+            raise ValueError(f"left + chunk + right context is {window / SAMPLE_RATE:g} s; "
+                             f"whisper windows hold at most {encoder.dims.window_samples / SAMPLE_RATE:g} s")
+        self.chunker = Chunker(self.chunk, self.left, self.right + self.tail)
+        self.resampler = None
+        if self.sample_rate != SAMPLE_RATE:
+            import soxr
+
+            self.resampler = soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        self.finished = False
+        self.received = 0  # samples at 16 kHz
+        self.emitted = 0   # frames returned so far
+
+    @property
+    def latency_s(self) -> float:
+        """Audio a frame waits for at most before it is final (chunk + right context)."""
+        return (self.chunk + self.right + self.tail) / SAMPLE_RATE
+
+    def push(self, block) -> StreamFrames:
+        if self.finished:
+            raise RuntimeError("push after flush(); start a new stream")
+        x = self._prepare(block)
+        if self.resampler is not None:
+            x = self.resampler.resample_chunk(x)
+        self.received += len(x)
+        return self._encode_windows(self.chunker.push(x))
+
+    def flush(self) -> StreamFrames:
+        """Ends the stream and returns the remaining frames; later calls return no frames."""
+        if self.finished:
+            return self._encode_windows([])
+        self.finished = True
+        windows = []
+        if self.resampler is not None:
+            tail = self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            self.received += len(tail)
+            windows = self.chunker.push(tail)
+        return self._encode_windows(windows + self.chunker.flush())
+
+    def _prepare(self, block) -> np.ndarray:
+        from audioenc.audio import _as_numpy
+        from audioenc.frontend import pcm_to_float32
+
+        x = _as_numpy(block, "block")
+        if x.ndim != 1:
+            raise ValueError(f"block: expected 1-D samples, got shape {tuple(x.shape)}")
+        x = pcm_to_float32(x)
+        if not np.isfinite(x).all():
+            raise ValueError("block: audio contains NaN or Inf")
+        return np.ascontiguousarray(x)
+
+    def _encode_windows(self, windows: list[Window]) -> StreamFrames:
+        pieces = [self._frames_of_window(w) for w in windows]
+        out = torch.cat(pieces) if pieces else torch.zeros(0, self.encoder.hidden_size)
+        first = self.emitted
+        self.emitted += len(out)
+        return StreamFrames(out, (first + np.arange(len(out))) * FRAME_HOP / SAMPLE_RATE, first)
+
+    def _frames_of_window(self, w: Window) -> torch.Tensor:
+        """Encodes the existing samples of a window; keeps the frames starting in its centre
+        (the last window of a stream may hold fewer: frames the audio does not complete)."""
+        samples = w.samples[w.left - w.valid_left : w.left + w.valid_centre + w.valid_right]
+        if len(samples) < self.encoder.min_samples:
+            return torch.zeros(0, self.encoder.hidden_size)
+        offset = w.valid_left // FRAME_HOP          # valid_left is a whole number of frames
+        count = -(-w.valid_centre // FRAME_HOP)     # frames starting in the centre
+        return self.encode_samples(samples)[offset : offset + count]
+
+    def encode_samples(self, samples: np.ndarray) -> torch.Tensor:
+        """(samples,) at 16 kHz -> (frames, dim) float32 on the CPU."""
+        out = self.encoder._encode_items([samples], self.num_layers, output_hidden_states=False)
+        return out.last_hidden_state[0, : out.lengths[0]].float().cpu()
+
+
+def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_s: float,
+                output_layer: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Offline encode of one long item through the streaming windows, in bounded memory.
+    Returns (frames, dim) float32 on the CPU."""
+    from tqdm import tqdm
+
+    stream = EncoderStream(encoder, SAMPLE_RATE, chunk_s, left_s, right_s, output_layer)
+    block = stream.chunk * 8
+    outputs = []
+    with tqdm(total=len(wave) / SAMPLE_RATE, unit="s", unit_scale=True, desc="encode", disable=not progress) as bar:
+        for start in range(0, len(wave), block):
+            outputs.append(stream.push(wave[start : start + block]).frames)
+            bar.update(min(block, len(wave) - start) / SAMPLE_RATE)
+        outputs.append(stream.flush().frames)
+    return torch.cat(outputs)

@@ -1,0 +1,169 @@
+// ref: audioenc/frontend.py log_mel_spectrogram_ref (openai-whisper's log_mel_spectrogram).
+#include "mel/log_mel.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "mel/fft.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define AUDIOENC_X86_DISPATCH 1
+#include <immintrin.h>
+#endif
+
+namespace audioenc {
+
+// Baseline path: 4 lanes, which every x86-64 CPU (SSE2) and every other target runs natively.
+namespace mel_base {
+typedef float V __attribute__((vector_size(16)));
+typedef int32_t VI __attribute__((vector_size(16)));
+constexpr int W = 4;
+inline V madd(V a, V b, V c) { return a * b + c; }
+inline void transpose(V* r) {
+  float t[W][W];
+  for (int i = 0; i < W; ++i)
+    for (int j = 0; j < W; ++j) t[i][j] = r[j][i];
+  std::memcpy(r, t, sizeof(t));
+}
+#include "mel/log_mel_kernel.inc"
+}  // namespace mel_base
+
+#ifdef AUDIOENC_X86_DISPATCH
+// AVX2 + FMA path, compiled for those instructions only here and chosen at run time.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace mel_avx2 {
+typedef float V __attribute__((vector_size(32)));
+typedef int32_t VI __attribute__((vector_size(32)));
+constexpr int W = 8;
+inline V madd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline void transpose(V* r) {  // 8 x 8 in registers: unpack, shuffle, swap 128-bit halves
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+#include "mel/log_mel_kernel.inc"
+}  // namespace mel_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace {
+
+bool has_avx2() {
+#ifdef AUDIOENC_X86_DISPATCH
+  // AUDIOENC_NO_AVX2=1 forces the baseline path (tests run both).
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("AUDIOENC_NO_AVX2") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Runs fn(first, last, worker) over [0, n) split into `threads` contiguous parts; the calling
+// thread takes the first part.
+template <typename F>
+void parallel_for(int64_t n, int threads, F fn) {
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(fn, n * t / threads, n * (t + 1) / threads, t);
+  fn(0, n / threads, 0);
+  for (auto& th : pool) th.join();
+}
+
+// Fewer threads for short inputs: starting one costs about as much as 256 frames.
+int pick_threads(int threads, int64_t work, int64_t min_per_thread) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, work / min_per_thread)));
+}
+
+}  // namespace
+
+const char* log_mel_cpu_isa() { return has_avx2() ? "avx2" : "sse2"; }
+
+template <typename T>
+void log_mel_cpu(const T* audio, int64_t stride, const int64_t* lengths, int64_t batch,
+                 int64_t padding, float scale, const SparseFilters* filters, MelOutput kind,
+                 float* out, int64_t out_stride, int threads, uint8_t* nonfinite) {
+  const bool avx2 = has_avx2();
+  const int w = avx2 ? 8 : 4;
+  std::vector<int64_t> block_start(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b)
+    block_start[b + 1] = block_start[b] + (mel_frames(lengths[b] + padding) + w - 1) / w;
+  const int64_t blocks = block_start[batch];
+  const int nt = pick_threads(threads, blocks, 256 / w);
+  const float lowest = -std::numeric_limits<float>::infinity();
+  std::vector<float> peaks(static_cast<size_t>(nt) * batch, lowest);
+  std::vector<uint8_t> bad(static_cast<size_t>(nt) * batch, 0);
+  parallel_for(blocks, nt, [&](int64_t first, int64_t last, int t) {
+    float* pk = peaks.data() + t * batch;
+    uint8_t* bd = bad.data() + t * batch;
+#ifdef AUDIOENC_X86_DISPATCH
+    if (avx2) {
+      mel_avx2::run_blocks(audio, stride, lengths, block_start.data(), batch, padding, scale,
+                           filters, kind, out, out_stride, first, last, pk, bd);
+      return;
+    }
+#endif
+    mel_base::run_blocks(audio, stride, lengths, block_start.data(), batch, padding, scale,
+                         filters, kind, out, out_stride, first, last, pk, bd);
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    nonfinite[b] = 0;
+    for (int t = 0; t < nt; ++t) nonfinite[b] |= bad[t * batch + b];
+  }
+  if (kind != MelOutput::kNormalized) return;
+
+  // Second pass: floor at the item's max - 8, then (x + 4) / 4; rows are independent.
+  const int64_t n_mels = filters->n_mels;
+  std::vector<float> floor(batch, lowest);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int t = 0; t < nt; ++t) floor[b] = std::max(floor[b], peaks[t * batch + b]);
+    floor[b] -= 8.0f;
+  }
+  const int64_t rows = batch * n_mels;
+  parallel_for(rows, pick_threads(threads, rows * out_stride, 1 << 18), [&](int64_t first, int64_t last, int) {
+    for (int64_t r = first; r < last; ++r) {
+      const int64_t b = r / n_mels;
+      const float fl = floor[b];
+      float* row = out + r * out_stride;
+      const int64_t frames = mel_frames(lengths[b] + padding);
+      for (int64_t i = 0; i < frames; ++i) row[i] = (std::max(row[i], fl) + 4.0f) * 0.25f;
+    }
+  });
+}
+
+template void log_mel_cpu<float>(const float*, int64_t, const int64_t*, int64_t, int64_t, float,
+                                 const SparseFilters*, MelOutput, float*, int64_t, int, uint8_t*);
+template void log_mel_cpu<double>(const double*, int64_t, const int64_t*, int64_t, int64_t, float,
+                                  const SparseFilters*, MelOutput, float*, int64_t, int, uint8_t*);
+template void log_mel_cpu<int16_t>(const int16_t*, int64_t, const int64_t*, int64_t, int64_t,
+                                   float, const SparseFilters*, MelOutput, float*, int64_t, int,
+                                   uint8_t*);
+
+}  // namespace audioenc

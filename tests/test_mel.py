@@ -1,0 +1,168 @@
+"""audioenc.log_mel_spectrogram / power_spectrogram against openai-whisper, torch.stft and librosa,
+on the native CPU path, the torch fallback and (marker gpu) the CUDA kernels."""
+import numpy as np
+import pytest
+import torch
+
+import audioenc.frontend as fe
+from audioenc._native import _C
+from audioenc.frontend import log_mel_spectrogram, log_mel_spectrogram_ref, mel_filters, power_spectrogram
+
+whisper = pytest.importorskip("whisper")
+
+
+def speech_like(n, rng):
+    """Harmonics of a wandering f0 under a syllable-rate envelope, plus noise bursts."""
+    t = np.arange(n) / 16000
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / 16000
+    voiced = sum(np.sin(h * phase) / h for h in range(1, 25))
+    env = np.clip(np.sin(2 * np.pi * 3.3 * t + rng.uniform(0, 6)), 0, None) ** 2
+    noise = rng.standard_normal(n) * (np.sin(2 * np.pi * 1.1 * t) > 0.8)
+    return (0.1 * env * voiced + 0.02 * noise + 1e-4 * rng.standard_normal(n)).astype(np.float32)
+
+
+def signal(kind, n, rng):
+    return speech_like(n, rng) if kind == "speech" else (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+
+def whisper_ref(x, n_mels=80, padding=0):
+    return whisper.log_mel_spectrogram(torch.from_numpy(x), n_mels=n_mels, padding=padding).numpy()
+
+
+def assert_close(out, ref):
+    d = np.abs(np.asarray(out) - ref)
+    assert d.max() <= 1e-3 and d.mean() <= 1e-5, (d.max(), d.mean())
+
+
+@pytest.mark.parametrize("kind", ["speech", "noise"])
+@pytest.mark.parametrize("n", [201, 399, 400, 401, 4321, 480_000])
+def test_matches_openai_whisper(kind, n):
+    rng = np.random.default_rng()
+    x = signal(kind, n, rng)
+    out = log_mel_spectrogram(x)
+    assert out.dtype == torch.float32 and out.shape == (80, n // 160)
+    assert_close(out, whisper_ref(x))
+
+
+def test_ten_minutes_once():
+    x = signal("speech", 600 * 16000, np.random.default_rng())
+    assert_close(log_mel_spectrogram(x), whisper_ref(x))
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_match_librosa_and_128_bins(n_mels):
+    librosa = pytest.importorskip("librosa")
+    np.testing.assert_allclose(mel_filters(n_mels), librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels),
+                               rtol=1e-6, atol=1e-8)
+    x = signal("speech", 32000, np.random.default_rng())
+    assert_close(log_mel_spectrogram(x, n_mels=n_mels), whisper_ref(x, n_mels))
+
+
+@pytest.mark.parametrize("n", [201, 401, 48_000])
+def test_power_matches_torch_stft(n):
+    x = signal("noise", n, np.random.default_rng())
+    ref = fe.power_spectrogram_ref(torch.from_numpy(x)).numpy()
+    out = power_spectrogram(x).numpy()
+    assert out.shape == (201, n // 160)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+def test_unnormalized_and_padding():
+    rng = np.random.default_rng()
+    x = signal("speech", 5000, rng)
+    ref = log_mel_spectrogram_ref(torch.from_numpy(x), 80, padding=1234, normalize=False).numpy()
+    out = log_mel_spectrogram(x, padding=1234, normalize=False)
+    assert out.shape == (80, 6234 // 160)
+    assert np.abs(out.numpy() - ref).max() <= 4e-3
+    assert_close(log_mel_spectrogram(x, padding=480_000 - 5000), whisper_ref(x, padding=480_000 - 5000))
+
+
+def test_batch_max_is_per_item_and_threads_agree():
+    rng = np.random.default_rng()
+    x = np.stack([signal("speech", 48000, rng), 1e-3 * signal("noise", 48000, rng)])
+    out = log_mel_spectrogram(torch.from_numpy(x))
+    assert out.shape == (2, 80, 300)
+    for b in range(2):
+        assert_close(out[b], whisper_ref(x[b]))
+    assert torch.equal(log_mel_spectrogram(x, threads=1), log_mel_spectrogram(x, threads=2))
+
+
+def test_list_of_lengths_and_dtypes():
+    rng = np.random.default_rng()
+    items = [signal("speech", n, rng) for n in (3000, 201, 16000)]
+    outs = log_mel_spectrogram(items)
+    assert [o.shape for o in outs] == [(80, 18), (80, 1), (80, 100)]
+    for o, x in zip(outs, items):
+        assert_close(o, whisper_ref(x))
+    pcm = (rng.standard_normal(8000) * 3000).astype(np.int16)
+    assert_close(log_mel_spectrogram(pcm), whisper_ref(pcm.astype(np.float32) / 32768))
+    assert_close(log_mel_spectrogram(torch.from_numpy(items[2].astype(np.float64))), whisper_ref(items[2]))
+
+
+@pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
+def test_baseline_vector_path_matches_whisper():
+    import subprocess
+    import sys
+    code = ("import numpy as np, torch, whisper, audioenc.frontend as fe; from audioenc._native import _C; "
+            "assert _C.log_mel_cpu_isa == 'sse2'; x = (0.1 * np.random.randn(2, 48003)).astype(np.float32); "
+            "o = fe.log_mel_spectrogram(x); d = max((o[b] - whisper.log_mel_spectrogram(torch.from_numpy(x[b]))).abs().max().item() for b in range(2)); "
+            "assert d < 1e-3, d")
+    env = dict(__import__("os").environ, AUDIOENC_NO_AVX2="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_torch_fallback_matches_native(monkeypatch):
+    rng = np.random.default_rng()
+    x = [signal("speech", 3000, rng), signal("noise", 900, rng)]
+    native = log_mel_spectrogram(x)
+    monkeypatch.setattr(fe, "_C", None)
+    fallback = log_mel_spectrogram(x)
+    for a, b in zip(native, fallback):
+        assert_close(a, b.numpy())
+    with pytest.raises(ValueError, match="NaN"):
+        log_mel_spectrogram(np.full(500, np.nan, np.float32))
+
+
+def test_bad_input():
+    x = signal("noise", 1000, np.random.default_rng())
+    with pytest.raises(ValueError, match="16000"):
+        log_mel_spectrogram(x, sample_rate=8000)
+    with pytest.raises(ValueError, match="201"):
+        log_mel_spectrogram(x[:200])
+    assert log_mel_spectrogram(x[:100], padding=101).shape == (80, 1)
+    with pytest.raises(ValueError, match="1-D"):
+        log_mel_spectrogram(x.reshape(1, 2, 500))
+    with pytest.raises(TypeError):
+        log_mel_spectrogram(x.astype(np.int32))
+    for bad in (np.nan, np.inf):
+        y = x.copy()
+        y[-1] = bad  # the last samples feed no frame, and are still checked
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            log_mel_spectrogram(y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [201, 401, 480_000])
+def test_cuda_matches_reference(n):
+    assert _C is not None and _C.cuda_compiled, "the CUDA kernels were not compiled"
+    rng = np.random.default_rng()
+    x = torch.from_numpy(np.stack([signal("speech", n, rng), 1e-2 * signal("noise", n, rng)])).cuda()
+    out = log_mel_spectrogram(x)
+    assert out.device == x.device
+    for b in range(2):
+        d = (out[b] - log_mel_spectrogram_ref(x[b])).abs()
+        assert d.max().item() <= 1e-3 and d.mean().item() <= 1e-5
+    ref_power = fe.power_spectrogram_ref(x)
+    p = power_spectrogram(x)
+    assert ((p - ref_power).norm() / ref_power.norm()).item() <= 1e-5
+    lens = [n, max(201, n // 3)]
+    outs = log_mel_spectrogram([x[0], x[1, : lens[1]]], padding=77)
+    for o, xi in zip(outs, [x[0], x[1, : lens[1]]]):
+        d = (o - log_mel_spectrogram_ref(xi, padding=77)).abs()
+        assert d.max().item() <= 1e-3
+    pcm = (x[0] * 20000).to(torch.int16)
+    d = (log_mel_spectrogram(pcm) - log_mel_spectrogram_ref(pcm.float() / 32768)).abs()
+    assert d.max().item() <= 1e-3

@@ -1,0 +1,130 @@
+"""Streaming and long audio: frames on the offline grid, exact conv features once the context
+covers the receptive field, clean errors."""
+import numpy as np
+import pytest
+import torch
+
+import audioenc
+from conftest import rel_err, speech_like
+
+
+def stream_all(stream, wave, seed=0, max_block=7000):
+    rng = np.random.default_rng(seed)
+    pieces, pos = [], 0
+    while pos < len(wave):
+        n = int(rng.integers(1, max_block))
+        pieces.append(stream.push(wave[pos : pos + n]))
+        pos += n
+    pieces.append(stream.flush())
+    return pieces
+
+
+def collect(pieces):
+    frames = torch.cat([p.frames for p in pieces if len(p)])
+    times = np.concatenate([p.times for p in pieces])
+    return frames, times
+
+
+@pytest.mark.parametrize("variant", ["wav2vec2-group", "wavlm-stable"])
+def test_stream_frames_sit_on_the_offline_grid(variant, w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints[variant][0])
+    wave = speech_like(16000 * 5 + 777, 1)
+    offline = enc.encode(wave)
+    stream = enc.stream(chunk_s=0.5, left_context_s=1.0, right_context_s=0.2)
+    pieces = stream_all(stream, wave)
+    frames, times = collect(pieces)
+    assert frames.shape == offline.last_hidden_state[0].shape
+    np.testing.assert_allclose(times, np.arange(len(frames)) * 0.02)
+    assert [p.first for p in pieces] == list(np.cumsum([0] + [len(p) for p in pieces[:-1]]))
+    cos = torch.nn.functional.cosine_similarity(frames, offline.last_hidden_state[0], dim=-1)
+    assert cos.min() > 0.5  # limited context differs from offline; the benchmark measures how much
+
+
+def test_layer_norm_conv_features_are_exact_with_enough_context(w2v_checkpoints):
+    """Layer-norm conv stacks have no statistics over time: with the receptive field covered, the
+    streamed conv features equal the offline ones."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0])  # do_normalize False
+    model = enc.backend.model
+
+    def conv_features(samples):
+        x = torch.from_numpy(np.ascontiguousarray(samples))[None]
+        with torch.no_grad():
+            feats, _ = model.feature_extractor(x, torch.tensor([x.shape[1]]))
+        return feats[0].T
+
+    wave = speech_like(16000 * 3 + 411, 2)
+    offline = conv_features(wave)
+    for left, right in ((0.0, 0.0), (0.04, 0.0), (1.0, 0.3)):
+        stream = enc.stream(chunk_s=0.3, left_context_s=left, right_context_s=right)
+        stream.encode_samples = conv_features
+        frames, _ = collect(stream_all(stream, wave, seed=3))
+        assert frames.shape == offline.shape
+        assert rel_err(frames, offline) <= 1e-5
+
+
+def test_whisper_stream_grid_and_window_limit(whisper_checkpoints):
+    enc = audioenc.load(whisper_checkpoints[80][0])
+    wave = speech_like(16000 * 4 + 99, 3)
+    offline = enc.encode(wave)
+    frames, times = collect(stream_all(enc.stream(chunk_s=1.0, left_context_s=2.0, right_context_s=0.5), wave))
+    assert frames.shape == (offline.lengths.item(), enc.hidden_size)
+    np.testing.assert_allclose(times[-1], (len(frames) - 1) * 0.02)
+    with pytest.raises(ValueError, match="whisper windows hold at most 30 s"):
+        enc.stream(chunk_s=20, left_context_s=8, right_context_s=4)
+
+
+def test_stream_at_another_rate_and_pcm_types(w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-stable"][0])
+    wave48 = speech_like(48000 * 3, 4)
+    pcm = np.round(wave48 * 30000).astype(np.int16)
+    offline = enc.encode(pcm, sample_rate=48000).last_hidden_state[0]
+    frames, _ = collect(stream_all(enc.stream(sample_rate=48000, chunk_s=1.0, left_context_s=3.0,
+                                              right_context_s=3.0), pcm))
+    assert abs(frames.shape[0] - offline.shape[0]) <= 1
+    n = min(len(frames), len(offline)) - 2  # the resampler's tail may shift the very last frame
+    cos = torch.nn.functional.cosine_similarity(frames[:n], offline[:n], dim=-1)
+    assert cos.mean() > 0.99
+
+
+def test_stream_errors_and_flush(w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0])
+    with pytest.raises(ValueError, match="chunk_s must be at least 0.02 s"):
+        enc.stream(chunk_s=0.0)
+    with pytest.raises(ValueError, match="left_context_s must be >= 0"):
+        enc.stream(left_context_s=-1)
+    with pytest.raises(TypeError, match="right_context_s must be a number"):
+        enc.stream(right_context_s="1")
+    with pytest.raises(ValueError, match="sample_rate"):
+        enc.stream(sample_rate=100)
+    with pytest.raises(ValueError, match="output_layer"):
+        enc.stream(output_layer=99)
+    stream = enc.stream()
+    with pytest.raises(ValueError, match="1-D"):
+        stream.push(np.zeros((2, 100), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        stream.push(np.full(100, np.nan, np.float32))
+    with pytest.raises(TypeError, match="unsupported sample type"):
+        stream.push(np.zeros(100, np.int8))
+    assert len(stream.push(np.zeros(0, np.float32))) == 0
+    assert len(stream.push(speech_like(300))) == 0
+    assert len(stream.flush()) == 0  # 300 samples make no frame (receptive field 400)
+    assert len(stream.flush()) == 0
+    with pytest.raises(RuntimeError, match="after flush"):
+        stream.push(speech_like(100))
+
+
+def test_long_audio_goes_through_windows(w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0])  # layer norm, no waveform norm
+    wave = speech_like(16000 * 6 + 5, 5)
+    offline = enc.encode(wave).last_hidden_state[0]
+    enc.long_audio_threshold_s = 2.0
+    # Contexts that cover the whole item: every window sees all of it, so the frames are exact.
+    enc.long_audio_chunk_s, enc.long_audio_left_s, enc.long_audio_right_s = 1.0, 7.0, 7.0
+    out = enc.encode([wave, wave[:16000]])
+    assert out.lengths.tolist() == [offline.shape[0], 49]
+    assert rel_err(out.last_hidden_state[0], offline) <= 1e-5
+    # Short contexts: bounded windows, same grid.
+    enc.long_audio_left_s, enc.long_audio_right_s = 1.0, 0.5
+    assert enc.encode(wave).last_hidden_state.shape[1] == offline.shape[0]
+    with pytest.raises(ValueError, match="output_hidden_states is not available"):
+        enc.encode(wave, output_hidden_states=True)
