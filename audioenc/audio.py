@@ -16,11 +16,13 @@ from audioenc.frontend import pcm_to_float32
 SAMPLE_RATE = 16000
 MIN_RATE, MAX_RATE = 4000, 384000
 SUPPORTED_DTYPES = (np.float16, np.float32, np.float64, np.int16, np.int32)
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".w64", ".caf")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".w64", ".caf",
+                    ".m4a", ".aac", ".mp4", ".webm", ".mka", ".wma")
 
 
 def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decodes a file with soundfile; multi-channel audio is averaged to mono. Returns (float32, rate)."""
+    """Decodes a file with soundfile, or with PyAV (FFmpeg) for formats soundfile cannot read when
+    PyAV is installed; multi-channel audio is averaged to mono. Returns (float32, rate)."""
     import soundfile as sf
 
     path = os.fspath(path)
@@ -31,10 +33,34 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
-        raise ValueError(f"{path}: cannot decode audio ({exc})") from None
+        data, rate = _decode_with_pyav(path, reason=str(exc))
     if data.shape[0] == 0:
         raise ValueError(f"{path}: the file holds no audio samples")
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0], int(rate)
+
+
+def _decode_with_pyav(path: str, reason: str) -> tuple[np.ndarray, int]:
+    """(samples, channels) float32 and the rate, through FFmpeg; ValueError when that fails too."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{path}: cannot decode audio ({reason}); installing PyAV (pip install av) "
+                         "adds the formats FFmpeg reads") from None
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ValueError("no audio stream")
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate
+            # Planar float32 at the stream's own rate and layout: (channels, samples) per frame.
+            planar = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
+            blocks = [out.to_ndarray() for frame in container.decode(stream) for out in planar.resample(frame)]
+            blocks += [out.to_ndarray() for out in planar.resample(None)]
+    except Exception as exc:  # FFmpeg errors come as many types
+        raise ValueError(f"{path}: cannot decode audio ({reason}; FFmpeg: {exc})") from None
+    if not blocks:
+        return np.zeros((0, 1), np.float32), rate
+    return np.concatenate(blocks, axis=1).T.astype(np.float32), rate
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:

@@ -26,15 +26,15 @@ def audio_tree(tmp_path):
 def test_embed_directory_mean_and_frames(audio_tree, tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
     out = tmp_path / "out"
-    assert main(["embed", str(audio_tree), "--model", model, "--out", str(out)]) == 0
-    enc = audioenc.load(model)
+    assert main(["embed", str(audio_tree), "--model", model, "--backend", "torch", "--out", str(out)]) == 0
+    enc = audioenc.load(model, backend="torch")
     a = np.load(out / "a.npy")
     assert a.shape == (32,)
     np.testing.assert_allclose(a, enc.embed(str(audio_tree / "a.wav"))[0].numpy(), rtol=1e-5, atol=1e-6)
     assert np.load(out / "sub" / "b.npy").shape == (32,)
 
     frames = tmp_path / "frames"
-    assert main(["embed", str(audio_tree / "sub" / "b.flac"), "--model", model, "--out", str(frames),
+    assert main(["embed", str(audio_tree / "sub" / "b.flac"), "--model", model, "--backend", "torch", "--out", str(frames),
                  "--pool", "none", "--layer", "1"]) == 0
     expected = enc.encode(str(audio_tree / "sub" / "b.flac"), output_layer=1).last_hidden_state[0].numpy()
     np.testing.assert_allclose(np.load(frames / "b.npy"), expected, rtol=1e-5, atol=1e-6)
@@ -43,7 +43,7 @@ def test_embed_directory_mean_and_frames(audio_tree, tmp_path, w2v_checkpoints, 
 def test_embed_all_layers_to_safetensors(audio_tree, tmp_path, whisper_checkpoints):
     model = whisper_checkpoints[80][0]
     out = tmp_path / "out"
-    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--out", str(out), "--layer", "all"]) == 0
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(out), "--layer", "all"]) == 0
     tensors = load_file(out / "a.safetensors")
     assert sorted(tensors) == ["hidden_states.0", "hidden_states.1", "hidden_states.2", "last_hidden_state"]
     assert tensors["last_hidden_state"].shape == (32,)
@@ -54,10 +54,10 @@ def test_embed_never_overwrites_without_asking(audio_tree, tmp_path, w2v_checkpo
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.npy").write_bytes(b"precious user data")
-    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--out", str(out)]) == 0
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(out)]) == 0
     assert (out / "a.npy").read_bytes() == b"precious user data"
     assert "skipped 1 existing" in capsys.readouterr().out
-    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--out", str(out), "--overwrite"]) == 0
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(out), "--overwrite"]) == 0
     assert np.load(out / "a.npy").shape == (32,)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
@@ -66,7 +66,7 @@ def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoin
     model = w2v_checkpoints["wav2vec2-group"][0]
     (audio_tree / "broken.wav").write_bytes(b"not audio at all")
     out = tmp_path / "out"
-    assert main(["embed", str(audio_tree), "--model", model, "--out", str(out)]) == 1
+    assert main(["embed", str(audio_tree), "--model", model, "--backend", "torch", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "broken.wav" in err and "cannot decode" in err
     assert (out / "a.npy").exists() and (out / "sub" / "b.npy").exists()
@@ -74,10 +74,10 @@ def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoin
 
 def test_embed_usage_errors(tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
-    assert main(["embed", str(tmp_path / "nope.wav"), "--model", model, "--out", str(tmp_path)]) == 2
+    assert main(["embed", str(tmp_path / "nope.wav"), "--model", model, "--backend", "torch", "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["embed", str(tmp_path), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
-    assert main(["embed", str(tmp_path), "--model", model, "--out", str(tmp_path), "--layer", "x"]) == 2
+    assert main(["embed", str(tmp_path), "--model", model, "--backend", "torch", "--out", str(tmp_path), "--layer", "x"]) == 2
 
 
 def test_default_model_is_random_and_says_so(audio_tree, tmp_path):

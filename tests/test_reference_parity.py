@@ -20,7 +20,7 @@ def hf_w2v_inputs(path, waves):
 @pytest.mark.parametrize("variant", list(W2V_VARIANTS))
 def test_wav2vec2_family_single_item(variant, w2v_checkpoints):
     path, hf = w2v_checkpoints[variant]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     assert enc.family == W2V_VARIANTS[variant][0]
     for n, seed in ((400, 1), (4001, 2), (16000 * 2 + 7, 3)):
         wave = speech_like(n, seed)
@@ -38,7 +38,7 @@ def test_wav2vec2_family_single_item(variant, w2v_checkpoints):
 @pytest.mark.parametrize("variant", [v for v in W2V_VARIANTS if "group" not in v])
 def test_layer_norm_models_padded_batch_match_hf_with_attention_mask(variant, w2v_checkpoints):
     path, hf = w2v_checkpoints[variant]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     waves = [speech_like(n, seed) for seed, n in enumerate((16000, 5000, 9999))]
     values, mask = hf_w2v_inputs(path, waves)
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_layer_norm_models_padded_batch_match_hf_with_attention_mask(variant, w2
 def test_batch_items_equal_items_alone(variant, w2v_checkpoints):
     """Group-norm models too: each item's statistics come from its own valid samples only."""
     path, _ = w2v_checkpoints[variant]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     waves = [speech_like(n, 10 + i) for i, n in enumerate((401, 12000, 7321))]
     batch = enc.encode(waves, output_hidden_states=True)
     for i, wave in enumerate(waves):
@@ -70,7 +70,7 @@ def test_batch_items_equal_items_alone(variant, w2v_checkpoints):
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_whisper_matches_hf(n_mels, whisper_checkpoints):
     path, hf = whisper_checkpoints[n_mels]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     waves = [speech_like(16000 * 3, 1), speech_like(16000 * 30, 2)]
     fe = transformers.WhisperFeatureExtractor.from_pretrained(path)
     features = fe(waves, sampling_rate=16000, return_tensors="pt").input_features
@@ -86,7 +86,7 @@ def test_whisper_matches_hf(n_mels, whisper_checkpoints):
 
 def test_whisper_long_audio_is_consecutive_windows(whisper_checkpoints):
     path, _ = whisper_checkpoints[80]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     wave = speech_like(16000 * 65 + 1234, 5)
     out = enc.encode(wave)
     windows = [wave[:480000], wave[480000:960000], wave[960000:]]
@@ -98,7 +98,7 @@ def test_whisper_long_audio_is_consecutive_windows(whisper_checkpoints):
 
 def test_whisper_batch_items_equal_items_alone(whisper_checkpoints):
     path, _ = whisper_checkpoints[80]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     waves = [speech_like(n, 20 + i) for i, n in enumerate((160, 16000 * 4, 16000 * 31))]
     batch = enc.encode(waves)
     for i, wave in enumerate(waves):
@@ -111,7 +111,7 @@ def test_whisper_batch_items_equal_items_alone(whisper_checkpoints):
 @pytest.mark.parametrize("variant", ["wav2vec2-stable", "wavlm-group"])
 def test_output_layer_equals_hidden_state(variant, w2v_checkpoints):
     path, _ = w2v_checkpoints[variant]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     wave = speech_like(8000, 3)
     full = enc.encode(wave, output_hidden_states=True)
     for layer in range(enc.num_layers):
@@ -123,7 +123,7 @@ def test_output_layer_equals_hidden_state(variant, w2v_checkpoints):
 
 def test_embed_pools_valid_frames(w2v_checkpoints):
     path, _ = w2v_checkpoints["wav2vec2-group"]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     waves = [speech_like(16000, 1), speech_like(5000, 2)]
     out = enc.encode(waves)
     mean = enc.embed(waves)
@@ -135,7 +135,7 @@ def test_embed_pools_valid_frames(w2v_checkpoints):
 
 def test_pcm_types_give_the_same_frames(w2v_checkpoints):
     path, _ = w2v_checkpoints["wav2vec2-stable"]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     wave = speech_like(6000, 4)
     pcm16 = np.round(wave * 32767).astype(np.int16)
     ref = enc.encode(pcm16.astype(np.float32) / 32768).last_hidden_state
@@ -145,7 +145,7 @@ def test_pcm_types_give_the_same_frames(w2v_checkpoints):
 
 def test_resampled_input_has_the_frames_of_its_duration(w2v_checkpoints):
     path, _ = w2v_checkpoints["wav2vec2-group"]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     for rate in (8000, 22050, 44100, 48000, 192000):
         out = enc.encode(np.random.default_rng(rate).standard_normal(rate).astype(np.float32) * 0.1, sample_rate=rate)
         assert out.lengths.item() == 49
@@ -155,7 +155,7 @@ def test_threads_share_one_encoder(w2v_checkpoints):
     from concurrent.futures import ThreadPoolExecutor
 
     path, _ = w2v_checkpoints["wavlm-stable"]
-    enc = audioenc.load(path)
+    enc = audioenc.load(path, backend="torch")
     waves = [speech_like(4000 + 1000 * i, 30 + i) for i in range(8)]
     expected = [enc.encode(w).last_hidden_state for w in waves]
     with ThreadPoolExecutor(4) as pool:

@@ -27,7 +27,7 @@ def collect(pieces):
 
 @pytest.mark.parametrize("variant", ["wav2vec2-group", "wavlm-stable"])
 def test_stream_frames_sit_on_the_offline_grid(variant, w2v_checkpoints):
-    enc = audioenc.load(w2v_checkpoints[variant][0])
+    enc = audioenc.load(w2v_checkpoints[variant][0], backend="torch")
     wave = speech_like(16000 * 5 + 777, 1)
     offline = enc.encode(wave)
     stream = enc.stream(chunk_s=0.5, left_context_s=1.0, right_context_s=0.2)
@@ -43,7 +43,7 @@ def test_stream_frames_sit_on_the_offline_grid(variant, w2v_checkpoints):
 def test_layer_norm_conv_features_are_exact_with_enough_context(w2v_checkpoints):
     """Layer-norm conv stacks have no statistics over time: with the receptive field covered, the
     streamed conv features equal the offline ones."""
-    enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0])  # do_normalize False
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0], backend="torch")  # do_normalize False
     model = enc.backend.model
 
     def conv_features(samples):
@@ -63,7 +63,7 @@ def test_layer_norm_conv_features_are_exact_with_enough_context(w2v_checkpoints)
 
 
 def test_whisper_stream_grid_and_window_limit(whisper_checkpoints):
-    enc = audioenc.load(whisper_checkpoints[80][0])
+    enc = audioenc.load(whisper_checkpoints[80][0], backend="torch")
     wave = speech_like(16000 * 4 + 99, 3)
     offline = enc.encode(wave)
     frames, times = collect(stream_all(enc.stream(chunk_s=1.0, left_context_s=2.0, right_context_s=0.5), wave))
@@ -74,7 +74,7 @@ def test_whisper_stream_grid_and_window_limit(whisper_checkpoints):
 
 
 def test_stream_at_another_rate_and_pcm_types(w2v_checkpoints):
-    enc = audioenc.load(w2v_checkpoints["wav2vec2-stable"][0])
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-stable"][0], backend="torch")
     wave48 = speech_like(48000 * 3, 4)
     pcm = np.round(wave48 * 30000).astype(np.int16)
     offline = enc.encode(pcm, sample_rate=48000).last_hidden_state[0]
@@ -87,7 +87,7 @@ def test_stream_at_another_rate_and_pcm_types(w2v_checkpoints):
 
 
 def test_stream_errors_and_flush(w2v_checkpoints):
-    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0])
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
     with pytest.raises(ValueError, match="chunk_s must be at least 0.02 s"):
         enc.stream(chunk_s=0.0)
     with pytest.raises(ValueError, match="left_context_s must be >= 0"):
@@ -114,7 +114,7 @@ def test_stream_errors_and_flush(w2v_checkpoints):
 
 
 def test_long_audio_goes_through_windows(w2v_checkpoints):
-    enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0])  # layer norm, no waveform norm
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0], backend="torch")  # layer norm, no waveform norm
     wave = speech_like(16000 * 6 + 5, 5)
     offline = enc.encode(wave).last_hidden_state[0]
     enc.long_audio_threshold_s = 2.0
