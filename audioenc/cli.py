@@ -50,10 +50,14 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
     return mapping
 
 
+TMP_PREFIX = ".audioenc-tmp-"
+
+
 def atomic_write(path: str, write) -> None:
-    """Writes through a temporary file in the same directory, then renames it into place."""
+    """Writes through a temporary file in the same directory, then renames it into place, so an
+    interrupted job never leaves a half-written output under the final name."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)
@@ -64,19 +68,24 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
-def embed_one(enc, path: str, target: str, pool: str, layer: str) -> None:
+def remove_stale_temporaries(out_dir: str) -> None:
+    """Temporaries left by a killed run (ours only: they carry TMP_PREFIX)."""
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(root, name))
+
+
+def write_output(out, row: int, target: str, pool: str, all_layers: bool) -> None:
     import numpy as np
 
     from audioenc.encoder import pool_frames
 
-    all_layers = layer == "all"
-    out = enc.encode(path, output_hidden_states=all_layers,
-                     output_layer=None if all_layers or layer is None else int(layer))
-    n = int(out.lengths[0])
+    lengths = out.lengths[row : row + 1]
 
     def reduce(x):
-        x = x[:1].float()
-        return (pool_frames(x, out.lengths, pool)[0] if pool != "none" else x[0, :n]).cpu().numpy()
+        x = x[row : row + 1].float()
+        return (pool_frames(x, lengths, pool)[0] if pool != "none" else x[0, : int(lengths[0])]).cpu().numpy()
 
     if all_layers:
         from safetensors.numpy import save_file
@@ -87,6 +96,61 @@ def embed_one(enc, path: str, target: str, pool: str, layer: str) -> None:
     else:
         array = reduce(out.last_hidden_state)
         atomic_write(target, lambda tmp: np.save(tmp, array))
+
+
+def duration_s(path: str) -> float:
+    """Duration from the header when soundfile can read it (0 when unknown: decoded later)."""
+    import soundfile as sf
+
+    try:
+        return sf.info(path).duration
+    except Exception:  # not readable by soundfile: PyAV or the error report will deal with it
+        return 0.0
+
+
+def length_batches(jobs: list[tuple[str, str]], batch_size: int, max_audio_s: float):
+    """Jobs sorted by duration and grouped so padding wastes little and a batch stays bounded."""
+    jobs = sorted(jobs, key=lambda job: duration_s(job[0]))
+    batch, longest = [], 0.0
+    for job in jobs:
+        d = duration_s(job[0])
+        if batch and (len(batch) == batch_size or max(longest, d) * (len(batch) + 1) > max_audio_s):
+            yield batch
+            batch, longest = [], 0.0
+        batch.append(job)
+        longest = max(longest, d)
+    if batch:
+        yield batch
+
+
+def embed_batch(enc, batch, args, failed: list[str]) -> float:
+    """Decodes, encodes and writes one batch; bad files go to ``failed``. Returns audio seconds."""
+    from audioenc.audio import to_waveforms
+
+    decoded = []
+    for path, target in batch:
+        try:
+            decoded.append((path, target, to_waveforms(path)[0]))
+        except (ValueError, TypeError) as exc:
+            failed.append(f"{path}: {exc}")
+    all_layers = args.layer == "all"
+    layer = None if all_layers or args.layer is None else int(args.layer)
+    groups = [decoded]
+    while groups:
+        group = groups.pop()
+        if not group:
+            continue
+        try:
+            out = enc.encode([w for _, _, w in group], output_hidden_states=all_layers, output_layer=layer)
+        except (ValueError, TypeError) as exc:
+            if len(group) > 1:  # find the item that fails: encode each alone
+                groups += [[item] for item in group]
+            else:
+                failed.append(f"{group[0][0]}: {exc}")
+            continue
+        for row, (_, target, _) in enumerate(group):
+            write_output(out, row, target, args.pool, all_layers)
+    return sum(len(w) for _, _, w in decoded) / enc.sample_rate
 
 
 def cmd_embed(args) -> int:
@@ -112,21 +176,25 @@ def cmd_embed(args) -> int:
     if not jobs:
         print("error: no audio files found in the given inputs", file=sys.stderr)
         return 2
-    failed, skipped, written = [], [], 0
-    for path, target in tqdm(jobs.items(), desc="embed", unit="file", file=sys.stderr):
-        if os.path.exists(target) and not args.overwrite:
-            skipped.append(target)
-            continue
-        try:
-            embed_one(enc, path, target, args.pool, args.layer)
-            written += 1
-        except (ValueError, TypeError) as exc:
-            failed.append(f"{path}: {exc}")
-    print(f"wrote {written} file(s) to {args.out}")
+    if os.path.isdir(args.out):
+        remove_stale_temporaries(args.out)
+    pending = [(p, t) for p, t in jobs.items() if args.overwrite or not os.path.exists(t)]
+    skipped = len(jobs) - len(pending)
+    failed: list[str] = []
+    audio_s = 0.0
+    with tqdm(total=len(pending), desc="embed", unit="file", file=sys.stderr) as bar:
+        for batch in length_batches(pending, args.batch_size, args.max_batch_seconds):
+            audio_s += embed_batch(enc, batch, args, failed)
+            bar.update(len(batch))
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix(audio=f"{audio_s / elapsed:.1f}s/s")
+    print(f"wrote {len(pending) - len(failed)} file(s) to {args.out} ({audio_s:.1f} s of audio)")
     if skipped:
-        print(f"skipped {len(skipped)} existing output(s) (use --overwrite to replace them)")
+        print(f"skipped {skipped} existing output(s) (use --overwrite to replace them)")
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(jobs)} file(s) failed; their outputs were not written", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -148,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--device", default="auto")
     embed.add_argument("--dtype", default="auto")
     embed.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    embed.add_argument("--batch-size", type=int, default=8, help="files encoded together (sorted by length)")
+    embed.add_argument("--max-batch-seconds", type=float, default=240.0,
+                       help="cap on padded audio per batch (longest item x batch size)")
     embed.set_defaults(func=cmd_embed)
     return parser
 

@@ -92,3 +92,52 @@ def test_info_runs():
     result = subprocess.run([sys.executable, "-m", "audioenc", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "native core" in result.stdout and "backend torch" in result.stdout
+
+
+def test_embed_killed_midway_resumes_without_redoing_or_corrupting(tmp_path):
+    import signal
+    import time
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(10):
+        sf.write(root / f"clip{i:02d}.wav", speech_like(32000 + 160 * i, i), 16000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "audioenc", "embed", str(root), "--out", str(out), "--backend", "torch",
+           "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and any(f.suffix == ".npy" for f in out.iterdir())):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.suffix == ".npy"}
+    assert 1 <= len(first) < 10, "the job was not interrupted mid-way"
+    for name in first:
+        assert np.load(out / name).shape == (768,)  # finished outputs are whole
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {len(first)} existing" in result.stdout
+    assert sorted(f.name for f in out.iterdir()) == [f"clip{i:02d}.npy" for i in range(10)]
+    for name, mtime in first.items():
+        assert (out / name).stat().st_mtime_ns == mtime  # not redone
+    enc = audioenc.load("random:wav2vec2-base", backend="torch")
+    np.testing.assert_allclose(np.load(out / "clip07.npy"), enc.embed(str(root / "clip07.wav"))[0].numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_embed_batches_by_length_like_single_items(tmp_path, w2v_checkpoints):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, n in enumerate((16000, 4000, 30000, 401, 9000)):
+        sf.write(root / f"f{i}.wav", speech_like(n, i), 16000)
+    sf.write(root / "short.wav", speech_like(100, 9), 16000)  # too short for one frame
+    out = tmp_path / "out"
+    assert main(["embed", str(root), "--model", model, "--backend", "torch", "--out", str(out),
+                 "--batch-size", "3", "--pool", "none"]) == 1
+    enc = audioenc.load(model, backend="torch")
+    for i in range(5):
+        alone = enc.encode(str(root / f"f{i}.wav")).last_hidden_state[0].numpy()
+        np.testing.assert_allclose(np.load(out / f"f{i}.npy"), alone, rtol=1e-5, atol=1e-5)
+    assert not (out / "short.npy").exists()
