@@ -198,6 +198,71 @@ def cmd_embed(args) -> int:
     return 1 if failed else 0
 
 
+PCM_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
+
+
+def cmd_stream(args) -> int:
+    """Raw PCM from stdin (or a file played at real-time pace) -> frames as they become final."""
+    import time
+
+    import numpy as np
+
+    import audioenc
+    from audioenc.audio import load_audio
+
+    model = args.model or f"random:{DEFAULT_ARCHITECTURE}"
+    try:
+        enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
+        if args.file:
+            audio, rate = load_audio(args.file)
+        else:
+            rate = args.rate
+        stream = enc.stream(sample_rate=rate, chunk_s=args.chunk_s, left_context_s=args.left_context_s,
+                            right_context_s=args.right_context_s, output_layer=args.layer)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if enc.random_weights:
+        print(f"NOTE: using the {model[len('random:'):]} architecture with RANDOM weights", file=sys.stderr)
+    print(f"{enc}; chunk {stream.chunk / 16000:g} s, left {stream.left / 16000:g} s, right {stream.right / 16000:g} s, "
+          f"frames wait at most {stream.latency_s * 1000:.0f} ms of audio", file=sys.stderr)
+    block = max(1, int(rate * args.block_ms / 1000))
+    dtype = np.dtype(PCM_FORMATS[args.format])
+
+    def blocks():
+        if args.file:
+            for start in range(0, len(audio), block):
+                yield audio[start : start + block]
+            return
+        size = block * dtype.itemsize
+        while data := sys.stdin.buffer.read(size):
+            yield np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype).astype(dtype.newbyteorder("="))
+
+    collected, compute_ms, started = [], [], time.perf_counter()
+    played = 0.0
+    for piece in [*blocks(), None]:
+        if args.file and args.realtime and piece is not None:
+            played += len(piece) / rate  # pace the file like a live source
+            time.sleep(max(0.0, started + played - time.perf_counter()))
+        t0 = time.perf_counter()
+        frames = stream.flush() if piece is None else stream.push(piece)
+        if len(frames):
+            compute_ms.append((time.perf_counter() - t0) * 1000)
+            collected.append(frames.frames.numpy())
+            print(f"{frames.times[0]:8.2f}-{frames.times[-1] + 0.02:8.2f} s  {len(frames):4d} frames  "
+                  f"compute {compute_ms[-1]:6.1f} ms  mean|x| {float(np.abs(collected[-1]).mean()):.4f}", flush=True)
+    if compute_ms:
+        print(f"{sum(len(c) for c in collected)} frames; compute per emission p50 {np.percentile(compute_ms, 50):.1f} ms, "
+              f"p99 {np.percentile(compute_ms, 99):.1f} ms", file=sys.stderr)
+    if args.out:
+        if os.path.exists(args.out) and not args.overwrite:
+            print(f"error: {args.out} exists (use --overwrite)", file=sys.stderr)
+            return 1
+        array = np.concatenate(collected) if collected else np.zeros((0, enc.hidden_size), np.float32)
+        atomic_write(args.out, lambda tmp: np.save(tmp, array))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audioenc", description="Fast inference for pre-trained audio encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--max-batch-seconds", type=float, default=240.0,
                        help="cap on padded audio per batch (longest item x batch size)")
     embed.set_defaults(func=cmd_embed)
+    stream = sub.add_parser("stream", help="encode live raw PCM from stdin (or a file at real-time pace)")
+    stream.add_argument("--model", help=f"as for embed (default: random:{DEFAULT_ARCHITECTURE})")
+    stream.add_argument("--file", help="read this audio file instead of stdin")
+    stream.add_argument("--realtime", action="store_true", help="with --file: feed it at real-time pace")
+    stream.add_argument("--rate", type=int, default=16000, help="stdin sample rate (Hz)")
+    stream.add_argument("--format", choices=sorted(PCM_FORMATS), default="s16le", help="stdin sample format (mono)")
+    stream.add_argument("--block-ms", type=float, default=20.0, help="samples read per push")
+    stream.add_argument("--chunk-s", type=float, default=None)
+    stream.add_argument("--left-context-s", type=float, default=None)
+    stream.add_argument("--right-context-s", type=float, default=None)
+    stream.add_argument("--layer", type=int, default=None)
+    stream.add_argument("--out", help="also save all frames to this .npy")
+    stream.add_argument("--overwrite", action="store_true")
+    stream.add_argument("--backend", default="auto")
+    stream.add_argument("--device", default="auto")
+    stream.add_argument("--dtype", default="auto")
+    stream.set_defaults(func=cmd_stream)
     return parser
 
 

@@ -1,0 +1,193 @@
+"""Streaming and long audio, measured (writes BENCHMARKS.md section "Streaming and long audio").
+
+    python benchmarks/bench_streaming.py context      # agreement with offline vs context length
+    python benchmarks/bench_streaming.py latency      # push -> frames time, real-time factor
+    python benchmarks/bench_streaming.py memory       # RSS over a 1-hour stream, peak RSS of a 1-hour file
+    python benchmarks/bench_streaming.py whisper-long # hard 30 s cuts vs overlapping windows
+
+Each part replaces its own sub-table in benchmarks/results/streaming-<part>.md, and the section is
+rebuilt from those files. Models: real-size architectures with random weights (no checkpoints can
+be downloaded here), speech from espeak-ng.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+
+import audioenc
+from common import ROOT, machine, versions, write_section
+from speech import espeak_speech
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+PARTS = ("context", "latency", "memory", "whisper-long")
+
+
+def stream_frames(enc, wave, chunk_s, left_s, right_s, block=320, output_layer=None):
+    stream = enc.stream(chunk_s=chunk_s, left_context_s=left_s, right_context_s=right_s, output_layer=output_layer)
+    out, times = [], []
+    for start in range(0, len(wave), block):
+        t0 = time.perf_counter()
+        frames = stream.push(wave[start : start + block])
+        if len(frames):
+            times.append(time.perf_counter() - t0)
+            out.append(frames.frames)
+    t0 = time.perf_counter()
+    frames = stream.flush()
+    times.append(time.perf_counter() - t0)
+    out.append(frames.frames)
+    return torch.cat(out), times
+
+
+def cosines(a, b):
+    n = min(len(a), len(b))
+    return torch.nn.functional.cosine_similarity(a[:n].float(), b[:n].float(), dim=-1)
+
+
+def part_context(args) -> str:
+    settings = [(0.5, 0.1), (1.0, 0.25), (2.0, 0.5), (4.0, 0.5), (4.0, 1.0), (4.0, 4.0)]
+    models = ["wav2vec2-base", "hubert-base", "wavlm-base-plus", "whisper-base"]
+    rows = []
+    for name in models:
+        enc = audioenc.load(f"random:{name}", backend="torch", device="cpu")
+        seconds = 30.0 if name.startswith("whisper") else args.seconds
+        wave = espeak_speech(seconds, seed=1)
+        offline = enc.encode(wave).last_hidden_state[0]
+        for left, right in settings:
+            if name.startswith("whisper") and left + 1.0 + right > 29.9:
+                continue
+            frames, _ = stream_frames(enc, wave, 1.0, left, right, block=16000)
+            cos = cosines(frames, offline)
+            latency_ms = (1.0 + right) * 1000
+            rows.append(f"| {name} | {left:g} | {right:g} | {cos.mean():.4f} | {cos.min():.4f} | {latency_ms:.0f} |")
+            print(rows[-1], flush=True)
+    return "\n".join([
+        f"Final-layer agreement of streamed frames with the offline encode of the same audio ({args.seconds:g} s of "
+        "espeak-ng speech; 30 s for Whisper, whose offline window is 30 s), chunk 1 s. Latency = chunk + right "
+        "context (audio a frame may wait for), before compute.",
+        "",
+        "| model | left (s) | right (s) | mean cosine | min cosine | latency (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ])
+
+
+def part_latency(args) -> str:
+    rows = []
+    for name in ("wav2vec2-base", "whisper-base"):
+        enc = audioenc.load(f"random:{name}", backend=args.backend, device="cpu")
+        wave = espeak_speech(args.seconds, seed=2)
+        for chunk in (0.5, 1.0):
+            left, right = (2.0, 0.5)
+            stream_frames(enc, wave[:32000], chunk, left, right)  # warm-up
+            start = time.perf_counter()
+            _, times = stream_frames(enc, wave, chunk, left, right)
+            total = time.perf_counter() - start
+            ms = np.array(times) * 1000
+            rows.append(f"| {name} | {chunk:g} | {left:g} / {right:g} | {np.percentile(ms, 50):.0f} | "
+                        f"{np.percentile(ms, 99):.0f} | {total / (len(wave) / 16000):.3f} |")
+            print(rows[-1], flush=True)
+    return "\n".join([
+        f"Push -> frames compute time per emission on {args.seconds:g} s of speech pushed in 20 ms blocks as fast as "
+        f"possible, backend {args.backend}, float32, torch threads {torch.get_num_threads()}. RTF = compute / audio "
+        "duration (below 1 keeps up with live audio).",
+        "",
+        "| model | chunk (s) | context left / right (s) | p50 (ms) | p99 (ms) | RTF |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def part_memory(args) -> str:
+    enc = audioenc.load("random:wav2vec2-base", backend=args.backend, device="cpu")
+    minute = espeak_speech(60.0, seed=3)
+    stream = enc.stream(chunk_s=1.0, left_context_s=0.5, right_context_s=0.2, output_layer=1)
+    samples = []
+    for m in range(args.minutes):
+        for start in range(0, len(minute), 16000):
+            stream.push(minute[start : start + 16000])  # frames are dropped, as a live consumer would
+        if m % 10 == 0 or m == args.minutes - 1:
+            samples.append((m + 1, rss_mb()))
+            print(f"stream minute {m + 1}: RSS {samples[-1][1]:.0f} MB", flush=True)
+    stream.flush()
+    hour = np.tile(minute, args.minutes)
+    before = rss_mb()
+    start = time.perf_counter()
+    enc.long_audio_threshold_s = 120.0
+    out = enc.encode(hour, output_layer=1)
+    took = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    output_mb = out.last_hidden_state.numel() * 4 / 2**20
+    return "\n".join([
+        f"A {args.minutes}-minute stream through `enc.stream` (wav2vec2-base, chunk 1 s, context 0.5 / 0.2 s, "
+        "output_layer=1 so the hour runs in minutes on 2 cores; the windowing and buffers are the same at any depth):",
+        "",
+        "| stream minute | " + " | ".join(str(m) for m, _ in samples) + " |",
+        "| --- | " + " | ".join("---:" for _ in samples) + " |",
+        "| RSS (MB) | " + " | ".join(f"{r:.0f}" for _, r in samples) + " |",
+        "",
+        f"Offline `encode` of the same {args.minutes} minutes as one array (long-audio windows, output_layer=1): "
+        f"{took:.0f} s, RSS before {before:.0f} MB, peak RSS of the process {peak:.0f} MB, of which the "
+        f"returned frames are {output_mb:.0f} MB and the input array {hour.nbytes / 2**20:.0f} MB.",
+    ])
+
+
+def part_whisper_long(args) -> str:
+    enc = audioenc.load("random:whisper-base", backend="torch", device="cpu")
+    wave = espeak_speech(args.seconds, seed=4)
+    hard = enc.encode(wave).last_hidden_state[0]                       # consecutive 30 s windows
+    reference, _ = stream_frames(enc, wave, 10.0, 9.5, 9.5, block=16000)  # every frame >= 9.5 s of context
+    rows = []
+    near_cut = torch.zeros(len(reference), dtype=torch.bool)
+    for cut in range(1500, len(reference), 1500):
+        near_cut[max(0, cut - 50) : cut + 50] = True
+    for name, frames in [("hard 30 s cuts", hard)] + [
+        (f"overlap: chunk {c:g} s, context {l:g} s", stream_frames(enc, wave, c, l, l, block=16000)[0])
+        for c, l in ((20.0, 4.5), (25.0, 2.0))
+    ]:
+        cos = cosines(frames, reference)
+        rows.append(f"| {name} | {cos.mean():.4f} | {cos[near_cut[: len(cos)]].mean():.4f} | {cos.min():.4f} |")
+        print(rows[-1], flush=True)
+    return "\n".join([
+        f"Whisper-base on {args.seconds:g} s of speech: agreement with a reference where every frame has at least "
+        "9.5 s of context on both sides (10 s chunks in 29 s windows). 'near cuts' = frames within 1 s of a hard "
+        "30 s boundary.",
+        "",
+        "| long-audio strategy | mean cosine | mean cosine near cuts | min cosine |",
+        "| --- | ---: | ---: | ---: |",
+        *rows,
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=PARTS)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--minutes", type=int, default=60)
+    parser.add_argument("--backend", default="torch")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    body = {"context": part_context, "latency": part_latency, "memory": part_memory,
+            "whisper-long": part_whisper_long}[args.part](args)
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"streaming-{args.part}.md"), "w") as f:
+        f.write(f"### {args.part}\n\n{body}\n\nMachine: {machine()}. Versions: "
+                f"{versions('audioenc', 'torch', 'numpy')}.\n")
+    parts = [open(os.path.join(RESULTS, f"streaming-{p}.md")).read() for p in PARTS
+             if os.path.exists(os.path.join(RESULTS, f"streaming-{p}.md"))]
+    write_section("Streaming and long audio", "`python benchmarks/bench_streaming.py PART` (random weights at "
+                  "real sizes; espeak-ng speech).\n\n" + "\n".join(parts))
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
