@@ -141,3 +141,25 @@ def test_embed_batches_by_length_like_single_items(tmp_path, w2v_checkpoints):
         alone = enc.encode(str(root / f"f{i}.wav")).last_hidden_state[0].numpy()
         np.testing.assert_allclose(np.load(out / f"f{i}.npy"), alone, rtol=1e-5, atol=1e-5)
     assert not (out / "short.npy").exists()
+
+
+def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    wave = speech_like(16000 * 3 + 500, 3)
+    pcm = np.round(wave * 30000).astype("<i2")
+    out = tmp_path / "frames.npy"
+    result = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
+                             "--chunk-s", "1", "--out", str(out)], input=pcm.tobytes(), capture_output=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) >= 3 and "frames" in lines[0] and "compute" in lines[0]
+    enc = audioenc.load(model, backend="torch")
+    offline = enc.encode(pcm).last_hidden_state[0].numpy()
+    assert np.load(out).shape == offline.shape
+    stream = enc.stream(chunk_s=1.0)
+    expected = np.concatenate([stream.push(pcm).frames.numpy(), stream.flush().frames.numpy()])
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-4, atol=1e-5)
+    again = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
+                            "--out", str(out)], input=pcm.tobytes(), capture_output=True, timeout=300)
+    assert again.returncode == 1 and b"exists" in again.stderr
