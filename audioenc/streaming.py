@@ -23,6 +23,7 @@ from audioenc.audio import SAMPLE_RATE, check_rate
 from audioenc.chunker import Chunker, Window
 
 FRAME_HOP = 320  # samples per output frame, every family
+WINDOWS_PER_RUN = 8  # windows that arrive together (long audio) are encoded as one batch
 
 # Defaults (seconds): chunk, left context, right context. See BENCHMARKS.md "Streaming".
 STREAM_DEFAULTS = {
@@ -142,26 +143,28 @@ class EncoderStream:
         return np.ascontiguousarray(x)
 
     def _encode_windows(self, windows: list[Window]) -> StreamFrames:
-        pieces = [self._frames_of_window(w) for w in windows]
+        kept = []
+        for w in windows:
+            # The existing samples of the window; keep the frames that start in its centre (the
+            # last window of a stream may hold fewer: frames the audio does not complete).
+            samples = w.samples[w.left - w.valid_left : w.left + w.valid_centre + w.valid_right]
+            if len(samples) >= self.encoder.min_samples:
+                offset = w.valid_left // FRAME_HOP  # valid_left is a whole number of frames
+                kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
+        pieces = []
+        for first in range(0, len(kept), WINDOWS_PER_RUN):
+            group = kept[first : first + WINDOWS_PER_RUN]
+            encoded = self.encode_samples([samples for samples, _, _ in group])
+            pieces += [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, group)]
         out = torch.cat(pieces) if pieces else torch.zeros(0, self.encoder.hidden_size)
         first = self.emitted
         self.emitted += len(out)
         return StreamFrames(out, (first + np.arange(len(out))) * FRAME_HOP / SAMPLE_RATE, first)
 
-    def _frames_of_window(self, w: Window) -> torch.Tensor:
-        """Encodes the existing samples of a window; keeps the frames starting in its centre
-        (the last window of a stream may hold fewer: frames the audio does not complete)."""
-        samples = w.samples[w.left - w.valid_left : w.left + w.valid_centre + w.valid_right]
-        if len(samples) < self.encoder.min_samples:
-            return torch.zeros(0, self.encoder.hidden_size)
-        offset = w.valid_left // FRAME_HOP          # valid_left is a whole number of frames
-        count = -(-w.valid_centre // FRAME_HOP)     # frames starting in the centre
-        return self.encode_samples(samples)[offset : offset + count]
-
-    def encode_samples(self, samples: np.ndarray) -> torch.Tensor:
-        """(samples,) at 16 kHz -> (frames, dim) float32 on the CPU."""
-        out = self.encoder._encode_items([samples], self.num_layers, output_hidden_states=False)
-        return out.last_hidden_state[0, : out.lengths[0]].float().cpu()
+    def encode_samples(self, windows: list[np.ndarray]) -> list[torch.Tensor]:
+        """Windows at 16 kHz -> their (frames, dim) float32 on the CPU, encoded as one batch."""
+        out = self.encoder._encode_items(windows, self.num_layers, output_hidden_states=False)
+        return [out.last_hidden_state[i, : out.lengths[i]].float().cpu() for i in range(len(windows))]
 
 
 def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_s: float,
