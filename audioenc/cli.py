@@ -1,4 +1,4 @@
-"""Command line: ``audioenc info`` and ``audioenc embed`` (also ``python -m audioenc``)."""
+"""Command line: ``audioenc info|embed|stream|export|verify`` (also ``python -m audioenc``)."""
 from __future__ import annotations
 
 import argparse
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--device", default="auto")
     stream.add_argument("--dtype", default="auto")
     stream.set_defaults(func=cmd_stream)
+    from audioenc.cli_deploy import register
+
+    register(sub)  # export, verify
     return parser
 
 

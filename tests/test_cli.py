@@ -107,11 +107,15 @@ def test_embed_killed_midway_resumes_without_redoing_or_corrupting(tmp_path):
            "--batch-size", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (out.exists() and any(f.suffix == ".npy" for f in out.iterdir())):
+
+    def finished():  # outputs under their final names (temporaries start with a dot)
+        return {f.name: f.stat().st_mtime_ns for f in out.iterdir() if not f.name.startswith(".")} if out.exists() else {}
+
+    while time.time() < deadline and not finished():
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    first = {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.suffix == ".npy"}
+    first = finished()
     assert 1 <= len(first) < 10, "the job was not interrupted mid-way"
     for name in first:
         assert np.load(out / name).shape == (768,)  # finished outputs are whole

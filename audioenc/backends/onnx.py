@@ -1,0 +1,149 @@
+"""ONNX Runtime backend: the reference model exported once per depth (cached on disk), run in a
+tuned InferenceSession with IO binding straight into torch tensors.
+
+A graph runs only the layers asked for, so ``output_layer=k`` costs layers 1..k; each new depth
+is exported (and cached) on first use, which takes seconds for a base-size model.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+
+import torch
+from torch import nn
+
+from audioenc.config import WhisperDims
+
+DTYPES = ("float32", "float16", "bfloat16", "int8")
+GRAPH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "float32", "int8": "int8"}
+# Ops counted in the optimised graph: what ORT fused. FastGelu is tanh-approximate and must not
+# appear in a float32 graph.
+FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
+             "SimplifiedLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return f"{exc.name} is not installed (pip install 'audioenc[onnx]')"
+        return None
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: str):
+        import onnxruntime as ort
+
+        from audioenc.export import weights_digest
+
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("device 'cuda' needs onnxruntime-gpu (its CUDA provider is not in this onnxruntime)")
+            self.providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        else:
+            self.providers = ["CPUExecutionProvider"]
+        if dtype == "auto":
+            dtype = "float16" if device.type == "cuda" else "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported by the onnx backend; choose auto, {', '.join(DTYPES)}")
+        if dtype == "bfloat16" and not (device.type == "cpu" and platform.machine() in ("aarch64", "arm64")):
+            raise ValueError("dtype 'bfloat16' in onnxruntime needs an ARM64 CPU (its bf16 fast-math GEMM); "
+                             "this machine has no bf16 path there: use float32, float16 or int8")
+        self.device, self.dtype = device, dtype
+        self.model = model.float().cpu().eval()
+        self.dims = model.dims
+        self.weights = weights_digest(self.model)
+        self.sessions: dict[int, object] = {}
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OnnxBackend({self.dims.family}, {self.dtype}, {self.providers[0]})"
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = True  # reuse activation buffers across calls
+        if self.dtype == "bfloat16":
+            options.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "1")
+        return options
+
+    def graph_path(self, num_layers: int, rebuild_reason: str | None = None) -> str:
+        from audioenc.export import ExportSpec, cached_export
+
+        spec = ExportSpec(num_layers=num_layers, hidden_states=True, dtype=GRAPH_DTYPE[self.dtype])
+        return cached_export(self.model, spec, self.weights, rebuild_reason)
+
+    def session(self, num_layers: int):
+        """The session of the graph that runs ``num_layers`` layers, created on first use."""
+        import onnxruntime as ort
+
+        with self.lock:
+            if num_layers not in self.sessions:
+                path = self.graph_path(num_layers)
+                try:
+                    session = ort.InferenceSession(path, self.session_options(), providers=self.providers)
+                except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+                    path = self.graph_path(num_layers, rebuild_reason=f"onnxruntime could not load it: {exc}")
+                    session = ort.InferenceSession(path, self.session_options(), providers=self.providers)
+                self.sessions[num_layers] = session
+            return self.sessions[num_layers]
+
+    def fused_op_counts(self, num_layers: int | None = None) -> dict[str, int]:
+        """How many of FUSED_OPS the optimised graph holds (saved once by ORT and counted)."""
+        import tempfile
+
+        import onnx
+        import onnxruntime as ort
+
+        num_layers = self.dims.num_layers if num_layers is None else num_layers
+        with tempfile.TemporaryDirectory() as tmp:
+            options = self.session_options()
+            options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            ort.InferenceSession(self.graph_path(num_layers), options, providers=self.providers)
+            graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+        counts = {op: 0 for op in FUSED_OPS}
+        for node in graph.node:
+            if node.op_type in counts:
+                counts[node.op_type] += 1
+        return counts
+
+    @torch.inference_mode()
+    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
+        session = self.session(num_layers)
+        device = self.device
+        binding = session.io_binding()
+        batch = inputs.shape[0]
+        feeds = {"mel": inputs} if lengths is None else {"waveforms": inputs, "lengths": lengths}
+        feeds = {name: t.to(device, torch.int64 if name == "lengths" else torch.float32).contiguous()
+                 for name, t in feeds.items()}
+        for name, tensor in feeds.items():
+            bind(binding.bind_input, name, tensor)
+        if isinstance(self.dims, WhisperDims):
+            frames = self.dims.n_ctx
+        else:
+            frames = self.dims.num_frames(inputs.shape[1])
+        shape = (batch, frames, self.dims.hidden_size)
+        outputs = {o.name: torch.empty(batch, dtype=torch.int64, device=device) if o.name == "frame_lengths"
+                   else torch.empty(shape, dtype=torch.float32, device=device) for o in session.get_outputs()}
+        for name, tensor in outputs.items():
+            bind(binding.bind_output, name, tensor)
+        session.run_with_iobinding(binding)
+        hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)]
+        return outputs["last_hidden_state"], hidden_states, outputs.get("frame_lengths")
+
+
+def bind(method, name: str, tensor: torch.Tensor) -> None:
+    """Binds a contiguous torch tensor's memory to a graph input or output (no copies)."""
+    import numpy as np
+
+    element = np.int64 if tensor.dtype == torch.int64 else np.float32
+    method(name, tensor.device.type, tensor.device.index or 0, element, tuple(tensor.shape), tensor.data_ptr())

@@ -1,0 +1,254 @@
+"""TensorRT backend: engines built from audioenc's ONNX graphs with the TensorRT Python API (10.x
+and 11.x), cached on disk, run with named tensors and execute_async_v3 on torch buffers.
+
+NOT RUN: TensorRT cannot be installed on the machines this was written on, so this module has
+never built or run an engine. Everything up to the ONNX it consumes is verified with
+onnxruntime on the CPU (tests/test_export.py); its own tests skip without TensorRT and a GPU.
+
+Precision is expressed in the graph (a strongly typed network): float32 engines come from the
+float32 ONNX, float16 engines from the half graph of audioenc.export.to_half (LayerNorm, softmax
+and the residual stream in fp32), since TensorRT 11 removed the fp16 builder flag.
+The optimisation profile comes from the expected batch and audio-length ranges: the defaults below,
+or AUDIOENC_TRT_PROFILE="batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX", or `audioenc export --format tensorrt`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from audioenc.config import SAMPLE_RATE, WhisperDims
+
+DTYPES = ("float32", "float16")
+ENGINE_FILE = "engine.plan"
+DEFAULT_BATCH = (1, 1, 8)
+DEFAULT_SECONDS = (1.0, 10.0, 30.0)
+WORKSPACE_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max input shapes per graph input, as TensorRT's optimisation profile takes them."""
+
+    shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
+
+    @classmethod
+    def from_ranges(cls, dims, batch=DEFAULT_BATCH, seconds=DEFAULT_SECONDS) -> "Profile":
+        b = [int(x) for x in batch]
+        if isinstance(dims, WhisperDims):  # fixed 30 s windows, dynamic batch
+            mel = lambda n: (n, dims.n_mels, 2 * dims.n_ctx)  # noqa: E731
+            return cls((("mel", mel(b[0]), mel(b[1]), mel(b[2])),))
+        samples = [max(int(s * SAMPLE_RATE), dims.receptive_field) for s in seconds]
+        wave = tuple((b[i], samples[i]) for i in range(3))
+        return cls((("waveforms", *wave), ("lengths", (b[0],), (b[1],), (b[2],))))
+
+    @classmethod
+    def from_env(cls, dims) -> "Profile":
+        text = os.environ.get("AUDIOENC_TRT_PROFILE", "")
+        ranges = {"batch": DEFAULT_BATCH, "seconds": DEFAULT_SECONDS}
+        for part in filter(None, text.split(",")):
+            key, _, value = part.partition("=")
+            if key not in ranges or value.count(":") != 2:
+                raise ValueError(f"AUDIOENC_TRT_PROFILE: expected batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX, got {text!r}")
+            ranges[key] = tuple(float(v) for v in value.split(":"))
+        return cls.from_ranges(dims, ranges["batch"], ranges["seconds"])
+
+    def check(self, feeds: dict[str, torch.Tensor]) -> None:
+        for name, low, _, high in self.shapes:
+            shape = tuple(feeds[name].shape)
+            if any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
+                raise ValueError(f"input {name} of shape {shape} is outside the engine's profile {low}..{high}; "
+                                 "set AUDIOENC_TRT_PROFILE to the batch and length ranges you need")
+
+
+def gpu_id() -> str:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return f"{props.name} sm{props.major}{props.minor}"
+
+
+def engine_key(onnx_path: str, profile: Profile, dtype: str) -> str:
+    """Model hash (the ONNX graph's cache key already holds the weights digest), profile, precision,
+    TensorRT version and GPU."""
+    import tensorrt as trt
+
+    graph = os.path.basename(os.path.dirname(onnx_path))
+    fields = [graph, repr(profile), dtype, trt.__version__, gpu_id()]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+
+
+def build_engine(onnx_path: str, profile: Profile, timing_cache_path: str) -> bytes:
+    """A serialized engine for the ONNX graph (precision from its types: strongly typed network)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(onnx_path):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    optimisation = builder.create_optimization_profile()
+    for name, low, opt, high in profile.shapes:
+        optimisation.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimisation)
+    cache_bytes = b""
+    if os.path.exists(timing_cache_path):
+        with open(timing_cache_path, "rb") as f:
+            cache_bytes = f.read()
+    timing_cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ValueError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+    atomic_bytes(timing_cache_path, memoryview(config.get_timing_cache().serialize()))
+    return bytes(engine)
+
+
+def atomic_bytes(path: str, data) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cached_engine(onnx_path: str, profile: Profile, dtype: str) -> bytes:
+    """The serialized engine, from the cache when its checksum holds, else built and cached."""
+    import tensorrt as trt
+
+    from audioenc.export import cache_root
+
+    root = os.path.join(cache_root(), "tensorrt")
+    key = engine_key(onnx_path, profile, dtype)
+    path = os.path.join(root, key, ENGINE_FILE)
+    meta_path = os.path.join(root, key, "meta.json")
+    if os.path.exists(path):
+        try:
+            with open(meta_path) as f:
+                expected = json.load(f)["sha256"]
+            with open(path, "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() == expected:
+                return data
+            problem = "its checksum does not match"
+        except (OSError, ValueError, KeyError) as exc:
+            problem = f"its metadata is unreadable ({exc})"
+        warnings.warn(f"audioenc: cached TensorRT engine {path} is unusable ({problem}); rebuilding it", stacklevel=2)
+    timing = os.path.join(root, f"timing-{trt.__version__}-{gpu_id().replace(' ', '_')}.cache")
+    data = build_engine(onnx_path, profile, timing)
+    atomic_bytes(path, data)
+    atomic_bytes(meta_path, json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "profile": repr(profile),
+                                        "dtype": dtype, "tensorrt": trt.__version__, "gpu": gpu_id()}).encode())
+    return data
+
+
+def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, num_layers: int | None = None,
+                  overwrite: bool = False) -> list[str]:
+    """``audioenc export --format tensorrt``: builds (or takes from the cache) an engine into out_dir."""
+    reason = TensorRTBackend.available()
+    if reason is not None:
+        raise ValueError(f"cannot build a TensorRT engine here: {reason}")
+    from audioenc.export import ExportSpec, cached_export
+
+    target = os.path.join(out_dir, ENGINE_FILE)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers, dtype=dtype)
+    atomic_bytes(target, cached_engine(cached_export(model, spec), profile, dtype))
+    return [target]
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "tensorrt is not installed (pip install 'audioenc[tensorrt]')"
+        if not torch.cuda.is_available():
+            return "TensorRT needs a CUDA GPU and torch sees none"
+        return None
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: str):
+        if device.type != "cuda":
+            raise ValueError("the tensorrt backend runs on a CUDA device only; use device='cuda'")
+        if dtype == "auto":
+            dtype = "float16"
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported by the tensorrt backend; choose auto, {', '.join(DTYPES)}")
+        from audioenc.export import weights_digest
+
+        self.device, self.dtype = device, dtype
+        self.model = model.float().cpu().eval()
+        self.dims = model.dims
+        self.weights = weights_digest(self.model)
+        self.profile = Profile.from_env(self.dims)
+        self.engines: dict[int, object] = {}
+        self.lock = threading.Lock()
+        self.local = threading.local()  # one execution context per thread and depth
+
+    def engine(self, num_layers: int):
+        import tensorrt as trt
+
+        from audioenc.export import ExportSpec, cached_export
+
+        with self.lock:
+            if num_layers not in self.engines:
+                onnx_path = cached_export(self.model, ExportSpec(num_layers=num_layers, dtype=self.dtype), self.weights)
+                runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+                with torch.cuda.device(self.device):
+                    engine = runtime.deserialize_cuda_engine(cached_engine(onnx_path, self.profile, self.dtype))
+                if engine is None:
+                    raise ValueError(f"TensorRT could not deserialize the engine for {onnx_path}")
+                self.engines[num_layers] = engine
+            return self.engines[num_layers]
+
+    def context(self, num_layers: int):
+        contexts = getattr(self.local, "contexts", None)
+        if contexts is None:
+            contexts = self.local.contexts = {}
+        if num_layers not in contexts:
+            contexts[num_layers] = self.engine(num_layers).create_execution_context()
+        return contexts[num_layers]
+
+    @torch.inference_mode()
+    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
+        import tensorrt as trt
+
+        feeds = {"mel": inputs} if lengths is None else {"waveforms": inputs, "lengths": lengths}
+        feeds = {name: t.to(self.device, torch.int64 if name == "lengths" else torch.float32).contiguous()
+                 for name, t in feeds.items()}
+        self.profile.check(feeds)
+        engine, context = self.engine(num_layers), self.context(num_layers)
+        for name, tensor in feeds.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
+                continue
+            dtype = torch.int64 if engine.get_tensor_dtype(name) == trt.DataType.INT64 else torch.float32
+            outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self.device)
+            context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed (see its log)")
+        stream.synchronize()
+        hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)]
+        return outputs["last_hidden_state"], hidden_states, outputs.get("frame_lengths")

@@ -1,0 +1,348 @@
+"""The GPU backend: the reference models' weights run through audioenc's Triton kernels.
+
+Same math as audioenc/models (the float32 reference), re-implemented here from its parameters:
+conv feature layers fused with their norm and GELU, fused QKV projections, flash attention with the
+key-padding mask and WavLM's gated relative bias inside the kernel, residual add fused with
+LayerNorm. Matmuls and the grouped positional conv use cuBLAS/cuDNN through torch. Half precision
+with float32 LayerNorm/softmax statistics; pre-LN residual streams stay in float32 so large
+activations cannot overflow float16. On CUDA, forward passes are captured in CUDA graphs per
+(batch bucket, length bucket, layers). With TRITON_INTERPRET=1 the same code runs on CPU tensors
+(slowly), which is how the CPU tests check it.
+
+Outputs and hidden states are returned in float32.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+GRAPH_CACHE_SIZE = 4          # captured (batch, length, layers) shapes kept per backend
+MIN_LENGTH_BUCKET = 16000     # samples: 1 s
+MAX_GRAPH_BATCH = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def length_bucket(num_samples: int) -> int:
+    """Rounds up to one of four steps per octave (at most 25% padding), at least 1 s."""
+    if num_samples <= MIN_LENGTH_BUCKET:
+        return MIN_LENGTH_BUCKET
+    step = 1 << max(num_samples.bit_length() - 3, 0)
+    return -(-num_samples // step) * step
+
+
+def batch_bucket(batch: int) -> int:
+    return 1 << (batch - 1).bit_length()
+
+
+class _Linear:
+    """A Linear's weight and bias in the compute dtype; several Linears can be fused into one."""
+
+    def __init__(self, layers: list[nn.Linear], dtype, device):
+        self.weight = torch.cat([l.weight for l in layers]).to(device, dtype).contiguous()
+        self.bias = torch.cat([l.bias if l.bias is not None else torch.zeros(l.out_features) for l in layers]
+                              ).to(device, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Norm:
+    """A LayerNorm's parameters in float32 (statistics and affine run in float32 in the kernel)."""
+
+    def __init__(self, norm: nn.Module, device):
+        self.weight = norm.weight.detach().float().to(device)
+        self.bias = norm.bias.detach().float().to(device)
+        self.eps = norm.eps
+
+    def __call__(self, x, residual=None, out_dtype=None, sum_dtype=None):
+        from audioenc.kernels.layer_norm import add_layer_norm
+
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, sum_dtype)
+
+
+class _Block:
+    """One transformer layer: fused QKV attention and feed-forward; WavLM's gate when present."""
+
+    def __init__(self, attention: nn.Module, norm1: nn.Module, norm2: nn.Module, fc1: nn.Linear, fc2: nn.Linear,
+                 dtype, device):
+        self.num_heads = attention.num_heads
+        self.qkv = _Linear([attention.q_proj, attention.k_proj, attention.v_proj], dtype, device)
+        self.out_proj = _Linear([attention.out_proj], dtype, device)
+        self.norm1, self.norm2 = _Norm(norm1, device), _Norm(norm2, device)
+        self.fc1, self.fc2 = _Linear([fc1], dtype, device), _Linear([fc2], dtype, device)
+        self.gate = None
+        if hasattr(attention, "gru_rel_pos_linear"):
+            # Linear(head_dim, 8) viewed (2, 4) and summed == Linear(head_dim, 2) with summed rows.
+            lin = attention.gru_rel_pos_linear
+            self.gate = (lin.weight.detach().view(2, 4, -1).sum(1).float().to(device),
+                         lin.bias.detach().view(2, 4).sum(1).float().to(device),
+                         attention.gru_rel_pos_const.detach().float().view(1, -1, 1).to(device))
+
+    def attend(self, h: torch.Tensor, lengths: torch.Tensor | None, rel_bias: torch.Tensor | None) -> torch.Tensor:
+        from audioenc.kernels.attention import attention
+
+        batch, frames, dim = h.shape
+        heads = self.num_heads
+        qkv = self.qkv(h).view(batch, frames, 3, heads, dim // heads)
+        gate = None
+        if rel_bias is not None:
+            weight, bias, const = self.gate
+            proj = torch.sigmoid(F.linear(h.view(batch, frames, heads, -1).float(), weight, bias))  # (B, T, H, 2)
+            gate_a, gate_b = proj.permute(0, 2, 1, 3).unbind(-1)                                      # (B, H, T)
+            gate = (gate_a * (gate_b * const - 1.0) + 2.0).contiguous()
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, rel_bias, gate)
+        return self.out_proj(out.view(batch, frames, dim))
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(h)))
+
+
+def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_norm: _Norm | None,
+                num_layers: int, lengths, rel_bias, dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Runs the first num_layers blocks on x (the input of layer 0, float32 for pre-LN).
+
+    Pre-LN: the float32 residual stream r is each hidden state; every add is fused with the next
+    LayerNorm (this layer's second, the next layer's first, or the final one).
+    Post-LN: hidden states are the LayerNorm outputs in the compute dtype.
+    Returns (output, hidden states); the output is after final_norm when every layer ran.
+    """
+    hidden_states = [x]
+    if not pre_norm:
+        for block in blocks[:num_layers]:
+            x, _ = block.norm1(block.attend(x, lengths, rel_bias), x)
+            x, _ = block.norm2(block.feed_forward(x), x)
+            hidden_states.append(x)
+        return x, hidden_states
+    r = x
+    out = r
+    if num_layers == 0:
+        return out, hidden_states
+    h, _ = blocks[0].norm1(r, out_dtype=dtype)
+    for i, block in enumerate(blocks[:num_layers]):
+        h2, r = block.norm2(block.attend(h, lengths, rel_bias), r, sum_dtype=torch.float32)
+        f = block.feed_forward(h2)
+        if i + 1 < num_layers:
+            h, r = blocks[i + 1].norm1(f, r, sum_dtype=torch.float32)
+            out = r
+        elif final_norm is not None and num_layers == len(blocks):
+            out, r = final_norm(f, r, out_dtype=torch.float32, sum_dtype=torch.float32)
+        else:
+            r = r + f.float()
+            out = r
+        hidden_states.append(r)
+    return out, hidden_states
+
+
+class _FastWav2Vec2:
+    """wav2vec2 / HuBERT / WavLM forward on the kernels."""
+
+    def __init__(self, model: nn.Module, dtype, device):
+        self.dims, self.dtype = model.dims, dtype
+        self.convs = []
+        for i, layer in enumerate(model.feature_extractor.conv_layers):
+            conv = layer.conv
+            # Layer 0 reads the float32 waveform directly (no matmul there), later layers run in dtype.
+            wdtype = torch.float32 if i == 0 else dtype
+            # (K, C_in, C_out) memory, nn.Conv1d's (C_out, C_in, K) shape: the kernel's best load order.
+            weight = conv.weight.detach().to(device, wdtype).permute(2, 1, 0).contiguous().permute(2, 1, 0)
+            bias = conv.bias.detach().to(device, wdtype) if conv.bias is not None else None
+            norm = None
+            if layer.norm_type is not None:
+                norm = (layer.layer_norm.weight.detach().float().to(device),
+                        layer.layer_norm.bias.detach().float().to(device), layer.layer_norm.eps)
+            self.convs.append((layer.norm_type, weight, bias, conv.kernel_size[0], conv.stride[0], norm))
+        projection = model.feature_projection
+        self.proj_norm = _Norm(projection.layer_norm, device) if projection.layer_norm is not None else None
+        self.projection = _Linear([projection.projection], dtype, device)
+        encoder = model.encoder
+        pos = encoder.pos_conv_embed
+        self.pos_weight = pos.conv.weight.detach().to(device, dtype)
+        self.pos_bias = pos.conv.bias.detach().to(device, dtype)
+        self.pos_groups, self.pos_padding = pos.conv.groups, pos.conv.padding[0]
+        self.pre_norm = encoder.pre_norm
+        self.encoder_norm = _Norm(encoder.layer_norm, device)
+        self.blocks = [_Block(l.attention, l.layer_norm, l.final_layer_norm, l.feed_forward.intermediate_dense,
+                              l.feed_forward.output_dense, dtype, device) for l in encoder.layers]
+        self.rel_embedding = None
+        if self.dims.family == "wavlm":
+            self.rel_embedding = encoder.layers[0].attention.rel_attn_embed.weight.detach().float().to(device)
+
+    def features(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from audioenc.kernels.conv_feature import conv0_group_norm_gelu, conv1d_gelu
+
+        x = waveforms.float()
+        for i, (norm_type, weight, bias, k, s, norm) in enumerate(self.convs):
+            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+            if norm_type == "group":
+                x = conv0_group_norm_gelu(x, lengths, weight, bias, norm[0], norm[1], s, norm[2], out_dtype=self.dtype)
+                continue
+            if i == 0:
+                x = x[:, :, None]  # (B, L, 1): channels-last waveform
+            ln = norm if norm_type == "layer" else (None, None, 1e-5)
+            x = conv1d_gelu(x, weight, bias, s, 0, ln[0], ln[1], ln[2], out_dtype=self.dtype)
+        return x, lengths
+
+    def __call__(self, waveforms: torch.Tensor, lengths: torch.Tensor, num_layers: int):
+        x, frame_lengths = self.features(waveforms, lengths)
+        if self.proj_norm is not None:
+            x, _ = self.proj_norm(x)
+        x = self.projection(x)
+        frames = x.shape[1]
+        valid = torch.arange(frames, device=x.device)[None, :] < frame_lengths[:, None]
+        x = x * valid[..., None].to(x.dtype)  # padding must not leak into valid frames via the pos conv
+        pos = F.conv1d(x.transpose(1, 2), self.pos_weight, self.pos_bias, padding=self.pos_padding,
+                       groups=self.pos_groups)
+        pos = F.gelu(pos[..., :frames]).transpose(1, 2)  # even kernels drop the last frame
+        if self.pre_norm:
+            x = x.float() + pos.float()
+        else:
+            x, _ = self.encoder_norm(pos, x)
+        rel_bias = None
+        if self.rel_embedding is not None:
+            from audioenc.kernels.attention import relative_bias_table
+
+            rel_bias = relative_bias_table(self.rel_embedding, frames, self.dims.num_buckets,
+                                           self.dims.max_bucket_distance)
+        out, hidden_states = _run_blocks(self.blocks, x, self.pre_norm, self.encoder_norm if self.pre_norm else None,
+                                         num_layers, frame_lengths, rel_bias, self.dtype)
+        return out, hidden_states, frame_lengths
+
+
+class _FastWhisper:
+    """The Whisper encoder forward on the kernels."""
+
+    def __init__(self, model: nn.Module, dtype, device):
+        self.dims, self.dtype = model.dims, dtype
+        cl = lambda w: w.detach().to(device, dtype).permute(2, 1, 0).contiguous().permute(2, 1, 0)
+        self.conv1 = (cl(model.conv1.weight), model.conv1.bias.detach().to(device, dtype))
+        self.conv2 = (cl(model.conv2.weight), model.conv2.bias.detach().to(device, dtype))
+        # Added in the conv2 epilogue, straight into the float32 residual stream.
+        self.positions = model.embed_positions.weight.detach().float().to(device)
+        self.blocks = [_Block(l.self_attn, l.self_attn_layer_norm, l.final_layer_norm, l.fc1, l.fc2, dtype, device)
+                       for l in model.layers]
+        self.final_norm = _Norm(model.layer_norm, device)
+
+    def __call__(self, mel: torch.Tensor, num_layers: int):
+        from audioenc.kernels.conv_feature import conv1d_gelu
+
+        x = conv1d_gelu(mel.to(self.dtype).transpose(1, 2), *self.conv1, stride=1, padding=1)
+        x = conv1d_gelu(x, *self.conv2, stride=2, padding=1, add=self.positions, out_dtype=torch.float32)
+        out, hidden_states = _run_blocks(self.blocks, x, True, self.final_norm, num_layers, None, None, self.dtype)
+        if num_layers == len(self.blocks):
+            hidden_states[-1] = out
+        return out, hidden_states
+
+
+class TritonBackend:
+    name = "triton"
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed (pip install 'audioenc[gpu]')"
+        if torch.cuda.is_available() or _interpreting():
+            return None
+        return "it needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels slowly in Triton's CPU interpreter)"
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: str):
+        if device.type == "cpu" and not _interpreting():
+            raise ValueError("the triton backend runs on CUDA devices (on the CPU only with TRITON_INTERPRET=1)")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"the triton backend runs on CUDA devices, not {device.type!r}")
+        if dtype == "auto":
+            dtype = "float16" if device.type == "cuda" else "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported by the triton backend; choose auto, {', '.join(DTYPES)}")
+        self.device, self.dtype = device, DTYPES[dtype]
+        model = model.float().eval()
+        with torch.no_grad():
+            if model.dims.family == "whisper":
+                self.model = _FastWhisper(model, self.dtype, device)
+            else:
+                self.model = _FastWav2Vec2(model, self.dtype, device)
+        self.is_whisper = model.dims.family == "whisper"
+        self.use_graphs = device.type == "cuda"
+        self._graphs: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()  # graph replays share static buffers
+
+    def _forward(self, inputs, lengths, num_layers):
+        if self.is_whisper:
+            out, hidden_states = self.model(inputs, num_layers)
+            return out, hidden_states, None
+        return self.model(inputs, lengths, num_layers)
+
+    @torch.inference_mode()
+    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
+        inputs = inputs.to(self.device, torch.float32)
+        if lengths is not None:
+            lengths = lengths.to(self.device, torch.int64)
+        if not self.use_graphs:
+            out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers)
+            return out.float(), [h.float() for h in hidden_states], frame_lengths
+        with self._lock:
+            return self._run_graph(inputs, lengths, num_layers)
+
+    def _run_graph(self, inputs, lengths, num_layers):
+        batch = inputs.shape[0]
+        if batch > MAX_GRAPH_BATCH:  # split rather than capture ever larger graphs
+            parts = [self._run_graph(inputs[i:i + MAX_GRAPH_BATCH],
+                                     None if lengths is None else lengths[i:i + MAX_GRAPH_BATCH], num_layers)
+                     for i in range(0, batch, MAX_GRAPH_BATCH)]
+            return self._concat(parts)
+        padded = batch_bucket(batch)
+        samples = inputs.shape[-1] if self.is_whisper else length_bucket(inputs.shape[-1])
+        key = (padded, samples, num_layers)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(padded, inputs.shape[1:-1] + (samples,), num_layers)
+            self._graphs[key] = entry
+            if len(self._graphs) > GRAPH_CACHE_SIZE:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph, static_in, static_len, static_out = entry
+        # Zero padding and full-length dummy items: neither reaches an item's valid frames.
+        static_in.zero_()
+        static_in[:batch, ..., : inputs.shape[-1]].copy_(inputs)
+        if static_len is not None:
+            static_len.fill_(samples)
+            static_len[:batch].copy_(lengths)
+        graph.replay()
+        out, hidden_states, frame_lengths = static_out
+        if self.is_whisper:
+            return (out[:batch].float().clone(), [h[:batch].float().clone() for h in hidden_states], None)
+        frames = int(self.model.dims.num_frames(inputs.shape[-1]))
+        cut = lambda t: t[:batch, :frames].float().clone()
+        return cut(out), [cut(h) for h in hidden_states], frame_lengths[:batch].clone()
+
+    def _capture(self, batch, shape, num_layers):
+        static_in = torch.zeros((batch,) + tuple(shape), device=self.device)
+        static_len = None if self.is_whisper else torch.full((batch,), shape[-1], dtype=torch.int64, device=self.device)
+        # Warm up on a side stream first: compiles and autotunes every kernel outside the capture.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(static_in, static_len, num_layers)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._forward(static_in, static_len, num_layers)
+        return graph, static_in, static_len, static_out
+
+    @staticmethod
+    def _concat(parts):
+        outs, hidden, lens = zip(*parts)
+        frames = max(o.shape[1] for o in outs)
+        pad = lambda t: F.pad(t, (0, 0, 0, frames - t.shape[1]))
+        return (torch.cat([pad(o) for o in outs]), [torch.cat([pad(h) for h in hs]) for hs in zip(*hidden)],
+                None if lens[0] is None else torch.cat(lens))

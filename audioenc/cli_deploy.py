@@ -1,0 +1,95 @@
+"""``audioenc export`` and ``audioenc verify``: added to the main parser by :func:`register`."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def model_of(source: str):
+    """The float32 reference model of ``source`` (a checkpoint or random:NAME), on the CPU."""
+    import audioenc
+
+    return audioenc.load(source, backend="torch", device="cpu", dtype="float32").backend.model
+
+
+def parse_range(text: str, name: str) -> tuple[float, float, float]:
+    """'MIN:OPT:MAX' (or one number for all three) -> three floats, increasing."""
+    try:
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        raise ValueError(f"--{name} must be MIN:OPT:MAX or one number, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or not 0 < parts[0] <= parts[1] <= parts[2]:
+        raise ValueError(f"--{name} must be MIN:OPT:MAX with 0 < MIN <= OPT <= MAX, got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def cmd_export(args) -> int:
+    from audioenc.export import ExportSpec, export_to_dir
+
+    try:
+        model = model_of(args.model)
+        num_layers = model.dims.num_layers if args.layers is None else args.layers
+        if args.format == "onnx":
+            spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype)
+            written = export_to_dir(model, spec, args.out, overwrite=args.overwrite)
+        else:
+            from audioenc.backends.tensorrt import Profile, export_engine
+
+            if args.dtype not in ("float32", "float16"):
+                raise ValueError("TensorRT engines are built in float32 or float16")
+            profile = Profile.from_ranges(model.dims, parse_range(args.batch, "batch"), parse_range(args.seconds, "seconds"))
+            written = export_engine(model, args.dtype, profile, args.out, num_layers=num_layers, overwrite=args.overwrite)
+    except (ValueError, TypeError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from audioenc.verify import verify
+
+    audio = None
+    if args.audio:
+        for path in args.audio:
+            if not os.path.isfile(path):
+                print(f"error: {path} is not a file", file=sys.stderr)
+                return 2
+        audio = list(args.audio)
+    try:
+        report = verify(args.model, args.backend, dtype=args.dtype, device=args.device, audio=audio, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.table())
+    return 0 if report.passed else 1
+
+
+def register(subparsers) -> None:
+    """Adds the ``export`` and ``verify`` subcommands to the main parser's subparsers."""
+    export = subparsers.add_parser("export", help="export a model to ONNX or a TensorRT engine")
+    export.add_argument("--model", required=True, help="checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME")
+    export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--dtype", choices=["float32", "float16", "int8"], default="float32",
+                        help="float16: MatMul/Conv in fp16, LayerNorm/softmax/residuals in fp32; int8: dynamic "
+                             "quantisation (onnx only)")
+    export.add_argument("--layers", type=int, default=None, help="run only the first N layers (default: all)")
+    export.add_argument("--hidden-states", action="store_true", help="also output every layer's hidden state")
+    export.add_argument("--batch", default="1:1:8", help="TensorRT profile: MIN:OPT:MAX batch size")
+    export.add_argument("--seconds", default="1:10:30", help="TensorRT profile: MIN:OPT:MAX audio seconds "
+                                                             "(wav2vec2 family; Whisper windows are 30 s)")
+    export.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    export.set_defaults(func=cmd_export)
+
+    verify = subparsers.add_parser("verify", help="check a backend against the torch reference, layer by layer")
+    verify.add_argument("--model", required=True, help="checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME")
+    verify.add_argument("--backend", required=True, help="onnx, tensorrt, triton, torch")
+    verify.add_argument("--dtype", default="auto")
+    verify.add_argument("--device", default="auto")
+    verify.add_argument("--audio", nargs="*", help="audio files (default: generated speech-like audio, fresh each run)")
+    verify.add_argument("--seed", type=int, default=None, help="seed for the generated audio")
+    verify.set_defaults(func=cmd_verify)

@@ -1,0 +1,179 @@
+"""ONNX export: graph checks, forbidden ops, parity with the torch reference in onnxruntime (every
+family and variant, several lengths and batch sizes, the shortest input), half precision and its
+overflow check."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+import audioenc  # noqa: E402
+from audioenc import export  # noqa: E402
+from audioenc.frontend import normalize_waveforms  # noqa: E402
+from conftest import W2V_VARIANTS, rel_err, speech_like  # noqa: E402
+
+TOL = 1e-4
+
+
+def reference_model(path):
+    return audioenc.load(path, backend="torch", dtype="float32").backend.model
+
+
+def session(path):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def padded_batch(lengths, seed):
+    batch = np.zeros((len(lengths), max(lengths)), np.float32)
+    for i, n in enumerate(lengths):
+        batch[i, :n] = speech_like(n, seed + i)
+    lengths = np.array(lengths, dtype=np.int64)
+    return normalize_waveforms(batch, lengths, True), lengths
+
+
+@pytest.fixture(scope="module")
+def w2v_graphs(w2v_checkpoints, tmp_path_factory):
+    """variant -> (reference model, path of its full-depth fp32 graph with hidden states)."""
+    out = {}
+    for variant, (path, _) in w2v_checkpoints.items():
+        model = reference_model(path)
+        graph = str(tmp_path_factory.mktemp(f"onnx-{variant}") / "model.onnx")
+        export.export_onnx(model, graph)
+        out[variant] = (model, graph)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(W2V_VARIANTS))
+def test_wav2vec2_family_parity(variant, w2v_graphs):
+    model, graph = w2v_graphs[variant]
+    sess = session(graph)
+    for seed, lengths in enumerate(([400], [4001, 400], [32007, 5000, 9999, 401])):
+        waves, lens = padded_batch(lengths, 10 * seed)
+        with torch.no_grad():
+            out, hidden, frames = model(torch.from_numpy(waves), torch.from_numpy(lens))
+        got = sess.run(None, {"waveforms": waves, "lengths": lens})
+        assert got[1].tolist() == frames.tolist()
+        assert len(got) == 2 + model.dims.num_layers + 1
+        for i, n in enumerate(frames.tolist()):
+            assert rel_err(got[0][i, :n], out[i, :n]) <= TOL
+            for ours, ref in zip(got[2:], hidden):
+                assert rel_err(ours[i, :n], ref[i, :n]) <= TOL
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_whisper_parity(n_mels, whisper_checkpoints, tmp_path):
+    model = reference_model(whisper_checkpoints[n_mels][0])
+    graph = str(tmp_path / "model.onnx")
+    export.export_onnx(model, graph)
+    sess = session(graph)
+    for batch in (1, 3):
+        mel = torch.rand(batch, n_mels, 3000) * 2 - 1
+        with torch.no_grad():
+            out, hidden = model(mel)
+        got = sess.run(None, {"mel": mel.numpy()})
+        assert rel_err(got[0], out) <= TOL
+        for ours, ref in zip(got[1:], hidden):
+            assert rel_err(ours, ref) <= TOL
+
+
+def test_graph_is_clean(w2v_graphs):
+    for model, graph in w2v_graphs.values():
+        export.check_graph(graph)  # checker, strict shape inference, opset, forbidden ops
+        proto = onnx.load(graph)
+        ops = {node.op_type for node in proto.graph.node}
+        assert "LayerNormalization" in ops or model.dims.feat_extract_norm == "group"
+        assert not ops & export.FORBIDDEN_OPS
+        assert not any("parametrizations" in init.name for init in proto.graph.initializer)  # weight norm folded
+        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+        assert inputs == {"waveforms": ["batch", "samples"], "lengths": ["batch"]}
+
+
+def test_forbidden_op_walk_finds_nested_and_foreign_ops():
+    from onnx import helper
+
+    inner = helper.make_graph([helper.make_node("Dropout", ["x"], ["y"])], "inner", [], [])
+    outer = helper.make_graph([helper.make_node("If", ["c"], ["z"], then_branch=inner, else_branch=inner),
+                               helper.make_node("Relu", ["z"], ["w"]),
+                               helper.make_node("ATen", ["w"], ["v"], domain="org.pytorch.aten")], "outer", [], [])
+    found = export.forbidden_ops(helper.make_model(outer))
+    assert sum("Dropout" in f for f in found) == 2 and any("::If" in f for f in found)
+    assert any("ATen" in f for f in found) and not any("Relu" in f for f in found)
+
+
+def test_wavlm_position_table_is_exact(w2v_checkpoints):
+    model = reference_model(w2v_checkpoints["wavlm-group"][0])
+    table = export.TablePositionBias(model.encoder)
+    for frames in (1, 7, 59, 61, 200):  # max_bucket_distance is 60 in the tiny config
+        assert torch.equal(table(frames, torch.device("cpu")), model.encoder.position_bias(frames, torch.device("cpu")))
+
+
+def test_conv_as_matmul_matches_conv():
+    for k, s, bias in ((3, 2, False), (2, 2, True), (4, 3, True)):
+        conv = torch.nn.Conv1d(6, 5, k, s, bias=bias)
+        x = torch.randn(2, 6, 37)
+        with torch.no_grad():
+            assert rel_err(export.ConvAsMatMul(conv)(x), conv(x)) <= 1e-6
+
+
+def test_partial_depth_graph(w2v_checkpoints, tmp_path):
+    model = reference_model(w2v_checkpoints["wav2vec2-stable"][0])
+    graph = str(tmp_path / "model.onnx")
+    export.export_onnx(model, graph, num_layers=1)
+    waves, lens = padded_batch([8000, 3000], 5)
+    got = session(graph).run(None, {"waveforms": waves, "lengths": lens})
+    with torch.no_grad():
+        out, hidden, _ = model(torch.from_numpy(waves), torch.from_numpy(lens), 1)
+    assert len(got) == 2 + 2
+    assert rel_err(got[0], out) <= TOL and rel_err(got[3], hidden[1]) <= TOL
+    # only one encoder layer in the graph: it costs the layers below the output only
+    assert not any("encoder/layers.1/" in node.name for node in onnx.load(graph).graph.node)
+
+
+def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoints, tmp_path):
+    model = reference_model(whisper_checkpoints[80][0])
+    fp32 = str(tmp_path / "fp32.onnx")
+    export.export_onnx(model, fp32)
+    half = export.to_half(onnx.load(fp32))
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*half.graph.value_info, *half.graph.output]}
+    for node in half.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax", "Add"):
+            assert all(types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for o in node.output)
+    path = str(tmp_path / "half.onnx")
+    export.save_onnx(half, path)
+    export.check_graph(path)
+    mel = torch.rand(2, 80, 3000) * 2 - 1
+    with torch.no_grad():
+        ref = model(mel)[0]
+        torch_half = copy.deepcopy(model).half()(mel.half())[0].float()
+    got = session(path).run(["last_hidden_state"], {"mel": mel.numpy()})[0]
+    assert rel_err(got, ref) <= 2 * rel_err(torch_half, ref)
+
+
+def test_half_headroom_check():
+    export.check_half_headroom({"embeddings": 3.0, "layer 0": 16000.0})
+    with pytest.raises(ValueError, match="layer 3: 2e\\+04"):
+        export.check_half_headroom({"layer 2": 10.0, "layer 3": 20000.0})
+    with pytest.raises(ValueError):
+        export.check_half_headroom({"layer 0": float("nan")})
+
+
+@pytest.mark.parametrize("name", ["whisper-tiny", "wav2vec2-base"])
+def test_half_activation_peaks_of_real_size_models(name, tmp_path):
+    """Real-size random models: every layer's fp16 inputs and outputs stay 4x below 65504."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = audioenc.load(f"random:{name}", backend="torch").backend.model
+    graph = str(tmp_path / "model.onnx")
+    export.export_onnx(model, graph, num_layers=2 if name == "wav2vec2-base" else None, hidden_states=False)
+    inputs = export.example_inputs(model.dims, batch=1, seconds=1.0)
+    if "waveforms" in inputs:  # real speech-like audio, normalised as the encoder does
+        inputs["waveforms"] = normalize_waveforms(speech_like(16000, 3)[None], inputs["lengths"][:1] * 0 + 16000, True)
+        inputs["lengths"] = np.array([16000])
+    peaks = export.half_activation_peaks(graph, inputs)
+    assert {"embeddings", "layer 0", "layer 1"} <= set(peaks)
+    assert all(0 < p < export.FP16_MAX / export.FP16_HEADROOM for p in peaks.values()), peaks
+    export.check_half_headroom(peaks)

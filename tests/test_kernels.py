@@ -1,0 +1,307 @@
+"""Every Triton kernel against its torch reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter at small odd shapes. Triton binds every
+@triton.jit function (its own standard library included) to interpreter or compiled mode when it is
+decorated, so these tests run in a child process started with TRITON_INTERPRET=1
+(test_in_the_interpreter), whatever this process imported before. With CUDA the same tests run
+compiled on the GPU, and the `gpu` tests add real sizes and bfloat16 (the interpreter's bfloat16
+tl.dot is broken, so bfloat16 is GPU-only).
+
+Rules: float32 within 1e-4 relative of the float32 truth; half precision at most 2x the error of
+the same math done naively in that half precision (flash-attention style), never NaN.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import rel_err
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+RUN_HERE = ON_GPU or INTERPRETER_CHILD
+DEVICE = "cuda" if ON_GPU else "cpu"
+KERNEL_MODULES = ("audioenc.kernels.attention", "audioenc.kernels.conv_feature", "audioenc.kernels.layer_norm")
+
+
+def run_file_in_interpreter(path: str, timeout: int = 600) -> None:
+    """Runs the pytest file ``path`` in a child process with TRITON_INTERPRET=1; fails with its output."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
+                             path], cwd=os.path.dirname(os.path.dirname(path)), env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.mark.skipif(ON_GPU or INTERPRETER_CHILD, reason="runs the interpreter child only on a machine without CUDA")
+def test_in_the_interpreter():
+    pytest.importorskip("triton")
+    run_file_in_interpreter(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not RUN_HERE:
+        pytest.skip("without CUDA the kernel tests run in the TRITON_INTERPRET=1 child (test_in_the_interpreter)")
+    pytest.importorskip("triton")
+    # cuDNN convs default to TF32 on GPUs: the float32 references must really be float32.
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield {name.rsplit(".", 1)[1]: importlib.import_module(name) for name in KERNEL_MODULES}
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def check(out, truth, naive, dtype):
+    """float32: 1e-4 of the truth; half: at most 2x the naive half-precision error."""
+    out, truth = out.float().cpu(), truth.float().cpu()
+    assert torch.isfinite(out).all()
+    err = rel_err(out, truth)
+    if dtype == torch.float32:
+        assert err <= 1e-4, err
+    else:
+        bound = 2 * rel_err(naive.float().cpu(), truth) + 1e-5  # floor: exact cases (length 1)
+        assert err <= bound, (err, bound)
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, gen=None):
+    return (scale * torch.randn(*shape, generator=gen)).to(DEVICE, dtype)
+
+
+# ---------------------------------------------------------------- attention
+
+ATTENTION_CASES = [  # (frames, heads, head_dim, key mask, WavLM bias)
+    (1, 1, 64, False, False),
+    (2, 2, 80, True, False),
+    (97, 3, 128, True, True),
+    (257, 4, 64, True, True),
+    (97, 1, 80, False, True),
+    (257, 2, 80, False, False),
+    (2, 4, 128, False, True),
+    (1, 3, 80, True, True),
+]
+
+
+def attention_inputs(frames, heads, head_dim, mask, bias, dtype, seed, batch=2):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (randn(batch, frames, heads, head_dim, dtype=dtype, gen=gen) for _ in range(3))
+    lengths = None
+    if mask:
+        lengths = torch.tensor([frames] + [max(1, frames // (i + 2)) for i in range(batch - 1)], device=DEVICE)
+    rel = gate = None
+    if bias:
+        rel = randn(heads, 2 * frames - 1, scale=2.0, gen=gen)
+        gate = (2 * torch.rand(batch, heads, frames, generator=gen)).to(DEVICE)
+    return q, k, v, lengths, rel, gate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("frames,heads,head_dim,mask,bias", ATTENTION_CASES)
+def test_attention_matches_reference(kernels, frames, heads, head_dim, mask, bias, dtype):
+    att = kernels["attention"]
+    args = attention_inputs(frames, heads, head_dim, mask, bias, dtype, seed=frames * 7 + heads)
+    out = att.attention(*args)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    truth = att.attention_ref(*args)
+    naive = att.attention_ref(*args, compute_dtype=dtype) if dtype != torch.float32 else None
+    check(out, truth, naive, dtype)
+
+
+def test_attention_padded_keys_never_reach_valid_frames(kernels):
+    att = kernels["attention"]
+    q, k, v, lengths, rel, gate = attention_inputs(97, 2, 64, True, True, torch.float32, seed=3)
+    out = att.attention(q, k, v, lengths, rel, gate)
+    k2, v2 = k.clone(), v.clone()
+    for i, n in enumerate(lengths.tolist()):
+        k2[i, n:] = 1e4
+        v2[i, n:] = float("nan")
+    assert torch.equal(att.attention(q, k2, v2, lengths, rel, gate), out)
+
+
+def test_attention_reads_strided_views_of_a_fused_projection(kernels):
+    att = kernels["attention"]
+    qkv = randn(2, 33, 3, 2, 80)
+    q, k, v = qkv.unbind(2)
+    out = att.attention(q, k, v)
+    check(out, att.attention_ref(q.contiguous(), k.contiguous(), v.contiguous()), None, torch.float32)
+
+
+def test_attention_argument_errors(kernels):
+    att = kernels["attention"]
+    q = randn(1, 5, 2, 64)
+    with pytest.raises(ValueError, match="same"):
+        att.attention(q, q[:, :4], q)
+    with pytest.raises(ValueError, match="dtype"):
+        att.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="both or neither"):
+        att.attention(q, q, q, rel_bias=torch.zeros(2, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="head dim"):
+        big = randn(1, 5, 1, 256)
+        att.attention(big, big, big)
+    with pytest.raises(ValueError, match="rel_bias must be float32"):
+        att.attention(q, q, q, rel_bias=torch.zeros(2, 8, device=DEVICE), gate=torch.zeros(1, 2, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("frames,num_buckets,max_distance", [(1, 32, 60), (97, 32, 60), (400, 320, 800)])
+def test_relative_bias_table_matches_wavlm_buckets(kernels, frames, num_buckets, max_distance):
+    from audioenc.models.wavlm import relative_position_buckets
+
+    embedding = torch.randn(num_buckets, 3)
+    table = kernels["attention"].relative_bias_table(embedding, frames, num_buckets, max_distance)
+    pos = torch.arange(frames)
+    full = embedding[relative_position_buckets(frames, num_buckets, max_distance)].permute(2, 0, 1)
+    assert torch.equal(table[:, pos[None, :] - pos[:, None] + frames - 1], full)
+
+
+# ---------------------------------------------------------------- conv feature encoder
+
+CONV_CASES = [  # (C_in, C_out, kernel, stride, padding, layer norm, bias, add, input length)
+    (1, 24, 10, 5, 0, True, True, False, 10),      # layer 0 of layer-norm models: one frame
+    (1, 40, 10, 5, 0, True, False, False, 1290),   # 257 frames
+    (24, 40, 3, 2, 0, True, True, False, 197),     # 97 frames
+    (40, 24, 2, 2, 0, False, False, False, 514),   # group-norm models' layers 1..6: 257 frames
+    (20, 24, 3, 1, 1, False, True, False, 97),     # Whisper conv1
+    (24, 40, 3, 2, 1, False, True, True, 193),     # Whisper conv2 + positions
+    (24, 24, 3, 2, 0, False, True, False, 4),      # 1 frame
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("c_in,c_out,ksize,stride,padding,norm,bias,add,length", CONV_CASES)
+def test_conv1d_gelu_matches_reference(kernels, c_in, c_out, ksize, stride, padding, norm, bias, add, length, dtype):
+    conv = kernels["conv_feature"]
+    gen = torch.Generator().manual_seed(length + c_out)
+    x = randn(2, length, c_in, dtype=dtype, gen=gen)
+    weight = randn(c_out, c_in, ksize, dtype=dtype, scale=(c_in * ksize) ** -0.5, gen=gen)
+    kwargs = dict(bias=randn(c_out, dtype=dtype, scale=0.2, gen=gen) if bias else None, stride=stride, padding=padding)
+    if norm:
+        kwargs.update(norm_weight=randn(c_out, gen=gen), norm_bias=randn(c_out, gen=gen))
+    t_out = conv.conv_output_length(length, ksize, stride, padding)
+    if add:
+        kwargs.update(add=randn(t_out, c_out, gen=gen))
+    out = conv.conv1d_gelu(x, weight, **kwargs)
+    assert out.shape == (2, t_out, c_out)
+    naive = conv.conv1d_gelu_ref(x, weight, **kwargs, compute_dtype=dtype)
+    check(out, conv.conv1d_gelu_ref(x, weight, **kwargs), naive, dtype)
+
+
+def test_conv1d_gelu_reads_channels_first_inputs_and_any_weight_layout(kernels):
+    conv = kernels["conv_feature"]
+    mel = randn(2, 20, 33)                                     # (B, n_mels, frames) like a log-mel
+    weight = randn(24, 20, 3, scale=0.1)
+    packed = weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    out = conv.conv1d_gelu(mel.transpose(1, 2), packed, None, 1, 1)
+    check(out, conv.conv1d_gelu_ref(mel.transpose(1, 2).contiguous(), weight, None, 1, 1), None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_conv0_group_norm_uses_each_items_valid_frames(kernels, dtype):
+    conv = kernels["conv_feature"]
+    gen = torch.Generator().manual_seed(1)
+    waves = randn(4, 1290, dtype=dtype, gen=gen)                # 257 frames at k10 s5
+    frames = torch.tensor([257, 97, 2, 1], device=DEVICE)
+    weight, bias = randn(24, 1, 10, dtype=dtype, gen=gen), randn(24, dtype=dtype, gen=gen)
+    gn_w, gn_b = randn(24, gen=gen), randn(24, gen=gen)
+    out = conv.conv0_group_norm_gelu(waves, frames, weight, bias, gn_w, gn_b, 5)
+    truth = conv.conv0_group_norm_gelu_ref(waves, frames, weight, bias, gn_w, gn_b, 5)
+    naive = conv.conv0_group_norm_gelu_ref(waves, frames, weight, bias, gn_w, gn_b, 5, compute_dtype=dtype)
+    for i, n in enumerate(frames.tolist()):
+        if n > 1:  # one frame: variance 0, the output is the norm's bias up to conv rounding
+            check(out[i, :n], truth[i, :n], naive[i, :n], dtype)
+        # an item alone gives the same frames
+        alone = conv.conv0_group_norm_gelu(waves[i:i + 1, : 5 * (n - 1) + 10], frames[i:i + 1], weight, bias, gn_w, gn_b, 5)
+        torch.testing.assert_close(alone[0], out[i, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_argument_errors(kernels):
+    conv = kernels["conv_feature"]
+    x, w = randn(1, 50, 8), randn(16, 8, 3)
+    with pytest.raises(ValueError, match="channels-last"):
+        conv.conv1d_gelu(x.transpose(1, 2), w)
+    with pytest.raises(ValueError, match="weight dtype"):
+        conv.conv1d_gelu(x, w.half())
+    with pytest.raises(ValueError, match="norm weight and bias"):
+        conv.conv1d_gelu(x, w, norm_weight=randn(16))
+    with pytest.raises(ValueError, match="add must be"):
+        conv.conv1d_gelu(x, w, add=randn(3, 16))
+    with pytest.raises(ValueError, match="frame_lengths"):
+        conv.conv0_group_norm_gelu(randn(2, 100), torch.tensor([1.0, 2.0], device=DEVICE), randn(16, 1, 10),
+                                   None, randn(16), randn(16), 5)
+
+
+# ---------------------------------------------------------------- residual add + LayerNorm
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows,n,residual", [(1, 80, False), (97, 80, True), (257, 32, True), (2, 1024, True)])
+def test_add_layer_norm_matches_reference(kernels, rows, n, residual, dtype):
+    ln = kernels["layer_norm"]
+    gen = torch.Generator().manual_seed(rows + n)
+    x = randn(rows, n, dtype=dtype, scale=3, gen=gen)
+    res = randn(rows, n, scale=3, gen=gen) if residual else None  # float32 residual stream
+    w, b = randn(n, gen=gen), randn(n, gen=gen)
+    out, summed = ln.add_layer_norm(x, res, w, b, 1e-5, sum_dtype=torch.float32)
+    truth, truth_sum = ln.add_layer_norm_ref(x, res, w, b, 1e-5, sum_dtype=torch.float32)
+    naive = torch.nn.functional.layer_norm(x + (res.to(dtype) if residual else 0), (n,), w.to(dtype), b.to(dtype))
+    check(out, truth, naive, dtype)
+    torch.testing.assert_close(summed, truth_sum, rtol=1e-6, atol=1e-6)
+
+
+def test_add_layer_norm_float16_input_with_float32_residual_past_the_float16_range(kernels):
+    ln = kernels["layer_norm"]
+    x = randn(9, 80, dtype=torch.float16, scale=1e4)  # finite in float16 (|x| < 65504)
+    res = randn(9, 80, scale=6e4)
+    w, b = randn(80), randn(80)
+    out, summed = ln.add_layer_norm(x, res, w, b, sum_dtype=torch.float32)
+    assert torch.isfinite(out).all() and summed.abs().max() > 65504
+    check(out, ln.add_layer_norm_ref(x, res, w, b)[0], ln.add_layer_norm_ref(x, res, w, b)[0], torch.float16)
+
+
+# ---------------------------------------------------------------- real sizes (GPU only)
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("batch,frames,heads,head_dim,mask,bias", [
+    (2, 1500, 20, 64, False, False),    # whisper-large
+    (4, 499, 16, 64, True, True),       # WavLM-large, 10 s, padded batch
+    (3, 1500, 16, 80, False, False),
+    (2, 1001, 8, 128, True, False),
+])
+def test_attention_real_sizes(kernels, batch, frames, heads, head_dim, mask, bias, dtype):
+    att = kernels["attention"]
+    args = attention_inputs(frames, heads, head_dim, mask, bias, dtype, seed=5, batch=batch)
+    check(att.attention(*args), att.attention_ref(*args), att.attention_ref(*args, compute_dtype=dtype), dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", HALF + [torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_conv_real_sizes(kernels, dtype):
+    conv = kernels["conv_feature"]
+    waves = randn(4, 160000)
+    frames = torch.tensor([31999, 20000, 401, 1], device=DEVICE)
+    w0, gn_w, gn_b = randn(512, 1, 10, scale=0.3), randn(512), randn(512)
+    out = conv.conv0_group_norm_gelu(waves, frames, w0, None, gn_w, gn_b, 5, out_dtype=dtype)
+    truth = conv.conv0_group_norm_gelu_ref(waves, frames, w0, None, gn_w, gn_b, 5, out_dtype=torch.float32)
+    for i, n in enumerate(frames.tolist()[:3]):
+        check(out[i, :n], truth[i, :n], truth[i, :n].to(dtype), dtype)
+    x = randn(4, 31999, 512, dtype=dtype)
+    w = randn(512, 512, 3, dtype=dtype, scale=(512 * 3) ** -0.5)
+    nw, nb = randn(512), randn(512)
+    for norm in ((None, None), (nw, nb)):
+        out = conv.conv1d_gelu(x, w, None, 2, 0, *norm)
+        check(out, conv.conv1d_gelu_ref(x, w, None, 2, 0, *norm),
+              conv.conv1d_gelu_ref(x, w, None, 2, 0, *norm, compute_dtype=dtype), dtype)
+    mel = randn(4, 128, 3000, dtype=dtype)
+    w1 = randn(1280, 128, 3, dtype=dtype, scale=(128 * 3) ** -0.5)
+    out = conv.conv1d_gelu(mel.transpose(1, 2), w1, None, 1, 1)
+    check(out, conv.conv1d_gelu_ref(mel.transpose(1, 2), w1, None, 1, 1),
+          conv.conv1d_gelu_ref(mel.transpose(1, 2), w1, None, 1, 1, compute_dtype=dtype), dtype)

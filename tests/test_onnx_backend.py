@@ -1,0 +1,174 @@
+"""The onnx backend through audioenc.load: parity with the torch backend on padded batches and
+middle layers, dtypes, the on-disk cache (reuse, corrupt and stale entries), threads, fusions."""
+import os
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+import audioenc  # noqa: E402
+from audioenc import export  # noqa: E402
+from audioenc.backends.onnx import OnnxBackend  # noqa: E402
+from conftest import W2V_VARIANTS, rel_err, speech_like  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    """One graph cache for this module's tests, away from the user's."""
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path_factory.getbasetemp() / "onnx-backend-cache"))
+
+
+def cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+
+def assert_same_outputs(ours, ref, tol=TOL):
+    assert torch.equal(ours.lengths, ref.lengths)
+    for i, n in enumerate(ref.lengths.tolist()):
+        assert rel_err(ours.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) <= tol
+        for a, b in zip(ours.hidden_states, ref.hidden_states):
+            assert rel_err(a[i, :n], b[i, :n]) <= tol
+        assert torch.all(ours.last_hidden_state[i, n:] == 0)
+
+
+def test_available():
+    assert OnnxBackend.available() is None
+
+
+@pytest.mark.parametrize("variant", list(W2V_VARIANTS))
+def test_padded_batch_matches_torch_and_items_alone(variant, w2v_checkpoints):
+    path, _ = w2v_checkpoints[variant]
+    ref, enc = audioenc.load(path, backend="torch"), audioenc.load(path, backend="onnx")
+    waves = [speech_like(n, 20 + i) for i, n in enumerate((400, 12000, 7321))]
+    batch = enc.encode(waves, output_hidden_states=True)
+    assert_same_outputs(batch, ref.encode(waves, output_hidden_states=True))
+    for i, wave in enumerate(waves):
+        alone = enc.encode(wave)
+        n = int(alone.lengths[0])
+        assert rel_err(batch.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 1e-5
+
+
+def test_whisper_matches_torch(whisper_checkpoints):
+    path, _ = whisper_checkpoints[128]
+    waves = [speech_like(16000 * 3, 1), speech_like(16000 * 31, 2)]
+    ref = audioenc.load(path, backend="torch").encode(waves, output_hidden_states=True)
+    assert_same_outputs(audioenc.load(path, backend="onnx").encode(waves, output_hidden_states=True), ref)
+
+
+def test_middle_layer_runs_a_shallower_graph(w2v_checkpoints):
+    path, _ = w2v_checkpoints["wavlm-stable"]
+    enc = audioenc.load(path, backend="onnx")
+    wave = speech_like(9000, 4)
+    mid = enc.encode(wave, output_layer=1)
+    full = audioenc.load(path, backend="torch").encode(wave, output_hidden_states=True)
+    assert rel_err(mid.last_hidden_state, full.hidden_states[1]) <= TOL
+    assert list(enc.backend.sessions) == [1]
+    assert len(enc.backend.sessions[1].get_outputs()) == 2 + 2
+
+
+def test_dtypes(whisper_checkpoints, w2v_checkpoints):
+    path, _ = w2v_checkpoints["wav2vec2-group"]
+    with pytest.raises(ValueError, match="auto, float32, float16, bfloat16, int8"):
+        audioenc.load(path, backend="onnx", dtype="int4")
+    if os.uname().machine not in ("aarch64", "arm64"):
+        with pytest.raises(ValueError, match="bfloat16"):
+            audioenc.load(path, backend="onnx", dtype="bfloat16")
+    assert audioenc.load(path, backend="onnx").backend.dtype == "float32"
+    waves = [speech_like(16000, 7), speech_like(6000, 8)]
+    ref = audioenc.load(path, backend="torch").encode(waves)
+    for dtype, min_cos in (("int8", 0.995), ("float16", 0.999)):
+        out = audioenc.load(path, backend="onnx", dtype=dtype).encode(waves)
+        for i, n in enumerate(ref.lengths.tolist()):
+            assert cosine(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) >= min_cos
+
+
+def test_fusions_exact_gelu_in_float32(w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-stable"][0], backend="onnx")
+    counts = enc.backend.fused_op_counts()
+    assert counts["LayerNormalization"] + counts["SkipLayerNormalization"] >= 2 * enc.num_layers
+    assert counts["Gelu"] + counts["BiasGelu"] >= enc.num_layers
+    assert counts["FastGelu"] == 0  # tanh-approximate: never in float32
+
+
+def test_cache_reused_then_corrupt_and_stale_entries_rebuilt(whisper_checkpoints, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    path, _ = whisper_checkpoints[80]
+    calls = []
+    real_export = export.export_onnx
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: (calls.append(1), real_export(*a, **k))[1])
+    mel = torch.rand(1, 80, 3000)
+    first = audioenc.load(path, backend="onnx").backend.run(mel, None, 2)[0]
+    second = audioenc.load(path, backend="onnx").backend.run(mel, None, 2)[0]
+    assert len(calls) == 1 and torch.equal(first, second)
+    entry = os.path.join(tmp_path, "onnx", os.listdir(os.path.join(tmp_path, "onnx"))[0])
+    graph = os.path.join(entry, "model.onnx")
+
+    with open(graph, "r+b") as f:  # flipped bytes: the checksum catches it
+        f.seek(100)
+        f.write(b"\x00\xff\x00\xff")
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        out = audioenc.load(path, backend="onnx").backend.run(mel, None, 2)[0]
+    assert len(calls) == 2 and rel_err(out, first) <= 1e-6
+
+    meta = os.path.join(entry, "meta.json")
+    with open(meta) as f:
+        text = f.read()
+    with open(meta, "w") as f:  # an entry made for another key
+        f.write(text.replace('"key": "', '"key": "0'))
+    with pytest.warns(UserWarning, match="key does not match"):
+        audioenc.load(path, backend="onnx").backend.run(mel, None, 2)
+    assert len(calls) == 3
+
+    # intact checksums over a graph onnxruntime refuses: found when the session is created
+    with open(graph, "wb") as f:
+        f.write(b"not a graph")
+    with open(meta) as f:
+        text = f.read()
+    import json
+
+    meta_json = json.loads(text)
+    meta_json["files"]["model.onnx"] = export.file_digest(graph)
+    with open(meta, "w") as f:
+        json.dump(meta_json, f)
+    with pytest.warns(UserWarning, match="onnxruntime could not load it"):
+        audioenc.load(path, backend="onnx").backend.run(mel, None, 2)
+    assert len(calls) == 4
+    assert not [n for n in os.listdir(os.path.join(tmp_path, "onnx")) if n.startswith(".tmp")]
+
+
+def test_cache_key_covers_weights_and_options(whisper_checkpoints):
+    model = audioenc.load(whisper_checkpoints[80][0], backend="torch").backend.model
+    spec = export.ExportSpec(num_layers=2)
+    key = export.cache_key(model, spec)
+    assert key == export.cache_key(model, export.ExportSpec(num_layers=2))
+    assert key != export.cache_key(model, export.ExportSpec(num_layers=1))
+    assert key != export.cache_key(model, export.ExportSpec(num_layers=2, dtype="int8"))
+    with torch.no_grad():
+        model.layer_norm.bias.add_(1e-3)
+    assert key != export.cache_key(model, spec)
+
+
+def test_shared_by_threads(w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints["hubert-stable"][0], backend="onnx")
+    waves = [speech_like(n, 30 + i) for i, n in enumerate((5000, 16000))]
+    want = enc.encode(waves).last_hidden_state
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(enc.encode(waves).last_hidden_state)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    assert all(torch.equal(r, want) for r in results)

@@ -1,0 +1,67 @@
+"""TensorRT backend. Profiles are checked everywhere; engines only where TensorRT and a GPU exist
+(never on the machines this was written on: those tests skip)."""
+import pytest
+import torch
+
+import audioenc
+from audioenc.backends.tensorrt import Profile, TensorRTBackend
+from audioenc.config import Wav2Vec2Dims, WhisperDims
+from conftest import rel_err, speech_like
+
+needs_tensorrt = pytest.mark.skipif(TensorRTBackend.available() is not None,
+                                    reason=f"TensorRT backend: {TensorRTBackend.available()}")
+
+
+def test_profiles_from_ranges():
+    w2v = Profile.from_ranges(Wav2Vec2Dims("wav2vec2"), (1, 2, 8), (0.01, 10, 30))
+    assert w2v.shapes == (("waveforms", (1, 400), (2, 160000), (8, 480000)), ("lengths", (1,), (2,), (8,)))
+    whisper = Profile.from_ranges(WhisperDims(n_mels=128), (1, 4, 16))
+    assert whisper.shapes == (("mel", (1, 128, 3000), (4, 128, 3000), (16, 128, 3000)),)
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        w2v.check({"waveforms": torch.zeros(9, 1000), "lengths": torch.zeros(9)})
+
+
+def test_profile_from_env(monkeypatch):
+    monkeypatch.setenv("AUDIOENC_TRT_PROFILE", "batch=1:4:4,seconds=1:2:3")
+    assert Profile.from_env(Wav2Vec2Dims("hubert")).shapes[0] == ("waveforms", (1, 16000), (4, 32000), (4, 48000))
+    monkeypatch.setenv("AUDIOENC_TRT_PROFILE", "batch=4")
+    with pytest.raises(ValueError, match="AUDIOENC_TRT_PROFILE"):
+        Profile.from_env(Wav2Vec2Dims("hubert"))
+
+
+def test_unavailable_is_a_clear_error():
+    reason = TensorRTBackend.available()
+    if reason is None:
+        pytest.skip("TensorRT is available here")
+    with pytest.raises(ValueError, match="not available here"):
+        audioenc.load("random:whisper-tiny", backend="tensorrt")
+
+
+@pytest.mark.tensorrt
+@needs_tensorrt
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])
+def test_engine_matches_reference(w2v_checkpoints, dtype, tol, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    path, _ = w2v_checkpoints["wavlm-stable"]
+    waves = [speech_like(n, i) for i, n in enumerate((16000, 5000))]
+    ref = audioenc.load(path, backend="torch", device="cpu").encode(waves, output_hidden_states=True)
+    out = audioenc.load(path, backend="tensorrt", device="cuda", dtype=dtype).encode(waves, output_hidden_states=True)
+    for i, n in enumerate(ref.lengths.tolist()):
+        assert rel_err(out.last_hidden_state[i, :n].cpu(), ref.last_hidden_state[i, :n]) <= tol
+
+
+@pytest.mark.tensorrt
+@needs_tensorrt
+def test_engine_cache_rebuilds_corrupt_entry(whisper_checkpoints, tmp_path, monkeypatch):
+    import glob
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    path, _ = whisper_checkpoints[80]
+    mel = torch.rand(1, 80, 3000, device="cuda")
+    first = audioenc.load(path, backend="tensorrt", device="cuda", dtype="float32").backend.run(mel, None, 2)[0]
+    (plan,) = glob.glob(f"{tmp_path}/tensorrt/*/engine.plan")
+    with open(plan, "r+b") as f:
+        f.write(b"garbage")
+    with pytest.warns(UserWarning, match="checksum"):
+        again = audioenc.load(path, backend="tensorrt", device="cuda", dtype="float32").backend.run(mel, None, 2)[0]
+    assert rel_err(again, first) <= 1e-6

@@ -1,0 +1,245 @@
+"""The triton backend end to end against the torch reference.
+
+Without CUDA: tiny models in Triton's CPU interpreter, run in a child process started with
+TRITON_INTERPRET=1 (see test_kernels.py for why). With CUDA: the same tests compiled, plus the
+`gpu` tests at real sizes in float16/bfloat16 with CUDA graphs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import audioenc
+from conftest import W2V_VARIANTS, rel_err, speech_like
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+RUN_HERE = ON_GPU or INTERPRETER_CHILD
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.mark.skipif(ON_GPU or INTERPRETER_CHILD, reason="runs the interpreter child only on a machine without CUDA")
+def test_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    path = os.path.abspath(__file__)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
+                             path], cwd=os.path.dirname(os.path.dirname(path)), env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def here(request):
+    if not RUN_HERE and request.node.name != "test_in_the_interpreter":
+        pytest.skip("without CUDA these tests run in the TRITON_INTERPRET=1 child (test_in_the_interpreter)")
+    if RUN_HERE:
+        pytest.importorskip("triton")
+    # cuDNN convs default to TF32 on GPUs: the float32 reference must really be float32.
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def load(path, dtype="float32", backend="triton"):
+    return audioenc.load(path, backend=backend, device=DEVICE, dtype=dtype)
+
+
+def assert_items_close(ours, ref, tol):
+    assert ours.lengths.tolist() == ref.lengths.tolist()
+    assert len(ours.hidden_states) == len(ref.hidden_states)
+    for i, n in enumerate(ref.lengths.tolist()):
+        assert rel_err(ours.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) <= tol
+        for a, b in zip(ours.hidden_states, ref.hidden_states):
+            assert rel_err(a[i, :n], b[i, :n]) <= tol
+
+
+WAVES = [(400, 1), (3001, 2), (4801, 3)]  # one frame, and two odd lengths in one padded batch
+
+
+@pytest.mark.parametrize("variant", list(W2V_VARIANTS))
+def test_wav2vec2_family_float32_matches_reference(variant, w2v_checkpoints):
+    path, _ = w2v_checkpoints[variant]
+    waves = [speech_like(n, seed) for n, seed in WAVES]
+    ref = load(path, backend="torch").encode(waves, output_hidden_states=True)
+    ours = load(path).encode(waves, output_hidden_states=True)
+    assert_items_close(ours, ref, 1e-4)
+
+
+def test_whisper_float32_matches_reference(whisper_checkpoints):
+    path, _ = whisper_checkpoints[80]
+    wave = speech_like(24000, 4)
+    ref = load(path, backend="torch").encode(wave, output_hidden_states=True)
+    ours = load(path).encode(wave, output_hidden_states=True)
+    assert_items_close(ours, ref, 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["wav2vec2-group", "wavlm-stable"])
+def test_float16_error_at_most_twice_torch_float16(variant, w2v_checkpoints):
+    path, _ = w2v_checkpoints[variant]
+    waves = [speech_like(n, seed + 20) for n, seed in WAVES]
+    truth = load(path, backend="torch").encode(waves).last_hidden_state
+    torch_half = load(path, "float16", backend="torch").encode(waves).last_hidden_state
+    ours = load(path, "float16").encode(waves).last_hidden_state
+    assert torch.isfinite(ours).all()
+    assert rel_err(ours, truth) <= 2 * rel_err(torch_half, truth)
+
+
+def test_layers_stop_early_and_equal_the_full_runs_hidden_state(w2v_checkpoints):
+    path, _ = w2v_checkpoints["wavlm-stable"]
+    enc = load(path)
+    wave = speech_like(5000, 5)
+    full = enc.encode(wave, output_hidden_states=True)
+    for layer in range(enc.num_layers):
+        torch.testing.assert_close(enc.encode(wave, output_layer=layer).last_hidden_state, full.hidden_states[layer])
+
+
+def test_batch_items_equal_items_alone(w2v_checkpoints):
+    path, _ = w2v_checkpoints["wavlm-group"]
+    enc = load(path)
+    waves = [speech_like(n, 30 + i) for i, n in enumerate((401, 5321, 2999))]
+    batch = enc.encode(waves)
+    for i, wave in enumerate(waves):
+        alone = enc.encode(wave)
+        n = alone.lengths[0]
+        assert rel_err(batch.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("ffn_scale,input_scale", [(15000.0, 1.0), (15000.0, 2e4)], ids=["past-1e4", "past-fp16-max"])
+def test_no_float16_overflow_with_large_activations(w2v_checkpoints, ffn_scale, input_scale):
+    """Pre-LN models (wav2vec2-large, WavLM-large) grow their residual stream layer after layer; the
+    backend keeps it in float32. Scaled weights push the stream past 1e4, then past float16's
+    65504 (where the plain torch model in float16 gives inf/NaN and only finiteness and a
+    half-precision-sized error can be asked)."""
+    from audioenc.backends.torch import TorchBackend
+    from audioenc.backends.triton import TritonBackend
+    from audioenc.models import build_model
+    from audioenc.weights import load_checkpoint
+
+    path, _ = w2v_checkpoints["wavlm-stable"]
+    model = build_model(load_checkpoint(path))
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.feed_forward.output_dense.weight.mul_(ffn_scale)
+            layer.feed_forward.output_dense.bias.mul_(ffn_scale)
+        model.feature_projection.projection.weight.mul_(input_scale)
+        model.feature_projection.projection.bias.mul_(input_scale)
+        model.encoder.pos_conv_embed.conv.weight.div_(input_scale)  # keeps the pos conv's output in range
+    wave = torch.from_numpy(speech_like(6000, 6))[None]
+    lengths = torch.tensor([6000])
+    with torch.inference_mode():
+        _, truth, _ = model(wave, lengths)
+    peak = max(float(h.abs().max()) for h in truth)
+    assert peak > (1e4 if input_scale == 1 else 65504)
+    layers = len(model.encoder.layers)
+    _, ours, _ = TritonBackend(model, torch.device(DEVICE), "float16").run(wave, lengths, layers)
+    _, plain, _ = TorchBackend(model, torch.device(DEVICE), "float16").run(wave, lengths, layers)
+    for a, b, ref in zip(ours, plain, truth):
+        assert torch.isfinite(a).all()
+        if peak < 65504:
+            assert rel_err(a.cpu(), ref) <= 2 * rel_err(b.cpu(), ref)
+        else:
+            assert rel_err(a.cpu(), ref) <= 5e-3
+    if peak >= 65504:
+        assert not all(torch.isfinite(b).all() for b in plain)  # the overflow this guards against
+
+
+def test_dtype_device_and_availability(w2v_checkpoints, monkeypatch):
+    from audioenc.backends.triton import TritonBackend
+
+    path, _ = w2v_checkpoints["wav2vec2-group"]
+    assert TritonBackend.available() is None
+    with pytest.raises(ValueError, match="float16, bfloat16, float32"):
+        load(path, "int8")
+    if not ON_GPU:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="CUDA"):
+            load(path)
+
+
+def test_buckets_pad_at_most_a_quarter():
+    from audioenc.backends.triton import MIN_LENGTH_BUCKET, batch_bucket, length_bucket
+
+    for n in [1, 400, 16000, 16001, 40000, 159999, 160000, 480001]:
+        b = length_bucket(n)
+        assert b >= n and (b == MIN_LENGTH_BUCKET or b <= 1.25 * n)
+        assert length_bucket(b) == b
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+
+
+# ---------------------------------------------------------------- real sizes (GPU only)
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+REAL = ["wav2vec2-base", "hubert-base", "wavlm-base-plus", "wav2vec2-large-lv60", "wavlm-large", "whisper-tiny",
+        "whisper-large-v3"]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", REAL)
+def test_real_size_half_precision_rule(name, dtype):
+    seconds = 30 if name.startswith("whisper") else 10
+    waves = [speech_like(int(16000 * seconds), 40), speech_like(int(16000 * seconds * 0.37), 41)]
+    truth = audioenc.load(f"random:{name}", backend="torch", device="cuda", dtype="float32").encode(waves)
+    torch_half = audioenc.load(f"random:{name}", backend="torch", device="cuda", dtype=dtype).encode(waves)
+    ours = audioenc.load(f"random:{name}", backend="triton", device="cuda", dtype=dtype).encode(waves)
+    assert ours.lengths.tolist() == truth.lengths.tolist()
+    for i, n in enumerate(truth.lengths.tolist()):
+        ref = truth.last_hidden_state[i, :n]
+        err = rel_err(ours.last_hidden_state[i, :n], ref)
+        assert err <= 2 * rel_err(torch_half.last_hidden_state[i, :n], ref), (name, dtype, i, err)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graphs_reuse_buckets_and_keep_items_independent():
+    enc = audioenc.load("random:wavlm-base-plus", backend="triton", device="cuda", dtype="float16")
+    eager = audioenc.load("random:wavlm-base-plus", backend="triton", device="cuda", dtype="float16")
+    eager.backend.use_graphs = False
+    waves = [speech_like(n, 50 + i) for i, n in enumerate((70000, 52001, 16000))]
+    first = enc.encode(waves)
+    assert len(enc.backend._graphs) == 1
+    again = enc.encode([w[:-400] for w in waves])           # same (batch, length) bucket: same graph
+    assert len(enc.backend._graphs) == 1 and again.lengths.tolist() != first.lengths.tolist()
+    torch.testing.assert_close(first.last_hidden_state, eager.encode(waves).last_hidden_state, rtol=2e-3, atol=2e-3)
+    for i, wave in enumerate(waves):
+        alone = enc.encode(wave)
+        n = alone.lengths[0]
+        assert rel_err(first.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_threads_share_one_encoder():
+    enc = audioenc.load("random:wav2vec2-base", backend="triton", device="cuda", dtype="float16")
+    waves = [speech_like(16000 * (1 + i), 60 + i) for i in range(4)]
+    expected = [enc.embed(w) for w in waves]
+    results = [None] * 4
+
+    def work(i):
+        results[i] = [enc.embed(waves[i]) for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for r in results[i]:
+            assert torch.equal(r, expected[i])
+
+
+@pytest.mark.gpu
+@gpu
+def test_auto_picks_triton_on_cuda():
+    enc = audioenc.load("random:whisper-tiny")
+    assert enc.backend.name == "triton" and enc.backend.dtype == torch.float16
+    assert np.isfinite(enc.embed(speech_like(16000, 70)).cpu().numpy()).all()

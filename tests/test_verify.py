@@ -1,0 +1,88 @@
+"""audioenc verify and export: per-layer report, pass/fail rules, exit codes, CLI."""
+import argparse
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from audioenc.backends import BACKENDS  # noqa: E402
+from audioenc.backends.torch import TorchBackend  # noqa: E402
+from audioenc.cli_deploy import register  # noqa: E402
+from audioenc.verify import generated_audio, layer_errors, verify  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path_factory.getbasetemp() / "verify-cache"))
+
+
+class NoisyBackend(TorchBackend):
+    """The reference plus 1% noise on every output: verify must fail it."""
+
+    name = "noisy"
+
+    def run(self, inputs, lengths, num_layers):
+        out, hidden, frames = super().run(inputs, lengths, num_layers)
+        noisy = lambda x: x + 0.01 * x.std() * torch.randn_like(x)  # noqa: E731
+        return noisy(out), [noisy(h) for h in hidden], frames
+
+
+def cli(argv):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_layer_errors_use_valid_frames_only():
+    ref = torch.randn(2, 5, 4)
+    ours = ref.clone()
+    ours[1, 3:] = 100.0  # padding: ignored
+    assert layer_errors(ours, ref, torch.tensor([5, 3])) == (0.0, 0.0, pytest.approx(1.0))
+    ours[0, 0, 0] += 1.0
+    max_abs, rel, cos = layer_errors(ours, ref, torch.tensor([5, 3]))
+    assert max_abs == pytest.approx(1.0) and rel > 0 and cos < 1
+
+
+def test_generated_audio_is_fresh_and_has_the_shortest_input():
+    a, b = generated_audio("wav2vec2"), generated_audio("wav2vec2")
+    assert min(len(x) for x in a) == 400
+    assert not all((x == y).all() for x, y in zip(a, b))
+    assert all(abs(x).max() > 0 for x in a)
+
+
+@pytest.mark.parametrize("dtype,rule", [("float32", "rel <= 0.0001"), ("int8", "cos >= 0.995"),
+                                        ("float16", "2x torch")])
+def test_onnx_passes(w2v_checkpoints, dtype, rule):
+    report = verify(w2v_checkpoints["wavlm-group"][0], "onnx", dtype=dtype, device="cpu")
+    assert report.passed, report.table()
+    assert [c.name for c in report.layers] == ["embeddings", "layer 1", "layer 2", "last_hidden_state"]
+    assert all(rule in c.limit for c in report.layers)
+    assert "fused ops:" in report.table()
+
+
+def test_cli_verify_exit_codes(whisper_checkpoints, w2v_checkpoints, monkeypatch, capsys):
+    assert cli(["verify", "--model", whisper_checkpoints[80][0], "--backend", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "last_hidden_state" in out and out.strip().endswith("PASS")
+    monkeypatch.setitem(BACKENDS, "noisy", ("test_verify", "NoisyBackend"))
+    assert cli(["verify", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "noisy"]) == 1
+    assert capsys.readouterr().out.strip().endswith("FAIL")
+    assert cli(["verify", "--model", "random:no-such", "--backend", "onnx"]) == 2
+
+
+def test_cli_export(w2v_checkpoints, tmp_path, capsys):
+    import onnx
+
+    path = w2v_checkpoints["hubert-group-noprojln"][0]
+    out = str(tmp_path / "out")
+    assert cli(["export", "--model", path, "--format", "onnx", "--out", out, "--hidden-states"]) == 0
+    graph = onnx.load(f"{out}/model.onnx")
+    assert [o.name for o in graph.graph.output][:3] == ["last_hidden_state", "frame_lengths", "hidden_state_0"]
+    assert cli(["export", "--model", path, "--out", out]) == 2  # exists: not overwritten
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli(["export", "--model", path, "--out", out, "--dtype", "int8", "--layers", "1", "--overwrite"]) == 0
+    ops = {n.op_type for n in onnx.load(f"{out}/model.onnx").graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    assert [o.name for o in onnx.load(f"{out}/model.onnx").graph.output] == ["last_hidden_state", "frame_lengths"]
