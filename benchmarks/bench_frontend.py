@@ -5,35 +5,16 @@ process. Prints a markdown table and writes it into BENCHMARKS.md's "## Frontend
     python benchmarks/bench_frontend.py [--runs 15] [--no-write]
 """
 import argparse
-import os
 import platform
-import re
-import time
 
 import numpy as np
 import torch
 
 import audioenc.frontend as fe
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        return platform.processor() or "unknown"
-
+from common import machine, median_time, write_section
 
 def median_ms(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_time(fn, repeats=runs, warmup=1)
 
 
 def peers():
@@ -92,10 +73,8 @@ def main():
     peer_names = [n for n in rows if not n.startswith("audioenc")]
     fastest = {c: min(rows[n][c] for n in peer_names) for c in clips}
     lines = [
-        "## Frontend",
-        "",
         f"CPU log-mel, 80 bins, float32 input; median ms of several runs, one process "
-        f"(`python benchmarks/bench_frontend.py`). Machine: {cpu_model()}, {os.cpu_count()} cores; "
+        f"(`python benchmarks/bench_frontend.py`). Machine: {machine()}; "
         f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"audioenc vector path: {getattr(fe._C, 'log_mel_cpu_isa', 'torch fallback')}.",
         "",
@@ -112,17 +91,7 @@ def main():
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_section(table)
-
-
-def write_section(text, path=os.path.join(ROOT, "BENCHMARKS.md")):
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    match = re.search(r"^## Frontend\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
-    new = old[: match.start()] + text + "\n" + old[match.end():] if match else old.rstrip("\n") + "\n\n" + text
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+        write_section("Frontend", table)
 
 
 if __name__ == "__main__":

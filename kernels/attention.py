@@ -8,12 +8,13 @@ kernel -> launcher (``attention``) -> reference (``attention_ref``).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from audioenc.models.wavlm import bucket_of
 
 LOG2E = 1.4426950408889634
 
@@ -189,15 +190,9 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
 def relative_bias_table(embedding: torch.Tensor, seq_len: int, num_buckets: int, max_distance: int) -> torch.Tensor:
     """WavLM's bucketed bias over relative distance key - query = -(T-1) .. T-1: (H, 2T - 1) float32.
 
-    The same buckets as audioenc.models.wavlm.relative_position_buckets, on a 1-D range.
+    audioenc.models.wavlm's buckets on a 1-D range of distances.
     embedding: the (num_buckets, H) weight of layer 0's rel_attn_embed.
     """
     relative = torch.arange(-(seq_len - 1), seq_len, device=embedding.device)
-    half = num_buckets // 2
-    buckets = (relative > 0).long() * half
-    distance = relative.abs()
-    max_exact = half // 2
-    log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
-    large = (max_exact + log_ratio * (half - max_exact)).long().clamp(max=half - 1)
-    buckets = buckets + torch.where(distance < max_exact, distance, large)
+    buckets = bucket_of(relative, num_buckets, max_distance)
     return embedding.float()[buckets].t().contiguous()

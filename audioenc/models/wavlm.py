@@ -15,11 +15,9 @@ from audioenc.models.layers import Attention
 from audioenc.models.wav2vec2 import Encoder, Wav2Vec2Model
 
 
-def relative_position_buckets(num_frames: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(T, T) bucket of key_pos - query_pos: half the buckets per sign, exact below num_buckets // 4,
+def bucket_of(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bucket of each key_pos - query_pos: half the buckets per sign, exact below num_buckets // 4,
     log-spaced up to max_distance, clamped to the last bucket (T5-style, as WavLM)."""
-    pos = torch.arange(num_frames, device=device)
-    relative = pos[None, :] - pos[:, None]
     half = num_buckets // 2
     buckets = (relative > 0).long() * half
     distance = relative.abs()
@@ -27,6 +25,12 @@ def relative_position_buckets(num_frames: int, num_buckets: int, max_distance: i
     log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
     large = (max_exact + log_ratio * (half - max_exact)).long().clamp(max=half - 1)
     return buckets + torch.where(distance < max_exact, distance, large)
+
+
+def relative_position_buckets(num_frames: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
+    """(T, T) buckets of key_pos - query_pos."""
+    pos = torch.arange(num_frames, device=device)
+    return bucket_of(pos[None, :] - pos[:, None], num_buckets, max_distance)
 
 
 class WavLMAttention(Attention):
