@@ -473,7 +473,8 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
     try:
-        log.info("exporting %s (%s) to ONNX", model.dims.family, spec)
+        log.info("audioenc: exporting %s (%s) to ONNX: first use of this model and depth, cached in %s",
+                 model.dims.family, spec, entry)
         build_graph(model, spec, tmp)
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, META_FILE), "w") as f:
