@@ -80,7 +80,8 @@ def check_rate(sample_rate) -> int:
     return int(sample_rate)
 
 
-def _as_numpy(x, what: str) -> np.ndarray:
+def as_pcm_array(x, what: str) -> np.ndarray:
+    """A numpy array or tensor of a supported sample type, as numpy; TypeError otherwise."""
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise TypeError(f"{what}: complex tensors are not audio")
@@ -120,7 +121,7 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
     if isinstance(audio, (str, os.PathLike)):
         audio = [audio]
     if isinstance(audio, (np.ndarray, torch.Tensor)):
-        x = _as_numpy(audio, "audio")
+        x = as_pcm_array(audio, "audio")
         if x.ndim == 1:
             items = [x]
         elif x.ndim == 2:
@@ -142,7 +143,7 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
                 rates.append(check_rate(rate))
                 names.append(os.fspath(item))
                 continue
-            x = _as_numpy(item, f"audio[{i}]")
+            x = as_pcm_array(item, f"audio[{i}]")
             if x.ndim != 1:
                 raise ValueError(f"audio[{i}]: items of a list must be 1-D, got shape {tuple(x.shape)}")
             items.append(x)

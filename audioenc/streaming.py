@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audioenc.audio import SAMPLE_RATE, check_rate
+from audioenc.audio import SAMPLE_RATE, as_pcm_array, check_rate
 from audioenc.chunker import Chunker, Window
+from audioenc.frontend import pcm_to_float32
 
 FRAME_HOP = 320  # samples per output frame, every family
 WINDOWS_PER_RUN = 8  # windows that arrive together (long audio) are encoded as one batch
@@ -101,8 +102,7 @@ class EncoderStream:
 
             self.resampler = soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.finished = False
-        self.received = 0  # samples at 16 kHz
-        self.emitted = 0   # frames returned so far
+        self.emitted = 0  # frames returned so far
 
     @property
     def latency_s(self) -> float:
@@ -115,7 +115,6 @@ class EncoderStream:
         x = self._prepare(block)
         if self.resampler is not None:
             x = self.resampler.resample_chunk(x)
-        self.received += len(x)
         return self._encode_windows(self.chunker.push(x))
 
     def flush(self) -> StreamFrames:
@@ -125,16 +124,11 @@ class EncoderStream:
         self.finished = True
         windows = []
         if self.resampler is not None:
-            tail = self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-            self.received += len(tail)
-            windows = self.chunker.push(tail)
+            windows = self.chunker.push(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
         return self._encode_windows(windows + self.chunker.flush())
 
     def _prepare(self, block) -> np.ndarray:
-        from audioenc.audio import _as_numpy
-        from audioenc.frontend import pcm_to_float32
-
-        x = _as_numpy(block, "block")
+        x = as_pcm_array(block, "block")
         if x.ndim != 1:
             raise ValueError(f"block: expected 1-D samples, got shape {tuple(x.shape)}")
         x = pcm_to_float32(x)

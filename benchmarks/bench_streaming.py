@@ -49,9 +49,9 @@ def cosines(a, b):
 
 
 def part_context(args) -> str:
-    settings = [(0.5, 0.1), (1.0, 0.25), (2.0, 0.5), (4.0, 0.5), (4.0, 1.0), (4.0, 4.0)]
-    models = ["wav2vec2-base", "hubert-base", "wavlm-base-plus", "whisper-base"]
+    settings = [tuple(float(x) for x in pair.split("/")) for pair in args.settings]
     rows = []
+    models = args.models
     for name in models:
         enc = audioenc.load(f"random:{name}", backend="torch", device="cpu")
         seconds = 30.0 if name.startswith("whisper") else args.seconds
@@ -174,16 +174,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--minutes", type=int, default=60)
     parser.add_argument("--backend", default="torch")
+    parser.add_argument("--models", nargs="+", default=["wav2vec2-base", "hubert-base", "wavlm-base-plus", "whisper-base"])
+    parser.add_argument("--settings", nargs="+", default=["0.5/0.1", "1/0.25", "2/0.5", "4/0.5", "4/1", "4/4"],
+                        help="context: LEFT/RIGHT seconds pairs")
+    parser.add_argument("--tag", default="", help="suffix of the results file, to keep several runs of a part")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     body = {"context": part_context, "latency": part_latency, "memory": part_memory,
             "whisper-long": part_whisper_long}[args.part](args)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"streaming-{args.part}.md"), "w") as f:
-        f.write(f"### {args.part}\n\n{body}\n\nMachine: {machine()}. Versions: "
+    with open(os.path.join(RESULTS, f"streaming-{args.part}{args.tag}.md"), "w") as f:
+        f.write(f"### {args.part}{args.tag}\n\n{body}\n\nMachine: {machine()}. Versions: "
                 f"{versions('audioenc', 'torch', 'numpy')}.\n")
-    parts = [open(os.path.join(RESULTS, f"streaming-{p}.md")).read() for p in PARTS
-             if os.path.exists(os.path.join(RESULTS, f"streaming-{p}.md"))]
+    parts = [open(os.path.join(RESULTS, name)).read() for p in PARTS
+             for name in sorted(os.listdir(RESULTS)) if name.startswith(f"streaming-{p}")]
     write_section("Streaming and long audio", "`python benchmarks/bench_streaming.py PART` (random weights at "
                   "real sizes; espeak-ng speech).\n\n" + "\n".join(parts))
     print(body)
