@@ -7,6 +7,12 @@ sample 320 * j (20 ms), for every family. ``chunk`` and ``left`` are rounded to 
 window starts stay on that grid; the right context gets the extra samples the conv stack needs to
 finish the centre's last frame (80 for the wav2vec2 family, 200 for Whisper's mel + conv stem).
 
+Whisper's positions are absolute within its 30 s windows, and offline audio is encoded as
+consecutive 30 s windows; so a Whisper stream never crosses a 30 s boundary: each window starts at
+most ``left`` before its centre but not before the start of its 30 s block (the default left context
+is all of it), and ends at the block's end at the latest, which places every frame at its offline
+position. A Whisper call costs a full 30 s window whatever the audio, so that context is free.
+
 Group-norm models, waveform normalisation, Whisper's per-window log-mel range and attention all see
 only the window, so streamed frames differ from offline ones; benchmarks/bench_streaming.py measures
 how much against context length, and the defaults below come from that measurement.
@@ -31,7 +37,7 @@ STREAM_DEFAULTS = {
     "wav2vec2": (1.0, 2.0, 0.5),
     "hubert": (1.0, 2.0, 0.5),
     "wavlm": (1.0, 2.0, 0.5),
-    "whisper": (1.0, 4.0, 0.5),
+    "whisper": (1.0, 30.0, 0.5),  # left: everything since the start of the 30 s window
 }
 # Offline encode of longer audio goes through windows: threshold, chunk, left, right (seconds).
 LONG_AUDIO_DEFAULTS = {
@@ -91,10 +97,13 @@ class EncoderStream:
         self.left = frames(left_context_s, "left_context_s") * FRAME_HOP
         self.right = frames(right_context_s, "right_context_s") * FRAME_HOP
         self.tail = conv_tail(encoder.family, getattr(encoder.dims, "receptive_field", 400))
-        window = self.left + self.chunk + self.right + self.tail
-        if encoder.family == "whisper" and window > encoder.dims.window_samples:
-            raise ValueError(f"left + chunk + right context is {window / SAMPLE_RATE:g} s; "
-                             f"whisper windows hold at most {encoder.dims.window_samples / SAMPLE_RATE:g} s")
+        # Whisper: windows stay inside their 30 s block (see the module docstring).
+        self.block = encoder.dims.window_samples if encoder.family == "whisper" else None
+        if self.block is not None:
+            if self.block % self.chunk:
+                raise ValueError(f"whisper streams need a chunk_s that divides {self.block / SAMPLE_RATE:g} s "
+                                 f"(so no chunk straddles two 30 s windows), got {self.chunk / SAMPLE_RATE:g} s")
+            self.left = min(self.left, self.block - self.chunk)
         self.chunker = Chunker(self.chunk, self.left, self.right + self.tail)
         self.resampler = None
         if self.sample_rate != SAMPLE_RATE:
@@ -139,11 +148,17 @@ class EncoderStream:
     def _encode_windows(self, windows: list[Window]) -> StreamFrames:
         kept = []
         for w in windows:
-            # The existing samples of the window; keep the frames that start in its centre (the
-            # last window of a stream may hold fewer: frames the audio does not complete).
-            samples = w.samples[w.left - w.valid_left : w.left + w.valid_centre + w.valid_right]
+            # The existing samples of the window (inside its 30 s block for Whisper); keep the frames
+            # that start in its centre (the last window of a stream may hold fewer: frames the
+            # audio does not complete).
+            centre = w.start + w.left
+            begin, end = centre - w.valid_left, centre + w.valid_centre + w.valid_right
+            if self.block is not None:
+                block_start = centre - centre % self.block
+                begin, end = max(begin, block_start), min(end, block_start + self.block)
+            samples = w.samples[begin - w.start : end - w.start]
             if len(samples) >= self.encoder.min_samples:
-                offset = w.valid_left // FRAME_HOP  # valid_left is a whole number of frames
+                offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
                 kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
         pieces = []
         for first in range(0, len(kept), WINDOWS_PER_RUN):

@@ -3,7 +3,6 @@
     python benchmarks/bench_streaming.py context      # agreement with offline vs context length
     python benchmarks/bench_streaming.py latency      # push -> frames time, real-time factor
     python benchmarks/bench_streaming.py memory       # RSS over a 1-hour stream, peak RSS of a 1-hour file
-    python benchmarks/bench_streaming.py whisper-long # hard 30 s cuts vs overlapping windows
 
 Each part replaces its own sub-table in benchmarks/results/streaming-<part>.md, and the section is
 rebuilt from those files. Models: real-size architectures with random weights (no checkpoints can
@@ -24,7 +23,7 @@ from common import ROOT, machine, versions, write_section
 from speech import espeak_speech
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-PARTS = ("context", "latency", "memory", "whisper-long")
+PARTS = ("context", "latency", "memory")
 
 
 def stream_frames(enc, wave, chunk_s, left_s, right_s, block=320, output_layer=None):
@@ -54,12 +53,9 @@ def part_context(args) -> str:
     models = args.models
     for name in models:
         enc = audioenc.load(f"random:{name}", backend="torch", device="cpu")
-        seconds = 30.0 if name.startswith("whisper") else args.seconds
-        wave = espeak_speech(seconds, seed=1)
+        wave = espeak_speech(args.seconds, seed=1)
         offline = enc.encode(wave).last_hidden_state[0]
         for left, right in settings:
-            if name.startswith("whisper") and left + 1.0 + right > 29.9:
-                continue
             frames, _ = stream_frames(enc, wave, 1.0, left, right, block=16000)
             cos = cosines(frames, offline)
             latency_ms = (1.0 + right) * 1000
@@ -67,8 +63,9 @@ def part_context(args) -> str:
             print(rows[-1], flush=True)
     return "\n".join([
         f"Final-layer agreement of streamed frames with the offline encode of the same audio ({args.seconds:g} s of "
-        "espeak-ng speech; 30 s for Whisper, whose offline window is 30 s), chunk 1 s. Latency = chunk + right "
-        "context (audio a frame may wait for), before compute.",
+        "espeak-ng speech; Whisper offline = consecutive 30 s windows, and a Whisper stream's left context stops at "
+        "the start of its 30 s window, so left 30 means 'the whole window so far'), chunk 1 s. Latency = chunk + "
+        "right context (audio a frame may wait for), before compute.",
         "",
         "| model | left (s) | right (s) | mean cosine | min cosine | latency (ms) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -141,33 +138,6 @@ def part_memory(args) -> str:
     ])
 
 
-def part_whisper_long(args) -> str:
-    enc = audioenc.load("random:whisper-base", backend="torch", device="cpu")
-    wave = espeak_speech(args.seconds, seed=4)
-    hard = enc.encode(wave).last_hidden_state[0]                       # consecutive 30 s windows
-    reference, _ = stream_frames(enc, wave, 10.0, 9.5, 9.5, block=16000)  # every frame >= 9.5 s of context
-    rows = []
-    near_cut = torch.zeros(len(reference), dtype=torch.bool)
-    for cut in range(1500, len(reference), 1500):
-        near_cut[max(0, cut - 50) : cut + 50] = True
-    for name, frames in [("hard 30 s cuts", hard)] + [
-        (f"overlap: chunk {c:g} s, context {l:g} s", stream_frames(enc, wave, c, l, l, block=16000)[0])
-        for c, l in ((20.0, 4.5), (25.0, 2.0))
-    ]:
-        cos = cosines(frames, reference)
-        rows.append(f"| {name} | {cos.mean():.4f} | {cos[near_cut[: len(cos)]].mean():.4f} | {cos.min():.4f} |")
-        print(rows[-1], flush=True)
-    return "\n".join([
-        f"Whisper-base on {args.seconds:g} s of speech: agreement with a reference where every frame has at least "
-        "9.5 s of context on both sides (10 s chunks in 29 s windows). 'near cuts' = frames within 1 s of a hard "
-        "30 s boundary.",
-        "",
-        "| long-audio strategy | mean cosine | mean cosine near cuts | min cosine |",
-        "| --- | ---: | ---: | ---: |",
-        *rows,
-    ])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("part", choices=PARTS)
@@ -180,8 +150,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results file, to keep several runs of a part")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    body = {"context": part_context, "latency": part_latency, "memory": part_memory,
-            "whisper-long": part_whisper_long}[args.part](args)
+    body = {"context": part_context, "latency": part_latency, "memory": part_memory}[args.part](args)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"streaming-{args.part}{args.tag}.md"), "w") as f:
         f.write(f"### {args.part}{args.tag}\n\n{body}\n\nMachine: {machine()}. Versions: "

@@ -65,15 +65,19 @@ def test_layer_norm_conv_features_are_exact_with_enough_context(w2v_checkpoints)
         assert rel_err(frames, offline) <= 1e-5
 
 
-def test_whisper_stream_grid_and_window_limit(whisper_checkpoints):
+def test_whisper_stream_keeps_offline_positions(whisper_checkpoints):
+    """Windows never cross a 30 s block, so with the default left context (the whole block) and a
+    right context that reaches the block's end, streamed frames equal the offline ones."""
     enc = audioenc.load(whisper_checkpoints[80][0], backend="torch")
-    wave = speech_like(16000 * 4 + 99, 3)
+    wave = speech_like(16000 * 33 + 99, 3)
     offline = enc.encode(wave)
-    frames, times = collect(stream_all(enc.stream(chunk_s=1.0, left_context_s=2.0, right_context_s=0.5), wave))
+    frames, times = collect(stream_all(enc.stream(chunk_s=1.0, right_context_s=0.5), wave, max_block=40000))
     assert frames.shape == (offline.lengths.item(), enc.hidden_size)
     np.testing.assert_allclose(times[-1], (len(frames) - 1) * 0.02)
-    with pytest.raises(ValueError, match="whisper windows hold at most 30 s"):
-        enc.stream(chunk_s=20, left_context_s=8, right_context_s=4)
+    exact, _ = collect(stream_all(enc.stream(chunk_s=3.0, right_context_s=30.0), wave, max_block=40000))
+    assert rel_err(exact, offline.last_hidden_state[0]) <= 1e-5
+    with pytest.raises(ValueError, match="chunk_s that divides 30 s"):
+        enc.stream(chunk_s=7)
 
 
 def test_stream_at_another_rate_and_pcm_types(w2v_checkpoints):
