@@ -30,20 +30,23 @@ from audioenc.chunker import Chunker, Window
 from audioenc.frontend import pcm_to_float32
 
 FRAME_HOP = 320  # samples per output frame, every family
-WINDOWS_PER_RUN = 8  # windows that arrive together (long audio) are encoded as one batch
+# Windows that arrive together (long audio) are encoded in batches of at most this much audio:
+# enough to keep the encoder busy, small enough that the conv stack's activations stay ~1 GB.
+SECONDS_PER_RUN = 48.0
 
-# Defaults (seconds): chunk, left context, right context. See BENCHMARKS.md "Streaming".
+# Defaults (seconds): chunk, left context, right context: the cheapest measured setting whose final
+# layer reaches mean cosine >= 0.99 to offline (BENCHMARKS.md "Streaming and long audio").
 STREAM_DEFAULTS = {
-    "wav2vec2": (1.0, 2.0, 0.5),
-    "hubert": (1.0, 2.0, 0.5),
-    "wavlm": (1.0, 2.0, 0.5),
+    "wav2vec2": (1.0, 4.0, 1.0),
+    "hubert": (1.0, 4.0, 1.0),
+    "wavlm": (1.0, 4.0, 4.0),
     "whisper": (1.0, 30.0, 0.5),  # left: everything since the start of the 30 s window
 }
 # Offline encode of longer audio goes through windows: threshold, chunk, left, right (seconds).
 LONG_AUDIO_DEFAULTS = {
-    "wav2vec2": (120.0, 60.0, 8.0, 8.0),
-    "hubert": (120.0, 60.0, 8.0, 8.0),
-    "wavlm": (120.0, 60.0, 8.0, 8.0),
+    "wav2vec2": (120.0, 30.0, 8.0, 8.0),
+    "hubert": (120.0, 30.0, 8.0, 8.0),
+    "wavlm": (120.0, 30.0, 8.0, 8.0),
     "whisper": (30.0, 30.0, 0.0, 0.0),
 }
 
@@ -161,8 +164,9 @@ class EncoderStream:
                 offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
                 kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
         pieces = []
-        for first in range(0, len(kept), WINDOWS_PER_RUN):
-            group = kept[first : first + WINDOWS_PER_RUN]
+        per_run = max(1, int(SECONDS_PER_RUN * SAMPLE_RATE) // max([len(k[0]) for k in kept], default=1))
+        for first in range(0, len(kept), per_run):
+            group = kept[first : first + per_run]
             encoded = self.encode_samples([samples for samples, _, _ in group])
             pieces += [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, group)]
         out = torch.cat(pieces) if pieces else torch.zeros(0, self.encoder.hidden_size)
