@@ -37,10 +37,10 @@ SECONDS_PER_RUN = 48.0
 # Defaults (seconds): chunk, left context, right context: the cheapest measured setting whose final
 # layer reaches mean cosine >= 0.99 to offline (BENCHMARKS.md "Streaming and long audio").
 STREAM_DEFAULTS = {
-    "wav2vec2": (1.0, 4.0, 1.0),
-    "hubert": (1.0, 4.0, 1.0),
+    "wav2vec2": (1.0, 2.0, 1.0),
+    "hubert": (1.0, 2.0, 1.0),
     "wavlm": (1.0, 4.0, 4.0),
-    "whisper": (1.0, 30.0, 0.5),  # left: everything since the start of the 30 s window
+    "whisper": (1.0, 30.0, 0.1),  # left: everything since the start of the 30 s window
 }
 # Offline encode of longer audio goes through windows: threshold, chunk, left, right (seconds).
 LONG_AUDIO_DEFAULTS = {
