@@ -59,7 +59,10 @@ def test_embed_never_overwrites_without_asking(audio_tree, tmp_path, w2v_checkpo
     assert "skipped 1 existing" in capsys.readouterr().out
     assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(out), "--overwrite"]) == 0
     assert np.load(out / "a.npy").shape == (32,)
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(out) if f.startswith(".audioenc-tmp-")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "a.npy").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoints, capsys):
