@@ -113,10 +113,9 @@ def duration_s(path: str) -> float:
 
 def length_batches(jobs: list[tuple[str, str]], batch_size: int, max_audio_s: float):
     """Jobs sorted by duration and grouped so padding wastes little and a batch stays bounded."""
-    jobs = sorted(jobs, key=lambda job: duration_s(job[0]))
+    timed = sorted((duration_s(path), (path, target)) for path, target in jobs)
     batch, longest = [], 0.0
-    for job in jobs:
-        d = duration_s(job[0])
+    for d, job in timed:
         if batch and (len(batch) == batch_size or max(longest, d) * (len(batch) + 1) > max_audio_s):
             yield batch
             batch, longest = [], 0.0
