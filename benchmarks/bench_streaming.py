@@ -160,11 +160,16 @@ def main() -> None:
     with open(os.path.join(RESULTS, f"streaming-{args.part}{args.tag}.md"), "w") as f:
         f.write(f"### {args.part}{args.tag}\n\n{body}\n\nMachine: {machine()}. Versions: "
                 f"{versions('audioenc', 'torch', 'numpy')}.\n")
-    parts = [open(os.path.join(RESULTS, name)).read() for p in PARTS
-             for name in sorted(os.listdir(RESULTS)) if name.startswith(f"streaming-{p}")]
+    rebuild_section()
+    print(body)
+
+
+def rebuild_section() -> None:
+    """BENCHMARKS.md's section from every results file, by part (a part's untagged run first)."""
+    names = sorted(os.listdir(RESULTS), key=lambda n: (len(n), n))
+    parts = [open(os.path.join(RESULTS, n)).read() for p in PARTS for n in names if n.startswith(f"streaming-{p}")]
     write_section("Streaming and long audio", "`python benchmarks/bench_streaming.py PART` (random weights at "
                   "real sizes; espeak-ng speech).\n\n" + "\n".join(parts))
-    print(body)
 
 
 if __name__ == "__main__":
