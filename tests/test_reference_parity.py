@@ -162,3 +162,14 @@ def test_threads_share_one_encoder(w2v_checkpoints):
         results = list(pool.map(lambda w: enc.encode(w).last_hidden_state, waves * 2))
     for got, want in zip(results, expected * 2):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("variant", ["wav2vec2-stable", "wavlm-group"])
+def test_torch_backend_bfloat16_tracks_float32(variant, w2v_checkpoints):
+    """The reference in bfloat16 on the CPU: finite, and within bfloat16's rounding of float32."""
+    path, _ = w2v_checkpoints[variant]
+    wave = speech_like(8000, 6)
+    ref = audioenc.load(path, backend="torch", dtype="float32").encode(wave).last_hidden_state
+    half = audioenc.load(path, backend="torch", dtype="bfloat16").encode(wave).last_hidden_state
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    assert rel_err(half.float(), ref) <= 0.05
