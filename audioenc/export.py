@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ HALF_OPS = ("MatMul", "Gemm", "Conv")  # run in fp16 by the half-precision graph
 MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"
 PROTOBUF_LIMIT = 1 << 30  # larger graphs keep their weights in an external data file
+QUANTIZE_MIN_ROWS = 64  # int8 MatMuls need a reduction at least this long to pay for quantising their input
 
 
 def cache_root() -> str:
@@ -81,38 +83,76 @@ class TablePositionBias(nn.Module):
 
 
 class ConvAsMatMul(nn.Module):
-    """A bias-free-or-not Conv1d without padding as one MatMul over gathered frames (channel-last):
-    exact, and unlike Conv it is quantised by int8 dynamic quantisation and runs on the GEMM
-    kernels. Replaces the conv feature encoder's multi-channel layers in the exported graph."""
+    """A Conv1d without padding on channel-last input, (B, T, C) -> (B, frames, out), as one MatMul
+    over the gathered taps: exact, quantised by int8 dynamic quantisation, and run on the GEMM
+    kernels (ORT's Conv is an im2col of its own and is not quantised dynamically)."""
 
     def __init__(self, conv: nn.Conv1d):
         super().__init__()
         out_dim, in_dim, k = conv.weight.shape
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride  # read by FeatureExtractor
-        self.kernel = k
+        self.kernel, self.stride = k, conv.stride[0]
         # (k * in_dim, out_dim), rows ordered as the gathered frames: tap-major, then channel
         self.weight = nn.Parameter(conv.weight.detach().permute(2, 1, 0).reshape(k * in_dim, out_dim).clone())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride = self.stride[0]
-        frames = (x.shape[-1] - self.kernel) // stride + 1
-        x = x.transpose(1, 2)
-        span = stride * (frames - 1) + 1
-        taps = torch.cat([x[:, j : j + span : stride] for j in range(self.kernel)], dim=-1)
+        frames = (x.shape[1] - self.kernel) // self.stride + 1
+        span = self.stride * (frames - 1) + 1
+        taps = torch.cat([x[:, j : j + span : self.stride] for j in range(self.kernel)], dim=-1)
         y = taps @ self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y.transpose(1, 2)
+        return y if self.bias is None else y + self.bias
+
+
+def masked_group_norm_channel_last(x: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """models.layers.masked_group_norm on (B, T, C): the masked sums over time are MatMuls with the
+    (B, 1, T) valid-frame mask, so the statistics cost two reads of x instead of a chain of
+    elementwise passes."""
+    valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    centred = x - (valid @ x) / count
+    var = (valid @ (centred * centred)) / count
+    return centred * (torch.rsqrt(var + eps) * weight) + bias
+
+
+class ChannelLastFeatureExtractor(nn.Module):
+    """The conv feature encoder as the graph runs it: channel-last from the waveform to the feature
+    projection, so the graph has no per-layer transposes. Same numbers as FeatureExtractor."""
+
+    def __init__(self, extractor: nn.Module):
+        super().__init__()
+        self.convs = nn.ModuleList(ConvAsMatMul(layer.conv) for layer in extractor.conv_layers)
+        self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity()
+                                   for layer in extractor.conv_layers)
+        self.norm_types = [layer.norm_type for layer in extractor.conv_layers]
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, samples), valid samples per item -> (B, frames, C), valid frames per item."""
+        x = waveforms[:, :, None]
+        for conv, norm, norm_type in zip(self.convs, self.norms, self.norm_types):
+            lengths = torch.div(lengths - conv.kernel, conv.stride, rounding_mode="floor") + 1
+            x = conv(x)
+            if norm_type == "group":
+                x = masked_group_norm_channel_last(x, lengths, norm.weight, norm.bias, norm.eps)
+            elif norm_type == "layer":
+                x = norm(x)
+            x = nn.functional.gelu(x)
+        return x, lengths
 
 
 class Wav2Vec2Graph(nn.Module):
     def __init__(self, model: nn.Module, num_layers: int, hidden_states: bool):
         super().__init__()
-        self.model, self.num_layers, self.hidden_states = model, num_layers, hidden_states
+        self.feature_extractor = ChannelLastFeatureExtractor(model.feature_extractor)
+        self.feature_projection, self.encoder = model.feature_projection, model.encoder
+        if isinstance(self.encoder, WavLMEncoder):
+            self.encoder.position_bias = TablePositionBias(self.encoder)
+        self.num_layers, self.hidden_states = num_layers, hidden_states
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor):
-        out, hidden, frame_lengths = self.model(waveforms, lengths, self.num_layers)
+        # Wav2Vec2Model.forward with the features already channel-last
+        features, frame_lengths = self.feature_extractor(waveforms, lengths)
+        out, hidden = self.encoder(self.feature_projection(features), frame_lengths, self.num_layers)
         return (out, frame_lengths, *hidden) if self.hidden_states else (out, frame_lengths)
 
 
@@ -152,17 +192,12 @@ def example_inputs(dims, batch: int = 2, seconds: float = 1.0, seed: int = 0) ->
 
 
 def graph_module(model: nn.Module, num_layers: int, hidden_states: bool) -> nn.Module:
-    """The module that torch.onnx.export traces: a copy of the reference with WavLM's position bias
-    from a constant table and the multi-channel feature convs as MatMuls (weight norm is already
-    folded at load, dropout does not exist)."""
+    """The module that torch.onnx.export traces: a copy of the reference with the conv feature
+    encoder channel-last on MatMuls and WavLM's position bias from a constant table (weight norm is
+    already folded at load, dropout does not exist)."""
     model = copy.deepcopy(model).float().cpu().eval()
     if isinstance(model.dims, WhisperDims):
         return WhisperGraph(model, num_layers, hidden_states)
-    for layer in model.feature_extractor.conv_layers:
-        if layer.conv.in_channels > 1:
-            layer.conv = ConvAsMatMul(layer.conv)
-    if isinstance(model.encoder, WavLMEncoder):
-        model.encoder.position_bias = TablePositionBias(model.encoder)
     return Wav2Vec2Graph(model, num_layers, hidden_states)
 
 
@@ -333,14 +368,33 @@ def check_half_headroom(peaks: dict[str, float]) -> None:
 def quantize_int8(fp32_path: str, path: str) -> None:
     """Dynamic int8 quantisation of the MatMul weights (per output channel); activations are
     quantised per call. The feature encoder's convs are MatMuls in the graph, so they are quantised
-    too; the attention products (no constant weight), LayerNorm, softmax and GELU stay fp32."""
+    too, except the first (its input is the waveform, its reduction only kernel-size long); the
+    attention products (no constant weight), LayerNorm, softmax and GELU stay fp32."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # uint8 weights: x86 CPUs without VNNI saturate on uint8 x int8 products (mean cosine 0.975 on
-    # wav2vec2-base against 0.9999 with uint8 x uint8)
-    quantize_dynamic(fp32_path, path, weight_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+    proto = onnx.load(fp32_path, load_external_data=False)
+    rows = {init.name: init.dims[0] for init in proto.graph.initializer if len(init.dims) == 2}
+    short = [node.name for node in proto.graph.node
+             if node.op_type == "MatMul" and rows.get(node.input[1], QUANTIZE_MIN_ROWS) < QUANTIZE_MIN_ROWS]
+    # int8 weights run on the u8 x s8 kernels. Without VNNI, x86 multiplies them with vpmaddubsw,
+    # whose int16 pair sums saturate; 7-bit weights (reduce_range) keep every sum exact there.
+    quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=int8_reduce_range(),
+                     op_types_to_quantize=["MatMul"], nodes_to_exclude=short,
                      use_external_data_format=os.path.exists(fp32_path + ".data"),
                      extra_options={"MatMulConstBOnly": True})
+
+
+def int8_reduce_range() -> bool:
+    """True on x86 CPUs without VNNI (AVX512-VNNI or AVX-VNNI), where int8 weights must keep to 7 bits."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return True
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,6 +457,7 @@ def cache_key(model: nn.Module, spec: ExportSpec, weights: str | None = None) ->
         import onnxruntime
 
         fields["onnxruntime"] = onnxruntime.__version__  # the quantiser's version shapes that graph
+        fields["int8_reduce_range"] = int8_reduce_range()
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -18,7 +18,7 @@ import torch
 
 import audioenc
 from bench_reference import speech_like
-from common import machine, median_time, versions, write_section
+from common import interleaved_medians, machine, versions, write_section
 
 
 def accuracy(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -47,15 +47,15 @@ def wav2vec2_rows(tmp: str, repeats: int) -> list[str]:
             return hf(fe(audio, sampling_rate=16000, return_tensors="pt").input_values).last_hidden_state
 
     ref = audioenc.load(tmp, backend="torch", dtype="float32").encode(audio).last_hidden_state[0]
-    t_hf = median_time(run_hf, repeats)
-    rows = [row("wav2vec2-base 10 s: transformers eager fp32", t_hf, t_hf, None, accuracy(run_hf()[0], ref))]
+    contenders = {"transformers eager fp32": run_hf}
+    outputs = {"transformers eager fp32": run_hf()[0]}
     for dtype in ("float32", "int8"):
         enc = audioenc.load(tmp, backend="onnx", dtype=dtype)
-        out = enc.encode(audio).last_hidden_state[0]
-        t = median_time(lambda: enc.encode(audio), repeats)
-        rows.append(row(f"wav2vec2-base 10 s: audioenc onnx {dtype}", t, t_hf, None, accuracy(out, ref)))
-        print(rows[-1], flush=True)
-    return rows
+        outputs[f"audioenc onnx {dtype}"] = enc.encode(audio).last_hidden_state[0]
+        contenders[f"audioenc onnx {dtype}"] = lambda enc=enc: enc.encode(audio)
+    times = interleaved_medians(contenders, repeats)
+    t_hf = times["transformers eager fp32"]
+    return [row(f"wav2vec2-base 10 s: {name}", t, t_hf, None, accuracy(outputs[name], ref)) for name, t in times.items()]
 
 
 def whisper_rows(tmp: str, repeats: int) -> list[str]:
@@ -86,17 +86,15 @@ def whisper_rows(tmp: str, repeats: int) -> list[str]:
     def run_ct2():
         return np.asarray(ct2.encode(features, to_cpu=True))
 
-    t_hf = median_time(run_hf, repeats)
-    t_ct2 = median_time(run_ct2, repeats)
-    rows = [row("whisper-base 30 s: transformers eager fp32", t_hf, t_hf, t_ct2, accuracy(run_hf()[0], ref)),
-            row("whisper-base 30 s: CTranslate2 int8", t_ct2, t_hf, t_ct2, accuracy(torch.from_numpy(run_ct2()[0]), ref))]
+    contenders = {"transformers eager fp32": run_hf, "CTranslate2 int8": run_ct2}
+    outputs = {"transformers eager fp32": run_hf()[0], "CTranslate2 int8": torch.from_numpy(run_ct2()[0])}
     for dtype in ("float32", "int8"):
         backend = audioenc.load(tmp, backend="onnx", dtype=dtype).backend
-        out = backend.run(mel, None, 6)[0][0]
-        t = median_time(lambda: backend.run(mel, None, 6), repeats)
-        rows.append(row(f"whisper-base 30 s: audioenc onnx {dtype}", t, t_hf, t_ct2, accuracy(out, ref)))
-        print(rows[-1], flush=True)
-    return rows
+        outputs[f"audioenc onnx {dtype}"] = backend.run(mel, None, 6)[0][0]
+        contenders[f"audioenc onnx {dtype}"] = lambda backend=backend: backend.run(mel, None, 6)
+    times = interleaved_medians(contenders, repeats)
+    t_hf, t_ct2 = times["transformers eager fp32"], times["CTranslate2 int8"]
+    return [row(f"whisper-base 30 s: {name}", t, t_hf, t_ct2, accuracy(outputs[name], ref)) for name, t in times.items()]
 
 
 def main() -> None:
@@ -110,8 +108,9 @@ def main() -> None:
             rows += make(tmp, args.repeats)
     body = "\n".join([
         "`python benchmarks/bench_onnx.py` — CPU, random weights at real sizes, median of "
-        f"{args.repeats} runs after 2 warm-up runs, all in one process. **One run on a shared 2-core machine "
-        "(other jobs were running): the absolute times are noisy, the ratios within a run are what counts.** "
+        f"{args.repeats} rounds after 2 warm-up runs, all in one process; each round times one call of every contender, "
+        "so drifts of this shared 2-core VM's speed hit all of them alike (an untimed call before each timed one lets the previous contender's thread pool stop spinning). Absolute times move between runs; "
+        "the ratios within a run are what counts. "
         "Graph export time (first use, cached on disk afterwards) is not included.",
         "",
         f"Machine: {machine()}, torch threads {torch.get_num_threads()}, onnxruntime intra-op threads = cores.  ",

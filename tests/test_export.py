@@ -112,11 +112,24 @@ def test_wavlm_position_table_is_exact(w2v_checkpoints):
 
 
 def test_conv_as_matmul_matches_conv():
-    for k, s, bias in ((3, 2, False), (2, 2, True), (4, 3, True)):
+    for k, s, bias in ((3, 2, False), (2, 2, True), (4, 3, True), (10, 5, False)):
         conv = torch.nn.Conv1d(6, 5, k, s, bias=bias)
         x = torch.randn(2, 6, 37)
         with torch.no_grad():
-            assert rel_err(export.ConvAsMatMul(conv)(x), conv(x)) <= 1e-6
+            assert rel_err(export.ConvAsMatMul(conv)(x.transpose(1, 2)), conv(x).transpose(1, 2)) <= 1e-6
+
+
+@pytest.mark.parametrize("variant", ["wav2vec2-group", "wav2vec2-stable"])
+def test_channel_last_feature_extractor_matches_reference(w2v_checkpoints, variant):
+    extractor = reference_model(w2v_checkpoints[variant][0]).feature_extractor
+    waves = torch.randn(3, 4000)
+    lengths = torch.tensor([4000, 2501, 400])  # padded items: the masked statistics must hold
+    with torch.no_grad():
+        ref, ref_lengths = extractor(waves, lengths)
+        out, out_lengths = export.ChannelLastFeatureExtractor(extractor)(waves, lengths)
+    assert torch.equal(out_lengths, ref_lengths)
+    for i, n in enumerate(ref_lengths.tolist()):
+        assert rel_err(out[i, :n], ref[i, :, :n].T) <= 1e-5
 
 
 def test_partial_depth_graph(w2v_checkpoints, tmp_path):
