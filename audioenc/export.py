@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from audioenc.config import WhisperDims
+from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.models.wavlm import WavLMEncoder, relative_position_buckets
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,9 @@ def graph_module(model: nn.Module, num_layers: int, hidden_states: bool) -> nn.M
 
 
 def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidden_states: bool = True,
-                opset: int = OPSET) -> None:
-    """Exports ``model`` (a float32 reference model) to ``path`` and checks the graph."""
+                opset: int = OPSET, fused_attention: bool = False) -> None:
+    """Exports ``model`` (a float32 reference model) to ``path`` and checks the graph. With
+    ``fused_attention`` each attention is one onnxruntime MultiHeadAttention op (onnxruntime only)."""
     import onnx
 
     dims = model.dims
@@ -215,6 +217,8 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
     if not 0 <= num_layers <= dims.num_layers:
         raise ValueError(f"num_layers must be between 0 and {dims.num_layers}, got {num_layers}")
     module = graph_module(model, num_layers, hidden_states)
+    if fused_attention:
+        fuse_attention(module)
     inputs, outputs, axes = graph_io(dims, num_layers, hidden_states)
     args = tuple(torch.from_numpy(v) for v in example_inputs(dims, seconds=0.5).values())
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
@@ -225,8 +229,10 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
             # the TorchScript exporter is deprecated, but it is the one that writes opset 17 without onnxscript
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             torch.onnx.export(module, args, raw, dynamo=False, opset_version=opset, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
+                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
+                              custom_opsets={"com.microsoft": 1})
         proto = onnx.load(raw)
+    place_optional_inputs(proto)
     save_onnx(proto, path)
     check_graph(path)
 
@@ -409,6 +415,7 @@ class ExportSpec:
     hidden_states: bool = True
     dtype: str = "float32"
     opset: int = OPSET
+    fused_attention: bool = False  # onnxruntime's MultiHeadAttention op: for the onnx backend only
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -425,12 +432,12 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def code_digest() -> str:
-    """Digest of the sources that define a graph (this file and the models), so a development
-    checkout never reuses a graph exported by older code under the same version number."""
-    from audioenc import models
+    """Digest of the sources that define a graph (this file, the fused attention and the models), so a
+    development checkout never reuses a graph exported by older code under the same version number."""
+    from audioenc import fused_attention, models
 
     h = hashlib.blake2b(digest_size=16)
-    sources = [__file__, *sorted(os.path.join(models.__path__[0], n) for n in os.listdir(models.__path__[0]) if n.endswith(".py"))]
+    sources = [__file__, fused_attention.__file__, *sorted(os.path.join(models.__path__[0], n) for n in os.listdir(models.__path__[0]) if n.endswith(".py"))]
     for path in sources:
         with open(path, "rb") as f:
             h.update(f.read())
@@ -495,10 +502,10 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
 
     path = os.path.join(directory, MODEL_FILE)
     if spec.dtype == "float32":
-        export_onnx(model, path, spec.num_layers, spec.hidden_states, spec.opset)
+        export_onnx(model, path, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention)
         return
     fp32 = os.path.join(directory, "fp32.onnx")
-    export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset)
+    export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention)
     if spec.dtype == "float16":
         check_half_headroom(half_activation_peaks(fp32, example_inputs(model.dims)))
         save_onnx(to_half(onnx.load(fp32)), path)

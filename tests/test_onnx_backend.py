@@ -89,6 +89,7 @@ def test_dtypes(whisper_checkpoints, w2v_checkpoints):
 def test_fusions_exact_gelu_in_float32(w2v_checkpoints):
     enc = audioenc.load(w2v_checkpoints["wav2vec2-stable"][0], backend="onnx")
     counts = enc.backend.fused_op_counts()
+    assert counts["MultiHeadAttention"] == enc.num_layers
     assert counts["LayerNormalization"] + counts["SkipLayerNormalization"] >= 2 * enc.num_layers
     assert counts["Gelu"] + counts["BiasGelu"] >= enc.num_layers
     assert counts["FastGelu"] == 0  # tanh-approximate: never in float32

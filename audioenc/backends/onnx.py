@@ -1,5 +1,6 @@
-"""ONNX Runtime backend: the reference model exported once per depth (cached on disk), run in a
-tuned InferenceSession with IO binding straight into torch tensors.
+"""ONNX Runtime backend: the reference model exported once per depth (cached on disk), with each
+attention as onnxruntime's fused MultiHeadAttention op, run in a tuned InferenceSession with IO
+binding straight into torch tensors.
 
 A graph runs only the layers asked for, so ``output_layer=k`` costs layers 1..k; each new depth
 is exported (and cached) on first use, which takes seconds for a base-size model.
@@ -79,7 +80,7 @@ class OnnxBackend:
     def graph_path(self, num_layers: int, rebuild_reason: str | None = None) -> str:
         from audioenc.export import ExportSpec, cached_export
 
-        spec = ExportSpec(num_layers=num_layers, hidden_states=True, dtype=GRAPH_DTYPE[self.dtype])
+        spec = ExportSpec(num_layers=num_layers, hidden_states=True, dtype=GRAPH_DTYPE[self.dtype], fused_attention=True)
         return cached_export(self.model, spec, self.weights, rebuild_reason)
 
     def session(self, num_layers: int):

@@ -45,9 +45,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D); bias: additive, broadcastable to (B, H, T, T) (padding mask and/or position bias)."""
-        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        return self.out_proj(self.sdpa(self.q_proj(x), self.k_proj(x), self.v_proj(x), bias))
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Scaled dot-product attention of (B, T, D) projections -> (B, T, D). An exported onnxruntime
+        graph swaps it for one fused op (audioenc.fused_attention)."""
+        out = F.scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v), attn_mask=bias)
+        return out.transpose(1, 2).flatten(2)
 
 
 class FeedForward(nn.Module):
