@@ -146,6 +146,28 @@ def test_partial_depth_graph(w2v_checkpoints, tmp_path):
     assert not any("encoder/layers.1/" in node.name for node in onnx.load(graph).graph.node)
 
 
+def test_int8_graph_quantises_conv_inputs_before_their_gather(w2v_checkpoints, tmp_path):
+    model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
+    fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
+    export.export_onnx(model, fp32, num_layers=1)
+    export.quantize_int8(fp32, int8)
+    export.check_graph(int8)
+    nodes = onnx.load(int8).graph.node
+    # every quantised conv gathers uint8 taps; the first (waveform input) and those with a reduction
+    # shorter than QUANTIZE_MIN_ROWS (the tiny model's kernel-2 layers) stay float32
+    dims = model.dims
+    quantised = sum(k * c >= export.QUANTIZE_MIN_ROWS for k, c in zip(dims.conv_kernel[1:], dims.conv_dim[:-1]))
+    moved = [n for n in nodes if n.op_type == "DynamicQuantizeLinear" and n.name.endswith("_source")]
+    assert quantised > 0 and len(moved) == quantised
+    assert any(n.op_type == "MatMul" and "convs.0/" in n.name for n in nodes)
+    waves, lens = padded_batch([8000, 3000], 5)
+    ref = session(fp32).run(["last_hidden_state"], {"waveforms": waves, "lengths": lens})[0]
+    got = session(int8).run(["last_hidden_state"], {"waveforms": waves, "lengths": lens})[0]
+    # item 0 is the longest: all its frames are valid
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got[0]), torch.from_numpy(ref[0]), dim=-1).mean()
+    assert cos >= 0.995
+
+
 def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoints, tmp_path):
     model = reference_model(whisper_checkpoints[80][0])
     fp32 = str(tmp_path / "fp32.onnx")
