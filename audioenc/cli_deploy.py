@@ -32,13 +32,16 @@ def cmd_export(args) -> int:
         model = model_of(args.model)
         num_layers = model.dims.num_layers if args.layers is None else args.layers
         if args.format == "onnx":
-            spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype)
+            spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype,
+                              fused_attention=args.fused_attention)
             written = export_to_dir(model, spec, args.out, overwrite=args.overwrite)
         else:
             from audioenc.backends.tensorrt import Profile, export_engine
 
             if args.dtype not in ("float32", "float16"):
                 raise ValueError("TensorRT engines are built in float32 or float16")
+            if args.fused_attention:
+                raise ValueError("--fused-attention is for onnxruntime; TensorRT builds from the standard-op graph")
             profile = Profile.from_ranges(model.dims, parse_range(args.batch, "batch"), parse_range(args.seconds, "seconds"))
             written = export_engine(model, args.dtype, profile, args.out, num_layers=num_layers, overwrite=args.overwrite)
     except (ValueError, TypeError, FileExistsError) as exc:
@@ -79,6 +82,9 @@ def register(subparsers) -> None:
                              "quantisation (onnx only)")
     export.add_argument("--layers", type=int, default=None, help="run only the first N layers (default: all)")
     export.add_argument("--hidden-states", action="store_true", help="also output every layer's hidden state")
+    export.add_argument("--fused-attention", action="store_true",
+                        help="each attention as onnxruntime's MultiHeadAttention op (what backend='onnx' runs: "
+                             "faster there, but the graph then runs only in onnxruntime)")
     export.add_argument("--batch", default="1:1:8", help="TensorRT profile: MIN:OPT:MAX batch size")
     export.add_argument("--seconds", default="1:10:30", help="TensorRT profile: MIN:OPT:MAX audio seconds "
                                                              "(wav2vec2 family; Whisper windows are 30 s)")

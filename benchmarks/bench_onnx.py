@@ -33,6 +33,26 @@ def row(name: str, t: float, t_base: float, t_ct2: float | None, acc) -> str:
     return f"| {name} | {t * 1000:.0f} | {t_base / t:.2f}x | {ct2} | {err} |"
 
 
+def wav2vec2_flops(dims, samples: int) -> float:
+    """Multiply-adds x 2 of one item: the feature convs, projection, positional conv and the layers."""
+    macs, frames, channels = 0, samples, 1
+    for dim, k, s in zip(dims.conv_dim, dims.conv_kernel, dims.conv_stride):
+        frames = (frames - k) // s + 1
+        macs += frames * dim * channels * k
+        channels = dim
+    d = dims.hidden_size
+    macs += frames * channels * d + frames * d * (d // dims.num_conv_pos_embedding_groups) * dims.num_conv_pos_embeddings
+    macs += dims.num_layers * (4 * frames * d * d + 2 * frames * d * dims.intermediate_size + 2 * frames * frames * d)
+    return 2.0 * macs
+
+
+def matmul_rate(repeats: int) -> float:
+    """float32 FLOP/s of a large torch matmul on this machine (what eager transformers runs on)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 3072)
+    t = interleaved_medians({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2.0 * 2048 * 2048 * 3072 / t
+
+
 def wav2vec2_rows(tmp: str, repeats: int) -> list[str]:
     import transformers
 
@@ -55,7 +75,13 @@ def wav2vec2_rows(tmp: str, repeats: int) -> list[str]:
         contenders[f"audioenc onnx {dtype}"] = lambda enc=enc: enc.encode(audio)
     times = interleaved_medians(contenders, repeats)
     t_hf = times["transformers eager fp32"]
-    return [row(f"wav2vec2-base 10 s: {name}", t, t_hf, None, accuracy(outputs[name], ref)) for name, t in times.items()]
+    rate = matmul_rate(repeats)
+    flops = wav2vec2_flops(audioenc.load(tmp, backend="torch").backend.model.dims, len(audio))
+    rows = [row(f"wav2vec2-base 10 s: {name}", t, t_hf, None, accuracy(outputs[name], ref)) for name, t in times.items()]
+    ceiling = (f"wav2vec2-base on 10 s is {flops / 1e9:.0f} GFLOP; this machine's float32 matmul rate is "
+               f"{rate / 1e9:.0f} GFLOP/s, so {flops / rate * 1000:.0f} ms is the float32 floor and transformers eager "
+               f"runs at {flops / t_hf / rate:.0%} of it.")
+    return rows, ceiling
 
 
 def whisper_rows(tmp: str, repeats: int) -> list[str]:
@@ -94,7 +120,7 @@ def whisper_rows(tmp: str, repeats: int) -> list[str]:
         contenders[f"audioenc onnx {dtype}"] = lambda backend=backend: backend.run(mel, None, 6)
     times = interleaved_medians(contenders, repeats)
     t_hf, t_ct2 = times["transformers eager fp32"], times["CTranslate2 int8"]
-    return [row(f"whisper-base 30 s: {name}", t, t_hf, t_ct2, accuracy(outputs[name], ref)) for name, t in times.items()]
+    return [row(f"whisper-base 30 s: {name}", t, t_hf, t_ct2, accuracy(outputs[name], ref)) for name, t in times.items()], ""
 
 
 def main() -> None:
@@ -102,10 +128,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    rows = []
+    rows, notes = [], []
     for make in (wav2vec2_rows, whisper_rows):
         with tempfile.TemporaryDirectory() as tmp:
-            rows += make(tmp, args.repeats)
+            made, note = make(tmp, args.repeats)
+            rows += made
+            notes += [note] if note else []
     body = "\n".join([
         "`python benchmarks/bench_onnx.py` — CPU, random weights at real sizes, median of "
         f"{args.repeats} rounds after 2 warm-up runs, all in one process; each round times one call of every contender, "
@@ -123,6 +151,8 @@ def main() -> None:
         "| case | median (ms) | vs transformers eager | vs CTranslate2 int8 | rel. error | mean cosine |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         *rows,
+        "",
+        *notes,
     ])
     if not args.no_write:
         write_section("ONNX Runtime backend (CPU)", body)

@@ -86,3 +86,9 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     ops = {n.op_type for n in onnx.load(f"{out}/model.onnx").graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
     assert [o.name for o in onnx.load(f"{out}/model.onnx").graph.output] == ["last_hidden_state", "frame_lengths"]
+    assert "MultiHeadAttention" not in ops  # standard ops unless asked
+    assert cli(["export", "--model", path, "--out", out, "--fused-attention", "--overwrite"]) == 0
+    graph = onnx.load(f"{out}/model.onnx").graph
+    fused = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(fused) == 2 and all(n.domain == "com.microsoft" for n in fused)
+    assert cli(["export", "--model", path, "--out", str(tmp_path / "trt"), "--format", "tensorrt", "--fused-attention"]) == 2
