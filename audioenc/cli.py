@@ -1,4 +1,4 @@
-"""Command line: ``audioenc info|embed|stream|export|verify`` (also ``python -m audioenc``)."""
+"""Command line: ``audioenc info|embed|stream|export|verify|bench`` (also ``python -m audioenc``)."""
 from __future__ import annotations
 
 import argparse
@@ -304,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--device", default="auto")
     stream.add_argument("--dtype", default="auto")
     stream.set_defaults(func=cmd_stream)
-    from audioenc.cli_deploy import register
+    from audioenc import cli_bench, cli_deploy
 
-    register(sub)  # export, verify
+    cli_deploy.register(sub)  # export, verify
+    cli_bench.register(sub)
     return parser
 
 

@@ -24,20 +24,10 @@ def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
 
 
 def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:
-    """Median wall time in seconds of each fn, timed in rounds: each round calls every fn twice and
-    times the second call. Rounds make a drift of the machine's speed hit every contender alike; the
-    untimed call lets the previous contender's thread pools stop spinning and warms the caches."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            fn()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median wall time in seconds of each fn, timed in rounds (audioenc.cli_bench.timed_rounds)."""
+    from audioenc.cli_bench import timed_rounds
+
+    return {name: statistics.median(t) for name, t in timed_rounds(fns, repeats, warmup).items()}
 
 
 def machine() -> str:

@@ -170,3 +170,17 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
     again = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
                             "--out", str(out)], input=pcm.tobytes(), capture_output=True, timeout=300)
     assert again.returncode == 1 and b"exists" in again.stderr
+
+
+def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
+    path = w2v_checkpoints["wav2vec2-group"][0]
+    assert main(["bench", "--model", path, "--backend", "torch", "--against", "onnx", "--seconds", "0.5",
+                 "--batch", "2", "--repeats", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("torch ", "onnx "))]
+    assert [r.split()[0] for r in rows] == ["torch", "onnx"]
+    assert rows[0].endswith("1.00x")
+    assert float(rows[1].split()[3]) > 0  # median ms
+    assert main(["bench", "--model", path, "--seconds", "0"]) == 2
+    assert main(["bench", "--model", path, "--backend", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
