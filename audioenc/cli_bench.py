@@ -36,17 +36,19 @@ def cmd_bench(args) -> int:
     if args.seconds <= 0 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         print("error: --seconds must be > 0, --batch and --repeats >= 1, --warmup >= 0", file=sys.stderr)
         return 2
-    backends = [args.backend, *[b for b in args.against if b != args.backend]]
+    # BACKEND[:DTYPE] each; --dtype is the first one's
+    contenders = [(args.backend, args.dtype)] + [tuple(spec.split(":", 1)) if ":" in spec else (spec, "auto")
+                                                 for spec in args.against]
     rng = np.random.default_rng(0)
     audio = [speech_like(int(args.seconds * 16000), rng) for _ in range(args.batch)]
-    calls, labels = {}, {}
-    for backend in backends:
+    calls = {}
+    for backend, dtype in contenders:
         start = time.perf_counter()
         try:
-            enc = audioenc.load(args.model, backend=backend, device=args.device, dtype=args.dtype)
+            enc = audioenc.load(args.model, backend=backend, device=args.device, dtype=dtype)
             enc.encode(audio, output_layer=args.layer)  # first call: graph export / engine build / autotune
         except (ValueError, TypeError, OSError, RuntimeError) as exc:
-            print(f"error: {backend}: {exc}", file=sys.stderr)
+            print(f"error: {backend} ({dtype}): {exc}", file=sys.stderr)
             return 2
         cuda = enc.backend.device.type == "cuda"
 
@@ -55,20 +57,21 @@ def cmd_bench(args) -> int:
             if cuda:
                 torch.cuda.synchronize()
 
-        dtype = str(enc.backend.dtype).removeprefix("torch.")
-        labels[backend] = f"{enc.backend.name} {dtype} {enc.backend.device}"
-        calls[backend] = call
-        print(f"{labels[backend]}: loaded and first call in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        label = f"{enc.backend.name} {str(enc.backend.dtype).removeprefix('torch.')} {enc.backend.device}"
+        if label in calls:
+            continue  # the same backend, dtype and device twice
+        calls[label] = call
+        print(f"{label}: loaded and first call in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     times = timed_rounds(calls, args.repeats, args.warmup)
     audio_s = args.seconds * args.batch
-    base = statistics.median(times[args.backend])
+    base = statistics.median(next(iter(times.values())))
     print(f"model {args.model}; batch {args.batch} x {args.seconds:g} s; output layer "
           f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, torch threads {torch.get_num_threads()}")
     print(f"{'backend':28s} {'median ms':>10s} {'p90 ms':>9s} {'ms/item':>9s} {'RTF':>8s} {'x real time':>12s} {'speed vs 1st':>13s}")
-    for backend, t in times.items():
+    for label, t in times.items():
         median = statistics.median(t)
         p90 = float(np.percentile(t, 90))
-        print(f"{labels[backend]:28s} {median * 1e3:10.1f} {p90 * 1e3:9.1f} {median * 1e3 / args.batch:9.1f} "
+        print(f"{label:28s} {median * 1e3:10.1f} {p90 * 1e3:9.1f} {median * 1e3 / args.batch:9.1f} "
               f"{median / audio_s:8.4f} {audio_s / median:12.1f} {base / median:12.2f}x")
     return 0
 
@@ -78,9 +81,10 @@ def register(subparsers) -> None:
     bench.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME (default: {DEFAULT_MODEL})")
     bench.add_argument("--backend", default="auto", help="the backend timed first (ratios are against it)")
-    bench.add_argument("--against", nargs="*", default=[], help="more backends timed in the same rounds, e.g. torch")
+    bench.add_argument("--dtype", default="auto", help="the first backend's dtype")
+    bench.add_argument("--against", nargs="*", default=[],
+                       help="more BACKEND[:DTYPE] timed in the same rounds, e.g. torch onnx:float32")
     bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", default="auto")
     bench.add_argument("--seconds", type=float, default=10.0, help="audio per item (generated speech-like audio)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--layer", type=int, default=None, help="stop after this layer (default: all)")

@@ -174,7 +174,7 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
 
 def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     path = w2v_checkpoints["wav2vec2-group"][0]
-    assert main(["bench", "--model", path, "--backend", "torch", "--against", "onnx", "--seconds", "0.5",
+    assert main(["bench", "--model", path, "--backend", "torch", "--against", "onnx:float32", "torch", "--seconds", "0.5",
                  "--batch", "2", "--repeats", "2", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("torch ", "onnx "))]
