@@ -46,14 +46,16 @@ def wav2vec2_flops(dims, samples: int) -> float:
     return 2.0 * macs
 
 
-def matmul_rate(repeats: int) -> float:
-    """float32 FLOP/s of a large torch matmul on this machine (what eager transformers runs on)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 3072)
-    t = interleaved_medians({"mm": lambda: a @ b}, repeats)["mm"]
-    return 2.0 * 2048 * 2048 * 3072 / t
+MATMUL = (2048, 2048, 3072)  # m, k, n of the float32 matmul whose rate bounds eager transformers
 
 
-def wav2vec2_rows(tmp: str, repeats: int) -> list[str]:
+def matmul_call():
+    m, k, n = MATMUL
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return lambda: a @ b
+
+
+def wav2vec2_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
     import transformers
 
     transformers.Wav2Vec2Model(transformers.Wav2Vec2Config()).eval().save_pretrained(tmp)
@@ -73,18 +75,23 @@ def wav2vec2_rows(tmp: str, repeats: int) -> list[str]:
         enc = audioenc.load(tmp, backend="onnx", dtype=dtype)
         outputs[f"audioenc onnx {dtype}"] = enc.encode(audio).last_hidden_state[0]
         contenders[f"audioenc onnx {dtype}"] = lambda enc=enc: enc.encode(audio)
-    times = interleaved_medians(contenders, repeats)
+    # the matmul runs in the same rounds, so its rate is the machine's rate while the models ran
+    times = interleaved_medians({**contenders, "matmul": matmul_call()}, repeats)
+    m, k, n = MATMUL
+    rate = 2.0 * m * k * n / times.pop("matmul")
     t_hf = times["transformers eager fp32"]
-    rate = matmul_rate(repeats)
     flops = wav2vec2_flops(audioenc.load(tmp, backend="torch").backend.model.dims, len(audio))
     rows = [row(f"wav2vec2-base 10 s: {name}", t, t_hf, None, accuracy(outputs[name], ref)) for name, t in times.items()]
-    ceiling = (f"wav2vec2-base on 10 s is {flops / 1e9:.0f} GFLOP; this machine's float32 matmul rate is "
-               f"{rate / 1e9:.0f} GFLOP/s, so {flops / rate * 1000:.0f} ms is the float32 floor and transformers eager "
-               f"runs at {flops / t_hf / rate:.0%} of it.")
+    ceiling = (f"wav2vec2-base on 10 s is {flops / 1e9:.0f} GFLOP. This machine's float32 matmul rate during these "
+               f"rounds was {rate / 1e9:.0f} GFLOP/s (a {m}x{k}x{n} torch matmul, timed in the same rounds), so "
+               f"{flops / rate * 1000:.0f} ms is the float32 floor: transformers eager runs at "
+               f"{flops / t_hf / rate:.0%} of that rate and audioenc onnx float32 at "
+               f"{flops / times['audioenc onnx float32'] / rate:.0%}; 1.3x transformers would need "
+               f"{1.3 * flops / t_hf / rate:.0%}.")
     return rows, ceiling
 
 
-def whisper_rows(tmp: str, repeats: int) -> list[str]:
+def whisper_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
     import ctranslate2
     import transformers
 
