@@ -139,7 +139,8 @@ class AudioEncoder:
         for row, w in zip(batch, waves):
             row[: len(w)] = w
         inputs = torch.from_numpy(normalize_waveforms(batch, lengths, self.do_normalize))
-        out, hidden_states, frame_lengths = self.backend.run(inputs, torch.from_numpy(lengths), num_layers)
+        out, hidden_states, frame_lengths = self.backend.run(inputs, torch.from_numpy(lengths), num_layers,
+                                                                   output_hidden_states)
         frame_lengths = frame_lengths.cpu()
         return EncoderOutput(zero_padding(out, frame_lengths), frame_lengths,
                              tuple(zero_padding(h, frame_lengths) for h in hidden_states) if output_hidden_states else None)
@@ -167,7 +168,7 @@ class AudioEncoder:
             for row, w in zip(batch, group):
                 row[: len(w)] = pcm_to_float32(w)
             mel = log_mel_spectrogram(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
-            out, hidden_states, _ = self.backend.run(mel, None, num_layers)
+            out, hidden_states, _ = self.backend.run(mel, None, num_layers, output_hidden_states)
             outputs.append(out)
             if output_hidden_states:
                 layer_outputs.append(hidden_states)

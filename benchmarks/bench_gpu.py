@@ -40,27 +40,33 @@ from common import machine, versions, write_section  # noqa: E402
 SAMPLE_RATE = 16000
 
 # name -> (family, HF config kwargs, seconds of audio, batches)
+WHISPER_LARGE_V3 = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                        num_mel_bins=128)
+WAV2VEC2_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                      feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True)
+WAVLM_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                   feat_extract_norm="layer", do_stable_layer_norm=True)
+# (name, family, HF config kwargs, seconds of audio, batch); the targets' batch-16 cases first, so a run
+# cut short by --budget still measures them.
 REAL_CASES = [
-    ("whisper-large-v3", "whisper", dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20,
-                                         encoder_ffn_dim=5120, num_mel_bins=128), 30.0, (1, 16)),
-    ("wav2vec2-large", "wav2vec2", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                        intermediate_size=4096, feat_extract_norm="layer", conv_bias=True,
-                                        do_stable_layer_norm=True), 10.0, (1, 16)),
-    ("wavlm-large", "wavlm", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                  intermediate_size=4096, feat_extract_norm="layer", do_stable_layer_norm=True),
-     10.0, (1, 16)),
-    ("wav2vec2-base", "wav2vec2", dict(feat_extract_norm="group"), 10.0, (64,)),
+    ("whisper-large-v3", "whisper", WHISPER_LARGE_V3, 30.0, 16),
+    ("wav2vec2-large", "wav2vec2", WAV2VEC2_LARGE, 10.0, 16),
+    ("wavlm-large", "wavlm", WAVLM_LARGE, 10.0, 16),
+    ("wav2vec2-base", "wav2vec2", dict(feat_extract_norm="group"), 10.0, 64),
+    ("whisper-large-v3", "whisper", WHISPER_LARGE_V3, 30.0, 1),
+    ("wav2vec2-large", "wav2vec2", WAV2VEC2_LARGE, 10.0, 1),
+    ("wavlm-large", "wavlm", WAVLM_LARGE, 10.0, 1),
 ]
 TINY_CASES = [
     ("whisper-tiny-random", "whisper", dict(d_model=64, encoder_layers=2, encoder_attention_heads=2,
-                                            encoder_ffn_dim=128, num_mel_bins=80, max_source_positions=50), 1.0, (2,)),
+                                            encoder_ffn_dim=128, num_mel_bins=80, max_source_positions=50), 1.0, 2),
     ("wav2vec2-tiny-random", "wav2vec2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                               intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
-                                              num_conv_pos_embedding_groups=4, feat_extract_norm="group"), 1.0, (2,)),
+                                              num_conv_pos_embedding_groups=4, feat_extract_norm="group"), 1.0, 2),
     ("wavlm-tiny-random", "wavlm", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
                                         num_conv_pos_embedding_groups=4, feat_extract_norm="layer",
-                                        do_stable_layer_norm=True, num_buckets=32, max_bucket_distance=60), 1.0, (2,)),
+                                        do_stable_layer_norm=True, num_buckets=32, max_bucket_distance=60), 1.0, 2),
 ]
 
 
@@ -135,7 +141,12 @@ def hf_model(cls, hf_config, device, dtype):
     return model.to(device, dtype).eval(), attn
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak):
+    """Table rows of one case. A contender that fails is reported as such; the others still run."""
     hf_config, hf_cls, ref_model, dims = build(family, config)
     gen = torch.Generator().manual_seed(0)
     if family == "whisper":
@@ -146,47 +157,94 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
         inputs = torch.randn(batch, samples, generator=gen).to(device)
         lengths = torch.full((batch,), samples, dtype=torch.int64)
         frames = dims.num_frames(samples)
-    hf, attn = hf_model(hf_cls, hf_config, device, dtype)
-    hf_inputs = inputs.to(dtype)
     short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-
-    @torch.inference_mode()
-    def run_hf(model=hf):
-        return model(hf_inputs).last_hidden_state
-
-    results = {f"transformers {short} ({attn})": timed(run_hf, repeats)}
-    if not TINY:
-        compiled = torch.compile(hf)
-        results[f"transformers {short} + torch.compile"] = timed(lambda: run_hf(compiled), repeats)
-    del hf
     dtype_name = str(dtype).removeprefix("torch.")
+    results, errors, failures = {}, {}, {}
 
-    reference = TorchBackend(copy.deepcopy(ref_model), torch.device(device), dtype_name)
-    results[f"audioenc torch {short}"] = timed(lambda: reference.run(inputs, lengths, dims.num_layers), repeats)
-    del reference
-    triton = TritonBackend(ref_model, torch.device(device), dtype_name)
-    ours = timed(lambda: triton.run(inputs, lengths, dims.num_layers), repeats)
-    results[f"audioenc triton {short}"] = ours
+    def contender(label, make):
+        """make() -> (callable to time, its output or None); the model is freed afterwards."""
+        try:
+            fn, out = make()
+            results[label] = timed(fn, repeats)
+            if out is not None:
+                errors[label] = rel_err(out, truth)
+        except Exception as exc:  # noqa: BLE001 - one broken contender must not hide the others
+            failures[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            print(f"  {label} failed: {failures[label]}", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    # The float32 reference on the same weights, for the accuracy column (cuDNN/cuBLAS TF32 off).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    truth = TorchBackend(copy.deepcopy(ref_model), torch.device(device), "float32").run(
+        inputs, lengths, dims.num_layers, output_hidden_states=False)[0]
+
+    model, attn = hf_model(hf_cls, hf_config, device, dtype)
+    hf_inputs = inputs.to(dtype)
+    run_hf = lambda m: torch.inference_mode()(lambda: m(hf_inputs).last_hidden_state)
+    contender(f"transformers {short} ({attn})", lambda: (run_hf(model), None))
+    if not TINY and batch >= 16:  # the target is set at batch 16; compiling costs a minute per model
+        contender(f"transformers {short} + torch.compile", lambda: (run_hf(torch.compile(model)), None))
+    del model
+
+    def audioenc_backend(cls):
+        backend = cls(copy.deepcopy(ref_model), torch.device(device), dtype_name)
+        fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
+        return fn, fn()[0]
+
+    contender(f"audioenc torch {short}", lambda: audioenc_backend(TorchBackend))
+    ours_label = f"audioenc triton {short}"
+    contender(ours_label, lambda: audioenc_backend(TritonBackend))
+    ours = results.get(ours_label)
     flops = flops_per_item(dims, frames, samples) * batch
     rows = []
-    for engine, t in results.items():
-        frac = f"{flops / t / peak:.2f}" if peak and engine.startswith("audioenc triton") else ""
-        rows.append(f"| {name}, {seconds:g} s, batch {batch} | {engine} | {1000 * t / batch:.2f} | "
-                    f"{t / (seconds * batch):.5f} | {t / ours:.2f}x | {frac} |")
+    for engine in list(results) + list(failures):
+        case = f"| {name}, {seconds:g} s, batch {batch} | {engine} |"
+        if engine in failures:
+            rows.append(f"{case} failed: {failures[engine]} | | | | |")
+            continue
+        t = results[engine]
+        frac = f"{flops / t / peak:.2f}" if peak and engine == ours_label else ""
+        speedup = f"{t / ours:.2f}x" if ours else ""
+        err = f"{errors[engine]:.1e}" if engine in errors else ""
+        rows.append(f"{case} {1000 * t / batch:.2f} | {t / (seconds * batch):.5f} | {speedup} | {frac} | {err} |")
     return rows
 
 
+def graph_timed(fn, repeats: int, calls: int = 20) -> float:
+    """Median seconds per fn() replayed from a CUDA graph of `calls` back-to-back calls: kernel time
+    without the Python launch overhead that would dominate short kernels."""
+    if not torch.cuda.is_available():
+        return timed(fn, repeats)
+    fn()  # compiles and autotunes outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, repeats) / calls
+
+
 def attention_vs_sdpa(repeats, device, dtype):
+    """Our kernel against torch SDPA on (B, T, H, D) shapes of the cases; masked rows give SDPA a
+    boolean key mask (then no flash kernel applies) and our kernel per-item lengths."""
     from audioenc.kernels.attention import attention
 
     rows = []
-    shapes = [(16, 1500, 20, 64), (16, 499, 16, 64), (64, 499, 12, 64)] if not TINY else [(2, 97, 2, 64)]
-    for b, t, h, d in shapes:
+    shapes = [(16, 1500, 20, 64, False), (16, 499, 16, 64, False), (64, 499, 12, 64, False), (16, 499, 16, 64, True)]
+    for b, t, h, d, masked in (shapes if not TINY else [(2, 97, 2, 64, False), (2, 97, 2, 64, True)]):
         q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(3))
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), repeats)
-        t_ours = timed(lambda: attention(q, k, v), repeats)
-        rows.append(f"| B={b} T={t} H={h} D={d} | {1000 * t_sdpa:.3f} | {1000 * t_ours:.3f} | {t_sdpa / t_ours:.2f}x |")
+        lengths = mask = None
+        if masked:
+            lengths = torch.randint(t // 2, t + 1, (b,), device=device)
+            mask = (torch.arange(t, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        t_sdpa = graph_timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
+                             repeats)
+        t_ours = graph_timed(lambda: attention(q, k, v, lengths), repeats)
+        rows.append(f"| B={b} T={t} H={h} D={d}{', key mask' if masked else ''} | {1000 * t_sdpa:.3f} | "
+                    f"{1000 * t_ours:.3f} | {t_sdpa / t_ours:.2f}x |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -195,30 +253,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="tiny models (automatic without CUDA)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds: start no new case after this (a lent GPU's time is short)")
+    parser.add_argument("--cases", default="", help="only these, as NAME:BATCH,... (e.g. whisper-large-v3:16)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32  # CPU interpreter: fp16 matmuls are too slow
     repeats = 1 if TINY else args.repeats
     peak = matmul_rate() if device == "cuda" else None
     rows = []
-    for name, family, config, seconds, batches in (TINY_CASES if TINY else REAL_CASES):
-        for batch in batches:
-            rows += run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
-            print(rows[-1], flush=True)
     att_rows = attention_vs_sdpa(repeats, device, dtype)
+    started = time.perf_counter()
+    for name, family, config, seconds, batch in (TINY_CASES if TINY else REAL_CASES):
+        if args.cases and f"{name}:{batch}" not in args.cases.split(","):
+            continue
+        if time.perf_counter() - started > args.budget:
+            print(f"budget of {args.budget:g} s spent: {name} batch {batch} and later cases not run", flush=True)
+            break
+        case_rows = run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
+        print("\n".join(case_rows), flush=True)
+        rows += case_rows
     card = torch.cuda.get_device_name() if device == "cuda" else "no GPU (CPU, Triton interpreter)"
     body = "\n".join([
         f"Machine: {card}; {machine()}. {versions('torch', 'triton', 'transformers', 'audioenc')}. "
         f"Median of {repeats} runs ({'CUDA events' if device == 'cuda' else 'wall time'} after warm-up), "
         f"random weights, encoder forward only "
-        f"(inputs on the device). RTF = compute time / audio time. "
+        f"(inputs on the device). RTF = compute time / audio time. Relative error: audioenc's backends against "
+        f"its float32 torch reference on the same weights (transformers has its own random weights: timing only). "
         + (f"Measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s." if peak else ""),
         "",
-        "| case | engine | ms / item | RTF | triton speed-up | fraction of matmul rate |",
-        "|---|---|---:|---:|---:|---:|",
+        "| case | engine | ms / item | RTF | triton speed-up | fraction of matmul rate | rel. error vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        "Attention alone (ms):",
+        "Attention alone (ms per call, 20 calls replayed from a CUDA graph):",
         "",
         "| shape | torch SDPA | audioenc triton | speed-up |",
         "|---|---:|---:|---:|",

@@ -26,11 +26,68 @@ def _configs():
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)]
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                             (128, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
     ]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T"])
+@triton.jit
+def _load_tile(ptrs, row_mask, mask_d, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Loads a (rows, BLOCK_D) tile with only the masks it needs: unmasked loads vectorise."""
+    if MASK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _attend_keys(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rel_base, gate, qk_scale,
+                 start, end, hi, offs_n, mask_m, mask_d,
+                 MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Online softmax over the key blocks start, start + BLOCK_N, ... < end; MASK_N for the last,
+    partial block only, so the steady loop carries no key mask."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < hi
+        k = _load_tile(k_base + cols[:, None] * stride_kt, mask_n, mask_d, MASK_N, EVEN_D)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if HAS_BIAS:
+            # relative index key - query, shifted into the table's 0 .. 2T-2 range
+            if MASK_N:
+                rel = tl.load(rel_base + cols[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            else:
+                rel = tl.load(rel_base + cols[None, :], mask=mask_m[:, None], other=0.0)
+            s = s * qk_scale + gate[:, None] * rel
+            scale = 1.0
+        else:
+            scale = qk_scale  # folded into the exponent below: one FMA per logit
+        if MASK_N:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + cols[:, None] * stride_vt, mask_n, mask_d, MASK_N, EVEN_D)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T", "HAS_BIAS"])
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lengths, RelBias, Gate,
@@ -54,16 +111,19 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seq_len
     mask_d = offs_d < HEAD_DIM  # head dim 80 runs in a 128-wide block
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     # Keys past an item's length are never visited: padded frames cannot reach valid ones.
     hi = seq_len
     if HAS_LENGTHS:
         hi = tl.minimum(tl.load(Lengths + b).to(tl.int32), seq_len)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                   mask_m, mask_d, True, EVEN_D)
     k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
     v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+    gate = None
+    rel_base = None
     if HAS_BIAS:
         # Gate per (item, head, query frame), in log2 units like the scaled logits.
         gate = tl.load(Gate + b * stride_gb + h * stride_gh + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
@@ -72,30 +132,11 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < hi
-        k = tl.load(k_base + cols[:, None] * stride_kt, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        if HAS_BIAS:
-            # relative index key - query, shifted into the table's 0 .. 2T-2 range
-            rel = tl.load(rel_base + cols[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            s += gate[:, None] * rel
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vt, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    full = (hi // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rel_base, gate, qk_scale,
+                                 0, full, hi, offs_n, mask_m, mask_d, False, HAS_BIAS, IEEE, EVEN_D, BLOCK_N)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rel_base, gate, qk_scale,
+                                 full, hi, hi, offs_n, mask_m, mask_d, True, HAS_BIAS, IEEE, EVEN_D, BLOCK_N)
     # An item of length 0 has no keys: its rows are 0 rather than NaN.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]

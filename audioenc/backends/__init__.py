@@ -6,11 +6,12 @@ Each backend is a class in its own module here, found through BACKENDS, with
     __init__(model, device, dtype)       model: the float32 reference nn.Module on the CPU;
                                          device: torch.device; dtype: the user's string ("auto" resolved
                                          by the backend, which also rejects dtypes it cannot run)
-    run(inputs, lengths, num_layers) -> (output, hidden_states, frame_lengths)
+    run(inputs, lengths, num_layers, output_hidden_states=True) -> (output, hidden_states, frame_lengths)
         Whisper: inputs = log-mel windows (B, n_mels, 3000), lengths None, frame_lengths None.
         wav2vec2 family: normalised waveforms (B, samples) and valid samples per item (B,).
         hidden_states: list of num_layers + 1 tensors (Hugging Face convention), output the last
-        layer's output (after the final LayerNorm when every layer ran and the model has one).
+        layer's output (after the final LayerNorm when every layer ran and the model has one);
+        an empty list when output_hidden_states is False (spares the triton backend their copies).
     name, device, dtype                  attributes, for repr and info
 
 Modules are imported only when their backend is asked for.

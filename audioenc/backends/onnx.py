@@ -118,7 +118,8 @@ class OnnxBackend:
         return counts
 
     @torch.inference_mode()
-    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
+    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
+            output_hidden_states: bool = True):
         session = self.session(num_layers)
         device = self.device
         binding = session.io_binding()
@@ -138,7 +139,7 @@ class OnnxBackend:
         for name, tensor in outputs.items():
             bind(binding.bind_output, name, tensor)
         session.run_with_iobinding(binding)
-        hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)]
+        hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)] if output_hidden_states else []
         return outputs["last_hidden_state"], hidden_states, outputs.get("frame_lengths")
 
 

@@ -227,7 +227,8 @@ class TensorRTBackend:
         return contexts[num_layers]
 
     @torch.inference_mode()
-    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
+    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
+            output_hidden_states: bool = True):
         import tensorrt as trt
 
         feeds = {"mel": inputs} if lengths is None else {"waveforms": inputs, "lengths": lengths}
@@ -250,5 +251,5 @@ class TensorRTBackend:
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see its log)")
         stream.synchronize()
-        hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)]
+        hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)] if output_hidden_states else []
         return outputs["last_hidden_state"], hidden_states, outputs.get("frame_lengths")

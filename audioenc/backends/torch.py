@@ -23,9 +23,12 @@ class TorchBackend:
         self.model = model.to(device=device, dtype=self.dtype).eval()
 
     @torch.inference_mode()
-    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
+    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
+            output_hidden_states: bool = True):
         inputs = inputs.to(self.device, self.dtype)
+        frame_lengths = None
         if lengths is None:
             out, hidden_states = self.model(inputs, num_layers)
-            return out, hidden_states, None
-        return self.model(inputs, lengths.to(self.device), num_layers)
+        else:
+            out, hidden_states, frame_lengths = self.model(inputs, lengths.to(self.device), num_layers)
+        return out, hidden_states if output_hidden_states else [], frame_lengths

@@ -283,21 +283,23 @@ class TritonBackend:
         return self.model(inputs, lengths, num_layers)
 
     @torch.inference_mode()
-    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int):
+    def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
+            output_hidden_states: bool = True):
         inputs = inputs.to(self.device, torch.float32)
         if lengths is not None:
             lengths = lengths.to(self.device, torch.int64)
         if not self.use_graphs:
             out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers)
-            return out.float(), [h.float() for h in hidden_states], frame_lengths
+            return out.float(), [h.float() for h in hidden_states] if output_hidden_states else [], frame_lengths
         with self._lock:
-            return self._run_graph(inputs, lengths, num_layers)
+            return self._run_graph(inputs, lengths, num_layers, output_hidden_states)
 
-    def _run_graph(self, inputs, lengths, num_layers):
+    def _run_graph(self, inputs, lengths, num_layers, output_hidden_states):
         batch = inputs.shape[0]
         if batch > MAX_GRAPH_BATCH:  # split rather than capture ever larger graphs
             parts = [self._run_graph(inputs[i:i + MAX_GRAPH_BATCH],
-                                     None if lengths is None else lengths[i:i + MAX_GRAPH_BATCH], num_layers)
+                                     None if lengths is None else lengths[i:i + MAX_GRAPH_BATCH], num_layers,
+                                     output_hidden_states)
                      for i in range(0, batch, MAX_GRAPH_BATCH)]
             return self._concat(parts)
         padded = batch_bucket(batch)
@@ -319,11 +321,11 @@ class TritonBackend:
             static_len[:batch].copy_(lengths)
         graph.replay()
         out, hidden_states, frame_lengths = static_out
-        if self.is_whisper:
-            return (out[:batch].float().clone(), [h[:batch].float().clone() for h in hidden_states], None)
-        frames = int(self.model.dims.num_frames(inputs.shape[-1]))
+        # Copies: the static buffers are overwritten by the next replay.
+        frames = out.shape[1] if self.is_whisper else int(self.model.dims.num_frames(inputs.shape[-1]))
         cut = lambda t: t[:batch, :frames].float().clone()
-        return cut(out), [cut(h) for h in hidden_states], frame_lengths[:batch].clone()
+        hidden_states = [cut(h) for h in hidden_states] if output_hidden_states else []
+        return cut(out), hidden_states, None if self.is_whisper else frame_lengths[:batch].clone()
 
     def _capture(self, batch, shape, num_layers):
         static_in = torch.zeros((batch,) + tuple(shape), device=self.device)
