@@ -1,14 +1,16 @@
 """The triton backend against its peers on a CUDA GPU, same process, same random weights' sizes.
 
     python benchmarks/bench_gpu.py [--repeats 10] [--no-write]    # CUDA machine: writes BENCHMARKS.md
+        [--cases whisper-large-v3:16,...] [--budget SECONDS]       # a subset; no new case after SECONDS
     python benchmarks/bench_gpu.py --tiny                          # anywhere; automatic without CUDA
 
 Peers, each in float16 on the encoder forward (inputs already on the GPU, no frontend): Hugging Face
-transformers with SDPA attention (eager), the same under torch.compile, audioenc's torch reference
-backend, and audioenc's triton backend (CUDA graphs). Reported: ms per item, real-time factor
-(compute time / audio time), speed-up of triton against each peer, and the fraction of the measured
-bf16 matmul rate that triton reaches (FLOPs counted from the dims). Plus the attention kernel alone
-against torch SDPA (flash) where SDPA applies.
+transformers with SDPA attention (eager), the same under torch.compile (batch 16 only: compiling
+costs a minute per model), audioenc's torch reference backend, and audioenc's triton backend (CUDA
+graphs). Reported: ms per item, real-time factor (compute time / audio time), speed-up of triton
+against each peer, the fraction of the measured bf16 matmul rate that triton reaches (FLOPs counted
+from the dims), and audioenc's relative error against its float32 reference. First, the attention
+kernel alone against torch SDPA, timed from CUDA graphs.
 
 Without CUDA (--tiny) the same pipeline runs at tiny sizes on the CPU with the kernels in Triton's
 interpreter (torch.compile skipped), only to prove the script works; it prints that the GPU
@@ -39,7 +41,6 @@ from common import machine, versions, write_section  # noqa: E402
 
 SAMPLE_RATE = 16000
 
-# name -> (family, HF config kwargs, seconds of audio, batches)
 WHISPER_LARGE_V3 = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
                         num_mel_bins=128)
 WAV2VEC2_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

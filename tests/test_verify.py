@@ -22,8 +22,8 @@ class NoisyBackend(TorchBackend):
 
     name = "noisy"
 
-    def run(self, inputs, lengths, num_layers):
-        out, hidden, frames = super().run(inputs, lengths, num_layers)
+    def run(self, inputs, lengths, num_layers, output_hidden_states=True):
+        out, hidden, frames = super().run(inputs, lengths, num_layers, output_hidden_states)
         noisy = lambda x: x + 0.01 * x.std() * torch.randn_like(x)  # noqa: E731
         return noisy(out), [noisy(h) for h in hidden], frames
 
