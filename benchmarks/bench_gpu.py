@@ -37,6 +37,7 @@ from audioenc.config import Wav2Vec2Dims, WhisperDims  # noqa: E402
 from audioenc.models.wav2vec2 import Wav2Vec2Model  # noqa: E402
 from audioenc.models.wavlm import WavLMModel  # noqa: E402
 from audioenc.models.whisper import WhisperEncoder  # noqa: E402
+from audioenc.verify import layer_errors  # noqa: E402
 from common import machine, versions, write_section  # noqa: E402
 
 SAMPLE_RATE = 16000
@@ -142,10 +143,6 @@ def hf_model(cls, hf_config, device, dtype):
     return model.to(device, dtype).eval(), attn
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak):
     """Table rows of one case. A contender that fails is reported as such; the others still run."""
     hf_config, hf_cls, ref_model, dims = build(family, config)
@@ -168,7 +165,7 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
             fn, out = make()
             results[label] = timed(fn, repeats)
             if out is not None:
-                errors[label] = rel_err(out, truth)
+                errors[label] = layer_errors(out, truth, torch.full((batch,), truth.shape[1]))[1]
         except Exception as exc:  # noqa: BLE001 - one broken contender must not hide the others
             failures[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
             print(f"  {label} failed: {failures[label]}", flush=True)
