@@ -10,7 +10,8 @@ costs a minute per model), audioenc's torch reference backend, and audioenc's tr
 graphs). Reported: ms per item, real-time factor (compute time / audio time), speed-up of triton
 against each peer, the fraction of the measured bf16 matmul rate that triton reaches (FLOPs counted
 from the dims), and audioenc's relative error against its float32 reference. First, the attention
-kernel alone against torch SDPA, timed from CUDA graphs.
+kernel alone against torch SDPA, and fc1 + GELU as one kernel against cuBLAS + GELU, timed from
+CUDA graphs.
 
 Without CUDA (--tiny) the same pipeline runs at tiny sizes on the CPU with the kernels in Triton's
 interpreter (torch.compile skipped), only to prove the script works; it prints that the GPU
@@ -185,10 +186,16 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
         contender(f"transformers {short} + torch.compile", lambda: (run_hf(torch.compile(model)), None))
     del model
 
+    fc1_kept = ""
+
     def audioenc_backend(cls):
+        nonlocal fc1_kept
         backend = cls(copy.deepcopy(ref_model), torch.device(device), dtype_name)
         fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
-        return fn, fn()[0]
+        out = fn()[0]
+        if cls is TritonBackend:
+            fc1_kept = "/".join(sorted(set(backend.model.fc1_choices.values())))
+        return fn, out
 
     contender(f"audioenc torch {short}", lambda: audioenc_backend(TorchBackend))
     ours_label = f"audioenc triton {short}"
@@ -197,7 +204,8 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     flops = flops_per_item(dims, frames, samples) * batch
     rows = []
     for engine in list(results) + list(failures):
-        case = f"| {name}, {seconds:g} s, batch {batch} | {engine} |"
+        kept = f" (fc1 + GELU: {fc1_kept})" if engine == ours_label and fc1_kept else ""
+        case = f"| {name}, {seconds:g} s, batch {batch} | {engine}{kept} |"
         if engine in failures:
             rows.append(f"{case} failed: {failures[engine]} | | | | |")
             continue
@@ -246,6 +254,26 @@ def attention_vs_sdpa(repeats, device, dtype):
     return rows
 
 
+def linear_gelu_vs_cublas(repeats, device, dtype):
+    """fc1 + GELU as our one fused kernel against cuBLAS (with its bias epilogue) plus a GELU pass, at
+    the feed-forward shapes of the cases (rows = batch x frames, K -> N)."""
+    from audioenc.kernels.linear_gelu import linear_gelu
+
+    rows = []
+    shapes = [(16 * 1500, 1280, 5120), (16 * 499, 1024, 4096), (64 * 499, 768, 3072), (499, 1024, 4096)]
+    for m, k, n in (shapes if not TINY else [(97, 64, 256)]):
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+        b = torch.randn(n, device=device, dtype=dtype)
+        t_cublas = graph_timed(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), repeats)
+        t_ours = graph_timed(lambda: linear_gelu(x, w, b), repeats)
+        rate = 2 * m * n * k / t_ours / 1e12
+        rows.append(f"| {m} x {k} -> {n} | {1000 * t_cublas:.3f} | {1000 * t_ours:.3f} | "
+                    f"{t_cublas / t_ours:.2f}x | {rate:.0f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
@@ -261,6 +289,7 @@ def main() -> None:
     peak = matmul_rate() if device == "cuda" else None
     rows = []
     att_rows = attention_vs_sdpa(repeats, device, dtype)
+    fc1_rows = linear_gelu_vs_cublas(repeats, device, dtype)
     started = time.perf_counter()
     for name, family, config, seconds, batch in (TINY_CASES if TINY else REAL_CASES):
         if args.cases and f"{name}:{batch}" not in args.cases.split(","):
@@ -289,6 +318,13 @@ def main() -> None:
         "| shape | torch SDPA | audioenc triton | speed-up |",
         "|---|---:|---:|---:|",
         *att_rows,
+        "",
+        "Feed-forward fc1 + GELU alone (ms per call, replayed from a CUDA graph). The backend times both "
+        "ways at its first call per shape and keeps the faster; the case rows above say which it kept.",
+        "",
+        "| rows x K -> N | cuBLAS + GELU | audioenc linear_gelu | speed-up | TFLOP/s |",
+        "|---|---:|---:|---:|---:|",
+        *fc1_rows,
         "",
         "Targets on an H100: >= 1.5x transformers SDPA and >= 1.2x torch.compile at batch 16; >= 0.5 of the "
         "matmul rate for whisper-large-v3 at batch 16; attention at least as fast as SDPA (flash).",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from audioenc.kernels.gelu import gelu
 from audioenc.models.layers import masked_group_norm
 
 
@@ -33,11 +34,6 @@ def _conv_configs():
         triton.Config({"BLOCK_T": bt, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
         for bt, bci, w, s in [(16, 64, 4, 3), (32, 32, 8, 3), (32, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)]
     ]
-
-
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
 @triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "KSIZE", "LOG2_T"])
@@ -95,7 +91,7 @@ def _conv1d_gelu_kernel(
         nw = tl.load(NormW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         nb = tl.load(NormB + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         acc = diff * rstd[:, None] * nw[None, :] + nb[None, :]
-    y = _gelu(acc)
+    y = gelu(acc)
     if HAS_ADD:
         y += tl.load(Add + offs_t[:, None] * stride_at + offs_c[None, :] * stride_ac,
                      mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
@@ -171,7 +167,7 @@ def _conv0_group_norm_gelu_kernel(
         offs_t = t0 + arange_t
         y = _conv0_tile(x_base, stride_xt, W, stride_wo, stride_wk, bias, offs_t, T_out, L_in,
                         offs_c, mask_c, KSIZE, STRIDE, BLOCK_T, BLOCK_C)
-        y = _gelu(y * scale[None, :] + shift[None, :])
+        y = gelu(y * scale[None, :] + shift[None, :])
         tl.store(Out + b * stride_ob + offs_t[:, None] * stride_ot + offs_c[None, :] * stride_oc,
                  y.to(Out.dtype.element_ty), mask=(offs_t < T_out)[:, None] & mask_c[None, :])
 

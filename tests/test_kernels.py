@@ -26,7 +26,8 @@ ON_GPU = torch.cuda.is_available()
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 RUN_HERE = ON_GPU or INTERPRETER_CHILD
 DEVICE = "cuda" if ON_GPU else "cpu"
-KERNEL_MODULES = ("audioenc.kernels.attention", "audioenc.kernels.conv_feature", "audioenc.kernels.layer_norm")
+KERNEL_MODULES = ("audioenc.kernels.attention", "audioenc.kernels.conv_feature", "audioenc.kernels.layer_norm",
+                  "audioenc.kernels.linear_gelu")
 
 
 def run_file_in_interpreter(path: str, timeout: int = 600) -> None:
@@ -260,6 +261,46 @@ def test_add_layer_norm_float16_input_with_float32_residual_past_the_float16_ran
     check(out, ln.add_layer_norm_ref(x, res, w, b)[0], ln.add_layer_norm_ref(x, res, w, b)[0], torch.float16)
 
 
+# ---------------------------------------------------------------- linear + bias + GELU
+
+def linear_gelu_inputs(rows, k, n, bias, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(rows, k, dtype=dtype, gen=gen)
+    w = randn(n, k, dtype=dtype, scale=2 * k ** -0.5, gen=gen)  # pre-activations ~N(0, 4): GELU's curved part
+    return x, w, randn(n, dtype=dtype, gen=gen) if bias else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows,k,n,bias", [(1, 1, 1, True), (2, 97, 80, True), (97, 64, 257, False),
+                                           (257, 130, 96, True)])
+def test_linear_gelu_matches_reference(kernels, rows, k, n, bias, dtype):
+    lin = kernels["linear_gelu"]
+    args = linear_gelu_inputs(rows, k, n, bias, dtype, seed=rows + k + n)
+    check(lin.linear_gelu(*args), lin.linear_gelu_ref(*args), lin.linear_gelu_ref(*args, compute_dtype=dtype), dtype)
+
+
+def test_linear_gelu_keeps_leading_dims_and_reads_strided_rows(kernels):
+    lin = kernels["linear_gelu"]
+    x, w, b = linear_gelu_inputs(2 * 5 * 3, 40, 24, True, torch.float32, seed=3)
+    x = x.view(2, 5, 3 * 40)[..., 40:80]  # rows 120 apart: a strided view, no copy needed
+    out = lin.linear_gelu(x, w, b)
+    assert out.shape == (2, 5, 24)
+    check(out, lin.linear_gelu_ref(x, w, b), None, torch.float32)
+
+
+def test_linear_gelu_argument_errors(kernels):
+    lin = kernels["linear_gelu"]
+    x, w, b = linear_gelu_inputs(3, 8, 4, True, torch.float32, seed=4)
+    with pytest.raises(ValueError, match="do not match"):
+        lin.linear_gelu(x, w.t())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        lin.linear_gelu(x, w, b[:3])
+    with pytest.raises(ValueError, match="one dtype"):
+        lin.linear_gelu(x, w.half(), b)
+    with pytest.raises(ValueError, match="one dtype"):
+        lin.linear_gelu(x.double(), w.double(), b.double())
+
+
 # ---------------------------------------------------------------- real sizes (GPU only)
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
@@ -279,6 +320,17 @@ def test_attention_real_sizes(kernels, batch, frames, heads, head_dim, mask, bia
     att = kernels["attention"]
     args = attention_inputs(frames, heads, head_dim, mask, bias, dtype, seed=5, batch=batch)
     check(att.attention(*args), att.attention_ref(*args), att.attention_ref(*args, compute_dtype=dtype), dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", HALF + [torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("rows,k,n", [(2 * 1500, 1280, 5120), (3 * 499, 1024, 4096), (499, 768, 3072),
+                                      (77, 384, 1536)])
+def test_linear_gelu_real_sizes(kernels, rows, k, n, dtype):
+    lin = kernels["linear_gelu"]
+    args = linear_gelu_inputs(rows, k, n, True, dtype, seed=6)
+    check(lin.linear_gelu(*args), lin.linear_gelu_ref(*args), lin.linear_gelu_ref(*args, compute_dtype=dtype), dtype)
 
 
 @pytest.mark.gpu

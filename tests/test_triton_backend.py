@@ -243,3 +243,22 @@ def test_auto_picks_triton_on_cuda():
     enc = audioenc.load("random:whisper-tiny")
     assert enc.backend.name == "triton" and enc.backend.dtype == torch.float16
     assert np.isfinite(enc.embed(speech_like(16000, 70)).cpu().numpy()).all()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path", ["fused", "cublas"])
+def test_both_fc1_gelu_paths_meet_the_half_precision_rule(path):
+    """The backend keeps whichever fc1 + GELU ran faster; both must be right, so force each in turn."""
+    from audioenc.backends.triton import _LinearGelu
+
+    layer = torch.nn.Linear(1280, 5120)
+    choices = {}
+    fc1 = _LinearGelu(layer, torch.float16, torch.device("cuda"), choices)
+    x = torch.randn(2, 1500, 1280, device="cuda")
+    truth = torch.nn.functional.gelu(layer.cuda()(x))
+    fc1(x.half())
+    assert list(choices.values())[0] in ("fused", "cublas")  # timed once at the first call
+    choices[next(iter(choices))] = path
+    naive = torch.nn.functional.gelu(layer.half()(x.half()))
+    assert rel_err(fc1(x.half()), truth) <= 2 * rel_err(naive, truth)
