@@ -116,6 +116,29 @@ class AudioEncoder:
         out = self.encode(audio, sample_rate, output_layer=output_layer)
         return pool_frames(out.last_hidden_state, out.lengths, pool)
 
+    def warmup(self, seconds=None, batch_sizes=(1,), output_layer: int | None = None) -> None:
+        """Encodes noise once per (duration, batch size) so that live traffic does not pay for
+        one-time work: kernel autotuning and CUDA-graph capture (triton; it keeps the graphs of its
+        last 4 shapes), graph export and session set-up (onnx, tensorrt), allocator growth (torch).
+
+        seconds: a duration or a list of them; default 10 s (wav2vec2 family) or one 30 s window
+        (Whisper, whose every call is a 30 s window). Pass the durations and batch sizes you serve.
+        """
+        if seconds is None:
+            seconds = 30.0 if self.family == "whisper" else 10.0
+        durations = [seconds] if np.isscalar(seconds) else list(seconds)
+        batches = [batch_sizes] if np.isscalar(batch_sizes) else list(batch_sizes)
+        if not durations or any(not np.isfinite(d) or d * SAMPLE_RATE < self.min_samples for d in durations):
+            raise ValueError(f"warmup seconds must be finite and at least {self.min_samples / SAMPLE_RATE:g} s, "
+                             f"got {seconds!r}")
+        if not batches or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in batches):
+            raise ValueError(f"warmup batch_sizes must be positive ints, got {batch_sizes!r}")
+        noise = np.random.default_rng(0).standard_normal(int(max(durations) * SAMPLE_RATE)).astype(np.float32)
+        for duration in durations:
+            item = 0.1 * noise[: int(duration * SAMPLE_RATE)]
+            for batch in batches:
+                self.encode([item] * int(batch), output_layer=output_layer)
+
     def _layers_to_run(self, output_layer: int | None) -> int:
         if output_layer is None:
             return self.num_layers

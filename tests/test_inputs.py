@@ -115,6 +115,27 @@ def test_api_argument_errors(w2v, w2v_checkpoints, whisper_checkpoints):
         audioenc.load("random:wav2vec3")
 
 
+def test_warmup_runs_each_shape_once_and_checks_its_arguments(w2v, whisper, monkeypatch):
+    for enc, default_samples in ((w2v, 160000), (whisper, None)):
+        calls = []
+        run = enc.backend.run
+        monkeypatch.setattr(enc.backend, "run", lambda inputs, *a, **k: calls.append(tuple(inputs.shape)) or run(inputs, *a, **k))
+        enc.warmup()
+        if default_samples:
+            assert calls == [(1, default_samples)]
+        else:
+            assert calls == [(1, whisper.dims.n_mels, 3000)]
+    calls.clear()
+    whisper.warmup(seconds=[1, 2.5], batch_sizes=(1, 3))
+    assert [c[0] for c in calls] == [1, 3, 1, 3]
+    for bad in (0, float("nan"), []):
+        with pytest.raises(ValueError, match="warmup seconds"):
+            w2v.warmup(seconds=bad)
+    for bad in (0, 1.5, True, ()):
+        with pytest.raises(ValueError, match="warmup batch_sizes"):
+            w2v.warmup(batch_sizes=bad)
+
+
 def test_checkpoint_with_missing_or_foreign_tensors(w2v_checkpoints, tmp_path):
     import shutil
 
