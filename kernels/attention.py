@@ -93,7 +93,7 @@ def _attend_keys(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rel_bas
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T", "HAS_BIAS"], **_CACHE_RESULTS)
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T", "LOG2_BH", "HAS_BIAS"], **_CACHE_RESULTS)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lengths, RelBias, Gate,
@@ -103,7 +103,8 @@ def _attention_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_rh, stride_gb, stride_gh,
     num_heads, seq_len, qk_scale,
-    LOG2_T,  # autotune key only: tune once per power-of-two length class, not per length
+    LOG2_T,  # autotune keys only: tune once per power-of-two class of length and of batch x heads
+    LOG2_BH,  # (a batch of 1 fills the GPU with fewer, smaller blocks than a batch of 16)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -206,7 +207,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         rel_bias.stride(0) if has_bias else 0, gate.stride(0) if has_bias else 0, gate.stride(1) if has_bias else 0,
-        num_heads, seq_len, sm_scale * LOG2E, max(seq_len - 1, 1).bit_length(),
+        num_heads, seq_len, sm_scale * LOG2E, max(seq_len - 1, 1).bit_length(), (batch * num_heads).bit_length(),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HAS_LENGTHS=lengths is not None, HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32,
     )
