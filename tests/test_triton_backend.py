@@ -101,6 +101,19 @@ def test_layers_stop_early_and_equal_the_full_runs_hidden_state(w2v_checkpoints)
         torch.testing.assert_close(enc.encode(wave, output_layer=layer).last_hidden_state, full.hidden_states[layer])
 
 
+def test_hidden_states_are_kept_only_when_asked(w2v_checkpoints, whisper_checkpoints):
+    """Without them the forward frees each layer's output (a CUDA graph would hold them all)."""
+    for path in (w2v_checkpoints["wavlm-stable"][0], w2v_checkpoints["wav2vec2-group"][0], whisper_checkpoints[80][0]):
+        backend = load(path).backend
+        inputs = torch.randn(2, 80, 3000) if backend.is_whisper else torch.randn(2, 4000)
+        lengths = None if backend.is_whisper else torch.tensor([4000, 2500])
+        layers = len(backend.model.blocks)
+        full, hidden, _ = backend.run(inputs, lengths, layers, output_hidden_states=True)
+        alone, none, _ = backend.run(inputs, lengths, layers, output_hidden_states=False)
+        assert len(hidden) == layers + 1 and none == []
+        torch.testing.assert_close(alone, full, rtol=0, atol=0)
+
+
 def test_batch_items_equal_items_alone(w2v_checkpoints):
     path, _ = w2v_checkpoints["wavlm-group"]
     enc = load(path)
@@ -262,3 +275,23 @@ def test_both_fc1_gelu_paths_meet_the_half_precision_rule(path):
     choices[next(iter(choices))] = path
     naive = torch.nn.functional.gelu(layer.half()(x.half()))
     assert rel_err(fc1(x.half()), truth) <= 2 * rel_err(naive, truth)
+
+
+@pytest.mark.gpu
+@gpu
+def test_graphs_without_hidden_states_do_not_hold_them():
+    waves = [speech_like(160000, 80 + i) for i in range(4)]
+    held = {}
+    for keep in (False, True):
+        enc = audioenc.load("random:wav2vec2-base", backend="triton", device="cuda", dtype="float16")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+        out = enc.encode(waves, output_hidden_states=keep)
+        del out
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # what is left: the captured graph's pool and its static tensors
+        held[keep] = torch.cuda.memory_reserved() - before
+        del enc
+    hidden_bytes = 13 * 4 * 499 * 768 * 2  # 13 float16 hidden states of (4, 499, 768)
+    assert held[True] - held[False] >= hidden_bytes // 2, held

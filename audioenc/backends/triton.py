@@ -147,20 +147,25 @@ class _Block:
 
 
 def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_norm: _Norm | None,
-                num_layers: int, lengths, rel_bias, dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                num_layers: int, lengths, rel_bias, dtype, keep_hidden: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Runs the first num_layers blocks on x (the input of layer 0, float32 for pre-LN).
 
     Pre-LN: the float32 residual stream r is each hidden state; every add is fused with the next
     LayerNorm (this layer's second, the next layer's first, or the final one).
     Post-LN: hidden states are the LayerNorm outputs in the compute dtype.
-    Returns (output, hidden states); the output is after final_norm when every layer ran.
+    Returns (output, hidden states); the output is after final_norm when every layer ran. The
+    hidden states are [] unless keep_hidden: then each layer's output can be freed as the next one
+    runs (a CUDA graph keeps whatever the forward returns: 16 GB of them for whisper-large-v3 at
+    batch 64).
     """
-    hidden_states = [x]
+    hidden_states = []
+    keep = hidden_states.append if keep_hidden else (lambda t: None)
+    keep(x)
     if not pre_norm:
         for block in blocks[:num_layers]:
             x, _ = block.norm1(block.attend(x, lengths, rel_bias), x)
             x, _ = block.norm2(block.feed_forward(x), x)
-            hidden_states.append(x)
+            keep(x)
         return x, hidden_states
     r = x
     out = r
@@ -178,7 +183,7 @@ def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_nor
         else:
             r = r + f.float()
             out = r
-        hidden_states.append(r)
+        keep(r)
     return out, hidden_states
 
 
@@ -232,7 +237,7 @@ class _FastWav2Vec2:
             x = conv1d_gelu(x, weight, bias, s, 0, ln[0], ln[1], ln[2], out_dtype=self.dtype)
         return x, lengths
 
-    def __call__(self, waveforms: torch.Tensor, lengths: torch.Tensor, num_layers: int):
+    def __call__(self, waveforms: torch.Tensor, lengths: torch.Tensor, num_layers: int, keep_hidden: bool = True):
         x, frame_lengths = self.features(waveforms, lengths)
         if self.proj_norm is not None:
             x, _ = self.proj_norm(x)
@@ -254,7 +259,7 @@ class _FastWav2Vec2:
             rel_bias = relative_bias_table(self.rel_embedding, frames, self.dims.num_buckets,
                                            self.dims.max_bucket_distance)
         out, hidden_states = _run_blocks(self.blocks, x, self.pre_norm, self.encoder_norm if self.pre_norm else None,
-                                         num_layers, frame_lengths, rel_bias, self.dtype)
+                                         num_layers, frame_lengths, rel_bias, self.dtype, keep_hidden)
         return out, hidden_states, frame_lengths
 
 
@@ -273,13 +278,14 @@ class _FastWhisper:
                               self.fc1_choices) for l in model.layers]
         self.final_norm = _Norm(model.layer_norm, device)
 
-    def __call__(self, mel: torch.Tensor, num_layers: int):
+    def __call__(self, mel: torch.Tensor, num_layers: int, keep_hidden: bool = True):
         from audioenc.kernels.conv_feature import conv1d_gelu
 
         x = conv1d_gelu(mel.to(self.dtype).transpose(1, 2), *self.conv1, stride=1, padding=1)
         x = conv1d_gelu(x, *self.conv2, stride=2, padding=1, add=self.positions, out_dtype=torch.float32)
-        out, hidden_states = _run_blocks(self.blocks, x, True, self.final_norm, num_layers, None, None, self.dtype)
-        if num_layers == len(self.blocks):
+        out, hidden_states = _run_blocks(self.blocks, x, True, self.final_norm, num_layers, None, None, self.dtype,
+                                         keep_hidden)
+        if num_layers == len(self.blocks) and keep_hidden:
             hidden_states[-1] = out
         return out, hidden_states
 
@@ -318,11 +324,11 @@ class TritonBackend:
         self._graphs: OrderedDict = OrderedDict()
         self._lock = threading.Lock()  # graph replays share static buffers
 
-    def _forward(self, inputs, lengths, num_layers):
+    def _forward(self, inputs, lengths, num_layers, keep_hidden):
         if self.is_whisper:
-            out, hidden_states = self.model(inputs, num_layers)
+            out, hidden_states = self.model(inputs, num_layers, keep_hidden)
             return out, hidden_states, None
-        return self.model(inputs, lengths, num_layers)
+        return self.model(inputs, lengths, num_layers, keep_hidden)
 
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
@@ -331,8 +337,8 @@ class TritonBackend:
         if lengths is not None:
             lengths = lengths.to(self.device, torch.int64)
         if not self.use_graphs:
-            out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers)
-            return out.float(), [h.float() for h in hidden_states] if output_hidden_states else [], frame_lengths
+            out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers, output_hidden_states)
+            return out.float(), [h.float() for h in hidden_states], frame_lengths
         with self._lock:
             return self._run_graph(inputs, lengths, num_layers, output_hidden_states)
 
@@ -346,10 +352,10 @@ class TritonBackend:
             return self._concat(parts)
         padded = batch_bucket(batch)
         samples = inputs.shape[-1] if self.is_whisper else length_bucket(inputs.shape[-1])
-        key = (padded, samples, num_layers)
+        key = (padded, samples, num_layers, output_hidden_states)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(padded, inputs.shape[1:-1] + (samples,), num_layers)
+            entry = self._capture(padded, inputs.shape[1:-1] + (samples,), num_layers, output_hidden_states)
             self._graphs[key] = entry
             if len(self._graphs) > GRAPH_CACHE_SIZE:
                 self._graphs.popitem(last=False)
@@ -366,21 +372,20 @@ class TritonBackend:
         # Copies: the static buffers are overwritten by the next replay.
         frames = out.shape[1] if self.is_whisper else int(self.model.dims.num_frames(inputs.shape[-1]))
         cut = lambda t: t[:batch, :frames].float().clone()
-        hidden_states = [cut(h) for h in hidden_states] if output_hidden_states else []
-        return cut(out), hidden_states, None if self.is_whisper else frame_lengths[:batch].clone()
+        return cut(out), [cut(h) for h in hidden_states], None if self.is_whisper else frame_lengths[:batch].clone()
 
-    def _capture(self, batch, shape, num_layers):
+    def _capture(self, batch, shape, num_layers, keep_hidden):
         static_in = torch.zeros((batch,) + tuple(shape), device=self.device)
         static_len = None if self.is_whisper else torch.full((batch,), shape[-1], dtype=torch.int64, device=self.device)
         # Warm up on a side stream first: compiles and autotunes every kernel outside the capture.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._forward(static_in, static_len, num_layers)
+            self._forward(static_in, static_len, num_layers, keep_hidden)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self._forward(static_in, static_len, num_layers)
+            static_out = self._forward(static_in, static_len, num_layers, keep_hidden)
         return graph, static_in, static_len, static_out
 
     @staticmethod
