@@ -27,7 +27,7 @@ INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 RUN_HERE = ON_GPU or INTERPRETER_CHILD
 DEVICE = "cuda" if ON_GPU else "cpu"
 KERNEL_MODULES = ("audioenc.kernels.attention", "audioenc.kernels.conv_feature", "audioenc.kernels.layer_norm",
-                  "audioenc.kernels.linear_gelu")
+                  "audioenc.kernels.linear_gelu", "audioenc.kernels.wavlm_gate")
 
 
 def run_file_in_interpreter(path: str, timeout: int = 600) -> None:
@@ -299,6 +299,38 @@ def test_linear_gelu_argument_errors(kernels):
         lin.linear_gelu(x, w.half(), b)
     with pytest.raises(ValueError, match="one dtype"):
         lin.linear_gelu(x.double(), w.double(), b.double())
+
+
+# ---------------------------------------------------------------- WavLM's gate
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch,frames,heads,head_dim", [(1, 1, 1, 64), (2, 97, 3, 16), (3, 257, 4, 80)])
+def test_wavlm_gate_matches_the_reference_model(kernels, batch, frames, heads, head_dim, dtype):
+    gate_mod = kernels["wavlm_gate"]
+    gen = torch.Generator().manual_seed(frames)
+    layer = torch.nn.Linear(head_dim, 8)
+    const = torch.rand(heads, generator=gen) * 2
+    weight, bias = gate_mod.fold_gate_linear(layer.weight, layer.bias)
+    weight, bias, const = weight.to(DEVICE), bias.to(DEVICE), const.to(DEVICE)
+    x = randn(batch, frames, heads * head_dim, dtype=dtype, scale=3, gen=gen)
+    # The model's own formula (Linear(head_dim, 8) viewed (2, 4) and summed) is the truth.
+    proj = torch.sigmoid(layer.to(DEVICE)(x.float().view(batch, frames, heads, head_dim)).unflatten(-1, (2, 4)).sum(-1))
+    truth = (proj[..., 0] * (proj[..., 1] * const - 1.0) + 2.0).transpose(1, 2)
+    out = gate_mod.wavlm_gate(x, heads, weight, bias, const)
+    assert out.shape == (batch, heads, frames) and out.dtype == torch.float32
+    torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gate_mod.wavlm_gate_ref(x, heads, weight, bias, const), truth, rtol=1e-5, atol=1e-5)
+
+
+def test_wavlm_gate_argument_errors(kernels):
+    gate_mod = kernels["wavlm_gate"]
+    x, w, b, c = randn(2, 5, 32), randn(2, 16), randn(2), randn(2)
+    with pytest.raises(ValueError, match="H \\* head_dim"):
+        gate_mod.wavlm_gate(x, 3, w, b, c)
+    with pytest.raises(ValueError, match="weight must be contiguous float32 of shape \\(2, 16\\)"):
+        gate_mod.wavlm_gate(x, 2, w.half(), b, c)
+    with pytest.raises(ValueError, match="const"):
+        gate_mod.wavlm_gate(x, 2, w, b, randn(3))
 
 
 # ---------------------------------------------------------------- real sizes (GPU only)

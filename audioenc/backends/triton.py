@@ -121,24 +121,20 @@ class _Block:
         self.fc1_gelu, self.fc2 = _LinearGelu(fc1, dtype, device, fc1_choices), _Linear([fc2], dtype, device)
         self.gate = None
         if hasattr(attention, "gru_rel_pos_linear"):
-            # Linear(head_dim, 8) viewed (2, 4) and summed == Linear(head_dim, 2) with summed rows.
+            from audioenc.kernels.wavlm_gate import fold_gate_linear
+
             lin = attention.gru_rel_pos_linear
-            self.gate = (lin.weight.detach().view(2, 4, -1).sum(1).float().to(device),
-                         lin.bias.detach().view(2, 4).sum(1).float().to(device),
-                         attention.gru_rel_pos_const.detach().float().view(1, -1, 1).to(device))
+            self.gate = tuple(t.to(device) for t in fold_gate_linear(lin.weight, lin.bias)) + (
+                attention.gru_rel_pos_const.detach().float().reshape(-1).contiguous().to(device),)
 
     def attend(self, h: torch.Tensor, lengths: torch.Tensor | None, rel_bias: torch.Tensor | None) -> torch.Tensor:
         from audioenc.kernels.attention import attention
+        from audioenc.kernels.wavlm_gate import wavlm_gate
 
         batch, frames, dim = h.shape
         heads = self.num_heads
         qkv = self.qkv(h).view(batch, frames, 3, heads, dim // heads)
-        gate = None
-        if rel_bias is not None:
-            weight, bias, const = self.gate
-            proj = torch.sigmoid(F.linear(h.view(batch, frames, heads, -1).float(), weight, bias))  # (B, T, H, 2)
-            gate_a, gate_b = proj.permute(0, 2, 1, 3).unbind(-1)                                      # (B, H, T)
-            gate = (gate_a * (gate_b * const - 1.0) + 2.0).contiguous()
+        gate = wavlm_gate(h, heads, *self.gate) if rel_bias is not None else None
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, rel_bias, gate)
         return self.out_proj(out.view(batch, frames, dim))
 
