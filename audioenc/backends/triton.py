@@ -2,8 +2,9 @@
 
 Same math as audioenc/models (the float32 reference), re-implemented here from its parameters:
 conv feature layers fused with their norm and GELU, fused QKV projections, flash attention with the
-key-padding mask and WavLM's gated relative bias inside the kernel, residual add fused with
-LayerNorm. Matmuls and the grouped positional conv use cuBLAS/cuDNN through torch. Half precision
+key-padding mask and WavLM's gated relative bias inside the kernel (its gate from one small kernel),
+residual add fused with LayerNorm, fc1 + bias + GELU in one kernel where that beats cuBLAS plus a
+GELU pass. Other matmuls and the grouped positional conv use cuBLAS/cuDNN through torch. Half precision
 with float32 LayerNorm/softmax statistics; pre-LN residual streams stay in float32 so large
 activations cannot overflow float16. On CUDA, forward passes are captured in CUDA graphs per
 (batch bucket, length bucket, layers). With TRITON_INTERPRET=1 the same code runs on CPU tensors
