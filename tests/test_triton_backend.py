@@ -114,6 +114,26 @@ def test_hidden_states_are_kept_only_when_asked(w2v_checkpoints, whisper_checkpo
         torch.testing.assert_close(alone, full, rtol=0, atol=0)
 
 
+def test_fc1_gelu_keeps_cublas_where_the_fused_kernel_disagrees_or_fails(monkeypatch):
+    from audioenc.backends import triton as backend_module
+
+    monkeypatch.setattr(backend_module, "_faster", lambda first, second: True)  # CUDA events: GPU only
+    with torch.no_grad():  # as the backend builds it
+        fc1 = backend_module._LinearGelu(torch.nn.Linear(16, 48), torch.float32, torch.device(DEVICE), {})
+    probe = torch.randn(5, 16, device=DEVICE)
+    assert fc1._choose(probe) == "fused"
+    monkeypatch.setattr(fc1, "fused", lambda x: 1.5 * fc1.cublas(x))
+    with pytest.warns(UserWarning, match="differs from it by 0.5"):
+        assert fc1._choose(probe) == "cublas"
+
+    def out_of_resources(x):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(fc1, "fused", out_of_resources)
+    with pytest.warns(UserWarning, match="failed .out of resource"):
+        assert fc1._choose(probe) == "cublas"
+
+
 def test_batch_items_equal_items_alone(w2v_checkpoints):
     path, _ = w2v_checkpoints["wavlm-group"]
     enc = load(path)
@@ -265,7 +285,7 @@ def test_both_fc1_gelu_paths_meet_the_half_precision_rule(path):
     """The backend keeps whichever fc1 + GELU ran faster; both must be right, so force each in turn."""
     from audioenc.backends.triton import _LinearGelu
 
-    layer = torch.nn.Linear(1280, 5120)
+    layer = torch.nn.Linear(1280, 5120).requires_grad_(False)
     choices = {}
     fc1 = _LinearGelu(layer, torch.float16, torch.device("cuda"), choices)
     x = torch.randn(2, 1500, 1280, device="cuda")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -59,8 +60,6 @@ class _Linear:
 def _faster(first, second, repeats: int = 7) -> bool:
     """Whether first() runs faster than second() on the current CUDA stream (median of repeats)."""
     times = ([], [])
-    for fn in (first, second):
-        fn()  # compiles and autotunes outside the timing
     for _ in range(repeats):
         for fn, spent in zip((first, second), times):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,30 +73,46 @@ def _faster(first, second, repeats: int = 7) -> bool:
 
 class _LinearGelu(_Linear):
     """gelu(Linear(x)): audioenc's fused kernel (kernels/linear_gelu.py) or cuBLAS plus a GELU pass,
-    whichever ran faster for this input shape on this GPU. The two are timed once per shape, at the
+    whichever ran faster for this input shape on this GPU. The choice is made once per shape, at the
     first (warm-up) call; ``choices`` is shared by all the model's layers, which have one shape."""
 
     def __init__(self, layer: nn.Linear, dtype, device, choices: dict):
         super().__init__([layer], dtype, device)
         self.choices = choices
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
         from audioenc.kernels.linear_gelu import linear_gelu
 
-        fused = lambda: linear_gelu(x, self.weight, self.bias)
+        return linear_gelu(x, self.weight, self.bias)
+
+    def cublas(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(F.linear(x, self.weight, self.bias))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":  # the interpreter: always the kernel, which is what is under test
-            return fused()
-        unfused = lambda: F.gelu(F.linear(x, self.weight, self.bias))
+            return self.fused(x)
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self.choices:
             if torch.cuda.is_current_stream_capturing():  # cannot time inside a graph capture
-                return unfused()
-            try:
-                fused_wins = _faster(fused, unfused)
-            except Exception:  # noqa: BLE001 - no config of the kernel fits this GPU (shared memory): cuBLAS
-                fused_wins = False
-            self.choices[key] = "fused" if fused_wins else "cublas"
-        return fused() if self.choices[key] == "fused" else unfused()
+                return self.cublas(x)
+            self.choices[key] = self._choose(torch.randn_like(x))
+        return self.fused(x) if self.choices[key] == "fused" else self.cublas(x)
+
+    def _choose(self, probe: torch.Tensor) -> str:
+        """'fused' where the kernel runs, agrees with cuBLAS and is faster on random rows (not the
+        warm-up's zeros: tensor cores run faster on zeros, and equal rows would hide a row mix-up)."""
+        try:
+            expected, got = self.cublas(probe).float(), self.fused(probe).float()  # also compiles and autotunes
+        except Exception as exc:  # noqa: BLE001 - e.g. no config of the kernel fits this GPU's shared memory
+            warnings.warn(f"audioenc: fc1 + GELU runs on cuBLAS here: the fused kernel failed ({exc})")
+            return "cublas"
+        # Half-precision roundings differ by about 1e-3; a miscompiled kernel on a GPU it was never
+        # tested on would differ by about 1.
+        error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+        if not error <= 0.02:
+            warnings.warn(f"audioenc: fc1 + GELU runs on cuBLAS here: the fused kernel differs from it by {error:.2g}")
+            return "cublas"
+        return "fused" if _faster(lambda: self.fused(probe), lambda: self.cublas(probe)) else "cublas"
 
 
 class _Norm:
