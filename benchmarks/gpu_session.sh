@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # What a lent CUDA machine should check; logs (and BENCHMARKS.md after a bench) land in $OUT.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|all] [BENCH_BUDGET_S]
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|profile|all] [BENCH_BUDGET_S]
 #
 # Always builds the native core (CUDA sources included, ~20 s). `tests`: every test that uses the GPU
 # (the kernel and triton-backend tests compiled instead of interpreted, the real-size `gpu` tests, the
 # CUDA log-mel), in parallel workers when pytest-xdist is there (about 4 minutes on an H100 with 8).
 # `bench`: the CUDA frontend and bench_gpu.py, which
-# starts no new case once BENCH_BUDGET_S (default 200) seconds are spent. `all` (default) does both;
-# on a lease of 10-minute calls, run `tests` and `bench` as two calls.
+# starts no new case once BENCH_BUDGET_S (default 200) seconds are spent. `profile`: the triton
+# backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute).
+# `all` (default) does tests and bench; on a lease of 10-minute calls, run them as two calls.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/audioenc-gpu}
@@ -43,4 +44,10 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
     echo "bench_gpu: rc $?"
     grep -E "^\||failed|budget" "$OUT/bench_gpu.log" | cut -c1-250 | tail -40
     cp BENCHMARKS.md "$OUT/"
+fi
+
+if [ "$part" = profile ]; then
+    timeout 300 python3 benchmarks/profile_gpu.py >"$OUT/profile_gpu.log" 2>&1
+    echo "profile_gpu: rc $?"
+    grep -vE "^(USDT|STAGE)" "$OUT/profile_gpu.log" | tail -45
 fi
