@@ -367,6 +367,17 @@ def test_linear_gelu_real_sizes(kernels, rows, k, n, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_wavlm_gate_real_size(kernels, dtype):
+    gate_mod = kernels["wavlm_gate"]
+    x = randn(4, 499, 16 * 64, dtype=dtype)
+    weight, bias, const = randn(2, 64, scale=0.2), randn(2), randn(16).abs()
+    out = gate_mod.wavlm_gate(x, 16, weight, bias, const)
+    torch.testing.assert_close(out, gate_mod.wavlm_gate_ref(x, 16, weight, bias, const), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("dtype", HALF + [torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_conv_real_sizes(kernels, dtype):
     conv = kernels["conv_feature"]
