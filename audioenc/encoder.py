@@ -119,7 +119,7 @@ class AudioEncoder:
     def warmup(self, seconds=None, batch_sizes=(1,), output_layer: int | None = None) -> None:
         """Encodes noise once per (duration, batch size) so that live traffic does not pay for
         one-time work: kernel autotuning and CUDA-graph capture (triton; it keeps the graphs of its
-        last 4 shapes), graph export and session set-up (onnx, tensorrt), allocator growth (torch).
+        last 16 shapes), graph export and session set-up (onnx, tensorrt), allocator growth (torch).
 
         seconds: a duration or a list of them; default 10 s (wav2vec2 family) or one 30 s window
         (Whisper, whose every call is a 30 s window). Pass the durations and batch sizes you serve.

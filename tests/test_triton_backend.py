@@ -231,9 +231,18 @@ def test_real_size_half_precision_rule(name, dtype):
         assert err <= 2 * rel_err(torch_half.last_hidden_state[i, :n], ref), (name, dtype, i, err)
 
 
+@pytest.fixture
+def fc1_on_cublas(monkeypatch):
+    """Graph and eager runs may time fc1 + GELU differently and keep different (equally right)
+    kernels; tests that compare them elementwise pin cuBLAS."""
+    from audioenc.backends import triton as backend_module
+
+    monkeypatch.setattr(backend_module, "_faster", lambda first, second: False)
+
+
 @pytest.mark.gpu
 @gpu
-def test_cuda_graphs_reuse_buckets_and_keep_items_independent():
+def test_cuda_graphs_reuse_buckets_and_keep_items_independent(fc1_on_cublas):
     enc = audioenc.load("random:wavlm-base-plus", backend="triton", device="cuda", dtype="float16")
     eager = audioenc.load("random:wavlm-base-plus", backend="triton", device="cuda", dtype="float16")
     eager.backend.use_graphs = False
@@ -247,6 +256,21 @@ def test_cuda_graphs_reuse_buckets_and_keep_items_independent():
         alone = enc.encode(wave)
         n = alone.lengths[0]
         assert rel_err(first.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_graphs_sharing_one_memory_pool_never_overwrite_each_other(fc1_on_cublas):
+    enc = audioenc.load("random:wav2vec2-base", backend="triton", device="cuda", dtype="float16")
+    eager = audioenc.load("random:wav2vec2-base", backend="triton", device="cuda", dtype="float16")
+    eager.backend.use_graphs = False
+    batches = [[speech_like(16000, 90)], [speech_like(50000, 91), speech_like(30001, 92)],
+               [speech_like(120000, 93 + i) for i in range(3)]]
+    expected = [eager.encode(b).last_hidden_state for b in batches]
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2, 0]):  # replays in and out of capture order
+        for i in order:
+            torch.testing.assert_close(enc.encode(batches[i]).last_hidden_state, expected[i], rtol=2e-3, atol=2e-3)
+    assert len(enc.backend._graphs) == 3
 
 
 @pytest.mark.gpu

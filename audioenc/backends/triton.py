@@ -14,6 +14,7 @@ Outputs and hidden states are returned in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-GRAPH_CACHE_SIZE = 4          # captured (batch, length, layers) shapes kept per backend
+# Captured (batch, length, layers, hidden states) shapes kept per backend. They share one memory
+# pool, so each costs only its static output buffers, not a forward pass's worth of memory.
+GRAPH_CACHE_SIZE = 16
 MIN_LENGTH_BUCKET = 16000     # samples: 1 s
 MAX_GRAPH_BATCH = 64
 
@@ -338,6 +341,9 @@ class TritonBackend:
         self.is_whisper = model.dims.family == "whisper"
         self.use_graphs = device.type == "cuda"
         self._graphs: OrderedDict = OrderedDict()
+        # One pool for every graph's intermediates: safe because replays never overlap (the lock)
+        # and each replay's outputs are copied out before the next replay can overwrite them.
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._lock = threading.Lock()  # graph replays share static buffers
 
     def _forward(self, inputs, lengths, num_layers, keep_hidden):
@@ -352,11 +358,14 @@ class TritonBackend:
         inputs = inputs.to(self.device, torch.float32)
         if lengths is not None:
             lengths = lengths.to(self.device, torch.int64)
-        if not self.use_graphs:
-            out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers, output_hidden_states)
-            return out.float(), [h.float() for h in hidden_states], frame_lengths
-        with self._lock:
-            return self._run_graph(inputs, lengths, num_layers, output_hidden_states)
+        # Triton launches, streams and graph captures follow the current device: make it ours
+        # (device="cuda:1" while the process's current device is cuda:0).
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            if not self.use_graphs:
+                out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers, output_hidden_states)
+                return out.float(), [h.float() for h in hidden_states], frame_lengths
+            with self._lock:
+                return self._run_graph(inputs, lengths, num_layers, output_hidden_states)
 
     def _run_graph(self, inputs, lengths, num_layers, output_hidden_states):
         batch = inputs.shape[0]
@@ -400,7 +409,7 @@ class TritonBackend:
             self._forward(static_in, static_len, num_layers, keep_hidden)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             static_out = self._forward(static_in, static_len, num_layers, keep_hidden)
         return graph, static_in, static_len, static_out
 
