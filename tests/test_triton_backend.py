@@ -134,6 +134,42 @@ def test_fc1_gelu_keeps_cublas_where_the_fused_kernel_disagrees_or_fails(monkeyp
         assert fc1._choose(probe) == "cublas"
 
 
+def test_graph_cache_evicts_the_least_recently_used_by_count_and_by_bytes(whisper_checkpoints, monkeypatch):
+    """The eviction policy alone, with capture and replay faked (real graphs need CUDA)."""
+    from types import SimpleNamespace
+
+    from audioenc.backends import triton as backend_module
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    def fake_capture(batch, shape, num_layers, keep_hidden):
+        out = torch.zeros(batch, 1500, 64)
+        hidden = [torch.zeros(batch, 1500, 64)] * (num_layers + 1) if keep_hidden else []
+        return FakeGraph(), torch.zeros((batch,) + tuple(shape)), None, (out, hidden, None)
+
+    backend = load(whisper_checkpoints[80][0]).backend
+    monkeypatch.setattr(backend, "_capture", fake_capture)
+    total = 10 ** 12
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
+    mel = lambda batch: torch.zeros(batch, 80, 3000)
+    for batch in (1, 2, 3, 5, 9, 17, 33) * 3:  # buckets 1, 2, 4, 8, 16, 32, 64
+        backend._run_graph(mel(batch), None, 2, False)
+    assert len(backend._graphs) == 7
+    backend._run_graph(mel(1), None, 2, False)                                    # 1 becomes the most recent
+    for layers in range(3, 3 + backend_module.GRAPH_CACHE_SIZE - 7):
+        backend._run_graph(mel(2), None, layers, False)
+    assert len(backend._graphs) == backend_module.GRAPH_CACHE_SIZE
+    backend._run_graph(mel(4), None, 1, False)                                    # one too many
+    assert len(backend._graphs) == backend_module.GRAPH_CACHE_SIZE
+    assert (2, 3000, 2, False) not in backend._graphs and (1, 3000, 2, False) in backend._graphs
+    # A graph whose buffers alone pass the budget is still captured; it evicts all the others.
+    total = 4 * backend_module.TritonBackend._buffer_bytes(backend._graphs[(64, 3000, 2, False)])
+    backend._run_graph(mel(64), None, 2, True)
+    assert list(backend._graphs) == [(64, 3000, 2, True)]
+
+
 def test_batch_items_equal_items_alone(w2v_checkpoints):
     path, _ = w2v_checkpoints["wavlm-group"]
     enc = load(path)

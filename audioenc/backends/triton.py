@@ -26,8 +26,11 @@ from torch import nn
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Captured (batch, length, layers, hidden states) shapes kept per backend. They share one memory
-# pool, so each costs only its static output buffers, not a forward pass's worth of memory.
+# pool, so each costs only its static input and output buffers, not a forward pass's worth of
+# memory; those may take at most GRAPH_BUFFER_SHARE of the GPU (all hidden states of a big batch
+# are gigabytes).
 GRAPH_CACHE_SIZE = 16
+GRAPH_BUFFER_SHARE = 0.25
 MIN_LENGTH_BUCKET = 16000     # samples: 1 s
 MAX_GRAPH_BATCH = 64
 
@@ -382,8 +385,10 @@ class TritonBackend:
         if entry is None:
             entry = self._capture(padded, inputs.shape[1:-1] + (samples,), num_layers, output_hidden_states)
             self._graphs[key] = entry
-            if len(self._graphs) > GRAPH_CACHE_SIZE:
-                self._graphs.popitem(last=False)
+            budget = GRAPH_BUFFER_SHARE * torch.cuda.get_device_properties(self.device).total_memory
+            while len(self._graphs) > 1 and (len(self._graphs) > GRAPH_CACHE_SIZE
+                                             or sum(self._buffer_bytes(e) for e in self._graphs.values()) > budget):
+                self._graphs.popitem(last=False)  # least recently used first; never the new one
         self._graphs.move_to_end(key)
         graph, static_in, static_len, static_out = entry
         # Zero padding and full-length dummy items: neither reaches an item's valid frames.
@@ -412,6 +417,12 @@ class TritonBackend:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             static_out = self._forward(static_in, static_len, num_layers, keep_hidden)
         return graph, static_in, static_len, static_out
+
+    @staticmethod
+    def _buffer_bytes(entry) -> int:
+        """Bytes a captured graph keeps between replays: its static input and outputs."""
+        _, static_in, _, (out, hidden_states, _) = entry
+        return sum(t.numel() * t.element_size() for t in [static_in, out, *hidden_states])
 
     @staticmethod
     def _concat(parts):
