@@ -8,13 +8,13 @@ kernel -> launcher (``attention``) -> reference (``attention_ref``).
 """
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from audioenc.kernels.autotune import CACHE_RESULTS
 from audioenc.models.wavlm import bucket_of
 
 LOG2E = 1.4426950408889634
@@ -88,12 +88,7 @@ def _attend_keys(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rel_bas
     return acc, l_i, m_i
 
 
-# Autotuning benchmarks every config once per key; triton >= 3.4 keeps the timings on disk, so a
-# new process skips that.
-_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-
-
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T", "LOG2_BH", "HAS_BIAS"], **_CACHE_RESULTS)
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T", "LOG2_BH", "HAS_BIAS"], **CACHE_RESULTS)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lengths, RelBias, Gate,

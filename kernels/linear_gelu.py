@@ -11,7 +11,6 @@ kernel -> launcher (``linear_gelu``) -> reference (``linear_gelu_ref``).
 """
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from audioenc.kernels.autotune import CACHE_RESULTS
 from audioenc.kernels.gelu import gelu
 
 
@@ -44,10 +44,7 @@ def _dot(acc, x, w, IEEE: tl.constexpr):
     return tl.dot(x, tl.trans(w), acc)
 
 
-_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-
-
-@triton.autotune(configs=_configs(), key=["N", "K", "LOG2_M"], **_CACHE_RESULTS)
+@triton.autotune(configs=_configs(), key=["N", "K", "LOG2_M"], **CACHE_RESULTS)
 @triton.jit
 def _linear_gelu_kernel(
     X, W, Bias, Out,

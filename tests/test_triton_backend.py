@@ -268,20 +268,27 @@ def test_real_size_half_precision_rule(name, dtype):
 
 
 @pytest.fixture
-def fc1_on_cublas(monkeypatch):
-    """Graph and eager runs may time fc1 + GELU differently and keep different (equally right)
-    kernels; tests that compare them elementwise pin cuBLAS."""
+def graphed_and_eager(monkeypatch):
+    """make(name) -> (CUDA-graph, eager) float16 triton encoders of random:name. The two could time
+    fc1 + GELU differently and keep different (equally right) kernels; elementwise comparisons need
+    the same ones, so cuBLAS is pinned."""
     from audioenc.backends import triton as backend_module
 
     monkeypatch.setattr(backend_module, "_faster", lambda first, second: False)
 
+    def make(name):
+        enc, eager = (audioenc.load(f"random:{name}", backend="triton", device="cuda", dtype="float16")
+                      for _ in range(2))
+        eager.backend.use_graphs = False
+        return enc, eager
+
+    return make
+
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_graphs_reuse_buckets_and_keep_items_independent(fc1_on_cublas):
-    enc = audioenc.load("random:wavlm-base-plus", backend="triton", device="cuda", dtype="float16")
-    eager = audioenc.load("random:wavlm-base-plus", backend="triton", device="cuda", dtype="float16")
-    eager.backend.use_graphs = False
+def test_cuda_graphs_reuse_buckets_and_keep_items_independent(graphed_and_eager):
+    enc, eager = graphed_and_eager("wavlm-base-plus")
     waves = [speech_like(n, 50 + i) for i, n in enumerate((70000, 52001, 16000))]
     first = enc.encode(waves)
     assert len(enc.backend._graphs) == 1
@@ -296,10 +303,8 @@ def test_cuda_graphs_reuse_buckets_and_keep_items_independent(fc1_on_cublas):
 
 @pytest.mark.gpu
 @gpu
-def test_graphs_sharing_one_memory_pool_never_overwrite_each_other(fc1_on_cublas):
-    enc = audioenc.load("random:wav2vec2-base", backend="triton", device="cuda", dtype="float16")
-    eager = audioenc.load("random:wav2vec2-base", backend="triton", device="cuda", dtype="float16")
-    eager.backend.use_graphs = False
+def test_graphs_sharing_one_memory_pool_never_overwrite_each_other(graphed_and_eager):
+    enc, eager = graphed_and_eager("wav2vec2-base")
     batches = [[speech_like(16000, 90)], [speech_like(50000, 91), speech_like(30001, 92)],
                [speech_like(120000, 93 + i) for i in range(3)]]
     expected = [eager.encode(b).last_hidden_state for b in batches]
