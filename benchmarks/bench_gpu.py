@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
 import sys
@@ -144,6 +145,34 @@ def hf_model(cls, hf_config, device, dtype):
     return model.to(device, dtype).eval(), attn
 
 
+def openai_whisper_encoder(dims, device, dtype):
+    """openai-whisper's own encoder class at these dims, converted to dtype (its fastest form)."""
+    from whisper.model import AudioEncoder
+
+    return AudioEncoder(dims.n_mels, dims.n_ctx, dims.n_state, dims.n_head, dims.n_layer).to(device, dtype).eval()
+
+
+def torchaudio_model(family, dims, device, dtype):
+    """torchaudio's wav2vec2 / WavLM model at these dims (no CTC head)."""
+    from torchaudio.models import wav2vec2_model, wavlm_model
+
+    arch = dict(extractor_mode="group_norm" if dims.feat_extract_norm == "group" else "layer_norm",
+                extractor_conv_layer_config=list(zip(dims.conv_dim, dims.conv_kernel, dims.conv_stride)),
+                extractor_conv_bias=dims.conv_bias, encoder_embed_dim=dims.hidden_size,
+                encoder_projection_dropout=0.0, encoder_pos_conv_kernel=dims.num_conv_pos_embeddings,
+                encoder_pos_conv_groups=dims.num_conv_pos_embedding_groups, encoder_num_layers=dims.num_layers,
+                encoder_num_heads=dims.num_heads, encoder_attention_dropout=0.0,
+                encoder_ff_interm_features=dims.intermediate_size, encoder_ff_interm_dropout=0.0,
+                encoder_dropout=0.0, encoder_layer_norm_first=dims.do_stable_layer_norm, encoder_layer_drop=0.0,
+                aux_num_out=None)
+    if family == "wavlm":
+        model = wavlm_model(**arch, encoder_num_buckets=dims.num_buckets,
+                            encoder_max_distance=dims.max_bucket_distance)
+    else:
+        model = wav2vec2_model(**arch)
+    return model.to(device, dtype).eval()
+
+
 def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak):
     """Table rows of one case. A contender that fails is reported as such; the others still run."""
     hf_config, hf_cls, ref_model, dims = build(family, config)
@@ -197,6 +226,19 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
             fc1_kept = "/".join(sorted(set(backend.model.fc1_choices.values())))
         return fn, out
 
+    # The other libraries' own implementations, where installed (their own random weights: timing only).
+    def other_library():
+        if family == "whisper":
+            model = openai_whisper_encoder(dims, device, dtype)
+            return torch.inference_mode()(lambda: model(hf_inputs)), None
+        model = torchaudio_model(family, dims, device, dtype)
+        return torch.inference_mode()(lambda: model(hf_inputs)[0]), None
+
+    library, module = ("openai-whisper", "whisper") if family == "whisper" else ("torchaudio", "torchaudio")
+    if importlib.util.find_spec(module):
+        contender(f"{library} {short}", other_library)
+    else:
+        print(f"  {library} is not installed: no row for it", flush=True)
     contender(f"audioenc torch {short}", lambda: audioenc_backend(TorchBackend))
     ours_label = f"audioenc triton {short}"
     contender(ours_label, lambda: audioenc_backend(TritonBackend))

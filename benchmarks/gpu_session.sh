@@ -4,8 +4,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|profile|all] [BENCH_BUDGET_S]
 #
 # Always builds the native core (CUDA sources included, ~20 s). `tests`: every test that uses the GPU
-# (the kernel and triton-backend tests compiled instead of interpreted, the real-size `gpu` tests, the
-# CUDA log-mel), in parallel workers when pytest-xdist is there (about 4 minutes on an H100 with 8).
+# (first the `gpu` ones: real sizes and the CUDA log-mel; then the kernel and triton-backend tests
+# compiled instead of interpreted), in parallel workers when pytest-xdist is there.
 # `bench`: the CUDA frontend and bench_gpu.py, which
 # starts no new case once BENCH_BUDGET_S (default 200) seconds are spent. `profile`: the triton
 # backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute).
@@ -30,15 +30,25 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 
 echo "build: $((SECONDS - t0)) s"
 
 if [ "$part" = tests ] || [ "$part" = all ]; then
-    t0=$SECONDS
     workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
     # openai-whisper is the CUDA log-mel's reference; a node id in a skipped module would stop pytest.
     mel_test=$(python3 -c "import whisper" 2>/dev/null && echo "tests/test_mel.py::test_cuda_matches_reference")
-    timeout "$tests_s" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --durations=15 $workers \
-        tests/test_kernels.py tests/test_triton_backend.py $mel_test \
-        >"$OUT/tests.log" 2>&1
-    echo "tests: rc $? in $((SECONDS - t0)) s"
-    grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" "$OUT/tests.log" | cut -c1-300 | tail -40
+    # SIGINT at the cap, so pytest still reports what ran and the slowest tests.
+    run_tests() {  # log name, seconds, pytest arguments
+        local log=$1 limit=$2 t0=$SECONDS
+        shift 2
+        timeout -s INT -k 30 "$limit" python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=15 \
+            $workers "$@" >"$OUT/$log.log" 2>&1
+        echo "$log: rc $? in $((SECONDS - t0)) s"
+        grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|error|skipped)|^[0-9.]+s (call|setup)" "$OUT/$log.log" |
+            cut -c1-300 | tail -25
+    }
+    # First the real sizes, autotuned as users run them; then the kernel and backend tests at small odd
+    # shapes with one config per kernel (AUDIOENC_AUTOTUNE=0): there, tuning every new shape only costs time.
+    t0=$SECONDS
+    run_tests tests_real_sizes $((tests_s / 2)) -m gpu tests/test_kernels.py tests/test_triton_backend.py $mel_test
+    AUDIOENC_AUTOTUNE=0 run_tests tests_small $((tests_s - (SECONDS - t0))) -m "not gpu" \
+        tests/test_kernels.py tests/test_triton_backend.py
 fi
 
 if [ "$part" = bench ] || [ "$part" = all ]; then

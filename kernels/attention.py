@@ -8,28 +8,23 @@ kernel -> launcher (``attention``) -> reference (``attention_ref``).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from audioenc.kernels.autotune import CACHE_RESULTS
+from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
 from audioenc.models.wavlm import bucket_of
 
 LOG2E = 1.4426950408889634
 
 
 def _configs():
-    # The interpreter runs every config it is given, and each program costs Python overhead:
-    # one config with big blocks there.
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                             (128, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
-    ]
+    return choose_configs(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+         for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                              (128, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]],
+        interpreted=triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4))
 
 
 @triton.jit

@@ -14,29 +14,25 @@ kernels -> launchers -> references (``*_ref``).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
 from audioenc.kernels.gelu import gelu
 from audioenc.models.layers import masked_group_norm
 
 
 def _conv_configs():
-    # The interpreter runs every config it is given, and each program costs Python overhead:
-    # one config with big blocks there.
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_T": 128, "BLOCK_CI": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
-        for bt, bci, w, s in [(16, 64, 4, 3), (32, 32, 8, 3), (32, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)]
-    ]
+    return choose_configs(
+        [triton.Config({"BLOCK_T": bt, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
+         for bt, bci, w, s in [(16, 64, 4, 3), (32, 32, 8, 3), (32, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)]],
+        interpreted=triton.Config({"BLOCK_T": 128, "BLOCK_CI": 64}, num_warps=4))
 
 
-@triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "KSIZE", "LOG2_T"])
+@triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "KSIZE", "LOG2_T"], **CACHE_RESULTS)
 @triton.jit
 def _conv1d_gelu_kernel(
     X, W, Bias, NormW, NormB, Add, Out,
@@ -114,13 +110,12 @@ def _conv0_tile(x_base, stride_xt, W, stride_wo, stride_wk, bias, offs_t, t_limi
 
 
 def _conv0_configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_T": 512, "BLOCK_C": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
-            for bt, bc, w in [(128, 16, 4), (64, 32, 4), (256, 8, 4), (128, 32, 8)]]
+    return choose_configs([triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
+                           for bt, bc, w in [(128, 16, 4), (64, 32, 4), (256, 8, 4), (128, 32, 8)]],
+                          interpreted=triton.Config({"BLOCK_T": 512, "BLOCK_C": 64}, num_warps=4))
 
 
-@triton.autotune(configs=_conv0_configs(), key=["C_out", "KSIZE", "LOG2_T"])
+@triton.autotune(configs=_conv0_configs(), key=["C_out", "KSIZE", "LOG2_T"], **CACHE_RESULTS)
 @triton.jit
 def _conv0_group_norm_gelu_kernel(
     X, W, Bias, NormW, NormB, FrameLengths, Out,

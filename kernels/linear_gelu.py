@@ -11,29 +11,25 @@ kernel -> launcher (``linear_gelu``) -> reference (``linear_gelu_ref``).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from audioenc.kernels.autotune import CACHE_RESULTS
+from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
 from audioenc.kernels.gelu import gelu
 
 
 def _configs():
-    # The interpreter runs every config it is given: one there.
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4)]
     # From Triton's matmul tutorial: large tiles for Hopper's tensor cores, smaller ones so that a
     # batch of one (a few hundred rows) still spreads over every SM. Each config compiles for seconds
     # on first use, so the list stays short.
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 64, 4, 4),
-                             (64, 128, 4, 4), (64, 64, 4, 4)]
-    ]
+    return choose_configs(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
+         for bm, bn, w, s in [(128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 64, 4, 4),
+                              (64, 128, 4, 4), (64, 64, 4, 4)]],
+        interpreted=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4))
 
 
 @triton.jit

@@ -403,3 +403,19 @@ def test_conv_real_sizes(kernels, dtype):
     out = conv.conv1d_gelu(mel.transpose(1, 2), w1, None, 1, 1)
     check(out, conv.conv1d_gelu_ref(mel.transpose(1, 2), w1, None, 1, 1),
           conv.conv1d_gelu_ref(mel.transpose(1, 2), w1, None, 1, 1, compute_dtype=dtype), dtype)
+
+
+def test_autotune_configs_per_mode(monkeypatch):
+    """All configs on a GPU, the first alone with AUDIOENC_AUTOTUNE=0, the interpreter's own in it."""
+    triton = pytest.importorskip("triton")
+    from audioenc.kernels.autotune import choose_configs
+
+    tuned = [triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 128}, num_warps=8)]
+    interpreted = triton.Config({"BLOCK": 512}, num_warps=4)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("AUDIOENC_AUTOTUNE", raising=False)
+    assert choose_configs(tuned, interpreted) == tuned
+    monkeypatch.setenv("AUDIOENC_AUTOTUNE", "0")
+    assert choose_configs(tuned, interpreted) == tuned[:1]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose_configs(tuned, interpreted) == [interpreted]
