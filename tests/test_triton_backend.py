@@ -6,6 +6,7 @@ TRITON_INTERPRET=1 (see test_kernels.py for why). With CUDA: the same tests comp
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -250,14 +251,20 @@ REAL = ["wav2vec2-base", "hubert-base", "wavlm-base-plus", "wav2vec2-large-lv60"
         "whisper-large-v3"]
 
 
+@functools.lru_cache(maxsize=None)  # one float32 run per model for both half dtypes (outputs are MBs)
+def real_size_truth(name):
+    """Speech-like items of a full and a partial window, and random:name's float32 output on them."""
+    seconds = 30 if name.startswith("whisper") else 10
+    waves = [speech_like(int(16000 * seconds), 40), speech_like(int(16000 * seconds * 0.37), 41)]
+    return waves, audioenc.load(f"random:{name}", backend="torch", device="cuda", dtype="float32").encode(waves)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", REAL)
 def test_real_size_half_precision_rule(name, dtype):
-    seconds = 30 if name.startswith("whisper") else 10
-    waves = [speech_like(int(16000 * seconds), 40), speech_like(int(16000 * seconds * 0.37), 41)]
-    truth = audioenc.load(f"random:{name}", backend="torch", device="cuda", dtype="float32").encode(waves)
+    waves, truth = real_size_truth(name)
     torch_half = audioenc.load(f"random:{name}", backend="torch", device="cuda", dtype=dtype).encode(waves)
     ours = audioenc.load(f"random:{name}", backend="triton", device="cuda", dtype=dtype).encode(waves)
     assert ours.lengths.tolist() == truth.lengths.tolist()
