@@ -11,6 +11,8 @@
 # backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute).
 # `all` (default) does tests and bench; on a lease of 10-minute calls, run them as two calls, or cap the
 # parts with TESTS_S and BENCH_S (whole-run seconds) and skip the frontend bench with SKIP_FRONTEND=1.
+# A 15-minute lease fits `TESTS_S=240 BENCH_S=300 SKIP_FRONTEND=1 ... all 170` (about 9.5 minutes with
+# the build), then `profile` at once while the machine is still warm.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/audioenc-gpu}
