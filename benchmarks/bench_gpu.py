@@ -7,8 +7,9 @@
 Peers, each in float16 on the encoder forward (inputs already on the GPU, no frontend): Hugging Face
 transformers with SDPA attention (eager), the same under torch.compile (batch 16 only: compiling
 costs a minute per model), openai-whisper's encoder or torchaudio's wav2vec2 / WavLM (where
-installed), audioenc's torch reference backend, and audioenc's triton backend (CUDA graphs). Reported: ms per item, real-time factor (compute time / audio time), speed-up of triton
-against each peer, the fraction of the measured bf16 matmul rate that triton reaches (FLOPs counted
+installed), audioenc's torch reference backend, and audioenc's triton backend (CUDA graphs).
+Reported: ms per item, real-time factor (compute time / audio time), speed-up of triton against each
+peer, the fraction of the measured bf16 matmul rate that triton reaches (FLOPs counted
 from the dims), and audioenc's relative error against its float32 reference. First, the attention
 kernel alone against torch SDPA, and fc1 + GELU as one kernel against cuBLAS + GELU, timed from
 CUDA graphs.

@@ -8,7 +8,6 @@ kernel -> launcher (``attention``) -> reference (``attention_ref``).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

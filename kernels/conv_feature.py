@@ -14,7 +14,6 @@ kernels -> launchers -> references (``*_ref``).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton

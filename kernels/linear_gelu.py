@@ -11,7 +11,6 @@ kernel -> launcher (``linear_gelu``) -> reference (``linear_gelu_ref``).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton
