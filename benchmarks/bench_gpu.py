@@ -218,9 +218,11 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
 
     fc1_kept = ""
 
-    def audioenc_backend(cls):
+    def audioenc_backend(cls, residual_dtype=None):
         nonlocal fc1_kept
         backend = cls(copy.deepcopy(ref_model), torch.device(device), dtype_name)
+        if residual_dtype is not None:
+            backend.model.residual_dtype = residual_dtype
         fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
         out = fn()[0]
         if cls is TritonBackend:
@@ -243,6 +245,9 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     contender(f"audioenc torch {short}", lambda: audioenc_backend(TorchBackend))
     ours_label = f"audioenc triton {short}"
     contender(ours_label, lambda: audioenc_backend(TritonBackend))
+    if family == "whisper":  # not the default: measured to decide whether it should be
+        contender(f"audioenc triton {short}, float16 residual stream (experiment)",
+                  lambda: audioenc_backend(TritonBackend, torch.float16))
     ours = results.get(ours_label)
     flops = flops_per_item(dims, frames, samples) * batch
     rows = []

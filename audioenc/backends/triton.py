@@ -169,11 +169,13 @@ class _Block:
 
 
 def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_norm: _Norm | None,
-                num_layers: int, lengths, rel_bias, dtype, keep_hidden: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Runs the first num_layers blocks on x (the input of layer 0, float32 for pre-LN).
+                num_layers: int, lengths, rel_bias, dtype, keep_hidden: bool,
+                residual_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Runs the first num_layers blocks on x (the input of layer 0, in residual_dtype for pre-LN).
 
-    Pre-LN: the float32 residual stream r is each hidden state; every add is fused with the next
-    LayerNorm (this layer's second, the next layer's first, or the final one).
+    Pre-LN: the residual stream r (float32 unless residual_dtype says otherwise) is each hidden
+    state; every add is fused with the next LayerNorm (this layer's second, the next layer's first,
+    or the final one), which sums in float32 and stores r in residual_dtype.
     Post-LN: hidden states are the LayerNorm outputs in the compute dtype.
     Returns (output, hidden states); the output is after final_norm when every layer ran. The
     hidden states are [] unless keep_hidden: then each layer's output can be freed as the next one
@@ -195,15 +197,15 @@ def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_nor
         return out, hidden_states
     h, _ = blocks[0].norm1(r, out_dtype=dtype)
     for i, block in enumerate(blocks[:num_layers]):
-        h2, r = block.norm2(block.attend(h, lengths, rel_bias), r, sum_dtype=torch.float32)
+        h2, r = block.norm2(block.attend(h, lengths, rel_bias), r, sum_dtype=residual_dtype)
         f = block.feed_forward(h2)
         if i + 1 < num_layers:
-            h, r = blocks[i + 1].norm1(f, r, sum_dtype=torch.float32)
+            h, r = blocks[i + 1].norm1(f, r, sum_dtype=residual_dtype)
             out = r
         elif final_norm is not None and num_layers == len(blocks):
-            out, r = final_norm(f, r, out_dtype=torch.float32, sum_dtype=torch.float32)
+            out, r = final_norm(f, r, out_dtype=torch.float32, sum_dtype=residual_dtype)
         else:
-            r = r + f.float()
+            r = (r.float() + f.float()).to(residual_dtype)
             out = r
         keep(r)
     return out, hidden_states
@@ -293,8 +295,12 @@ class _FastWhisper:
         cl = lambda w: w.detach().to(device, dtype).permute(2, 1, 0).contiguous().permute(2, 1, 0)
         self.conv1 = (cl(model.conv1.weight), model.conv1.bias.detach().to(device, dtype))
         self.conv2 = (cl(model.conv2.weight), model.conv2.bias.detach().to(device, dtype))
-        # Added in the conv2 epilogue, straight into the float32 residual stream.
+        # Added in the conv2 epilogue, straight into the residual stream.
         self.positions = model.embed_positions.weight.detach().float().to(device)
+        # float32 keeps the residual stream as exact as the reference's. float16 would cut the
+        # traffic of its 2 x layers add + LayerNorm passes by a third (about 3% of whisper-large-v3's
+        # time, estimated) with openai-whisper's numerics; bench_gpu.py times it; not the default.
+        self.residual_dtype = torch.float32
         self.fc1_choices = {}
         self.blocks = [_Block(l.self_attn, l.self_attn_layer_norm, l.final_layer_norm, l.fc1, l.fc2, dtype, device,
                               self.fc1_choices) for l in model.layers]
@@ -304,9 +310,9 @@ class _FastWhisper:
         from audioenc.kernels.conv_feature import conv1d_gelu
 
         x = conv1d_gelu(mel.to(self.dtype).transpose(1, 2), *self.conv1, stride=1, padding=1)
-        x = conv1d_gelu(x, *self.conv2, stride=2, padding=1, add=self.positions, out_dtype=torch.float32)
+        x = conv1d_gelu(x, *self.conv2, stride=2, padding=1, add=self.positions, out_dtype=self.residual_dtype)
         out, hidden_states = _run_blocks(self.blocks, x, True, self.final_norm, num_layers, None, None, self.dtype,
-                                         keep_hidden)
+                                         keep_hidden, self.residual_dtype)
         if num_layers == len(self.blocks) and keep_hidden:
             hidden_states[-1] = out
         return out, hidden_states
