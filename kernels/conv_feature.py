@@ -25,13 +25,17 @@ from audioenc.models.layers import masked_group_norm
 
 
 def _conv_configs():
+    # Compiled for sm_90 at wav2vec2's and Whisper's shapes: (32, 32, 8, 3), the default, spills in
+    # neither form; BLOCK_T 64 and up use Hopper's wgmma; the 128-row tiles (matmul-sized) fit in
+    # registers without a LayerNorm, and 16 warps give the LayerNorm's 512-channel rows room.
     return choose_configs(
         [triton.Config({"BLOCK_T": bt, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
-         for bt, bci, w, s in [(16, 64, 4, 3), (32, 32, 8, 3), (32, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)]],
+         for bt, bci, w, s in [(32, 32, 8, 3), (16, 64, 4, 3), (32, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2),
+                               (128, 32, 8, 4), (128, 64, 8, 3), (64, 32, 16, 3)]],
         interpreted=triton.Config({"BLOCK_T": 128, "BLOCK_CI": 64}, num_warps=4))
 
 
-@triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "KSIZE", "LOG2_T"], **CACHE_RESULTS)
+@triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "KSIZE", "LOG2_T", "LAYER_NORM"], **CACHE_RESULTS)
 @triton.jit
 def _conv1d_gelu_kernel(
     X, W, Bias, NormW, NormB, Add, Out,
