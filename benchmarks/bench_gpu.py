@@ -35,7 +35,7 @@ if TINY and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates any kernel
 
 from audioenc.backends.torch import TorchBackend  # noqa: E402
-from audioenc.backends.triton import TritonBackend  # noqa: E402
+from audioenc.backends.triton import TritonBackend, kept_paths  # noqa: E402
 from audioenc.config import Wav2Vec2Dims, WhisperDims  # noqa: E402
 from audioenc.models.wav2vec2 import Wav2Vec2Model  # noqa: E402
 from audioenc.models.wavlm import WavLMModel  # noqa: E402
@@ -216,17 +216,17 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
         contender(f"transformers {short} + torch.compile", lambda: (run_hf(torch.compile(model)), None))
     del model
 
-    fc1_kept = ""
+    paths = ""
 
     def audioenc_backend(cls, residual_dtype=None):
-        nonlocal fc1_kept
+        nonlocal paths
         backend = cls(copy.deepcopy(ref_model), torch.device(device), dtype_name)
         if residual_dtype is not None:
             backend.model.residual_dtype = residual_dtype
         fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
         out = fn()[0]
         if cls is TritonBackend:
-            fc1_kept = "/".join(sorted(set(backend.model.fc1_choices.values())))
+            paths = kept_paths(backend.model)
         return fn, out
 
     # The other libraries' own implementations, where installed (their own random weights: timing only).
@@ -252,7 +252,7 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     flops = flops_per_item(dims, frames, samples) * batch
     rows = []
     for engine in list(results) + list(failures):
-        kept = f" (fc1 + GELU: {fc1_kept})" if engine == ours_label and fc1_kept else ""
+        kept = f" ({paths})" if engine == ours_label and paths else ""
         case = f"| {name}, {seconds:g} s, batch {batch} | {engine}{kept} |"
         if engine in failures:
             rows.append(f"{case} failed: {failures[engine]} | | | | |")

@@ -4,7 +4,7 @@
     python benchmarks/profile_gpu.py --tiny        # anywhere; automatic without CUDA
 
 The forward runs eagerly (outside a CUDA graph, so that every kernel shows; they are the graph's
-kernels) after a warm-up call that autotunes and makes the fc1 + GELU choice. Prints, per case, the
+kernels) after a warm-up call that autotunes and makes the timed path choices. Prints, per case, the
 kernels grouped by name with calls, total ms and share of the forward's GPU time: the measured
 version of the estimate in BENCHMARKS.md. Without CUDA a tiny case runs in Triton's interpreter and
 the table holds CPU operator times, which only show that the script works.
@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_gpu import REAL_CASES, SAMPLE_RATE, TINY, TINY_CASES, build  # sets TRITON_INTERPRET without CUDA
-from audioenc.backends.triton import TritonBackend
+from audioenc.backends.triton import TritonBackend, kept_paths
 
 
 def kernel_times(fn, on_gpu: bool) -> dict[str, list]:
@@ -52,14 +52,14 @@ def profile_case(name, family, config, seconds, batch, top, device, dtype):
     backend.use_graphs = False
     inputs = inputs.to(device)
     run = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
-    run()  # autotuning, compilation and the fc1 + GELU choice happen here
+    run()  # autotuning, compilation and the timed path choices happen here
     times = kernel_times(run, device == "cuda")
     total = sum(us for _, us in times.values())
     rows = sorted(times.items(), key=lambda item: -item[1][1])
-    kept = ", ".join(f"{k[0]}: {v}" for k, v in backend.model.fc1_choices.items())
+    kept = kept_paths(backend.model)
     lines = [f"### {name}, {seconds:g} s, batch {batch}: {total / 1000:.2f} ms in "
              f"{'GPU kernels' if device == 'cuda' else 'CPU operators (interpreter)'}"
-             + (f"; fc1 + GELU kept: {kept}" if kept else ""),
+             + (f"; kept {kept}" if kept else ""),
              "", "| kernel | calls | ms | share |", "|---|---:|---:|---:|"]
     for kernel, (calls, us) in rows[:top]:
         lines.append(f"| {kernel[:90]} | {calls} | {us / 1000:.3f} | {us / total:.1%} |")

@@ -1,7 +1,7 @@
 """Conv feature encoder layers fused with their norm and GELU, channels-last.
 
-- ``conv1d_gelu``: Conv1d (+ bias) -> optional LayerNorm over channels -> exact GELU -> optional
-  added tensor (T, C). Covers wav2vec2-family conv layers 1..6 (no norm), every layer of
+- ``conv1d_gelu``: Conv1d (+ bias) -> optional LayerNorm over channels -> exact GELU (optional) ->
+  optional added tensor (T, C). Covers wav2vec2-family conv layers 1..6 (no norm), every layer of
   layer-norm models, and the Whisper stem (k3 conv + GELU; k3 stride-2 conv + GELU + positions).
 - ``conv0_group_norm_gelu``: layer 0 of group-norm models: Conv1d(1, C, k, s) -> GroupNorm with one
   group per channel whose statistics run over each item's valid frames only -> GELU.
@@ -46,7 +46,7 @@ def _conv1d_gelu_kernel(
     L_in, C_in, C_out, T_out, eps,
     LOG2_T,  # autotune key only
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_ADD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LAYER_NORM: tl.constexpr, GELU: tl.constexpr, HAS_ADD: tl.constexpr,
     SCALAR_IN: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
@@ -90,7 +90,9 @@ def _conv1d_gelu_kernel(
         nw = tl.load(NormW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         nb = tl.load(NormB + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         acc = diff * rstd[:, None] * nw[None, :] + nb[None, :]
-    y = gelu(acc)
+    y = acc
+    if GELU:
+        y = gelu(acc)
     if HAS_ADD:
         y += tl.load(Add + offs_t[:, None] * stride_at + offs_c[None, :] * stride_ac,
                      mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
@@ -198,11 +200,13 @@ def conv_output_length(length: int, kernel: int, stride: int, padding: int = 0) 
 
 def conv1d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                 padding: int = 0, norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
-                eps: float = 1e-5, add: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                eps: float = 1e-5, add: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                apply_gelu: bool = True) -> torch.Tensor:
     """gelu(norm(conv1d(x) + bias)) (+ add), channels-last.
 
     x: (B, L, C_in); weight (C_out, C_in, K); norm_weight/norm_bias: a LayerNorm over the C_out
-    channels (both or neither); add: (T_out, C_out), added after the GELU (Whisper's positions).
+    channels (both or neither); add: (T_out, C_out), added after the GELU (Whisper's positions);
+    apply_gelu=False leaves the GELU out.
     Returns (B, T_out, C_out) in out_dtype (default x.dtype); fp32 accumulation and statistics.
     """
     out_dtype = out_dtype or x.dtype
@@ -236,20 +240,21 @@ def conv1d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         out.stride(0), out.stride(1), out.stride(2),
         length, c_in, c_out, t_out, eps, max(t_out - 1, 1).bit_length(),
         KSIZE=ksize, STRIDE=stride, PAD=padding,
-        HAS_BIAS=bias is not None, LAYER_NORM=layer_norm, HAS_ADD=add is not None,
+        HAS_BIAS=bias is not None, LAYER_NORM=layer_norm, GELU=apply_gelu, HAS_ADD=add is not None,
         SCALAR_IN=c_in == 1, IEEE=x.dtype == torch.float32, BLOCK_C=block_c,
     )
     return out
 
 
 def conv1d_gelu_ref(x, weight, bias=None, stride=1, padding=0, norm_weight=None, norm_bias=None, eps=1e-5,
-                    add=None, out_dtype=None, compute_dtype=torch.float32):
+                    add=None, out_dtype=None, apply_gelu=True, compute_dtype=torch.float32):
     """The same with torch ops in compute_dtype (LayerNorm statistics in float32 as the models do)."""
     y = F.conv1d(x.to(compute_dtype).transpose(1, 2), weight.to(compute_dtype),
                  None if bias is None else bias.to(compute_dtype), stride, padding).transpose(1, 2)
     if norm_weight is not None:
         y = F.layer_norm(y.float(), (y.shape[-1],), norm_weight.float(), norm_bias.float(), eps).to(compute_dtype)
-    y = F.gelu(y)
+    if apply_gelu:
+        y = F.gelu(y)
     if add is not None:
         y = y + add.to(compute_dtype)
     return y.to(out_dtype or x.dtype)

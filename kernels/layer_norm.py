@@ -3,6 +3,8 @@
 Post-LN layers use it as LN(x + branch); pre-LN layers as (r + branch, LN(r + branch)) where the
 sum is the residual stream (kept in float32 by the triton backend so large activations of
 wav2vec2-large / WavLM-large cannot overflow float16) and the normalised output feeds the next matmul.
+With apply_gelu it is gelu(LN(x)): the norm and activation of a conv layer computed by a separate
+conv kernel (the triton backend's split path for layer-norm models' conv layers).
 
 kernel -> launcher (``add_layer_norm``) -> reference (``add_layer_norm_ref``).
 """
@@ -13,13 +15,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from audioenc.kernels.gelu import gelu
+
 
 @triton.jit
 def _add_layer_norm_kernel(
     X, Res, W, B, Out, Sum,
     stride_x, stride_r, stride_o, stride_s,
     num_rows, N, eps,
-    HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr, GELU: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # BLOCK_ROWS rows per program: narrow rows would leave most lanes idle one row at a time.
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
@@ -37,6 +42,8 @@ def _add_layer_norm_kernel(
     w = tl.load(W + cols, mask=mask_n, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask_n, other=0.0).to(tl.float32)
     y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    if GELU:
+        y = gelu(y)
     tl.store(Out + rows[:, None] * stride_o + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -54,11 +61,12 @@ def _rows(t: torch.Tensor, name: str, n: int) -> torch.Tensor:
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float = 1e-5, out_dtype: torch.dtype | None = None,
-                   sum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   sum_dtype: torch.dtype | None = None, apply_gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(LN(x + residual), x + residual) over the last dimension, statistics in float32.
 
     residual may be None (plain LayerNorm). The sum is returned only when sum_dtype is given
-    (else None). out_dtype defaults to x's dtype.
+    (else None). out_dtype defaults to x's dtype. apply_gelu: gelu(LN(...)) instead, computed
+    before the output's rounding.
     """
     n = weight.shape[0]
     if weight.shape != (n,) or bias is None or bias.shape != (n,):
@@ -89,13 +97,15 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         x2, res2 if residual is not None else x2, weight, bias, out2, sum2,
         x2.stride(0), res2.stride(0) if residual is not None else 0, out2.stride(0), sum2.stride(0),
         rows, n, eps,
-        HAS_RES=residual is not None, STORE_SUM=summed is not None, BLOCK_ROWS=block_rows, BLOCK_N=block_n,
+        HAS_RES=residual is not None, STORE_SUM=summed is not None, GELU=apply_gelu,
+        BLOCK_ROWS=block_rows, BLOCK_N=block_n,
         num_warps=4 if block_rows * block_n <= 4096 else 8,
     )
     return out, summed
 
 
-def add_layer_norm_ref(x, residual, weight, bias, eps=1e-5, out_dtype=None, sum_dtype=None):
+def add_layer_norm_ref(x, residual, weight, bias, eps=1e-5, out_dtype=None, sum_dtype=None, apply_gelu=False):
     s = x.float() if residual is None else x.float() + residual.float()
-    out = F.layer_norm(s, (weight.shape[0],), weight.float(), bias.float(), eps).to(out_dtype or x.dtype)
+    out = F.layer_norm(s, (weight.shape[0],), weight.float(), bias.float(), eps)
+    out = (F.gelu(out) if apply_gelu else out).to(out_dtype or x.dtype)
     return out, (s.to(sum_dtype) if sum_dtype is not None else None)

@@ -190,6 +190,19 @@ def test_conv1d_gelu_matches_reference(kernels, c_in, c_out, ksize, stride, padd
     check(out, conv.conv1d_gelu_ref(x, weight, **kwargs), naive, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_conv1d_without_gelu_is_the_conv_alone(kernels, dtype):
+    """The first of the split conv + LayerNorm + GELU path's three passes (float32 out)."""
+    conv = kernels["conv_feature"]
+    gen = torch.Generator().manual_seed(7)
+    x = randn(2, 97, 24, dtype=dtype, gen=gen)
+    weight, bias = randn(40, 24, 3, dtype=dtype, scale=72 ** -0.5, gen=gen), randn(40, dtype=dtype, scale=0.2, gen=gen)
+    out = conv.conv1d_gelu(x, weight, bias, 2, apply_gelu=False, out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (2, 48, 40)
+    naive = conv.conv1d_gelu_ref(x, weight, bias, 2, out_dtype=torch.float32, apply_gelu=False, compute_dtype=dtype)
+    check(out, conv.conv1d_gelu_ref(x, weight, bias, 2, out_dtype=torch.float32, apply_gelu=False), naive, dtype)
+
+
 def test_conv1d_gelu_reads_channels_first_inputs_and_any_weight_layout(kernels):
     conv = kernels["conv_feature"]
     mel = randn(2, 20, 33)                                     # (B, n_mels, frames) like a log-mel
@@ -249,6 +262,19 @@ def test_add_layer_norm_matches_reference(kernels, rows, n, residual, dtype):
     naive = torch.nn.functional.layer_norm(x + (res.to(dtype) if residual else 0), (n,), w.to(dtype), b.to(dtype))
     check(out, truth, naive, dtype)
     torch.testing.assert_close(summed, truth_sum, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_layer_norm_gelu_matches_reference(kernels, dtype):
+    """gelu(LN(x)) of float32 conv outputs, written in the compute dtype (the split conv path)."""
+    ln = kernels["layer_norm"]
+    gen = torch.Generator().manual_seed(11)
+    x, w, b = randn(97, 80, scale=3, gen=gen), randn(80, gen=gen), randn(80, gen=gen)
+    out, summed = ln.add_layer_norm(x, None, w, b, out_dtype=dtype, apply_gelu=True)
+    assert summed is None and out.dtype == dtype
+    truth = ln.add_layer_norm_ref(x, None, w, b, out_dtype=torch.float32, apply_gelu=True)[0]
+    naive = torch.nn.functional.gelu(torch.nn.functional.layer_norm(x.to(dtype), (80,), w.to(dtype), b.to(dtype)))
+    check(out, truth, naive, dtype)
 
 
 def test_add_layer_norm_float16_input_with_float32_residual_past_the_float16_range(kernels):

@@ -74,6 +74,20 @@ def test_wav2vec2_family_float32_matches_reference(variant, w2v_checkpoints):
     assert_items_close(ours, ref, 1e-4)
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_layer_norm_conv_layers_match_reference_either_way(path, w2v_checkpoints, monkeypatch):
+    """Conv + LayerNorm + GELU as one kernel or three passes: the backend times both on a GPU."""
+    from audioenc.backends.triton import _ConvLayerNormGelu
+
+    monkeypatch.setattr(_ConvLayerNormGelu, "CANDIDATE", path)  # off CUDA the candidate runs
+    path_, _ = w2v_checkpoints["wavlm-stable"]
+    waves = [speech_like(n, seed) for n, seed in WAVES]
+    enc = load(path_)
+    assert len(enc.backend.model.layer_norm_convs) == 6
+    assert_items_close(enc.encode(waves, output_hidden_states=True),
+                       load(path_, backend="torch").encode(waves, output_hidden_states=True), 1e-4)
+
+
 def test_whisper_float32_matches_reference(whisper_checkpoints):
     path, _ = whisper_checkpoints[80]
     wave = speech_like(24000, 4)
@@ -381,6 +395,30 @@ def test_both_fc1_gelu_paths_meet_the_half_precision_rule(path):
     choices[next(iter(choices))] = path
     naive = torch.nn.functional.gelu(layer.half()(x.half()))
     assert rel_err(fc1(x.half()), truth) <= 2 * rel_err(naive, truth)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_both_layer_norm_conv_paths_meet_the_half_precision_rule(path):
+    """wav2vec2-large's conv layer 1 (512 -> 512, k3 s2, LayerNorm) at 10 s, forced each way."""
+    from audioenc.backends.triton import _ConvLayerNormGelu
+
+    conv, norm = torch.nn.Conv1d(512, 512, 3, 2), torch.nn.LayerNorm(512)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.2)
+    layer = _ConvLayerNormGelu(conv.weight.detach().cuda().half(), conv.bias.detach().cuda().half(), 2,
+                               (norm.weight.detach().cuda(), norm.bias.detach().cuda(), norm.eps), torch.float16)
+    x = torch.nn.functional.gelu(torch.randn(2, 31999, 512, device="cuda"))
+    reference = lambda t, dtype: torch.nn.functional.gelu(norm.to(t.device, dtype)(
+        conv.to(t.device, dtype)(t.to(dtype).transpose(1, 2)).transpose(1, 2).float().to(dtype)))
+    with torch.no_grad():
+        truth = reference(x, torch.float32)
+        layer(x.half())
+        assert list(layer.choices.values())[0] in ("fused", "split")  # timed once at the first call
+        layer.choices[next(iter(layer.choices))] = path
+        naive = reference(x, torch.float16)
+        assert rel_err(layer(x.half()), truth) <= 2 * rel_err(naive, truth)
 
 
 @pytest.mark.gpu

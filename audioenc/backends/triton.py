@@ -77,14 +77,56 @@ def _faster(first, second, repeats: int = 7) -> bool:
     return sorted(times[0])[repeats // 2] < sorted(times[1])[repeats // 2]
 
 
-class _LinearGelu(_Linear):
-    """gelu(Linear(x)): audioenc's fused kernel (kernels/linear_gelu.py) or cuBLAS plus a GELU pass,
-    whichever ran faster for this input shape on this GPU. The choice is made once per shape, at the
-    first (warm-up) call; ``choices`` is shared by all the model's layers, which have one shape."""
+class _FasterPath:
+    """Two equivalent implementations, methods named TRUSTED and CANDIDATE: per input shape the
+    candidate where it ran, agreed with the trusted one and was faster at the first call with that
+    shape (the warm-up), else the trusted one. Off CUDA (Triton's interpreter) the candidate, the
+    code under test, unless ``choices`` says otherwise. ``choices`` (shape -> method name) may be
+    shared by layers that compute the same function at the same shapes."""
+
+    WHAT = TRUSTED = CANDIDATE = ""
+
+    def __init__(self, choices: dict):
+        self.choices = choices
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self.choices:
+            if x.device.type != "cuda":
+                return getattr(self, self.CANDIDATE)(x)
+            if torch.cuda.is_current_stream_capturing():  # cannot time inside a graph capture
+                return getattr(self, self.TRUSTED)(x)
+            self.choices[key] = self._choose(torch.randn_like(x))
+        return getattr(self, self.choices[key])(x)
+
+    def _choose(self, probe: torch.Tensor) -> str:
+        """Timed on random rows (not the warm-up's zeros: tensor cores run faster on zeros, and equal
+        rows would hide a row mix-up)."""
+        trusted, candidate = getattr(self, self.TRUSTED), getattr(self, self.CANDIDATE)
+        try:
+            expected, got = trusted(probe).float(), candidate(probe).float()  # also compiles and autotunes
+        except Exception as exc:  # noqa: BLE001 - e.g. no config of a kernel fits this GPU's shared memory
+            warnings.warn(f"audioenc: {self.WHAT} keeps its {self.TRUSTED} path here: the {self.CANDIDATE} "
+                          f"path failed ({exc})")
+            return self.TRUSTED
+        # Half-precision roundings differ by about 1e-3; a miscompiled kernel on a GPU it was never
+        # tested on would differ by about 1.
+        error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+        if not error <= 0.02:
+            warnings.warn(f"audioenc: {self.WHAT} keeps its {self.TRUSTED} path here: the {self.CANDIDATE} "
+                          f"path differs from it by {error:.2g}")
+            return self.TRUSTED
+        return self.CANDIDATE if _faster(lambda: candidate(probe), lambda: trusted(probe)) else self.TRUSTED
+
+
+class _LinearGelu(_Linear, _FasterPath):
+    """gelu(Linear(x)): audioenc's fused kernel (kernels/linear_gelu.py) or cuBLAS plus a GELU pass."""
+
+    WHAT, TRUSTED, CANDIDATE = "fc1 + GELU", "cublas", "fused"
 
     def __init__(self, layer: nn.Linear, dtype, device, choices: dict):
-        super().__init__([layer], dtype, device)
-        self.choices = choices
+        _Linear.__init__(self, [layer], dtype, device)
+        _FasterPath.__init__(self, choices)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         from audioenc.kernels.linear_gelu import linear_gelu
@@ -94,31 +136,40 @@ class _LinearGelu(_Linear):
     def cublas(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(F.linear(x, self.weight, self.bias))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":  # the interpreter: always the kernel, which is what is under test
-            return self.fused(x)
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key not in self.choices:
-            if torch.cuda.is_current_stream_capturing():  # cannot time inside a graph capture
-                return self.cublas(x)
-            self.choices[key] = self._choose(torch.randn_like(x))
-        return self.fused(x) if self.choices[key] == "fused" else self.cublas(x)
+    __call__ = _FasterPath.__call__
 
-    def _choose(self, probe: torch.Tensor) -> str:
-        """'fused' where the kernel runs, agrees with cuBLAS and is faster on random rows (not the
-        warm-up's zeros: tensor cores run faster on zeros, and equal rows would hide a row mix-up)."""
-        try:
-            expected, got = self.cublas(probe).float(), self.fused(probe).float()  # also compiles and autotunes
-        except Exception as exc:  # noqa: BLE001 - e.g. no config of the kernel fits this GPU's shared memory
-            warnings.warn(f"audioenc: fc1 + GELU runs on cuBLAS here: the fused kernel failed ({exc})")
-            return "cublas"
-        # Half-precision roundings differ by about 1e-3; a miscompiled kernel on a GPU it was never
-        # tested on would differ by about 1.
-        error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-        if not error <= 0.02:
-            warnings.warn(f"audioenc: fc1 + GELU runs on cuBLAS here: the fused kernel differs from it by {error:.2g}")
-            return "cublas"
-        return "fused" if _faster(lambda: self.fused(probe), lambda: self.cublas(probe)) else "cublas"
+
+class _ConvLayerNormGelu(_FasterPath):
+    """A layer-norm model's conv feature layer: gelu(LayerNorm(conv(x))) over channels, as one kernel
+    (each program holds whole 512-channel rows, so its tiles are small) or as the conv kernel with
+    matmul-sized tiles, then one LayerNorm + GELU pass (a float32 tensor in between)."""
+
+    WHAT, TRUSTED, CANDIDATE = "a conv + LayerNorm + GELU layer", "fused", "split"
+
+    def __init__(self, weight, bias, stride: int, norm: tuple, dtype):
+        super().__init__({})
+        self.weight, self.bias, self.stride, self.norm, self.dtype = weight, bias, stride, norm, dtype
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        from audioenc.kernels.conv_feature import conv1d_gelu
+
+        return conv1d_gelu(x, self.weight, self.bias, self.stride, 0, *self.norm, out_dtype=self.dtype)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        from audioenc.kernels.conv_feature import conv1d_gelu
+        from audioenc.kernels.layer_norm import add_layer_norm
+
+        y = conv1d_gelu(x, self.weight, self.bias, self.stride, 0, apply_gelu=False, out_dtype=torch.float32)
+        return add_layer_norm(y, None, *self.norm, out_dtype=self.dtype, apply_gelu=True)[0]
+
+
+def kept_paths(model) -> str:
+    """What the timed choices of a _FastWav2Vec2 / _FastWhisper kept so far, for benchmark labels:
+    e.g. 'fc1 + GELU: cublas; conv + LayerNorm + GELU: split'."""
+    kept = {"fc1 + GELU": list(model.fc1_choices.values())}
+    for conv in getattr(model, "layer_norm_convs", {}).values():
+        kept.setdefault("conv + LayerNorm + GELU", []).extend(conv.choices.values())
+    return "; ".join(f"{what}: {'/'.join(sorted(set(names)))}" for what, names in kept.items() if names)
 
 
 class _Norm:
@@ -217,6 +268,7 @@ class _FastWav2Vec2:
     def __init__(self, model: nn.Module, dtype, device):
         self.dims, self.dtype = model.dims, dtype
         self.convs = []
+        self.layer_norm_convs = {}  # index -> _ConvLayerNormGelu: layer-norm models' matmul layers
         for i, layer in enumerate(model.feature_extractor.conv_layers):
             conv = layer.conv
             # Layer 0 reads the float32 waveform directly (no matmul there), later layers run in dtype.
@@ -228,6 +280,8 @@ class _FastWav2Vec2:
             if layer.norm_type is not None:
                 norm = (layer.layer_norm.weight.detach().float().to(device),
                         layer.layer_norm.bias.detach().float().to(device), layer.layer_norm.eps)
+            if layer.norm_type == "layer" and i > 0:
+                self.layer_norm_convs[i] = _ConvLayerNormGelu(weight, bias, conv.stride[0], norm, dtype)
             self.convs.append((layer.norm_type, weight, bias, conv.kernel_size[0], conv.stride[0], norm))
         projection = model.feature_projection
         self.proj_norm = _Norm(projection.layer_norm, device) if projection.layer_norm is not None else None
@@ -254,6 +308,9 @@ class _FastWav2Vec2:
             lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
             if norm_type == "group":
                 x = conv0_group_norm_gelu(x, lengths, weight, bias, norm[0], norm[1], s, norm[2], out_dtype=self.dtype)
+                continue
+            if i in self.layer_norm_convs:
+                x = self.layer_norm_convs[i](x)
                 continue
             if i == 0:
                 x = x[:, :, None]  # (B, L, 1): channels-last waveform
