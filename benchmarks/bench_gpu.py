@@ -363,6 +363,20 @@ def conv_vs_cudnn(repeats, device, dtype):
     return rows
 
 
+def positional_conv_rate(repeats, device, dtype) -> str:
+    """The grouped positional conv (wav2vec2-large: 16 groups, kernel 128, 10 s at batch 16), which
+    the backend leaves to cuDNN: is it worth a kernel of ours?"""
+    b, frames, c, k, groups = (16, 499, 1024, 128, 16) if not TINY else (2, 49, 64, 16, 4)
+    x = torch.randn(b, c, frames, device=device, dtype=dtype)
+    w = torch.randn(c, c // groups, k, device=device, dtype=dtype) / (c // groups * k) ** 0.5
+    t = graph_timed(lambda: torch.nn.functional.conv1d(x, w, None, padding=k // 2, groups=groups), repeats)
+    flops = 2 * b * (frames + 1) * c * (c // groups) * k
+    line = (f"Positional conv ({groups} groups, kernel {k}, {c} channels, {frames} frames, batch {b}) on cuDNN, as "
+            f"the backend runs it: {1000 * t:.3f} ms, {flops / t / 1e12:.0f} TFLOP/s.")
+    print(line, flush=True)
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
@@ -380,6 +394,7 @@ def main() -> None:
     att_rows = attention_vs_sdpa(repeats, device, dtype)
     fc1_rows = linear_gelu_vs_cublas(repeats, device, dtype)
     conv_rows = conv_vs_cudnn(repeats, device, dtype)
+    pos_line = positional_conv_rate(repeats, device, dtype)
     started = time.perf_counter()
     for name, family, config, seconds, batch in (TINY_CASES if TINY else REAL_CASES):
         if args.cases and f"{name}:{batch}" not in args.cases.split(","):
@@ -423,6 +438,8 @@ def main() -> None:
         "| layer | audioenc way | cuDNN + torch | audioenc | speed-up | TFLOP/s |",
         "|---|---|---:|---:|---:|---:|",
         *conv_rows,
+        "",
+        pos_line,
         "",
         "Targets on an H100: >= 1.5x transformers SDPA and >= 1.2x torch.compile at batch 16; >= 0.5 of the "
         "matmul rate for whisper-large-v3 at batch 16; attention at least as fast as SDPA (flash).",
