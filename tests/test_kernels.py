@@ -192,7 +192,7 @@ def test_conv1d_gelu_matches_reference(kernels, c_in, c_out, ksize, stride, padd
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_conv1d_without_gelu_is_the_conv_alone(kernels, dtype):
-    """The first of the split conv + LayerNorm + GELU path's three passes (float32 out)."""
+    """The first of the split conv + LayerNorm + GELU path's two passes (float32 out)."""
     conv = kernels["conv_feature"]
     gen = torch.Generator().manual_seed(7)
     x = randn(2, 97, 24, dtype=dtype, gen=gen)
