@@ -57,10 +57,10 @@ REAL_CASES = [
     ("whisper-large-v3", "whisper", WHISPER_LARGE_V3, 30.0, 16),
     ("wavlm-large", "wavlm", WAVLM_LARGE, 10.0, 16),
     ("wav2vec2-large", "wav2vec2", WAV2VEC2_LARGE, 10.0, 16),
+    ("wav2vec2-base", "wav2vec2", dict(feat_extract_norm="group"), 10.0, 64),
     ("whisper-large-v3", "whisper", WHISPER_LARGE_V3, 30.0, 1),
     ("wavlm-large", "wavlm", WAVLM_LARGE, 10.0, 1),
     ("wav2vec2-large", "wav2vec2", WAV2VEC2_LARGE, 10.0, 1),
-    ("wav2vec2-base", "wav2vec2", dict(feat_extract_norm="group"), 10.0, 64),
 ]
 TINY_CASES = [
     ("whisper-tiny-random", "whisper", dict(d_model=64, encoder_layers=2, encoder_attention_heads=2,
