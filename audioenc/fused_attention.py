@@ -38,8 +38,10 @@ class MultiHeadAttentionOp(torch.autograd.Function):
             inputs.append(extra)
             slots.append(slot)
         # the reference masks with the lowest float; -10000 (the default) would differ for large scores
-        return g.op(f"{DOMAIN}::{OP}", *inputs, num_heads_i=num_heads,
-                    mask_filter_value_f=torch.finfo(torch.float32).min, **{f"{SLOTS_ATTRIBUTE}_i": slots})
+        out = g.op(f"{DOMAIN}::{OP}", *inputs, num_heads_i=num_heads,
+                   mask_filter_value_f=torch.finfo(torch.float32).min, **{f"{SLOTS_ATTRIBUTE}_i": slots})
+        out.setType(q.type())  # the output has the query's shape; without it the exporter warns per layer
+        return out
 
 
 def fused_sdpa(attention: Attention, q, k, v, bias):

@@ -10,7 +10,9 @@ Formats :func:`load_checkpoint` reads:
 - a CTranslate2 / faster-whisper Whisper directory (model.bin + config.json + vocabulary), float32,
   float16, bfloat16, int8 (with any float type), int16;
 - a fairseq wav2vec 2.0 / HuBERT ``.pt``, pre-trained or CTC fine-tuned, with a ``cfg`` or a legacy
-  ``args`` config.
+  ``args`` config;
+- a WavLM ``.pt`` of microsoft/unilm (WavLM-Base+.pt, WavLM-Large.pt: ``cfg`` is one flat WavLMConfig
+  dict, the tensors have fairseq's names).
 
 Every format is turned into one :class:`Checkpoint`: a Hugging Face style config dict of the base
 encoder and a float32 state dict in audioenc's canonical names, which are Hugging Face's base-model
@@ -45,7 +47,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]  # canonical names, float32
     preprocessor: dict = field(default_factory=dict)  # preprocessor_config.json, if any
     source: str = ""                   # what the user passed
-    format: str = "hf"                 # "hf" | "openai" | "ctranslate2" | "fairseq"
+    format: str = "hf"                 # "hf" | "openai" | "ctranslate2" | "fairseq" | "unilm"
 
 
 def load_checkpoint(source: str | os.PathLike, *, family: str | None = None) -> Checkpoint:
@@ -90,8 +92,8 @@ def _load_file(path: str) -> Checkpoint:
         return load_openai_whisper(obj, path)
     if "model" in obj and ("cfg" in obj or "args" in obj):
         return load_fairseq(obj, path)
-    raise ValueError(f"{path}: neither an openai-whisper checkpoint (dims, model_state_dict) nor a fairseq one "
-                     f"(model, cfg or args); top-level keys: {', '.join(map(str, list(obj)[:10]))}")
+    raise ValueError(f"{path}: neither an openai-whisper checkpoint (dims, model_state_dict) nor a fairseq or "
+                     f"unilm one (model, cfg or args); top-level keys: {', '.join(map(str, list(obj)[:10]))}")
 
 
 def _torch_load(path: str):
@@ -443,11 +445,12 @@ def read_ctranslate2_bin(path: str, prefix: str = "") -> tuple[str, dict[str, to
 
 
 # ----------------------------------------------------------------------------------------------------
-# fairseq wav2vec 2.0 / HuBERT .pt
+# fairseq wav2vec 2.0 / HuBERT .pt, and microsoft/unilm's WavLM .pt (fairseq's names and config keys)
 
 # fairseq model names ("_name" in cfg, "arch" in legacy args) -> family; *_ctc checkpoints are
-# fine-tuned and keep the pre-trained model's config in w2v_args.
-_FAIRSEQ_MODELS = {"wav2vec2": "wav2vec2", "wav2vec_ctc": "wav2vec2", "hubert": "hubert", "hubert_ctc": "hubert"}
+# fine-tuned and keep the pre-trained model's config in w2v_args. unilm's WavLM has no name: "wavlm" here.
+_FAIRSEQ_MODELS = {"wav2vec2": "wav2vec2", "wav2vec_ctc": "wav2vec2", "hubert": "hubert", "hubert_ctc": "hubert",
+                   "wavlm": "wavlm"}
 _FAIRSEQ_FINETUNED_PREFIX = "w2v_encoder.w2v_model."
 
 _FAIRSEQ_NAMES = [
@@ -457,6 +460,9 @@ _FAIRSEQ_NAMES = [
     (r"layer_norm\.(\w+)", r"feature_projection.layer_norm.\1"),
     (r"post_extract_proj\.(\w+)", r"feature_projection.projection.\1"),
     (r"encoder\.pos_conv\.0\.(.+)", r"encoder.pos_conv_embed.conv.\1"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.grep_linear\.(\w+)", r"encoder.layers.\1.attention.gru_rel_pos_linear.\2"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.grep_a", r"encoder.layers.\1.attention.gru_rel_pos_const"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.(\w+)", r"encoder.layers.\1.attention.rel_attn_embed.\2"),
     (r"encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(\w+)", r"encoder.layers.\1.attention.\2.\3"),
     (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(\w+)", r"encoder.layers.\1.layer_norm.\2"),
     (r"encoder\.layers\.(\d+)\.fc1\.(\w+)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
@@ -480,12 +486,17 @@ _FAIRSEQ_DEFAULTS = {
     "conv_pos_groups": 16,
     "pos_conv_depth": 1,
     "layer_type": "transformer",
+    "relative_position_embedding": False,  # WavLM's: both must be on, and its buckets come with them
+    "gru_rel_pos": False,
+    "num_buckets": 320,
+    "max_distance": 1280,
 }
 _FAIRSEQ_EXTRACTOR_MODES = {"default": "group", "layer_norm": "layer"}
 
 
 def load_fairseq(obj: dict, path: str) -> Checkpoint:
-    """A fairseq checkpoint dict: ``model`` (state dict) + ``cfg`` (dict) or legacy ``args`` (Namespace)."""
+    """A fairseq checkpoint dict: ``model`` (state dict) + ``cfg`` (dict) or legacy ``args`` (Namespace);
+    unilm's WavLM has the same layout with a flat ``cfg``."""
     name, model_cfg, task_cfg = _fairseq_cfg(obj, path)
     if name not in _FAIRSEQ_MODELS:
         raise ValueError(f"{path}: fairseq model {name!r} is not supported (supported: {', '.join(_FAIRSEQ_MODELS)})")
@@ -507,12 +518,15 @@ def load_fairseq(obj: dict, path: str) -> Checkpoint:
                     "padding_value": 0.0, "do_normalize": bool(task_cfg.get("normalize", False)),
                     # HF's convention: only layer-norm models were trained with padding masks
                     "return_attention_mask": config["feat_extract_norm"] == "layer"}
-    return Checkpoint(family, config, _float32(state_dict), preprocessor, path, "fairseq")
+    return Checkpoint(family, config, _float32(state_dict), preprocessor, path, "unilm" if family == "wavlm" else "fairseq")
 
 
 def _fairseq_cfg(obj: dict, path: str) -> tuple[str, dict, dict]:
     """(model name, model cfg, task cfg) of a fairseq checkpoint; for a fine-tuned model, the name is
     the fine-tuned one and the cfgs are the pre-trained model's (w2v_args), which hold the sizes."""
+    if obj.get("cfg") and "encoder_embed_dim" in obj["cfg"]:  # unilm WavLM: one flat WavLMConfig dict
+        model_cfg = dict(obj["cfg"])
+        return "wavlm", model_cfg, {"normalize": model_cfg.get("normalize", False)}
     if obj.get("cfg"):
         model_cfg, task_cfg = dict(obj["cfg"].get("model") or {}), dict(obj["cfg"].get("task") or {})
         name = model_cfg.get("_name")
@@ -563,6 +577,11 @@ def _fairseq_to_hf_config(family: str, cfg: dict, path: str) -> dict:
     }
     if family == "hubert":
         config["feat_proj_layer_norm"] = True  # fairseq HuBERT always normalises the conv features
+    if family == "wavlm":
+        if not (cfg["relative_position_embedding"] and cfg["gru_rel_pos"]):
+            raise ValueError(f"{path}: a WavLM without its gated relative position bias (relative_position_embedding="
+                             f"{cfg['relative_position_embedding']}, gru_rel_pos={cfg['gru_rel_pos']}) is not supported")
+        config["num_buckets"], config["max_bucket_distance"] = cfg["num_buckets"], cfg["max_distance"]
     return config
 
 

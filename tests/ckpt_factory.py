@@ -121,6 +121,9 @@ def _to_fairseq_table(feat_extract_norm: str):
         (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0", "encoder.pos_conv.0.weight_g"),
         (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1", "encoder.pos_conv.0.weight_v"),
         (r"encoder\.pos_conv_embed\.conv\.bias", "encoder.pos_conv.0.bias"),
+        (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_linear\.", r"encoder.layers.\1.self_attn.grep_linear."),
+        (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_const", r"encoder.layers.\1.self_attn.grep_a"),
+        (r"encoder\.layers\.(\d+)\.attention\.rel_attn_embed\.", r"encoder.layers.\1.self_attn.relative_attention_bias."),
         (r"encoder\.layers\.(\d+)\.attention\.", r"encoder.layers.\1.self_attn."),
         (r"encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
         (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.fc1."),
@@ -143,8 +146,8 @@ def conv_feature_layers(dims, kernels, strides) -> str:
 
 
 def fairseq_checkpoint(base: torch.nn.Module, family: str, style: str = "cfg", normalize: bool = True) -> dict:
-    """style: "cfg" (pre-trained, dict cfg), "args" (legacy argparse Namespace) or "finetuned" (CTC,
-    w2v_encoder.w2v_model. prefixes, the pre-trained cfg in w2v_args)."""
+    """style: "cfg" (pre-trained, dict cfg), "args" (legacy argparse Namespace), "finetuned" (CTC,
+    w2v_encoder.w2v_model. prefixes, the pre-trained cfg in w2v_args) or "unilm" (WavLM's own .pt)."""
     c = base.config
     sd = {_sub(_to_fairseq_table(c.feat_extract_norm), k): v.clone() for k, v in base.state_dict().items()}
     # fairseq-only pre-training tensors, which the loader must drop
@@ -159,6 +162,12 @@ def fairseq_checkpoint(base: torch.nn.Module, family: str, style: str = "cfg", n
         "conv_pos_groups": c.num_conv_pos_embedding_groups, "dropout": 0.1,
     }
     task_cfg = {"_name": "audio_pretraining", "normalize": normalize, "sample_rate": 16000}
+    if style == "unilm":  # microsoft/unilm WavLM: one flat WavLMConfig dict, no model name
+        assert family == "wavlm"
+        del model_cfg["_name"]
+        model_cfg.update(normalize=normalize, relative_position_embedding=True, gru_rel_pos=True,
+                         num_buckets=c.num_buckets, max_distance=c.max_bucket_distance, feature_grad_mult=0.1)
+        return {"cfg": model_cfg, "model": sd}
     if style == "cfg":
         return {"cfg": {"model": model_cfg, "task": task_cfg}, "model": sd}
     if style == "args":

@@ -185,19 +185,22 @@ def test_ctranslate2_whisper(whisper, ct2_dirs, n_mels, quantization):
 
 # ---- fairseq --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant,family", [("wav2vec2_group", "wav2vec2"), ("wav2vec2_layer", "wav2vec2"),
-                                            ("hubert", "hubert")])
-@pytest.mark.parametrize("style", ["cfg", "args", "finetuned"])
+@pytest.mark.parametrize("variant,family,style", [
+    *((variant, family, style) for variant, family in [("wav2vec2_group", "wav2vec2"), ("wav2vec2_layer", "wav2vec2"),
+                                                        ("hubert", "hubert")]
+      for style in ["cfg", "args", "finetuned"]),
+    ("wavlm", "wavlm", "unilm")])
 def test_fairseq(w2v, variant, family, style, tmp_path):
     base, path = w2v[variant]
     want = load_hf_dir(path)
     normalize = variant == "wav2vec2_layer"
     torch.save(fairseq_checkpoint(base, family, style, normalize=normalize), tmp_path / "model.pt")
     ckpt = load_checkpoint(tmp_path / "model.pt", family=family)
-    assert (ckpt.family, ckpt.format) == (family, "fairseq")
+    assert (ckpt.family, ckpt.format) == (family, "unilm" if style == "unilm" else "fairseq")
     assert ckpt.preprocessor["do_normalize"] is normalize
     assert_same(ckpt.state_dict, want.state_dict)
-    assert_same_config(ckpt.config, want.config, W2V_KEYS + (("feat_proj_layer_norm",) if family == "hubert" else ()))
+    extra = {"hubert": ("feat_proj_layer_norm",), "wavlm": ("num_buckets", "max_bucket_distance")}.get(family, ())
+    assert_same_config(ckpt.config, want.config, W2V_KEYS + extra)
 
 
 def test_conv_feature_layers_parsing():
@@ -272,6 +275,10 @@ def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):
     fs["cfg"]["model"].update(_name="wav2vec2", layer_type="conformer")
     torch.save(fs, tmp_path / "conformer.pt")
     _expect(tmp_path / "conformer.pt", "layer_type='conformer' is not supported")
+    wavlm = fairseq_checkpoint(w2v["wavlm"][0], "wavlm", "unilm")
+    wavlm["cfg"]["gru_rel_pos"] = False
+    torch.save(wavlm, tmp_path / "ungated.pt")
+    _expect(tmp_path / "ungated.pt", "WavLM without its gated relative position bias")
 
 
 def test_errors_ctranslate2(ct2_dirs, tmp_path):
