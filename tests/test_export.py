@@ -119,14 +119,20 @@ def test_conv_as_matmul_matches_conv():
             assert rel_err(export.ConvAsMatMul(conv)(x.transpose(1, 2)), conv(x).transpose(1, 2)) <= 1e-6
 
 
-@pytest.mark.parametrize("variant", ["wav2vec2-group", "wav2vec2-stable"])
-def test_channel_last_feature_extractor_matches_reference(w2v_checkpoints, variant):
+@pytest.mark.parametrize("variant,form", [("wav2vec2-group", "ChannelLastFeatureExtractor"),
+                                          ("wav2vec2-stable", "ChannelLastFeatureExtractor"),
+                                          ("wav2vec2-group", "Conv2dFeatureExtractor")])
+def test_graph_feature_extractors_match_reference(w2v_checkpoints, variant, form):
     extractor = reference_model(w2v_checkpoints[variant][0]).feature_extractor
+    # the graph takes the 2-D conv form only for group-norm models, and never for int8
+    assert type(export.graph_feature_extractor(extractor, convs_as_matmul=False)).__name__ == \
+        ("Conv2dFeatureExtractor" if variant == "wav2vec2-group" else "ChannelLastFeatureExtractor")
+    assert type(export.graph_feature_extractor(extractor, convs_as_matmul=True)).__name__ == "ChannelLastFeatureExtractor"
     waves = torch.randn(3, 4000)
     lengths = torch.tensor([4000, 2501, 400])  # padded items: the masked statistics must hold
     with torch.no_grad():
         ref, ref_lengths = extractor(waves, lengths)
-        out, out_lengths = export.ChannelLastFeatureExtractor(extractor)(waves, lengths)
+        out, out_lengths = getattr(export, form)(extractor)(waves, lengths)
     assert torch.equal(out_lengths, ref_lengths)
     for i, n in enumerate(ref_lengths.tolist()):
         assert rel_err(out[i, :n], ref[i, :, :n].T) <= 1e-5
@@ -149,7 +155,7 @@ def test_partial_depth_graph(w2v_checkpoints, tmp_path):
 def test_int8_graph_quantises_conv_inputs_before_their_gather(w2v_checkpoints, tmp_path):
     model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
     fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
-    export.export_onnx(model, fp32, num_layers=1)
+    export.export_onnx(model, fp32, num_layers=1, convs_as_matmul=True)
     export.quantize_int8(fp32, int8)
     export.check_graph(int8)
     nodes = onnx.load(int8).graph.node
