@@ -131,9 +131,9 @@ class Conv2dFeatureExtractor(nn.Module):
     """The conv feature encoder as 2-D convs of height 1 on (B, C, 1, T). onnxruntime's CPU provider
     runs them as its blocked-layout (NCHWc) direct convolution: no tap gathers, GELU kept in that
     layout, and a LayerNorm over channels reads channel-last data that the layout reorder writes
-    anyway (the transposes around it fold into the reorders). Measured on 10 s: 1.17x faster than
-    ChannelLastFeatureExtractor for wav2vec2-base, 1.2x for the layer-norm wav2vec2-large-lv60's
-    feature encoder. Same numbers as FeatureExtractor."""
+    anyway (the transposes around it fold into the reorders). Whole model on 10 s against
+    ChannelLastFeatureExtractor: 1.18x for wav2vec2-base, 1.00-1.05x for wav2vec2-large-lv60 (its
+    feature encoder alone: 1.2x); BENCHMARKS.md. Same numbers as FeatureExtractor."""
 
     def __init__(self, extractor: nn.Module):
         super().__init__()

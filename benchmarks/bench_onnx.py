@@ -2,7 +2,7 @@
 CTranslate2 (faster-whisper's engine, int8) on the CPU: same process, same random weights at real
 sizes, medians.
 
-    python benchmarks/bench_onnx.py [--repeats 5] [--no-write]
+    python benchmarks/bench_onnx.py [--repeats 5] [--no-write] [--conv-forms]
 
 wav2vec2-base: audio in -> frames out (10 s, batch 1; both sides include waveform normalisation).
 whisper-base: encoder only, on the same log-mel of one 30 s window (CTranslate2 takes it as a
@@ -130,11 +130,63 @@ def whisper_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
     return [row(f"whisper-base 30 s: {name}", t, t_hf, t_ct2, accuracy(outputs[name], ref)) for name, t in times.items()], ""
 
 
+def conv_form_rows(tmp: str, repeats: int) -> list[str]:
+    """The float32 graph's conv feature encoder as onnxruntime Convs (what the backend exports) against
+    the MatMul-over-gathered-taps form (what int8 graphs keep), whole model, 10 s, batch 1."""
+    import onnxruntime as ort
+
+    from audioenc.export import export_onnx
+
+    from audioenc.frontend import normalize_waveforms
+
+    lengths = np.array([160000])
+    feeds = {"waveforms": normalize_waveforms(speech_like(10.0)[None], lengths), "lengths": lengths}
+    rows = []
+    for name in ("wav2vec2-base", "wav2vec2-large-lv60"):
+        enc = audioenc.load(f"random:{name}", backend="onnx")
+        sessions, outputs = {}, {}
+        for form, as_matmul in (("MatMul", True), ("Conv", False)):
+            path = f"{tmp}/{name}-{form}.onnx"
+            export_onnx(enc.backend.model, path, fused_attention=True, convs_as_matmul=as_matmul)
+            sessions[form] = ort.InferenceSession(path, enc.backend.session_options(), providers=["CPUExecutionProvider"])
+            outputs[form] = torch.from_numpy(sessions[form].run(["last_hidden_state"], feeds)[0])
+        times = interleaved_medians({form: lambda s=s: s.run(None, feeds) for form, s in sessions.items()}, repeats)
+        rel = float((outputs["Conv"] - outputs["MatMul"]).norm() / outputs["MatMul"].norm())
+        rows.append(f"| {name} | {times['MatMul'] * 1000:.0f} | {times['Conv'] * 1000:.0f} | "
+                    f"{times['MatMul'] / times['Conv']:.2f}x | {rel:.1e} |")
+    return rows
+
+
+def write_conv_forms(repeats: int, write: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = conv_form_rows(tmp, repeats)
+    body = "\n".join([
+        "`python benchmarks/bench_onnx.py --conv-forms` — the float32 graph with the conv feature encoder as "
+        "onnxruntime Convs (2-D, height 1: run as its blocked-layout direct convolution; what the onnx backend "
+        "exports) against the same graph with each conv a MatMul over gathered taps (the form int8 graphs keep, "
+        "since dynamic quantisation quantises MatMuls). Whole model, random weights, 10 s, batch 1, median of "
+        f"{repeats} interleaved rounds, one process.",
+        "",
+        f"Machine: {machine()}. Versions: {versions('audioenc', 'torch', 'onnxruntime')}.",
+        "",
+        "| model | MatMul form (ms) | Conv form (ms) | speed-up | rel. difference |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *rows,
+    ])
+    if write:
+        write_section("ONNX Runtime conv feature encoder forms (CPU)", body)
+    print(body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--conv-forms", action="store_true", help="time the feature encoder's two graph forms instead")
     args = parser.parse_args()
+    if args.conv_forms:
+        write_conv_forms(args.repeats, not args.no_write)
+        return
     rows, notes = [], []
     for make in (wav2vec2_rows, whisper_rows):
         with tempfile.TemporaryDirectory() as tmp:
