@@ -136,7 +136,6 @@ def conv_form_rows(tmp: str, repeats: int) -> list[str]:
     import onnxruntime as ort
 
     from audioenc.export import export_onnx
-
     from audioenc.frontend import normalize_waveforms
 
     lengths = np.array([160000])
