@@ -165,6 +165,20 @@ def test_fc1_gelu_keeps_cublas_where_the_fused_kernel_disagrees_or_fails(monkeyp
         assert fc1._choose(probe) == "cublas"
 
 
+def test_fc1_gelu_tanh_experiment_is_within_5e_4_of_exact():
+    """cuBLAS's epilogue computes the tanh form; torch's CPU kernel for the same op the exact one."""
+    from audioenc.backends.triton import _LinearGelu
+
+    layer = torch.nn.Linear(24, 40).requires_grad_(False)
+    fc1 = _LinearGelu(layer, torch.float32, torch.device(DEVICE), {})
+    fc1.approximate = "tanh"
+    x = 3 * torch.randn(2, 7, 24, device=DEVICE)
+    got = fc1.cublas(x)
+    exact = torch.nn.functional.gelu(torch.nn.functional.linear(x, fc1.weight, fc1.bias))
+    assert got.shape == exact.shape
+    assert (got - exact).abs().max() <= 5e-4 + 1e-5
+
+
 def test_graph_cache_evicts_the_least_recently_used_by_count_and_by_bytes(whisper_checkpoints, monkeypatch):
     """The eviction policy alone, with capture and replay faked (real graphs need CUDA)."""
     from types import SimpleNamespace
@@ -382,14 +396,16 @@ def test_auto_picks_triton_on_cuda():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("path", ["fused", "cublas"])
-def test_both_fc1_gelu_paths_meet_the_half_precision_rule(path):
-    """The backend keeps whichever fc1 + GELU ran faster; both must be right, so force each in turn."""
+@pytest.mark.parametrize("path, approximate", [("fused", "none"), ("cublas", "none"), ("cublas", "tanh")])
+def test_both_fc1_gelu_paths_meet_the_half_precision_rule(path, approximate):
+    """The backend keeps whichever fc1 + GELU ran faster; both must be right, so force each in turn
+    (and cuBLAS's tanh-GELU epilogue, bench_gpu.py's experiment)."""
     from audioenc.backends.triton import _LinearGelu
 
     layer = torch.nn.Linear(1280, 5120).requires_grad_(False)
     choices = {}
     fc1 = _LinearGelu(layer, torch.float16, torch.device("cuda"), choices)
+    fc1.approximate = approximate
     x = torch.randn(2, 1500, 1280, device="cuda")
     truth = torch.nn.functional.gelu(layer.cuda()(x))
     fc1(x.half())

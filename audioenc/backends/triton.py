@@ -123,6 +123,9 @@ class _LinearGelu(_Linear, _FasterPath):
     """gelu(Linear(x)): audioenc's fused kernel (kernels/linear_gelu.py) or cuBLAS plus a GELU pass."""
 
     WHAT, TRUSTED, CANDIDATE = "fc1 + GELU", "cublas", "fused"
+    # "tanh": on CUDA cuBLAS's path uses the tanh GELU (at most 5e-4 from the exact erf form the models
+    # define). An experiment that bench_gpu.py times; not the default.
+    approximate = "none"
 
     def __init__(self, layer: nn.Linear, dtype, device, choices: dict):
         _Linear.__init__(self, [layer], dtype, device)
@@ -134,6 +137,9 @@ class _LinearGelu(_Linear, _FasterPath):
         return linear_gelu(x, self.weight, self.bias)
 
     def cublas(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "tanh":  # cuBLASLt's GELU epilogue (tanh form): no separate GELU pass
+            flat = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
+            return flat.view(*x.shape[:-1], -1)
         return F.gelu(F.linear(x, self.weight, self.bias))
 
     __call__ = _FasterPath.__call__
