@@ -432,7 +432,8 @@ def test_conv_real_sizes(kernels, dtype):
 
 
 def test_autotune_configs_per_mode(monkeypatch):
-    """All configs on a GPU, the first alone with AUDIOENC_AUTOTUNE=0, the interpreter's own in it."""
+    """All configs on a GPU, the first (and the fallback) with AUDIOENC_AUTOTUNE=0, the interpreter's
+    own in it."""
     triton = pytest.importorskip("triton")
     from audioenc.kernels.autotune import choose_configs
 
@@ -443,5 +444,6 @@ def test_autotune_configs_per_mode(monkeypatch):
     assert choose_configs(tuned, interpreted) == tuned
     monkeypatch.setenv("AUDIOENC_AUTOTUNE", "0")
     assert choose_configs(tuned, interpreted) == tuned[:1]
+    assert choose_configs(tuned, interpreted, fallback=tuned[1]) == tuned
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert choose_configs(tuned, interpreted) == [interpreted]

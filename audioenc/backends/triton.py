@@ -123,13 +123,15 @@ class _LinearGelu(_Linear, _FasterPath):
     """gelu(Linear(x)): audioenc's fused kernel (kernels/linear_gelu.py) or cuBLAS plus a GELU pass."""
 
     WHAT, TRUSTED, CANDIDATE = "fc1 + GELU", "cublas", "fused"
-    # "tanh": on CUDA cuBLAS's path uses the tanh GELU (at most 5e-4 from the exact erf form the models
-    # define). An experiment that bench_gpu.py times; not the default.
-    approximate = "none"
 
     def __init__(self, layer: nn.Linear, dtype, device, choices: dict):
         _Linear.__init__(self, [layer], dtype, device)
         _FasterPath.__init__(self, choices)
+        # In half precision cuBLAS's path takes the GELU into its epilogue, which computes the tanh
+        # form: at most 5e-4 from the exact erf form the models define, below half precision's own
+        # rounding (whisper-large-v3: the same error against the float32 reference, 6% faster than
+        # a separate GELU pass; BENCHMARKS.md). float32 keeps the exact form.
+        self.approximate = "none" if dtype == torch.float32 else "tanh"
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         from audioenc.kernels.linear_gelu import linear_gelu
@@ -137,7 +139,7 @@ class _LinearGelu(_Linear, _FasterPath):
         return linear_gelu(x, self.weight, self.bias)
 
     def cublas(self, x: torch.Tensor) -> torch.Tensor:
-        if self.approximate == "tanh":  # cuBLASLt's GELU epilogue (tanh form): no separate GELU pass
+        if self.approximate == "tanh":  # cuBLASLt's GELU epilogue: no separate GELU pass
             flat = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
             return flat.view(*x.shape[:-1], -1)
         return F.gelu(F.linear(x, self.weight, self.bias))
@@ -360,9 +362,9 @@ class _FastWhisper:
         self.conv2 = (cl(model.conv2.weight), model.conv2.bias.detach().to(device, dtype))
         # Added in the conv2 epilogue, straight into the residual stream.
         self.positions = model.embed_positions.weight.detach().float().to(device)
-        # float32 keeps the residual stream as exact as the reference's. float16 would cut the
-        # traffic of its 2 x layers add + LayerNorm passes by a third (about 3% of whisper-large-v3's
-        # time, estimated) with openai-whisper's numerics; bench_gpu.py times it; not the default.
+        # float32 keeps the residual stream as exact as the reference's. float16 measured 2.4% faster
+        # on whisper-large-v3 (H200) but with 2.5x the error, torch float16's (BENCHMARKS.md); not
+        # the default, bench_gpu.py keeps timing it.
         self.residual_dtype = torch.float32
         self.fc1_choices = {}
         self.blocks = [_Block(l.self_attn, l.self_attn_layer_norm, l.final_layer_norm, l.fc1, l.fc2, dtype, device,
