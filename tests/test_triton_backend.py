@@ -165,13 +165,15 @@ def test_fc1_gelu_keeps_cublas_where_the_fused_kernel_disagrees_or_fails(monkeyp
         assert fc1._choose(probe) == "cublas"
 
 
-def test_fc1_gelu_tanh_experiment_is_within_5e_4_of_exact():
+def test_fc1_gelu_cublas_path_takes_the_epilogue_in_half_precision_within_5e_4_of_exact():
     """cuBLAS's epilogue computes the tanh form; torch's CPU kernel for the same op the exact one."""
     from audioenc.backends.triton import _LinearGelu
 
     layer = torch.nn.Linear(24, 40).requires_grad_(False)
+    for dtype, approximate in [(torch.float16, "tanh"), (torch.bfloat16, "tanh"), (torch.float32, "none")]:
+        assert _LinearGelu(layer, dtype, torch.device(DEVICE), {}).approximate == approximate
     fc1 = _LinearGelu(layer, torch.float32, torch.device(DEVICE), {})
-    fc1.approximate = "tanh"
+    fc1.approximate = "tanh"  # the half-precision path, in float32 so the CPU runs it
     x = 3 * torch.randn(2, 7, 24, device=DEVICE)
     got = fc1.cublas(x)
     exact = torch.nn.functional.gelu(torch.nn.functional.linear(x, fc1.weight, fc1.bias))
@@ -399,7 +401,7 @@ def test_auto_picks_triton_on_cuda():
 @pytest.mark.parametrize("path, approximate", [("fused", "none"), ("cublas", "none"), ("cublas", "tanh")])
 def test_both_fc1_gelu_paths_meet_the_half_precision_rule(path, approximate):
     """The backend keeps whichever fc1 + GELU ran faster; both must be right, so force each in turn
-    (and cuBLAS's tanh-GELU epilogue, bench_gpu.py's experiment)."""
+    (cuBLAS's with the GELU in its epilogue, the default, and as a separate pass)."""
     from audioenc.backends.triton import _LinearGelu
 
     layer = torch.nn.Linear(1280, 5120).requires_grad_(False)
