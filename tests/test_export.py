@@ -2,6 +2,7 @@
 family and variant, several lengths and batch sizes, the shortest input), half precision and its
 overflow check."""
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -170,6 +171,18 @@ def test_int8_graph_quantises_conv_inputs_before_their_gather(w2v_checkpoints, t
     # item 0 is the longest: all its frames are valid
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got[0]), torch.from_numpy(ref[0]), dim=-1).mean()
     assert cos >= 0.995
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_built_graphs_take_the_conv_form_that_runs_fastest(dtype, w2v_checkpoints, tmp_path):
+    """build_graph (the backends' and `audioenc export`'s path): Convs for float graphs; MatMuls for
+    int8, which dynamic quantisation quantises, with only the positional conv left a Conv."""
+    model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
+    export.build_graph(model, export.ExportSpec(num_layers=1, dtype=dtype), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) in (["model.onnx"], ["model.onnx", "model.onnx.data"])
+    nodes = onnx.load(str(tmp_path / export.MODEL_FILE)).graph.node
+    convs = sum(node.op_type == "Conv" for node in nodes)
+    assert convs == (len(model.dims.conv_dim) + 1 if dtype == "float32" else 1)
 
 
 def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoints, tmp_path):
