@@ -17,8 +17,8 @@ def run_script(*args: str) -> str:
 
 def test_bench_gpu_runs_tiny_and_writes_nothing():
     out = run_script("benchmarks/bench_gpu.py", "--tiny", "--no-write")
-    for heading in ("| case | engine |", "| shape | torch SDPA |", "| rows x K -> N | cuBLAS + GELU |",
-                    "| layer | audioenc way |"):
+    for heading in ("| case | engine |", "| shape | torch SDPA |",
+                    "| rows x K -> N | cuBLAS + GELU pass | cuBLAS, GELU epilogue (tanh) |", "| layer | audioenc way |"):
         assert heading in out
     assert "failed" not in out
     assert "audioenc triton" in out
