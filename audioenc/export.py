@@ -420,8 +420,9 @@ def check_half_headroom(peaks: dict[str, float]) -> None:
 def quantize_int8(fp32_path: str, path: str) -> None:
     """Dynamic int8 quantisation of the MatMul weights (per output channel); activations are
     quantised per call. ``fp32_path`` is exported with ``convs_as_matmul`` (build_graph does so),
-    so the feature encoder's convs are MatMuls and are quantised too, except the first (its input is the waveform, its reduction only kernel-size long); the
-    attention products (no constant weight), LayerNorm, softmax and GELU stay fp32."""
+    so the feature encoder's convs are MatMuls and are quantised too, except the first (its input
+    is the waveform, its reduction only kernel-size long); the attention products (no constant
+    weight), LayerNorm, softmax and GELU stay fp32."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -30,8 +30,8 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
 
     source: a local Hugging Face model dir, an openai-whisper .pt, a CTranslate2 (faster-whisper)
     Whisper dir, a fairseq wav2vec2/HuBERT .pt, a microsoft/unilm WavLM .pt, a hub id (downloaded
-    when online), or
-    "random:NAME" for a real-size architecture with random weights (see audioenc.presets).
+    when online), or "random:NAME" for a real-size architecture with random weights (see
+    audioenc.presets).
     family: when given, a checkpoint of another family is an error.
     """
     name = os.fspath(source) if isinstance(source, os.PathLike) else source

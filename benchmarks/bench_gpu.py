@@ -232,7 +232,7 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
             block.fc1_gelu.approximate = gelu
         fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
         out = fn()[0]
-        if cls is TritonBackend and residual_dtype is gelu is None:
+        if cls is TritonBackend and residual_dtype is None and gelu is None:
             paths = kept_paths(backend.model)
         return fn, out
 

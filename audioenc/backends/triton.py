@@ -120,7 +120,8 @@ class _FasterPath:
 
 
 class _LinearGelu(_Linear, _FasterPath):
-    """gelu(Linear(x)): audioenc's fused kernel (kernels/linear_gelu.py) or cuBLAS plus a GELU pass."""
+    """gelu(Linear(x)): audioenc's fused kernel (kernels/linear_gelu.py) or cuBLAS (with the GELU in
+    its epilogue in half precision, else a GELU pass)."""
 
     WHAT, TRUSTED, CANDIDATE = "fc1 + GELU", "cublas", "fused"
 
