@@ -1,4 +1,4 @@
-"""Command line: ``audioenc info|embed|stream|export|verify|bench`` (also ``python -m audioenc``)."""
+"""Command line: ``audioenc info|embed|stream|export|verify|bench|cache`` (also ``python -m audioenc``)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,30 @@ def cmd_info(args) -> int:
         print(f"backend {name:9s} {'available' if reason is None else reason}")
     print("families: wav2vec2, hubert, wavlm, whisper")
     print("random-weight architectures (random:NAME): " + ", ".join(ARCHITECTURES))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import time
+
+    from audioenc.cache import cache_root, list_entries, remove, removable
+
+    if args.unused_days is not None and (not args.clear or args.unused_days < 0):
+        print("error: --unused-days takes a number of days >= 0, and goes with --clear", file=sys.stderr)
+        return 2
+    entries = list_entries()
+    gib = lambda size: f"{size / 2**30:.2f} GiB"
+    if not args.clear:
+        now = time.time()
+        for e in entries:
+            print(f"{gib(e.size):>10}  {(now - e.last_used) / 86400:6.1f} days ago  {e.kind:8s} "
+                  f"{os.path.basename(e.path)}  {e.what}")
+        print(f"{len(entries)} entries, {gib(sum(e.size for e in entries))} in {cache_root()}"
+              + ("; remove them with --clear (--unused-days N keeps recent ones)" if entries else ""))
+        return 0
+    doomed = removable(entries, args.unused_days)
+    freed = remove(doomed)
+    print(f"removed {len(doomed)} of {len(entries)} entries, {gib(freed)} freed from {cache_root()}")
     return 0
 
 
@@ -304,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--device", default="auto")
     stream.add_argument("--dtype", default="auto")
     stream.set_defaults(func=cmd_stream)
+    cache = sub.add_parser("cache", help="list the cached ONNX graphs and TensorRT engines, or remove them")
+    cache.add_argument("--clear", action="store_true", help="remove entries (all, or see --unused-days); "
+                                                            "they are rebuilt when needed")
+    cache.add_argument("--unused-days", type=float, default=None, help="with --clear: only entries unused this long")
+    cache.set_defaults(func=cmd_cache)
     from audioenc import cli_bench, cli_deploy
 
     cli_deploy.register(sub)  # export, verify

@@ -39,8 +39,9 @@ class AudioEncoder:
 
     def __repr__(self) -> str:
         weights = "RANDOM weights" if self.random_weights else self.source
+        dtype = str(self.backend.dtype).removeprefix("torch.")  # torch dtypes and backends' strings alike
         return (f"AudioEncoder({self.family}, {self.num_layers} layers x {self.hidden_size}, "
-                f"backend={self.backend.name}, device={self.backend.device}, dtype={self.backend.dtype}, {weights})")
+                f"backend={self.backend.name}, device={self.backend.device}, dtype={dtype}, {weights})")
 
     @property
     def hidden_size(self) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.config import WhisperDims
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.models.wavlm import WavLMEncoder, relative_position_buckets
@@ -45,13 +46,8 @@ FP16_MAX = 65504.0
 FP16_HEADROOM = 4.0  # fail when an activation comes within this factor of the fp16 maximum
 HALF_OPS = ("MatMul", "Gemm", "Conv")  # run in fp16 by the half-precision graph; everything else stays fp32
 MODEL_FILE = "model.onnx"
-META_FILE = "meta.json"
 PROTOBUF_LIMIT = 1 << 30  # larger graphs keep their weights in an external data file
 QUANTIZE_MIN_ROWS = 64  # int8 MatMuls need a reduction at least this long to pay for quantising their input
-
-
-def cache_root() -> str:
-    return os.environ.get("AUDIOENC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "audioenc")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,7 +283,8 @@ def save_onnx(proto, path: str) -> None:
     """Saves a graph, with its weights in ``path + '.data'`` when protobuf could not hold them."""
     import onnx
 
-    large = proto.ByteSize() > PROTOBUF_LIMIT
+    # Summed per weight: protobuf cannot even measure a message past 2 GB (whisper-large's encoder).
+    large = sum(weight.ByteSize() for weight in proto.graph.initializer) > PROTOBUF_LIMIT
     onnx.save_model(proto, path, save_as_external_data=large, all_tensors_to_one_file=True,
                     location=os.path.basename(path) + ".data")
 
@@ -631,6 +628,7 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     if os.path.exists(entry):
         problem = rebuild_reason or entry_problem(entry, key)
         if problem is None:
+            mark_used(entry)
             return os.path.join(entry, MODEL_FILE)
         warnings.warn(f"audioenc: cached ONNX graph {entry} is unusable ({problem}); rebuilding it", stacklevel=2)
     os.makedirs(root, exist_ok=True)

@@ -2,16 +2,17 @@
 CTranslate2 (faster-whisper's engine, int8) on the CPU: same process, same random weights at real
 sizes, medians.
 
-    python benchmarks/bench_onnx.py [--repeats 5] [--no-write] [--conv-forms]
+    python benchmarks/bench_onnx.py [--repeats 5] [--no-write] [--conv-forms | --whisper-large]
 
 wav2vec2-base: audio in -> frames out (10 s, batch 1; both sides include waveform normalisation).
-whisper-base: encoder only, on the same log-mel of one 30 s window (CTranslate2 takes it as a
-StorageView). Accuracy is against audioenc's torch float32 reference (which matches transformers).
+whisper-base (whisper-large-v3 with --whisper-large): encoder only, on the same log-mel of one 30 s
+window (CTranslate2 takes it as a StorageView). Accuracy is against audioenc's torch float32 reference (which matches transformers).
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
+from functools import partial
 
 import numpy as np
 import torch
@@ -91,14 +92,23 @@ def wav2vec2_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
     return rows, ceiling
 
 
-def whisper_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
+# Encoder dims of the Whisper sizes timed here (the decoder is cut to one layer: it is never run).
+WHISPER_SIZES = {
+    "base": dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048, num_mel_bins=80),
+    "large-v3": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                     num_mel_bins=128),
+}
+
+
+def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str], str]:
     import ctranslate2
     import transformers
 
-    config = transformers.WhisperConfig(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
-                                        decoder_layers=1, decoder_attention_heads=8, decoder_ffn_dim=2048)
+    dims = WHISPER_SIZES[size]
+    config = transformers.WhisperConfig(**dims, decoder_layers=1, decoder_attention_heads=dims["encoder_attention_heads"],
+                                        decoder_ffn_dim=dims["encoder_ffn_dim"])
     transformers.WhisperForConditionalGeneration(config).eval().save_pretrained(tmp)
-    transformers.WhisperFeatureExtractor().save_pretrained(tmp)
+    transformers.WhisperFeatureExtractor(feature_size=dims["num_mel_bins"]).save_pretrained(tmp)
     hf = transformers.WhisperModel.from_pretrained(tmp, attn_implementation="eager").encoder.eval()
     ct2_dir = f"{tmp}/ct2-int8"
     ctranslate2.converters.TransformersConverter(tmp).convert(ct2_dir, quantization="int8")
@@ -106,9 +116,10 @@ def whisper_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
 
     from audioenc.frontend import log_mel_spectrogram_ref
 
-    mel = log_mel_spectrogram_ref(torch.from_numpy(speech_like(30.0))[None], 80).contiguous()
+    layers = dims["encoder_layers"]
+    mel = log_mel_spectrogram_ref(torch.from_numpy(speech_like(30.0))[None], dims["num_mel_bins"]).contiguous()
     ref_backend = audioenc.load(tmp, backend="torch", dtype="float32").backend
-    ref = ref_backend.run(mel, None, 6)[0][0]
+    ref = ref_backend.run(mel, None, layers)[0][0]
 
     def run_hf():
         with torch.inference_mode():
@@ -119,15 +130,18 @@ def whisper_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
     def run_ct2():
         return np.asarray(ct2.encode(features, to_cpu=True))
 
-    contenders = {"transformers eager fp32": run_hf, "CTranslate2 int8": run_ct2}
-    outputs = {"transformers eager fp32": run_hf()[0], "CTranslate2 int8": torch.from_numpy(run_ct2()[0])}
+    contenders = {"transformers eager fp32": run_hf, "CTranslate2 int8": run_ct2,
+                  "audioenc torch fp32 (the reference)": lambda: ref_backend.run(mel, None, layers)}
+    outputs = {"transformers eager fp32": run_hf()[0], "CTranslate2 int8": torch.from_numpy(run_ct2()[0]),
+               "audioenc torch fp32 (the reference)": ref}
     for dtype in ("float32", "int8"):
         backend = audioenc.load(tmp, backend="onnx", dtype=dtype).backend
-        outputs[f"audioenc onnx {dtype}"] = backend.run(mel, None, 6)[0][0]
-        contenders[f"audioenc onnx {dtype}"] = lambda backend=backend: backend.run(mel, None, 6)
+        outputs[f"audioenc onnx {dtype}"] = backend.run(mel, None, layers)[0][0]
+        contenders[f"audioenc onnx {dtype}"] = lambda backend=backend: backend.run(mel, None, layers)
     times = interleaved_medians(contenders, repeats)
     t_hf, t_ct2 = times["transformers eager fp32"], times["CTranslate2 int8"]
-    return [row(f"whisper-base 30 s: {name}", t, t_hf, t_ct2, accuracy(outputs[name], ref)) for name, t in times.items()], ""
+    return [row(f"whisper-{size} 30 s: {name}", t, t_hf, t_ct2, accuracy(outputs[name], ref))
+            for name, t in times.items()], ""
 
 
 def conv_form_rows(tmp: str, repeats: int) -> list[str]:
@@ -182,18 +196,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--conv-forms", action="store_true", help="time the feature encoder's two graph forms instead")
+    parser.add_argument("--whisper-large", action="store_true",
+                        help="whisper-large-v3 instead of the base models (minutes per round; 3 repeats are plenty)")
     args = parser.parse_args()
     if args.conv_forms:
         write_conv_forms(args.repeats, not args.no_write)
         return
     rows, notes = [], []
-    for make in (wav2vec2_rows, whisper_rows):
+    if args.whisper_large:
+        makers, title, command = [partial(whisper_rows, size="large-v3")], "ONNX Runtime backend, whisper-large-v3 (CPU)", \
+            "python benchmarks/bench_onnx.py --whisper-large"
+    else:
+        makers, title, command = [wav2vec2_rows, whisper_rows], "ONNX Runtime backend (CPU)", "python benchmarks/bench_onnx.py"
+    for make in makers:
         with tempfile.TemporaryDirectory() as tmp:
             made, note = make(tmp, args.repeats)
             rows += made
             notes += [note] if note else []
     body = "\n".join([
-        "`python benchmarks/bench_onnx.py` — CPU, random weights at real sizes, median of "
+        f"`{command}` — CPU, random weights at real sizes, median of "
         f"{args.repeats} rounds after 2 warm-up runs, all in one process; each round times one call of every contender, "
         "so drifts of this shared 2-core VM's speed hit all of them alike (an untimed call before each timed one lets the previous contender's thread pool stop spinning). Absolute times move between runs; "
         "the ratios within a run are what counts. "
@@ -213,7 +234,7 @@ def main() -> None:
         *notes,
     ])
     if not args.no_write:
-        write_section("ONNX Runtime backend (CPU)", body)
+        write_section(title, body)
     print(body)
 
 

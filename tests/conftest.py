@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Hugging Face checkpoints saved to disk, and test audio."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,18 @@ def speech_like(num_samples: int, seed: int = 0) -> np.ndarray:
     voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t + rng.uniform(0, 6)) ** 2
     return (0.1 * envelope * voiced + 0.01 * rng.standard_normal(num_samples)).astype(np.float32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Exported graphs go to a directory of this run (CLI subprocesses inherit it), not the user's cache."""
+    saved = os.environ.get("AUDIOENC_CACHE")
+    os.environ["AUDIOENC_CACHE"] = str(tmp_path_factory.mktemp("audioenc-cache"))
+    yield
+    if saved is None:
+        del os.environ["AUDIOENC_CACHE"]
+    else:
+        os.environ["AUDIOENC_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

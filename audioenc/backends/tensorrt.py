@@ -129,7 +129,7 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str) -> bytes:
     """The serialized engine, from the cache when its checksum holds, else built and cached."""
     import tensorrt as trt
 
-    from audioenc.export import cache_root
+    from audioenc.cache import cache_root, mark_used
 
     root = os.path.join(cache_root(), "tensorrt")
     key = engine_key(onnx_path, profile, dtype)
@@ -142,6 +142,7 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str) -> bytes:
             with open(path, "rb") as f:
                 data = f.read()
             if hashlib.sha256(data).hexdigest() == expected:
+                mark_used(os.path.dirname(path))
                 return data
             problem = "its checksum does not match"
         except (OSError, ValueError, KeyError) as exc:

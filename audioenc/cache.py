@@ -1,0 +1,111 @@
+"""The on-disk cache of exported ONNX graphs and TensorRT engines: where it is, what it holds, and
+removing entries (``audioenc cache``).
+
+Layout: ``<root>/<kind>/<key>/`` with a meta.json (kind: onnx, tensorrt), where the root is
+$AUDIOENC_CACHE or ~/.cache/audioenc. Keys include the weights and audioenc's code, so entries of
+deleted checkpoints or older versions are never used again: this is how they get removed.
+An entry's meta.json is touched each time the entry is used, so its mtime is the last use.
+Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+KINDS = ("onnx", "tensorrt")
+META_FILE = "meta.json"
+# An unfinished export untouched this long belongs to a process that died (a whisper-large export
+# takes minutes, not hours).
+STALE_TMP_S = 6 * 3600
+
+
+def cache_root() -> str:
+    return os.environ.get("AUDIOENC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "audioenc")
+
+
+def mark_used(entry: str) -> None:
+    """Records a use of the entry directory ``entry`` (its meta.json's mtime)."""
+    try:
+        os.utime(os.path.join(entry, META_FILE))
+    except OSError:  # a read-only cache still works; its last-use times just stay put
+        pass
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    kind: str          # onnx | tensorrt
+    path: str
+    size: int          # bytes
+    last_used: float   # seconds since the epoch
+    what: str          # e.g. "whisper, ExportSpec(num_layers=32, ...)"; "unfinished export" for .tmp-*
+
+    @property
+    def unfinished(self) -> bool:
+        return os.path.basename(self.path).startswith(".tmp-")
+
+
+def _size(path: str) -> int:
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except OSError:  # removed while we walked
+                pass
+    return total
+
+
+def _describe(entry: str) -> tuple[str, float]:
+    meta_path = os.path.join(entry, META_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        last_used = os.path.getmtime(meta_path)
+    except (OSError, ValueError):
+        return "no readable meta.json (rebuilt at its next use)", os.path.getmtime(entry)
+    fields = [meta.get(name) for name in ("family", "spec", "dtype", "profile", "gpu")]
+    return ", ".join(str(f) for f in fields if f), last_used
+
+
+def list_entries(root: str | None = None) -> list[CacheEntry]:
+    """Every entry under the cache root, least recently used first."""
+    root = root or cache_root()
+    entries = []
+    for kind in KINDS:
+        folder = os.path.join(root, kind)
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if not os.path.isdir(path):
+                continue  # e.g. TensorRT's timing caches: small, shared by every engine
+            try:
+                if name.startswith(".tmp-"):
+                    what, last_used = "unfinished export", os.path.getmtime(path)
+                else:
+                    what, last_used = _describe(path)
+                entries.append(CacheEntry(kind, path, _size(path), last_used, what))
+            except OSError:  # removed while we looked
+                continue
+    return sorted(entries, key=lambda e: e.last_used)
+
+
+def removable(entries: list[CacheEntry], unused_days: float | None = None, now: float | None = None) -> list[CacheEntry]:
+    """The entries to remove: all of them, or those unused for ``unused_days``; unfinished exports
+    only once they are STALE_TMP_S old (a younger one may be running now)."""
+    now = time.time() if now is None else now
+    age_limit = 0.0 if unused_days is None else unused_days * 86400
+    return [e for e in entries if now - e.last_used >= max(age_limit, STALE_TMP_S if e.unfinished else 0.0)]
+
+
+def remove(entries: list[CacheEntry]) -> int:
+    """Deletes the entries' directories; returns the bytes freed."""
+    freed = 0
+    for entry in entries:
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.exists(entry.path):
+            freed += entry.size
+    return freed

@@ -1,0 +1,104 @@
+"""The on-disk cache of graphs and engines: listing, last-use times, removal, ``audioenc cache``."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from audioenc import cache
+from audioenc.cli import main
+
+DAY = 86400.0
+
+
+def make_entry(root, kind: str, name: str, size: int, age_days: float, meta: dict | None = None) -> str:
+    path = os.path.join(root, kind, name)
+    os.makedirs(path)
+    with open(os.path.join(path, "model.bin"), "wb") as f:
+        f.write(b"\1" * size)
+    stamp = time.time() - age_days * DAY
+    if meta is not None:
+        with open(os.path.join(path, cache.META_FILE), "w") as f:
+            json.dump(meta, f)
+        os.utime(os.path.join(path, cache.META_FILE), (stamp, stamp))
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+@pytest.fixture
+def filled(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    make_entry(tmp_path, "onnx", "a" * 32, 3000, 10, {"family": "whisper", "spec": "ExportSpec(num_layers=4)"})
+    make_entry(tmp_path, "onnx", "b" * 32, 500, 0.5, {"family": "wavlm", "spec": "ExportSpec(num_layers=12)"})
+    make_entry(tmp_path, "tensorrt", "c" * 32, 700, 3, {"dtype": "float16", "gpu": "H100"})
+    make_entry(tmp_path, "onnx", ".tmp-young", 100, 0.01)       # an export running now
+    make_entry(tmp_path, "onnx", ".tmp-dead", 200, 2)           # left by a killed process
+    make_entry(tmp_path, "onnx", "d" * 32, 50, 1.5)             # no meta.json
+    with open(os.path.join(tmp_path, "tensorrt", "timing-10.0-H100.cache"), "wb") as f:
+        f.write(b"\0" * 10)                                     # shared timing cache: not an entry
+    return tmp_path
+
+
+def test_lists_entries_oldest_use_first_with_sizes_and_what_made_them(filled):
+    entries = cache.list_entries()
+    names = [os.path.basename(e.path) for e in entries]
+    assert names == ["a" * 32, "c" * 32, ".tmp-dead", "d" * 32, "b" * 32, ".tmp-young"]
+    by_name = dict(zip(names, entries))
+    assert by_name["a" * 32].size == 3000 + os.path.getsize(os.path.join(filled, "onnx", "a" * 32, "meta.json"))
+    assert by_name["a" * 32].what == "whisper, ExportSpec(num_layers=4)"
+    assert by_name["c" * 32].kind == "tensorrt" and by_name["c" * 32].what == "float16, H100"
+    assert by_name[".tmp-dead"].unfinished and by_name[".tmp-dead"].what == "unfinished export"
+    assert "no readable meta.json" in by_name["d" * 32].what
+
+
+def test_removable_respects_last_use_and_never_takes_a_running_export(filled):
+    entries = cache.list_entries()
+    everything = {os.path.basename(e.path) for e in cache.removable(entries)}
+    assert everything == {"a" * 32, "b" * 32, "c" * 32, "d" * 32, ".tmp-dead"}
+    old = {os.path.basename(e.path) for e in cache.removable(entries, unused_days=2.5)}
+    assert old == {"a" * 32, "c" * 32}
+
+
+def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
+    assert main(["cache"]) == 0
+    listing = capsys.readouterr().out
+    assert "6 entries" in listing and "whisper, ExportSpec(num_layers=4)" in listing and str(filled) in listing
+    assert main(["cache", "--clear", "--unused-days", "2.5"]) == 0
+    assert "removed 2 of 6 entries" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(filled, "onnx"))) == sorted([".tmp-dead", ".tmp-young", "b" * 32, "d" * 32])
+    assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]
+    assert main(["cache", "--clear"]) == 0
+    assert os.listdir(os.path.join(filled, "onnx")) == [".tmp-young"]
+
+
+def test_cli_rejects_unused_days_without_clear(filled, capsys):
+    assert main(["cache", "--unused-days", "3"]) == 2
+    assert main(["cache", "--clear", "--unused-days", "-1"]) == 2
+    assert "--unused-days" in capsys.readouterr().err
+    assert len(cache.list_entries()) == 6
+
+
+def test_empty_or_missing_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "never-made"))
+    assert cache.list_entries() == []
+    assert main(["cache", "--clear"]) == 0
+    assert "removed 0 of 0 entries" in capsys.readouterr().out
+
+
+def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeypatch):
+    import audioenc
+    from audioenc.export import ExportSpec, cached_export
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    model = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch").backend.model
+    spec = ExportSpec(num_layers=1)
+    path = cached_export(model, spec)
+    meta = os.path.join(os.path.dirname(path), cache.META_FILE)
+    long_ago = time.time() - 30 * DAY
+    os.utime(meta, (long_ago, long_ago))
+    assert cached_export(model, spec) == path
+    assert time.time() - os.path.getmtime(meta) < DAY
+    (entry,) = cache.list_entries()
+    assert entry.kind == "onnx" and entry.what.startswith("wav2vec2, ExportSpec(num_layers=1")
