@@ -17,6 +17,7 @@ def cmd_info(args) -> int:
     import audioenc
     from audioenc import _native
     from audioenc.backends import BACKENDS, availability
+    from audioenc.cache import cache_root, list_entries
     from audioenc.presets import ARCHITECTURES
 
     print(f"audioenc {audioenc.__version__}  python {platform.python_version()}  torch {torch.__version__}")
@@ -31,6 +32,9 @@ def cmd_info(args) -> int:
         print(f"backend {name:9s} {'available' if reason is None else reason}")
     print("families: wav2vec2, hubert, wavlm, whisper")
     print("random-weight architectures (random:NAME): " + ", ".join(ARCHITECTURES))
+    entries = list_entries()
+    print(f"cache: {cache_root()}, {len(entries)} entries, {sum(e.size for e in entries) / 2**30:.2f} GiB "
+          "(audioenc cache lists them)")
     return 0
 
 

@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -429,10 +430,16 @@ def quantize_int8(fp32_path: str, path: str) -> None:
              if node.op_type == "MatMul" and rows.get(node.input[1], QUANTIZE_MIN_ROWS) < QUANTIZE_MIN_ROWS]
     # int8 weights run on the u8 x s8 kernels. Without VNNI, x86 multiplies them with vpmaddubsw,
     # whose int16 pair sums saturate; 7-bit weights (reduce_range) keep every sum exact there.
-    quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=int8_reduce_range(),
-                     op_types_to_quantize=["MatMul"], nodes_to_exclude=short,
-                     use_external_data_format=os.path.exists(fp32_path + ".data"),
-                     extra_options={"MatMulConstBOnly": True})
+    # The quantiser logs advice meant for static quantisation on the root logger; users would see it.
+    advice = lambda record: "pre-processing before quantization" not in record.getMessage()
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=int8_reduce_range(), op_types_to_quantize=["MatMul"], nodes_to_exclude=short,
+                         use_external_data_format=os.path.exists(fp32_path + ".data"),
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        logging.getLogger().removeFilter(advice)
     proto = onnx.load(path, load_external_data=False)
     if quantize_before_gather(proto):
         onnx.save_model(proto, path)  # the weights stay where quantize_dynamic put them
@@ -594,25 +601,37 @@ def entry_problem(entry: str, key: str) -> str | None:
 
 
 def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
-    """Writes ``directory/model.onnx`` (+ .data) for ``spec``."""
+    """Writes ``directory/model.onnx`` (+ .data) for ``spec``, with a progress bar on stderr (a
+    whisper-large export takes minutes)."""
     import onnx
+    from tqdm import tqdm
 
     path = os.path.join(directory, MODEL_FILE)
-    if spec.dtype == "float32":
-        export_onnx(model, path, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention)
-        return
-    fp32 = os.path.join(directory, "fp32.onnx")
-    export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention,
-                convs_as_matmul=spec.dtype == "int8")
-    if spec.dtype == "float16":
-        check_half_headroom(half_activation_peaks(fp32, example_inputs(model.dims)))
-        save_onnx(to_half(onnx.load(fp32)), path)
-    else:
-        quantize_int8(fp32, path)
-    for name in os.listdir(directory):
-        if name.startswith("fp32.onnx"):
-            os.remove(os.path.join(directory, name))
-    check_graph(path)
+    fp32 = path if spec.dtype == "float32" else os.path.join(directory, "fp32.onnx")
+    layers = f"{spec.num_layers} layer{'' if spec.num_layers == 1 else 's'}"
+    with tqdm(total=1 if spec.dtype == "float32" else 3, file=sys.stderr,
+              desc=f"audioenc: exporting {model.dims.family} ({layers}, {spec.dtype}) to ONNX",
+              bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
+        bar.set_postfix_str("tracing the float32 graph")
+        export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention,
+                    convs_as_matmul=spec.dtype == "int8")
+        bar.update()
+        if spec.dtype != "float32":
+            if spec.dtype == "float16":
+                bar.set_postfix_str("checking float16 headroom and converting")
+                check_half_headroom(half_activation_peaks(fp32, example_inputs(model.dims)))
+                save_onnx(to_half(onnx.load(fp32)), path)
+            else:
+                bar.set_postfix_str("quantising to int8")
+                quantize_int8(fp32, path)
+            bar.update()
+            for name in os.listdir(directory):
+                if name.startswith("fp32.onnx"):
+                    os.remove(os.path.join(directory, name))
+            bar.set_postfix_str("checking the graph")
+            check_graph(path)
+            bar.update()
+        bar.set_postfix_str("done")
 
 
 def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None, rebuild_reason: str | None = None) -> str:
@@ -634,8 +653,7 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
     try:
-        log.info("audioenc: exporting %s (%s) to ONNX: first use of this model and depth, cached in %s",
-                 model.dims.family, spec, entry)
+        log.info("audioenc: first use of this model and depth (%s); its ONNX graph will be cached in %s", spec, entry)
         build_graph(model, spec, tmp)
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, META_FILE), "w") as f:

@@ -87,7 +87,7 @@ def test_empty_or_missing_cache(tmp_path, monkeypatch, capsys):
     assert "removed 0 of 0 entries" in capsys.readouterr().out
 
 
-def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeypatch):
+def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeypatch, capsys):
     import audioenc
     from audioenc.export import ExportSpec, cached_export
 
@@ -95,10 +95,12 @@ def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeyp
     model = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch").backend.model
     spec = ExportSpec(num_layers=1)
     path = cached_export(model, spec)
+    assert "exporting wav2vec2 (1 layer, float32) to ONNX: 1/1 steps" in capsys.readouterr().err  # the progress bar
     meta = os.path.join(os.path.dirname(path), cache.META_FILE)
     long_ago = time.time() - 30 * DAY
     os.utime(meta, (long_ago, long_ago))
     assert cached_export(model, spec) == path
+    assert "exporting" not in capsys.readouterr().err
     assert time.time() - os.path.getmtime(meta) < DAY
     (entry,) = cache.list_entries()
     assert entry.kind == "onnx" and entry.what.startswith("wav2vec2, ExportSpec(num_layers=1")

@@ -95,6 +95,7 @@ def test_info_runs():
     result = subprocess.run([sys.executable, "-m", "audioenc", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "native core" in result.stdout and "backend torch" in result.stdout
+    assert f"cache: {os.environ['AUDIOENC_CACHE']}, " in result.stdout
 
 
 def test_embed_killed_midway_resumes_without_redoing_or_corrupting(tmp_path):
