@@ -329,11 +329,10 @@ def check_graph(path: str) -> None:
 def to_half(proto):
     """Mixed half precision: MatMul, Gemm and Conv run in fp16 (weights stored in fp16, activations
     cast around them); LayerNorm, softmax, GELU and the residual stream stay fp32. Inputs and
-    outputs stay fp32."""
+    outputs stay fp32. Converts ``proto`` in place (a copy of whisper-large's would be 2.5 GB)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    proto = copy.deepcopy(proto)
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
     half_inits: dict[str, str] = {}
@@ -381,7 +380,7 @@ def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.load(fp32_path)
+    proto = onnx.load(fp32_path, load_external_data=False)  # weights past 2 GB cannot pass through protobuf
     init_names = {init.name for init in proto.graph.initializer}
     watched: dict[str, str] = {}
     for node in proto.graph.node:
@@ -393,10 +392,17 @@ def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in watched if n not in visible)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value visible
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs() if o.name in watched]
+    # Saved beside the graph, so that its external weights file (if any) resolves.
+    watching = fp32_path + ".peaks.onnx"
+    onnx.save_model(proto, watching)
+    try:
+        session = ort.InferenceSession(watching, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs() if o.name in watched]
+        values = session.run(names, feeds)
+    finally:
+        os.remove(watching)
     peaks: dict[str, float] = {}
-    for name, value in zip(names, session.run(names, feeds)):
+    for name, value in zip(names, values):
         layer = watched[name]
         peaks[layer] = max(peaks.get(layer, 0.0), float(np.abs(value).max()))
     for name, value in feeds.items():

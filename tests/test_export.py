@@ -185,7 +185,7 @@ def test_built_graphs_take_the_conv_form_that_runs_fastest(dtype, w2v_checkpoint
     assert convs == (len(model.dims.conv_dim) + 1 if dtype == "float32" else 1)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_graphs_past_the_protobuf_limit_keep_their_weights_outside(dtype, w2v_checkpoints, tmp_path, monkeypatch):
     """whisper-large's encoder (2.5 GB) is past protobuf's 2 GB: its weights go to model.onnx.data.
     The limit is lowered here so a tiny model takes that path; the graph must still run and match."""
@@ -200,7 +200,7 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_outside(dtype, w2v_ch
     with torch.no_grad():
         ref = model(torch.from_numpy(waves), torch.from_numpy(lens))[0]
     got = session(graph).run(["last_hidden_state"], {"waveforms": waves, "lengths": lens})[0]
-    assert rel_err(got, ref) <= (TOL if dtype == "float32" else 0.1)
+    assert rel_err(got, ref) <= {"float32": TOL, "float16": 1e-2, "int8": 0.1}[dtype]
 
 
 def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoints, tmp_path):
