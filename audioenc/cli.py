@@ -51,8 +51,9 @@ def cmd_cache(args) -> int:
     if not args.clear:
         now = time.time()
         for e in entries:
-            print(f"{gib(e.size):>10}  {(now - e.last_used) / 86400:6.1f} days ago  {e.kind:8s} "
-                  f"{os.path.basename(e.path)}  {e.what}")
+            age = now - e.last_used
+            ago = f"{age / 86400:.1f} days" if age >= 86400 else f"{age / 3600:.1f} hours"
+            print(f"{gib(e.size):>10}  used {ago:>10} ago  {e.kind:8s} {os.path.basename(e.path)}  {e.what}")
         print(f"{len(entries)} entries, {gib(sum(e.size for e in entries))} in {cache_root()}"
               + ("; remove them with --clear (--unused-days N keeps recent ones)" if entries else ""))
         return 0
@@ -355,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as exc:  # the machine's, not the input's: e.g. a full disk, a read-only directory
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ backend protocol (Hugging Face convention). A graph runs the first ``num_layers`
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -606,12 +607,28 @@ def entry_problem(entry: str, key: str) -> str | None:
     return None
 
 
+def check_disk_space(model: nn.Module, spec: ExportSpec, directory: str) -> None:
+    """OSError (ENOSPC) unless ``directory``'s disk can hold the export at its peak: the float32
+    weights once (the trace's files are gone before the graph is saved), half as much again while a
+    float16 or int8 graph is made from the float32 one. A disk that fills up mid-trace leaves
+    weights silently empty (the tracer's writer does not report it; onnx's checker then fails with a
+    puzzling message), so this is checked first."""
+    weights = sum(t.numel() * 4 for t in model.state_dict().values())
+    needed = weights * (1.0 if spec.dtype == "float32" else 1.5) * 1.1 + (64 << 20)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"not enough disk space for the ONNX export in {directory}: it needs about "
+                                    f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free (the cache's place is "
+                                    "$AUDIOENC_CACHE; `audioenc cache --clear` empties it)")
+
+
 def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
     """Writes ``directory/model.onnx`` (+ .data) for ``spec``, with a progress bar on stderr (a
     whisper-large export takes minutes)."""
     import onnx
     from tqdm import tqdm
 
+    check_disk_space(model, spec, directory)
     path = os.path.join(directory, MODEL_FILE)
     fp32 = path if spec.dtype == "float32" else os.path.join(directory, "fp32.onnx")
     layers = f"{spec.num_layers} layer{'' if spec.num_layers == 1 else 's'}"

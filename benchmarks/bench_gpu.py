@@ -462,7 +462,9 @@ def main() -> None:
         print("\nGPU numbers are missing: this run had no CUDA GPU (tiny sizes, Triton interpreter, float32). "
               "Run `python benchmarks/bench_gpu.py` on a CUDA machine to measure them.")
     elif not args.no_write:
-        write_section("Triton backend (GPU)", body)
+        # Its own section: "Triton backend (GPU)" gathers several sessions' runs by hand, and a run
+        # that covers only some cases must not overwrite the others.
+        write_section("Triton backend (GPU): the latest bench_gpu.py run", body)
 
 
 if __name__ == "__main__":

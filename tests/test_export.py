@@ -203,6 +203,28 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_outside(dtype, w2v_ch
     assert rel_err(got, ref) <= {"float32": TOL, "float16": 1e-2, "int8": 0.1}[dtype]
 
 
+def test_export_refuses_to_start_on_a_disk_too_full_to_hold_it(w2v_checkpoints, tmp_path, monkeypatch, capsys):
+    """A disk that fills up mid-trace leaves weights silently empty; the export checks the room first."""
+    import errno
+    import shutil
+
+    from audioenc.cli import main
+
+    model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
+    weights = sum(t.numel() * 4 for t in model.state_dict().values())
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=weights // 2))
+    with pytest.raises(OSError, match="not enough disk space") as caught:
+        export.build_graph(model, export.ExportSpec(num_layers=1), str(tmp_path))
+    assert caught.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
+    out = tmp_path / "exported"
+    assert main(["export", "--model", w2v_checkpoints["wav2vec2-group"][0], "--format", "onnx", "--out", str(out)]) == 1
+    assert "not enough disk space" in capsys.readouterr().err
+    assert not (out / export.MODEL_FILE).exists()
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    export.build_graph(model, export.ExportSpec(num_layers=1), str(tmp_path))  # room again: it goes ahead
+
+
 def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoints, tmp_path):
     model = reference_model(whisper_checkpoints[80][0])
     fp32 = str(tmp_path / "fp32.onnx")
