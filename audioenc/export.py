@@ -673,8 +673,12 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
             mark_used(entry)
             return os.path.join(entry, MODEL_FILE)
         warnings.warn(f"audioenc: cached ONNX graph {entry} is unusable ({problem}); rebuilding it", stacklevel=2)
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
+    except OSError as exc:  # e.g. a container's read-only home
+        raise OSError(exc.errno, f"cannot write the ONNX graph cache in {root} ({exc.strerror}); set AUDIOENC_CACHE "
+                                 "to a writable directory") from exc
     try:
         log.info("audioenc: first use of this model and depth (%s); its ONNX graph will be cached in %s", spec, entry)
         build_graph(model, spec, tmp)

@@ -104,3 +104,15 @@ def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeyp
     assert time.time() - os.path.getmtime(meta) < DAY
     (entry,) = cache.list_entries()
     assert entry.kind == "onnx" and entry.what.startswith("wav2vec2, ExportSpec(num_layers=1")
+
+
+def test_an_unwritable_cache_says_where_and_what_to_do(w2v_checkpoints, tmp_path, monkeypatch):
+    import audioenc
+    from audioenc.export import ExportSpec, cached_export
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("AUDIOENC_CACHE", str(blocker))  # makedirs fails under a file, even for root
+    model = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch").backend.model
+    with pytest.raises(OSError, match="cannot write the ONNX graph cache .*set AUDIOENC_CACHE"):
+        cached_export(model, ExportSpec(num_layers=1))
