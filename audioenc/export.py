@@ -239,7 +239,11 @@ def graph_module(model: nn.Module, num_layers: int, hidden_states: bool, convs_a
     encoder in the form that runs fastest (as MatMuls where ``convs_as_matmul``, for int8) and
     WavLM's position bias from a constant table (weight norm is already folded at load, dropout
     does not exist)."""
-    model = copy.deepcopy(model).float().cpu().eval()
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in model.parameters()):
+        raise ValueError("export takes the float32 reference model on the CPU")
+    # Only the modules are copied, not the weights: the export changes modules, never weights, and a
+    # second copy of whisper-large's would be 2.5 GB.
+    model = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]}).eval()
     if isinstance(model.dims, WhisperDims):
         return WhisperGraph(model, num_layers, hidden_states)
     return Wav2Vec2Graph(model, num_layers, hidden_states, convs_as_matmul)

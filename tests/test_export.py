@@ -81,6 +81,27 @@ def test_whisper_parity(n_mels, whisper_checkpoints, tmp_path):
             assert rel_err(ours, ref) <= TOL
 
 
+@pytest.mark.parametrize("variant", ["wavlm-stable", "whisper"])
+def test_graph_module_shares_the_weights_and_leaves_the_reference_as_it_was(variant, w2v_checkpoints,
+                                                                           whisper_checkpoints):
+    from audioenc.fused_attention import fuse_attention
+    from audioenc.models.layers import Attention
+
+    path = whisper_checkpoints[80][0] if variant == "whisper" else w2v_checkpoints[variant][0]
+    model = reference_model(path)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    module = export.graph_module(model, model.dims.num_layers, True)
+    fuse_attention(module)
+    weights = {t.data_ptr() for t in model.parameters()}
+    assert {t.data_ptr() for t in module.model.parameters()} <= weights if variant == "whisper" else \
+        {t.data_ptr() for t in module.encoder.parameters()} <= weights
+    assert not any("sdpa" in vars(m) for m in model.modules() if isinstance(m, Attention))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], t) for name, t in before.items())
+    with pytest.raises(ValueError, match="float32 reference"):
+        export.graph_module(copy.deepcopy(model).half(), 1, True)
+
+
 def test_graph_is_clean(w2v_graphs):
     for model, graph in w2v_graphs.values():
         export.check_graph(graph)  # checker, strict shape inference, opset, forbidden ops
