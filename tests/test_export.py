@@ -218,10 +218,17 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_outside(dtype, w2v_ch
     inline = onnx.load(graph, load_external_data=False).graph.initializer
     assert max(w.ByteSize() for w in inline if w.data_location != onnx.TensorProto.EXTERNAL) < 4096
     waves, lens = padded_batch([16000], 3)
+    x, lengths = torch.from_numpy(waves), torch.from_numpy(lens)
     with torch.no_grad():
-        ref = model(torch.from_numpy(waves), torch.from_numpy(lens))[0]
-    got = session(graph).run(["last_hidden_state"], {"waveforms": waves, "lengths": lens})[0]
-    assert rel_err(got, ref) <= {"float32": TOL, "float16": 1e-2, "int8": 0.1}[dtype]
+        ref = model(x, lengths)[0]
+        torch_half = copy.deepcopy(model).half()(x.half(), lengths)[0].float()
+    got = torch.from_numpy(session(graph).run(["last_hidden_state"], {"waveforms": waves, "lengths": lens})[0])
+    if dtype == "float32":
+        assert rel_err(got, ref) <= TOL
+    elif dtype == "float16":  # DESIGN's rule: at most twice the plain torch model's half-precision error
+        assert rel_err(got, ref) <= 2 * rel_err(torch_half, ref)
+    else:  # int8: mean per-frame cosine, as `audioenc verify` judges it
+        assert torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1).mean() >= 0.995
 
 
 def test_export_refuses_to_start_on_a_disk_too_full_to_hold_it(w2v_checkpoints, tmp_path, monkeypatch, capsys):
