@@ -70,9 +70,9 @@ def _describe(entry: str) -> tuple[str, float]:
     return ", ".join(str(f) for f in fields if f), last_used
 
 
-def list_entries(root: str | None = None) -> list[CacheEntry]:
+def list_entries() -> list[CacheEntry]:
     """Every entry under the cache root, least recently used first."""
-    root = root or cache_root()
+    root = cache_root()
     entries = []
     for kind in KINDS:
         folder = os.path.join(root, kind)
@@ -93,10 +93,10 @@ def list_entries(root: str | None = None) -> list[CacheEntry]:
     return sorted(entries, key=lambda e: e.last_used)
 
 
-def removable(entries: list[CacheEntry], unused_days: float | None = None, now: float | None = None) -> list[CacheEntry]:
+def removable(entries: list[CacheEntry], unused_days: float | None = None) -> list[CacheEntry]:
     """The entries to remove: all of them, or those unused for ``unused_days``; unfinished exports
     only once they are STALE_TMP_S old (a younger one may be running now)."""
-    now = time.time() if now is None else now
+    now = time.time()
     age_limit = 0.0 if unused_days is None else unused_days * 86400
     return [e for e in entries if now - e.last_used >= max(age_limit, STALE_TMP_S if e.unfinished else 0.0)]
 
