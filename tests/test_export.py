@@ -13,7 +13,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import audioenc  # noqa: E402
-from audioenc import export  # noqa: E402
+from audioenc import export, graph_modules, graph_precision  # noqa: E402
 from audioenc.frontend import normalize_waveforms  # noqa: E402
 from conftest import W2V_VARIANTS, rel_err, speech_like  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_graph_module_shares_the_weights_and_leaves_the_reference_as_it_was(vari
     path = whisper_checkpoints[80][0] if variant == "whisper" else w2v_checkpoints[variant][0]
     model = reference_model(path)
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    module = export.graph_module(model, model.dims.num_layers, True)
+    module = graph_modules.graph_module(model, model.dims.num_layers, True)
     fuse_attention(module)
     weights = {t.data_ptr() for t in model.parameters()}
     assert {t.data_ptr() for t in module.model.parameters()} <= weights if variant == "whisper" else \
@@ -99,7 +99,7 @@ def test_graph_module_shares_the_weights_and_leaves_the_reference_as_it_was(vari
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[name], t) for name, t in before.items())
     with pytest.raises(ValueError, match="float32 reference"):
-        export.graph_module(copy.deepcopy(model).half(), 1, True)
+        graph_modules.graph_module(copy.deepcopy(model).half(), 1, True)
 
 
 def test_graph_is_clean(w2v_graphs):
@@ -128,7 +128,7 @@ def test_forbidden_op_walk_finds_nested_and_foreign_ops():
 
 def test_wavlm_position_table_is_exact(w2v_checkpoints):
     model = reference_model(w2v_checkpoints["wavlm-group"][0])
-    table = export.TablePositionBias(model.encoder)
+    table = graph_modules.TablePositionBias(model.encoder)
     for frames in (1, 7, 59, 61, 200):  # max_bucket_distance is 60 in the tiny config
         assert torch.equal(table(frames, torch.device("cpu")), model.encoder.position_bias(frames, torch.device("cpu")))
 
@@ -138,7 +138,7 @@ def test_conv_as_matmul_matches_conv():
         conv = torch.nn.Conv1d(6, 5, k, s, bias=bias)
         x = torch.randn(2, 6, 37)
         with torch.no_grad():
-            assert rel_err(export.ConvAsMatMul(conv)(x.transpose(1, 2)), conv(x).transpose(1, 2)) <= 1e-6
+            assert rel_err(graph_modules.ConvAsMatMul(conv)(x.transpose(1, 2)), conv(x).transpose(1, 2)) <= 1e-6
 
 
 @pytest.mark.parametrize("variant", ["wav2vec2-group", "wav2vec2-stable"])
@@ -149,7 +149,7 @@ def test_graph_feature_extractors_match_reference(w2v_checkpoints, variant, form
     lengths = torch.tensor([4000, 2501, 400])  # padded items: the masked statistics must hold
     with torch.no_grad():
         ref, ref_lengths = extractor(waves, lengths)
-        out, out_lengths = getattr(export, form)(extractor)(waves, lengths)
+        out, out_lengths = getattr(graph_modules, form)(extractor)(waves, lengths)
     assert torch.equal(out_lengths, ref_lengths)
     for i, n in enumerate(ref_lengths.tolist()):
         assert rel_err(out[i, :n], ref[i, :, :n].T) <= 1e-5
@@ -176,13 +176,13 @@ def test_int8_graph_quantises_conv_inputs_before_their_gather(w2v_checkpoints, t
     model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
     fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
     export.export_onnx(model, fp32, num_layers=1, convs_as_matmul=True)
-    export.quantize_int8(fp32, int8)
+    graph_precision.quantize_int8(fp32, int8)
     export.check_graph(int8)
     nodes = onnx.load(int8).graph.node
     # every quantised conv gathers uint8 taps; the first (waveform input) and those with a reduction
     # shorter than QUANTIZE_MIN_ROWS (the tiny model's kernel-2 layers) stay float32
     dims = model.dims
-    quantised = sum(k * c >= export.QUANTIZE_MIN_ROWS for k, c in zip(dims.conv_kernel[1:], dims.conv_dim[:-1]))
+    quantised = sum(k * c >= graph_precision.QUANTIZE_MIN_ROWS for k, c in zip(dims.conv_kernel[1:], dims.conv_dim[:-1]))
     moved = [n for n in nodes if n.op_type == "DynamicQuantizeLinear" and n.name.endswith("_source")]
     assert quantised > 0 and len(moved) == quantised
     assert any(n.op_type == "MatMul" and "convs.0/" in n.name for n in nodes)
@@ -257,7 +257,7 @@ def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoin
     model = reference_model(whisper_checkpoints[80][0])
     fp32 = str(tmp_path / "fp32.onnx")
     export.export_onnx(model, fp32)
-    half = export.to_half(onnx.load(fp32))
+    half = graph_precision.to_half(onnx.load(fp32))
     types = {vi.name: vi.type.tensor_type.elem_type for vi in [*half.graph.value_info, *half.graph.output]}
     for node in half.graph.node:
         if node.op_type in ("LayerNormalization", "Softmax", "Add"):
@@ -274,11 +274,11 @@ def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoin
 
 
 def test_half_headroom_check():
-    export.check_half_headroom({"embeddings": 3.0, "layer 0": 16000.0})
+    graph_precision.check_half_headroom({"embeddings": 3.0, "layer 0": 16000.0})
     with pytest.raises(ValueError, match="layer 3: 2e\\+04"):
-        export.check_half_headroom({"layer 2": 10.0, "layer 3": 20000.0})
+        graph_precision.check_half_headroom({"layer 2": 10.0, "layer 3": 20000.0})
     with pytest.raises(ValueError):
-        export.check_half_headroom({"layer 0": float("nan")})
+        graph_precision.check_half_headroom({"layer 0": float("nan")})
 
 
 @pytest.mark.parametrize("name", ["whisper-tiny", "wav2vec2-base"])
@@ -289,11 +289,11 @@ def test_half_activation_peaks_of_real_size_models(name, tmp_path):
         model = audioenc.load(f"random:{name}", backend="torch").backend.model
     graph = str(tmp_path / "model.onnx")
     export.export_onnx(model, graph, num_layers=2 if name == "wav2vec2-base" else None, hidden_states=False)
-    inputs = export.example_inputs(model.dims, batch=1, seconds=1.0)
+    inputs = graph_modules.example_inputs(model.dims, batch=1, seconds=1.0)
     if "waveforms" in inputs:  # real speech-like audio, normalised as the encoder does
         inputs["waveforms"] = normalize_waveforms(speech_like(16000, 3)[None], inputs["lengths"][:1] * 0 + 16000, True)
         inputs["lengths"] = np.array([16000])
-    peaks = export.half_activation_peaks(graph, inputs)
+    peaks = graph_precision.half_activation_peaks(graph, inputs)
     assert {"embeddings", "layer 0", "layer 1"} <= set(peaks)
-    assert all(0 < p < export.FP16_MAX / export.FP16_HEADROOM for p in peaks.values()), peaks
-    export.check_half_headroom(peaks)
+    assert all(0 < p < graph_precision.FP16_MAX / graph_precision.FP16_HEADROOM for p in peaks.values()), peaks
+    graph_precision.check_half_headroom(peaks)

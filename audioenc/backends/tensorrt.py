@@ -6,7 +6,7 @@ never built or run an engine. Everything up to the ONNX it consumes is verified 
 onnxruntime on the CPU (tests/test_export.py); its own tests skip without TensorRT and a GPU.
 
 Precision is expressed in the graph (a strongly typed network): float32 engines come from the
-float32 ONNX, float16 engines from the half graph of audioenc.export.to_half (LayerNorm, softmax
+float32 ONNX, float16 engines from the half graph of audioenc.graph_precision.to_half (LayerNorm, softmax
 and the residual stream in fp32), since TensorRT 11 removed the fp16 builder flag.
 The optimisation profile comes from the expected batch and audio-length ranges: the defaults below,
 or AUDIOENC_TRT_PROFILE="batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX", or `audioenc export --format tensorrt`.

@@ -1,0 +1,204 @@
+"""The float16 and int8 forms of an exported float32 graph: mixed half precision (matrix products
+in fp16, everything else in fp32) after a check of the activations' headroom, and dynamic int8
+quantisation of the MatMul weights.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+
+import numpy as np
+
+FP16_MAX = 65504.0
+FP16_HEADROOM = 4.0  # fail when an activation comes within this factor of the fp16 maximum
+HALF_OPS = ("MatMul", "Gemm", "Conv")  # run in fp16 by the half-precision graph; everything else stays fp32
+QUANTIZE_MIN_ROWS = 64  # int8 MatMuls need a reduction at least this long to pay for quantising their input
+
+
+def to_half(proto):
+    """Mixed half precision: MatMul, Gemm and Conv run in fp16 (weights stored in fp16, activations
+    cast around them); LayerNorm, softmax, GELU and the residual stream stay fp32. Inputs and
+    outputs stay fp32. Converts ``proto`` in place (a copy of whisper-large's would be 2.5 GB)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    half_inits: dict[str, str] = {}
+    nodes = []
+    for node in graph.node:
+        if node.op_type not in HALF_OPS:
+            nodes.append(node)
+            continue
+        for i, name in enumerate(node.input):
+            if not name:
+                continue
+            if name in inits and inits[name].data_type == TensorProto.FLOAT:
+                if name not in half_inits:
+                    half = numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), name + "_fp16")
+                    graph.initializer.append(half)
+                    half_inits[name] = half.name
+                node.input[i] = half_inits[name]
+            elif name not in inits:
+                cast = f"{node.name or node.output[0]}_in{i}_fp16"
+                nodes.append(helper.make_node("Cast", [name], [cast], to=TensorProto.FLOAT16, name=cast))
+                node.input[i] = cast
+        out = node.output[0]
+        node.output[0] = out + "_fp16"
+        nodes.append(node)
+        nodes.append(helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT, name=out + "_fp32"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still_used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]  # stale types; shape inference recomputes them
+    return onnx.shape_inference.infer_shapes(proto)
+
+
+def layer_of(name: str) -> str:
+    """The encoder layer a node belongs to, from the exporter's scoped names ('/model/encoder/layers.3/...')."""
+    match = re.search(r"layers\.(\d+)/", name)
+    return f"layer {int(match.group(1))}" if match else "embeddings"
+
+
+def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Max |value| entering or leaving the ops that the half graph runs in fp16, per encoder layer,
+    measured on the fp32 graph (so an overflow shows as a large finite number, not inf)."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(fp32_path, load_external_data=False)  # weights past 2 GB cannot pass through protobuf
+    init_names = {init.name for init in proto.graph.initializer}
+    watched: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.op_type in HALF_OPS:
+            for name in [*node.input, node.output[0]]:
+                if name and name not in init_names:
+                    watched.setdefault(name, layer_of(node.name))
+    visible = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in watched if n not in visible)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value visible
+    # Saved beside the graph, so that its external weights file (if any) resolves.
+    watching = fp32_path + ".peaks.onnx"
+    onnx.save_model(proto, watching)
+    try:
+        session = ort.InferenceSession(watching, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs() if o.name in watched]
+        values = session.run(names, feeds)
+    finally:
+        os.remove(watching)
+    peaks: dict[str, float] = {}
+    for name, value in zip(names, values):
+        layer = watched[name]
+        peaks[layer] = max(peaks.get(layer, 0.0), float(np.abs(value).max()))
+    for name, value in feeds.items():
+        if value.dtype == np.float32:
+            peaks["embeddings"] = max(peaks.get("embeddings", 0.0), float(np.abs(value).max()))
+    return peaks
+
+
+def check_half_headroom(peaks: dict[str, float]) -> None:
+    """ValueError when any layer's activations come within FP16_HEADROOM of the fp16 maximum."""
+    limit = FP16_MAX / FP16_HEADROOM
+    over = {layer: peak for layer, peak in peaks.items() if not peak < limit}
+    if over:
+        detail = ", ".join(f"{layer}: {peak:.3g}" for layer, peak in over.items())
+        raise ValueError(f"float16 export would risk overflow: max |activation| within {FP16_HEADROOM:g}x of "
+                         f"{FP16_MAX:g} ({detail}); use float32 or bfloat16")
+
+
+def quantize_int8(fp32_path: str, path: str) -> None:
+    """Dynamic int8 quantisation of the MatMul weights (per output channel); activations are
+    quantised per call. ``fp32_path`` is exported with ``convs_as_matmul`` (build_graph does so),
+    so the feature encoder's convs are MatMuls and are quantised too, except the first (its input
+    is the waveform, its reduction only kernel-size long); the attention products (no constant
+    weight), LayerNorm, softmax and GELU stay fp32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(fp32_path, load_external_data=False)
+    rows = {init.name: init.dims[0] for init in proto.graph.initializer if len(init.dims) == 2}
+    short = [node.name for node in proto.graph.node
+             if node.op_type == "MatMul" and rows.get(node.input[1], QUANTIZE_MIN_ROWS) < QUANTIZE_MIN_ROWS]
+    # int8 weights run on the u8 x s8 kernels. Without VNNI, x86 multiplies them with vpmaddubsw,
+    # whose int16 pair sums saturate; 7-bit weights (reduce_range) keep every sum exact there.
+    # The quantiser logs advice meant for static quantisation on the root logger; users would see it.
+    advice = lambda record: "pre-processing before quantization" not in record.getMessage()
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=int8_reduce_range(), op_types_to_quantize=["MatMul"], nodes_to_exclude=short,
+                         use_external_data_format=os.path.exists(fp32_path + ".data"),
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        logging.getLogger().removeFilter(advice)
+    proto = onnx.load(path, load_external_data=False)
+    if quantize_before_gather(proto):
+        onnx.save_model(proto, path)  # the weights stay where quantize_dynamic put them
+
+
+def quantize_before_gather(proto) -> int:
+    """Moves the activation quantisation of each conv-as-MatMul in front of its tap gather.
+
+    quantize_dynamic quantises the gathered taps, k times the layer's input in fp32; quantising the
+    input once and gathering uint8 moves a quarter of the bytes. The scale comes from the input's
+    range instead of the taps', which cover all of it but the last k - 1 frames. Returns how many
+    gathers were rewritten."""
+    from onnx import helper
+
+    graph_nodes = list(proto.graph.node)  # one wrapper per node, so id() identifies it below
+    producer = {out: node for node in graph_nodes for out in node.output}
+    uses: dict[str, int] = {}
+    for node in graph_nodes:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    rewrites = {}  # id of a DynamicQuantizeLinear -> (its replacement, the node that makes the gathered input)
+    for node in graph_nodes:
+        concat = producer.get(node.input[0]) if node.op_type == "DynamicQuantizeLinear" else None
+        if concat is None or concat.op_type != "Concat" or uses[concat.output[0]] != 1:
+            continue
+        slices = [producer.get(name) for name in concat.input]
+        if not all(s is not None and s.op_type == "Slice" and uses[s.output[0]] == 1 for s in slices):
+            continue
+        if len({s.input[0] for s in slices}) != 1:
+            continue
+        source = slices[0].input[0]
+        quantized = node.output[0] + "_source"
+        new = helper.make_node("DynamicQuantizeLinear", [source], [quantized, *node.output[1:]], name=node.name + "_source")
+        for s in slices:
+            s.input[0] = quantized
+        concat.output[0] = node.output[0]
+        rewrites[id(node)] = (new, producer.get(source))
+    if not rewrites:
+        return 0
+    after = {id(source): new for new, source in rewrites.values()}  # right where each input is made
+    nodes = [new for new, source in rewrites.values() if source is None]  # inputs of the graph
+    for node in graph_nodes:
+        if id(node) not in rewrites:
+            nodes.append(node)
+        if id(node) in after:
+            nodes.append(after[id(node)])
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    retyped = {name for node in graph_nodes if node.op_type == "Slice" for name in node.output}
+    kept = [info for info in proto.graph.value_info if info.name not in retyped]  # the slices now carry uint8
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    return len(rewrites)
+
+
+def int8_reduce_range() -> bool:
+    """True on x86 CPUs without VNNI (AVX512-VNNI or AVX-VNNI), where int8 weights must keep to 7 bits."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return True
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)
