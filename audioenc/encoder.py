@@ -13,6 +13,7 @@ from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 
 POOLS = ("mean", "max")
 WHISPER_WINDOWS_PER_RUN = 16  # bounds memory on long audio
+CPU_SAMPLES_PER_RUN = 160 * SAMPLE_RATE  # padded samples per CPU backend call (wav2vec2 family): bounds memory
 
 
 @dataclass
@@ -33,6 +34,10 @@ class AudioEncoder:
         # Items longer than long_audio_threshold_s go through context windows (bounded memory).
         (self.long_audio_threshold_s, self.long_audio_chunk_s,
          self.long_audio_left_s, self.long_audio_right_s) = LONG_AUDIO_DEFAULTS[family]
+        # On the CPU, a list's items run in groups of similar length whose padding stays within this
+        # fraction of their valid samples (wav2vec2 family; inf: one padded batch, up to
+        # CPU_SAMPLES_PER_RUN samples).
+        self.cpu_max_padding = 0.25
         if family == "whisper" and preprocessor.get("feature_size", dims.n_mels) != dims.n_mels:
             raise ValueError(f"{source}: preprocessor feature_size {preprocessor['feature_size']} does not match "
                              f"the model's {dims.n_mels} mel bins")
@@ -158,6 +163,31 @@ class AudioEncoder:
         dtypes = {w.dtype for w in waves}
         if len(dtypes) > 1:  # mixed PCM types in one list: meet in float32
             waves = [pcm_to_float32(w) for w in waves]
+        if self.backend.device.type != "cpu":
+            return self._run_wav2vec2(waves, num_layers, output_hidden_states)
+        # On the CPU a batch buys little speed (its matmuls are large already) while every padded
+        # sample costs as much as a valid one: items run in groups of similar length.
+        groups = length_groups([len(w) for w in waves], self.cpu_max_padding)
+        if len(groups) == 1:
+            return self._run_wav2vec2(waves, num_layers, output_hidden_states)
+        outs = [self._run_wav2vec2([waves[i] for i in group], num_layers, output_hidden_states) for group in groups]
+        order = torch.tensor([i for group in groups for i in group])
+        lengths = torch.empty(len(waves), dtype=torch.int64)
+        lengths[order] = torch.cat([out.lengths for out in outs])
+
+        def merged(tensors: list[torch.Tensor]) -> torch.Tensor:
+            rows = [row for t in tensors for row in t]
+            merged = pad_items(rows)
+            merged[order] = merged.clone()
+            return merged
+
+        hidden = None
+        if output_hidden_states:
+            hidden = tuple(merged([out.hidden_states[layer] for out in outs]) for layer in range(num_layers + 1))
+        return EncoderOutput(merged([out.last_hidden_state for out in outs]), lengths, hidden)
+
+    def _run_wav2vec2(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
+        """One backend call on a padded batch of validated items."""
         lengths = np.array([len(w) for w in waves], dtype=np.int64)
         batch = np.zeros((len(waves), lengths.max()), dtype=waves[0].dtype)
         for row, w in zip(batch, waves):
@@ -204,6 +234,26 @@ class AudioEncoder:
             hidden = tuple(pad_items(stitch_windows(torch.cat([h[layer] for h in layer_outputs]), owners, valid, len(waves)))
                            for layer in range(num_layers + 1))
         return EncoderOutput(pad_items(per_item), lengths, hidden)
+
+
+def length_groups(lengths: list[int], max_padding: float, max_samples: int = CPU_SAMPLES_PER_RUN) -> list[list[int]]:
+    """Indices of the items grouped for separate runs: longest first, each group as long as its
+    padding stays within ``max_padding`` of its valid samples and its padded batch within
+    ``max_samples`` (bounded memory; one item always runs, however long)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    valid = 0
+    for i in order:
+        if groups:
+            longest, count = lengths[groups[-1][0]], len(groups[-1]) + 1
+            padded = longest * count
+            if padded <= (1 + max_padding) * (valid + lengths[i]) and padded <= max_samples:
+                groups[-1].append(i)
+                valid += lengths[i]
+                continue
+        groups.append([i])
+        valid = lengths[i]
+    return groups
 
 
 def stitch_windows(out: torch.Tensor, owners: list[int], valid: list[int], num_items: int) -> list[torch.Tensor]:

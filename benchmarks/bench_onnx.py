@@ -2,9 +2,11 @@
 CTranslate2 (faster-whisper's engine, int8) on the CPU: same process, same random weights at real
 sizes, medians.
 
-    python benchmarks/bench_onnx.py [--repeats 5] [--no-write] [--conv-forms | --whisper-large]
+    python benchmarks/bench_onnx.py [--repeats 5] [--no-write] [--conv-forms | --whisper-large | --families]
 
-wav2vec2-base: audio in -> frames out (10 s, batch 1; both sides include waveform normalisation).
+wav2vec2-base: audio in -> frames out (10 s, batch 1; both sides include waveform normalisation);
+with --families also at 1 and 2 s, a batch of 8 items of 2 to 10 s, hubert-base, wavlm-base-plus
+and wav2vec2-large-lv60.
 whisper-base (whisper-large-v3 with --whisper-large): encoder only, on the same log-mel of one 30 s
 window (CTranslate2 takes it as a StorageView). Accuracy is against audioenc's torch float32 reference (which matches transformers).
 """
@@ -56,33 +58,71 @@ def matmul_call():
     return lambda: a @ b
 
 
-def wav2vec2_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
+LARGE_LV60 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+# (case, transformers class prefix, config kwargs, seconds of each item in the batch)
+W2V_BASE_10S = ("wav2vec2-base 10 s", "Wav2Vec2", {}, [10.0])
+FAMILY_CASES = [
+    ("wav2vec2-base 1 s", "Wav2Vec2", {}, [1.0]),
+    ("wav2vec2-base 2 s", "Wav2Vec2", {}, [2.0]),
+    W2V_BASE_10S,
+    ("wav2vec2-base, batch of 8 from 2 to 10 s", "Wav2Vec2", {}, [2.0 + 8.0 * i / 7 for i in range(8)]),
+    ("hubert-base 10 s", "Hubert", {}, [10.0]),
+    ("wavlm-base-plus 10 s", "WavLM", {}, [10.0]),
+    ("wav2vec2-large-lv60 10 s", "Wav2Vec2", LARGE_LV60, [10.0]),
+]
+
+
+def wav2vec2_family_rows(tmp: str, repeats: int, case) -> tuple[list[str], dict, float]:
+    """Rows of one wav2vec2-family case: transformers eager against audioenc onnx float32 and int8,
+    audio in to frames out (both sides normalise the waveform). Returns the rows, the medians and
+    the FLOPs of the batch."""
     import transformers
 
-    transformers.Wav2Vec2Model(transformers.Wav2Vec2Config()).eval().save_pretrained(tmp)
-    fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True)
+    name, prefix, config, seconds = case
+    torch.manual_seed(0)  # the same weights each run, so the cached graphs are reused
+    hf_class = getattr(transformers, f"{prefix}Model")
+    hf_class(getattr(transformers, f"{prefix}Config")(**config)).eval().save_pretrained(tmp)
+    layer_norm = config.get("feat_extract_norm") == "layer"
+    fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=layer_norm)
     fe.save_pretrained(tmp)
-    hf = transformers.Wav2Vec2Model.from_pretrained(tmp, attn_implementation="eager").eval()
-    audio = speech_like(10.0)
+    hf = hf_class.from_pretrained(tmp, attn_implementation="eager").eval()
+    audio = [speech_like(s, seed=i) for i, s in enumerate(seconds)]
 
     def run_hf():
+        inputs = fe(audio, sampling_rate=16000, padding=True, return_tensors="pt")
         with torch.inference_mode():
-            return hf(fe(audio, sampling_rate=16000, return_tensors="pt").input_values).last_hidden_state
+            return hf(inputs.input_values, attention_mask=inputs.get("attention_mask")).last_hidden_state
 
-    ref = audioenc.load(tmp, backend="torch", dtype="float32").encode(audio).last_hidden_state[0]
+    reference = audioenc.load(tmp, backend="torch", dtype="float32")
+    ref = reference.encode(audio)
     contenders = {"transformers eager fp32": run_hf}
-    outputs = {"transformers eager fp32": run_hf()[0]}
+    # transformers' batched frames depend on the padding (group-norm models), so only a single item is compared
+    outputs = {"transformers eager fp32": run_hf()} if len(audio) == 1 else {}
     for dtype in ("float32", "int8"):
         enc = audioenc.load(tmp, backend="onnx", dtype=dtype)
-        outputs[f"audioenc onnx {dtype}"] = enc.encode(audio).last_hidden_state[0]
+        outputs[f"audioenc onnx {dtype}"] = enc.encode(audio).last_hidden_state
         contenders[f"audioenc onnx {dtype}"] = lambda enc=enc: enc.encode(audio)
     # the matmul runs in the same rounds, so its rate is the machine's rate while the models ran
     times = interleaved_medians({**contenders, "matmul": matmul_call()}, repeats)
-    m, k, n = MATMUL
-    rate = 2.0 * m * k * n / times.pop("matmul")
     t_hf = times["transformers eager fp32"]
-    flops = wav2vec2_flops(audioenc.load(tmp, backend="torch").backend.model.dims, len(audio))
-    rows = [row(f"wav2vec2-base 10 s: {name}", t, t_hf, None, accuracy(outputs[name], ref)) for name, t in times.items()]
+    valid = [ref.last_hidden_state[i, :n] for i, n in enumerate(ref.lengths.tolist())]
+    rows = []
+    for contender, t in times.items():
+        acc = None
+        if contender in outputs:
+            acc = accuracy(torch.cat([outputs[contender][i, :len(v)] for i, v in enumerate(valid)]), torch.cat(valid))
+        if contender != "matmul":
+            rows.append(row(f"{name}: {contender}", t, t_hf, None, acc))
+    flops = sum(wav2vec2_flops(reference.backend.model.dims, int(s * 16000)) for s in seconds)
+    return rows, times, flops
+
+
+def wav2vec2_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
+    rows, times, flops = wav2vec2_family_rows(tmp, repeats, W2V_BASE_10S)
+    m, k, n = MATMUL
+    rate = 2.0 * m * k * n / times["matmul"]
+    t_hf = times["transformers eager fp32"]
     ceiling = (f"wav2vec2-base on 10 s is {flops / 1e9:.0f} GFLOP. This machine's float32 matmul rate during these "
                f"rounds was {rate / 1e9:.0f} GFLOP/s (a {m}x{k}x{n} torch matmul, timed in the same rounds), so "
                f"{flops / rate * 1000:.0f} ms is the float32 floor: transformers eager runs at "
@@ -90,6 +130,21 @@ def wav2vec2_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
                f"{flops / times['audioenc onnx float32'] / rate:.0%}; 1.3x transformers would need "
                f"{1.3 * flops / t_hf / rate:.0%}.")
     return rows, ceiling
+
+
+def family_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
+    rows, notes = [], []
+    for case in FAMILY_CASES:
+        with tempfile.TemporaryDirectory(dir=tmp) as case_dir:
+            made, times, flops = wav2vec2_family_rows(case_dir, repeats, case)
+        m, k, n = MATMUL
+        rate = 2.0 * m * k * n / times["matmul"]
+        notes.append(f"{case[0]}: {flops / 1e9:.0f} GFLOP; audioenc onnx float32 at "
+                     f"{flops / times['audioenc onnx float32'] / rate:.0%} of the float32 matmul rate measured in its rounds "
+                     f"({rate / 1e9:.0f} GFLOP/s), transformers at {flops / times['transformers eager fp32'] / rate:.0%}.")
+        print("\n".join(made), flush=True)
+        rows += made
+    return rows, "\n".join(f"- {note}" for note in notes)
 
 
 # Encoder dims of the Whisper sizes timed here (the decoder is cut to one layer: it is never run).
@@ -198,6 +253,9 @@ def main() -> None:
     parser.add_argument("--conv-forms", action="store_true", help="time the feature encoder's two graph forms instead")
     parser.add_argument("--whisper-large", action="store_true",
                         help="whisper-large-v3 instead of the base models (minutes per round; 3 repeats are plenty)")
+    parser.add_argument("--families", action="store_true",
+                        help="the wav2vec2 family instead: wav2vec2-base at 1, 2 and 10 s and a mixed batch, "
+                             "hubert-base, wavlm-base-plus, wav2vec2-large-lv60")
     args = parser.parse_args()
     if args.conv_forms:
         write_conv_forms(args.repeats, not args.no_write)
@@ -206,6 +264,9 @@ def main() -> None:
     if args.whisper_large:
         makers, title, command = [partial(whisper_rows, size="large-v3")], "ONNX Runtime backend, whisper-large-v3 (CPU)", \
             "python benchmarks/bench_onnx.py --whisper-large"
+    elif args.families:
+        makers, title, command = [family_rows], "ONNX Runtime backend by family, length and batch (CPU)", \
+            "python benchmarks/bench_onnx.py --families"
     else:
         makers, title, command = [wav2vec2_rows, whisper_rows], "ONNX Runtime backend (CPU)", "python benchmarks/bench_onnx.py"
     for make in makers:

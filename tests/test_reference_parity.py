@@ -6,6 +6,7 @@ import torch
 import transformers
 
 import audioenc
+from audioenc.encoder import length_groups
 from conftest import W2V_VARIANTS, rel_err, speech_like
 
 TOL = 1e-4
@@ -55,6 +56,7 @@ def test_batch_items_equal_items_alone(variant, w2v_checkpoints):
     """Group-norm models too: each item's statistics come from its own valid samples only."""
     path, _ = w2v_checkpoints[variant]
     enc = audioenc.load(path, backend="torch")
+    enc.cpu_max_padding = float("inf")  # one padded batch, not groups of similar length
     waves = [speech_like(n, 10 + i) for i, n in enumerate((401, 12000, 7321))]
     batch = enc.encode(waves, output_hidden_states=True)
     for i, wave in enumerate(waves):
@@ -65,6 +67,37 @@ def test_batch_items_equal_items_alone(variant, w2v_checkpoints):
         assert torch.all(batch.last_hidden_state[i, n:] == 0)
         for ours, single in zip(batch.hidden_states, alone.hidden_states):
             assert rel_err(ours[i, :n], single[0]) <= 1e-5
+
+
+def test_length_groups_bound_padding_and_size():
+    groups = length_groups([100, 20, 90, 25, 100, 25], max_padding=0.25, max_samples=1000)
+    assert groups == [[0, 4, 2], [3, 5, 1]]
+    assert length_groups([100, 20, 90], max_padding=float("inf"), max_samples=1000) == [[0, 2, 1]]
+    assert length_groups([100, 100, 100, 100], max_padding=0.0, max_samples=250) == [[0, 1], [2, 3]]
+    assert length_groups([5000], max_padding=0.0, max_samples=10) == [[0]]  # one item always runs
+
+
+def test_cpu_lists_run_in_groups_of_similar_length(w2v_checkpoints, monkeypatch):
+    """A list of mixed lengths runs in groups (less padding), and gives what one padded batch gives,
+    in the caller's order, hidden states included."""
+    path, _ = w2v_checkpoints["wav2vec2-group"]
+    enc = audioenc.load(path, backend="torch")
+    waves = [speech_like(n, 30 + i) for i, n in enumerate((16000, 3000, 15000, 2600, 400))]
+    calls = []
+    run = enc.backend.run
+    monkeypatch.setattr(enc.backend, "run", lambda inputs, *args: calls.append(inputs.shape) or run(inputs, *args))
+    grouped = enc.encode(waves, output_hidden_states=True)
+    assert [tuple(c) for c in calls] == [(2, 16000), (2, 3000), (1, 400)]
+    enc.cpu_max_padding = float("inf")
+    batch = enc.encode(waves, output_hidden_states=True)
+    assert torch.equal(grouped.lengths, batch.lengths)
+    assert grouped.last_hidden_state.shape == batch.last_hidden_state.shape
+    for i, n in enumerate(batch.lengths.tolist()):
+        assert rel_err(grouped.last_hidden_state[i, :n], batch.last_hidden_state[i, :n]) <= 1e-5
+        assert torch.all(grouped.last_hidden_state[i, n:] == 0)
+        for ours, theirs in zip(grouped.hidden_states, batch.hidden_states, strict=True):
+            assert rel_err(ours[i, :n], theirs[i, :n]) <= 1e-5
+            assert torch.all(ours[i, n:] == 0)
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])
