@@ -176,10 +176,9 @@ class AudioEncoder:
         lengths[order] = torch.cat([out.lengths for out in outs])
 
         def merged(tensors: list[torch.Tensor]) -> torch.Tensor:
-            rows = [row for t in tensors for row in t]
-            merged = pad_items(rows)
-            merged[order] = merged.clone()
-            return merged
+            """The groups' (B_g, T_g, D) outputs as one (B, T, D) in the caller's order."""
+            in_group_order = pad_items([row for t in tensors for row in t])
+            return torch.empty_like(in_group_order).index_copy_(0, order, in_group_order)
 
         hidden = None
         if output_hidden_states:

@@ -139,7 +139,7 @@ def family_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
             made, times, flops = wav2vec2_family_rows(case_dir, repeats, case)
         m, k, n = MATMUL
         rate = 2.0 * m * k * n / times["matmul"]
-        notes.append(f"{case[0]}: {flops / 1e9:.0f} GFLOP; audioenc onnx float32 at "
+        notes.append(f"{case[0]}: {flops / 1e9:.0f} GFLOP of valid audio; audioenc onnx float32 at "
                      f"{flops / times['audioenc onnx float32'] / rate:.0%} of the float32 matmul rate measured in its rounds "
                      f"({rate / 1e9:.0f} GFLOP/s), transformers at {flops / times['transformers eager fp32'] / rate:.0%}.")
         print("\n".join(made), flush=True)
