@@ -16,6 +16,7 @@ from audioenc.frontend import pcm_to_float32
 SAMPLE_RATE = 16000
 MIN_RATE, MAX_RATE = 4000, 384000
 SUPPORTED_DTYPES = (np.float16, np.float32, np.float64, np.int16, np.int32)
+MAX_CHANNELS = 8  # a 2-D array this narrow and longer than wide is (samples, channels), not a batch
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".w64", ".caf",
                     ".m4a", ".aac", ".mp4", ".webm", ".mka", ".wma")
 
@@ -36,7 +37,32 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         data, rate = _decode_with_pyav(path, reason=str(exc))
     if data.shape[0] == 0:
         raise ValueError(f"{path}: the file holds no audio samples")
+    problem = wav_truncation(path)
+    if problem:
+        raise ValueError(f"{path}: truncated WAV file ({problem})")
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0], int(rate)
+
+
+def wav_truncation(path: str) -> str | None:
+    """What is missing from a WAV file whose data chunk declares more bytes than the file holds, else
+    None. libsndfile reads such a file up to where it ends without saying so. A size of 0 or near
+    2^32 is a stream's "unknown length" (e.g. arecord writing to a pipe), not a truncation."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        file_size = os.fstat(f.fileno()).st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            size = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                if size == 0 or size >= 0x7FFFF000:
+                    return None
+                available = file_size - f.tell()
+                return f"its data chunk declares {size} bytes, the file holds {available}" if available < size else None
+            f.seek(size + (size & 1), os.SEEK_CUR)
 
 
 def _decode_with_pyav(path: str, reason: str) -> tuple[np.ndarray, int]:
@@ -93,6 +119,8 @@ def as_pcm_array(x, what: str) -> np.ndarray:
         raise TypeError(f"{what}: expected a numpy array, a torch tensor or a path, got {type(x).__name__}")
     if x.dtype.type not in SUPPORTED_DTYPES:
         raise TypeError(f"{what}: unsupported sample type {x.dtype}; expected float16/32/64, int16 or int32 PCM")
+    if not x.dtype.isnative:  # big-endian PCM: the native core and the dtype checks expect native order
+        x = x.astype(x.dtype.newbyteorder("="))
     return x
 
 
@@ -127,6 +155,9 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
         elif x.ndim == 2:
             if x.shape[0] == 0:
                 raise ValueError("audio: empty batch (shape has 0 rows)")
+            if x.shape[1] <= MAX_CHANNELS < x.shape[0]:  # rows this short never make a frame at any rate
+                raise ValueError(f"audio: shape {tuple(x.shape)} looks like (samples, channels), but 2-D audio is "
+                                 "(batch, samples): mix it down to mono (audio.mean(axis=1)) or pass audio.T")
             items = list(x)
         else:
             raise ValueError(f"audio: expected 1-D (samples) or 2-D (batch, samples), got shape {tuple(x.shape)}")
@@ -139,8 +170,11 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
         for i, item in enumerate(audio):
             if isinstance(item, (str, os.PathLike)):
                 data, rate = load_audio(item)
+                try:
+                    rates.append(check_rate(rate))
+                except ValueError as exc:
+                    raise ValueError(f"{os.fspath(item)}: {exc}") from None
                 items.append(data)
-                rates.append(check_rate(rate))
                 names.append(os.fspath(item))
                 continue
             x = as_pcm_array(item, f"audio[{i}]")
@@ -159,7 +193,14 @@ def find_audio_files(paths: Sequence[str]) -> list[str]:
     found = []
     for path in paths:
         if os.path.isdir(path):
-            for root, _, files in os.walk(path):
+            seen = set()  # real paths of the directories walked: a link back up must not loop
+            for root, dirs, files in os.walk(path, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                dirs.sort()
                 found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(AUDIO_EXTENSIONS)]
         elif os.path.exists(path):
             found.append(path)

@@ -67,15 +67,17 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
     """Input file -> output file: files under a directory argument keep their relative path."""
     from audioenc.audio import find_audio_files
 
-    mapping = {}
+    mapping, writer = {}, {}
     for arg in inputs:
         root = arg if os.path.isdir(arg) else os.path.dirname(arg)
         for path in find_audio_files([arg]):
             rel = os.path.splitext(os.path.relpath(path, root))[0] + suffix
             target = os.path.join(out_dir, rel)
-            if target in mapping.values():
-                raise ValueError(f"two inputs would both write {target}; rename one or run them separately")
-            mapping[path] = target
+            if target in writer:
+                same = os.path.realpath(writer[target]) == os.path.realpath(path)
+                raise ValueError(f"{writer[target]} and {path} would both write {target}; "
+                                 + ("the same file is given twice" if same else "rename one or run them separately"))
+            mapping[path], writer[target] = target, path
     return mapping
 
 
@@ -100,12 +102,21 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+STALE_TMP_S = 3600  # a temporary lives for one write; older ones belong to a killed run
+
+
 def remove_stale_temporaries(out_dir: str) -> None:
-    """Temporaries left by a killed run (ours only: they carry TMP_PREFIX)."""
+    """Temporaries left by a killed run (ours only: they carry TMP_PREFIX; not a running job's)."""
+    import time
+
     for root, _, files in os.walk(out_dir):
         for name in files:
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(root, name))
+            path = os.path.join(root, name)
+            try:
+                if name.startswith(TMP_PREFIX) and time.time() - os.path.getmtime(path) > STALE_TMP_S:
+                    os.remove(path)
+            except OSError:  # gone meanwhile: its job finished it
+                pass
 
 
 def write_output(out, row: int, target: str, pool: str, all_layers: bool) -> None:
@@ -154,8 +165,14 @@ def length_batches(jobs: list[tuple[str, str]], batch_size: int, max_audio_s: fl
         yield batch
 
 
+def failure(path: str, exc: Exception) -> str:
+    message = str(exc)
+    return message if message.startswith(path) else f"{path}: {message}"
+
+
 def embed_batch(enc, batch, args, failed: list[str]) -> float:
-    """Decodes, encodes and writes one batch; bad files go to ``failed``. Returns audio seconds."""
+    """Decodes, encodes and writes one batch; bad files go to ``failed``. Returns the seconds of
+    audio written."""
     from audioenc.audio import to_waveforms
 
     decoded = []
@@ -163,10 +180,10 @@ def embed_batch(enc, batch, args, failed: list[str]) -> float:
         try:
             decoded.append((path, target, to_waveforms(path)[0]))
         except (ValueError, TypeError) as exc:
-            failed.append(f"{path}: {exc}")
+            failed.append(failure(path, exc))
     all_layers = args.layer == "all"
     layer = None if all_layers or args.layer is None else int(args.layer)
-    groups = [decoded]
+    groups, written = [decoded], 0
     while groups:
         group = groups.pop()
         if not group:
@@ -177,11 +194,12 @@ def embed_batch(enc, batch, args, failed: list[str]) -> float:
             if len(group) > 1:  # find the item that fails: encode each alone
                 groups += [[item] for item in group]
             else:
-                failed.append(f"{group[0][0]}: {exc}")
+                failed.append(failure(group[0][0], exc))
             continue
-        for row, (_, target, _) in enumerate(group):
+        for row, (_, target, wave) in enumerate(group):
             write_output(out, row, target, args.pool, all_layers)
-    return sum(len(w) for _, _, w in decoded) / enc.sample_rate
+            written += len(wave)
+    return written / enc.sample_rate
 
 
 def cmd_embed(args) -> int:
@@ -189,12 +207,21 @@ def cmd_embed(args) -> int:
 
     import audioenc
 
-    if args.layer not in (None, "all") and not args.layer.lstrip("-").isdigit():
-        print(f"error: --layer must be a layer number or 'all', got {args.layer!r}", file=sys.stderr)
+    usage = None
+    if args.layer not in (None, "all") and not args.layer.isdigit():
+        usage = f"--layer must be a layer number (0 or more) or 'all', got {args.layer!r}"
+    elif not args.batch_size >= 1 or not args.max_batch_seconds > 0:  # NaN fails too
+        usage = "--batch-size must be at least 1 and --max-batch-seconds above 0"
+    elif os.path.exists(args.out) and not os.path.isdir(args.out):
+        usage = f"--out {args.out} is a file; it must be a directory"
+    if usage:
+        print(f"error: {usage}", file=sys.stderr)
         return 2
     model = args.model or f"random:{DEFAULT_ARCHITECTURE}"
     try:
         enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
+        if args.layer not in (None, "all"):
+            enc._layers_to_run(int(args.layer))  # a bad layer fails here, not once per file
         jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy")
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -209,9 +236,9 @@ def cmd_embed(args) -> int:
         return 2
     if os.path.isdir(args.out):
         remove_stale_temporaries(args.out)
-    pending = [(p, t) for p, t in jobs.items() if args.overwrite or not os.path.exists(t)]
-    skipped = len(jobs) - len(pending)
-    failed: list[str] = []
+    failed = [f"{p}: its output {t} is a directory" for p, t in jobs.items() if os.path.isdir(t)]
+    pending = [(p, t) for p, t in jobs.items() if not os.path.isdir(t) and (args.overwrite or not os.path.exists(t))]
+    skipped = len(jobs) - len(pending) - len(failed)
     audio_s = 0.0
     with tqdm(total=len(pending), desc="embed", unit="file", file=sys.stderr) as bar:
         for batch in length_batches(pending, args.batch_size, args.max_batch_seconds):
@@ -219,7 +246,7 @@ def cmd_embed(args) -> int:
             bar.update(len(batch))
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix(audio=f"{audio_s / elapsed:.1f}s/s")
-    print(f"wrote {len(pending) - len(failed)} file(s) to {args.out} ({audio_s:.1f} s of audio)")
+    print(f"wrote {len(jobs) - skipped - len(failed)} file(s) to {args.out} ({audio_s:.1f} s of audio)")
     if skipped:
         print(f"skipped {skipped} existing output(s) (use --overwrite to replace them)")
     for line in failed:
@@ -241,6 +268,9 @@ def cmd_stream(args) -> int:
     import audioenc
     from audioenc.audio import load_audio
 
+    if args.out and os.path.exists(args.out) and not args.overwrite:  # before the stream, not after it
+        print(f"error: {args.out} exists (use --overwrite)", file=sys.stderr)
+        return 2
     model = args.model or f"random:{DEFAULT_ARCHITECTURE}"
     try:
         enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
@@ -286,9 +316,6 @@ def cmd_stream(args) -> int:
         print(f"{sum(len(c) for c in collected)} frames; compute per emission p50 {np.percentile(compute_ms, 50):.1f} ms, "
               f"p99 {np.percentile(compute_ms, 99):.1f} ms", file=sys.stderr)
     if args.out:
-        if os.path.exists(args.out) and not args.overwrite:
-            print(f"error: {args.out} exists (use --overwrite)", file=sys.stderr)
-            return 1
         array = np.concatenate(collected) if collected else np.zeros((0, enc.hidden_size), np.float32)
         atomic_write(args.out, lambda tmp: np.save(tmp, array))
     return 0
@@ -358,9 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     try:
         return args.func(args)
+    except BrokenPipeError:  # e.g. `audioenc info | head -1`: the reader has gone, and so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # the machine's, not the input's: e.g. a full disk, a read-only directory
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outputs are written atomically: a rerun resumes where this stopped
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ def cmd_bench(args) -> int:
     import audioenc
     from audioenc.verify import speech_like
 
-    if args.seconds <= 0 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        print("error: --seconds must be > 0, --batch and --repeats >= 1, --warmup >= 0", file=sys.stderr)
+    if not 0 < args.seconds <= 3600 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        print("error: --seconds must be > 0 and at most 3600, --batch and --repeats >= 1, --warmup >= 0", file=sys.stderr)
         return 2
     # BACKEND[:DTYPE] each; --dtype is the first one's
     contenders = [(args.backend, args.dtype)] + [tuple(spec.split(":", 1)) if ":" in spec else (spec, "auto")

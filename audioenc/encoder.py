@@ -1,6 +1,7 @@
 """The public encoder object: audio in, frame embeddings out, on any backend."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,8 @@ class AudioEncoder:
         if long_items and output_hidden_states:
             raise ValueError(f"output_hidden_states is not available for items longer than "
                              f"long_audio_threshold_s={self.long_audio_threshold_s:g} s (encoded in windows); "
-                             "ask for one layer with output_layer=N, or raise the threshold")
+                             "ask for one layer (output_layer=N; CLI: --layer N), or raise the encoder's "
+                             "long_audio_threshold_s")
         short = [i for i in range(len(waves)) if i not in long_items]
         out = None
         if short:
@@ -116,7 +118,7 @@ class AudioEncoder:
 
     def embed(self, audio, sample_rate: int = SAMPLE_RATE, pool: str = "mean",
               output_layer: int | None = None) -> torch.Tensor:
-        """One vector per item (B, dim): the mean (or max) of its valid frames."""
+        """One vector per item (B, dim), float32: the mean (or max) of its valid frames."""
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         out = self.encode(audio, sample_rate, output_layer=output_layer)
@@ -134,7 +136,8 @@ class AudioEncoder:
             seconds = 30.0 if self.family == "whisper" else 10.0
         durations = [seconds] if np.isscalar(seconds) else list(seconds)
         batches = [batch_sizes] if np.isscalar(batch_sizes) else list(batch_sizes)
-        if not durations or any(not np.isfinite(d) or d * SAMPLE_RATE < self.min_samples for d in durations):
+        if not durations or any(isinstance(d, bool) or not isinstance(d, numbers.Real) or not np.isfinite(d)
+                                or d * SAMPLE_RATE < self.min_samples for d in durations):
             raise ValueError(f"warmup seconds must be finite and at least {self.min_samples / SAMPLE_RATE:g} s, "
                              f"got {seconds!r}")
         if not batches or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in batches):
@@ -273,7 +276,9 @@ def zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def pool_frames(x: torch.Tensor, lengths: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, T, D) with lengths -> (B, D) over each item's valid frames."""
+    """(B, T, D) with lengths -> (B, D) float32 over each item's valid frames (a float16 sum over
+    minutes of frames would overflow)."""
+    x = x.float()
     valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None])[..., None]
     if pool == "mean":
         return (x * valid).sum(1) / lengths.to(x.device, x.dtype)[:, None]

@@ -312,19 +312,26 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
 def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: bool = False) -> list[str]:
     """Exports to ``out_dir/model.onnx`` (+ .data), built in a temporary directory and moved into
     place; existing files are kept unless ``overwrite``. Returns the written paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} is a file; the export needs a directory")
     target = os.path.join(out_dir, MODEL_FILE)
-    if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite (--overwrite) to replace it")
+    existing = [path for path in (target, target + ".data") if os.path.lexists(path)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{' and '.join(existing)} exist{'s' if len(existing) == 1 else ''}; pass overwrite "
+                              "(--overwrite) to replace")
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-")
+    written = []
     try:
         build_graph(model, spec, tmp)
         if os.path.exists(target + ".data") and not os.path.exists(os.path.join(tmp, MODEL_FILE + ".data")):
             os.remove(target + ".data")  # a stale weights file of an earlier, larger export
-        written = []
         for name in sorted(os.listdir(tmp), reverse=True):  # the .data file before the graph that needs it
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
             written.append(os.path.join(out_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not written and not os.listdir(out_dir):
+            os.rmdir(out_dir)  # a failed export leaves no trace
     return written

@@ -44,10 +44,10 @@ def normalize_waveforms(waveforms: np.ndarray, lengths: np.ndarray, normalize: b
 
 
 def pcm_to_float32(x: np.ndarray) -> np.ndarray:
-    """int16 / int32 PCM scaled by 2^-15 / 2^-31; float PCM cast to float32."""
-    if x.dtype == np.int16:
+    """int16 / int32 PCM (either byte order) scaled by 2^-15 / 2^-31; float PCM cast to float32."""
+    if x.dtype.type == np.int16:
         return x.astype(np.float32) / 32768.0
-    if x.dtype == np.int32:
+    if x.dtype.type == np.int32:
         return (x.astype(np.float64) / 2147483648.0).astype(np.float32)
     return x.astype(np.float32, copy=False)
 

@@ -20,6 +20,7 @@ how much against context length, and the defaults below come from that measureme
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,8 +72,9 @@ def conv_tail(family: str, receptive_field: int) -> int:
 
 def frames(seconds: float, what: str, minimum: int = 0) -> int:
     """Seconds -> whole frames of 320 samples."""
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+    if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool) or not math.isfinite(seconds):
         raise TypeError(f"{what} must be a number of seconds, got {seconds!r}")
+    seconds = float(seconds)
     if seconds < 0:
         raise ValueError(f"{what} must be >= 0 seconds, got {seconds}")
     n = round(seconds * SAMPLE_RATE / FRAME_HOP)
@@ -89,6 +91,10 @@ class EncoderStream:
     def __init__(self, encoder, sample_rate: int = SAMPLE_RATE, chunk_s: float | None = None,
                  left_context_s: float | None = None, right_context_s: float | None = None,
                  output_layer: int | None = None):
+        if encoder.family != "whisper" and encoder.dims.hop != FRAME_HOP:
+            raise ValueError(f"streams and long-audio windows need {FRAME_HOP} samples per frame (20 ms), as every "
+                             f"released checkpoint has; this model's conv stack has {encoder.dims.hop}: encode whole "
+                             "items instead (raise the encoder's long_audio_threshold_s for long ones)")
         defaults = STREAM_DEFAULTS[encoder.family]
         chunk_s = defaults[0] if chunk_s is None else chunk_s
         left_context_s = defaults[1] if left_context_s is None else left_context_s

@@ -85,6 +85,9 @@ def _load_file(path: str) -> Checkpoint:
     if path.endswith(".safetensors"):
         raise ValueError(f"{path}: a lone safetensors file has no config; pass the directory that holds "
                          f"it and its config.json")
+    if path.endswith((".json", ".bin")) and os.path.basename(path) in ("config.json", "model.bin", "pytorch_model.bin",
+                                                                     "preprocessor_config.json"):
+        raise ValueError(f"{path}: one file of a checkpoint directory; pass the directory that holds it")
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint audioenc can read (holds a {type(obj).__name__}, not a dict)")

@@ -144,6 +144,10 @@ def family_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
                      f"({rate / 1e9:.0f} GFLOP/s), transformers at {flops / times['transformers eager fp32'] / rate:.0%}.")
         print("\n".join(made), flush=True)
         rows += made
+    notes.append("The mixed batch: transformers pads every item to the longest (80 s of audio for 48 s of speech); "
+                 "audioenc runs a list in groups of similar length on the CPU (README), with the same frames as one "
+                 "padded batch. The matmul rate drifts between cases on this shared VM; the ratios in a case are "
+                 "measured in the same rounds.")
     return rows, "\n".join(f"- {note}" for note in notes)
 
 

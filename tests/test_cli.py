@@ -83,6 +83,66 @@ def test_embed_usage_errors(tmp_path, w2v_checkpoints, capsys):
     assert main(["embed", str(tmp_path), "--model", model, "--backend", "torch", "--out", str(tmp_path), "--layer", "x"]) == 2
 
 
+def test_embed_checks_its_arguments_before_any_work(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    base = ["embed", str(audio_tree), "--model", model, "--backend", "torch"]
+    out = tmp_path / "out"
+    for extra in (["--layer", "3"], ["--layer", "-1"], ["--batch-size", "0"], ["--max-batch-seconds", "nan"]):
+        assert main([*base, "--out", str(out), *extra]) == 2, extra
+        assert not out.exists()
+    assert "output_layer must be between 0 and 2" in capsys.readouterr().err
+    (tmp_path / "a-file").write_bytes(b"")
+    assert main([*base, "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    sf.write(audio_tree / "a.flac", speech_like(16000, 5), 16000)
+    assert main([*base, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a.flac and " in err and "a.wav would both write" in err  # both inputs named
+
+
+def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    out = tmp_path / "out"
+    (out / "a.npy").mkdir(parents=True)
+    args = ["embed", str(audio_tree), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
+    assert main([*args, "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "a.npy is a directory" in captured.err and "wrote 1 file(s)" in captured.out
+    assert (out / "sub" / "b.npy").exists()
+
+
+def test_embed_follows_directory_links_once(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "sub").symlink_to(audio_tree / "sub")
+    (root / "loop").symlink_to(root)  # must not be walked forever
+    args = ["embed", str(root), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "sub" / "b.npy").exists()
+    assert "wrote 1 file(s)" in capsys.readouterr().out
+
+
+def test_stale_temporaries_are_removed_but_not_a_running_jobs(tmp_path):
+    from audioenc.cli import STALE_TMP_S, TMP_PREFIX, remove_stale_temporaries
+
+    old, young = tmp_path / f"{TMP_PREFIX}old.npy", tmp_path / f"{TMP_PREFIX}young.npy"
+    old.write_bytes(b"")
+    young.write_bytes(b"")
+    os.utime(old, (0, os.path.getmtime(old) - STALE_TMP_S - 60))
+    remove_stale_temporaries(str(tmp_path))
+    assert not old.exists() and young.exists()
+
+
+def test_interrupt_is_a_message_not_a_traceback(monkeypatch, capsys):
+    import audioenc.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_default_model_is_random_and_says_so(audio_tree, tmp_path):
     result = subprocess.run([sys.executable, "-m", "audioenc", "embed", str(audio_tree / "a.wav"),
                              "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
@@ -170,7 +230,7 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-4, atol=1e-5)
     again = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
                             "--out", str(out)], input=pcm.tobytes(), capture_output=True, timeout=300)
-    assert again.returncode == 1 and b"exists" in again.stderr
+    assert again.returncode == 2 and b"exists" in again.stderr  # refused before the stream, not after it
 
 
 def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
@@ -183,5 +243,6 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     assert rows[0].endswith("1.00x")
     assert float(rows[1].split()[3]) > 0  # median ms
     assert main(["bench", "--model", path, "--seconds", "0"]) == 2
+    assert main(["bench", "--model", path, "--seconds", "nan"]) == 2
     assert main(["bench", "--model", path, "--backend", "nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err

@@ -31,6 +31,7 @@ BAD_ARRAYS = [
     (np.zeros((0, 400), np.float32), ValueError, "empty batch"),
     ([], ValueError, "empty list"),
     ([np.ones((2, 400), np.float32)], ValueError, "must be 1-D"),
+    (np.ones((16000, 2), np.float32), ValueError, r"looks like \(samples, channels\)"),
     (12345, TypeError, "expected a numpy array"),
     ({"audio": 1}, TypeError, "expected a numpy array"),
 ]
@@ -86,6 +87,40 @@ def test_files(w2v, tmp_path):
     sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 16000)
     with pytest.raises(ValueError, match="no audio samples"):
         w2v.encode(str(tmp_path / "empty.wav"))
+    sf.write(tmp_path / "whole.wav", speech_like(64000, 8), 16000, subtype="PCM_16")
+    whole = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "half.wav").write_bytes(whole[: len(whole) // 2])  # libsndfile alone reads the half silently
+    with pytest.raises(ValueError, match="half.wav: truncated WAV file"):
+        w2v.encode(str(tmp_path / "half.wav"))
+    streamed = bytearray(whole)
+    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a stream's unknown data size, as arecord writes to a pipe
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    assert len(load_audio(tmp_path / "streamed.wav")[0]) == 64000
+    sf.write(tmp_path / "slow.wav", speech_like(3000, 9), 2000)
+    with pytest.raises(ValueError, match="slow.wav: sample_rate 2000 Hz"):
+        w2v.encode(str(tmp_path / "slow.wav"))
+
+
+def test_big_endian_pcm_is_scaled_like_native(w2v, whisper):
+    native = (speech_like(16000, 11) * 20000).astype(np.int16)
+    for enc in (w2v, whisper):
+        for dtype in (">i2", ">i4"):
+            pcm = native.astype(np.int32) * 65536 if dtype == ">i4" else native
+            expected = enc.encode(pcm, sample_rate=44100).last_hidden_state
+            assert torch.equal(enc.encode(pcm.astype(dtype), sample_rate=44100).last_hidden_state, expected)
+    stream = w2v.stream(sample_rate=44100)
+    swapped = w2v.stream(sample_rate=44100)
+    a = [stream.push(native).frames, stream.flush().frames]
+    b = [swapped.push(native.astype(">i2")).frames, swapped.flush().frames]
+    assert torch.equal(torch.cat(a), torch.cat(b))
+
+
+def test_half_precision_pooling_does_not_overflow(w2v):
+    from audioenc.encoder import pool_frames
+
+    frames = torch.full((1, 3000, 4), 30.0, dtype=torch.float16)  # a float16 sum of these is inf
+    pooled = pool_frames(frames, torch.tensor([3000]), "mean")
+    assert pooled.dtype == torch.float32 and torch.allclose(pooled, torch.full((1, 4), 30.0))
 
 
 def test_valid_dtypes_and_shapes():

@@ -135,3 +135,26 @@ def test_long_audio_goes_through_windows(w2v_checkpoints):
     assert enc.encode(wave).last_hidden_state.shape[1] == offline.shape[0]
     with pytest.raises(ValueError, match="output_hidden_states is not available"):
         enc.encode(wave, output_hidden_states=True)
+
+
+def test_models_without_the_20_ms_hop_refuse_streams_and_long_windows(tmp_path):
+    import transformers
+
+    config = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                         conv_dim=(8, 8, 8), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
+                                         num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    transformers.Wav2Vec2Model(config).save_pretrained(tmp_path)
+    enc = audioenc.load(str(tmp_path), backend="torch")
+    with pytest.raises(ValueError, match="320 samples per frame .* has 20"):
+        enc.stream()
+    enc.long_audio_threshold_s = 1.0
+    with pytest.raises(ValueError, match="320 samples per frame"):
+        enc.encode(speech_like(32000))
+    enc.long_audio_threshold_s = 3.0
+    assert enc.encode(speech_like(32000)).lengths.item() == 1599  # whole items still work
+
+
+def test_stream_takes_numpy_numbers_as_seconds(w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    stream = enc.stream(chunk_s=np.float32(0.5), left_context_s=np.int64(1), right_context_s=np.float64(0.2))
+    assert (stream.chunk, stream.left, stream.right) == (8000, 16000, 3200)

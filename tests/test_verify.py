@@ -92,3 +92,19 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     fused = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
     assert len(fused) == 2 and all(n.domain == "com.microsoft" for n in fused)
     assert cli(["export", "--model", path, "--out", str(tmp_path / "trt"), "--format", "tensorrt", "--fused-attention"]) == 2
+
+
+def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys):
+    path = w2v_checkpoints["hubert-group-noprojln"][0]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.onnx.data").write_bytes(b"someone's weights")
+    assert cli(["export", "--model", path, "--out", str(theirs)]) == 2
+    assert (theirs / "model.onnx.data").read_bytes() == b"someone's weights"
+    assert "model.onnx.data exists" in capsys.readouterr().err
+    failed = tmp_path / "failed"
+    assert cli(["export", "--model", path, "--out", str(failed), "--layers", "7"]) == 2
+    assert not failed.exists()  # a failed export leaves no empty directory behind
+    (tmp_path / "a-file").write_bytes(b"")
+    assert cli(["export", "--model", path, "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file" in capsys.readouterr().err
