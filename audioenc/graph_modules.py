@@ -97,7 +97,7 @@ class Conv2dFeatureExtractor(nn.Module):
 
     def __init__(self, extractor: nn.Module):
         super().__init__()
-        self.convs = nn.ModuleList(layer.conv for layer in extractor.conv_layers)  # not "layers": see layer_of
+        self.convs = nn.ModuleList(layer.conv for layer in extractor.conv_layers)  # not "layers": see graph_precision.layer_of
         self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity()
                                    for layer in extractor.conv_layers)
         self.norm_types = [layer.norm_type for layer in extractor.conv_layers]
