@@ -220,8 +220,8 @@ def cmd_embed(args) -> int:
     model = args.model or f"random:{DEFAULT_ARCHITECTURE}"
     try:
         enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
-        if args.layer not in (None, "all"):
-            enc._layers_to_run(int(args.layer))  # a bad layer fails here, not once per file
+        if args.layer not in (None, "all") and int(args.layer) > enc.num_layers:  # here, not once per file
+            raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
         jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy")
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

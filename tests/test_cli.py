@@ -90,7 +90,7 @@ def test_embed_checks_its_arguments_before_any_work(audio_tree, tmp_path, w2v_ch
     for extra in (["--layer", "3"], ["--layer", "-1"], ["--batch-size", "0"], ["--max-batch-seconds", "nan"]):
         assert main([*base, "--out", str(out), *extra]) == 2, extra
         assert not out.exists()
-    assert "output_layer must be between 0 and 2" in capsys.readouterr().err
+    assert "--layer must be between 0 and 2 for this model" in capsys.readouterr().err
     (tmp_path / "a-file").write_bytes(b"")
     assert main([*base, "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file" in capsys.readouterr().err
