@@ -166,11 +166,11 @@ class AudioEncoder:
         dtypes = {w.dtype for w in waves}
         if len(dtypes) > 1:  # mixed PCM types in one list: meet in float32
             waves = [pcm_to_float32(w) for w in waves]
-        if self.backend.device.type != "cpu":
-            return self._run_wav2vec2(waves, num_layers, output_hidden_states)
         # On the CPU a batch buys little speed (its matmuls are large already) while every padded
         # sample costs as much as a valid one: items run in groups of similar length.
-        groups = length_groups([len(w) for w in waves], self.cpu_max_padding)
+        groups = [list(range(len(waves)))]
+        if self.backend.device.type == "cpu":
+            groups = length_groups([len(w) for w in waves], self.cpu_max_padding)
         if len(groups) == 1:
             return self._run_wav2vec2(waves, num_layers, output_hidden_states)
         outs = [self._run_wav2vec2([waves[i] for i in group], num_layers, output_hidden_states) for group in groups]

@@ -85,8 +85,7 @@ def _load_file(path: str) -> Checkpoint:
     if path.endswith(".safetensors"):
         raise ValueError(f"{path}: a lone safetensors file has no config; pass the directory that holds "
                          f"it and its config.json")
-    if path.endswith((".json", ".bin")) and os.path.basename(path) in ("config.json", "model.bin", "pytorch_model.bin",
-                                                                     "preprocessor_config.json"):
+    if os.path.basename(path) in ("config.json", "preprocessor_config.json", "model.bin", "pytorch_model.bin"):
         raise ValueError(f"{path}: one file of a checkpoint directory; pass the directory that holds it")
     obj = _torch_load(path)
     if not isinstance(obj, dict):

@@ -52,6 +52,12 @@ def wav2vec2_flops(dims, samples: int) -> float:
 MATMUL = (2048, 2048, 3072)  # m, k, n of the float32 matmul whose rate bounds eager transformers
 
 
+def matmul_rate(seconds: float) -> float:
+    """FLOP/s of the MATMUL timed in ``seconds``."""
+    m, k, n = MATMUL
+    return 2.0 * m * k * n / seconds
+
+
 def matmul_call():
     m, k, n = MATMUL
     a, b = torch.randn(m, k), torch.randn(k, n)
@@ -121,7 +127,7 @@ def wav2vec2_family_rows(tmp: str, repeats: int, case) -> tuple[list[str], dict,
 def wav2vec2_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
     rows, times, flops = wav2vec2_family_rows(tmp, repeats, W2V_BASE_10S)
     m, k, n = MATMUL
-    rate = 2.0 * m * k * n / times["matmul"]
+    rate = matmul_rate(times["matmul"])
     t_hf = times["transformers eager fp32"]
     ceiling = (f"wav2vec2-base on 10 s is {flops / 1e9:.0f} GFLOP. This machine's float32 matmul rate during these "
                f"rounds was {rate / 1e9:.0f} GFLOP/s (a {m}x{k}x{n} torch matmul, timed in the same rounds), so "
@@ -137,8 +143,7 @@ def family_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
     for case in FAMILY_CASES:
         with tempfile.TemporaryDirectory(dir=tmp) as case_dir:
             made, times, flops = wav2vec2_family_rows(case_dir, repeats, case)
-        m, k, n = MATMUL
-        rate = 2.0 * m * k * n / times["matmul"]
+        rate = matmul_rate(times["matmul"])
         notes.append(f"{case[0]}: {flops / 1e9:.0f} GFLOP of valid audio; audioenc onnx float32 at "
                      f"{flops / times['audioenc onnx float32'] / rate:.0%} of the float32 matmul rate measured in its rounds "
                      f"({rate / 1e9:.0f} GFLOP/s), transformers at {flops / times['transformers eager fp32'] / rate:.0%}.")
