@@ -242,12 +242,16 @@ def _download(repo_id: str) -> str:
     CTranslate2 repo); offline, huggingface_hub answers from its local cache."""
     from huggingface_hub import snapshot_download
 
+    # Shards by transformers' own names only: repos such as openai/whisper-large-v3 also carry
+    # "model.fp32-0000N-of-0000M.safetensors" copies that a looser pattern would fetch (6 GB more).
     common = ["config.json", "preprocessor_config.json", "vocabulary.*", "model.bin"]
     try:
-        path = snapshot_download(repo_id, allow_patterns=common + ["model*.safetensors", "model.safetensors.index.json"])
+        path = snapshot_download(repo_id, allow_patterns=common + [
+            "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"])
         if not any(os.path.exists(os.path.join(path, f)) for f in
                    ("model.safetensors", "model.safetensors.index.json", "model.bin")):
-            path = snapshot_download(repo_id, allow_patterns=common + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+            path = snapshot_download(repo_id, allow_patterns=common + [
+                "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"])
     except (OSError, ValueError) as e:  # offline / connection / unknown repo (all OSError) / bad id
         raise ValueError(
             f"{repo_id}: no such local path, and it could not be downloaded from the Hugging Face hub "

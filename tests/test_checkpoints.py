@@ -315,3 +315,34 @@ def test_hub_id_offline(whisper, tmp_path):
     assert loaded.split() == ["whisper", "80", str(len(load_hf_dir(whisper[80][1]).state_dict))], result.stderr
     assert error.startswith("openai/whisper-tiny: no such local path, and it could not be downloaded"), result.stderr
     assert "Pass a local model directory instead" in error
+
+
+@pytest.mark.parametrize("listing, want", [
+    # openai/whisper-large-v3 also carries float32 shards under a non-standard name, and flax/tf copies.
+    (["config.json", "preprocessor_config.json", "model.safetensors", "model.fp32-00001-of-00002.safetensors",
+      "model.fp32-00002-of-00002.safetensors", "model.safetensors.index.fp32.json", "pytorch_model.bin",
+      "flax_model.msgpack", "tokenizer.json"],
+     ["config.json", "model.safetensors", "preprocessor_config.json"]),
+    (["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+      "model.safetensors.index.json", "pytorch_model.bin"],
+     ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+      "model.safetensors.index.json"]),
+    (["config.json", "preprocessor_config.json", "pytorch_model.bin", "tf_model.h5"],
+     ["config.json", "pytorch_model.bin", "preprocessor_config.json"]),
+])
+def test_hub_download_fetches_only_the_weights_it_reads(monkeypatch, tmp_path, listing, want):
+    import fnmatch
+
+    import huggingface_hub
+
+    from audioenc.weights import _download
+
+    def snapshot_download(repo_id, allow_patterns):  # the hub's filter: fnmatch on repo paths
+        for name in listing:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (tmp_path / name).touch()
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert _download("someone/model") == str(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(want)
