@@ -202,6 +202,14 @@ def embed_batch(enc, batch, args, failed: list[str]) -> float:
     return written / enc.sample_rate
 
 
+def print_auto_note(enc, backend: str, file=None) -> None:
+    from audioenc.backends import auto_note
+
+    note = auto_note(enc.backend.name, enc.backend.device.type) if backend == "auto" else None
+    if note:
+        print(f"NOTE: {note}", file=file)
+
+
 def cmd_embed(args) -> int:
     from tqdm import tqdm
 
@@ -231,6 +239,7 @@ def cmd_embed(args) -> int:
               "architecture with RANDOM weights: the embeddings show the pipeline works but mean nothing. "
               "Pass --model with a checkpoint dir, .pt file or hub id for real embeddings.")
     print(enc)
+    print_auto_note(enc, args.backend)
     if not jobs:
         print("error: no audio files found in the given inputs", file=sys.stderr)
         return 2
@@ -285,6 +294,7 @@ def cmd_stream(args) -> int:
         return 2
     if enc.random_weights:
         print(f"NOTE: using the {model[len('random:'):]} architecture with RANDOM weights", file=sys.stderr)
+    print_auto_note(enc, args.backend, file=sys.stderr)
     print(f"{enc}; chunk {stream.chunk / 16000:g} s, left {stream.left / 16000:g} s, right {stream.right / 16000:g} s, "
           f"frames wait at most {stream.latency_s * 1000:.0f} ms of audio", file=sys.stderr)
     block = max(1, int(rate * args.block_ms / 1000))

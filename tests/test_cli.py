@@ -100,6 +100,17 @@ def test_embed_checks_its_arguments_before_any_work(audio_tree, tmp_path, w2v_ch
     assert "a.flac and " in err and "a.wav would both write" in err  # both inputs named
 
 
+def test_auto_says_which_faster_backend_it_passed_over(audio_tree, tmp_path, w2v_checkpoints, monkeypatch, capsys):
+    from audioenc.backends.onnx import OnnxBackend
+
+    monkeypatch.setattr(OnnxBackend, "available", classmethod(lambda cls: "onnxruntime is not installed (pip ...)"))
+    args = ["embed", str(audio_tree / "a.wav"), "--model", w2v_checkpoints["wav2vec2-group"][0], "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert "NOTE: backend auto chose torch (onnx: onnxruntime is not installed (pip ...))" in capsys.readouterr().out
+    assert main([*args, "--backend", "torch", "--out", str(tmp_path / "torch")]) == 0  # asked for: no note
+    assert "NOTE" not in capsys.readouterr().out
+
+
 def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, w2v_checkpoints, capsys):
     out = tmp_path / "out"
     (out / "a.npy").mkdir(parents=True)

@@ -65,3 +65,16 @@ def resolve_backend(name: str, device_type: str) -> str:
         if availability(candidate) is None:
             return candidate
     return "torch"
+
+
+def auto_note(chosen: str, device_type: str) -> str | None:
+    """Why 'auto' passed over faster backends to run ``chosen`` (None when it took the first): the CLI
+    says so, since a missing optional dependency otherwise costs speed silently."""
+    skipped = []
+    for candidate in AUTO_ORDER.get(device_type, ()):
+        if candidate == chosen:
+            break
+        reason = availability(candidate)
+        if reason is not None:
+            skipped.append(f"{candidate}: {reason}")
+    return f"backend auto chose {chosen} ({'; '.join(skipped)})" if skipped else None
