@@ -50,17 +50,20 @@ PROTOBUF_LIMIT = 1 << 30  # larger graphs keep their weights in an external data
 
 
 def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidden_states: bool = True,
-                opset: int = OPSET, fused_attention: bool = False, convs_as_matmul: bool = False) -> None:
+                opset: int = OPSET, fused_attention: bool = False, convs_as_matmul: bool = False,
+                fold_first_norm: bool = False) -> None:
     """Exports ``model`` (a float32 reference model) to ``path`` and checks the graph. With
     ``fused_attention`` each attention is one onnxruntime MultiHeadAttention op (onnxruntime only);
-    ``convs_as_matmul`` writes the feature encoder's convs as MatMuls (for int8 quantisation)."""
+    ``convs_as_matmul`` writes the feature encoder's convs as MatMuls (for int8 quantisation);
+    ``fold_first_norm`` a group-norm layer 0 as one MatMul with float64 statistics (onnxruntime's
+    float32 and int8 graphs only)."""
     import onnx
 
     dims = model.dims
     num_layers = dims.num_layers if num_layers is None else num_layers
     if not 0 <= num_layers <= dims.num_layers:
         raise ValueError(f"num_layers must be between 0 and {dims.num_layers}, got {num_layers}")
-    module = graph_module(model, num_layers, hidden_states, convs_as_matmul)
+    module = graph_module(model, num_layers, hidden_states, convs_as_matmul, fold_first_norm)
     if fused_attention:
         fuse_attention(module)
     inputs, outputs, axes = graph_io(dims, num_layers, hidden_states)
@@ -248,7 +251,7 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
               bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
         bar.set_postfix_str("tracing the float32 graph")
         export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention,
-                    convs_as_matmul=spec.dtype == "int8")
+                    convs_as_matmul=spec.dtype == "int8", fold_first_norm=spec.fused_attention and spec.dtype != "float16")
         bar.update()
         if spec.dtype != "float32":
             if spec.dtype == "float16":

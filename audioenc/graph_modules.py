@@ -3,6 +3,7 @@ badly or run slowly in onnxruntime rewritten, giving the same numbers (tests/tes
 
 - the wav2vec2 family's conv feature encoder as 2-D convs (onnxruntime's blocked direct convolution)
   or, for int8 graphs, as MatMuls over gathered taps, with a masked GroupNorm whose sums are MatMuls;
+  in onnxruntime's float32 and int8 graphs, a group-norm layer 0 folds into one per-item MatMul;
 - WavLM's relative position bias gathered from a constant table instead of the bucket arithmetic;
 - the graph's inputs and outputs (graph_io) and random, non-zero example inputs for tracing.
 """
@@ -87,24 +88,72 @@ def masked_group_norm_nchw(x: torch.Tensor, lengths: torch.Tensor, weight: torch
     return centred * (torch.rsqrt(var + eps) * weight[:, None, None]) + bias[:, None, None]
 
 
+class FoldedGroupNormConv(nn.Module):
+    """Layer 0 of a group-norm model, Conv1d(1, C, k, stride) then GroupNorm(C, C) over each item's
+    valid frames, as one MatMul per item (without GELU): (B, samples) -> (B, frames, C) when
+    ``channels_last``, else (B, C, frames).
+
+    The conv is linear in its k taps p, so channel c's mean over time is w_c . mean(p) and its
+    variance w_c^T cov(p) w_c: statistics of a k x k covariance instead of four passes over the
+    (C, frames) output, the largest activation of the model. They are float64: a filter that rejects
+    most of the signal's power (a high-pass on a hum) leaves a variance far below the terms of that
+    sum. The normalisation then folds into per-item weights and a bias column (the conv's own bias
+    cancels). onnxruntime graphs only: TensorRT has no float64, and to_half would cast it to fp16."""
+
+    def __init__(self, conv: nn.Conv1d, norm: nn.GroupNorm, channels_last: bool):
+        super().__init__()
+        self.kernel, self.stride = conv.kernel_size[0], conv.stride[0]
+        self.conv, self.norm, self.channels_last = conv, norm, channels_last
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """lengths: valid frames of the output per item."""
+        frames = (waveforms.shape[1] - self.kernel) // self.stride + 1
+        span = self.stride * (frames - 1) + 1
+        taps = torch.stack([waveforms[:, j : j + span : self.stride] for j in range(self.kernel)], dim=-1)
+        valid = (torch.arange(frames, device=taps.device)[None, :] < lengths[:, None]).to(torch.float64)[..., None]
+        count = valid.sum(1, keepdim=True).clamp(min=1)
+        exact = taps.to(torch.float64)                                           # (B, frames, k)
+        mean = (exact * valid).sum(1, keepdim=True) / count                     # (B, 1, k)
+        centred = (exact - mean) * valid
+        cov = (centred.transpose(1, 2) @ centred) / count                        # (B, k, k)
+        w = self.conv.weight[:, 0, :].to(torch.float64)                          # (C, k)
+        var = ((w @ cov) * w).sum(-1)                                            # (B, C)
+        scale = torch.rsqrt(var + self.norm.eps) * self.norm.weight.to(torch.float64)
+        weight = w * scale[..., None]                                            # (B, C, k)
+        bias = self.norm.bias.to(torch.float64) - (weight @ mean.transpose(1, 2))[..., 0]
+        folded = torch.cat([weight, bias[..., None]], dim=-1).to(waveforms.dtype)  # (B, C, k + 1)
+        taps = torch.cat([taps, torch.ones_like(taps[..., :1])], dim=-1)          # (B, frames, k + 1)
+        if self.channels_last:
+            return taps @ folded.transpose(1, 2)
+        return folded @ taps.transpose(1, 2)
+
+
 class Conv2dFeatureExtractor(nn.Module):
     """The conv feature encoder as 2-D convs of height 1 on (B, C, 1, T). onnxruntime's CPU provider
     runs them as its blocked-layout (NCHWc) direct convolution: no tap gathers, GELU kept in that
     layout, and a LayerNorm over channels reads channel-last data that the layout reorder writes
     anyway (the transposes around it fold into the reorders). Whole model on 10 s against
     ChannelLastFeatureExtractor: 1.18x for wav2vec2-base, 1.00-1.05x for wav2vec2-large-lv60 (its
-    feature encoder alone: 1.2x); BENCHMARKS.md. Same numbers as FeatureExtractor."""
+    feature encoder alone: 1.2x); BENCHMARKS.md. Same numbers as FeatureExtractor. With
+    ``fold_first_norm``, a group-norm layer 0 is a FoldedGroupNormConv."""
 
-    def __init__(self, extractor: nn.Module):
+    def __init__(self, extractor: nn.Module, fold_first_norm: bool = False):
         super().__init__()
-        self.convs = nn.ModuleList(layer.conv for layer in extractor.conv_layers)  # not "layers": see graph_precision.layer_of
-        self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity()
-                                   for layer in extractor.conv_layers)
-        self.norm_types = [layer.norm_type for layer in extractor.conv_layers]
+        layers = list(extractor.conv_layers)
+        self.first = None
+        if fold_first_norm and layers[0].norm_type == "group":
+            self.first = FoldedGroupNormConv(layers[0].conv, layers[0].layer_norm, channels_last=False)
+            layers = layers[1:]
+        self.convs = nn.ModuleList(layer.conv for layer in layers)  # not "layers": see graph_precision.layer_of
+        self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity() for layer in layers)
+        self.norm_types = [layer.norm_type for layer in layers]
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, samples), valid samples per item -> (B, frames, C), valid frames per item."""
         x = waveforms[:, None, None, :]
+        if self.first is not None:
+            lengths = torch.div(lengths - self.first.kernel, self.first.stride, rounding_mode="floor") + 1
+            x = nn.functional.gelu(self.first(waveforms, lengths))[:, :, None, :]
         for conv, norm, norm_type in zip(self.convs, self.norms, self.norm_types):
             kernel, stride = conv.kernel_size[0], conv.stride[0]
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
@@ -121,18 +170,26 @@ class Conv2dFeatureExtractor(nn.Module):
 class ChannelLastFeatureExtractor(nn.Module):
     """The conv feature encoder channel-last from the waveform to the feature projection, each conv
     a MatMul over gathered taps, for int8 graphs: dynamic quantisation quantises MatMuls, not Convs.
-    Same numbers as FeatureExtractor."""
+    Same numbers as FeatureExtractor. With ``fold_first_norm``, a group-norm layer 0 is a
+    FoldedGroupNormConv."""
 
-    def __init__(self, extractor: nn.Module):
+    def __init__(self, extractor: nn.Module, fold_first_norm: bool = False):
         super().__init__()
-        self.convs = nn.ModuleList(ConvAsMatMul(layer.conv) for layer in extractor.conv_layers)
-        self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity()
-                                   for layer in extractor.conv_layers)
-        self.norm_types = [layer.norm_type for layer in extractor.conv_layers]
+        layers = list(extractor.conv_layers)
+        self.first = None
+        if fold_first_norm and layers[0].norm_type == "group":
+            self.first = FoldedGroupNormConv(layers[0].conv, layers[0].layer_norm, channels_last=True)
+            layers = layers[1:]
+        self.convs = nn.ModuleList(ConvAsMatMul(layer.conv) for layer in layers)
+        self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity() for layer in layers)
+        self.norm_types = [layer.norm_type for layer in layers]
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, samples), valid samples per item -> (B, frames, C), valid frames per item."""
         x = waveforms[:, :, None]
+        if self.first is not None:
+            lengths = torch.div(lengths - self.first.kernel, self.first.stride, rounding_mode="floor") + 1
+            x = nn.functional.gelu(self.first(waveforms, lengths))
         for conv, norm, norm_type in zip(self.convs, self.norms, self.norm_types):
             lengths = torch.div(lengths - conv.kernel, conv.stride, rounding_mode="floor") + 1
             x = conv(x)
@@ -145,10 +202,11 @@ class ChannelLastFeatureExtractor(nn.Module):
 
 
 class Wav2Vec2Graph(nn.Module):
-    def __init__(self, model: nn.Module, num_layers: int, hidden_states: bool, convs_as_matmul: bool):
+    def __init__(self, model: nn.Module, num_layers: int, hidden_states: bool, convs_as_matmul: bool,
+                 fold_first_norm: bool):
         super().__init__()
         extractor = ChannelLastFeatureExtractor if convs_as_matmul else Conv2dFeatureExtractor
-        self.feature_extractor = extractor(model.feature_extractor)
+        self.feature_extractor = extractor(model.feature_extractor, fold_first_norm)
         self.feature_projection, self.encoder = model.feature_projection, model.encoder
         if isinstance(self.encoder, WavLMEncoder):
             self.encoder.position_bias = TablePositionBias(self.encoder)
@@ -196,9 +254,11 @@ def example_inputs(dims, batch: int = 2, seconds: float = 1.0, seed: int = 0) ->
     return {"waveforms": waves, "lengths": lengths}
 
 
-def graph_module(model: nn.Module, num_layers: int, hidden_states: bool, convs_as_matmul: bool = False) -> nn.Module:
+def graph_module(model: nn.Module, num_layers: int, hidden_states: bool, convs_as_matmul: bool = False,
+                 fold_first_norm: bool = False) -> nn.Module:
     """The module that torch.onnx.export traces: a copy of the reference with the conv feature
-    encoder in the form that runs fastest (as MatMuls where ``convs_as_matmul``, for int8) and
+    encoder in the form that runs fastest (as MatMuls where ``convs_as_matmul``, for int8; a
+    group-norm layer 0 as one per-item MatMul where ``fold_first_norm``, for onnxruntime) and
     WavLM's position bias from a constant table (weight norm is already folded at load, dropout
     does not exist)."""
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in model.parameters()):
@@ -208,4 +268,4 @@ def graph_module(model: nn.Module, num_layers: int, hidden_states: bool, convs_a
     model = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]}).eval()
     if isinstance(model.dims, WhisperDims):
         return WhisperGraph(model, num_layers, hidden_states)
-    return Wav2Vec2Graph(model, num_layers, hidden_states, convs_as_matmul)
+    return Wav2Vec2Graph(model, num_layers, hidden_states, convs_as_matmul, fold_first_norm)

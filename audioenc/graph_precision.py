@@ -122,9 +122,12 @@ def quantize_int8(fp32_path: str, path: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load(fp32_path, load_external_data=False)
+    # Excluded: MatMuls with a short reduction, and those without a constant weight (attention
+    # products, the float64 statistics of a folded first layer), which the quantiser would only
+    # inspect and log about.
     rows = {init.name: init.dims[0] for init in proto.graph.initializer if len(init.dims) == 2}
     short = [node.name for node in proto.graph.node
-             if node.op_type == "MatMul" and rows.get(node.input[1], QUANTIZE_MIN_ROWS) < QUANTIZE_MIN_ROWS]
+             if node.op_type == "MatMul" and rows.get(node.input[1], 0) < QUANTIZE_MIN_ROWS]
     # int8 weights run on the u8 x s8 kernels. Without VNNI, x86 multiplies them with vpmaddubsw,
     # whose int16 pair sums saturate; 7-bit weights (reduce_range) keep every sum exact there.
     # The quantiser logs advice meant for static quantisation on the root logger; users would see it.

@@ -15,6 +15,7 @@ import onnxruntime as ort  # noqa: E402
 import audioenc  # noqa: E402
 from audioenc import export, graph_modules, graph_precision  # noqa: E402
 from audioenc.frontend import normalize_waveforms  # noqa: E402
+from audioenc.models.layers import masked_group_norm  # noqa: E402
 from conftest import W2V_VARIANTS, rel_err, speech_like  # noqa: E402
 
 TOL = 1e-4
@@ -141,18 +142,61 @@ def test_conv_as_matmul_matches_conv():
             assert rel_err(graph_modules.ConvAsMatMul(conv)(x.transpose(1, 2)), conv(x).transpose(1, 2)) <= 1e-6
 
 
+def hum(samples: int) -> torch.Tensor:
+    """A 50 Hz hum on a DC offset over faint noise: a high-pass filter keeps little of its power."""
+    t = torch.arange(samples) / 16000
+    return 0.5 + 0.3 * torch.sin(2 * torch.pi * 50 * t) + 1e-3 * torch.randn(samples)
+
+
 @pytest.mark.parametrize("variant", ["wav2vec2-group", "wav2vec2-stable"])
 @pytest.mark.parametrize("form", ["Conv2dFeatureExtractor", "ChannelLastFeatureExtractor"])
-def test_graph_feature_extractors_match_reference(w2v_checkpoints, variant, form):
+@pytest.mark.parametrize("fold_first_norm", [False, True])
+def test_graph_feature_extractors_match_reference(w2v_checkpoints, variant, form, fold_first_norm):
     extractor = reference_model(w2v_checkpoints[variant][0]).feature_extractor
-    waves = torch.randn(3, 4000)
+    waves = torch.stack([torch.randn(4000), torch.randn(4000), hum(4000)])
     lengths = torch.tensor([4000, 2501, 400])  # padded items: the masked statistics must hold
     with torch.no_grad():
         ref, ref_lengths = extractor(waves, lengths)
-        out, out_lengths = getattr(graph_modules, form)(extractor)(waves, lengths)
+        out, out_lengths = getattr(graph_modules, form)(extractor, fold_first_norm)(waves, lengths)
     assert torch.equal(out_lengths, ref_lengths)
     for i, n in enumerate(ref_lengths.tolist()):
         assert rel_err(out[i, :n], ref[i, :, :n].T) <= 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_first_layer_is_as_exact_as_the_reference(w2v_checkpoints, channels_last):
+    """Conv + masked GroupNorm of layer 0 against the same in float64, on a padded batch whose items
+    include a hum: the folded statistics lose no more than the float32 reference does."""
+    layer = reference_model(w2v_checkpoints["wav2vec2-group"][0]).feature_extractor.conv_layers[0]
+    folded = graph_modules.FoldedGroupNormConv(layer.conv, layer.layer_norm, channels_last)
+    waves = torch.stack([hum(48000), torch.randn(48000), 1e-4 * torch.randn(48000)])
+    frames = (torch.tensor([48000, 20001, 30000]) - layer.conv.kernel_size[0]) // layer.conv.stride[0] + 1
+
+    def reference(dtype):
+        norm = layer.layer_norm
+        y = torch.nn.functional.conv1d(waves.to(dtype)[:, None], layer.conv.weight.to(dtype), stride=layer.conv.stride)
+        return masked_group_norm(y, frames, norm.weight.to(dtype), norm.bias.to(dtype), norm.eps)
+
+    with torch.no_grad():
+        exact, ref = reference(torch.float64), reference(torch.float32)
+        out = folded(waves, frames)
+    out = out.transpose(1, 2) if channels_last else out
+    for i, n in enumerate(frames.tolist()):
+        assert rel_err(out[i, :, :n], exact[i, :, :n]) <= 2 * rel_err(ref[i, :, :n], exact[i, :, :n]) + 1e-7
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_only_onnxruntime_float32_and_int8_graphs_fold_the_first_norm(dtype, w2v_checkpoints, tmp_path):
+    """The fold's float64 statistics would not survive to_half's fp16 MatMuls nor run in TensorRT
+    (graphs without fused attention)."""
+    model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
+    for fused in (False, True):
+        directory = tmp_path / f"{dtype}-{fused}"
+        directory.mkdir()
+        export.build_graph(model, export.ExportSpec(num_layers=1, dtype=dtype, fused_attention=fused), str(directory))
+        graph = onnx.load(str(directory / export.MODEL_FILE), load_external_data=False).graph
+        doubles = any(n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE for n in graph.node)
+        assert doubles == (fused and dtype != "float16"), fused
 
 
 def test_partial_depth_graph(w2v_checkpoints, tmp_path):
