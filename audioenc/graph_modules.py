@@ -128,6 +128,15 @@ class FoldedGroupNormConv(nn.Module):
         return folded @ taps.transpose(1, 2)
 
 
+def split_first_layer(extractor: nn.Module, fold_first_norm: bool, channels_last: bool):
+    """(a FoldedGroupNormConv of a group-norm layer 0 where ``fold_first_norm``, else None; the conv
+    layers left to run one by one)."""
+    layers = list(extractor.conv_layers)
+    if fold_first_norm and layers[0].norm_type == "group":
+        return FoldedGroupNormConv(layers[0].conv, layers[0].layer_norm, channels_last), layers[1:]
+    return None, layers
+
+
 class Conv2dFeatureExtractor(nn.Module):
     """The conv feature encoder as 2-D convs of height 1 on (B, C, 1, T). onnxruntime's CPU provider
     runs them as its blocked-layout (NCHWc) direct convolution: no tap gathers, GELU kept in that
@@ -139,11 +148,7 @@ class Conv2dFeatureExtractor(nn.Module):
 
     def __init__(self, extractor: nn.Module, fold_first_norm: bool = False):
         super().__init__()
-        layers = list(extractor.conv_layers)
-        self.first = None
-        if fold_first_norm and layers[0].norm_type == "group":
-            self.first = FoldedGroupNormConv(layers[0].conv, layers[0].layer_norm, channels_last=False)
-            layers = layers[1:]
+        self.first, layers = split_first_layer(extractor, fold_first_norm, channels_last=False)
         self.convs = nn.ModuleList(layer.conv for layer in layers)  # not "layers": see graph_precision.layer_of
         self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity() for layer in layers)
         self.norm_types = [layer.norm_type for layer in layers]
@@ -175,11 +180,7 @@ class ChannelLastFeatureExtractor(nn.Module):
 
     def __init__(self, extractor: nn.Module, fold_first_norm: bool = False):
         super().__init__()
-        layers = list(extractor.conv_layers)
-        self.first = None
-        if fold_first_norm and layers[0].norm_type == "group":
-            self.first = FoldedGroupNormConv(layers[0].conv, layers[0].layer_norm, channels_last=True)
-            layers = layers[1:]
+        self.first, layers = split_first_layer(extractor, fold_first_norm, channels_last=True)
         self.convs = nn.ModuleList(ConvAsMatMul(layer.conv) for layer in layers)
         self.norms = nn.ModuleList(layer.layer_norm if layer.norm_type else nn.Identity() for layer in layers)
         self.norm_types = [layer.norm_type for layer in layers]
