@@ -1,6 +1,6 @@
 """``audioenc bench``: how fast a model runs here, end to end (audio in, frames out), on one or more
-backends timed side by side. For the peer comparisons (transformers, CTranslate2, ...) see
-benchmarks/ in the repository."""
+backends timed side by side, and Hugging Face transformers on the same weights (``--against
+transformers``). The other peers (CTranslate2, openai-whisper, torch.compile) are in benchmarks/."""
 from __future__ import annotations
 
 import statistics
@@ -26,11 +26,51 @@ def timed_rounds(calls: dict, repeats: int, warmup: int) -> dict[str, list[float
     return times
 
 
+def peer_contender(args, dtype: str, audio: list):
+    """(label, call, first output) of transformers on the same weights and device."""
+    import torch
+
+    import audioenc
+    from audioenc.loading import resolve_device
+    from audioenc.peer_transformers import transformers_call
+
+    if args.layer is not None:
+        raise ValueError("transformers runs every layer: time it without --layer")
+    device = resolve_device(args.device)
+    if dtype == "auto":
+        dtype = "float16" if device.type == "cuda" else "float32"
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: transformers runs float32, float16 or bfloat16")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("transformers is not installed (pip install transformers)") from None
+    reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
+    call = transformers_call(reference.backend.model, reference.do_normalize, device, getattr(torch, dtype))
+    return f"transformers {transformers.__version__} {dtype} {device}", lambda: call(audio), call(audio)
+
+
+def audioenc_contender(args, backend: str, dtype: str, audio: list):
+    """(label, call, first output) of an audioenc backend; the first call exports graphs, builds
+    engines or autotunes."""
+    import audioenc
+
+    enc = audioenc.load(args.model, backend=backend, device=args.device, dtype=dtype)
+    out = enc.encode(audio, output_layer=args.layer)
+    label = f"{enc.backend.name} {str(enc.backend.dtype).removeprefix('torch.')} {enc.backend.device}"
+    return label, lambda: enc.encode(audio, output_layer=args.layer), out.last_hidden_state
+
+
+def relative_error(out, first, frames: int) -> float:
+    """||out - first|| / ||first|| over the first ``frames`` frames of every item, in float64."""
+    out, first = out[:, :frames].double().cpu(), first[:, :frames].double().cpu()
+    return float((out - first).norm() / first.norm())
+
+
 def cmd_bench(args) -> int:
     import numpy as np
     import torch
 
-    import audioenc
     from audioenc.verify import speech_like
 
     if not 0 < args.seconds <= 3600 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
@@ -41,38 +81,40 @@ def cmd_bench(args) -> int:
                                                  for spec in args.against]
     rng = np.random.default_rng(0)
     audio = [speech_like(int(args.seconds * 16000), rng) for _ in range(args.batch)]
-    calls = {}
+    calls, outputs = {}, {}
     for backend, dtype in contenders:
         start = time.perf_counter()
         try:
-            enc = audioenc.load(args.model, backend=backend, device=args.device, dtype=dtype)
-            enc.encode(audio, output_layer=args.layer)  # first call: graph export / engine build / autotune
+            if backend == "transformers":
+                label, call, output = peer_contender(args, dtype, audio)
+            else:
+                label, call, output = audioenc_contender(args, backend, dtype, audio)
         except (ValueError, TypeError, OSError, RuntimeError) as exc:
             print(f"error: {backend} ({dtype}): {exc}", file=sys.stderr)
             return 2
-        cuda = enc.backend.device.type == "cuda"
-
-        def call(enc=enc, cuda=cuda):
-            enc.encode(audio, output_layer=args.layer)
-            if cuda:
-                torch.cuda.synchronize()
-
-        label = f"{enc.backend.name} {str(enc.backend.dtype).removeprefix('torch.')} {enc.backend.device}"
         if label in calls:
             continue  # the same backend, dtype and device twice
-        calls[label] = call
+        if output.is_cuda:
+            call = lambda call=call: (call(), torch.cuda.synchronize())
+        calls[label], outputs[label] = call, output
         print(f"{label}: loaded and first call in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     times = timed_rounds(calls, args.repeats, args.warmup)
     audio_s = args.seconds * args.batch
     base = statistics.median(next(iter(times.values())))
+    first = next(iter(outputs.values()))
+    # Every item has the same length, so all its frames are valid; transformers' Whisper also returns
+    # the frames of the padding up to 30 s, which audioenc drops.
+    frames = min(output.shape[1] for output in outputs.values())
     print(f"model {args.model}; batch {args.batch} x {args.seconds:g} s; output layer "
           f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, torch threads {torch.get_num_threads()}")
-    print(f"{'backend':28s} {'median ms':>10s} {'p90 ms':>9s} {'ms/item':>9s} {'RTF':>8s} {'x real time':>12s} {'speed vs 1st':>13s}")
+    print(f"{'backend':34s} {'median ms':>10s} {'p90 ms':>9s} {'ms/item':>9s} {'RTF':>8s} {'x real time':>12s} "
+          f"{'speed vs 1st':>13s} {'rel. err vs 1st':>16s}")
     for label, t in times.items():
         median = statistics.median(t)
         p90 = float(np.percentile(t, 90))
-        print(f"{label:28s} {median * 1e3:10.1f} {p90 * 1e3:9.1f} {median * 1e3 / args.batch:9.1f} "
-              f"{median / audio_s:8.4f} {audio_s / median:12.1f} {base / median:12.2f}x")
+        print(f"{label:34s} {median * 1e3:10.1f} {p90 * 1e3:9.1f} {median * 1e3 / args.batch:9.1f} "
+              f"{median / audio_s:8.4f} {audio_s / median:12.1f} {base / median:12.2f}x "
+              f"{relative_error(outputs[label], first, frames):16.1e}")
     return 0
 
 
@@ -83,7 +125,8 @@ def register(subparsers) -> None:
     bench.add_argument("--backend", default="auto", help="the backend timed first (ratios are against it)")
     bench.add_argument("--dtype", default="auto", help="the first backend's dtype")
     bench.add_argument("--against", nargs="*", default=[],
-                       help="more BACKEND[:DTYPE] timed in the same rounds, e.g. torch onnx:float32")
+                       help="more BACKEND[:DTYPE] timed in the same rounds, e.g. torch onnx:float32; "
+                            "'transformers' is Hugging Face transformers on the same weights")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--seconds", type=float, default=10.0, help="audio per item (generated speech-like audio)")
     bench.add_argument("--batch", type=int, default=1)

@@ -246,13 +246,16 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
 
 def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     path = w2v_checkpoints["wav2vec2-group"][0]
-    assert main(["bench", "--model", path, "--backend", "torch", "--against", "onnx:float32", "torch", "--seconds", "0.5",
-                 "--batch", "2", "--repeats", "2", "--warmup", "0"]) == 0
+    assert main(["bench", "--model", path, "--backend", "torch", "--against", "onnx:float32", "torch", "transformers",
+                 "--seconds", "0.5", "--batch", "2", "--repeats", "2", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(("torch ", "onnx "))]
-    assert [r.split()[0] for r in rows] == ["torch", "onnx"]
-    assert rows[0].endswith("1.00x")
+    rows = [line for line in out.splitlines() if line.startswith(("torch ", "onnx ", "transformers "))]
+    assert [r.split()[0] for r in rows] == ["torch", "onnx", "transformers"]
+    assert rows[0].split()[-2:] == ["1.00x", "0.0e+00"]
     assert float(rows[1].split()[3]) > 0  # median ms
+    assert all(float(r.split()[-1]) <= 1e-5 for r in rows[1:])  # the same frames, peer included
+    assert main(["bench", "--model", path, "--against", "transformers", "--layer", "1"]) == 2
+    assert "transformers runs every layer" in capsys.readouterr().err
     assert main(["bench", "--model", path, "--seconds", "0"]) == 2
     assert main(["bench", "--model", path, "--seconds", "nan"]) == 2
     assert main(["bench", "--model", path, "--backend", "nonsense"]) == 2
