@@ -266,10 +266,33 @@ def cmd_embed(args) -> int:
 
 
 PCM_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
+MAX_BLOCK_MS = 10_000.0  # one read of stdin
+
+
+def stream_usage_error(args) -> str | None:
+    """What is wrong with cmd_stream's arguments, before any model loads."""
+    if args.file is None and args.realtime:
+        return "--realtime paces a --file; stdin arrives at its own pace"
+    if args.file is not None and (args.rate is not None or args.format is not None):
+        return "--rate and --format describe stdin; a --file carries its own"
+    if not 0 < args.block_ms <= MAX_BLOCK_MS:  # NaN fails too
+        return f"--block-ms must be above 0 and at most {MAX_BLOCK_MS:g}, got {args.block_ms}"
+    if args.out:
+        if os.path.isdir(args.out):
+            return f"--out {args.out} is a directory; it must be a .npy file"
+        if os.path.exists(args.out) and not args.overwrite:
+            return f"{args.out} exists (use --overwrite)"
+        parent = os.path.dirname(os.path.abspath(args.out))
+        while not os.path.isdir(parent):  # atomic_write creates the missing directories
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            return f"--out {args.out}: {parent} is not writable"
+    return None
 
 
 def cmd_stream(args) -> int:
-    """Raw PCM from stdin (or a file played at real-time pace) -> frames as they become final."""
+    """Raw PCM from stdin (or a file played at real-time pace) -> frames as they become final.
+    Ctrl-C ends the stream like the end of input: the frames so far are flushed and saved."""
     import time
 
     import numpy as np
@@ -277,8 +300,9 @@ def cmd_stream(args) -> int:
     import audioenc
     from audioenc.audio import load_audio
 
-    if args.out and os.path.exists(args.out) and not args.overwrite:  # before the stream, not after it
-        print(f"error: {args.out} exists (use --overwrite)", file=sys.stderr)
+    usage = stream_usage_error(args)  # before the stream, not after it
+    if usage:
+        print(f"error: {usage}", file=sys.stderr)
         return 2
     model = args.model or f"random:{DEFAULT_ARCHITECTURE}"
     try:
@@ -286,7 +310,7 @@ def cmd_stream(args) -> int:
         if args.file:
             audio, rate = load_audio(args.file)
         else:
-            rate = args.rate
+            rate = args.rate or 16000
         stream = enc.stream(sample_rate=rate, chunk_s=args.chunk_s, left_context_s=args.left_context_s,
                             right_context_s=args.right_context_s, output_layer=args.layer)
     except (ValueError, TypeError) as exc:
@@ -298,36 +322,54 @@ def cmd_stream(args) -> int:
     print(f"{enc}; chunk {stream.chunk / 16000:g} s, left {stream.left / 16000:g} s, right {stream.right / 16000:g} s, "
           f"frames wait at most {stream.latency_s * 1000:.0f} ms of audio", file=sys.stderr)
     block = max(1, int(rate * args.block_ms / 1000))
-    dtype = np.dtype(PCM_FORMATS[args.format])
+    dtype = np.dtype(PCM_FORMATS[args.format or "s16le"])
 
-    def blocks():
+    def blocks():  # lazily: a live source's blocks are encoded as they arrive
         if args.file:
+            started = time.perf_counter()
             for start in range(0, len(audio), block):
+                if args.realtime:  # pace the file like a live source
+                    time.sleep(max(0.0, started + start / rate - time.perf_counter()))
                 yield audio[start : start + block]
             return
         size = block * dtype.itemsize
         while data := sys.stdin.buffer.read(size):
             yield np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype).astype(dtype.newbyteorder("="))
 
-    collected, compute_ms, started = [], [], time.perf_counter()
-    played = 0.0
-    for piece in [*blocks(), None]:
-        if args.file and args.realtime and piece is not None:
-            played += len(piece) / rate  # pace the file like a live source
-            time.sleep(max(0.0, started + played - time.perf_counter()))
+    collected, compute_ms = [], []
+
+    def emit(step) -> None:
         t0 = time.perf_counter()
-        frames = stream.flush() if piece is None else stream.push(piece)
+        frames = step()
         if len(frames):
             compute_ms.append((time.perf_counter() - t0) * 1000)
             collected.append(frames.frames.numpy())
             print(f"{frames.times[0]:8.2f}-{frames.times[-1] + 0.02:8.2f} s  {len(frames):4d} frames  "
                   f"compute {compute_ms[-1]:6.1f} ms  mean|x| {float(np.abs(collected[-1]).mean()):.4f}", flush=True)
+
+    ended = None  # why the input stopped early: Ctrl-C, or a block the stream refused (NaN samples)
+    try:
+        for piece in blocks():
+            emit(lambda: stream.push(piece))
+    except KeyboardInterrupt:
+        ended = "interrupted"
+    except ValueError as exc:
+        ended = f"error: {exc}"
+    emit(stream.flush)
     if compute_ms:
         print(f"{sum(len(c) for c in collected)} frames; compute per emission p50 {np.percentile(compute_ms, 50):.1f} ms, "
               f"p99 {np.percentile(compute_ms, 99):.1f} ms", file=sys.stderr)
     if args.out:
         array = np.concatenate(collected) if collected else np.zeros((0, enc.hidden_size), np.float32)
-        atomic_write(args.out, lambda tmp: np.save(tmp, array))
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name without it
+                np.save(f, array)
+
+        atomic_write(args.out, save)
+    if ended:
+        print(f"{ended}; the frames before it were flushed{' and saved' if args.out else ''}", file=sys.stderr)
+        return 130 if ended == "interrupted" else 1
     return 0
 
 
@@ -357,9 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--model", help=f"as for embed (default: random:{DEFAULT_ARCHITECTURE})")
     stream.add_argument("--file", help="read this audio file instead of stdin")
     stream.add_argument("--realtime", action="store_true", help="with --file: feed it at real-time pace")
-    stream.add_argument("--rate", type=int, default=16000, help="stdin sample rate (Hz)")
-    stream.add_argument("--format", choices=sorted(PCM_FORMATS), default="s16le", help="stdin sample format (mono)")
-    stream.add_argument("--block-ms", type=float, default=20.0, help="samples read per push")
+    stream.add_argument("--rate", type=int, default=None, help="stdin sample rate (Hz; default 16000)")
+    stream.add_argument("--format", choices=sorted(PCM_FORMATS), default=None,
+                        help="stdin sample format (mono; default s16le)")
+    stream.add_argument("--block-ms", type=float, default=20.0, help="audio read per push (ms)")
     stream.add_argument("--chunk-s", type=float, default=None)
     stream.add_argument("--left-context-s", type=float, default=None)
     stream.add_argument("--right-context-s", type=float, default=None)

@@ -1,6 +1,8 @@
 """The command line: embed writes one output per input, never overwrites without asking, goes on
 past bad files; info reports what is built."""
 import os
+import select
+import signal
 import subprocess
 import sys
 
@@ -242,6 +244,51 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
     again = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
                             "--out", str(out)], input=pcm.tobytes(), capture_output=True, timeout=300)
     assert again.returncode == 2 and b"exists" in again.stderr  # refused before the stream, not after it
+
+
+def test_stream_command_is_live_and_ctrl_c_keeps_the_frames(tmp_path, w2v_checkpoints):
+    """Frames come out while stdin is still open; SIGINT ends the stream like end of input: the
+    frames so far are flushed and saved (to a name without .npy too)."""
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    pcm = np.round(speech_like(16000 * 3, 4) * 30000).astype("<i2")
+    out = tmp_path / "frames"
+    proc = subprocess.Popen([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
+                             "--chunk-s", "1", "--out", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(pcm.tobytes())
+        proc.stdin.flush()  # and left open, as a microphone's pipe
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "no frames while stdin is open"
+        assert b"frames" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert b"interrupted; the frames before it were flushed and saved" in err
+    saved = np.load(out)
+    assert saved.shape[0] >= 100 and np.isfinite(saved).all()  # at least the first two chunks
+
+
+def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(tmp_path, w2v_checkpoints):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    base = [sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch"]
+    wave = speech_like(16000 * 3, 5).astype("<f4")
+    sf.write(tmp_path / "a.wav", wave, 16000)
+    for extra, message in ((["--block-ms", "nan"], "--block-ms"), (["--block-ms", "0"], "--block-ms"),
+                           (["--block-ms", "1e9"], "--block-ms"), (["--realtime"], "--realtime"),
+                           (["--file", str(tmp_path / "a.wav"), "--rate", "8000"], "--rate"),
+                           (["--out", str(tmp_path)], "is a directory")):
+        result = subprocess.run([*base, *extra], input=b"", capture_output=True, timeout=300)
+        assert result.returncode == 2 and message.encode() in result.stderr, (extra, result.stderr.decode())
+    wave[16000 * 2 + 7] = np.nan  # f32le input with a NaN after two seconds
+    out = tmp_path / "frames.npy"
+    result = subprocess.run([*base, "--format", "f32le", "--chunk-s", "1", "--out", str(out)], input=wave.tobytes(),
+                            capture_output=True, timeout=300)
+    assert result.returncode == 1 and b"error: block: audio contains NaN or Inf" in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert 50 <= np.load(out).shape[0] < 150  # the frames of the audio before the bad block
 
 
 def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
