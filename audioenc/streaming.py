@@ -10,8 +10,9 @@ finish the centre's last frame (80 for the wav2vec2 family, 200 for Whisper's me
 Whisper's positions are absolute within its 30 s windows, and offline audio is encoded as
 consecutive 30 s windows; so a Whisper stream never crosses a 30 s boundary: each window starts at
 most ``left`` before its centre but not before the start of its 30 s block (the default left context
-is all of it), and ends at the block's end at the latest, which places every frame at its offline
-position. A Whisper call costs a full 30 s window whatever the audio, so that context is free.
+is all of it), and ends at the block's end at the latest. A window that starts after its block's
+start is encoded behind silence up to its start, so that every frame keeps its offline position. A
+Whisper call costs a full 30 s window whatever the audio, so the default, full context is free.
 
 Group-norm models, waveform normalisation, Whisper's per-window log-mel range and attention all see
 only the window, so streamed frames differ from offline ones; benchmarks/bench_streaming.py measures
@@ -162,10 +163,14 @@ class EncoderStream:
             # audio does not complete).
             centre = w.start + w.left
             begin, end = centre - w.valid_left, centre + w.valid_centre + w.valid_right
+            samples = w.samples[begin - w.start : end - w.start]
             if self.block is not None:
                 block_start = centre - centre % self.block
-                begin, end = max(begin, block_start), min(end, block_start + self.block)
-            samples = w.samples[begin - w.start : end - w.start]
+                end = min(end, block_start + self.block)
+                samples = w.samples[max(begin, block_start) - w.start : end - w.start]
+                if begin > block_start:  # silence before the left context keeps the positions
+                    samples = np.concatenate([np.zeros(begin - block_start, np.float32), samples])
+                begin = block_start
             if len(samples) >= self.encoder.min_samples:
                 offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
                 kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))

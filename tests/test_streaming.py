@@ -80,6 +80,23 @@ def test_whisper_stream_keeps_offline_positions(whisper_checkpoints):
         enc.stream(chunk_s=7)
 
 
+def test_whisper_stream_with_a_short_left_context_keeps_positions(whisper_checkpoints):
+    """A window that starts inside its 30 s block sits behind silence at its place in the block: each
+    chunk's frames equal the offline encode of the audio with everything before its left context
+    silenced, which has every frame at its offline position."""
+    enc = audioenc.load(whisper_checkpoints[80][0], backend="torch")
+    wave = speech_like(16000 * 5, 4)
+    chunk, left, right = 16000, 32000, 8000
+    stream = enc.stream(chunk_s=1.0, left_context_s=2.0, right_context_s=0.5)
+    frames, _ = collect(stream_all(stream, wave))
+    for start in range(left, len(wave) - chunk - right - 200, chunk):  # chunks with their whole context
+        heard = wave.copy()
+        heard[: start - left] = 0  # what the stream's window holds
+        heard = heard[: start + chunk + right + 200]
+        want = enc.encode(heard).last_hidden_state[0, start // 320 : (start + chunk) // 320]
+        assert rel_err(frames[start // 320 : (start + chunk) // 320], want) <= 1e-5, start
+
+
 def test_stream_at_another_rate_and_pcm_types(w2v_checkpoints):
     enc = audioenc.load(w2v_checkpoints["wav2vec2-stable"][0], backend="torch")
     wave48 = speech_like(48000 * 3, 4)
