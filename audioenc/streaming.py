@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audioenc.audio import SAMPLE_RATE, as_pcm_array, check_rate
+from audioenc.audio import MAX_CHANNELS, SAMPLE_RATE, as_pcm_array, check_rate
 from audioenc.chunker import Chunker, Window
 from audioenc.frontend import pcm_to_float32
 
@@ -111,8 +111,9 @@ class EncoderStream:
         self.block = encoder.dims.window_samples if encoder.family == "whisper" else None
         if self.block is not None:
             if self.block % self.chunk:
-                raise ValueError(f"whisper streams need a chunk_s that divides {self.block / SAMPLE_RATE:g} s "
-                                 f"(so no chunk straddles two 30 s windows), got {self.chunk / SAMPLE_RATE:g} s")
+                raise ValueError(f"whisper streams need a chunk_s of whole 20 ms frames that divides "
+                                 f"{self.block / SAMPLE_RATE:g} s (so no chunk straddles two 30 s windows), such as "
+                                 f"0.5, 1, 1.5, 2 or 3; got {chunk_s:g} s, {self.chunk / SAMPLE_RATE:g} s on the frame grid")
             self.left = min(self.left, self.block - self.chunk)
         self.chunker = Chunker(self.chunk, self.left, self.right + self.tail)
         self.resampler = None
@@ -122,6 +123,7 @@ class EncoderStream:
             self.resampler = soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.finished = False
         self.emitted = 0  # frames returned so far
+        self.backend_output = False  # encode_long: frames as the backend returns them, like short items
 
     @property
     def latency_s(self) -> float:
@@ -147,10 +149,12 @@ class EncoderStream:
         return self._encode_windows(windows + self.chunker.flush())
 
     def _prepare(self, block) -> np.ndarray:
-        x = as_pcm_array(block, "block")
-        if x.ndim != 1:
-            raise ValueError(f"block: expected 1-D samples, got shape {tuple(x.shape)}")
-        x = pcm_to_float32(x)
+        x = pcm_to_float32(as_pcm_array(block, "block"))
+        if x.ndim == 2 and 1 <= x.shape[1] <= MAX_CHANNELS:  # interleaved PCM, as sound cards deliver it
+            x = x.mean(axis=1, dtype=np.float32)
+        elif x.ndim != 1:
+            raise ValueError(f"block: expected 1-D samples or (samples, channels) with at most {MAX_CHANNELS} "
+                             f"channels, got shape {tuple(x.shape)}")
         if not np.isfinite(x).all():
             raise ValueError("block: audio contains NaN or Inf")
         return np.ascontiguousarray(x)
@@ -186,18 +190,21 @@ class EncoderStream:
         return StreamFrames(out, (first + np.arange(len(out))) * FRAME_HOP / SAMPLE_RATE, first)
 
     def encode_samples(self, windows: list[np.ndarray]) -> list[torch.Tensor]:
-        """Windows at 16 kHz -> their (frames, dim) float32 on the CPU, encoded as one batch."""
+        """Windows at 16 kHz -> their (frames, dim), encoded as one batch: float32 on the CPU, or
+        as the backend returns them (its device and dtype) for encode_long."""
         out = self.encoder._encode_items(windows, self.num_layers, output_hidden_states=False)
-        return [out.last_hidden_state[i, : out.lengths[i]].float().cpu() for i in range(len(windows))]
+        items = [out.last_hidden_state[i, : out.lengths[i]] for i in range(len(windows))]
+        return items if self.backend_output else [x.float().cpu() for x in items]
 
 
 def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_s: float,
                 output_layer: int | None = None, progress: bool = False) -> torch.Tensor:
     """Offline encode of one long item through the streaming windows, in bounded memory.
-    Returns (frames, dim) float32 on the CPU."""
+    Returns (frames, dim) on the device and in the dtype of the backend's outputs, as short items."""
     from tqdm import tqdm
 
     stream = EncoderStream(encoder, SAMPLE_RATE, chunk_s, left_s, right_s, output_layer)
+    stream.backend_output = True
     block = stream.chunk * 8
     outputs = []
     with tqdm(total=len(wave) / SAMPLE_RATE, unit="s", unit_scale=True, desc="encode", disable=not progress) as bar:
@@ -205,4 +212,4 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
             outputs.append(stream.push(wave[start : start + block]).frames)
             bar.update(min(block, len(wave) - start) / SAMPLE_RATE)
         outputs.append(stream.flush().frames)
-    return torch.cat(outputs)
+    return torch.cat([x for x in outputs if len(x)])  # pushes that finished no frame give CPU float32

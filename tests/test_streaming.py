@@ -76,7 +76,7 @@ def test_whisper_stream_keeps_offline_positions(whisper_checkpoints):
     np.testing.assert_allclose(times[-1], (len(frames) - 1) * 0.02)
     exact, _ = collect(stream_all(enc.stream(chunk_s=3.0, right_context_s=30.0), wave, max_block=40000))
     assert rel_err(exact, offline.last_hidden_state[0]) <= 1e-5
-    with pytest.raises(ValueError, match="chunk_s that divides 30 s"):
+    with pytest.raises(ValueError, match="chunk_s of whole 20 ms frames that divides 30 s"):
         enc.stream(chunk_s=7)
 
 
@@ -108,6 +108,13 @@ def test_stream_at_another_rate_and_pcm_types(w2v_checkpoints):
     n = min(len(frames), len(offline)) - 2  # the resampler's tail may shift the very last frame
     cos = torch.nn.functional.cosine_similarity(frames[:n], offline[:n], dim=-1)
     assert cos.mean() > 0.99
+    # interleaved stereo blocks, (samples, channels) as sound cards deliver them, are mixed to mono
+    stereo = np.stack([pcm, np.round(speech_like(48000 * 3, 5) * 30000).astype(np.int16)], axis=1)
+    mono = stereo.astype(np.float32).mean(axis=1) / 32768
+    settings = dict(sample_rate=48000, chunk_s=1.0)
+    mixed, _ = collect(stream_all(enc.stream(**settings), stereo, seed=1))
+    want, _ = collect(stream_all(enc.stream(**settings), mono, seed=1))
+    assert rel_err(mixed, want) <= 1e-6
 
 
 def test_stream_errors_and_flush(w2v_checkpoints):
@@ -152,6 +159,17 @@ def test_long_audio_goes_through_windows(w2v_checkpoints):
     assert enc.encode(wave).last_hidden_state.shape[1] == offline.shape[0]
     with pytest.raises(ValueError, match="output_hidden_states is not available"):
         enc.encode(wave, output_hidden_states=True)
+
+
+def test_long_items_come_back_like_short_ones(w2v_checkpoints):
+    """Long items alone have the dtype and device of the backend's outputs, as short items have."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch", dtype="bfloat16")
+    enc.long_audio_threshold_s = 2.0
+    wave = speech_like(16000 * 3, 6)
+    long, short = enc.encode(wave).last_hidden_state, enc.encode(wave[:16000]).last_hidden_state
+    assert (long.dtype, long.device) == (short.dtype, short.device) == (torch.bfloat16, torch.device("cpu"))
+    stream = enc.stream()
+    assert torch.cat([stream.push(wave).frames, stream.flush().frames]).dtype == torch.float32  # streams: float32
 
 
 def test_models_without_the_20_ms_hop_refuse_streams_and_long_windows(tmp_path):
