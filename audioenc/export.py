@@ -294,7 +294,8 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         raise OSError(exc.errno, f"cannot write the ONNX graph cache in {root} ({exc.strerror}); set AUDIOENC_CACHE "
                                  "to a writable directory") from exc
     try:
-        log.info("audioenc: first use of this model and depth (%s); its ONNX graph will be cached in %s", spec, entry)
+        log.info("audioenc: first use of this model at %d layers in %s: its ONNX graph is exported once and cached "
+                 "in %s", spec.num_layers, spec.dtype, entry)
         build_graph(model, spec, tmp)
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, META_FILE), "w") as f:

@@ -65,7 +65,8 @@ def part_context(args) -> str:
     return "\n".join([
         f"Final-layer agreement of streamed frames with the offline encode of the same audio ({args.seconds:g} s of "
         "espeak-ng speech; Whisper offline = consecutive 30 s windows, and a Whisper stream's left context stops at "
-        "the start of its 30 s window, so left 30 means 'the whole window so far'), chunk 1 s. Latency = chunk + "
+        "the start of its 30 s window, so left 30 means 'the whole window so far'; a shorter one is silence before "
+        "the window, at its place in the 30 s block), chunk 1 s. Latency = chunk + "
         "right context (audio a frame may wait for), before compute.",
         "",
         "| model | left (s) | right (s) | mean cosine | min cosine | latency (ms) |",
