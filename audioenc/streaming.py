@@ -167,14 +167,15 @@ class EncoderStream:
             # audio does not complete).
             centre = w.start + w.left
             begin, end = centre - w.valid_left, centre + w.valid_centre + w.valid_right
-            samples = w.samples[begin - w.start : end - w.start]
+            silence = 0
             if self.block is not None:
                 block_start = centre - centre % self.block
                 end = min(end, block_start + self.block)
-                samples = w.samples[max(begin, block_start) - w.start : end - w.start]
-                if begin > block_start:  # silence before the left context keeps the positions
-                    samples = np.concatenate([np.zeros(begin - block_start, np.float32), samples])
-                begin = block_start
+                silence = max(0, begin - block_start)  # before a left context that starts inside the block
+                begin = max(begin, block_start)
+            samples = w.samples[begin - w.start : end - w.start]
+            if silence:  # the window at its place in the block keeps every frame's position
+                samples, begin = np.concatenate([np.zeros(silence, np.float32), samples]), begin - silence
             if len(samples) >= self.encoder.min_samples:
                 offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
                 kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
