@@ -106,8 +106,9 @@ def check_rate(sample_rate) -> int:
     return int(sample_rate)
 
 
-def as_pcm_array(x, what: str) -> np.ndarray:
-    """A numpy array or tensor of a supported sample type, as numpy; TypeError otherwise."""
+def as_pcm_array(x, what: str, takes_paths: bool = True) -> np.ndarray:
+    """A numpy array or tensor of a supported sample type, as numpy; TypeError otherwise (naming a
+    path as an alternative where the caller ``takes_paths``)."""
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise TypeError(f"{what}: complex tensors are not audio")
@@ -116,7 +117,8 @@ def as_pcm_array(x, what: str) -> np.ndarray:
             x = x.float()
         x = x.numpy()
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{what}: expected a numpy array, a torch tensor or a path, got {type(x).__name__}")
+        kinds = "a numpy array, a torch tensor or a path" if takes_paths else "a numpy array or a torch tensor"
+        raise TypeError(f"{what}: expected {kinds}, got {type(x).__name__}")
     if x.dtype.type not in SUPPORTED_DTYPES:
         raise TypeError(f"{what}: unsupported sample type {x.dtype}; expected float16/32/64, int16 or int32 PCM")
     if not x.dtype.isnative:  # big-endian PCM: the native core and the dtype checks expect native order

@@ -149,7 +149,7 @@ class EncoderStream:
         return self._encode_windows(windows + self.chunker.flush())
 
     def _prepare(self, block) -> np.ndarray:
-        x = pcm_to_float32(as_pcm_array(block, "block"))
+        x = pcm_to_float32(as_pcm_array(block, "block", takes_paths=False))
         if x.ndim == 2 and 1 <= x.shape[1] <= MAX_CHANNELS:  # interleaved PCM, as sound cards deliver it
             x = x.mean(axis=1, dtype=np.float32)
         elif x.ndim != 1:

@@ -136,6 +136,8 @@ def test_stream_errors_and_flush(w2v_checkpoints):
         stream.push(np.full(100, np.nan, np.float32))
     with pytest.raises(TypeError, match="unsupported sample type"):
         stream.push(np.zeros(100, np.int8))
+    with pytest.raises(TypeError, match="expected a numpy array or a torch tensor, got float32"):
+        stream.push(np.float32(0.1))
     assert len(stream.push(np.zeros(0, np.float32))) == 0
     assert len(stream.push(speech_like(300))) == 0
     assert len(stream.flush()) == 0  # 300 samples make no frame (receptive field 400)
