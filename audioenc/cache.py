@@ -66,6 +66,8 @@ def _describe(entry: str) -> tuple[str, float]:
         last_used = os.path.getmtime(meta_path)
     except (OSError, ValueError):
         return "no readable meta.json (rebuilt at its next use)", os.path.getmtime(entry)
+    if not isinstance(meta, dict):
+        return "meta.json is not an audioenc cache record (rebuilt at its next use)", last_used
     fields = [meta.get(name) for name in ("family", "spec", "dtype", "profile", "gpu")]
     return ", ".join(str(f) for f in fields if f), last_used
 
@@ -101,11 +103,14 @@ def removable(entries: list[CacheEntry], unused_days: float | None = None) -> li
     return [e for e in entries if now - e.last_used >= max(age_limit, STALE_TMP_S if e.unfinished else 0.0)]
 
 
-def remove(entries: list[CacheEntry]) -> int:
-    """Deletes the entries' directories; returns the bytes freed."""
-    freed = 0
+def remove(entries: list[CacheEntry]) -> tuple[int, list[str]]:
+    """Deletes the entries' directories; returns the bytes freed and, per entry that could not be
+    removed (whole or in part), why."""
+    freed, failed = 0, []
     for entry in entries:
-        shutil.rmtree(entry.path, ignore_errors=True)
-        if not os.path.exists(entry.path):
+        try:
+            shutil.rmtree(entry.path)
             freed += entry.size
-    return freed
+        except OSError as exc:  # e.g. a read-only cache; a part may be gone: its next use rebuilds it
+            failed.append(f"{entry.path} ({exc})")
+    return freed, failed

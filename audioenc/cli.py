@@ -58,9 +58,11 @@ def cmd_cache(args) -> int:
               + ("; remove them with --clear (--unused-days N keeps recent ones)" if entries else ""))
         return 0
     doomed = removable(entries, args.unused_days)
-    freed = remove(doomed)
-    print(f"removed {len(doomed)} of {len(entries)} entries, {gib(freed)} freed from {cache_root()}")
-    return 0
+    freed, failed = remove(doomed)
+    print(f"removed {len(doomed) - len(failed)} of {len(entries)} entries, {gib(freed)} freed from {cache_root()}")
+    for line in failed:
+        print(f"error: could not remove {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]:

@@ -208,15 +208,18 @@ def entry_problem(entry: str, key: str) -> str | None:
             meta = json.load(f)
     except (OSError, ValueError) as exc:
         return f"no readable {META_FILE} ({exc})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        return f"{META_FILE} is not an audioenc cache record"
     if meta.get("key") != key:
         return "its key does not match"
-    for name, digest in meta.get("files", {}).items():
+    for name, digest in files.items():
         path = os.path.join(entry, name)
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             return f"{name} is missing"
         if file_digest(path) != digest:
             return f"{name} does not match its checksum"
-    if MODEL_FILE not in meta.get("files", {}):
+    if MODEL_FILE not in files:
         return f"{MODEL_FILE} is not recorded"
     return None
 
@@ -281,7 +284,7 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     key = cache_key(model, spec, weights)
     root = os.path.join(cache_root(), "onnx")
     entry = os.path.join(root, key)
-    if os.path.exists(entry):
+    if os.path.lexists(entry):
         problem = rebuild_reason or entry_problem(entry, key)
         if problem is None:
             mark_used(entry)
@@ -300,8 +303,10 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"key": key, "spec": repr(spec), "family": model.dims.family, "files": files}, f, indent=1)
-        if os.path.exists(entry):
+        if os.path.isdir(entry) and not os.path.islink(entry):
             shutil.rmtree(entry)
+        elif os.path.lexists(entry):  # a file or link where the entry belongs
+            os.remove(entry)
         try:
             os.replace(tmp, entry)
         except OSError:  # another process put a complete entry there first

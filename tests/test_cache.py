@@ -36,6 +36,7 @@ def filled(tmp_path, monkeypatch):
     make_entry(tmp_path, "onnx", ".tmp-young", 100, 0.01)       # an export running now
     make_entry(tmp_path, "onnx", ".tmp-dead", 200, 2)           # left by a killed process
     make_entry(tmp_path, "onnx", "d" * 32, 50, 1.5)             # no meta.json
+    make_entry(tmp_path, "onnx", "e" * 32, 60, 1.6, [1, 2])     # a meta.json of another shape
     with open(os.path.join(tmp_path, "tensorrt", "timing-10.0-H100.cache"), "wb") as f:
         f.write(b"\0" * 10)                                     # shared timing cache: not an entry
     return tmp_path
@@ -44,19 +45,20 @@ def filled(tmp_path, monkeypatch):
 def test_lists_entries_oldest_use_first_with_sizes_and_what_made_them(filled):
     entries = cache.list_entries()
     names = [os.path.basename(e.path) for e in entries]
-    assert names == ["a" * 32, "c" * 32, ".tmp-dead", "d" * 32, "b" * 32, ".tmp-young"]
+    assert names == ["a" * 32, "c" * 32, ".tmp-dead", "e" * 32, "d" * 32, "b" * 32, ".tmp-young"]
     by_name = dict(zip(names, entries))
     assert by_name["a" * 32].size == 3000 + os.path.getsize(os.path.join(filled, "onnx", "a" * 32, "meta.json"))
     assert by_name["a" * 32].what == "whisper, ExportSpec(num_layers=4)"
     assert by_name["c" * 32].kind == "tensorrt" and by_name["c" * 32].what == "float16, H100"
     assert by_name[".tmp-dead"].unfinished and by_name[".tmp-dead"].what == "unfinished export"
     assert "no readable meta.json" in by_name["d" * 32].what
+    assert "not an audioenc cache record" in by_name["e" * 32].what
 
 
 def test_removable_respects_last_use_and_never_takes_a_running_export(filled):
     entries = cache.list_entries()
     everything = {os.path.basename(e.path) for e in cache.removable(entries)}
-    assert everything == {"a" * 32, "b" * 32, "c" * 32, "d" * 32, ".tmp-dead"}
+    assert everything == {"a" * 32, "b" * 32, "c" * 32, "d" * 32, "e" * 32, ".tmp-dead"}
     old = {os.path.basename(e.path) for e in cache.removable(entries, unused_days=2.5)}
     assert old == {"a" * 32, "c" * 32}
 
@@ -64,10 +66,11 @@ def test_removable_respects_last_use_and_never_takes_a_running_export(filled):
 def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
     assert main(["cache"]) == 0
     listing = capsys.readouterr().out
-    assert "6 entries" in listing and "whisper, ExportSpec(num_layers=4)" in listing and str(filled) in listing
+    assert "7 entries" in listing and "whisper, ExportSpec(num_layers=4)" in listing and str(filled) in listing
     assert main(["cache", "--clear", "--unused-days", "2.5"]) == 0
-    assert "removed 2 of 6 entries" in capsys.readouterr().out
-    assert sorted(os.listdir(os.path.join(filled, "onnx"))) == sorted([".tmp-dead", ".tmp-young", "b" * 32, "d" * 32])
+    assert "removed 2 of 7 entries" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(filled, "onnx"))) == sorted([".tmp-dead", ".tmp-young", "b" * 32, "d" * 32,
+                                                                        "e" * 32])
     assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]
     assert main(["cache", "--clear"]) == 0
     assert os.listdir(os.path.join(filled, "onnx")) == [".tmp-young"]
@@ -77,7 +80,7 @@ def test_cli_rejects_unused_days_without_clear(filled, capsys):
     assert main(["cache", "--unused-days", "3"]) == 2
     assert main(["cache", "--clear", "--unused-days", "-1"]) == 2
     assert "--unused-days" in capsys.readouterr().err
-    assert len(cache.list_entries()) == 6
+    assert len(cache.list_entries()) == 7
 
 
 def test_empty_or_missing_cache(tmp_path, monkeypatch, capsys):
@@ -116,3 +119,18 @@ def test_an_unwritable_cache_says_where_and_what_to_do(w2v_checkpoints, tmp_path
     model = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch").backend.model
     with pytest.raises(OSError, match="cannot write the ONNX graph cache .*set AUDIOENC_CACHE"):
         cached_export(model, ExportSpec(num_layers=1))
+
+
+def test_clear_reports_what_it_could_not_remove(filled, monkeypatch, capsys):
+    real_rmtree = cache.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # as on a read-only cache (root passes permission checks here)
+        if path.endswith("a" * 32):
+            raise PermissionError(13, "Permission denied", path)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache.shutil, "rmtree", rmtree)
+    assert main(["cache", "--clear", "--unused-days", "2.5"]) == 1
+    out = capsys.readouterr()
+    assert "removed 1 of 7 entries" in out.out
+    assert "could not remove" in out.err and "a" * 32 in out.err and "Permission denied" in out.err

@@ -1,6 +1,7 @@
 """The onnx backend through audioenc.load: parity with the torch backend on padded batches and
 middle layers, dtypes, the on-disk cache (reuse, corrupt and stale entries), threads, fusions."""
 import os
+import shutil
 import threading
 
 import pytest
@@ -139,6 +140,16 @@ def test_cache_reused_then_corrupt_and_stale_entries_rebuilt(whisper_checkpoints
     with pytest.warns(UserWarning, match="onnxruntime could not load it"):
         audioenc.load(path, backend="onnx").backend.run(mel, None, 2)
     assert len(calls) == 4
+
+    # valid JSON of another shape, a directory where the graph belongs, a file where the entry belongs
+    for damage, message in ((lambda: open(meta, "w").write("[1, 2]"), "not an audioenc cache record"),
+                            (lambda: (os.remove(graph), os.mkdir(graph)), "model.onnx is missing"),
+                            (lambda: (shutil.rmtree(entry), open(entry, "w").write("x")), "no readable meta.json")):
+        damage()
+        with pytest.warns(UserWarning, match=message):
+            out = audioenc.load(path, backend="onnx").backend.run(mel, None, 2)[0]
+        assert rel_err(out, first) <= 1e-6
+    assert len(calls) == 7
     assert not [n for n in os.listdir(os.path.join(tmp_path, "onnx")) if n.startswith(".tmp")]
 
 

@@ -145,7 +145,7 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str) -> bytes:
                 mark_used(os.path.dirname(path))
                 return data
             problem = "its checksum does not match"
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON of another shape
             problem = f"its metadata is unreadable ({exc})"
         warnings.warn(f"audioenc: cached TensorRT engine {path} is unusable ({problem}); rebuilding it", stacklevel=2)
     timing = os.path.join(root, f"timing-{trt.__version__}-{gpu_id().replace(' ', '_')}.cache")
