@@ -54,6 +54,32 @@ def test_padded_batch_matches_torch_and_items_alone(variant, w2v_checkpoints):
         assert rel_err(batch.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["wav2vec2", "whisper"])
+def test_int8_items_do_not_depend_on_their_batch(family, tmp_path):
+    """Dynamic quantisation scales activations by their range over the batch tensor: int8 runs each
+    item alone, so a loud neighbour does not change a quiet item. The model is wide enough (64) for
+    its MatMuls to be quantised."""
+    import transformers
+
+    if family == "whisper":
+        config = transformers.WhisperConfig(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128,
+                                            decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64)
+        transformers.WhisperModel(config).save_pretrained(tmp_path)
+    else:
+        config = transformers.Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=128, conv_dim=(64,) * 7)
+        transformers.Wav2Vec2Model(config).save_pretrained(tmp_path)
+    enc = audioenc.load(str(tmp_path), backend="onnx", dtype="int8")
+    enc.cpu_max_padding = float("inf")  # one padded batch, not groups of similar length
+    quiet, loud = 0.05 * speech_like(16000, 1), speech_like(24000, 2) * 20
+    alone = enc.encode(quiet, output_hidden_states=True)
+    batch = enc.encode([quiet, loud], output_hidden_states=True)
+    n = int(alone.lengths[0])
+    assert torch.equal(batch.last_hidden_state[0, :n], alone.last_hidden_state[0])
+    assert torch.equal(batch.hidden_states[1][0, :n], alone.hidden_states[1][0])
+    assert batch.last_hidden_state[0, n:].abs().max() == 0  # padding stays 0
+
+
 def test_whisper_matches_torch(whisper_checkpoints):
     path, _ = whisper_checkpoints[128]
     waves = [speech_like(16000 * 3, 1), speech_like(16000 * 31, 2)]

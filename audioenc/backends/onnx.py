@@ -120,6 +120,28 @@ class OnnxBackend:
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
             output_hidden_states: bool = True):
+        if self.dtype != "int8" or inputs.shape[0] == 1:
+            return self.run_batch(inputs, lengths, num_layers, output_hidden_states)
+        # Dynamic quantisation scales an activation by its range over the whole batch tensor, so an
+        # item's int8 frames would depend on the rest of its batch: each item runs alone, at its length.
+        runs = [self.run_batch(inputs[i : i + 1] if lengths is None else inputs[i : i + 1, : int(lengths[i])],
+                               None if lengths is None else lengths[i : i + 1], num_layers, output_hidden_states)
+                for i in range(inputs.shape[0])]
+        frames = self.dims.n_ctx if lengths is None else self.dims.num_frames(inputs.shape[1])
+
+        def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:  # (1, f_i, D) each -> (B, frames, D), 0-padded
+            out = tensors[0].new_zeros(len(tensors), frames, tensors[0].shape[-1])
+            for i, t in enumerate(tensors):
+                out[i, : t.shape[1]] = t[0]
+            return out
+
+        hidden_states = [stacked([run[1][j] for run in runs]) for j in range(len(runs[0][1]))]
+        frame_lengths = None if lengths is None else torch.cat([run[2] for run in runs])
+        return stacked([run[0] for run in runs]), hidden_states, frame_lengths
+
+    def run_batch(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
+                  output_hidden_states: bool = True):
+        """One session run over the whole batch (the graph masks each item's padding)."""
         session = self.session(num_layers)
         device = self.device
         binding = session.io_binding()
