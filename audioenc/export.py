@@ -77,7 +77,7 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             torch.onnx.export(module, args, raw, dynamo=False, opset_version=opset, input_names=inputs,
                               output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
-                              custom_opsets={"com.microsoft": 1})
+                              custom_opsets={"com.microsoft": 1} if fused_attention else None)
         proto = onnx.load(raw)
     place_optional_inputs(proto)
     save_onnx(proto, path)
@@ -234,9 +234,11 @@ def check_disk_space(model: nn.Module, spec: ExportSpec, directory: str) -> None
     needed = weights * (1.0 if spec.dtype == "float32" else 1.5) * 1.1 + (64 << 20)
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise OSError(errno.ENOSPC, f"not enough disk space for the ONNX export in {directory}: it needs about "
-                                    f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free (the cache's place is "
-                                    "$AUDIOENC_CACHE; `audioenc cache --clear` empties it)")
+        place = os.path.dirname(os.path.abspath(directory))  # the export's own temporary folder is inside it
+        in_cache = os.path.commonpath([place, os.path.abspath(cache_root())]) == os.path.abspath(cache_root())
+        hint = " (the cache's place is $AUDIOENC_CACHE; `audioenc cache --clear` empties it)" if in_cache else ""
+        raise OSError(errno.ENOSPC, f"not enough disk space for the ONNX export in {place}: it needs about "
+                                    f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free{hint}")
 
 
 def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:

@@ -109,7 +109,7 @@ def check_half_headroom(peaks: dict[str, float]) -> None:
     if over:
         detail = ", ".join(f"{layer}: {peak:.3g}" for layer, peak in over.items())
         raise ValueError(f"float16 export would risk overflow: max |activation| within {FP16_HEADROOM:g}x of "
-                         f"{FP16_MAX:g} ({detail}); use float32 or bfloat16")
+                         f"{FP16_MAX:g} ({detail}); use float32 (or bfloat16 on the torch or triton backend)")
 
 
 def quantize_int8(fp32_path: str, path: str) -> None:

@@ -211,3 +211,14 @@ def test_shared_by_threads(w2v_checkpoints):
         t.join()
     assert not errors and len(results) == 12
     assert all(torch.equal(r, want) for r in results)
+
+
+def test_thread_count_follows_the_environment(w2v_checkpoints, monkeypatch):
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    monkeypatch.setenv("AUDIOENC_ONNX_THREADS", "1")
+    assert enc.backend.session_options().intra_op_num_threads == 1
+    monkeypatch.setenv("AUDIOENC_ONNX_THREADS", "0")
+    with pytest.raises(ValueError, match="AUDIOENC_ONNX_THREADS must be a whole number >= 1"):
+        enc.backend.session_options()
+    monkeypatch.delenv("AUDIOENC_ONNX_THREADS")
+    assert enc.backend.session_options().intra_op_num_threads == len(os.sched_getaffinity(0))

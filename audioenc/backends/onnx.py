@@ -70,7 +70,7 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = onnx_threads()
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = True  # reuse activation buffers across calls
         if self.dtype == "bfloat16":
@@ -163,6 +163,17 @@ class OnnxBackend:
         session.run_with_iobinding(binding)
         hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)] if output_hidden_states else []
         return outputs["last_hidden_state"], hidden_states, outputs.get("frame_lengths")
+
+
+def onnx_threads() -> int:
+    """onnxruntime's intra-op threads: $AUDIOENC_ONNX_THREADS, else the cores this process may run on
+    (its CPU affinity, as taskset and container cpusets set it)."""
+    value = os.environ.get("AUDIOENC_ONNX_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"AUDIOENC_ONNX_THREADS must be a whole number >= 1, got {value!r}")
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def bind(method, name: str, tensor: torch.Tensor) -> None:
