@@ -388,47 +388,13 @@ def positional_conv_rate(repeats, device, dtype) -> str:
     return line
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--tiny", action="store_true", help="tiny models (automatic without CUDA)")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--budget", type=float, default=float("inf"),
-                        help="seconds: start no new case after this (a lent GPU's time is short)")
-    parser.add_argument("--cases", default="", help="only these, as NAME:BATCH,... (e.g. whisper-large-v3:16)")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32  # CPU interpreter: fp16 matmuls are too slow
-    repeats = 1 if TINY else args.repeats
-    peak = matmul_rate() if device == "cuda" else None
-    rows = []
+def micro_benchmarks(repeats, device, dtype) -> list[str]:
+    """The kernels alone against their torch counterparts: the BENCHMARKS.md lines."""
     att_rows = attention_vs_sdpa(repeats, device, dtype)
     fc1_rows = linear_gelu_vs_cublas(repeats, device, dtype)
     conv_rows = conv_vs_cudnn(repeats, device, dtype)
     pos_line = positional_conv_rate(repeats, device, dtype)
-    started = time.perf_counter()
-    for name, family, config, seconds, batch in (TINY_CASES if TINY else REAL_CASES):
-        if args.cases and f"{name}:{batch}" not in args.cases.split(","):
-            continue
-        if time.perf_counter() - started > args.budget:
-            print(f"budget of {args.budget:g} s spent: {name} batch {batch} and later cases not run", flush=True)
-            break
-        case_rows = run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
-        print("\n".join(case_rows), flush=True)
-        rows += case_rows
-    card = torch.cuda.get_device_name() if device == "cuda" else "no GPU (CPU, Triton interpreter)"
-    body = "\n".join([
-        f"Machine: {card}; {machine()}. {versions('torch', 'triton', 'transformers', 'audioenc')}. "
-        f"Median of {repeats} runs ({'CUDA events' if device == 'cuda' else 'wall time'} after warm-up), "
-        f"random weights, encoder forward only "
-        f"(inputs on the device). RTF = compute time / audio time. Relative error: audioenc's backends against "
-        f"its float32 torch reference on the same weights (transformers has its own random weights: timing only). "
-        + (f"Measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s." if peak else ""),
-        "",
-        "| case | engine | ms / item | RTF | triton speed-up | fraction of matmul rate | rel. error vs fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
+    return [
         "Attention alone (ms per call, 20 calls replayed from a CUDA graph):",
         "",
         "| shape | torch SDPA | audioenc triton | speed-up |",
@@ -454,6 +420,50 @@ def main() -> None:
         "",
         pos_line,
         "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="tiny models (automatic without CUDA)")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds: start no new case after this (a lent GPU's time is short)")
+    parser.add_argument("--cases", default="", help="only these, as NAME:BATCH,... (e.g. whisper-large-v3:16)")
+    parser.add_argument("--no-micro", action="store_true",
+                        help="only the cases, not the kernels alone (attention, fc1 + GELU, conv layers)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32  # CPU interpreter: fp16 matmuls are too slow
+    repeats = 1 if TINY else args.repeats
+    peak = matmul_rate() if device == "cuda" else None
+    rows = []
+    micro_lines = [] if args.no_micro else micro_benchmarks(repeats, device, dtype)
+    started = time.perf_counter()
+    for name, family, config, seconds, batch in (TINY_CASES if TINY else REAL_CASES):
+        if args.cases and f"{name}:{batch}" not in args.cases.split(","):
+            continue
+        if time.perf_counter() - started > args.budget:
+            print(f"budget of {args.budget:g} s spent: {name} batch {batch} and later cases not run", flush=True)
+            break
+        case_rows = run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
+        print("\n".join(case_rows), flush=True)
+        rows += case_rows
+    card = torch.cuda.get_device_name() if device == "cuda" else "no GPU (CPU, Triton interpreter)"
+    body = "\n".join([
+        f"Machine: {card}; {machine()}. {versions('torch', 'triton', 'transformers', 'audioenc')}. "
+        f"Median of {repeats} runs ({'CUDA events' if device == 'cuda' else 'wall time'} after warm-up), "
+        f"random weights, encoder forward only "
+        f"(inputs on the device). RTF = compute time / audio time. Relative error: audioenc's backends against "
+        f"its float32 torch reference on the same weights (transformers has its own random weights: timing only). "
+        + (f"Measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s." if peak else ""),
+        "",
+        "| case | engine | ms / item | RTF | triton speed-up | fraction of matmul rate | rel. error vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        *micro_lines,
         "Targets on an H100: >= 1.5x transformers SDPA and >= 1.2x torch.compile at batch 16; >= 0.5 of the "
         "matmul rate for whisper-large-v3 at batch 16; attention at least as fast as SDPA (flash).",
     ])

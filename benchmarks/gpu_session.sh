@@ -13,7 +13,8 @@
 # parts with TESTS_S and BENCH_S (whole-run seconds) and skip the frontend bench with SKIP_FRONTEND=1.
 # A 15-minute lease fits `TESTS_S=240 BENCH_S=300 SKIP_FRONTEND=1 ... all 170` (about 9.5 minutes with
 # the build), then `profile` at once while the machine is still warm. CASES=NAME:BATCH,... limits the
-# bench to those cases (e.g. the ones an earlier lease did not reach: bench_gpu.py --cases).
+# bench to those cases (e.g. the ones an earlier lease did not reach: bench_gpu.py --cases); NO_MICRO=1
+# skips the kernels-alone benchmarks.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/audioenc-gpu}
@@ -61,7 +62,7 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
         timeout 90 python3 benchmarks/bench_frontend_gpu.py --runs 20 >"$OUT/bench_frontend_gpu.log" 2>&1
         tail -8 "$OUT/bench_frontend_gpu.log"
     fi
-    timeout "$bench_s" python3 benchmarks/bench_gpu.py --budget "$budget" ${CASES:+--cases "$CASES"} \
+    timeout "$bench_s" python3 benchmarks/bench_gpu.py --budget "$budget" ${CASES:+--cases "$CASES"} ${NO_MICRO:+--no-micro} \
         >"$OUT/bench_gpu.log" 2>&1
     echo "bench_gpu: rc $?"
     grep -E "^\||failed|budget" "$OUT/bench_gpu.log" | cut -c1-250 | tail -40
