@@ -222,17 +222,19 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
 
     paths = ""
 
-    def audioenc_backend(cls, residual_dtype=None, gelu=None):
-        """The backend; residual_dtype and gelu (the cuBLAS fc1 path's approximation) set the experiments."""
+    def audioenc_backend(cls, **experiment):
+        """The backend; experiment sets attributes of its model (residual_dtype, residual_in_matmul) or
+        gelu, the cuBLAS fc1 path's approximation."""
         nonlocal paths
         backend = cls(copy.deepcopy(ref_model), torch.device(device), dtype_name)
-        if residual_dtype is not None:
-            backend.model.residual_dtype = residual_dtype
-        for block in backend.model.blocks if gelu else []:
-            block.fc1_gelu.approximate = gelu
+        for block in backend.model.blocks if "gelu" in experiment else []:
+            block.fc1_gelu.approximate = experiment["gelu"]
+        for attribute, value in experiment.items():
+            if attribute != "gelu":
+                setattr(backend.model, attribute, value)
         fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
         out = fn()[0]
-        if cls is TritonBackend and residual_dtype is None and gelu is None:
+        if cls is TritonBackend and not experiment:
             paths = kept_paths(backend.model)
         return fn, out
 
@@ -252,12 +254,16 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     contender(f"audioenc torch {short}", lambda: audioenc_backend(TorchBackend))
     ours_label = f"audioenc triton {short}"
     contender(ours_label, lambda: audioenc_backend(TritonBackend))
-    if family == "whisper":  # the defaults' alternatives, to see what each is worth
-        experiments = {"float16 residual stream": (torch.float16, None),
-                       "exact GELU as a separate pass": (None, "none")}
-        for what, (residual_dtype, gelu) in experiments.items():
-            contender(f"audioenc triton {short}, {what} (experiment)",
-                      lambda: audioenc_backend(TritonBackend, residual_dtype, gelu))
+    # The defaults' alternatives, to see what each is worth.
+    experiments = {}
+    if family == "whisper" or dims.do_stable_layer_norm:  # the pre-LN models
+        experiments["residual added by the LayerNorm kernels"] = dict(residual_in_matmul=False)
+    if family == "whisper":
+        experiments["float16 residual stream"] = dict(residual_dtype=torch.float16)
+        experiments["exact GELU as a separate pass"] = dict(gelu="none")
+    for what, experiment in experiments.items():
+        contender(f"audioenc triton {short}, {what} (experiment)",
+                  lambda: audioenc_backend(TritonBackend, **experiment))
     ours = results.get(ours_label)
     flops = flops_per_item(dims, frames, samples) * batch
     rows = []
