@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # What a lent CUDA machine should check; logs (and BENCHMARKS.md after a bench) land in $OUT.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|profile|all] [BENCH_BUDGET_S]
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|profile|sweep|all] [BENCH_BUDGET_S]
 #
 # Always builds the native core (CUDA sources included, ~20 s). `tests`: every test that uses the GPU
 # (first the `gpu` ones: real sizes and the CUDA log-mel; then the kernel and triton-backend tests
 # compiled instead of interpreted), in parallel workers when pytest-xdist is there.
 # `bench`: the CUDA frontend and bench_gpu.py, which
 # starts no new case once BENCH_BUDGET_S (default 200) seconds are spent. `profile`: the triton
-# backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute).
+# backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute). `sweep`:
+# every attention config timed alone (sweep_attention.py, about three minutes).
 # `all` (default) does tests and bench; on a lease of 10-minute calls, run them as two calls, or cap the
 # parts with TESTS_S and BENCH_S (whole-run seconds) and skip the frontend bench with SKIP_FRONTEND=1.
 # A 15-minute lease fits `TESTS_S=240 BENCH_S=300 SKIP_FRONTEND=1 ... all 170` (about 9.5 minutes with
@@ -67,6 +68,12 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
     echo "bench_gpu: rc $?"
     grep -E "^\||failed|budget" "$OUT/bench_gpu.log" | cut -c1-250 | tail -40
     cp BENCHMARKS.md "$OUT/"
+fi
+
+if [ "$part" = sweep ]; then
+    (cd benchmarks && timeout 300 python3 sweep_attention.py >"$OUT/sweep_attention.log" 2>&1)
+    echo "sweep_attention: rc $?"
+    grep -E "^(###|\| (torch|autotuned))" "$OUT/sweep_attention.log"
 fi
 
 if [ "$part" = profile ]; then

@@ -5,7 +5,8 @@
 
 The autotuner keeps one config per shape class and says nothing about the others; this shows how
 far apart they are, whether configs outside the tuned list would win, and what loading the steady
-key blocks with Hopper's tensor memory accelerator (host TensorDescriptors) gives. Shapes are the
+key blocks with Hopper's tensor memory accelerator (host TensorDescriptors) gives (stop 17, H200:
+nothing; BENCHMARKS.md). Shapes are the
 backend's: q, k, v are views of one fused (B, T, 3, H, D) projection. Each row is checked against
 SDPA's output. ms per call from a CUDA graph of 20 calls.
 """
@@ -21,9 +22,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from audioenc.kernels.attention import LOG2E, _attend_keys, _attention_fwd_kernel, attention  # noqa: E402
 
-CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 4, 4),
-           (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4),  # the tuned list
-           (128, 128, 8, 4), (128, 64, 8, 4), (128, 64, 8, 2), (256, 64, 8, 3), (256, 64, 8, 2), (256, 128, 8, 2),
+# (BLOCK_M, BLOCK_N, warps, stages): kernels/attention.py's tuned list first, then configs outside it
+CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 32, 4, 4),
+           (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4),
+           (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 2), (256, 64, 8, 3), (256, 64, 8, 2), (256, 128, 8, 2),
            (128, 128, 4, 2), (64, 128, 4, 3)]
 
 

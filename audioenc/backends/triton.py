@@ -56,35 +56,11 @@ class _Linear:
 
     def __init__(self, layers: list[nn.Linear], dtype, device):
         self.weight = torch.cat([l.weight for l in layers]).to(device, dtype).contiguous()
-        bias = torch.cat([l.bias if l.bias is not None else torch.zeros(l.out_features) for l in layers])
-        self.bias, self.bias_float = bias.to(device, dtype), bias.float().to(device)
+        self.bias = torch.cat([l.bias if l.bias is not None else torch.zeros(l.out_features) for l in layers]
+                              ).to(device, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-    def add_into(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """r + x @ weight.T in r's dtype, without the bias: cuBLAS reads r as its C matrix, so the
-        residual add costs no pass of its own, and the product is added unrounded."""
-        flat, r2 = x.reshape(-1, x.shape[-1]), r.reshape(-1, r.shape[-1])
-        if x.dtype == r.dtype:
-            out = torch.addmm(r2, flat, self.weight.t())
-        elif x.is_cuda:
-            out = torch.addmm(r2, flat, self.weight.t(), out_dtype=r.dtype)
-        else:  # mixed-dtype addmm is CUDA-only (Triton's interpreter runs on CPU tensors)
-            out = r2 + (flat @ self.weight.t()).to(r.dtype)
-        return out.view(r.shape)
-
-
-def _mixed_addmm_works(device) -> bool:
-    """Whether this torch has cuBLAS's float32-output addmm of half-precision matrices."""
-    if device.type != "cuda":
-        return True  # the CPU form in _Linear.add_into
-    try:
-        c = torch.zeros(1, 8, device=device)
-        return bool(torch.addmm(c, torch.ones(1, 8, device=device, dtype=torch.float16),
-                                torch.ones(8, 8, device=device, dtype=torch.float16), out_dtype=torch.float32)[0, 0] == 8)
-    except (TypeError, RuntimeError):
-        return False
 
 
 def _faster(first, second, repeats: int = 7) -> bool:
@@ -213,10 +189,10 @@ class _Norm:
         self.bias = norm.bias.detach().float().to(device)
         self.eps = norm.eps
 
-    def __call__(self, x, residual=None, out_dtype=None, sum_dtype=None, shift=None):
+    def __call__(self, x, residual=None, out_dtype=None, sum_dtype=None):
         from audioenc.kernels.layer_norm import add_layer_norm
 
-        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, sum_dtype, shift=shift)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, sum_dtype)
 
 
 class _Block:
@@ -237,9 +213,7 @@ class _Block:
             self.gate = tuple(t.to(device) for t in fold_gate_linear(lin.weight, lin.bias)) + (
                 attention.gru_rel_pos_const.detach().float().reshape(-1).contiguous().to(device),)
 
-    def attend(self, h: torch.Tensor, lengths: torch.Tensor | None, rel_bias: torch.Tensor | None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-        """out_proj(attention(h)); with a residual, residual + out_proj(...) without its bias."""
+    def attend(self, h: torch.Tensor, lengths: torch.Tensor | None, rel_bias: torch.Tensor | None) -> torch.Tensor:
         from audioenc.kernels.attention import attention
         from audioenc.kernels.wavlm_gate import wavlm_gate
 
@@ -247,25 +221,22 @@ class _Block:
         heads = self.num_heads
         qkv = self.qkv(h).view(batch, frames, 3, heads, dim // heads)
         gate = wavlm_gate(h, heads, *self.gate) if rel_bias is not None else None
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, rel_bias, gate).view(batch, frames, dim)
-        return self.out_proj(out) if residual is None else self.out_proj.add_into(residual, out)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, rel_bias, gate)
+        return self.out_proj(out.view(batch, frames, dim))
 
-    def feed_forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """fc2(gelu(fc1(h))); with a residual, residual + fc2(...) without its bias."""
-        return self.fc2(self.fc1_gelu(h)) if residual is None else self.fc2.add_into(residual, self.fc1_gelu(h))
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1_gelu(h))
 
 
 def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_norm: _Norm | None,
                 num_layers: int, lengths, rel_bias, dtype, keep_hidden: bool,
-                residual_dtype: torch.dtype = torch.float32,
-                residual_in_matmul: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                residual_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Runs the first num_layers blocks on x (the input of layer 0, in residual_dtype for pre-LN).
 
     Pre-LN: the residual stream r (float32 unless residual_dtype says otherwise) is each hidden
     state; every add is fused with the next LayerNorm (this layer's second, the next layer's first,
     or the final one), which sums in float32 and stores r in residual_dtype.
     Post-LN: hidden states are the LayerNorm outputs in the compute dtype.
-    residual_in_matmul (pre-LN only): see _run_pre_norm_blocks_adding_in_matmuls.
     Returns (output, hidden states); the output is after final_norm when every layer ran. The
     hidden states are [] unless keep_hidden: then each layer's output can be freed as the next one
     runs (a CUDA graph keeps whatever the forward returns: 16 GB of them for whisper-large-v3 at
@@ -280,14 +251,10 @@ def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_nor
             x, _ = block.norm2(block.feed_forward(x), x)
             keep(x)
         return x, hidden_states
-    if num_layers == 0:
-        return x, hidden_states
-    if residual_in_matmul:
-        out = _run_pre_norm_blocks_adding_in_matmuls(blocks, x, final_norm, num_layers, lengths, rel_bias, dtype,
-                                                     hidden_states if keep_hidden else None)
-        return out, hidden_states
     r = x
     out = r
+    if num_layers == 0:
+        return out, hidden_states
     h, _ = blocks[0].norm1(r, out_dtype=dtype)
     for i, block in enumerate(blocks[:num_layers]):
         h2, r = block.norm2(block.attend(h, lengths, rel_bias), r, sum_dtype=residual_dtype)
@@ -302,37 +269,6 @@ def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_nor
             out = r
         keep(r)
     return out, hidden_states
-
-
-def _run_pre_norm_blocks_adding_in_matmuls(blocks, r, final_norm, num_layers, lengths, rel_bias, dtype,
-                                           hidden_states: list | None):
-    """_run_blocks' pre-LN stack with each residual add done by the matmul that ends its branch
-    (out_proj, fc2), which reads the stream r as its C matrix and writes the sum. The LayerNorms then
-    only read r: 6 bytes an element instead of 12 with a float32 stream (whisper-large-v3: 64 passes
-    over 16 x 1500 x 1280). Those matmuls' biases are left out of r: their running sum is a
-    per-channel constant, `shift`, that the LayerNorms add as they read, so r holds the hidden state
-    minus shift. Returns the output; each layer's hidden state goes to hidden_states unless None."""
-    shift = None
-    for block in blocks[:num_layers]:
-        h, _ = block.norm1(r, out_dtype=dtype, shift=shift)
-        r = block.attend(h, lengths, rel_bias, residual=r)
-        h2, _ = block.norm2(r, out_dtype=dtype, shift=block.shift_after_attention)
-        r = block.feed_forward(h2, residual=r)
-        shift = block.shift_after_feed_forward
-        if hidden_states is not None:
-            hidden_states.append(r + shift)
-    if final_norm is not None and num_layers == len(blocks):
-        return final_norm(r, out_dtype=torch.float32, shift=shift)[0]
-    return r + shift
-
-
-def _running_bias_sums(blocks: list[_Block]) -> None:
-    """Each block's shift_after_attention / shift_after_feed_forward: the sum of the out_proj and fc2
-    biases up to there (float32), for _run_pre_norm_blocks_adding_in_matmuls."""
-    total = torch.zeros_like(blocks[0].out_proj.bias_float) if blocks else None
-    for block in blocks:
-        block.shift_after_attention = total = total + block.out_proj.bias_float
-        block.shift_after_feed_forward = total = total + block.fc2.bias_float
 
 
 class _FastWav2Vec2:
@@ -369,10 +305,6 @@ class _FastWav2Vec2:
         self.fc1_choices = {}
         self.blocks = [_Block(l.attention, l.layer_norm, l.final_layer_norm, l.feed_forward.intermediate_dense,
                               l.feed_forward.output_dense, dtype, device, self.fc1_choices) for l in encoder.layers]
-        # Pre-LN models add into their float32 residual stream inside the matmuls (see
-        # _run_pre_norm_blocks_adding_in_matmuls); bench_gpu.py times the other way too.
-        self.residual_in_matmul = self.pre_norm and _mixed_addmm_works(device)
-        _running_bias_sums(self.blocks)
         self.rel_embedding = None
         if self.dims.family == "wavlm":
             self.rel_embedding = encoder.layers[0].attention.rel_attn_embed.weight.detach().float().to(device)
@@ -403,7 +335,9 @@ class _FastWav2Vec2:
         frames = x.shape[1]
         valid = torch.arange(frames, device=x.device)[None, :] < frame_lengths[:, None]
         x = x * valid[..., None].to(x.dtype)  # padding must not leak into valid frames via the pos conv
-        pos = F.conv1d(x.transpose(1, 2), self.pos_weight, self.pos_bias, padding=self.pos_padding,
+        # cuDNN ran this grouped conv on the transposed view as one kernel per group plus layout
+        # conversions (wav2vec2-large, batch 16, H200: 3.5 ms, 21% of the forward); the copy costs ~10 us.
+        pos = F.conv1d(x.transpose(1, 2).contiguous(), self.pos_weight, self.pos_bias, padding=self.pos_padding,
                        groups=self.pos_groups)
         pos = F.gelu(pos[..., :frames]).transpose(1, 2)  # even kernels drop the last frame
         if self.pre_norm:
@@ -417,8 +351,7 @@ class _FastWav2Vec2:
             rel_bias = relative_bias_table(self.rel_embedding, frames, self.dims.num_buckets,
                                            self.dims.max_bucket_distance)
         out, hidden_states = _run_blocks(self.blocks, x, self.pre_norm, self.encoder_norm if self.pre_norm else None,
-                                         num_layers, frame_lengths, rel_bias, self.dtype, keep_hidden,
-                                         residual_in_matmul=self.residual_in_matmul)
+                                         num_layers, frame_lengths, rel_bias, self.dtype, keep_hidden)
         return out, hidden_states, frame_lengths
 
 
@@ -440,8 +373,6 @@ class _FastWhisper:
         self.blocks = [_Block(l.self_attn, l.self_attn_layer_norm, l.final_layer_norm, l.fc1, l.fc2, dtype, device,
                               self.fc1_choices) for l in model.layers]
         self.final_norm = _Norm(model.layer_norm, device)
-        self.residual_in_matmul = _mixed_addmm_works(device)  # as in _FastWav2Vec2
-        _running_bias_sums(self.blocks)
 
     def __call__(self, mel: torch.Tensor, num_layers: int, keep_hidden: bool = True):
         from audioenc.kernels.conv_feature import conv1d_gelu
@@ -449,7 +380,7 @@ class _FastWhisper:
         x = conv1d_gelu(mel.to(self.dtype).transpose(1, 2), *self.conv1, stride=1, padding=1)
         x = conv1d_gelu(x, *self.conv2, stride=2, padding=1, add=self.positions, out_dtype=self.residual_dtype)
         out, hidden_states = _run_blocks(self.blocks, x, True, self.final_norm, num_layers, None, None, self.dtype,
-                                         keep_hidden, self.residual_dtype, self.residual_in_matmul)
+                                         keep_hidden, self.residual_dtype)
         if num_layers == len(self.blocks) and keep_hidden:
             hidden_states[-1] = out
         return out, hidden_states
