@@ -40,7 +40,8 @@ class CacheEntry:
     path: str
     size: int          # bytes
     last_used: float   # seconds since the epoch
-    what: str          # e.g. "whisper, ExportSpec(num_layers=32, ...)"; "unfinished export" for .tmp-*
+    what: str          # e.g. "whisper, ExportSpec(num_layers=32, ...) (from openai/whisper-large-v3)";
+                       # "unfinished export" for .tmp-*
 
     @property
     def unfinished(self) -> bool:
@@ -69,7 +70,10 @@ def _describe(entry: str) -> tuple[str, float]:
     if not isinstance(meta, dict):
         return "meta.json is not an audioenc cache record (rebuilt at its next use)", last_used
     fields = [meta.get(name) for name in ("family", "spec", "dtype", "profile", "gpu")]
-    return ", ".join(str(f) for f in fields if f), last_used
+    # The checkpoint the entry was first built from (the key is the weights', so another copy of them
+    # shares it); entries written before audioenc recorded it have none.
+    source = f" (from {meta['source']})" if meta.get("source") else ""
+    return ", ".join(str(f) for f in fields if f) + source, last_used
 
 
 def list_entries() -> list[CacheEntry]:

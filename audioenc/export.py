@@ -304,7 +304,8 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         build_graph(model, spec, tmp)
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({"key": key, "spec": repr(spec), "family": model.dims.family, "files": files}, f, indent=1)
+            json.dump({"key": key, "spec": repr(spec), "family": model.dims.family,
+                       "source": getattr(model, "checkpoint_source", None), "files": files}, f, indent=1)
         if os.path.isdir(entry) and not os.path.islink(entry):
             shutil.rmtree(entry)
         elif os.path.lexists(entry):  # a file or link where the entry belongs

@@ -51,5 +51,6 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random architectures are the same every run
         model = build_model(checkpoint, random_weights=random_weights)
+    model.checkpoint_source = name  # recorded with the graphs and engines exported from it (audioenc cache)
     runner = backend_class(backend_name)(model, torch_device, dtype)
     return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, name, checkpoint.preprocessor, random_weights)

@@ -107,6 +107,7 @@ def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeyp
     assert time.time() - os.path.getmtime(meta) < DAY
     (entry,) = cache.list_entries()
     assert entry.kind == "onnx" and entry.what.startswith("wav2vec2, ExportSpec(num_layers=1")
+    assert entry.what.endswith(f"(from {w2v_checkpoints['wav2vec2-group'][0]})")  # the checkpoint it came from
 
 
 def test_an_unwritable_cache_says_where_and_what_to_do(w2v_checkpoints, tmp_path, monkeypatch):

@@ -125,8 +125,9 @@ def atomic_bytes(path: str, data) -> None:
             os.remove(tmp)
 
 
-def cached_engine(onnx_path: str, profile: Profile, dtype: str) -> bytes:
-    """The serialized engine, from the cache when its checksum holds, else built and cached."""
+def cached_engine(onnx_path: str, profile: Profile, dtype: str, source: str | None = None) -> bytes:
+    """The serialized engine, from the cache when its checksum holds, else built and cached
+    (``source``, the checkpoint, goes in its meta.json for ``audioenc cache``)."""
     import tensorrt as trt
 
     from audioenc.cache import cache_root, mark_used
@@ -152,7 +153,8 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str) -> bytes:
     data = build_engine(onnx_path, profile, timing)
     atomic_bytes(path, data)
     atomic_bytes(meta_path, json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "profile": repr(profile),
-                                        "dtype": dtype, "tensorrt": trt.__version__, "gpu": gpu_id()}).encode())
+                                        "dtype": dtype, "tensorrt": trt.__version__, "gpu": gpu_id(),
+                                        "source": source}).encode())
     return data
 
 
@@ -168,7 +170,8 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers, dtype=dtype)
-    atomic_bytes(target, cached_engine(cached_export(model, spec), profile, dtype))
+    atomic_bytes(target, cached_engine(cached_export(model, spec), profile, dtype,
+                                       getattr(model, "checkpoint_source", None)))
     return [target]
 
 
@@ -213,7 +216,8 @@ class TensorRTBackend:
                 onnx_path = cached_export(self.model, ExportSpec(num_layers=num_layers, dtype=self.dtype), self.weights)
                 runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
                 with torch.cuda.device(self.device):
-                    engine = runtime.deserialize_cuda_engine(cached_engine(onnx_path, self.profile, self.dtype))
+                    engine = runtime.deserialize_cuda_engine(cached_engine(
+                        onnx_path, self.profile, self.dtype, getattr(self.model, "checkpoint_source", None)))
                 if engine is None:
                     raise ValueError(f"TensorRT could not deserialize the engine for {onnx_path}")
                 self.engines[num_layers] = engine
