@@ -1,12 +1,13 @@
 """Every attention config, and a variant that loads keys and values by TMA, timed one by one.
 
     python benchmarks/sweep_attention.py            # CUDA machine
+    python benchmarks/sweep_attention.py --quick    # whisper-large-v3's shape and the tuned list only
     python benchmarks/sweep_attention.py --tiny     # anywhere (interpreter): proves it runs
 
 The autotuner keeps one config per shape class and says nothing about the others; this shows how
 far apart they are, whether configs outside the tuned list would win, and what loading the steady
 key blocks with Hopper's tensor memory accelerator (host TensorDescriptors) gives (stop 17, H200:
-nothing; BENCHMARKS.md). Shapes are the
+nothing; BENCHMARKS.md), and the same with the key loop warp-specialized (not yet run on a GPU). Shapes are the
 backend's: q, k, v are views of one fused (B, T, 3, H, D) projection. Each row is checked against
 SDPA's output. ms per call from a CUDA graph of 20 calls.
 """
@@ -20,13 +21,12 @@ import torch.nn.functional as F
 from bench_gpu import TINY, graph_timed  # sets TRITON_INTERPRET without CUDA, before triton loads
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from audioenc.kernels.attention import LOG2E, _attend_keys, _attention_fwd_kernel, attention  # noqa: E402
+from audioenc.kernels.attention import (  # noqa: E402
+    LOG2E, TUNED_CONFIGS, _attend_keys, _attention_fwd_kernel, attention)
 
-# (BLOCK_M, BLOCK_N, warps, stages): kernels/attention.py's tuned list first, then configs outside it
-CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 32, 4, 4),
-           (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4),
-           (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 2), (256, 64, 8, 3), (256, 64, 8, 2), (256, 128, 8, 2),
-           (128, 128, 4, 2), (64, 128, 4, 3)]
+# (BLOCK_M, BLOCK_N, warps, stages): the tuned list, then configs outside it
+CONFIGS = TUNED_CONFIGS + [(128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 2), (256, 64, 8, 3), (256, 64, 8, 2),
+                           (256, 128, 8, 2), (128, 128, 4, 2), (64, 128, 4, 3)]
 
 
 @triton.jit
@@ -36,9 +36,11 @@ def _attention_tma_kernel(
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     num_heads, seq_len, qk_scale,
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """The tuned kernel with its steady key loop on TMA loads (rows b * T + n of a (B * T, H * D)
-    view); the partial last block keeps masked pointer loads."""
+    view), optionally warp-specialized (producer warps load while consumer warps compute, as
+    FlashAttention-3 does); the partial last block keeps masked pointer loads."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -57,7 +59,7 @@ def _attention_tma_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full = (hi // BLOCK_N) * BLOCK_N
     row0 = b * seq_len
-    for start_n in range(0, full, BLOCK_N):
+    for start_n in tl.range(0, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = desc_k.load([row0 + start_n, h * HEAD_DIM])
         s = tl.dot(q, tl.trans(k))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -77,7 +79,7 @@ def _attention_tma_kernel(
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_m[:, None])
 
 
-def launch(config, q, k, v, lengths, tma: bool):
+def launch(config, q, k, v, lengths, tma: bool, warp_specialize: bool = False):
     """One forward with a fixed config, through the tuned kernel or the TMA variant."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -92,7 +94,7 @@ def launch(config, q, k, v, lengths, tma: bool):
         desc = lambda x: TensorDescriptor(x, [b * t, h * d], [x.stride(1), 1], [bn, d])
         _attention_tma_kernel[grid](q, k, v, out, lens, desc(k), desc(v), *strides, h, t, d ** -0.5 * LOG2E,
                                     HEAD_DIM=d, HAS_LENGTHS=lengths is not None, BLOCK_M=bm, BLOCK_N=bn,
-                                    num_warps=warps, num_stages=stages)
+                                    WARP_SPECIALIZE=warp_specialize, num_warps=warps, num_stages=stages)
     else:
         _attention_fwd_kernel.fn[grid](q, k, v, out, lens, out, out, *strides, 0, 0, 0, h, t, d ** -0.5 * LOG2E,
                                        0, 0, HEAD_DIM=d, BLOCK_D=d, HAS_LENGTHS=lengths is not None,
@@ -101,7 +103,7 @@ def launch(config, q, k, v, lengths, tma: bool):
     return out
 
 
-def sweep(b, t, h, d, masked, repeats, device, dtype):
+def sweep(b, t, h, d, masked, repeats, device, dtype, configs):
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(b, t, 3, h, d, device=device, dtype=dtype, generator=gen)
     q, k, v = qkv.unbind(2)
@@ -117,8 +119,10 @@ def sweep(b, t, h, d, masked, repeats, device, dtype):
     t_sdpa = graph_timed(sdpa, repeats)
     print(f"| torch SDPA | | {1000 * t_sdpa:.3f} | {flops / t_sdpa / 1e12:.0f} | 1.00x | |", flush=True)
     ways = [("autotuned", None, lambda: attention(q, k, v, lengths))]
-    ways += [(name, c, (lambda c=c, tma=tma: launch(c, q, k, v, lengths, tma)))
-             for c in (CONFIGS if not TINY else CONFIGS[:1]) for name, tma in (("pointer", False), ("tma", True))]
+    variants = (("pointer", False, False), ("tma", True, False), ("tma, warp-specialized", True, True))
+    ways += [(name, c, (lambda c=c, tma=tma, ws=ws: launch(c, q, k, v, lengths, tma, ws)))
+             for c in configs for name, tma, ws in variants
+             if not ws or c[2] == 8]  # warp specialization splits 8 warps into producers and consumers
     for name, config, fn in ways:
         try:
             error = float((fn().float() - expected).abs().max())
@@ -133,13 +137,17 @@ def sweep(b, t, h, d, masked, repeats, device, dtype):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="whisper-large-v3's shape and the tuned list only")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     shapes = [(16, 1500, 20, 64, False), (16, 499, 16, 64, False), (16, 499, 16, 64, True), (64, 499, 12, 64, False)]
-    for shape in (shapes if not TINY else [(2, 97, 2, 64, False), (2, 97, 2, 64, True)]):
-        sweep(*shape, args.repeats, device, dtype)
+    configs = CONFIGS[:1] if TINY else TUNED_CONFIGS if args.quick else CONFIGS
+    if TINY:
+        shapes = [(2, 97, 2, 64, False), (2, 97, 2, 64, True)]
+    for shape in shapes[:1] if args.quick and not TINY else shapes:
+        sweep(*shape, args.repeats, device, dtype, configs)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,14 @@ from audioenc.models.wavlm import bucket_of
 LOG2E = 1.4426950408889634
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) the autotuner chooses from, the default first
+# (benchmarks/sweep_attention.py times each, and others, alone).
+TUNED_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 32, 4, 4),
+                 (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
+
+
 def _configs():
-    tuned = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-             for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3),
-                                  (128, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]]
+    tuned = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in TUNED_CONFIGS]
     # float32 at head dim 128 needs 295 KB of shared memory in the default (H100 and H200: 227 KB);
     # the last config fits there (checked on an H200).
     return choose_configs(tuned, interpreted=triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4),
