@@ -186,9 +186,6 @@ def cache_key(model: nn.Module, spec: ExportSpec, weights: str | None = None) ->
         "onnx": onnx.__version__,
     }
     if spec.dtype == "int8":
-        import onnxruntime
-
-        fields["onnxruntime"] = onnxruntime.__version__  # the quantiser's version shapes that graph
         fields["int8_reduce_range"] = int8_reduce_range()
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 

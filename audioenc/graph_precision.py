@@ -4,7 +4,6 @@ quantisation of the MatMul weights.
 """
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import re
@@ -119,30 +118,95 @@ def quantize_int8(fp32_path: str, path: str) -> None:
     is the waveform, its reduction only kernel-size long); the attention products (no constant
     weight), LayerNorm, softmax and GELU stay fp32."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnx.external_data_helper import load_external_data_for_model
 
-    proto = onnx.load(fp32_path, load_external_data=False)
-    # Excluded: MatMuls with a short reduction, and those without a constant weight (attention
-    # products, the float64 statistics of a folded first layer), which the quantiser would only
-    # inspect and log about.
-    rows = {init.name: init.dims[0] for init in proto.graph.initializer if len(init.dims) == 2}
-    short = [node.name for node in proto.graph.node
-             if node.op_type == "MatMul" and rows.get(node.input[1], 0) < QUANTIZE_MIN_ROWS]
-    # int8 weights run on the u8 x s8 kernels. Without VNNI, x86 multiplies them with vpmaddubsw,
-    # whose int16 pair sums saturate; 7-bit weights (reduce_range) keep every sum exact there.
-    # The quantiser logs advice meant for static quantisation on the root logger; users would see it.
-    advice = lambda record: "pre-processing before quantization" not in record.getMessage()
-    logging.getLogger().addFilter(advice)
-    try:
-        quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8, per_channel=True,
-                         reduce_range=int8_reduce_range(), op_types_to_quantize=["MatMul"], nodes_to_exclude=short,
-                         use_external_data_format=os.path.exists(fp32_path + ".data"),
-                         extra_options={"MatMulConstBOnly": True})
-    finally:
-        logging.getLogger().removeFilter(advice)
-    proto = onnx.load(path, load_external_data=False)
-    if quantize_before_gather(proto):
-        onnx.save_model(proto, path)  # the weights stay where quantize_dynamic put them
+    from audioenc.export import save_onnx
+
+    # Float weights are read one at a time as they are quantised (whisper-large-v3's are 2.5 GB);
+    # what stays float32 (norms, biases, the first conv) is read afterwards.
+    folder = os.path.dirname(fp32_path)
+    # The inferred shapes let onnxruntime fuse more (e.g. residual add + LayerNorm), as
+    # quantize_dynamic's graphs do; inference needs the weights' shapes only.
+    proto = onnx.shape_inference.infer_shapes(onnx.load(fp32_path, load_external_data=False))
+    quantize_matmuls(proto, int8_reduce_range(), folder)
+    load_external_data_for_model(proto, folder)
+    quantize_before_gather(proto)
+    save_onnx(proto, path)
+
+
+def quantize_matmuls(proto, reduce_range: bool, folder: str = "") -> int:
+    """Rewrites each MatMul with a constant 2-D float weight of at least QUANTIZE_MIN_ROWS rows as
+    DynamicQuantizeLinear (once per input) -> MatMulInteger -> Cast -> Mul by both scales: the graph
+    onnxruntime's quantize_dynamic writes (per-channel symmetric int8 weights), which its session
+    fuses into MatMulIntegerToFloat / DynamicQuantizeMatMul. Done here one weight at a time, float
+    weights stored outside the graph file read straight from it, never into the graph (protobuf
+    would keep their bytes until the whole graph is freed): quantize_dynamic holds about three
+    copies of the model (whisper-large-v3: 13 GB). Returns how many MatMuls were rewritten.
+
+    reduce_range: 7-bit weights. int8 weights run on the u8 x s8 kernels; without VNNI, x86
+    multiplies them with vpmaddubsw, whose int16 pair sums saturate, and 7 bits keep every sum exact.
+    folder: where weights stored outside the graph file are, read as each is quantised.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    # Weights that only MatMuls multiply by (a weight used elsewhere too stays float32).
+    other_uses = {name for node in proto.graph.node for i, name in enumerate(node.input)
+                  if node.op_type != "MatMul" or i != 1}
+    weights = {init.name: init for init in proto.graph.initializer if init.name not in other_uses}
+    limit = 64 if reduce_range else 127  # quantize_dynamic's symmetric ranges: [-64, 64], [-127, 127]
+    quantized_weights: dict[str, tuple[str, str, str]] = {}  # float name -> int8, scale, zero point
+    quantized_inputs: dict[str, tuple[str, str, str]] = {}  # activation -> uint8, scale, zero point
+    nodes, rewritten = [], 0
+    for node in proto.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if (weight is None or len(weight.dims) != 2 or weight.dims[0] < QUANTIZE_MIN_ROWS
+                or weight.data_type != TensorProto.FLOAT):
+            nodes.append(node)
+            continue
+        if weight.name not in quantized_weights:
+            w = _float_weight(weight, folder)
+            # float64 range over float64 steps, then float32: quantize_dynamic's scales, bit for bit
+            scale = (2 * np.abs(w).max(axis=0).astype(np.float64) / (2 * limit)).astype(np.float32)
+            scale[scale < np.finfo(np.float32).tiny] = 1.0  # an all-zero column
+            q = np.clip(np.round(w / scale), -128, 127).astype(np.int8)
+            names = (weight.name + "_quantized", weight.name + "_scale", weight.name + "_zero_point")
+            proto.graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
+                                            numpy_helper.from_array(np.zeros_like(q[0]), names[2])])
+            quantized_weights[weight.name] = names
+        x = node.input[0]
+        if x not in quantized_inputs:  # right before its first use: the input exists by then
+            quantized_inputs[x] = (x + "_quantized", x + "_scale", x + "_zero_point")
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(quantized_inputs[x]),
+                                          name=x + "_QuantizeLinear"))
+        xq, x_scale, x_zero = quantized_inputs[x]
+        wq, w_scale, w_zero = quantized_weights[weight.name]
+        out, base = node.output[0], node.name or node.output[0]
+        nodes += [helper.make_node("Mul", [x_scale, w_scale], [base + "_quant_scales_mul:0"], name=base + "_scales_mul"),
+                  helper.make_node("MatMulInteger", [xq, wq, x_zero, w_zero], [out + "_output_quantized"],
+                                   name=base + "_quant"),
+                  helper.make_node("Cast", [out + "_output_quantized"], [out + "_output_quantized_cast_output"],
+                                   to=TensorProto.FLOAT, name=base + "_cast"),
+                  helper.make_node("Mul", [out + "_output_quantized_cast_output", base + "_quant_scales_mul:0"], [out],
+                                   name=base + "_output_scale_mul")]
+        rewritten += 1
+    kept = [init for init in proto.graph.initializer if init.name not in quantized_weights]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return rewritten
+
+
+def _float_weight(tensor, folder: str) -> np.ndarray:
+    """A float32 initializer's values, read from its external data file when it has one."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return np.fromfile(os.path.join(folder, info["location"]), dtype="<f4", count=int(np.prod(tensor.dims)),
+                       offset=int(info.get("offset", 0))).reshape(tuple(tensor.dims))
 
 
 def quantize_before_gather(proto) -> int:

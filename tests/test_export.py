@@ -216,6 +216,58 @@ def test_partial_depth_graph(w2v_checkpoints, tmp_path):
     assert sum(node.op_type == "Conv" for node in nodes) == len(model.dims.conv_dim) + 1
 
 
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+def test_int8_weights_equal_onnxruntime_quantize_dynamic_bit_for_bit(reduce_range, w2v_checkpoints, tmp_path,
+                                                                       monkeypatch):
+    """audioenc's quantiser writes quantize_dynamic's graph (per-channel symmetric weights) without
+    its memory: same weights, same ops, same outputs. The float weights sit outside the graph file,
+    as whisper-large-v3's must."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
+    traced, fp32 = str(tmp_path / "traced.onnx"), str(tmp_path / "fp32.onnx")
+    export.export_onnx(model, traced, num_layers=2, convs_as_matmul=True)
+    onnx.save_model(onnx.load(traced), fp32, save_as_external_data=True, location="fp32.onnx.data", size_threshold=0)
+    structure = onnx.load(fp32, load_external_data=False).graph
+    rows = {t.name: t.dims[0] for t in structure.initializer if len(t.dims) == 2}
+    short = [n.name for n in structure.node  # what audioenc leaves float: reductions under QUANTIZE_MIN_ROWS
+             if n.op_type == "MatMul" and rows.get(n.input[1], graph_precision.QUANTIZE_MIN_ROWS) < graph_precision.QUANTIZE_MIN_ROWS]
+    theirs = str(tmp_path / "theirs.onnx")
+    quantize_dynamic(fp32, theirs, weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
+                     op_types_to_quantize=["MatMul"], nodes_to_exclude=short, extra_options={"MatMulConstBOnly": True})
+    ours_path = str(tmp_path / "ours.onnx")
+    monkeypatch.setattr(graph_precision, "int8_reduce_range", lambda: reduce_range)
+    monkeypatch.setattr(graph_precision, "quantize_before_gather", lambda proto: 0)  # audioenc's own step after
+    graph_precision.quantize_int8(fp32, ours_path)
+    ours = onnx.load(ours_path)
+    weights = lambda proto: {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    ops = lambda proto: sorted(n.op_type for n in proto.graph.node)
+    theirs_proto = onnx.load(theirs)
+    expected, got = weights(theirs_proto), weights(ours)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
+    assert ops(ours) == ops(theirs_proto)
+    waves, lens = padded_batch([8000, 3000], 6)
+    feeds = {"waveforms": waves, "lengths": lens}
+    for a, b in zip(session(ours_path).run(None, feeds), session(theirs).run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_int8_keeps_float_a_weight_that_is_also_used_elsewhere():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((128, 8)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Identity", ["w"], ["z"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [128, 8])], [w])
+    proto = helper.make_model(graph)
+    assert graph_precision.quantize_matmuls(proto, reduce_range=False) == 0
+    assert [n.op_type for n in proto.graph.node] == ["MatMul", "Identity"]
+    assert [t.name for t in proto.graph.initializer] == ["w"]
+
+
 def test_int8_graph_quantises_conv_inputs_before_their_gather(w2v_checkpoints, tmp_path):
     model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
     fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
