@@ -241,7 +241,6 @@ def check_disk_space(model: nn.Module, spec: ExportSpec, directory: str) -> None
 def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
     """Writes ``directory/model.onnx`` (+ .data) for ``spec``, with a progress bar on stderr (a
     whisper-large export takes minutes)."""
-    import onnx
     from tqdm import tqdm
 
     check_disk_space(model, spec, directory)
@@ -259,7 +258,7 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
             if spec.dtype == "float16":
                 bar.set_postfix_str("checking float16 headroom and converting")
                 check_half_headroom(half_activation_peaks(fp32, example_inputs(model.dims)))
-                save_onnx(to_half(onnx.load(fp32)), path)
+                save_onnx(to_half(fp32), path)
             else:
                 bar.set_postfix_str("quantising to int8")
                 quantize_int8(fp32, path)

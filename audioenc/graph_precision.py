@@ -16,16 +16,22 @@ HALF_OPS = ("MatMul", "Gemm", "Conv")  # run in fp16 by the half-precision graph
 QUANTIZE_MIN_ROWS = 64  # int8 MatMuls need a reduction at least this long to pay for quantising their input
 
 
-def to_half(proto):
+def to_half(fp32_path: str):
     """Mixed half precision: MatMul, Gemm and Conv run in fp16 (weights stored in fp16, activations
     cast around them); LayerNorm, softmax, GELU and the residual stream stay fp32. Inputs and
-    outputs stay fp32. Converts ``proto`` in place (a copy of whisper-large's would be 2.5 GB)."""
+    outputs stay fp32. Returns the graph of ``fp32_path`` converted. Its float weights are read one
+    at a time as they are converted, never into the graph (protobuf would keep their bytes until the
+    whole graph is freed: whisper-large-v3's are 2.5 GB), and shapes are inferred before the fp16
+    weights' values are filled in, so no copy of them is made."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import load_external_data_for_model
 
+    folder = os.path.dirname(fp32_path)
+    proto = onnx.load(fp32_path, load_external_data=False)
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
-    half_inits: dict[str, str] = {}
+    half_inits: dict[str, str] = {}  # float32 name -> fp16 name
     nodes = []
     for node in graph.node:
         if node.op_type not in HALF_OPS:
@@ -35,10 +41,10 @@ def to_half(proto):
             if not name:
                 continue
             if name in inits and inits[name].data_type == TensorProto.FLOAT:
-                if name not in half_inits:
-                    half = numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), name + "_fp16")
-                    graph.initializer.append(half)
-                    half_inits[name] = half.name
+                if name not in half_inits:  # values filled in below
+                    graph.initializer.append(TensorProto(name=name + "_fp16", data_type=TensorProto.FLOAT16,
+                                                         dims=inits[name].dims))
+                    half_inits[name] = name + "_fp16"
                 node.input[i] = half_inits[name]
             elif name not in inits:
                 cast = f"{node.name or node.output[0]}_in{i}_fp16"
@@ -55,7 +61,12 @@ def to_half(proto):
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]  # stale types; shape inference recomputes them
-    return onnx.shape_inference.infer_shapes(proto)
+    proto = onnx.shape_inference.infer_shapes(proto)
+    halves = {init.name: init for init in proto.graph.initializer}
+    for name, half in half_inits.items():
+        halves[half].raw_data = _float_weight(inits[name], folder).astype("<f2").tobytes()
+    load_external_data_for_model(proto, folder)  # the weights that stay float32
+    return proto
 
 
 def layer_of(name: str) -> str:

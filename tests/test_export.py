@@ -350,11 +350,14 @@ def test_export_refuses_to_start_on_a_disk_too_full_to_hold_it(w2v_checkpoints, 
     export.build_graph(model, export.ExportSpec(num_layers=1), str(tmp_path))  # room again: it goes ahead
 
 
-def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(whisper_checkpoints, tmp_path):
+@pytest.mark.parametrize("weights", ["inline", "external"])  # external: as whisper-large-v3's are
+def test_half_graph_keeps_norms_in_fp32_and_matches_torch_half(weights, whisper_checkpoints, tmp_path):
     model = reference_model(whisper_checkpoints[80][0])
     fp32 = str(tmp_path / "fp32.onnx")
     export.export_onnx(model, fp32)
-    half = graph_precision.to_half(onnx.load(fp32))
+    if weights == "external":
+        onnx.save_model(onnx.load(fp32), fp32, save_as_external_data=True, location="fp32.onnx.data", size_threshold=0)
+    half = graph_precision.to_half(fp32)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in [*half.graph.value_info, *half.graph.output]}
     for node in half.graph.node:
         if node.op_type in ("LayerNormalization", "Softmax", "Add"):
