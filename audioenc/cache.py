@@ -2,7 +2,7 @@
 removing entries (``audioenc cache``).
 
 Layout: ``<root>/<kind>/<key>/`` with a meta.json (kind: onnx, tensorrt), where the root is
-$AUDIOENC_CACHE or ~/.cache/audioenc. Keys include the weights and audioenc's code, so entries of
+$AUDIOENC_CACHE, else $XDG_CACHE_HOME/audioenc, else ~/.cache/audioenc. Keys include the weights and audioenc's code, so entries of
 deleted checkpoints or older versions are never used again: this is how they get removed.
 An entry's meta.json is touched each time the entry is used, so its mtime is the last use.
 Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process.
@@ -23,7 +23,10 @@ STALE_TMP_S = 6 * 3600
 
 
 def cache_root() -> str:
-    return os.environ.get("AUDIOENC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "audioenc")
+    if os.environ.get("AUDIOENC_CACHE"):
+        return os.environ["AUDIOENC_CACHE"]
+    user_caches = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(user_caches, "audioenc")
 
 
 def mark_used(entry: str) -> None:

@@ -90,6 +90,16 @@ def test_empty_or_missing_cache(tmp_path, monkeypatch, capsys):
     assert "removed 0 of 0 entries" in capsys.readouterr().out
 
 
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("AUDIOENC_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache.cache_root() == os.path.join(os.path.expanduser("~"), ".cache", "audioenc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_root() == str(tmp_path / "xdg" / "audioenc")
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "mine"))
+    assert cache.cache_root() == str(tmp_path / "mine")
+
+
 def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeypatch, capsys):
     import audioenc
     from audioenc.export import ExportSpec, cached_export
