@@ -79,6 +79,7 @@ def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[
     """Max |value| entering or leaving the ops that the half graph runs in fp16, per encoder layer,
     measured on the fp32 graph (so an overflow shows as a large finite number, not inf)."""
     import onnx
+    from onnx import helper
     import onnxruntime as ort
 
     proto = onnx.load(fp32_path, load_external_data=False)  # weights past 2 GB cannot pass through protobuf
@@ -89,23 +90,40 @@ def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[
             for name in [*node.input, node.output[0]]:
                 if name and name not in init_names:
                     watched.setdefault(name, layer_of(node.name))
-    visible = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in watched if n not in visible)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value visible
+    # Each watched value is reduced to its max |value| inside the graph, right after the node that
+    # makes it, and only those scalars are outputs, so activations are freed as the run goes: as
+    # outputs, or reduced at the end, whisper-large-v3's attention matrices would take over 20 GB.
+    peak_outputs: dict[str, str] = {}  # output name -> layer
+    graph_inputs = [i.name for i in proto.graph.input]
+
+    def reduce(name):
+        i = len(peak_outputs)
+        abs_name, peak_name = f"peaks/abs_{i}", f"peaks/max_{i}"
+        peak_outputs[peak_name] = watched[name]
+        return [helper.make_node("Abs", [name], [abs_name], name=abs_name),
+                helper.make_node("ReduceMax", [abs_name], [peak_name], name=peak_name, keepdims=0)]
+
+    nodes = [n for name in graph_inputs if name in watched for n in reduce(name)]
+    for node in proto.graph.node:
+        nodes.append(node)
+        nodes.extend(n for name in node.output if name in watched for n in reduce(name))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in peak_outputs)
     # Saved beside the graph, so that its external weights file (if any) resolves.
     watching = fp32_path + ".peaks.onnx"
     onnx.save_model(proto, watching)
     try:
+        options = ort.SessionOptions()
+        # onnxruntime's default order would run the reductions last, after every other node
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         session = ort.InferenceSession(watching, options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs() if o.name in watched]
-        values = session.run(names, feeds)
+        values = session.run(list(peak_outputs), feeds)
     finally:
         os.remove(watching)
     peaks: dict[str, float] = {}
-    for name, value in zip(names, values):
-        layer = watched[name]
-        peaks[layer] = max(peaks.get(layer, 0.0), float(np.abs(value).max()))
+    for layer, value in zip(peak_outputs.values(), values):
+        peaks[layer] = max(peaks.get(layer, 0.0), float(value))
     for name, value in feeds.items():
         if value.dtype == np.float32:
             peaks["embeddings"] = max(peaks.get("embeddings", 0.0), float(np.abs(value).max()))

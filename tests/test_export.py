@@ -308,9 +308,15 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_outside(dtype, w2v_ch
     The limit is lowered here so a tiny model takes that path; the graph must still run and match."""
     monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1000)
     model = reference_model(w2v_checkpoints["wav2vec2-stable"][0])
-    export.build_graph(model, export.ExportSpec(num_layers=2, dtype=dtype), str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
-    graph = str(tmp_path / export.MODEL_FILE)
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir(), out.mkdir()
+    for name in ("fp32.onnx.data", "model.onnx.data"):  # onnx.save_model refused these names in the cwd
+        (cwd / name).write_bytes(b"not ours")
+    monkeypatch.chdir(cwd)
+    export.build_graph(model, export.ExportSpec(num_layers=2, dtype=dtype), str(out))
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.onnx.data"]
+    assert all((cwd / name).read_bytes() == b"not ours" for name in os.listdir(cwd))
+    graph = str(out / export.MODEL_FILE)
     inline = onnx.load(graph, load_external_data=False).graph.initializer
     assert max(w.ByteSize() for w in inline if w.data_location != onnx.TensorProto.EXTERNAL) < 4096
     waves, lens = padded_batch([16000], 3)
@@ -379,6 +385,48 @@ def test_half_headroom_check():
         graph_precision.check_half_headroom({"layer 2": 10.0, "layer 3": 20000.0})
     with pytest.raises(ValueError):
         graph_precision.check_half_headroom({"layer 0": float("nan")})
+
+
+def every_watched_value(graph, feeds):
+    """The peaks the slow way: every value around a MatMul, Gemm or Conv as a graph output."""
+    proto = onnx.load(graph)
+    inits = {init.name for init in proto.graph.initializer}
+    watched = {}
+    for node in proto.graph.node:
+        if node.op_type in graph_precision.HALF_OPS:
+            for name in [*node.input, node.output[0]]:
+                if name and name not in inits and name not in feeds:  # inputs: the caller's max
+                    watched.setdefault(name, graph_precision.layer_of(node.name))
+    outputs = {v.name for v in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in watched if n not in outputs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    peaks = {}
+    for name, value in zip(watched, sess.run(list(watched), feeds)):
+        peaks[watched[name]] = max(peaks.get(watched[name], 0.0), float(np.abs(value).max()))
+    return peaks
+
+
+@pytest.mark.parametrize("variant", ["whisper", "wav2vec2-group"])
+def test_half_activation_peaks_find_the_layer_that_overflows(variant, whisper_checkpoints, w2v_checkpoints, tmp_path):
+    path = whisper_checkpoints[80][0] if variant == "whisper" else w2v_checkpoints[variant][0]
+    model = reference_model(path)
+    fc1 = model.layers[1].fc1 if variant == "whisper" else model.encoder.layers[1].feed_forward.intermediate_dense
+    with torch.no_grad():
+        fc1.weight.mul_(3e4)
+    graph = str(tmp_path / "model.onnx")
+    export.export_onnx(model, graph, hidden_states=False)
+    feeds = graph_modules.example_inputs(model.dims, seconds=0.5, seed=3)
+    peaks = graph_precision.half_activation_peaks(graph, feeds)
+    expected = every_watched_value(graph, feeds)
+    expected["embeddings"] = max(expected["embeddings"], *(float(np.abs(v).max()) for v in feeds.values() if v.dtype == np.float32))
+    assert peaks.keys() == expected.keys()
+    for name in peaks:
+        assert peaks[name] == pytest.approx(expected[name], rel=1e-5), name
+    assert peaks["layer 1"] > graph_precision.FP16_MAX > 100 * peaks["layer 0"]
+    with pytest.raises(ValueError, match="float16 export would risk overflow: .*layer 1: "):
+        graph_precision.check_half_headroom(peaks)
 
 
 @pytest.mark.parametrize("name", ["whisper-tiny", "wav2vec2-base"])
