@@ -18,6 +18,7 @@ def cmd_info(args) -> int:
     from audioenc import _native
     from audioenc.backends import BACKENDS, availability
     from audioenc.cache import cache_root, list_entries
+    from audioenc.cpu import cpu_name, vector_isa
     from audioenc.presets import ARCHITECTURES
 
     print(f"audioenc {audioenc.__version__}  python {platform.python_version()}  torch {torch.__version__}")
@@ -25,6 +26,7 @@ def cmd_info(args) -> int:
         print(f"native core: not built ({_native.import_error}); using the Python paths")
     else:
         print(f"native core: built (audioenc._C), CUDA kernels compiled: {'yes' if _native._C.cuda_compiled else 'no'}")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {vector_isa()}")
     cuda = torch.cuda.is_available()
     print(f"CUDA GPU: {torch.cuda.get_device_name(0) if cuda else 'none'}")
     for name in BACKENDS:

@@ -10,6 +10,8 @@ import re
 
 import numpy as np
 
+from audioenc.cpu import VNNI_FLAGS, cpu_flags
+
 FP16_MAX = 65504.0
 FP16_HEADROOM = 4.0  # fail when an activation comes within this factor of the fp16 maximum
 HALF_OPS = ("MatMul", "Gemm", "Conv")  # run in fp16 by the half-precision graph; everything else stays fp32
@@ -292,9 +294,5 @@ def int8_reduce_range() -> bool:
     """True on x86 CPUs without VNNI (AVX512-VNNI or AVX-VNNI), where int8 weights must keep to 7 bits."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return True
-    return not {"avx512_vnni", "avx_vnni"} & set(flags)
+    flags = cpu_flags()
+    return flags is None or not VNNI_FLAGS & flags

@@ -7,6 +7,8 @@ import re
 import statistics
 import time
 
+from audioenc.cpu import cpu_name, vector_isa
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 
@@ -31,13 +33,7 @@ def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+    return f"{cpu_name()} ({vector_isa()}), {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def versions(*modules: str) -> str:

@@ -1,0 +1,36 @@
+"""What the CPU is, from /proc/cpuinfo: its name and the vector extensions that decide float32 and
+int8 speeds (the same model name in a VM can be an AVX2 or an AVX-512 machine)."""
+from __future__ import annotations
+
+import platform
+
+CPUINFO = "/proc/cpuinfo"
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}  # int8 dot products without 16-bit intermediate sums
+
+
+def cpu_info(key: str) -> str | None:
+    """The first value of ``key`` ("model name", "flags") in /proc/cpuinfo, or None where there is none."""
+    try:
+        with open(CPUINFO) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == key), None)
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    return cpu_info("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str] | None:
+    """The x86 feature flags, or None where they cannot be read."""
+    flags = cpu_info("flags")
+    return None if flags is None else set(flags.split())
+
+
+def vector_isa() -> str:
+    """"AVX-512 VNNI", "AVX2", ... (x86), else the architecture's name."""
+    flags = cpu_flags()
+    if flags is None:
+        return platform.machine()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    return isa + (" VNNI" if flags & VNNI_FLAGS else "")

@@ -1,0 +1,30 @@
+"""The CPU description that int8 graphs and `audioenc info` depend on, from a fake /proc/cpuinfo."""
+import platform
+
+import pytest
+
+from audioenc import cpu, graph_precision
+
+AVX2 = "fpu sse sse2 avx avx2 fma"
+AVX512_VNNI = AVX2 + " avx512f avx512bw avx512_vnni"
+
+
+@pytest.mark.parametrize("flags,isa,seven_bits", [(AVX2, "AVX2", True), (AVX512_VNNI, "AVX-512 VNNI", False),
+                                                  (AVX2 + " avx_vnni", "AVX2 VNNI", False), ("fpu sse sse2", "SSE", True)])
+def test_vector_isa_and_int8_range_follow_the_flags(flags, isa, seven_bits, tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    monkeypatch.setattr(cpu, "CPUINFO", str(info))
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert cpu.cpu_name() == "AMD EPYC"
+    assert cpu.vector_isa() == isa
+    assert graph_precision.int8_reduce_range() is seven_bits
+
+
+def test_unreadable_cpuinfo_is_the_safe_case(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "CPUINFO", str(tmp_path / "missing"))
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert cpu.cpu_flags() is None and cpu.vector_isa() == "x86_64"
+    assert graph_precision.int8_reduce_range() is True  # 7-bit weights never saturate, with or without VNNI
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert graph_precision.int8_reduce_range() is False
