@@ -36,6 +36,16 @@ def test_wav2vec2_family_single_item(variant, w2v_checkpoints):
             assert rel_err(ours, theirs) <= TOL
 
 
+def test_reference_models_are_frozen(w2v_checkpoints, whisper_checkpoints):
+    """A forward pass outside no_grad (torch.onnx.export's tracing, a user's call) records no autograd
+    graph: that graph kept every activation of whisper-large-v3's export alive (14 GB)."""
+    for path in (w2v_checkpoints["wav2vec2-group"][0], whisper_checkpoints[80][0]):
+        model = audioenc.load(path, backend="torch").backend.model
+        assert not any(p.requires_grad for p in model.parameters())
+        inputs = (torch.randn(1, 4000), torch.tensor([4000])) if model.dims.family != "whisper" else (torch.randn(1, 80, 3000),)
+        assert model(*inputs)[0].grad_fn is None
+
+
 @pytest.mark.parametrize("variant", [v for v in W2V_VARIANTS if "group" not in v])
 def test_layer_norm_models_padded_batch_match_hf_with_attention_mask(variant, w2v_checkpoints):
     path, hf = w2v_checkpoints[variant]

@@ -21,7 +21,8 @@ def dims_of(checkpoint: Checkpoint) -> Wav2Vec2Dims | WhisperDims:
 
 
 def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Module:
-    """The reference model of ``checkpoint``'s family, in float32 on the CPU, in eval mode."""
+    """The reference model of ``checkpoint``'s family, in float32 on the CPU, in eval mode, its
+    weights frozen: no forward pass records an autograd graph, whoever calls it."""
     dims = dims_of(checkpoint)
     if checkpoint.family == "whisper":
         model = WhisperEncoder(dims)
@@ -31,7 +32,7 @@ def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Modu
         model = Wav2Vec2Model(dims)
     if not random_weights:
         load_weights(model, checkpoint.state_dict, checkpoint.source)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
