@@ -3,6 +3,7 @@ backends timed side by side, and Hugging Face transformers on the same weights (
 transformers``). The other peers (CTranslate2, openai-whisper, torch.compile) are in benchmarks/."""
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -71,6 +72,7 @@ def cmd_bench(args) -> int:
     import numpy as np
     import torch
 
+    from audioenc.cpu import cpu_name, vector_isa
     from audioenc.verify import speech_like
 
     if not 0 < args.seconds <= 3600 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
@@ -107,6 +109,8 @@ def cmd_bench(args) -> int:
     frames = min(output.shape[1] for output in outputs.values())
     print(f"model {args.model}; batch {args.batch} x {args.seconds:g} s; output layer "
           f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, torch threads {torch.get_num_threads()}")
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    print(f"machine: CPU {cpu_name()} ({vector_isa()}), {os.cpu_count()} cores{gpu}")
     print(f"{'backend':34s} {'median ms':>10s} {'p90 ms':>9s} {'ms/item':>9s} {'RTF':>8s} {'x real time':>12s} "
           f"{'speed vs 1st':>13s} {'rel. err vs 1st':>16s}")
     for label, t in times.items():
