@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import audioenc
-from bench_reference import speech_like
 from audioenc.cpu import vector_isa
+from bench_reference import speech_like
 from common import interleaved_medians, machine, versions, write_section
 
 
