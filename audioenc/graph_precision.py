@@ -77,6 +77,18 @@ def layer_of(name: str) -> str:
     return f"layer {int(match.group(1))}" if match else "embeddings"
 
 
+def half_op_activations(proto) -> dict[str, str]:
+    """name -> encoder layer of every activation (not weight) entering or leaving a HALF_OPS node."""
+    init_names = {init.name for init in proto.graph.initializer}
+    watched: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.op_type in HALF_OPS:
+            for name in [*node.input, node.output[0]]:
+                if name and name not in init_names:
+                    watched.setdefault(name, layer_of(node.name))
+    return watched
+
+
 def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[str, float]:
     """Max |value| entering or leaving the ops that the half graph runs in fp16, per encoder layer,
     measured on the fp32 graph (so an overflow shows as a large finite number, not inf)."""
@@ -85,13 +97,7 @@ def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[
     import onnxruntime as ort
 
     proto = onnx.load(fp32_path, load_external_data=False)  # weights past 2 GB cannot pass through protobuf
-    init_names = {init.name for init in proto.graph.initializer}
-    watched: dict[str, str] = {}
-    for node in proto.graph.node:
-        if node.op_type in HALF_OPS:
-            for name in [*node.input, node.output[0]]:
-                if name and name not in init_names:
-                    watched.setdefault(name, layer_of(node.name))
+    watched = half_op_activations(proto)
     # Each watched value is reduced to its max |value| inside the graph, right after the node that
     # makes it, and only those scalars are outputs, so activations are freed as the run goes: as
     # outputs, or reduced at the end, whisper-large-v3's attention matrices would take over 20 GB.

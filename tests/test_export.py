@@ -390,13 +390,8 @@ def test_half_headroom_check():
 def every_watched_value(graph, feeds):
     """The peaks the slow way: every value around a MatMul, Gemm or Conv as a graph output."""
     proto = onnx.load(graph)
-    inits = {init.name for init in proto.graph.initializer}
-    watched = {}
-    for node in proto.graph.node:
-        if node.op_type in graph_precision.HALF_OPS:
-            for name in [*node.input, node.output[0]]:
-                if name and name not in inits and name not in feeds:  # inputs: the caller's max
-                    watched.setdefault(name, graph_precision.layer_of(node.name))
+    watched = {name: layer for name, layer in graph_precision.half_op_activations(proto).items()
+               if name not in feeds}  # inputs: the caller's max
     outputs = {v.name for v in proto.graph.output}
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in watched if n not in outputs)
     options = ort.SessionOptions()
