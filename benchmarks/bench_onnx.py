@@ -1,5 +1,5 @@
 """audioenc's ONNX Runtime backend against Hugging Face transformers (eager attention) and
-CTranslate2 (faster-whisper's engine, int8) on the CPU: same process, same random weights at real
+CTranslate2 (faster-whisper's engine, int8 and float32) on the CPU: same process, same random weights at real
 sizes, medians.
 
     python benchmarks/bench_onnx.py [--repeats 5] [--no-write] [--conv-forms | --whisper-large | --families]
@@ -80,6 +80,16 @@ FAMILY_CASES = [
 ]
 
 
+# eager: the issues' baseline; sdpa: what transformers 5 loads by default.
+TRANSFORMERS_ATTENTION = ("eager", "sdpa")
+
+
+def versus_default(times: dict) -> str:
+    t = times["transformers sdpa fp32"]
+    return (f"against transformers' default attention (sdpa), audioenc onnx float32 is "
+            f"{t / times['audioenc onnx float32']:.2f}x and int8 {t / times['audioenc onnx int8']:.2f}x.")
+
+
 def wav2vec2_family_rows(tmp: str, repeats: int, case) -> tuple[list[str], dict, float]:
     """Rows of one wav2vec2-family case: transformers eager against audioenc onnx float32 and int8,
     audio in to frames out (both sides normalise the waveform). Returns the rows, the medians and
@@ -93,19 +103,19 @@ def wav2vec2_family_rows(tmp: str, repeats: int, case) -> tuple[list[str], dict,
     layer_norm = config.get("feat_extract_norm") == "layer"
     fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=layer_norm)
     fe.save_pretrained(tmp)
-    hf = hf_class.from_pretrained(tmp, attn_implementation="eager").eval()
     audio = [speech_like(s, seed=i) for i, s in enumerate(seconds)]
 
-    def run_hf():
+    def run_hf(hf):
         inputs = fe(audio, sampling_rate=16000, padding=True, return_tensors="pt")
         with torch.inference_mode():
             return hf(inputs.input_values, attention_mask=inputs.get("attention_mask")).last_hidden_state
 
     reference = audioenc.load(tmp, backend="torch", dtype="float32")
     ref = reference.encode(audio)
-    contenders = {"transformers eager fp32": run_hf}
+    contenders = {f"transformers {attention} fp32": partial(run_hf, hf_class.from_pretrained(
+        tmp, attn_implementation=attention).eval()) for attention in TRANSFORMERS_ATTENTION}
     # transformers' batched frames depend on the padding (group-norm models), so only a single item is compared
-    outputs = {"transformers eager fp32": run_hf()} if len(audio) == 1 else {}
+    outputs = {name: run() for name, run in contenders.items()} if len(audio) == 1 else {}
     for dtype in ("float32", "int8"):
         enc = audioenc.load(tmp, backend="onnx", dtype=dtype)
         outputs[f"audioenc onnx {dtype}"] = enc.encode(audio).last_hidden_state
@@ -136,7 +146,7 @@ def wav2vec2_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
                f"{flops / t_hf / rate:.0%} of it and audioenc onnx float32 at "
                f"{flops / times['audioenc onnx float32'] / rate:.0%} (onnxruntime's own GEMMs can outrun torch's); "
                f"1.3x transformers needs {1.3 * flops / t_hf / rate:.0%}.")
-    return rows, ceiling
+    return rows, f"{ceiling}\n\nwav2vec2-base 10 s: {versus_default(times)}"
 
 
 def family_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
@@ -147,7 +157,8 @@ def family_rows(tmp: str, repeats: int) -> tuple[list[str], str]:
         rate = matmul_rate(times["matmul"])
         notes.append(f"{case[0]}: {flops / 1e9:.0f} GFLOP of valid audio; audioenc onnx float32 at "
                      f"{flops / times['audioenc onnx float32'] / rate:.0%} of the float32 matmul rate measured in its rounds "
-                     f"({rate / 1e9:.0f} GFLOP/s), transformers at {flops / times['transformers eager fp32'] / rate:.0%}.")
+                     f"({rate / 1e9:.0f} GFLOP/s), transformers at {flops / times['transformers eager fp32'] / rate:.0%}; "
+                     f"{versus_default(times)}")
         print("\n".join(made), flush=True)
         rows += made
     notes.append("The mixed batch: transformers pads every item to the longest (80 s of audio for 48 s of speech); "
@@ -174,10 +185,13 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
                                         decoder_ffn_dim=dims["encoder_ffn_dim"])
     transformers.WhisperForConditionalGeneration(config).eval().save_pretrained(tmp)
     transformers.WhisperFeatureExtractor(feature_size=dims["num_mel_bins"]).save_pretrained(tmp)
-    hf = transformers.WhisperModel.from_pretrained(tmp, attn_implementation="eager").encoder.eval()
-    ct2_dir = f"{tmp}/ct2-int8"
-    ctranslate2.converters.TransformersConverter(tmp).convert(ct2_dir, quantization="int8")
-    ct2 = ctranslate2.models.Whisper(ct2_dir, device="cpu", compute_type="int8", intra_threads=torch.get_num_threads())
+    # int8: what faster-whisper users pick for speed on a CPU; float32: what its default compute type
+    # resolves to on a CPU (faster-whisper's float16 models compute in float32 there).
+    ct2 = {}
+    for quantization in ("int8", "float32"):
+        ctranslate2.converters.TransformersConverter(tmp).convert(f"{tmp}/ct2-{quantization}", quantization=quantization)
+        ct2[quantization] = ctranslate2.models.Whisper(f"{tmp}/ct2-{quantization}", device="cpu",
+                                                       compute_type=quantization, intra_threads=torch.get_num_threads())
 
     from audioenc.frontend import log_mel_spectrogram_ref
 
@@ -186,18 +200,21 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
     ref_backend = audioenc.load(tmp, backend="torch", dtype="float32").backend
     ref = ref_backend.run(mel, None, layers)[0][0]
 
-    def run_hf():
+    def run_hf(hf):
         with torch.inference_mode():
             return hf(mel).last_hidden_state
 
     features = ctranslate2.StorageView.from_array(mel.numpy())
 
-    def run_ct2():
-        return np.asarray(ct2.encode(features, to_cpu=True))
+    def run_ct2(model):
+        return np.asarray(model.encode(features, to_cpu=True))
 
-    contenders = {"transformers eager fp32": run_hf, "CTranslate2 int8": run_ct2,
+    contenders = {**{f"transformers {attention} fp32": partial(run_hf, transformers.WhisperModel.from_pretrained(
+                      tmp, attn_implementation=attention).encoder.eval()) for attention in TRANSFORMERS_ATTENTION},
+                  **{f"CTranslate2 {q}": partial(run_ct2, model) for q, model in ct2.items()},
                   "audioenc torch fp32 (the reference)": lambda: ref_backend.run(mel, None, layers)}
-    outputs = {"transformers eager fp32": run_hf()[0], "CTranslate2 int8": torch.from_numpy(run_ct2()[0]),
+    outputs = {**{name: contenders[name]()[0] for name in contenders if name.startswith("transformers")},
+               **{f"CTranslate2 {q}": torch.from_numpy(run_ct2(model)[0]) for q, model in ct2.items()},
                "audioenc torch fp32 (the reference)": ref}
     for dtype in ("float32", "int8"):
         backend = audioenc.load(tmp, backend="onnx", dtype=dtype).backend
@@ -205,8 +222,12 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
         contenders[f"audioenc onnx {dtype}"] = lambda backend=backend: backend.run(mel, None, layers)
     times = interleaved_medians(contenders, repeats)
     t_hf, t_ct2 = times["transformers eager fp32"], times["CTranslate2 int8"]
+    note = (f"whisper-{size}: CTranslate2 float32 is what faster-whisper computes in on a CPU with its default "
+            f"compute type (its float16 models; this CPU has no float16 GEMMs in CTranslate2): audioenc onnx float32 "
+            f"is {times['CTranslate2 float32'] / times['audioenc onnx float32']:.2f}x it.\n\n"
+            f"whisper-{size}: {versus_default(times)}")
     return [row(f"whisper-{size} 30 s: {name}", t, t_hf, t_ct2, accuracy(outputs[name], ref))
-            for name, t in times.items()], ""
+            for name, t in times.items()], note
 
 
 def conv_form_rows(tmp: str, repeats: int) -> list[str]:

@@ -244,17 +244,25 @@ class TensorRTBackend:
         for name, tensor in feeds.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
+        # audioenc's graphs give float32 and int64; a buffer of another element size would be garbage.
+        output_dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                         trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64}
         outputs = {}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
                 continue
-            dtype = torch.int64 if engine.get_tensor_dtype(name) == trt.DataType.INT64 else torch.float32
+            kind = engine.get_tensor_dtype(name)
+            dtype = output_dtypes.get(kind)
+            if dtype is None:
+                raise ValueError(f"the TensorRT engine's output {name} is of type {kind}, which audioenc does not read")
             outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self.device)
             context.set_tensor_address(name, outputs[name].data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see its log)")
         stream.synchronize()
-        hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)] if output_hidden_states else []
-        return outputs["last_hidden_state"], hidden_states, outputs.get("frame_lengths")
+        hidden_states = [outputs[f"hidden_state_{i}"].float() for i in range(num_layers + 1)] if output_hidden_states else []
+        frame_lengths = outputs.get("frame_lengths")  # none for Whisper
+        return (outputs["last_hidden_state"].float(), hidden_states,
+                None if frame_lengths is None else frame_lengths.long())
