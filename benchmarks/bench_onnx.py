@@ -1,4 +1,4 @@
-"""audioenc's ONNX Runtime backend against Hugging Face transformers (eager attention) and
+"""audioenc's ONNX Runtime backend against Hugging Face transformers (eager attention, and sdpa, its default) and
 CTranslate2 (faster-whisper's engine, int8 and float32) on the CPU: same process, same random weights at real
 sizes, medians.
 
@@ -84,16 +84,30 @@ FAMILY_CASES = [
 TRANSFORMERS_ATTENTION = ("eager", "sdpa")
 
 
+def transformers_contenders(load, run) -> dict:
+    """run(model) per attention of TRANSFORMERS_ATTENTION that the model class supports (WavLM has no
+    sdpa); load(attention) -> the model."""
+    contenders = {}
+    for attention in TRANSFORMERS_ATTENTION:
+        try:
+            contenders[f"transformers {attention} fp32"] = partial(run, load(attention))
+        except ValueError:  # transformers: "does not support an attention implementation through ..."
+            pass
+    return contenders
+
+
 def versus_default(times: dict) -> str:
-    t = times["transformers sdpa fp32"]
-    return (f"against transformers' default attention (sdpa), audioenc onnx float32 is "
+    """The default is sdpa where the model supports it, else eager."""
+    attention = "sdpa" if "transformers sdpa fp32" in times else "eager"
+    t = times[f"transformers {attention} fp32"]
+    return (f"against transformers' default attention ({attention}), audioenc onnx float32 is "
             f"{t / times['audioenc onnx float32']:.2f}x and int8 {t / times['audioenc onnx int8']:.2f}x.")
 
 
 def wav2vec2_family_rows(tmp: str, repeats: int, case) -> tuple[list[str], dict, float]:
-    """Rows of one wav2vec2-family case: transformers eager against audioenc onnx float32 and int8,
-    audio in to frames out (both sides normalise the waveform). Returns the rows, the medians and
-    the FLOPs of the batch."""
+    """Rows of one wav2vec2-family case: transformers (eager; sdpa too where the model has it) against
+    audioenc onnx float32 and int8, audio in to frames out (both sides normalise the waveform).
+    Returns the rows, the medians and the FLOPs of the batch."""
     import transformers
 
     name, prefix, config, seconds = case
@@ -112,8 +126,8 @@ def wav2vec2_family_rows(tmp: str, repeats: int, case) -> tuple[list[str], dict,
 
     reference = audioenc.load(tmp, backend="torch", dtype="float32")
     ref = reference.encode(audio)
-    contenders = {f"transformers {attention} fp32": partial(run_hf, hf_class.from_pretrained(
-        tmp, attn_implementation=attention).eval()) for attention in TRANSFORMERS_ATTENTION}
+    contenders = transformers_contenders(
+        lambda attention: hf_class.from_pretrained(tmp, attn_implementation=attention).eval(), run_hf)
     # transformers' batched frames depend on the padding (group-norm models), so only a single item is compared
     outputs = {name: run() for name, run in contenders.items()} if len(audio) == 1 else {}
     for dtype in ("float32", "int8"):
@@ -209,8 +223,8 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
     def run_ct2(model):
         return np.asarray(model.encode(features, to_cpu=True))
 
-    contenders = {**{f"transformers {attention} fp32": partial(run_hf, transformers.WhisperModel.from_pretrained(
-                      tmp, attn_implementation=attention).encoder.eval()) for attention in TRANSFORMERS_ATTENTION},
+    contenders = {**transformers_contenders(lambda attention: transformers.WhisperModel.from_pretrained(
+                      tmp, attn_implementation=attention).encoder.eval(), run_hf),
                   **{f"CTranslate2 {q}": partial(run_ct2, model) for q, model in ct2.items()},
                   "audioenc torch fp32 (the reference)": lambda: ref_backend.run(mel, None, layers)}
     outputs = {**{name: contenders[name]()[0] for name in contenders if name.startswith("transformers")},
@@ -323,7 +337,7 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
-        *notes,
+        "\n\n".join(notes),
     ])
     if not args.no_write:
         write_section(f"{title[:-1]}, {vector_isa()})", body)  # "(CPU)" -> "(CPU, AVX2)": one section per kind of CPU

@@ -262,7 +262,8 @@ class TensorRTBackend:
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see its log)")
         stream.synchronize()
-        hidden_states = [outputs[f"hidden_state_{i}"].float() for i in range(num_layers + 1)] if output_hidden_states else []
+        hidden_states = [outputs[f"hidden_state_{i}"].float() for i in range(num_layers + 1)
+                         if output_hidden_states]
         frame_lengths = outputs.get("frame_lengths")  # none for Whisper
         return (outputs["last_hidden_state"].float(), hidden_states,
                 None if frame_lengths is None else frame_lengths.long())
