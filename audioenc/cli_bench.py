@@ -1,6 +1,7 @@
 """``audioenc bench``: how fast a model runs here, end to end (audio in, frames out), on one or more
-backends timed side by side, and Hugging Face transformers on the same weights (``--against
-transformers``). The other peers (CTranslate2, openai-whisper, torch.compile) are in benchmarks/."""
+backends timed side by side, and peers on the same weights: Hugging Face transformers (``--against
+transformers``) and, for Whisper, CTranslate2, faster-whisper's engine (``--against ctranslate2``).
+The other peers (openai-whisper, torch.compile) are in benchmarks/."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 
 DEFAULT_MODEL = "random:wav2vec2-base"
+PEERS = ("transformers", "ctranslate2")
 
 
 def timed_rounds(calls: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -27,17 +29,25 @@ def timed_rounds(calls: dict, repeats: int, warmup: int) -> dict[str, list[float
     return times
 
 
-def peer_contender(args, dtype: str, audio: list):
-    """(label, call, first output) of transformers on the same weights and device."""
+def peer_contender(args, peer: str, dtype: str, audio: list):
+    """(label, call, first output) of a peer library on the same weights and device."""
     import torch
 
     import audioenc
     from audioenc.loading import resolve_device
-    from audioenc.peer_transformers import transformers_call
 
     if args.layer is not None:
-        raise ValueError("transformers runs every layer: time it without --layer")
+        raise ValueError(f"{peer} runs every layer: time it without --layer")
     device = resolve_device(args.device)
+    if peer == "ctranslate2":
+        from audioenc.peer_ctranslate2 import ctranslate2_call, default_compute_type
+
+        compute_type = default_compute_type(device) if dtype == "auto" else dtype
+        reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
+        call = ctranslate2_call(reference.backend.model, device, compute_type)  # says so if not installed
+        import ctranslate2
+
+        return f"ctranslate2 {ctranslate2.__version__} {compute_type} {device}", lambda: call(audio), call(audio)
     if dtype == "auto":
         dtype = "float16" if device.type == "cuda" else "float32"
     if dtype not in ("float32", "float16", "bfloat16"):
@@ -46,6 +56,8 @@ def peer_contender(args, dtype: str, audio: list):
         import transformers
     except ImportError:
         raise ValueError("transformers is not installed (pip install transformers)") from None
+    from audioenc.peer_transformers import transformers_call
+
     reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
     call = transformers_call(reference.backend.model, reference.do_normalize, device, getattr(torch, dtype))
     return f"transformers {transformers.__version__} {dtype} {device}", lambda: call(audio), call(audio)
@@ -87,8 +99,8 @@ def cmd_bench(args) -> int:
     for backend, dtype in contenders:
         start = time.perf_counter()
         try:
-            if backend == "transformers":
-                label, call, output = peer_contender(args, dtype, audio)
+            if backend in PEERS:
+                label, call, output = peer_contender(args, backend, dtype, audio)
             else:
                 label, call, output = audioenc_contender(args, backend, dtype, audio)
         except (ValueError, TypeError, OSError, RuntimeError) as exc:
@@ -130,7 +142,9 @@ def register(subparsers) -> None:
     bench.add_argument("--dtype", default="auto", help="the first backend's dtype")
     bench.add_argument("--against", nargs="*", default=[],
                        help="more BACKEND[:DTYPE] timed in the same rounds, e.g. torch onnx:float32; "
-                            "'transformers' is Hugging Face transformers on the same weights")
+                            "'transformers' is Hugging Face transformers on the same weights, 'ctranslate2' "
+                            "(Whisper) CTranslate2 at the compute type given (default: faster-whisper's, "
+                            "float32 on a CPU, float16 on a GPU), e.g. ctranslate2:int8")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--seconds", type=float, default=10.0, help="audio per item (generated speech-like audio)")
     bench.add_argument("--batch", type=int, default=1)

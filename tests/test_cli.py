@@ -307,3 +307,18 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     assert main(["bench", "--model", path, "--seconds", "nan"]) == 2
     assert main(["bench", "--model", path, "--backend", "nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_bench_against_ctranslate2(whisper_checkpoints, w2v_checkpoints, capsys):
+    """faster-whisper's engine on the same weights: float32 gives the reference's frames, int8 nearly."""
+    path = whisper_checkpoints[128][0]
+    assert main(["bench", "--model", path, "--backend", "torch", "--against", "ctranslate2", "ctranslate2:int8",
+                 "--seconds", "2", "--repeats", "1", "--warmup", "0"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("ctranslate2 ")]
+    assert [row[2] for row in rows] == ["float32", "int8"]
+    assert float(rows[0][-1]) <= 1e-5
+    assert float(rows[1][-1]) <= 0.1
+    assert main(["bench", "--model", w2v_checkpoints["wav2vec2-group"][0], "--against", "ctranslate2"]) == 2
+    assert "CTranslate2 runs Whisper encoders" in capsys.readouterr().err
+    assert main(["bench", "--model", path, "--against", "ctranslate2:float8"]) == 2
+    assert "no compute type 'float8'" in capsys.readouterr().err
