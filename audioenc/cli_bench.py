@@ -1,7 +1,7 @@
 """``audioenc bench``: how fast a model runs here, end to end (audio in, frames out), on one or more
 backends timed side by side, and peers on the same weights: Hugging Face transformers (``--against
-transformers``) and, for Whisper, CTranslate2, faster-whisper's engine (``--against ctranslate2``).
-The other peers (openai-whisper, torch.compile) are in benchmarks/."""
+transformers``) and, for Whisper, CTranslate2, faster-whisper's engine (``--against ctranslate2``),
+and openai-whisper (``--against openai-whisper``). torch.compile is in benchmarks/."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,6 @@ import sys
 import time
 
 DEFAULT_MODEL = "random:wav2vec2-base"
-PEERS = ("transformers", "ctranslate2")
 
 
 def timed_rounds(calls: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -29,38 +28,69 @@ def timed_rounds(calls: dict, repeats: int, warmup: int) -> dict[str, list[float
     return times
 
 
-def peer_contender(args, peer: str, dtype: str, audio: list):
-    """(label, call, first output) of a peer library on the same weights and device."""
+def transformers_peer(reference, device, dtype: str):
+    """(label, call) of transformers with its own feature extractor and default attention."""
     import torch
 
-    import audioenc
-    from audioenc.loading import resolve_device
+    from audioenc.peer_transformers import transformers_call
 
-    if args.layer is not None:
-        raise ValueError(f"{peer} runs every layer: time it without --layer")
-    device = resolve_device(args.device)
-    if peer == "ctranslate2":
-        from audioenc.peer_ctranslate2 import ctranslate2_call, default_compute_type
-
-        compute_type = default_compute_type(device) if dtype == "auto" else dtype
-        reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
-        call = ctranslate2_call(reference.backend.model, device, compute_type)  # says so if not installed
-        import ctranslate2
-
-        return f"ctranslate2 {ctranslate2.__version__} {compute_type} {device}", lambda: call(audio), call(audio)
-    if dtype == "auto":
-        dtype = "float16" if device.type == "cuda" else "float32"
+    dtype = half_on_gpu(device) if dtype == "auto" else dtype
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype {dtype!r}: transformers runs float32, float16 or bfloat16")
     try:
         import transformers
     except ImportError:
         raise ValueError("transformers is not installed (pip install transformers)") from None
-    from audioenc.peer_transformers import transformers_call
-
-    reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
     call = transformers_call(reference.backend.model, reference.do_normalize, device, getattr(torch, dtype))
-    return f"transformers {transformers.__version__} {dtype} {device}", lambda: call(audio), call(audio)
+    return f"transformers {transformers.__version__} {dtype} {device}", call
+
+
+def ctranslate2_peer(reference, device, dtype: str):
+    """(label, call) of CTranslate2 at a compute type (default: faster-whisper's)."""
+    from audioenc.peer_ctranslate2 import ctranslate2_call, default_compute_type
+
+    compute_type = default_compute_type(device) if dtype == "auto" else dtype
+    call = ctranslate2_call(reference.backend.model, device, compute_type)  # says so if not installed
+    import ctranslate2
+
+    return f"ctranslate2 {ctranslate2.__version__} {compute_type} {device}", call
+
+
+def openai_whisper_peer(reference, device, dtype: str):
+    """(label, call) of openai-whisper's frontend and encoder."""
+    import torch
+
+    from audioenc.peer_openai_whisper import openai_whisper_call
+
+    dtype = half_on_gpu(device) if dtype == "auto" else dtype
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: openai-whisper runs float32, float16 or bfloat16")
+    call = openai_whisper_call(reference.backend.model, device, getattr(torch, dtype))  # says so if not installed
+    from importlib.metadata import version
+
+    return f"openai-whisper {version('openai-whisper')} {dtype} {device}", call
+
+
+def half_on_gpu(device) -> str:
+    return "float16" if device.type == "cuda" else "float32"
+
+
+PEERS = {"transformers": transformers_peer, "ctranslate2": ctranslate2_peer, "openai-whisper": openai_whisper_peer}
+
+
+def peer_contender(args, peer: str, dtype: str, audio: list):
+    """(label, call, first output) of a peer library on the same weights and device."""
+    import audioenc
+    from audioenc.loading import resolve_device
+
+    if args.layer is not None:
+        raise ValueError(f"{peer} runs every layer: time it without --layer")
+    reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
+    if reference.family == "whisper" and args.seconds > 30:
+        raise ValueError(f"{peer} encodes the first 30 s window of each item (audioenc encodes them all): "
+                         "time Whisper against it with --seconds 30 or less")
+    label, call = PEERS[peer](reference, resolve_device(args.device), dtype)
+    return label, lambda: call(audio), call(audio)
 
 
 def audioenc_contender(args, backend: str, dtype: str, audio: list):
@@ -144,7 +174,8 @@ def register(subparsers) -> None:
                        help="more BACKEND[:DTYPE] timed in the same rounds, e.g. torch onnx:float32; "
                             "'transformers' is Hugging Face transformers on the same weights, 'ctranslate2' "
                             "(Whisper) CTranslate2 at the compute type given (default: faster-whisper's, "
-                            "float32 on a CPU, float16 on a GPU), e.g. ctranslate2:int8")
+                            "float32 on a CPU, float16 on a GPU), e.g. ctranslate2:int8; 'openai-whisper' "
+                            "(Whisper) its own log-mel and encoder")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--seconds", type=float, default=10.0, help="audio per item (generated speech-like audio)")
     bench.add_argument("--batch", type=int, default=1)

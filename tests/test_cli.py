@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import audioenc
 from audioenc.cli import main
-from conftest import speech_like
+from conftest import TINY_WHISPER, randomize, speech_like
 
 
 @pytest.fixture()
@@ -309,16 +309,33 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     assert "nonsense" in capsys.readouterr().err
 
 
-def test_bench_against_ctranslate2(whisper_checkpoints, w2v_checkpoints, capsys):
-    """faster-whisper's engine on the same weights: float32 gives the reference's frames, int8 nearly."""
-    path = whisper_checkpoints[128][0]
+def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_path, capsys):
+    """faster-whisper's engine and openai-whisper on the same weights: float32 gives the reference's
+    frames, CTranslate2's int8 nearly."""
+    import transformers
+
+    # openai-whisper's MLP is always 4 x d_model wide
+    config = transformers.WhisperConfig(num_mel_bins=128,
+                                        **{**TINY_WHISPER, "encoder_ffn_dim": 4 * TINY_WHISPER["d_model"]})
+    path = str(tmp_path / "whisper")
+    randomize(transformers.WhisperForConditionalGeneration(config)).save_pretrained(path)
+    transformers.WhisperFeatureExtractor(feature_size=128).save_pretrained(path)
     assert main(["bench", "--model", path, "--backend", "torch", "--against", "ctranslate2", "ctranslate2:int8",
-                 "--seconds", "2", "--repeats", "1", "--warmup", "0"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("ctranslate2 ")]
-    assert [row[2] for row in rows] == ["float32", "int8"]
-    assert float(rows[0][-1]) <= 1e-5
+                 "openai-whisper", "--seconds", "2", "--repeats", "1", "--warmup", "0"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("ctranslate2 ", "openai-whisper "))]
+    assert [row[:3:2] for row in rows] == [["ctranslate2", "float32"], ["ctranslate2", "int8"],
+                                           ["openai-whisper", "float32"]]
+    assert float(rows[0][-1]) <= 1e-5 and float(rows[2][-1]) <= 1e-5
     assert float(rows[1][-1]) <= 0.1
-    assert main(["bench", "--model", w2v_checkpoints["wav2vec2-group"][0], "--against", "ctranslate2"]) == 2
-    assert "CTranslate2 runs Whisper encoders" in capsys.readouterr().err
+    w2v = w2v_checkpoints["wav2vec2-group"][0]
+    for peer, message in (("ctranslate2", "CTranslate2 runs Whisper encoders"),
+                          ("openai-whisper", "openai-whisper runs Whisper encoders")):
+        assert main(["bench", "--model", w2v, "--against", peer]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["bench", "--model", whisper_checkpoints[80][0], "--against", "openai-whisper"]) == 2
+    assert "openai-whisper's MLP is 4 x d_model wide" in capsys.readouterr().err
     assert main(["bench", "--model", path, "--against", "ctranslate2:float8"]) == 2
     assert "no compute type 'float8'" in capsys.readouterr().err
+    assert main(["bench", "--model", path, "--against", "openai-whisper", "--seconds", "31"]) == 2
+    assert "first 30 s window" in capsys.readouterr().err
