@@ -26,11 +26,9 @@ def openai_names(encoder: nn.Module) -> dict[str, str]:
             _rename({f"encoder.{name}": name for name in encoder.state_dict()}, _OPENAI_NAMES).items()}
 
 
-def openai_whisper_call(reference: nn.Module, device: torch.device,
-                        dtype: torch.dtype) -> Callable[[list[np.ndarray]], torch.Tensor]:
-    """audio (a list of 16 kHz float32 arrays) -> openai-whisper's encoder output (B, 1500, dim), float32."""
+def openai_whisper_encoder(reference: nn.Module) -> nn.Module:
+    """openai-whisper's AudioEncoder holding the reference's weights (shared, not copied)."""
     try:
-        import whisper
         from whisper.model import AudioEncoder
     except ImportError:
         raise ValueError("openai-whisper is not installed (pip install openai-whisper)") from None
@@ -45,14 +43,23 @@ def openai_whisper_call(reference: nn.Module, device: torch.device,
     missing = [name for name in encoder.state_dict() if names.get(name) not in ours]
     if missing:
         raise ValueError(f"no reference weights for openai-whisper's {missing[:4]}")
-    encoder.load_state_dict({name: ours[names[name]] for name in encoder.state_dict()})
-    encoder = encoder.to(device).eval()
+    encoder.load_state_dict({name: ours[names[name]] for name in encoder.state_dict()}, assign=True)
+    return encoder.eval()
+
+
+def openai_whisper_call(reference: nn.Module, device: torch.device,
+                        dtype: torch.dtype) -> Callable[[list[np.ndarray]], torch.Tensor]:
+    """audio (a list of 16 kHz float32 arrays) -> openai-whisper's encoder output (B, 1500, dim), float32."""
+    encoder = openai_whisper_encoder(reference).to(device)
+    import whisper
+
+    n_mels = reference.dims.n_mels
 
     @torch.inference_mode()
     def call(audio: list[np.ndarray]) -> torch.Tensor:
         # As transcribe: 30 s of zeros appended before the log-mel (the padding is audio, not mel), then
         # the first window.
-        mels = [whisper.log_mel_spectrogram(torch.from_numpy(a), dims.n_mels, padding=whisper.audio.N_SAMPLES,
+        mels = [whisper.log_mel_spectrogram(torch.from_numpy(a), n_mels, padding=whisper.audio.N_SAMPLES,
                                             device=device)[:, : whisper.audio.N_FRAMES] for a in audio]
         return encoder(torch.stack(mels).to(dtype)).float()
 

@@ -1,6 +1,6 @@
-"""audioenc's ONNX Runtime backend against Hugging Face transformers (eager attention, and sdpa, its default) and
-CTranslate2 (faster-whisper's engine, int8 and float32) on the CPU: same process, same random weights at real
-sizes, medians.
+"""audioenc's ONNX Runtime backend against Hugging Face transformers (eager attention, and sdpa, its default),
+CTranslate2 (faster-whisper's engine, int8 and float32) and openai-whisper on the CPU: same process, same
+random weights at real sizes, medians.
 
     python benchmarks/bench_onnx.py [--repeats 5] [--no-write] [--conv-forms | --whisper-large | --families]
 
@@ -208,6 +208,7 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
                                                        compute_type=quantization, intra_threads=torch.get_num_threads())
 
     from audioenc.frontend import log_mel_spectrogram_ref
+    from audioenc.peer_openai_whisper import openai_whisper_encoder
 
     layers = dims["encoder_layers"]
     mel = log_mel_spectrogram_ref(torch.from_numpy(speech_like(30.0))[None], dims["num_mel_bins"]).contiguous()
@@ -223,11 +224,16 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
     def run_ct2(model):
         return np.asarray(model.encode(features, to_cpu=True))
 
+    def run_openai(encoder):
+        with torch.inference_mode():
+            return encoder(mel)
+
     contenders = {**transformers_contenders(lambda attention: transformers.WhisperModel.from_pretrained(
                       tmp, attn_implementation=attention).encoder.eval(), run_hf),
                   **{f"CTranslate2 {q}": partial(run_ct2, model) for q, model in ct2.items()},
+                  "openai-whisper fp32": partial(run_openai, openai_whisper_encoder(ref_backend.model)),
                   "audioenc torch fp32 (the reference)": lambda: ref_backend.run(mel, None, layers)}
-    outputs = {**{name: contenders[name]()[0] for name in contenders if name.startswith("transformers")},
+    outputs = {**{name: contenders[name]()[0] for name in contenders if name.startswith(("transformers", "openai"))},
                **{f"CTranslate2 {q}": torch.from_numpy(run_ct2(model)[0]) for q, model in ct2.items()},
                "audioenc torch fp32 (the reference)": ref}
     for dtype in ("float32", "int8"):
