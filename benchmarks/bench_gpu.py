@@ -42,6 +42,9 @@ from audioenc.config import Wav2Vec2Dims, WhisperDims  # noqa: E402
 from audioenc.models.wav2vec2 import Wav2Vec2Model  # noqa: E402
 from audioenc.models.wavlm import WavLMModel  # noqa: E402
 from audioenc.models.whisper import WhisperEncoder  # noqa: E402
+# openai-whisper's encoder as whisper.load_model leaves it: float32 weights, cast to the input's dtype
+# at each call (its LayerNorm takes float32 input, so converting the model to float16 would break it).
+from audioenc.peer_openai_whisper import openai_whisper_encoder  # noqa: E402
 from audioenc.verify import layer_errors  # noqa: E402
 from common import machine, versions, write_section  # noqa: E402
 
@@ -66,7 +69,7 @@ REAL_CASES = [
 ]
 TINY_CASES = [
     ("whisper-tiny-random", "whisper", dict(d_model=64, encoder_layers=2, encoder_attention_heads=2,
-                                            encoder_ffn_dim=128, num_mel_bins=80, max_source_positions=50), 1.0, 2),
+                                            encoder_ffn_dim=256, num_mel_bins=80, max_source_positions=50), 1.0, 2),
     ("wav2vec2-tiny-random", "wav2vec2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                               intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
                                               num_conv_pos_embedding_groups=4, feat_extract_norm="group"), 1.0, 2),
@@ -146,15 +149,6 @@ def hf_model(cls, hf_config, device, dtype):
     except (ValueError, ImportError):
         model, attn = cls._from_config(hf_config, attn_implementation="eager"), "eager"
     return model.to(device, dtype).eval(), attn
-
-
-def openai_whisper_encoder(dims, device):
-    """openai-whisper's own encoder class at these dims, as whisper.load_model leaves it: float32
-    weights, which its layers cast to the input's dtype at each call (its LayerNorm takes float32
-    input, so converting the model to float16 would break it)."""
-    from whisper.model import AudioEncoder
-
-    return AudioEncoder(dims.n_mels, dims.n_ctx, dims.n_state, dims.n_head, dims.n_layer).to(device).eval()
 
 
 def torchaudio_model(family, dims, device, dtype):
@@ -241,11 +235,13 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
             paths = kept_paths(backend.model)
         return fn, out
 
-    # The other libraries' own implementations, where installed (their own random weights: timing only).
+    # The other libraries' own implementations, where installed: openai-whisper's on the reference's
+    # weights (so its error shows), torchaudio's with its own random weights (timing only).
     def other_library():
         if family == "whisper":
-            model = openai_whisper_encoder(dims, device)
-            return torch.inference_mode()(lambda: model(hf_inputs)), None
+            model = openai_whisper_encoder(copy.deepcopy(ref_model)).to(device)
+            fn = torch.inference_mode()(lambda: model(hf_inputs))
+            return fn, fn().float()
         model = torchaudio_model(family, dims, device, dtype)
         return torch.inference_mode()(lambda: model(hf_inputs)[0]), None
 
@@ -466,7 +462,8 @@ def main() -> None:
         f"Median of {repeats} runs ({'CUDA events' if device == 'cuda' else 'wall time'} after warm-up), "
         f"random weights, encoder forward only "
         f"(inputs on the device). RTF = compute time / audio time. Relative error: audioenc's backends against "
-        f"its float32 torch reference on the same weights (transformers has its own random weights: timing only). "
+        f"its float32 torch reference on the same weights, and openai-whisper's on them too (transformers and "
+        f"torchaudio have their own random weights: timing only). "
         + (f"Measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s." if peak else ""),
         "",
         "| case | engine | ms / item | RTF | triton speed-up | fraction of matmul rate | rel. error vs fp32 |",
