@@ -34,9 +34,7 @@ def transformers_peer(reference, device, dtype: str):
 
     from audioenc.peer_transformers import transformers_call
 
-    dtype = half_on_gpu(device) if dtype == "auto" else dtype
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype {dtype!r}: transformers runs float32, float16 or bfloat16")
+    dtype = torch_dtype_name(device, dtype, "transformers")
     try:
         import transformers
     except ImportError:
@@ -62,17 +60,20 @@ def openai_whisper_peer(reference, device, dtype: str):
 
     from audioenc.peer_openai_whisper import openai_whisper_call
 
-    dtype = half_on_gpu(device) if dtype == "auto" else dtype
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype {dtype!r}: openai-whisper runs float32, float16 or bfloat16")
+    dtype = torch_dtype_name(device, dtype, "openai-whisper")
     call = openai_whisper_call(reference.backend.model, device, getattr(torch, dtype))  # says so if not installed
     from importlib.metadata import version
 
     return f"openai-whisper {version('openai-whisper')} {dtype} {device}", call
 
 
-def half_on_gpu(device) -> str:
-    return "float16" if device.type == "cuda" else "float32"
+def torch_dtype_name(device, dtype: str, peer: str) -> str:
+    """A torch peer's dtype: auto is float16 on a GPU, float32 on a CPU."""
+    if dtype == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: {peer} runs float32, float16 or bfloat16")
+    return dtype
 
 
 PEERS = {"transformers": transformers_peer, "ctranslate2": ctranslate2_peer, "openai-whisper": openai_whisper_peer}

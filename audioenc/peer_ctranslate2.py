@@ -39,7 +39,7 @@ def convert(reference: nn.Module, out_dir: str) -> None:
     config = hf_config(dims)
     config.update(dict(decoder_layers=1, decoder_attention_heads=dims.n_head, decoder_ffn_dim=dims.n_ffn))
     whisper = transformers.WhisperForConditionalGeneration(config)
-    whisper.model.encoder.load_state_dict(hf_model(reference).state_dict())
+    whisper.model.encoder = hf_model(reference)  # holds the reference's weights: no second copy
     with tempfile.TemporaryDirectory() as hf_dir:
         whisper.save_pretrained(hf_dir)
         transformers.WhisperFeatureExtractor(feature_size=dims.n_mels).save_pretrained(hf_dir)
