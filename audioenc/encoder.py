@@ -1,6 +1,7 @@
 """The public encoder object: audio in, frame embeddings out, on any backend."""
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 POOLS = ("mean", "max")
 WHISPER_WINDOWS_PER_RUN = 16  # bounds memory on long audio
 CPU_SAMPLES_PER_RUN = 160 * SAMPLE_RATE  # padded samples per CPU backend call (wav2vec2 family): bounds memory
+GPU_MAX_BATCH = 64  # items per GPU backend call (wav2vec2 family): bounds memory
 
 
 @dataclass
@@ -39,6 +41,10 @@ class AudioEncoder:
         # fraction of their valid samples (wav2vec2 family; inf: one padded batch, up to
         # CPU_SAMPLES_PER_RUN samples).
         self.cpu_max_padding = 0.25
+        # On a GPU, a list runs in the groups that compute the fewest samples (padding and the
+        # backend's shape buckets included), each call counted as this much audio besides: about
+        # the cost of a batch-1 call of wavlm-large beyond its share of a batch-16 one on an H200.
+        self.gpu_call_cost_s = 15.0
         if family == "whisper" and preprocessor.get("feature_size", dims.n_mels) != dims.n_mels:
             raise ValueError(f"{source}: preprocessor feature_size {preprocessor['feature_size']} does not match "
                              f"the model's {dims.n_mels} mel bins")
@@ -167,10 +173,13 @@ class AudioEncoder:
         if len(dtypes) > 1:  # mixed PCM types in one list: meet in float32
             waves = [pcm_to_float32(w) for w in waves]
         # On the CPU a batch buys little speed (its matmuls are large already) while every padded
-        # sample costs as much as a valid one: items run in groups of similar length.
-        groups = [list(range(len(waves)))]
+        # sample costs as much as a valid one: items run in groups of similar length. A GPU needs
+        # batches to be busy, so there the groups weigh padding against the cost of a call.
+        lengths = [len(w) for w in waves]
         if self.backend.device.type == "cpu":
-            groups = length_groups([len(w) for w in waves], self.cpu_max_padding)
+            groups = length_groups(lengths, self.cpu_max_padding)
+        else:
+            groups = self._gpu_groups(lengths, GPU_MAX_BATCH)
         if len(groups) == 1:
             return self._run_wav2vec2(waves, num_layers, output_hidden_states)
         outs = [self._run_wav2vec2([waves[i] for i in group], num_layers, output_hidden_states) for group in groups]
@@ -187,6 +196,13 @@ class AudioEncoder:
         if output_hidden_states:
             hidden = tuple(merged([out.hidden_states[layer] for out in outs]) for layer in range(num_layers + 1))
         return EncoderOutput(merged([out.last_hidden_state for out in outs]), lengths, hidden)
+
+    def _gpu_groups(self, lengths: list[int], max_batch: int) -> list[list[int]]:
+        """cheapest_groups with the backend's own cost: the shapes it pads a call to (the triton
+        backend's CUDA-graph buckets) and its largest batch (a TensorRT profile's)."""
+        computed = getattr(self.backend, "computed_samples", lambda batch, samples: batch * samples)
+        max_batch = min(max_batch, getattr(self.backend, "max_batch", max_batch))
+        return cheapest_groups(lengths, computed, self.gpu_call_cost_s * SAMPLE_RATE, max_batch)
 
     def _run_wav2vec2(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
         """One backend call on a padded batch of validated items."""
@@ -218,10 +234,15 @@ class AudioEncoder:
                 owners.append(i)
                 valid.append(self.dims.num_frames(len(piece)))
         outputs, layer_outputs = [], []
-        for first in range(0, len(windows), WHISPER_WINDOWS_PER_RUN):
-            group = windows[first : first + WHISPER_WINDOWS_PER_RUN]
-            batch = np.zeros((len(group), size), dtype=np.float32)
-            for row, w in zip(batch, group):
+        if self.backend.device.type == "cpu":
+            runs = [range(first, min(first + WHISPER_WINDOWS_PER_RUN, len(windows)))
+                    for first in range(0, len(windows), WHISPER_WINDOWS_PER_RUN)]
+        else:  # equal lengths: the groups are consecutive runs of windows, in order
+            runs = self._gpu_groups([size] * len(windows), WHISPER_WINDOWS_PER_RUN)
+        for run in runs:
+            batch = np.zeros((len(run), size), dtype=np.float32)
+            for row, i in zip(batch, run):
+                w = windows[i]
                 row[: len(w)] = pcm_to_float32(w)
             mel = log_mel_spectrogram(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
             out, hidden_states, _ = self.backend.run(mel, None, num_layers, output_hidden_states)
@@ -256,6 +277,25 @@ def length_groups(lengths: list[int], max_padding: float, max_samples: int = CPU
         groups.append([i])
         valid = lengths[i]
     return groups
+
+
+def cheapest_groups(lengths: list[int], computed_samples, call_samples: float, max_batch: int) -> list[list[int]]:
+    """Indices of the items grouped for separate runs, longest first: of the ways to cut the items,
+    sorted by length, into runs of at most ``max_batch``, the one that minimises the samples
+    computed, ``computed_samples(batch, longest)``, plus ``call_samples`` per run."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = [0.0] + [math.inf] * len(order)  # best[k]: the cheapest way to run the k longest items
+    start_of = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(max(0, end - max_batch), end):
+            cost = best[start] + call_samples + computed_samples(end - start, lengths[order[start]])
+            if cost < best[end]:  # ties keep the larger group: fewer calls
+                best[end], start_of[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start_of[end]:end])
+        end = start_of[end]
+    return groups[::-1]
 
 
 def stitch_windows(out: torch.Tensor, owners: list[int], valid: list[int], num_items: int) -> list[torch.Tensor]:

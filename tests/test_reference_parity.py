@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import audioenc
-from audioenc.encoder import length_groups
+from audioenc.encoder import cheapest_groups, length_groups
 from conftest import W2V_VARIANTS, rel_err, speech_like
 
 TOL = 1e-4
@@ -85,6 +85,54 @@ def test_length_groups_bound_padding_and_size():
     assert length_groups([100, 20, 90], max_padding=float("inf"), max_samples=1000) == [[0, 2, 1]]
     assert length_groups([100, 100, 100, 100], max_padding=0.0, max_samples=250) == [[0, 1], [2, 3]]
     assert length_groups([5000], max_padding=0.0, max_samples=10) == [[0]]  # one item always runs
+
+
+def power_of_two_batches(batch, samples):
+    """The triton backend's CUDA-graph cost: batches padded to a power of two."""
+    return (1 << (batch - 1).bit_length()) * samples
+
+
+def test_cheapest_groups_weigh_padding_against_calls():
+    sizes = lambda groups: sorted(len(g) for g in groups)  # noqa: E731
+    assert sizes(cheapest_groups([10] * 17, power_of_two_batches, 5, 64)) == [1, 16]  # not a batch of 32
+    assert cheapest_groups([10] * 16, power_of_two_batches, 5, 64) == [list(range(16))]
+    plain = lambda batch, samples: batch * samples  # noqa: E731
+    assert cheapest_groups([30, 1, 1, 1], plain, 5, 64) == [[0], [1, 2, 3]]   # 30 s items split from 1 s ones...
+    assert cheapest_groups([30, 29, 28], plain, 5, 64) == [[0, 1, 2]]          # ...not from 29 s ones
+    assert cheapest_groups([30, 1, 1, 1], plain, 1e9, 64) == [[0, 1, 2, 3]]   # calls dearer than any padding
+    groups = cheapest_groups(list(range(100, 0, -1)), plain, 1e9, 7)
+    assert len(groups) == 15 and max(sizes(groups)) == 7 and sorted(sum(groups, [])) == list(range(100))
+    assert cheapest_groups([], plain, 5, 64) == []
+
+
+class OnAGpu:
+    """The torch backend dressed as a GPU backend with power-of-two batches and a batch limit, as
+    the triton and TensorRT backends have: the encoder then groups a list by the cost of a call."""
+    device = torch.device("cuda")
+    computed_samples = staticmethod(power_of_two_batches)
+
+    def __init__(self, backend, max_batch):
+        self.backend, self.max_batch, self.calls = backend, max_batch, []
+
+    def run(self, inputs, *args):
+        self.calls.append(tuple(inputs.shape))
+        return self.backend.run(inputs, *args)
+
+
+def test_gpu_lists_run_in_the_cheapest_groups(w2v_checkpoints):
+    path, _ = w2v_checkpoints["wav2vec2-group"]
+    enc = audioenc.load(path, backend="torch")
+    waves = [speech_like(n, 60 + i) for i, n in enumerate((3000, 48000, 47500, 2600, 47000, 46500, 40000))]
+    one_batch = enc.encode(waves)
+    enc.backend = OnAGpu(enc.backend, max_batch=4)
+    enc.gpu_call_cost_s = 0.5
+    grouped = enc.encode(waves)
+    # Four long items fill a batch of 4; the fifth runs alone rather than pad the short ones' batch to 4 x 40000.
+    assert enc.backend.calls == [(4, 48000), (1, 40000), (2, 3000)]
+    assert torch.equal(grouped.lengths, one_batch.lengths)
+    for i, n in enumerate(one_batch.lengths.tolist()):
+        assert rel_err(grouped.last_hidden_state[i, :n], one_batch.last_hidden_state[i, :n]) <= 1e-5
+        assert torch.all(grouped.last_hidden_state[i, n:] == 0)
 
 
 def test_cpu_lists_run_in_groups_of_similar_length(w2v_checkpoints, monkeypatch):

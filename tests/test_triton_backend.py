@@ -459,3 +459,16 @@ def test_graphs_without_hidden_states_do_not_hold_them():
         del enc
     hidden_bytes = 13 * 4 * 499 * 768 * 2  # 13 float16 hidden states of (4, 499, 768)
     assert held[True] - held[False] >= hidden_bytes // 2, held
+
+
+@pytest.mark.gpu
+@gpu
+def test_lists_run_in_whole_batch_buckets():
+    """17 items run as 16 + 1, not as a CUDA graph of 32 with 15 dummy items; frames as one by one."""
+    enc = audioenc.load("random:wav2vec2-base", backend="triton", device="cuda", dtype="float16")
+    waves = [speech_like(32000, 100 + i) for i in range(17)]
+    out = enc.encode(waves)
+    assert sorted(key[0] for key in enc.backend._graphs) == [1, 16]
+    for i in (0, 16):
+        alone = enc.encode(waves[i])
+        assert rel_err(out.last_hidden_state[i], alone.last_hidden_state[0]) <= 2e-3

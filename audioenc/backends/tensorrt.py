@@ -202,6 +202,7 @@ class TensorRTBackend:
         self.dims = model.dims
         self.weights = weights_digest(self.model)
         self.profile = Profile.from_env(self.dims)
+        self.max_batch = self.profile.shapes[0][3][0]  # the encoder runs longer lists in groups
         self.engines: dict[int, object] = {}
         self.lock = threading.Lock()
         self.local = threading.local()  # one execution context per thread and depth

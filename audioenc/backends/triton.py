@@ -423,6 +423,14 @@ class TritonBackend:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._lock = threading.Lock()  # graph replays share static buffers
 
+    def computed_samples(self, batch: int, samples: int) -> int:
+        """Samples a call on a (batch, samples) input computes: CUDA graphs run whole buckets."""
+        if not self.use_graphs:
+            return batch * samples
+        full, rest = divmod(batch, MAX_GRAPH_BATCH)
+        items = full * MAX_GRAPH_BATCH + (batch_bucket(rest) if rest else 0)
+        return items * (samples if self.is_whisper else length_bucket(samples))
+
     def _forward(self, inputs, lengths, num_layers, keep_hidden):
         if self.is_whisper:
             out, hidden_states = self.model(inputs, num_layers, keep_hidden)
