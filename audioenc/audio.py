@@ -126,7 +126,7 @@ def as_pcm_array(x, what: str, takes_paths: bool = True) -> np.ndarray:
     return x
 
 
-def _clean(x: np.ndarray, what: str, rate: int) -> np.ndarray:
+def _clean(x: np.ndarray, what: str, rate: int, min_samples: int) -> np.ndarray:
     """One item at 16 kHz: int16/int32 PCM stays as it is (the frontend scales it in its single
     pass); float PCM becomes finite float32; anything else at another rate is resampled."""
     if x.size == 0:
@@ -137,12 +137,20 @@ def _clean(x: np.ndarray, what: str, rate: int) -> np.ndarray:
             bad = int(np.flatnonzero(~np.isfinite(x))[0])
             raise ValueError(f"{what}: audio contains NaN or Inf (first at sample {bad})")
     if rate != SAMPLE_RATE:
+        original = x
         x = resample(pcm_to_float32(x), rate)
+        if not np.isfinite(x).all():  # samples near float32's limit overshoot it in the filter
+            raise ValueError(f"{what}: resampling to 16 kHz overflows float32 (the samples reach "
+                             f"{np.abs(original).max():.3g}; audio is expected within [-1, 1])")
+    if len(x) < min_samples:
+        raise ValueError(f"{what}: {len(x)} samples at 16 kHz; this model needs at least {min_samples} samples "
+                         f"({1000 * min_samples / SAMPLE_RATE:g} ms) for one frame")
     return np.ascontiguousarray(x)
 
 
-def to_waveforms(audio, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
-    """Any supported input -> list of 1-D arrays at 16 kHz (float32, or int16/int32 PCM as given).
+def to_waveforms(audio, sample_rate: int = SAMPLE_RATE, min_samples: int = 1) -> list[np.ndarray]:
+    """Any supported input -> list of 1-D arrays at 16 kHz (float32, or int16/int32 PCM as given),
+    each at least ``min_samples`` long.
 
     audio: a 1-D array/tensor (one item), a 2-D array/tensor (batch, samples), a list of 1-D
     arrays of different lengths, a path, or a list of paths. ``sample_rate`` applies to arrays;
@@ -187,7 +195,7 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
             names.append(f"audio[{i}]")
     else:
         raise TypeError(f"audio: expected a numpy array, a torch tensor, a list or a path, got {type(audio).__name__}")
-    return [_clean(x, name, rate) for x, name, rate in zip(items, names, rates)]
+    return [_clean(x, name, rate, min_samples) for x, name, rate in zip(items, names, rates)]
 
 
 def find_audio_files(paths: Sequence[str]) -> list[str]:

@@ -5,18 +5,21 @@ Layout: ``<root>/<kind>/<key>/`` with a meta.json (kind: onnx, tensorrt), where 
 $AUDIOENC_CACHE, else $XDG_CACHE_HOME/audioenc, else ~/.cache/audioenc. Keys include the weights and audioenc's code, so entries of
 deleted checkpoints or older versions are never used again: this is how they get removed.
 An entry's meta.json is touched each time the entry is used, so its mtime is the last use.
-Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process.
+Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process. Any
+other directory there is not audioenc's (a shared cache folder): it is never listed or removed.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 
 KINDS = ("onnx", "tensorrt")
 META_FILE = "meta.json"
+KEY_NAME = re.compile(r"[0-9a-f]{32}")  # the entries' names: export.cache_key, tensorrt.engine_key
 # An unfinished export untouched this long belongs to a process that died (a whisper-large export
 # takes minutes, not hours).
 STALE_TMP_S = 6 * 3600
@@ -89,8 +92,8 @@ def list_entries() -> list[CacheEntry]:
             continue
         for name in os.listdir(folder):
             path = os.path.join(folder, name)
-            if not os.path.isdir(path):
-                continue  # e.g. TensorRT's timing caches: small, shared by every engine
+            if not os.path.isdir(path) or not (KEY_NAME.fullmatch(name) or name.startswith(".tmp-")):
+                continue  # TensorRT's timing caches (small, shared by every engine), or not audioenc's
             try:
                 if name.startswith(".tmp-"):
                     what, last_used = "unfinished export", os.path.getmtime(path)

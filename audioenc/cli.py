@@ -314,7 +314,7 @@ def cmd_stream(args) -> int:
         if args.file:
             audio, rate = load_audio(args.file)
         else:
-            rate = args.rate or 16000
+            rate = 16000 if args.rate is None else args.rate
         stream = enc.stream(sample_rate=rate, chunk_s=args.chunk_s, left_context_s=args.left_context_s,
                             right_context_s=args.right_context_s, output_layer=args.layer)
     except (ValueError, TypeError) as exc:

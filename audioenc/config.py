@@ -5,7 +5,8 @@ that changes the architecture in a way audioenc does not implement fails here, n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 SAMPLE_RATE = 16000
 WHISPER_HOP = 160  # samples per mel frame
@@ -13,6 +14,37 @@ WHISPER_HOP = 160  # samples per mel frame
 
 def _unsupported(source: str, key: str, value, supported: str) -> ValueError:
     return ValueError(f"{source}: config key {key}={value!r} is not supported by audioenc ({supported})")
+
+
+def _check_numbers(dims, source: str, config_keys: dict[str, str]) -> None:
+    """Every size a positive int (a layer count may be 0) and every eps a positive number, or a
+    ValueError naming the config key: a malformed config.json fails here, not deep in the model."""
+    for f in fields(dims):
+        value, key = getattr(dims, f.name), config_keys.get(f.name, f.name)
+        if f.type == "int":
+            least = 0 if f.name in ("num_layers", "n_layer") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{source}: config key {key} must be an int >= {least}, got {value!r}")
+        elif f.type == "tuple[int, ...]":
+            if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+                raise ValueError(f"{source}: config key {key} must be a list of ints >= 1, got {list(value)!r}")
+        elif f.type == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{source}: config key {key} must be a positive number, got {value!r}")
+
+
+def check_preprocessor(preprocessor, family: str, source: str) -> dict:
+    """preprocessor_config.json, checked for what audioenc's frontend fixes: 16 kHz for every
+    family, Whisper's 400-sample FFT and 160-sample hop, one channel for the wav2vec2 family."""
+    if not isinstance(preprocessor, dict):
+        raise ValueError(f"{source}: preprocessor_config.json must hold a JSON object, got {type(preprocessor).__name__}")
+    fixed = {"sampling_rate": SAMPLE_RATE}
+    fixed.update({"n_fft": 400, "hop_length": WHISPER_HOP} if family == "whisper" else {"feature_size": 1})
+    for key, expected in fixed.items():
+        if key in preprocessor and preprocessor[key] != expected:
+            raise ValueError(f"{source}: preprocessor {key}={preprocessor[key]!r} is not supported by audioenc "
+                             f"(only {expected}, as in every released {family} checkpoint)")
+    return preprocessor
 
 
 @dataclass(frozen=True)
@@ -69,10 +101,14 @@ class Wav2Vec2Dims:
             num_buckets=config.get("num_buckets", 320),
             max_bucket_distance=config.get("max_bucket_distance", 800),
         )
+        _check_numbers(dims, source, {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"})
         if not len(dims.conv_dim) == len(dims.conv_kernel) == len(dims.conv_stride):
             raise ValueError(f"{source}: conv_dim, conv_kernel and conv_stride must have the same length")
         if dims.hidden_size % dims.num_heads:
             raise ValueError(f"{source}: hidden_size {dims.hidden_size} is not divisible by num_attention_heads {dims.num_heads}")
+        if dims.hidden_size % dims.num_conv_pos_embedding_groups:
+            raise ValueError(f"{source}: hidden_size {dims.hidden_size} is not divisible by num_conv_pos_embedding_groups "
+                             f"{dims.num_conv_pos_embedding_groups}")
         return dims
 
     @property
@@ -125,6 +161,9 @@ class WhisperDims:
             n_layer=config.get("encoder_layers", 6),
             n_ffn=config.get("encoder_ffn_dim", 2048),
         )
+        _check_numbers(dims, source, {"n_mels": "num_mel_bins", "n_ctx": "max_source_positions", "n_state": "d_model",
+                                      "n_head": "encoder_attention_heads", "n_layer": "encoder_layers",
+                                      "n_ffn": "encoder_ffn_dim"})
         if dims.n_mels not in (80, 128):
             raise _unsupported(source, "num_mel_bins", dims.n_mels, "80 or 128")
         if dims.n_state % dims.n_head:

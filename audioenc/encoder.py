@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from audioenc.audio import SAMPLE_RATE, to_waveforms
-from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims
+from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims, check_preprocessor
 from audioenc.frontend import log_mel_spectrogram, normalize_waveforms, pcm_to_float32
 from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 
@@ -33,7 +33,7 @@ class AudioEncoder:
                  preprocessor: dict, random_weights: bool = False):
         self.family, self.dims, self.backend, self.source = family, dims, backend, source
         self.random_weights = random_weights
-        self.do_normalize = bool(preprocessor.get("do_normalize", True))
+        self.do_normalize = bool(check_preprocessor(preprocessor, family, source).get("do_normalize", True))
         # Items longer than long_audio_threshold_s go through context windows (bounded memory).
         (self.long_audio_threshold_s, self.long_audio_chunk_s,
          self.long_audio_left_s, self.long_audio_right_s) = LONG_AUDIO_DEFAULTS[family]
@@ -88,7 +88,7 @@ class AudioEncoder:
         (audioenc.streaming.encode_long); ``progress`` shows a bar for them.
         """
         num_layers = self._layers_to_run(output_layer)
-        waves = to_waveforms(audio, sample_rate)
+        waves = to_waveforms(audio, sample_rate, self.min_samples)
         limit = self.long_audio_threshold_s * SAMPLE_RATE
         long_items = [i for i, w in enumerate(waves) if len(w) > limit and self._windowed_long_audio()]
         if long_items and output_hidden_states:
@@ -101,7 +101,7 @@ class AudioEncoder:
         if short:
             out = self._encode_items([waves[i] for i in short], num_layers, output_hidden_states)
             if not long_items:
-                return out
+                return self._finite(out, waves)
         items = [None] * len(waves)
         for row, i in enumerate(short):
             items[i] = out.last_hidden_state[row, : out.lengths[row]]
@@ -110,7 +110,19 @@ class AudioEncoder:
                                    self.long_audio_right_s, output_layer, progress)
         if out is not None:
             items = [x.to(out.last_hidden_state) for x in items]
-        return EncoderOutput(pad_items(items), torch.tensor([len(x) for x in items], dtype=torch.int64))
+        return self._finite(EncoderOutput(pad_items(items), torch.tensor([len(x) for x in items], dtype=torch.int64)),
+                            waves)
+
+    def _finite(self, out: EncoderOutput, waves: list[np.ndarray]) -> EncoderOutput:
+        """out, or a ValueError naming the first item whose frames overflowed: never NaN/Inf frames."""
+        finite = torch.isfinite(out.last_hidden_state).flatten(1).all(1)
+        if not finite.all():
+            i = int(torch.nonzero(~finite)[0])
+            peak = float(np.abs(pcm_to_float32(waves[i])).max())
+            raise ValueError(f"audio item {i}: the encoder's output holds NaN or Inf: the {self.backend.name} "
+                             f"backend's {str(self.backend.dtype).removeprefix('torch.')} arithmetic overflowed "
+                             f"(the item's samples reach {peak:.3g}; audio is expected within [-1, 1])")
+        return out
 
     def _encode_items(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
         """Validated 16 kHz items, each encoded whole (no long-audio windows)."""
@@ -164,11 +176,6 @@ class AudioEncoder:
         return int(output_layer)
 
     def _encode_wav2vec2(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
-        shortest = self.min_samples
-        for i, w in enumerate(waves):
-            if len(w) < shortest:
-                raise ValueError(f"audio item {i} has {len(w)} samples; {self.family} needs at least {shortest} "
-                                 f"samples ({1000 * shortest / SAMPLE_RATE:g} ms at 16 kHz) for one frame")
         dtypes = {w.dtype for w in waves}
         if len(dtypes) > 1:  # mixed PCM types in one list: meet in float32
             waves = [pcm_to_float32(w) for w in waves]
@@ -223,9 +230,6 @@ class AudioEncoder:
         size = self.dims.window_samples
         windows, owners, valid = [], [], []
         for i, w in enumerate(waves):
-            if len(w) < WHISPER_HOP:
-                raise ValueError(f"audio item {i} has {len(w)} samples; whisper needs at least {WHISPER_HOP} "
-                                 f"samples (10 ms at 16 kHz) for one frame")
             for start in range(0, len(w), size):
                 piece = w[start : start + size]
                 if len(piece) < WHISPER_HOP and start > 0:

@@ -35,6 +35,9 @@ FRAME_HOP = 320  # samples per output frame, every family
 # Windows that arrive together (long audio) are encoded in batches of at most this much audio:
 # enough to keep the encoder busy, small enough that the conv stack's activations stay ~1 GB.
 SECONDS_PER_RUN = 48.0
+# A window (left context + chunk + right context) is one encoder call on one item and sits whole
+# in the chunker's ring buffer: past this, memory (attention over every frame) runs out first.
+MAX_WINDOW_S = 600.0
 
 # Defaults (seconds): chunk, left context, right context: the cheapest measured setting whose final
 # layer reaches mean cosine >= 0.99 to offline (BENCHMARKS.md "Streaming and long audio").
@@ -115,6 +118,9 @@ class EncoderStream:
                                  f"{self.block / SAMPLE_RATE:g} s (so no chunk straddles two 30 s windows), such as "
                                  f"0.5, 1, 1.5, 2 or 3; got {chunk_s:g} s, {self.chunk / SAMPLE_RATE:g} s on the frame grid")
             self.left = min(self.left, self.block - self.chunk)
+        if self.left + self.chunk + self.right > MAX_WINDOW_S * SAMPLE_RATE:
+            raise ValueError(f"a stream window (left_context_s + chunk_s + right_context_s) can be at most "
+                             f"{MAX_WINDOW_S:g} s, got {left_context_s:g} + {chunk_s:g} + {right_context_s:g} s")
         self.chunker = Chunker(self.chunk, self.left, self.right + self.tail)
         self.resampler = None
         if self.sample_rate != SAMPLE_RATE:

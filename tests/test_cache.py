@@ -39,6 +39,7 @@ def filled(tmp_path, monkeypatch):
     make_entry(tmp_path, "onnx", "e" * 32, 60, 1.6, [1, 2])     # a meta.json of another shape
     with open(os.path.join(tmp_path, "tensorrt", "timing-10.0-H100.cache"), "wb") as f:
         f.write(b"\0" * 10)                                     # shared timing cache: not an entry
+    make_entry(tmp_path, "onnx", "users-models", 80, 30)         # not audioenc's: never listed or removed
     return tmp_path
 
 
@@ -70,10 +71,10 @@ def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
     assert main(["cache", "--clear", "--unused-days", "2.5"]) == 0
     assert "removed 2 of 7 entries" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(filled, "onnx"))) == sorted([".tmp-dead", ".tmp-young", "b" * 32, "d" * 32,
-                                                                        "e" * 32])
+                                                                        "e" * 32, "users-models"])
     assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]
     assert main(["cache", "--clear"]) == 0
-    assert os.listdir(os.path.join(filled, "onnx")) == [".tmp-young"]
+    assert sorted(os.listdir(os.path.join(filled, "onnx"))) == [".tmp-young", "users-models"]
 
 
 def test_cli_rejects_unused_days_without_clear(filled, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 import transformers as T
 
+import audioenc
 from audioenc.weights import load_checkpoint, load_hf_dir, parse_conv_feature_layers
 from ckpt_factory import (W2V_KEYS, WHISPER_KEYS, fairseq_checkpoint, openai_checkpoint, randomize,
                           reference_state_dict, w2v_config, whisper_model, write_ct2_bin)
@@ -261,6 +263,40 @@ def test_errors_hf(w2v, tmp_path):
     _expect(d, "pytorch_model.bin: not a readable PyTorch checkpoint")
     _expect(path, "expected a whisper checkpoint, got wav2vec2", family="whisper")
     _expect(path, "family must be one of", family="bert")
+
+
+def _edited_copy(path, target, name, edit):
+    """A copy of the checkpoint dir ``path`` whose JSON file ``name`` is ``edit(its contents)``."""
+    shutil.copytree(path, target)
+    file = target / name
+    file.write_text(json.dumps(edit(json.loads(file.read_text()) if file.exists() else {})))
+    return str(target)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("num_attention_heads", 0, "num_attention_heads must be an int >= 1, got 0"),
+    ("conv_stride", [5, 0, 2], r"conv_stride must be a list of ints >= 1, got \[5, 0, 2\]"),
+    ("hidden_size", "32", "hidden_size must be an int >= 1, got '32'"),
+    ("num_hidden_layers", 1.5, "num_hidden_layers must be an int >= 0, got 1.5"),
+    ("layer_norm_eps", "1e-5", "layer_norm_eps must be a positive number, got '1e-5'"),
+    ("num_conv_pos_embedding_groups", 3, "hidden_size 32 is not divisible by num_conv_pos_embedding_groups 3"),
+])
+def test_malformed_config_values_are_named(w2v, tmp_path, key, value, message):
+    path = _edited_copy(w2v["wav2vec2_group"][1], tmp_path / "bad", "config.json", lambda c: {**c, key: value})
+    with pytest.raises(ValueError, match=f"{re.escape(path)}.*{message}"):
+        audioenc.load(path, backend="torch")
+
+
+def test_preprocessor_settings_audioenc_does_not_compute_are_refused(w2v, whisper, tmp_path):
+    """audioenc's frontend is 16 kHz (and Whisper's 400/160 STFT): another preprocessor would
+    silently give other features."""
+    cases = [(w2v["wav2vec2_group"][1], lambda p: {**p, "sampling_rate": 8000}, "preprocessor sampling_rate=8000"),
+             (w2v["wav2vec2_group"][1], lambda p: [p], "preprocessor_config.json must hold a JSON object"),
+             (whisper[80][1], lambda p: {**p, "hop_length": 320}, "preprocessor hop_length=320"),
+             (whisper[80][1], lambda p: {**p, "n_fft": 512}, "preprocessor n_fft=512")]
+    for i, (path, edit, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            audioenc.load(_edited_copy(path, tmp_path / str(i), "preprocessor_config.json", edit), backend="torch")
 
 
 def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):

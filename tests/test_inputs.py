@@ -50,6 +50,19 @@ def test_unsupported_sample_rates(w2v, rate):
         w2v.encode(speech_like(16000), sample_rate=rate)
 
 
+def test_audio_at_float32s_limit_is_refused_not_encoded_to_nan(w2v_checkpoints, whisper):
+    loud = speech_like(16000, 4)
+    loud = (loud / np.abs(loud).max() * np.float32(3e38)).astype(np.float32)  # finite, near float32's max
+    with pytest.raises(ValueError, match="audio: resampling to 16 kHz overflows float32 .the samples reach 3e.38"):
+        whisper.encode(loud, sample_rate=44100)
+    raw = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    raw.do_normalize = False  # the waveform reaches the conv stack as it is
+    with pytest.raises(ValueError, match="audio item 1: the encoder's output holds NaN or Inf: the torch backend's "
+                                         "float32 arithmetic overflowed"):
+        raw.encode([speech_like(4000), loud])
+    assert torch.isfinite(raw.encode(speech_like(4000)).last_hidden_state).all()
+
+
 def test_sample_rate_must_be_int(w2v):
     with pytest.raises(TypeError, match="sample_rate"):
         w2v.encode(speech_like(16000), sample_rate=16000.0)
@@ -64,6 +77,12 @@ def test_too_short_for_one_frame(w2v, whisper):
         whisper.encode(np.array([0.5], np.float32))
     assert w2v.encode(speech_like(400)).lengths.item() == 1
     assert whisper.encode(speech_like(160)).lengths.item() == 1
+
+
+def test_too_short_names_the_file_and_counts_after_resampling(w2v, tmp_path):
+    sf.write(tmp_path / "short.wav", speech_like(1000, 3), 44100)  # 363 samples at 16 kHz
+    with pytest.raises(ValueError, match=r"short\.wav: 363 samples at 16 kHz; .* at least 400 samples"):
+        w2v.encode([speech_like(4000), str(tmp_path / "short.wav")])
 
 
 def test_files(w2v, tmp_path):
