@@ -30,13 +30,15 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, expected an audio file")
     if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file")
+        broken = os.path.lexists(path)  # a link to nothing, or a loop of links
+        raise ValueError(f"{path}: {'a link that leads to no file' if broken else 'no such file'}")
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
         data, rate = _decode_with_pyav(path, reason=str(exc))
     if data.shape[0] == 0:
-        raise ValueError(f"{path}: the file holds no audio samples")
+        raise ValueError(f"{path}: the file holds no audio samples (empty, cut before its first audio frame, or "
+                         "not audio)")
     problem = wav_truncation(path)
     if problem:
         raise ValueError(f"{path}: truncated WAV file ({problem})")

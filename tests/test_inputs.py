@@ -96,6 +96,9 @@ def test_files(w2v, tmp_path):
         w2v.encode(str(tmp_path))
     with pytest.raises(ValueError, match="no such file"):
         w2v.encode(str(tmp_path / "missing.wav"))
+    (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
+    with pytest.raises(ValueError, match="loop.wav: a link that leads to no file"):
+        w2v.encode(str(tmp_path / "loop.wav"))
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
     with pytest.raises(ValueError, match="cannot decode"):
         w2v.encode(str(tmp_path / "corrupt.wav"))
