@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a lent CUDA machine should check; logs (and BENCHMARKS.md after a bench) land in $OUT.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|profile|sweep|all] [BENCH_BUDGET_S]
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|profile|sweep|groups|all] [BENCH_BUDGET_S]
 #
 # Always builds the native core (CUDA sources included, ~20 s). `tests`: every test that uses the GPU
 # (first the `gpu` ones: real sizes and the CUDA log-mel; then the kernel and triton-backend tests
@@ -9,7 +9,8 @@
 # `bench`: the CUDA frontend and bench_gpu.py, which
 # starts no new case once BENCH_BUDGET_S (default 200) seconds are spent. `profile`: the triton
 # backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute). `sweep`:
-# every attention config timed alone (sweep_attention.py, about three minutes).
+# every attention config timed alone (sweep_attention.py, about three minutes). `groups`: lists of mixed
+# lengths at several per-call costs of the encoder's GPU grouping (bench_gpu_groups.py, a few minutes).
 # `all` (default) does tests and bench; on a lease of 10-minute calls, run them as two calls, or cap the
 # parts with TESTS_S and BENCH_S (whole-run seconds) and skip the frontend bench with SKIP_FRONTEND=1.
 # A 15-minute lease fits `TESTS_S=240 BENCH_S=300 SKIP_FRONTEND=1 ... all 170` (about 9.5 minutes with
@@ -80,4 +81,10 @@ if [ "$part" = profile ]; then
     timeout 300 python3 benchmarks/profile_gpu.py >"$OUT/profile_gpu.log" 2>&1
     echo "profile_gpu: rc $?"
     grep -vE "^(USDT|STAGE)" "$OUT/profile_gpu.log" | tail -45
+fi
+
+if [ "$part" = groups ]; then
+    timeout 300 python3 benchmarks/bench_gpu_groups.py --budget 200 >"$OUT/bench_gpu_groups.log" 2>&1
+    echo "bench_gpu_groups: rc $?"
+    grep -E "^\||budget" "$OUT/bench_gpu_groups.log"
 fi

@@ -27,3 +27,10 @@ def test_bench_gpu_runs_tiny_and_writes_nothing():
 def test_profile_gpu_runs_tiny():
     out = run_script("benchmarks/profile_gpu.py", "--tiny")
     assert "### whisper-tiny-random" in out and "| kernel | calls | ms | share |" in out
+
+
+def test_bench_gpu_groups_plans_without_a_gpu():
+    out = run_script("benchmarks/bench_gpu_groups.py", "--models", "wav2vec2-base,whisper-large-v3")
+    assert "| wav2vec2-base | 17 x 10 s | 15 | 1+16 |" in out  # not a CUDA graph of 32
+    assert "| wav2vec2-base | 30 s + 15 x 1 s | 15 | 1+15 |" in out
+    assert "| whisper-large-v3 | one 270 s item (9 windows) | as few calls as fit | 9 |" in out

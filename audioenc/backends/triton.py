@@ -51,6 +51,14 @@ def batch_bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
+def graph_samples(batch: int, samples: int, whisper: bool) -> int:
+    """Samples a CUDA-graph call on a (batch, samples) input computes: whole buckets (Whisper's
+    windows have one length already)."""
+    full, rest = divmod(batch, MAX_GRAPH_BATCH)
+    items = full * MAX_GRAPH_BATCH + (batch_bucket(rest) if rest else 0)
+    return items * (samples if whisper else length_bucket(samples))
+
+
 class _Linear:
     """A Linear's weight and bias in the compute dtype; several Linears can be fused into one."""
 
@@ -424,12 +432,8 @@ class TritonBackend:
         self._lock = threading.Lock()  # graph replays share static buffers
 
     def computed_samples(self, batch: int, samples: int) -> int:
-        """Samples a call on a (batch, samples) input computes: CUDA graphs run whole buckets."""
-        if not self.use_graphs:
-            return batch * samples
-        full, rest = divmod(batch, MAX_GRAPH_BATCH)
-        items = full * MAX_GRAPH_BATCH + (batch_bucket(rest) if rest else 0)
-        return items * (samples if self.is_whisper else length_bucket(samples))
+        """Samples a call on a (batch, samples) input computes (AudioEncoder groups lists by it)."""
+        return graph_samples(batch, samples, self.is_whisper) if self.use_graphs else batch * samples
 
     def _forward(self, inputs, lengths, num_layers, keep_hidden):
         if self.is_whisper:
