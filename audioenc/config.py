@@ -33,17 +33,21 @@ def _check_numbers(dims, source: str, config_keys: dict[str, str]) -> None:
                 raise ValueError(f"{source}: config key {key} must be a positive number, got {value!r}")
 
 
-def check_preprocessor(preprocessor, family: str, source: str) -> dict:
-    """preprocessor_config.json, checked for what audioenc's frontend fixes: 16 kHz for every
-    family, Whisper's 400-sample FFT and 160-sample hop, one channel for the wav2vec2 family."""
+def check_preprocessor(preprocessor, dims, source: str) -> dict:
+    """preprocessor_config.json, checked for what audioenc's frontend computes: 16 kHz for every
+    family; for Whisper a 400-sample FFT, a 160-sample hop and the model's mel bins; one channel
+    for the wav2vec2 family."""
     if not isinstance(preprocessor, dict):
         raise ValueError(f"{source}: preprocessor_config.json must hold a JSON object, got {type(preprocessor).__name__}")
     fixed = {"sampling_rate": SAMPLE_RATE}
-    fixed.update({"n_fft": 400, "hop_length": WHISPER_HOP} if family == "whisper" else {"feature_size": 1})
+    if dims.family == "whisper":
+        fixed.update(n_fft=400, hop_length=WHISPER_HOP, feature_size=dims.n_mels)
+    else:
+        fixed.update(feature_size=1)
     for key, expected in fixed.items():
         if key in preprocessor and preprocessor[key] != expected:
-            raise ValueError(f"{source}: preprocessor {key}={preprocessor[key]!r} is not supported by audioenc "
-                             f"(only {expected}, as in every released {family} checkpoint)")
+            raise ValueError(f"{source}: preprocessor {key}={preprocessor[key]!r} does not match what audioenc "
+                             f"computes for this model ({expected})")
     return preprocessor
 
 

@@ -33,7 +33,7 @@ class AudioEncoder:
                  preprocessor: dict, random_weights: bool = False):
         self.family, self.dims, self.backend, self.source = family, dims, backend, source
         self.random_weights = random_weights
-        self.do_normalize = bool(check_preprocessor(preprocessor, family, source).get("do_normalize", True))
+        self.do_normalize = bool(check_preprocessor(preprocessor, dims, source).get("do_normalize", True))
         # Items longer than long_audio_threshold_s go through context windows (bounded memory).
         (self.long_audio_threshold_s, self.long_audio_chunk_s,
          self.long_audio_left_s, self.long_audio_right_s) = LONG_AUDIO_DEFAULTS[family]
@@ -45,9 +45,6 @@ class AudioEncoder:
         # backend's shape buckets included), each call counted as this much audio besides: about
         # the cost of a batch-1 call of wavlm-large beyond its share of a batch-16 one on an H200.
         self.gpu_call_cost_s = 15.0
-        if family == "whisper" and preprocessor.get("feature_size", dims.n_mels) != dims.n_mels:
-            raise ValueError(f"{source}: preprocessor feature_size {preprocessor['feature_size']} does not match "
-                             f"the model's {dims.n_mels} mel bins")
 
     def __repr__(self) -> str:
         weights = "RANDOM weights" if self.random_weights else self.source

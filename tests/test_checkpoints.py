@@ -293,7 +293,8 @@ def test_preprocessor_settings_audioenc_does_not_compute_are_refused(w2v, whispe
     cases = [(w2v["wav2vec2_group"][1], lambda p: {**p, "sampling_rate": 8000}, "preprocessor sampling_rate=8000"),
              (w2v["wav2vec2_group"][1], lambda p: [p], "preprocessor_config.json must hold a JSON object"),
              (whisper[80][1], lambda p: {**p, "hop_length": 320}, "preprocessor hop_length=320"),
-             (whisper[80][1], lambda p: {**p, "n_fft": 512}, "preprocessor n_fft=512")]
+             (whisper[80][1], lambda p: {**p, "n_fft": 512}, "preprocessor n_fft=512"),
+             (whisper[80][1], lambda p: {**p, "feature_size": 128}, r"preprocessor feature_size=128 .*\(80\)")]
     for i, (path, edit, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
             audioenc.load(_edited_copy(path, tmp_path / str(i), "preprocessor_config.json", edit), backend="torch")
