@@ -212,7 +212,8 @@ def find_audio_files(paths: Sequence[str]) -> list[str]:
                     dirs[:] = []
                     continue
                 seen.add(real)
-                dirs.sort()
+                # Real directories before links, so a directory reached both ways is named by its own path.
+                dirs.sort(key=lambda d: (os.path.islink(os.path.join(root, d)), d))
                 found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(AUDIO_EXTENSIONS)]
         elif os.path.exists(path):
             found.append(path)

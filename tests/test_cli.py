@@ -1,6 +1,7 @@
 """The command line: embed writes one output per input, never overwrites without asking, goes on
 past bad files; info reports what is built."""
 import os
+import shutil
 import select
 import signal
 import subprocess
@@ -132,6 +133,16 @@ def test_embed_follows_directory_links_once(audio_tree, tmp_path, w2v_checkpoint
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "sub" / "b.npy").exists()
     assert "wrote 1 file(s)" in capsys.readouterr().out
+
+
+def test_a_directory_reached_directly_and_by_link_is_named_by_its_own_path(audio_tree, tmp_path, w2v_checkpoints):
+    root = tmp_path / "tree"
+    shutil.copytree(audio_tree / "sub", root / "zdir")
+    (root / "alink").symlink_to(root / "zdir")  # sorts first, but is the link
+    out = tmp_path / "out"
+    args = ["embed", str(root), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["zdir"]
 
 
 def test_stale_temporaries_are_removed_but_not_a_running_jobs(tmp_path):
