@@ -16,7 +16,9 @@ from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 POOLS = ("mean", "max")
 WHISPER_WINDOWS_PER_RUN = 16  # bounds memory on long audio
 CPU_SAMPLES_PER_RUN = 160 * SAMPLE_RATE  # padded samples per CPU backend call (wav2vec2 family): bounds memory
-GPU_MAX_BATCH = 64  # items per GPU backend call (wav2vec2 family): bounds memory
+GPU_MAX_BATCH = 64  # items per GPU backend call (wav2vec2 family)...
+GPU_SAMPLES_PER_RUN = 1280 * SAMPLE_RATE  # ...and samples it computes, padding included: the first conv
+                                          # layer's output is 4 GB in float16 at this size
 
 
 @dataclass
@@ -206,7 +208,7 @@ class AudioEncoder:
         backend's CUDA-graph buckets) and its largest batch (a TensorRT profile's)."""
         computed = getattr(self.backend, "computed_samples", lambda batch, samples: batch * samples)
         max_batch = min(max_batch, getattr(self.backend, "max_batch", max_batch))
-        return cheapest_groups(lengths, computed, self.gpu_call_cost_s * SAMPLE_RATE, max_batch)
+        return cheapest_groups(lengths, computed, self.gpu_call_cost_s * SAMPLE_RATE, max_batch, GPU_SAMPLES_PER_RUN)
 
     def _run_wav2vec2(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
         """One backend call on a padded batch of validated items."""
@@ -280,17 +282,22 @@ def length_groups(lengths: list[int], max_padding: float, max_samples: int = CPU
     return groups
 
 
-def cheapest_groups(lengths: list[int], computed_samples, call_samples: float, max_batch: int) -> list[list[int]]:
+def cheapest_groups(lengths: list[int], computed_samples, call_samples: float, max_batch: int,
+                    max_samples: float = math.inf) -> list[list[int]]:
     """Indices of the items grouped for separate runs, longest first: of the ways to cut the items,
-    sorted by length, into runs of at most ``max_batch``, the one that minimises the samples
-    computed, ``computed_samples(batch, longest)``, plus ``call_samples`` per run."""
+    sorted by length, into runs of at most ``max_batch`` items and ``max_samples`` computed samples
+    (one item always runs), the one that minimises the samples computed,
+    ``computed_samples(batch, longest)``, plus ``call_samples`` per run."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     best = [0.0] + [math.inf] * len(order)  # best[k]: the cheapest way to run the k longest items
     start_of = [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
-        for start in range(max(0, end - max_batch), end):
-            cost = best[start] + call_samples + computed_samples(end - start, lengths[order[start]])
-            if cost < best[end]:  # ties keep the larger group: fewer calls
+        for start in range(end - 1, max(0, end - max_batch) - 1, -1):  # growing runs ending at end
+            computed = computed_samples(end - start, lengths[order[start]])
+            if computed > max_samples and start < end - 1:
+                break  # longer runs compute more still
+            cost = best[start] + call_samples + computed
+            if cost <= best[end]:  # ties keep the larger group: fewer calls
                 best[end], start_of[end] = cost, start
     groups, end = [], len(order)
     while end:

@@ -52,7 +52,7 @@ def _conv1d_gelu_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # b * stride_ob passes 2^31 on long batches (64 x 30 s at layer 0)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_t = offs_t < T_out
@@ -135,7 +135,7 @@ def _conv0_group_norm_gelu_kernel(
     # (mean, variance, output), recomputing the cheap 1-channel conv instead of storing it:
     # exact two-pass statistics, deterministic, no atomics.
     pid_c = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # see _conv1d_gelu_kernel
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C_out
     arange_t = tl.arange(0, BLOCK_T)

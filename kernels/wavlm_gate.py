@@ -24,7 +24,7 @@ def _wavlm_gate_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_xb can pass 2^31 on long batches
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -103,6 +103,8 @@ def test_cheapest_groups_weigh_padding_against_calls():
     groups = cheapest_groups(list(range(100, 0, -1)), plain, 1e9, 7)
     assert len(groups) == 15 and max(sizes(groups)) == 7 and sorted(sum(groups, [])) == list(range(100))
     assert cheapest_groups([], plain, 5, 64) == []
+    assert sizes(cheapest_groups([10] * 8, plain, 1e9, 64, max_samples=30)) == [2, 3, 3]  # memory bound
+    assert cheapest_groups([50, 10], plain, 1e9, 64, max_samples=30) == [[0], [1]]     # one item always runs
 
 
 class OnAGpu:
