@@ -55,8 +55,10 @@ class BuildExt(build_ext):
             top = cuda_root(nvcc)
             arch = os.environ.get(
                 "AUDIOENC_CUDA_ARCH",
+                # Binaries for Ampere/Ada (sm_80 runs on sm_86/89 too) and Hopper; PTX the driver compiles
+                # for Turing (T4: compute_75) and for GPUs newer than Hopper (compute_90).
                 "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 "
-                "-gencode=arch=compute_90,code=compute_90",
+                "-gencode=arch=compute_75,code=compute_75 -gencode=arch=compute_90,code=compute_90",
             ).split()
             objects = []
             os.makedirs(self.build_temp, exist_ok=True)

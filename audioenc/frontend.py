@@ -6,6 +6,7 @@ The functions ending in ``_ref`` are the plain numpy/torch references that the n
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -128,6 +129,7 @@ def log_mel_spectrogram_ref(audio: torch.Tensor, n_mels: int = 80, padding: int 
 _SUPPORTED = (torch.float32, torch.float64, torch.int16)
 _NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64, np.dtype(np.int16): torch.int16}
 _cuda_tables: dict = {}
+_cuda_kernel_failed: set = set()  # devices where the native kernel cannot run (e.g. no binary for the GPU)
 
 
 def log_mel_spectrogram(audio, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, padding: int = 0,
@@ -146,8 +148,9 @@ def log_mel_spectrogram(audio, n_mels: int = 80, sample_rate: int = SAMPLE_RATE,
     threads: CPU threads (None: all cores; short inputs use fewer).
     Raises ValueError for sample_rate != 16000 (resample first), items of 200 samples or fewer
     after padding (reflect padding needs at least 201), NaN/Inf, or 3-D input; TypeError for
-    other sample types. CUDA tensors use the CUDA kernels when they were compiled, else
-    log_mel_spectrogram_ref on that device; CPU uses audioenc._C, else the torch reference.
+    other sample types. CUDA tensors use the CUDA kernels when they were compiled and can run on
+    that GPU, else log_mel_spectrogram_ref on that device; CPU uses audioenc._C, else the torch
+    reference.
     """
     return _spectrogram(audio, "normalized" if normalize else "log", n_mels, sample_rate, padding,
                         device, threads)
@@ -207,14 +210,21 @@ def _spectrogram(audio, kind, n_mels, sample_rate, padding, device, threads):
     device = torch.device(device) if device is not None else x.device
     x2 = x.reshape(-1, x.shape[-1]).to(device)
     filters = None if kind == "power" else mel_filters(n_mels)
-    if device.type == "cuda" and _C is not None and getattr(_C, "cuda_compiled", False):
-        out = _spectrogram_cuda(x2, lengths, kind, filters, padding)
+    out = None
+    if device.type == "cuda" and _C is not None and getattr(_C, "cuda_compiled", False) \
+            and device not in _cuda_kernel_failed:
+        try:
+            out = _spectrogram_cuda(x2, lengths, kind, filters, padding)
+        except RuntimeError as exc:  # CUDA errors; bad audio is a ValueError and goes on up
+            _cuda_kernel_failed.add(device)
+            warnings.warn(f"audioenc: the native CUDA log-mel cannot run on {device} ({exc}); using the torch "
+                          "reference there", stacklevel=2)
     elif device.type == "cpu" and _C is not None:
         n_out = 201 if kind == "power" else n_mels
         out = torch.empty(x2.shape[0], n_out, (max(lengths) + padding) // HOP_LENGTH)
         _C.log_mel_cpu(x2.detach().contiguous().numpy(), np.asarray(lengths, dtype=np.int64), out.numpy(), filters, padding,
                        kind, threads or 0)
-    else:
+    if out is None:
         out = _spectrogram_torch(x2, lengths, kind, n_mels, padding)
     if is_list:
         return [out[b, :, : (n + padding) // HOP_LENGTH] for b, n in enumerate(lengths)]

@@ -14,13 +14,15 @@ from audioenc.weights import load_checkpoint
 
 def resolve_device(device) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a valid torch device ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU here")
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU now, not in each later thread
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -166,3 +166,22 @@ def test_cuda_matches_reference(n):
     pcm = (x[0] * 20000).to(torch.int16)
     d = (log_mel_spectrogram(pcm) - log_mel_spectrogram_ref(pcm.float() / 32768)).abs()
     assert d.max().item() <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernel_that_cannot_run_gives_way_to_the_reference(monkeypatch):
+    """E.g. a GPU that the native core has no binary or PTX for."""
+    def no_kernel_image(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(_C, "log_mel_cuda", no_kernel_image)
+    monkeypatch.setattr(fe, "_cuda_kernel_failed", set())
+    x = torch.from_numpy(signal("speech", 4000, np.random.default_rng(0))).cuda()
+    with pytest.warns(UserWarning, match="cannot run on cuda"):
+        out = log_mel_spectrogram(x)
+    assert out.device == x.device
+    assert (out - log_mel_spectrogram_ref(x)).abs().max().item() <= 1e-3
+    with pytest.raises(ValueError, match="NaN or Inf"):  # bad audio is still an error, not a fallback
+        log_mel_spectrogram(torch.full((4000,), float("nan"), device="cuda"))
+

@@ -161,8 +161,29 @@ def test_fc1_gelu_keeps_cublas_where_the_fused_kernel_disagrees_or_fails(monkeyp
         raise RuntimeError("out of resource: shared memory")
 
     monkeypatch.setattr(fc1, "fused", out_of_resources)
-    with pytest.warns(UserWarning, match="failed .out of resource"):
+    with pytest.warns(UserWarning, match="keeps its cublas path here: the fused path failed .out of resource"):
         assert fc1._choose(probe) == "cublas"
+
+
+def test_a_trusted_path_that_cannot_run_gives_way_to_the_other(monkeypatch):
+    """The fused conv + LayerNorm kernel in float32 fits no config on 99 KB-shared-memory GPUs (A10, L4):
+    its split form must run there instead of the fused one failing at every call."""
+    from audioenc.backends import triton as backend_module
+
+    conv = torch.nn.Conv1d(8, 16, 3, stride=2)
+    norm = (torch.ones(16), torch.zeros(16), 1e-5)
+    layer = backend_module._ConvLayerNormGelu(conv.weight.detach(), conv.bias.detach(), 2, norm, torch.float32)
+    probe = torch.randn(2, 21, 8, device=DEVICE)
+
+    def out_of_resources(x):
+        raise RuntimeError("out of resource: shared memory, Required: 139264, Hardware limit: 101376")
+
+    monkeypatch.setattr(layer, "fused", out_of_resources)
+    with pytest.warns(UserWarning, match="takes its split path here: the fused path failed .out of resource"):
+        assert layer._choose(probe) == "split"
+    monkeypatch.setattr(layer, "split", out_of_resources)
+    with pytest.raises(RuntimeError, match="out of resource"):
+        layer._choose(probe)
 
 
 def test_fc1_gelu_cublas_path_takes_the_epilogue_in_half_precision_within_5e_4_of_exact():
@@ -472,3 +493,13 @@ def test_lists_run_in_whole_batch_buckets():
     for i in (0, 16):
         alone = enc.encode(waves[i])
         assert rel_err(out.last_hidden_state[i], alone.last_hidden_state[0]) <= 2e-3
+
+
+def test_items_past_the_kernels_int32_offsets_are_refused(w2v_checkpoints):
+    """The first conv layer's output of one item must stay under 2^31 elements (int32 offsets)."""
+    backend = load(w2v_checkpoints["wav2vec2-group"][0]).backend
+    conv_dim, stride = backend.model.dims.conv_dim[0], backend.model.dims.conv_stride[0]
+    too_long = (2**31 // conv_dim) * stride + 100
+    with pytest.raises(ValueError, match="the triton backend encodes items of up to about .* long_audio_threshold_s"):
+        backend._check_item_size(too_long)
+    backend._check_item_size(too_long // 2)

@@ -160,6 +160,8 @@ class OnnxBackend:
                    else torch.empty(shape, dtype=torch.float32, device=device) for o in session.get_outputs()}
         for name, tensor in outputs.items():
             bind(binding.bind_output, name, tensor)
+        if device.type == "cuda":  # onnxruntime runs on its own stream: torch's work on the inputs must be done
+            torch.cuda.current_stream(device).synchronize()
         session.run_with_iobinding(binding)
         hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)] if output_hidden_states else []
         return outputs["last_hidden_state"], hidden_states, outputs.get("frame_lengths")

@@ -10,6 +10,9 @@ float32 ONNX, float16 engines from the half graph of audioenc.graph_precision.to
 and the residual stream in fp32), since TensorRT 11 removed the fp16 builder flag.
 The optimisation profile comes from the expected batch and audio-length ranges: the defaults below,
 or AUDIOENC_TRT_PROFILE="batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX", or `audioenc export --format tensorrt`.
+Batches shorter than its minimum are zero-padded up to it (the lengths input keeps every frame
+exact); longer ones are refused with an error naming AUDIOENC_TRT_PROFILE. The encoder splits lists
+into batches the profile allows.
 """
 from __future__ import annotations
 
@@ -235,8 +238,19 @@ class TensorRTBackend:
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
             output_hidden_states: bool = True):
+        # Execution contexts, streams and launches on our GPU (device="cuda:1" while cuda:0 is current).
+        with torch.cuda.device(self.device):
+            return self._run(inputs, lengths, num_layers, output_hidden_states)
+
+    def _run(self, inputs, lengths, num_layers, output_hidden_states):
         import tensorrt as trt
 
+        frames = None
+        shortest = self.profile.shapes[0][1][-1]  # the profile's shortest waveform (Whisper: 3000 mel frames)
+        if lengths is not None and inputs.shape[1] < shortest:
+            # Zeros past every item's length change no valid frame; the extra frames are cut below.
+            frames = self.dims.num_frames(inputs.shape[1])
+            inputs = torch.nn.functional.pad(inputs, (0, shortest - inputs.shape[1]))
         feeds = {"mel": inputs} if lengths is None else {"waveforms": inputs, "lengths": lengths}
         feeds = {name: t.to(self.device, torch.int64 if name == "lengths" else torch.float32).contiguous()
                  for name, t in feeds.items()}
@@ -263,8 +277,8 @@ class TensorRTBackend:
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see its log)")
         stream.synchronize()
-        hidden_states = [outputs[f"hidden_state_{i}"].float() for i in range(num_layers + 1)
+        hidden_states = [outputs[f"hidden_state_{i}"][:, :frames].float() for i in range(num_layers + 1)
                          if output_hidden_states]
         frame_lengths = outputs.get("frame_lengths")  # none for Whisper
-        return (outputs["last_hidden_state"].float(), hidden_states,
+        return (outputs["last_hidden_state"][:, :frames].float(), hidden_states,
                 None if frame_lengths is None else frame_lengths.long())

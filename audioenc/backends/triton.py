@@ -33,6 +33,7 @@ GRAPH_CACHE_SIZE = 16
 GRAPH_BUFFER_SHARE = 0.25
 MIN_LENGTH_BUCKET = 16000     # samples: 1 s
 MAX_GRAPH_BATCH = 64
+_CAPTURE_LOCK = threading.Lock()
 
 
 def _interpreting() -> bool:
@@ -111,9 +112,18 @@ class _FasterPath:
         """Timed on random rows (not the warm-up's zeros: tensor cores run faster on zeros, and equal
         rows would hide a row mix-up)."""
         trusted, candidate = getattr(self, self.TRUSTED), getattr(self, self.CANDIDATE)
+        # Either path may fail on a GPU it was never run on (e.g. no config of a kernel fits its
+        # shared memory); the other then runs alone. Both failing raises the candidate's error.
         try:
-            expected, got = trusted(probe).float(), candidate(probe).float()  # also compiles and autotunes
-        except Exception as exc:  # noqa: BLE001 - e.g. no config of a kernel fits this GPU's shared memory
+            expected = trusted(probe).float()  # also compiles and autotunes
+        except Exception as exc:  # noqa: BLE001
+            candidate(probe)
+            warnings.warn(f"audioenc: {self.WHAT} takes its {self.CANDIDATE} path here: the {self.TRUSTED} "
+                          f"path failed ({exc})")
+            return self.CANDIDATE
+        try:
+            got = candidate(probe).float()
+        except Exception as exc:  # noqa: BLE001
             warnings.warn(f"audioenc: {self.WHAT} keeps its {self.TRUSTED} path here: the {self.CANDIDATE} "
                           f"path failed ({exc})")
             return self.TRUSTED
@@ -430,10 +440,24 @@ class TritonBackend:
         # and each replay's outputs are copied out before the next replay can overwrite them.
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._lock = threading.Lock()  # graph replays share static buffers
+        # Captures run on a stream of our device: torch's default capture stream is one per process,
+        # made on whichever device captured first.
+        self._capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
 
     def computed_samples(self, batch: int, samples: int) -> int:
         """Samples a call on a (batch, samples) input computes (AudioEncoder groups lists by it)."""
         return graph_samples(batch, samples, self.is_whisper) if self.use_graphs else batch * samples
+
+    def _check_item_size(self, samples: int) -> None:
+        """The kernels offset within an item in int32: the first conv layer's output (frames x
+        channels) must stay under 2^31 elements, about 21 minutes of audio."""
+        dims = self.model.dims
+        padded = length_bucket(samples) if self.use_graphs else samples
+        limit = 2**31 // dims.conv_dim[0]  # first-layer frames
+        if (padded - dims.conv_kernel[0]) // dims.conv_stride[0] + 1 >= limit:
+            raise ValueError(f"the triton backend encodes items of up to about {limit * dims.conv_stride[0] / 16000 / 60:.0f} "
+                             f"minutes whole, got {samples / 16000:.0f} s: keep the encoder's long_audio_threshold_s "
+                             "below that, so longer items go through windows")
 
     def _forward(self, inputs, lengths, num_layers, keep_hidden):
         if self.is_whisper:
@@ -444,6 +468,8 @@ class TritonBackend:
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
             output_hidden_states: bool = True):
+        if not self.is_whisper:
+            self._check_item_size(inputs.shape[-1])
         inputs = inputs.to(self.device, torch.float32)
         if lengths is not None:
             lengths = lengths.to(self.device, torch.int64)
@@ -454,7 +480,11 @@ class TritonBackend:
                 out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers, output_hidden_states)
                 return out.float(), [h.float() for h in hidden_states], frame_lengths
             with self._lock:
-                return self._run_graph(inputs, lengths, num_layers, output_hidden_states)
+                result = self._run_graph(inputs, lengths, num_layers, output_hidden_states)
+                # The copies out of the static buffers must be done before another thread's replay,
+                # maybe on another stream, reuses them; the caller waits for its results anyway.
+                torch.cuda.current_stream(self.device).synchronize()
+                return result
 
     def _run_graph(self, inputs, lengths, num_layers, output_hidden_states):
         batch = inputs.shape[0]
@@ -500,7 +530,10 @@ class TritonBackend:
             self._forward(static_in, static_len, num_layers, keep_hidden)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # One capture at a time in the process (encoders may share a GPU), and other threads' CUDA
+        # work (allocations included) may go on meanwhile: only this thread's calls are captured.
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream,
+                                             capture_error_mode="thread_local"):
             static_out = self._forward(static_in, static_len, num_layers, keep_hidden)
         return graph, static_in, static_len, static_out
 
