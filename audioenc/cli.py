@@ -341,6 +341,7 @@ def cmd_stream(args) -> int:
             yield np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype).astype(dtype.newbyteorder("="))
 
     collected, compute_ms = [], []
+    stdout_open = [True]
 
     def emit(step) -> None:
         t0 = time.perf_counter()
@@ -348,15 +349,24 @@ def cmd_stream(args) -> int:
         if len(frames):
             compute_ms.append((time.perf_counter() - t0) * 1000)
             collected.append(frames.frames.numpy())
-            print(f"{frames.times[0]:8.2f}-{frames.times[-1] + 0.02:8.2f} s  {len(frames):4d} frames  "
-                  f"compute {compute_ms[-1]:6.1f} ms  mean|x| {float(np.abs(collected[-1]).mean()):.4f}", flush=True)
+            if stdout_open[0]:
+                try:
+                    print(f"{frames.times[0]:8.2f}-{frames.times[-1] + 0.02:8.2f} s  {len(frames):4d} frames  "
+                          f"compute {compute_ms[-1]:6.1f} ms  mean|x| {float(np.abs(collected[-1]).mean()):.4f}",
+                          flush=True)
+                except BrokenPipeError:  # e.g. `| head -1`: these frames are kept, the stream ends
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    stdout_open[0] = False
+                    raise
 
-    ended = None  # why the input stopped early: Ctrl-C, or a block the stream refused (NaN samples)
+    ended = None  # why the input stopped early: Ctrl-C, a closed stdout, or a block the stream refused (NaN)
     try:
         for piece in blocks():
             emit(lambda: stream.push(piece))
     except KeyboardInterrupt:
         ended = "interrupted"
+    except BrokenPipeError:
+        ended = "stdout was closed"
     except ValueError as exc:
         ended = f"error: {exc}"
     emit(stream.flush)
@@ -373,7 +383,7 @@ def cmd_stream(args) -> int:
         atomic_write(args.out, save)
     if ended:
         print(f"{ended}; the frames before it were flushed{' and saved' if args.out else ''}", file=sys.stderr)
-        return 130 if ended == "interrupted" else 1
+        return {"interrupted": 130, "stdout was closed": 141}.get(ended, 1)
     return 0
 
 

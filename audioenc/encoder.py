@@ -315,6 +315,8 @@ def stitch_windows(out: torch.Tensor, owners: list[int], valid: list[int], num_i
 
 
 def pad_items(items: list[torch.Tensor]) -> torch.Tensor:
+    if len(items) == 1:  # a view, not a copy: one long item's frames can be GBs
+        return items[0].unsqueeze(0)
     return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
 
 

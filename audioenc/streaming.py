@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +91,8 @@ def frames(seconds: float, what: str, minimum: int = 0) -> int:
 class EncoderStream:
     """Live encoding: ``push(block)`` any number of samples at the source rate, get the frames
     that became final; ``flush()`` ends the stream and returns the rest. Create it with
-    :meth:`audioenc.AudioEncoder.stream`. One stream serves one producer thread."""
+    :meth:`audioenc.AudioEncoder.stream`. One stream serves one producer thread: pushes from several
+    threads go in one at a time, in whichever order they come."""
 
     def __init__(self, encoder, sample_rate: int = SAMPLE_RATE, chunk_s: float | None = None,
                  left_context_s: float | None = None, right_context_s: float | None = None,
@@ -128,6 +130,7 @@ class EncoderStream:
 
             self.resampler = soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.finished = False
+        self.lock = threading.Lock()
         self.emitted = 0  # frames returned so far
         self.backend_output = False  # encode_long: frames as the backend returns them, like short items
 
@@ -137,22 +140,24 @@ class EncoderStream:
         return (self.chunk + self.right + self.tail) / SAMPLE_RATE
 
     def push(self, block) -> StreamFrames:
-        if self.finished:
-            raise RuntimeError("push after flush(); start a new stream")
         x = self._prepare(block)
-        if self.resampler is not None:
-            x = self.resampler.resample_chunk(x)
-        return self._encode_windows(self.chunker.push(x))
+        with self.lock:  # blocks pushed from several threads at once go in one after another
+            if self.finished:
+                raise RuntimeError("push after flush(); start a new stream")
+            if self.resampler is not None:
+                x = self.resampler.resample_chunk(x)
+            return self._encode_windows(self.chunker.push(x))
 
     def flush(self) -> StreamFrames:
         """Ends the stream and returns the remaining frames; later calls return no frames."""
-        if self.finished:
-            return self._encode_windows([])
-        self.finished = True
-        windows = []
-        if self.resampler is not None:
-            windows = self.chunker.push(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-        return self._encode_windows(windows + self.chunker.flush())
+        with self.lock:
+            if self.finished:
+                return self._encode_windows([])
+            self.finished = True
+            windows = []
+            if self.resampler is not None:
+                windows = self.chunker.push(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+            return self._encode_windows(windows + self.chunker.flush())
 
     def _prepare(self, block) -> np.ndarray:
         x = pcm_to_float32(as_pcm_array(block, "block", takes_paths=False))
@@ -219,4 +224,14 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
             outputs.append(stream.push(wave[start : start + block]).frames)
             bar.update(min(block, len(wave) - start) / SAMPLE_RATE)
         outputs.append(stream.flush().frames)
-    return torch.cat([x for x in outputs if len(x)])  # pushes that finished no frame give CPU float32
+    pieces = [x for x in outputs if len(x)]  # pushes that finished no frame give CPU float32
+    del outputs
+    # Copied into one tensor piece by piece, each freed once copied: an hour of frames is GBs, and
+    # torch.cat would hold them twice.
+    frames = pieces[0].new_empty(sum(len(x) for x in pieces), pieces[0].shape[1])
+    row = 0
+    while pieces:
+        piece = pieces.pop(0)
+        frames[row : row + len(piece)] = piece
+        row += len(piece)
+    return frames

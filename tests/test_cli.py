@@ -1,8 +1,9 @@
 """The command line: embed writes one output per input, never overwrites without asking, goes on
 past bad files; info reports what is built."""
 import os
-import shutil
 import select
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,6 +256,21 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
     again = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
                             "--out", str(out)], input=pcm.tobytes(), capture_output=True, timeout=300)
     assert again.returncode == 2 and b"exists" in again.stderr  # refused before the stream, not after it
+
+
+def test_stream_command_keeps_its_frames_when_stdout_closes(tmp_path, w2v_checkpoints):
+    """`audioenc stream ... --out F | head -1`: the reader leaves early; F still gets the frames."""
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    sf.write(tmp_path / "a.wav", speech_like(16000 * 10, 4), 16000)
+    out = tmp_path / "frames.npy"
+    command = (f"set -o pipefail; {shlex.quote(sys.executable)} -m audioenc stream --model {shlex.quote(model)} "
+               f"--backend torch --chunk-s 0.5 --file {tmp_path / 'a.wav'} --out {out} | head -1")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, timeout=300)
+    assert result.returncode in (0, 141), result.stderr.decode()  # 0: head read everything in time
+    assert b"Traceback" not in result.stderr
+    if result.returncode == 141:
+        assert b"stdout was closed; the frames before it were flushed and saved" in result.stderr
+    assert np.load(out).shape[0] >= 25
 
 
 def test_stream_command_is_live_and_ctrl_c_keeps_the_frames(tmp_path, w2v_checkpoints):
