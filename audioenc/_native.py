@@ -7,6 +7,11 @@ if os.environ.get("AUDIOENC_NO_EXT", "0") != "1":
     try:
         from audioenc import _C  # noqa: F811
     except ImportError as exc:  # installed with AUDIOENC_NO_EXT=1, or not built yet
-        import_error = str(exc)
+        import importlib.util
+
+        if importlib.util.find_spec("audioenc._C") is None:
+            import_error = "not built (AUDIOENC_NO_EXT=1 at install, or no C++ compiler then)"
+        else:
+            import_error = str(exc)  # built, but it cannot load here (e.g. another torch or Python)
 else:
     import_error = "disabled by AUDIOENC_NO_EXT=1"

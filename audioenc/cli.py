@@ -45,7 +45,7 @@ def cmd_cache(args) -> int:
 
     from audioenc.cache import cache_root, list_entries, remove, removable
 
-    if args.unused_days is not None and (not args.clear or args.unused_days < 0):
+    if args.unused_days is not None and (not args.clear or not args.unused_days >= 0):  # NaN fails too
         print("error: --unused-days takes a number of days >= 0, and goes with --clear", file=sys.stderr)
         return 2
     entries = list_entries()
@@ -284,6 +284,8 @@ def stream_usage_error(args) -> str | None:
     if args.out:
         if os.path.isdir(args.out):
             return f"--out {args.out} is a directory; it must be a .npy file"
+        if args.out == "-":
+            return "--out - would name a file '-': stdout carries the emission lines; give a .npy file name"
         if os.path.exists(args.out) and not args.overwrite:
             return f"{args.out} exists (use --overwrite)"
         parent = os.path.dirname(os.path.abspath(args.out))

@@ -84,8 +84,6 @@ def peer_contender(args, peer: str, dtype: str, audio: list):
     import audioenc
     from audioenc.loading import resolve_device
 
-    if args.layer is not None:
-        raise ValueError(f"{peer} runs every layer: time it without --layer")
     reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
     if reference.family == "whisper" and args.seconds > 30:
         raise ValueError(f"{peer} encodes the first 30 s window of each item (audioenc encodes them all): "
@@ -118,12 +116,25 @@ def cmd_bench(args) -> int:
     from audioenc.cpu import cpu_name, vector_isa
     from audioenc.verify import speech_like
 
+    from audioenc.backends import BACKENDS
+
     if not 0 < args.seconds <= 3600 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         print("error: --seconds must be > 0 and at most 3600, --batch and --repeats >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.seconds * args.batch > 3600:  # generated up front, and encoded in one call per round
+        print("error: --batch x --seconds is at most 3600 s of audio", file=sys.stderr)
         return 2
     # BACKEND[:DTYPE] each; --dtype is the first one's
     contenders = [(args.backend, args.dtype)] + [tuple(spec.split(":", 1)) if ":" in spec else (spec, "auto")
                                                  for spec in args.against]
+    for backend, _ in contenders:  # before any model loads: a typo should not cost an export
+        if backend not in ("auto", *BACKENDS, *PEERS):
+            print(f"error: {backend!r} is neither an audioenc backend (auto, {', '.join(BACKENDS)}) nor a peer "
+                  f"({', '.join(PEERS)})", file=sys.stderr)
+            return 2
+        if backend in PEERS and args.layer is not None:
+            print(f"error: {backend} runs every layer: time it without --layer", file=sys.stderr)
+            return 2
     rng = np.random.default_rng(0)
     audio = [speech_like(int(args.seconds * 16000), rng) for _ in range(args.batch)]
     calls, outputs = {}, {}

@@ -32,17 +32,21 @@ def cmd_export(args) -> int:
         model = model_of(args.model)
         num_layers = model.dims.num_layers if args.layers is None else args.layers
         if args.format == "onnx":
+            if args.batch is not None or args.seconds is not None:
+                raise ValueError("--batch and --seconds set a TensorRT profile; ONNX graphs take any batch and length")
             spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype,
                               fused_attention=args.fused_attention)
             written = export_to_dir(model, spec, args.out, overwrite=args.overwrite)
         else:
-            from audioenc.backends.tensorrt import Profile, export_engine
+            from audioenc.backends.tensorrt import DEFAULT_BATCH, DEFAULT_SECONDS, Profile, export_engine
 
             if args.dtype not in ("float32", "float16"):
                 raise ValueError("TensorRT engines are built in float32 or float16")
             if args.fused_attention:
                 raise ValueError("--fused-attention is for onnxruntime; TensorRT builds from the standard-op graph")
-            profile = Profile.from_ranges(model.dims, parse_range(args.batch, "batch"), parse_range(args.seconds, "seconds"))
+            batch = DEFAULT_BATCH if args.batch is None else parse_range(args.batch, "batch")
+            seconds = DEFAULT_SECONDS if args.seconds is None else parse_range(args.seconds, "seconds")
+            profile = Profile.from_ranges(model.dims, batch, seconds)
             written = export_engine(model, args.dtype, profile, args.out, num_layers=num_layers, overwrite=args.overwrite)
     except (ValueError, TypeError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -85,9 +89,9 @@ def register(subparsers) -> None:
     export.add_argument("--fused-attention", action="store_true",
                         help="each attention as onnxruntime's MultiHeadAttention op (what backend='onnx' runs: "
                              "faster there, but the graph then runs only in onnxruntime)")
-    export.add_argument("--batch", default="1:1:8", help="TensorRT profile: MIN:OPT:MAX batch size")
-    export.add_argument("--seconds", default="1:10:30", help="TensorRT profile: MIN:OPT:MAX audio seconds "
-                                                             "(wav2vec2 family; Whisper windows are 30 s)")
+    export.add_argument("--batch", help="TensorRT profile: MIN:OPT:MAX batch size (default 1:1:8)")
+    export.add_argument("--seconds", help="TensorRT profile: MIN:OPT:MAX audio seconds (default 1:10:30; "
+                                          "wav2vec2 family; Whisper windows are 30 s)")
     export.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     export.set_defaults(func=cmd_export)
 

@@ -80,6 +80,7 @@ def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
 def test_cli_rejects_unused_days_without_clear(filled, capsys):
     assert main(["cache", "--unused-days", "3"]) == 2
     assert main(["cache", "--clear", "--unused-days", "-1"]) == 2
+    assert main(["cache", "--clear", "--unused-days", "nan"]) == 2
     assert "--unused-days" in capsys.readouterr().err
     assert len(cache.list_entries()) == 7
 

@@ -306,7 +306,7 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
     for extra, message in ((["--block-ms", "nan"], "--block-ms"), (["--block-ms", "0"], "--block-ms"),
                            (["--block-ms", "1e9"], "--block-ms"), (["--realtime"], "--realtime"),
                            (["--file", str(tmp_path / "a.wav"), "--rate", "8000"], "--rate"),
-                           (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "sample_rate 0 Hz"),
+                           (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "sample_rate 0 Hz"), (["--out", "-"], "--out - would name"),
                            (["--left-context-s", "1e5"], "a stream window")):
         result = subprocess.run([*base, *extra], input=b"", capture_output=True, timeout=300)
         assert result.returncode == 2 and message.encode() in result.stderr, (extra, result.stderr.decode())
@@ -335,6 +335,10 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     assert main(["bench", "--model", path, "--seconds", "nan"]) == 2
     assert main(["bench", "--model", path, "--backend", "nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
+    assert main(["bench", "--model", "random:wavlm-large", "--against", "onnnx"]) == 2  # before the model loads
+    assert "'onnnx' is neither an audioenc backend" in capsys.readouterr().err
+    assert main(["bench", "--model", path, "--seconds", "3600", "--batch", "64"]) == 2
+    assert "at most 3600 s of audio" in capsys.readouterr().err
 
 
 def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_path, capsys):

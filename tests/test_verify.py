@@ -92,6 +92,8 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     fused = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
     assert len(fused) == 2 and all(n.domain == "com.microsoft" for n in fused)
     assert cli(["export", "--model", path, "--out", str(tmp_path / "trt"), "--format", "tensorrt", "--fused-attention"]) == 2
+    assert cli(["export", "--model", path, "--out", str(tmp_path / "x"), "--seconds", "abc"]) == 2  # not silently ignored
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys):
