@@ -113,10 +113,9 @@ def cmd_bench(args) -> int:
     import numpy as np
     import torch
 
+    from audioenc.backends import BACKENDS
     from audioenc.cpu import cpu_name, vector_isa
     from audioenc.verify import speech_like
-
-    from audioenc.backends import BACKENDS
 
     if not 0 < args.seconds <= 3600 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         print("error: --seconds must be > 0 and at most 3600, --batch and --repeats >= 1, --warmup >= 0", file=sys.stderr)
