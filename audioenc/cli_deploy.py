@@ -90,7 +90,7 @@ def register(subparsers) -> None:
                         help="each attention as onnxruntime's MultiHeadAttention op (what backend='onnx' runs: "
                              "faster there, but the graph then runs only in onnxruntime)")
     export.add_argument("--batch", help="TensorRT profile: MIN:OPT:MAX batch size (default 1:1:8)")
-    export.add_argument("--seconds", help="TensorRT profile: MIN:OPT:MAX audio seconds (default 1:10:30; "
+    export.add_argument("--seconds", help="TensorRT profile: MIN:OPT:MAX audio seconds (default 1:10:47; "
                                           "wav2vec2 family; Whisper windows are 30 s)")
     export.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     export.set_defaults(func=cmd_export)

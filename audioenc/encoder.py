@@ -39,6 +39,7 @@ class AudioEncoder:
         # Items longer than long_audio_threshold_s go through context windows (bounded memory).
         (self.long_audio_threshold_s, self.long_audio_chunk_s,
          self.long_audio_left_s, self.long_audio_right_s) = LONG_AUDIO_DEFAULTS[family]
+        self._fit_long_audio_to(getattr(backend, "max_samples", None))
         # On the CPU, a list's items run in groups of similar length whose padding stays within this
         # fraction of their valid samples (wav2vec2 family; inf: one padded batch, up to
         # CPU_SAMPLES_PER_RUN samples).
@@ -47,6 +48,24 @@ class AudioEncoder:
         # backend's shape buckets included), each call counted as this much audio besides: about
         # the cost of a batch-1 call of wavlm-large beyond its share of a batch-16 one on an H200.
         self.gpu_call_cost_s = 15.0
+
+    def _fit_long_audio_to(self, max_samples: int | None) -> None:
+        """A backend that takes inputs of at most max_samples (a TensorRT profile) gets longer items
+        as windows that fit it: the threshold comes down to it, and the chunk too if need be."""
+        if max_samples is None or self.family == "whisper":
+            return
+        self.long_audio_threshold_s = min(self.long_audio_threshold_s, max_samples / SAMPLE_RATE)
+        longest = (max_samples - self.min_samples) / SAMPLE_RATE  # a window also holds its last frame's conv field
+        contexts = self.long_audio_left_s + self.long_audio_right_s
+        if self.long_audio_chunk_s + contexts <= longest:
+            return
+        if longest - contexts >= 1.0:  # keep the contexts (they set the frames' quality), shorten the chunk
+            self.long_audio_chunk_s = float(int(longest - contexts))
+        else:  # a short profile: everything shrinks alike, in whole 20 ms frames
+            scale = longest / (self.long_audio_chunk_s + contexts)
+            self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s = (
+                math.floor(x * scale * 50) / 50
+                for x in (self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s))
 
     def __repr__(self) -> str:
         weights = "RANDOM weights" if self.random_weights else self.source

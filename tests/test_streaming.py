@@ -163,6 +163,26 @@ def test_long_audio_goes_through_windows(w2v_checkpoints):
         enc.encode(wave, output_hidden_states=True)
 
 
+def test_a_backend_with_a_longest_input_gets_long_items_in_windows_that_fit(w2v_checkpoints, monkeypatch):
+    """A TensorRT engine takes inputs up to its profile's longest (max_samples): longer items go
+    through long-audio windows that fit it."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    longest = int(20.5 * 16000)
+    enc._fit_long_audio_to(longest)
+    assert (enc.long_audio_threshold_s, enc.long_audio_chunk_s) == (20.5, 4.0)  # windows of 8 + 4 + 8 s
+    sizes = []
+    run = enc.backend.run
+    monkeypatch.setattr(enc.backend, "run", lambda inputs, *args: sizes.append(inputs.shape[-1]) or run(inputs, *args))
+    wave = speech_like(16000 * 25, 7)
+    assert enc.encode(wave).lengths.item() == enc.dims.num_frames(len(wave))
+    assert len(sizes) > 1 and max(sizes) <= longest
+    enc._fit_long_audio_to(3 * 16000)  # shorter than the contexts: all three shrink alike
+    assert (enc.long_audio_chunk_s, enc.long_audio_left_s, enc.long_audio_right_s) == (0.58, 1.18, 1.18)
+    sizes.clear()
+    assert enc.encode(wave).lengths.item() == enc.dims.num_frames(len(wave))
+    assert max(sizes) <= 3 * 16000
+
+
 def test_long_items_come_back_like_short_ones(w2v_checkpoints):
     """Long items alone have the dtype and device of the backend's outputs, as short items have."""
     enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch", dtype="bfloat16")

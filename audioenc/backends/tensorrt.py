@@ -11,8 +11,8 @@ and the residual stream in fp32), since TensorRT 11 removed the fp16 builder fla
 The optimisation profile comes from the expected batch and audio-length ranges: the defaults below,
 or AUDIOENC_TRT_PROFILE="batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX", or `audioenc export --format tensorrt`.
 Batches shorter than its minimum are zero-padded up to it (the lengths input keeps every frame
-exact); longer ones are refused with an error naming AUDIOENC_TRT_PROFILE. The encoder splits lists
-into batches the profile allows.
+exact). The encoder splits lists into batches the profile allows and encodes items longer than it
+takes in long-audio windows that fit it.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from audioenc.config import SAMPLE_RATE, WhisperDims
 DTYPES = ("float32", "float16")
 ENGINE_FILE = "engine.plan"
 DEFAULT_BATCH = (1, 1, 8)
-DEFAULT_SECONDS = (1.0, 10.0, 30.0)
+# 47 s: a long-audio window (8 + 30 + 8 s and the conv's receptive field); longer items go through them
+DEFAULT_SECONDS = (1.0, 10.0, 47.0)
 WORKSPACE_BYTES = 4 << 30
 
 
@@ -205,7 +206,9 @@ class TensorRTBackend:
         self.dims = model.dims
         self.weights = weights_digest(self.model)
         self.profile = Profile.from_env(self.dims)
-        self.max_batch = self.profile.shapes[0][3][0]  # the encoder runs longer lists in groups
+        self.max_batch = self.profile.shapes[0][3][0]  # the encoder runs longer lists in groups...
+        # ...and longer items in windows (Whisper's input is always one 30 s window)
+        self.max_samples = None if isinstance(self.dims, WhisperDims) else self.profile.shapes[0][3][1]
         self.engines: dict[int, object] = {}
         self.lock = threading.Lock()
         self.local = threading.local()  # one execution context per thread and depth
