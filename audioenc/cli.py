@@ -371,7 +371,10 @@ def cmd_stream(args) -> int:
         ended = "stdout was closed"
     except ValueError as exc:
         ended = f"error: {exc}"
-    emit(stream.flush)
+    try:
+        emit(stream.flush)
+    except BrokenPipeError:
+        ended = ended or "stdout was closed"
     if compute_ms:
         print(f"{sum(len(c) for c in collected)} frames; compute per emission p50 {np.percentile(compute_ms, 50):.1f} ms, "
               f"p99 {np.percentile(compute_ms, 99):.1f} ms", file=sys.stderr)

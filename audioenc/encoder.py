@@ -66,6 +66,9 @@ class AudioEncoder:
             self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s = (
                 math.floor(x * scale * 50) / 50
                 for x in (self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s))
+            if self.long_audio_chunk_s < 0.02:
+                raise ValueError(f"the backend takes inputs of at most {max_samples} samples: too short for "
+                                 "long-audio windows (allow longer inputs, e.g. AUDIOENC_TRT_PROFILE seconds)")
 
     def __repr__(self) -> str:
         weights = "RANDOM weights" if self.random_weights else self.source
@@ -341,7 +344,7 @@ def pad_items(items: list[torch.Tensor]) -> torch.Tensor:
 
 def zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
-    return x * valid[..., None].to(x.dtype)
+    return x.masked_fill(~valid[..., None], 0)  # not a product: NaN x 0 would stay NaN
 
 
 def pool_frames(x: torch.Tensor, lengths: torch.Tensor, pool: str) -> torch.Tensor:

@@ -215,6 +215,8 @@ def _spectrogram(audio, kind, n_mels, sample_rate, padding, device, threads):
             and device not in _cuda_kernel_failed:
         try:
             out = _spectrogram_cuda(x2, lengths, kind, filters, padding)
+        except torch.cuda.OutOfMemoryError:  # passing, not a kernel that cannot run here
+            raise
         except RuntimeError as exc:  # CUDA errors; bad audio is a ValueError and goes on up
             _cuda_kernel_failed.add(device)
             warnings.warn(f"audioenc: the native CUDA log-mel cannot run on {device} ({exc}); using the torch "

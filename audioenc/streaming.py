@@ -197,6 +197,9 @@ class EncoderStream:
             encoded = self.encode_samples([samples for samples, _, _ in group])
             pieces += [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, group)]
         out = torch.cat(pieces) if pieces else torch.zeros(0, self.encoder.hidden_size)
+        if not bool(torch.isfinite(out).all()):  # as encode: never NaN or Inf frames
+            raise ValueError("the encoder's output for this audio holds NaN or Inf: the backend's arithmetic "
+                             "overflowed (audio is expected within [-1, 1])")
         first = self.emitted
         self.emitted += len(out)
         return StreamFrames(out, (first + np.arange(len(out))) * FRAME_HOP / SAMPLE_RATE, first)

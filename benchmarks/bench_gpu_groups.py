@@ -19,7 +19,7 @@ import torch
 
 import audioenc
 from audioenc.backends.triton import graph_samples
-from audioenc.encoder import GPU_MAX_BATCH, WHISPER_WINDOWS_PER_RUN, cheapest_groups
+from audioenc.encoder import GPU_MAX_BATCH, GPU_SAMPLES_PER_RUN, WHISPER_WINDOWS_PER_RUN, cheapest_groups
 from audioenc.verify import speech_like
 
 SAMPLE_RATE = 16000
@@ -36,13 +36,15 @@ WHISPER_LISTS = {"one 150 s item (5 windows)": [150.0], "one 270 s item (9 windo
 
 
 def planned_groups(seconds: list[float], call_cost_s: float, whisper: bool) -> str:
-    """The batch sizes the encoder's GPU policy picks for this list, e.g. '16+1'."""
+    """The batch sizes the encoder's GPU policy (AudioEncoder._gpu_groups) picks for this list, e.g.
+    '16+1'; the lists here are whole 30 s windows for Whisper."""
     if whisper:  # every item is cut into 30 s windows, which all have one length
         lengths = [30 * SAMPLE_RATE] * sum(int(np.ceil(s / 30)) for s in seconds)
         max_batch = WHISPER_WINDOWS_PER_RUN
     else:
         lengths, max_batch = [int(s * SAMPLE_RATE) for s in seconds], GPU_MAX_BATCH
-    groups = cheapest_groups(lengths, lambda b, n: graph_samples(b, n, whisper), call_cost_s * SAMPLE_RATE, max_batch)
+    groups = cheapest_groups(lengths, lambda b, n: graph_samples(b, n, whisper), call_cost_s * SAMPLE_RATE, max_batch,
+                             GPU_SAMPLES_PER_RUN)
     return "+".join(str(len(g)) for g in groups)
 
 

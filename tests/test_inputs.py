@@ -60,6 +60,10 @@ def test_audio_at_float32s_limit_is_refused_not_encoded_to_nan(w2v_checkpoints, 
     with pytest.raises(ValueError, match="audio item 1: the encoder's output holds NaN or Inf: the torch backend's "
                                          "float32 arithmetic overflowed"):
         raw.encode([speech_like(4000), loud])
+    stream = raw.stream()
+    with pytest.raises(ValueError, match="the encoder's output for this audio holds NaN or Inf"):
+        stream.push(loud)
+        stream.flush()
     assert torch.isfinite(raw.encode(speech_like(4000)).last_hidden_state).all()
 
 

@@ -10,8 +10,8 @@ float32 ONNX, float16 engines from the half graph of audioenc.graph_precision.to
 and the residual stream in fp32), since TensorRT 11 removed the fp16 builder flag.
 The optimisation profile comes from the expected batch and audio-length ranges: the defaults below,
 or AUDIOENC_TRT_PROFILE="batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX", or `audioenc export --format tensorrt`.
-Batches shorter than its minimum are zero-padded up to it (the lengths input keeps every frame
-exact). The encoder splits lists into batches the profile allows and encodes items longer than it
+Batches smaller or shorter than its minimum are zero-padded up to it (the lengths input keeps
+every frame exact). The encoder splits lists into batches the profile allows and encodes items longer than it
 takes in long-audio windows that fit it.
 """
 from __future__ import annotations
@@ -248,12 +248,17 @@ class TensorRTBackend:
     def _run(self, inputs, lengths, num_layers, output_hidden_states):
         import tensorrt as trt
 
-        frames = None
-        shortest = self.profile.shapes[0][1][-1]  # the profile's shortest waveform (Whisper: 3000 mel frames)
+        # Up to the profile's smallest shape: zeros past every item's length change no valid frame,
+        # and zero items change no other item; both are cut from the outputs below.
+        batch, frames = inputs.shape[0], None
+        least_batch, shortest = self.profile.shapes[0][1][0], self.profile.shapes[0][1][-1]
         if lengths is not None and inputs.shape[1] < shortest:
-            # Zeros past every item's length change no valid frame; the extra frames are cut below.
             frames = self.dims.num_frames(inputs.shape[1])
             inputs = torch.nn.functional.pad(inputs, (0, shortest - inputs.shape[1]))
+        if batch < least_batch:
+            inputs = torch.cat([inputs, inputs.new_zeros((least_batch - batch,) + inputs.shape[1:])])
+            if lengths is not None:
+                lengths = torch.cat([lengths, lengths.new_full((least_batch - batch,), inputs.shape[1])])
         feeds = {"mel": inputs} if lengths is None else {"waveforms": inputs, "lengths": lengths}
         feeds = {name: t.to(self.device, torch.int64 if name == "lengths" else torch.float32).contiguous()
                  for name, t in feeds.items()}
@@ -280,8 +285,8 @@ class TensorRTBackend:
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see its log)")
         stream.synchronize()
-        hidden_states = [outputs[f"hidden_state_{i}"][:, :frames].float() for i in range(num_layers + 1)
+        hidden_states = [outputs[f"hidden_state_{i}"][:batch, :frames].float() for i in range(num_layers + 1)
                          if output_hidden_states]
         frame_lengths = outputs.get("frame_lengths")  # none for Whisper
-        return (outputs["last_hidden_state"][:, :frames].float(), hidden_states,
-                None if frame_lengths is None else frame_lengths.long())
+        return (outputs["last_hidden_state"][:batch, :frames].float(), hidden_states,
+                None if frame_lengths is None else frame_lengths[:batch].long())
