@@ -343,22 +343,23 @@ def cmd_stream(args) -> int:
             yield np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype).astype(dtype.newbyteorder("="))
 
     collected, compute_ms = [], []
-    stdout_open = [True]
+    stdout_open = True
 
     def emit(step) -> None:
+        nonlocal stdout_open
         t0 = time.perf_counter()
         frames = step()
         if len(frames):
             compute_ms.append((time.perf_counter() - t0) * 1000)
             collected.append(frames.frames.numpy())
-            if stdout_open[0]:
+            if stdout_open:
                 try:
                     print(f"{frames.times[0]:8.2f}-{frames.times[-1] + 0.02:8.2f} s  {len(frames):4d} frames  "
                           f"compute {compute_ms[-1]:6.1f} ms  mean|x| {float(np.abs(collected[-1]).mean()):.4f}",
                           flush=True)
                 except BrokenPipeError:  # e.g. `| head -1`: these frames are kept, the stream ends
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                    stdout_open[0] = False
+                    stdout_open = False
                     raise
 
     ended = None  # why the input stopped early: Ctrl-C, a closed stdout, or a block the stream refused (NaN)

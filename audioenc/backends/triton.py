@@ -443,6 +443,7 @@ class TritonBackend:
         # Captures run on a stream of our device: torch's default capture stream is one per process,
         # made on whichever device captured first.
         self._capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self._copies_done = torch.cuda.Event() if self.use_graphs else None  # the last replay's outputs copied out
 
     def computed_samples(self, batch: int, samples: int) -> int:
         """Samples a call on a (batch, samples) input computes (AudioEncoder groups lists by it)."""
@@ -480,10 +481,12 @@ class TritonBackend:
                 out, hidden_states, frame_lengths = self._forward(inputs, lengths, num_layers, output_hidden_states)
                 return out.float(), [h.float() for h in hidden_states], frame_lengths
             with self._lock:
+                # Another thread's replay, maybe on another stream, must not overwrite the static
+                # buffers before the last replay's outputs are copied out of them: GPU-side ordering.
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(self._copies_done)
                 result = self._run_graph(inputs, lengths, num_layers, output_hidden_states)
-                # The copies out of the static buffers must be done before another thread's replay,
-                # maybe on another stream, reuses them; the caller waits for its results anyway.
-                torch.cuda.current_stream(self.device).synchronize()
+                self._copies_done.record(stream)
                 return result
 
     def _run_graph(self, inputs, lengths, num_layers, output_hidden_states):
