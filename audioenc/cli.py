@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -376,6 +377,10 @@ def cmd_stream(args) -> int:
         emit(stream.flush)
     except BrokenPipeError:
         ended = ended or "stdout was closed"
+    except ValueError as exc:  # the stream failed while flushing: flushed again, it returns what it finished
+        ended = ended or f"error: {exc}"
+        with contextlib.suppress(BrokenPipeError):
+            emit(stream.flush)
     if compute_ms:
         print(f"{sum(len(c) for c in collected)} frames; compute per emission p50 {np.percentile(compute_ms, 50):.1f} ms, "
               f"p99 {np.percentile(compute_ms, 99):.1f} ms", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,11 +76,13 @@ def conv_tail(family: str, receptive_field: int) -> int:
     return 200 if family == "whisper" else receptive_field - FRAME_HOP
 
 
-def frames(seconds: float, what: str, minimum: int = 0) -> int:
+def seconds_to_frames(seconds: float, what: str, minimum: int = 0) -> int:
     """Seconds -> whole frames of 320 samples."""
-    if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool) or not math.isfinite(seconds):
+    if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool):
         raise TypeError(f"{what} must be a number of seconds, got {seconds!r}")
     seconds = float(seconds)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number of seconds, got {seconds}")
     if seconds < 0:
         raise ValueError(f"{what} must be >= 0 seconds, got {seconds}")
     n = round(seconds * SAMPLE_RATE / FRAME_HOP)
@@ -108,9 +111,9 @@ class EncoderStream:
         self.encoder = encoder
         self.sample_rate = check_rate(sample_rate)
         self.num_layers = encoder._layers_to_run(output_layer)  # fails now on a bad layer
-        self.chunk = frames(chunk_s, "chunk_s", minimum=1) * FRAME_HOP
-        self.left = frames(left_context_s, "left_context_s") * FRAME_HOP
-        self.right = frames(right_context_s, "right_context_s") * FRAME_HOP
+        self.chunk = seconds_to_frames(chunk_s, "chunk_s", minimum=1) * FRAME_HOP
+        self.left = seconds_to_frames(left_context_s, "left_context_s") * FRAME_HOP
+        self.right = seconds_to_frames(right_context_s, "right_context_s") * FRAME_HOP
         self.tail = conv_tail(encoder.family, getattr(encoder.dims, "receptive_field", 400))
         # Whisper: windows stay inside their 30 s block (see the module docstring).
         self.block = encoder.dims.window_samples if encoder.family == "whisper" else None
@@ -129,35 +132,68 @@ class EncoderStream:
             import soxr
 
             self.resampler = soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        self.finished = False
+        # Work moves through these in order, and each step is dropped only once the next holds its
+        # result: a push interrupted midway (Ctrl-C) loses nothing, the next push or flush goes on.
+        self._unfed = np.zeros(0, np.float32)   # 16 kHz samples not yet in the chunker
+        self._windows: deque[Window] = deque()  # windows taken from the chunker, not yet encoded
+        self._done: list[tuple[int, torch.Tensor]] = []  # (first frame, frames) not yet returned
+        # Samples fed to the chunker at a time: about one encoder call's windows, so one big push
+        # holds a bounded number of windows however long it is.
+        window = self.left + self.chunk + self.right + self.tail
+        self._windows_per_run = max(1, int(SECONDS_PER_RUN * SAMPLE_RATE) // window)
+        self._feed = self._windows_per_run * self.chunk
+        self._input_ended = self._chunker_ended = self.finished = False
+        self._failure: str | None = None  # why an earlier call failed for good
         self.lock = threading.Lock()
         self.emitted = 0  # frames returned so far
         self.backend_output = False  # encode_long: frames as the backend returns them, like short items
 
     @property
     def latency_s(self) -> float:
-        """Audio a frame waits for at most before it is final (chunk + right context)."""
+        """Audio a frame waits for at most before it is final: chunk + right context + the conv
+        stack's tail (5 ms; Whisper 12.5 ms). At other rates than 16 kHz the resampler adds its
+        own delay (soxr, up to about 0.1 s at 8 kHz)."""
         return (self.chunk + self.right + self.tail) / SAMPLE_RATE
 
     def push(self, block) -> StreamFrames:
         x = self._prepare(block)
         with self.lock:  # blocks pushed from several threads at once go in one after another
+            self._check_usable()
             if self.finished:
                 raise RuntimeError("push after flush(); start a new stream")
             if self.resampler is not None:
-                x = self.resampler.resample_chunk(x)
-            return self._encode_windows(self.chunker.push(x))
+                x = self._resample(x)
+            self._unfed = np.concatenate([self._unfed, x]) if len(self._unfed) else x
+            self._advance()
+            return self._take()
 
     def flush(self) -> StreamFrames:
-        """Ends the stream and returns the remaining frames; later calls return no frames."""
+        """Ends the stream and returns the remaining frames; later calls return no frames. After a
+        push failed for good, it returns the frames finished before the failure."""
         with self.lock:
-            if self.finished:
-                return self._encode_windows([])
+            if self._failure is None and not self.finished:
+                if not self._input_ended:
+                    if self.resampler is not None:
+                        self._unfed = np.concatenate([self._unfed, self._resample(np.zeros(0, np.float32), last=True)])
+                    self._input_ended = True
+                self._advance()
+                if not self._chunker_ended:
+                    self._windows.extend(self.chunker.flush())
+                    self._chunker_ended = True
+                self._advance()
             self.finished = True
-            windows = []
-            if self.resampler is not None:
-                windows = self.chunker.push(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-            return self._encode_windows(windows + self.chunker.flush())
+            return self._take()
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"this stream failed earlier ({self._failure}); flush() returns the frames "
+                               "finished before that; start a new stream")
+
+    def _fail(self, message: str):
+        """Audio already inside the stream breaks it for good (its samples stay in every later
+        window's context): later pushes are refused."""
+        self._failure = message
+        return ValueError(message)
 
     def _prepare(self, block) -> np.ndarray:
         x = pcm_to_float32(as_pcm_array(block, "block", takes_paths=False))
@@ -170,9 +206,28 @@ class EncoderStream:
             raise ValueError("block: audio contains NaN or Inf")
         return np.ascontiguousarray(x)
 
-    def _encode_windows(self, windows: list[Window]) -> StreamFrames:
-        kept = []
-        for w in windows:
+    def _resample(self, x: np.ndarray, last: bool = False) -> np.ndarray:
+        y = self.resampler.resample_chunk(x, last=last)
+        if not np.isfinite(y).all():  # finite audio near float32's limit, as encode checks too
+            raise self._fail("block: resampling to 16 kHz overflows float32 (audio is expected within [-1, 1])")
+        return y
+
+    def _advance(self) -> None:
+        """Feeds the held samples to the chunker and encodes the windows they complete, one
+        encoder call's worth at a time."""
+        while True:
+            if self._windows:
+                self._encode_next_windows()
+            elif len(self._unfed):
+                self._windows.extend(self.chunker.push(self._unfed[: self._feed]))
+                self._unfed = self._unfed[self._feed :]
+            else:
+                return
+
+    def _encode_next_windows(self) -> None:
+        kept, first = [], None
+        group = [self._windows[i] for i in range(min(self._windows_per_run, len(self._windows)))]
+        for w in group:
             # The existing samples of the window (inside its 30 s block for Whisper); keep the frames
             # that start in its centre (the last window of a stream may hold fewer: frames the
             # audio does not complete).
@@ -188,20 +243,27 @@ class EncoderStream:
             if silence:  # the window at its place in the block keeps every frame's position
                 samples, begin = np.concatenate([np.zeros(silence, np.float32), samples]), begin - silence
             if len(samples) >= self.encoder.min_samples:
+                first = centre // FRAME_HOP if first is None else first
                 offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
                 kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
-        pieces = []
-        per_run = max(1, int(SECONDS_PER_RUN * SAMPLE_RATE) // max([len(k[0]) for k in kept], default=1))
-        for first in range(0, len(kept), per_run):
-            group = kept[first : first + per_run]
-            encoded = self.encode_samples([samples for samples, _, _ in group])
-            pieces += [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, group)]
-        out = torch.cat(pieces) if pieces else torch.zeros(0, self.encoder.hidden_size)
-        if not bool(torch.isfinite(out).all()):  # as encode: never NaN or Inf frames
-            raise ValueError("the encoder's output for this audio holds NaN or Inf: the backend's arithmetic "
-                             "overflowed (audio is expected within [-1, 1])")
-        first = self.emitted
-        self.emitted += len(out)
+        if kept:
+            encoded = self.encode_samples([samples for samples, _, _ in kept])
+            out = torch.cat([frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, kept)])
+            if not bool(torch.isfinite(out).all()):  # as encode: never NaN or Inf frames
+                raise self._fail("the encoder's output for this audio holds NaN or Inf: the backend's arithmetic "
+                                 "overflowed (audio is expected within [-1, 1])")
+            self._done.append((first, out))
+        for _ in group:
+            self._windows.popleft()
+
+    def _take(self) -> StreamFrames:
+        """The frames encoded and not yet returned."""
+        done, self._done = self._done, []
+        if not done:
+            return StreamFrames(torch.zeros(0, self.encoder.hidden_size), np.zeros(0), self.emitted)
+        first = done[0][0]  # consecutive: no window is dropped
+        out = torch.cat([frames for _, frames in done]) if len(done) > 1 else done[0][1]
+        self.emitted = first + len(out)
         return StreamFrames(out, (first + np.arange(len(out))) * FRAME_HOP / SAMPLE_RATE, first)
 
     def encode_samples(self, windows: list[np.ndarray]) -> list[torch.Tensor]:

@@ -7,7 +7,8 @@
 
 Each part replaces its own sub-table in benchmarks/results/streaming-<part>.md, and the section is
 rebuilt from those files. Models: real-size architectures with random weights (no checkpoints can
-be downloaded here), speech from espeak-ng.
+be downloaded here), speech from espeak-ng. ``context --models ./checkpoint`` (any source audioenc.load
+takes) measures a checkpoint of yours and only prints the table; ``--audio FILE`` uses your speech.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 
 import audioenc
+from audioenc.audio import to_waveforms
+from audioenc.frontend import pcm_to_float32
+from audioenc.presets import ARCHITECTURES
 from common import ROOT, machine, versions, write_section
 from speech import espeak_speech
 
@@ -48,13 +52,29 @@ def cosines(a, b):
     return torch.nn.functional.cosine_similarity(a[:n].float(), b[:n].float(), dim=-1)
 
 
+def is_architecture(name: str) -> bool:
+    return name in ARCHITECTURES
+
+
+def load_model(name: str, backend: str):
+    """A random-weight architecture by its name (audioenc info lists them), or any checkpoint."""
+    return audioenc.load(f"random:{name}" if is_architecture(name) else name, backend=backend, device="cpu")
+
+
+def speech(args) -> np.ndarray:
+    """--audio's file at 16 kHz, or espeak-ng speech."""
+    if args.audio is None:
+        return espeak_speech(args.seconds, seed=1)
+    return pcm_to_float32(to_waveforms(args.audio)[0])[: int(args.seconds * 16000)]
+
+
 def part_context(args) -> str:
     settings = [tuple(float(x) for x in pair.split("/")) for pair in args.settings]
     rows = []
     models = args.models
     for name in models:
-        enc = audioenc.load(f"random:{name}", backend="torch", device="cpu")
-        wave = espeak_speech(args.seconds, seed=1)
+        enc = load_model(name, "torch")
+        wave = speech(args)
         offline = enc.encode(wave).last_hidden_state[0]
         for left, right in settings:
             frames, _ = stream_frames(enc, wave, 1.0, left, right, block=16000)
@@ -63,8 +83,8 @@ def part_context(args) -> str:
             rows.append(f"| {name} | {left:g} | {right:g} | {cos.mean():.4f} | {cos.min():.4f} | {latency_ms:.0f} |")
             print(rows[-1], flush=True)
     return "\n".join([
-        f"Final-layer agreement of streamed frames with the offline encode of the same audio ({args.seconds:g} s of "
-        "espeak-ng speech; Whisper offline = consecutive 30 s windows, and a Whisper stream's left context stops at "
+        f"Final-layer agreement of streamed frames with the offline encode of the same audio ({len(wave) / 16000:g} s of "
+        f"{args.audio or 'espeak-ng speech'}; Whisper offline = consecutive 30 s windows, and a Whisper stream's left context stops at "
         "the start of its 30 s window, so left 30 means 'the whole window so far'; a shorter one is silence before "
         "the window, at its place in the 30 s block), chunk 1 s. Latency = chunk + "
         "right context (audio a frame may wait for), before compute.",
@@ -78,7 +98,7 @@ def part_context(args) -> str:
 def part_latency(args) -> str:
     rows = []
     for name in ("wav2vec2-base", "whisper-base"):
-        enc = audioenc.load(f"random:{name}", backend=args.backend, device="cpu")
+        enc = load_model(name, args.backend)
         wave = espeak_speech(args.seconds, seed=2)
         for chunk in (0.5, 1.0):
             left, right = (2.0, 0.5)
@@ -153,10 +173,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["wav2vec2-base", "hubert-base", "wavlm-base-plus", "whisper-base"])
     parser.add_argument("--settings", nargs="+", default=["0.5/0.1", "1/0.25", "2/0.5", "4/0.5", "4/1", "4/4"],
                         help="context: LEFT/RIGHT seconds pairs")
+    parser.add_argument("--audio", help="context: a speech file of yours instead of espeak-ng's (the first --seconds)")
     parser.add_argument("--tag", default="", help="suffix of the results file, to keep several runs of a part")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     body = {"context": part_context, "latency": part_latency, "memory": part_memory, "long": part_long}[args.part](args)
+    if not all(is_architecture(name) for name in args.models):  # a user's checkpoint: not this repository's table
+        print(body)
+        return
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"streaming-{args.part}{args.tag}.md"), "w") as f:
         f.write(f"### {args.part}{args.tag}\n\n{body}\n\nMachine: {machine()}. Versions: "

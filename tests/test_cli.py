@@ -320,6 +320,15 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
     assert result.returncode == 1 and b"error: block: audio contains NaN or Inf" in result.stderr, result.stderr
     assert b"Traceback" not in result.stderr
     assert 50 <= np.load(out).shape[0] < 150  # the frames of the audio before the bad block
+    # Finite audio that overflows once resampled: the stream fails for good, the frames before stay.
+    wave = speech_like(44100 * 3, 6).astype("<f4")
+    wave[int(44100 * 2.6) : int(44100 * 2.6) + 1000] = 3e38
+    out = tmp_path / "frames44.npy"
+    result = subprocess.run([*base, "--format", "f32le", "--rate", "44100", "--chunk-s", "1", "--out", str(out)],
+                            input=wave.tobytes(), capture_output=True, timeout=300)
+    assert result.returncode == 1 and b"resampling to 16 kHz overflows" in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert 0 < np.load(out).shape[0] < 150
 
 
 def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):

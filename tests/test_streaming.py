@@ -125,6 +125,8 @@ def test_stream_errors_and_flush(w2v_checkpoints):
         enc.stream(left_context_s=-1)
     with pytest.raises(TypeError, match="right_context_s must be a number"):
         enc.stream(right_context_s="1")
+    with pytest.raises(ValueError, match="chunk_s must be a finite number"):
+        enc.stream(chunk_s=float("inf"))
     with pytest.raises(ValueError, match="sample_rate"):
         enc.stream(sample_rate=100)
     with pytest.raises(ValueError, match="output_layer"):
@@ -144,6 +146,61 @@ def test_stream_errors_and_flush(w2v_checkpoints):
     assert len(stream.flush()) == 0
     with pytest.raises(RuntimeError, match="after flush"):
         stream.push(speech_like(100))
+
+
+def test_an_interrupted_push_loses_no_frame(w2v_checkpoints):
+    """Ctrl-C during a push's encoder call: the next push or flush goes on where it stopped, so
+    the stream's frames and their positions are those of an uninterrupted one."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    wave = speech_like(16000 * 4, 7)
+    expected, _ = collect(stream_all(enc.stream(chunk_s=0.2, left_context_s=0.4, right_context_s=0.2), wave))
+    stream = enc.stream(chunk_s=0.2, left_context_s=0.4, right_context_s=0.2)
+    stream._windows_per_run, stream._feed = 3, 3 * stream.chunk  # several encoder calls per push
+    encode, calls, interrupt_at = stream.encode_samples, [], [None]
+
+    def interrupted_once(windows):
+        calls.append(len(windows))
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt
+        return encode(windows)
+
+    stream.encode_samples = interrupted_once
+    first = stream.push(wave[:16000 * 2])
+    interrupt_at[0] = len(calls) + 2  # the second encoder call of the next push
+    with pytest.raises(KeyboardInterrupt):
+        stream.push(wave[16000 * 2 :])
+    rest = stream.flush()
+    frames = torch.cat([first.frames, rest.frames])
+    assert max(calls) <= 3 and rest.first == len(first)
+    np.testing.assert_allclose(rest.times, (len(first) + np.arange(len(rest))) * 0.02)
+    assert rel_err(frames, expected) <= 1e-6
+
+
+def test_a_big_push_holds_a_bounded_number_of_windows(w2v_checkpoints):
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    stream = enc.stream(chunk_s=0.1, left_context_s=0.1, right_context_s=0.1)
+    stream._windows_per_run, stream._feed = 4, 4 * stream.chunk
+    encode, held = stream.encode_samples, []
+    stream.encode_samples = lambda windows: held.append(len(stream._windows)) or encode(windows)
+    out = stream.push(speech_like(16000 * 3, 8))
+    assert len(out) == 140 and max(held) <= 5  # 28 windows ready; never more than about one call's held
+
+
+def test_a_stream_whose_output_overflows_fails_for_good_and_keeps_its_frames(w2v_checkpoints):
+    """Finite audio whose frames overflow stays in later windows' context: the stream refuses
+    further pushes, and flush returns the frames finished before, at their positions."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0], backend="torch")  # no waveform norm
+    wave = speech_like(16000 * 3, 9)
+    stream = enc.stream(chunk_s=0.5, left_context_s=0.5, right_context_s=0.0)
+    good = stream.push(wave[:16000])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stream.push(wave[16000:32000] * np.float32(1e30))
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        stream.push(wave[32000:])
+    rest = stream.flush()
+    assert rest.first == len(good) and len(good) + len(rest) < 100
+    with pytest.raises(ValueError, match="resampling to 16 kHz overflows"):
+        enc.stream(sample_rate=44100).push(np.full(44100, 3e38, np.float32))
 
 
 def test_long_audio_goes_through_windows(w2v_checkpoints):
