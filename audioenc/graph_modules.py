@@ -4,7 +4,6 @@ badly or run slowly in onnxruntime rewritten, giving the same numbers (tests/tes
 - the wav2vec2 family's conv feature encoder as 2-D convs (onnxruntime's blocked direct convolution)
   or, for int8 graphs, as MatMuls over gathered taps, with a masked GroupNorm whose sums are MatMuls;
   in onnxruntime's float32 and int8 graphs, a group-norm layer 0 folds into one per-item MatMul;
-- WavLM's relative position bias gathered from a constant table instead of the bucket arithmetic;
 - the graph's inputs and outputs (graph_io) and random, non-zero example inputs for tracing.
 """
 from __future__ import annotations
@@ -16,32 +15,6 @@ import torch
 from torch import nn
 
 from audioenc.config import WhisperDims
-from audioenc.models.wavlm import WavLMEncoder, relative_position_buckets
-
-
-class TablePositionBias(nn.Module):
-    """WavLM's (H, T, T) position bias from a constant table of the bias per relative distance.
-
-    Every distance beyond max_distance falls in the last bucket, so clamping the distance to
-    +-max_distance and gathering from a (2 * max_distance + 1, H) table is exact at any length,
-    and the graph carries no bucket arithmetic (log, casts) at all.
-    """
-
-    def __init__(self, encoder: WavLMEncoder):
-        super().__init__()
-        dims = encoder.dims
-        self.max_distance = dims.max_bucket_distance
-        grid = relative_position_buckets(self.max_distance + 1, dims.num_buckets, self.max_distance)
-        # grid[0, j] is the bucket of distance +j, grid[i, 0] of distance -i
-        buckets = torch.cat([grid[1:, 0].flip(0), grid[0]])
-        with torch.no_grad():
-            table = encoder.layers[0].attention.rel_attn_embed(buckets)
-        self.register_buffer("table", table.detach().clone())
-
-    def forward(self, num_frames: int, device: torch.device) -> torch.Tensor:
-        pos = torch.arange(num_frames, device=device)
-        distance = (pos[None, :] - pos[:, None]).clamp(-self.max_distance, self.max_distance)
-        return self.table[distance + self.max_distance].permute(2, 0, 1)
 
 
 class ConvAsMatMul(nn.Module):
@@ -209,8 +182,6 @@ class Wav2Vec2Graph(nn.Module):
         extractor = ChannelLastFeatureExtractor if convs_as_matmul else Conv2dFeatureExtractor
         self.feature_extractor = extractor(model.feature_extractor, fold_first_norm)
         self.feature_projection, self.encoder = model.feature_projection, model.encoder
-        if isinstance(self.encoder, WavLMEncoder):
-            self.encoder.position_bias = TablePositionBias(self.encoder)
         self.num_layers, self.hidden_states = num_layers, hidden_states
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor):

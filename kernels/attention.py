@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
-from audioenc.models.wavlm import bucket_of
+from audioenc.models.wavlm import bias_per_distance
 
 LOG2E = 1.4426950408889634
 
@@ -233,9 +233,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
 def relative_bias_table(embedding: torch.Tensor, seq_len: int, num_buckets: int, max_distance: int) -> torch.Tensor:
     """WavLM's bucketed bias over relative distance key - query = -(T-1) .. T-1: (H, 2T - 1) float32.
 
-    audioenc.models.wavlm's buckets on a 1-D range of distances.
     embedding: the (num_buckets, H) weight of layer 0's rel_attn_embed.
     """
+    table = bias_per_distance(embedding.float(), num_buckets, max_distance)
     relative = torch.arange(-(seq_len - 1), seq_len, device=embedding.device)
-    buckets = bucket_of(relative, num_buckets, max_distance)
-    return embedding.float()[buckets].t().contiguous()
+    return table[relative.clamp(-max_distance, max_distance) + max_distance].t().contiguous()

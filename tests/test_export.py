@@ -110,6 +110,7 @@ def test_graph_is_clean(w2v_graphs):
         ops = {node.op_type for node in proto.graph.node}
         assert "LayerNormalization" in ops or model.dims.feat_extract_norm == "group"
         assert not ops & export.FORBIDDEN_OPS
+        assert "Log" not in ops  # WavLM's bucket arithmetic folds into a constant table of the bias per distance
         assert not any("parametrizations" in init.name for init in proto.graph.initializer)  # weight norm folded
         inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
         assert inputs == {"waveforms": ["batch", "samples"], "lengths": ["batch"]}
@@ -127,11 +128,17 @@ def test_forbidden_op_walk_finds_nested_and_foreign_ops():
     assert any("ATen" in f for f in found) and not any("Relu" in f for f in found)
 
 
-def test_wavlm_position_table_is_exact(w2v_checkpoints):
+def test_wavlm_position_bias_from_its_table_is_exact(w2v_checkpoints):
+    """The bias per clamped distance equals the (T, T) bucket grid's (Hugging Face's computation)."""
+    from audioenc.models.wavlm import bucket_of
+
     model = reference_model(w2v_checkpoints["wavlm-group"][0])
-    table = graph_modules.TablePositionBias(model.encoder)
+    dims = model.encoder.dims
     for frames in (1, 7, 59, 61, 200):  # max_bucket_distance is 60 in the tiny config
-        assert torch.equal(table(frames, torch.device("cpu")), model.encoder.position_bias(frames, torch.device("cpu")))
+        pos = torch.arange(frames)
+        grid = bucket_of(pos[None, :] - pos[:, None], dims.num_buckets, dims.max_bucket_distance)
+        full = model.encoder.layers[0].attention.rel_attn_embed(grid).permute(2, 0, 1)
+        assert torch.equal(model.encoder.position_bias(frames, torch.device("cpu")), full)
 
 
 def test_conv_as_matmul_matches_conv():

@@ -149,12 +149,12 @@ def test_attention_argument_errors(kernels):
 
 @pytest.mark.parametrize("frames,num_buckets,max_distance", [(1, 32, 60), (97, 32, 60), (400, 320, 800)])
 def test_relative_bias_table_matches_wavlm_buckets(kernels, frames, num_buckets, max_distance):
-    from audioenc.models.wavlm import relative_position_buckets
+    from audioenc.models.wavlm import bucket_of
 
     embedding = torch.randn(num_buckets, 3)
     table = kernels["attention"].relative_bias_table(embedding, frames, num_buckets, max_distance)
     pos = torch.arange(frames)
-    full = embedding[relative_position_buckets(frames, num_buckets, max_distance)].permute(2, 0, 1)
+    full = embedding[bucket_of(pos[None, :] - pos[:, None], num_buckets, max_distance)].permute(2, 0, 1)
     assert torch.equal(table[:, pos[None, :] - pos[:, None] + frames - 1], full)
 
 

@@ -1,6 +1,6 @@
 """WavLM: the wav2vec 2.0 encoder with a gated relative position bias in every attention.
 
-The bucketed bias table is computed once from layer 0's embedding and shared by all layers; each
+The bucketed bias is computed once per call from layer 0's embedding and shared by all layers; each
 layer gates it per head and query frame from its own attention input.
 """
 from __future__ import annotations
@@ -27,10 +27,18 @@ def bucket_of(relative: torch.Tensor, num_buckets: int, max_distance: int) -> to
     return buckets + torch.where(distance < max_exact, distance, large)
 
 
-def relative_position_buckets(num_frames: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """(T, T) buckets of key_pos - query_pos."""
+def bias_per_distance(embedding: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """(2 * max_distance + 1, H): the bias of each key_pos - query_pos from -max_distance to
+    +max_distance. Every longer distance falls in the last bucket of its sign, so clamping
+    distances to +-max_distance and gathering from this is exact at any length."""
+    relative = torch.arange(-max_distance, max_distance + 1, device=embedding.device)
+    return embedding[bucket_of(relative, num_buckets, max_distance)]
+
+
+def clamped_distances(num_frames: int, max_distance: int, device=None) -> torch.Tensor:
+    """(T, T) key_pos - query_pos, clamped and shifted to index a bias_per_distance table."""
     pos = torch.arange(num_frames, device=device)
-    return bucket_of(pos[None, :] - pos[:, None], num_buckets, max_distance)
+    return (pos[None, :] - pos[:, None]).clamp(-max_distance, max_distance) + max_distance
 
 
 class WavLMAttention(Attention):
@@ -60,8 +68,11 @@ class WavLMEncoder(Encoder):
         self.dims = dims
 
     def position_bias(self, num_frames: int, device: torch.device) -> torch.Tensor:
-        buckets = relative_position_buckets(num_frames, self.dims.num_buckets, self.dims.max_bucket_distance, device)
-        return self.layers[0].attention.rel_attn_embed(buckets).permute(2, 0, 1)  # (H, T, T)
+        """(H, T, T), gathered from the bias per distance: no (T, T) bucket arithmetic (logs) here or
+        in exported graphs, where the table folds into a constant."""
+        max_distance = self.dims.max_bucket_distance
+        table = bias_per_distance(self.layers[0].attention.rel_attn_embed.weight, self.dims.num_buckets, max_distance)
+        return table[clamped_distances(num_frames, max_distance, device)].permute(2, 0, 1)
 
 
 class WavLMModel(Wav2Vec2Model):
