@@ -17,7 +17,9 @@ SAMPLE_RATE = 16000
 MIN_RATE, MAX_RATE = 4000, 384000
 SUPPORTED_DTYPES = (np.float16, np.float32, np.float64, np.int16, np.int32)
 MAX_CHANNELS = 8  # a 2-D array this narrow and longer than wide is (samples, channels), not a batch
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".w64", ".caf",
+# What a directory search picks up: soundfile's formats (.sph: NIST SPHERE, as in TIMIT), then PyAV's.
+AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd",
+                    ".opus", ".w64", ".rf64", ".caf", ".sph", ".nist", ".voc",
                     ".m4a", ".aac", ".mp4", ".webm", ".mka", ".wma")
 
 
@@ -32,6 +34,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if not os.path.exists(path):
         broken = os.path.lexists(path)  # a link to nothing, or a loop of links
         raise ValueError(f"{path}: {'a link that leads to no file' if broken else 'no such file'}")
+    problem = wav_truncation(path)  # the header alone tells: before decoding
+    if problem:
+        raise ValueError(f"{path}: truncated WAV file ({problem})")
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
@@ -39,16 +44,17 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if data.shape[0] == 0:
         raise ValueError(f"{path}: the file holds no audio samples (empty, cut before its first audio frame, or "
                          "not audio)")
-    problem = wav_truncation(path)
-    if problem:
-        raise ValueError(f"{path}: truncated WAV file ({problem})")
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0], int(rate)
+
+
+UNKNOWN_WAV_SIZES = (0, 0x7FFFF000, 0x7FFFFFFF, 0xFFFFFFFF)  # 0x7FFFF000: arecord; 0xFFFFFFFF (-1): FFmpeg
 
 
 def wav_truncation(path: str) -> str | None:
     """What is missing from a WAV file whose data chunk declares more bytes than the file holds, else
-    None. libsndfile reads such a file up to where it ends without saying so. A size of 0 or near
-    2^32 is a stream's "unknown length" (e.g. arecord writing to a pipe), not a truncation."""
+    None. libsndfile reads such a file up to where it ends without saying so. The sizes in
+    UNKNOWN_WAV_SIZES are a stream's "unknown length" (arecord or FFmpeg writing to a pipe), not a
+    truncation."""
     with open(path, "rb") as f:
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -60,7 +66,7 @@ def wav_truncation(path: str) -> str | None:
                 return None
             size = int.from_bytes(chunk[4:], "little")
             if chunk[:4] == b"data":
-                if size == 0 or size >= 0x7FFFF000:
+                if size in UNKNOWN_WAV_SIZES:
                     return None
                 available = file_size - f.tell()
                 return f"its data chunk declares {size} bytes, the file holds {available}" if available < size else None

@@ -13,6 +13,7 @@ use a native Chunker at once.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,15 @@ class Window:
         return self.samples[self.left : self.left + self.valid_centre]
 
 
+MAX_SAMPLES = 2**31  # ring buffer and window bound (37 hours at 16 kHz): 8 GB of float32 already
+
+
 def _check(chunk: int, left: int, right: int, capacity: int) -> int:
+    for name, value in (("chunk", chunk), ("left", left), ("right", right), ("capacity", capacity)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a whole number of samples, got {value!r}")
+        if value > MAX_SAMPLES:
+            raise ValueError(f"{name} can be at most {MAX_SAMPLES} samples, got {value}")
     if chunk <= 0:
         raise ValueError(f"chunk must be > 0, got {chunk}")
     if left < 0 or right < 0:
@@ -113,14 +122,13 @@ class Chunker:
 
     def __init__(self, chunk: int, left: int = 0, right: int = 0, capacity: int = 0,
                  native: bool | None = None):
-        chunk, left, right, capacity = int(chunk), int(left), int(right), int(capacity)
         _check(chunk, left, right, capacity)
+        chunk, left, right, capacity = int(chunk), int(left), int(right), int(capacity)  # numpy ints too
         if native is None:
             native = _C is not None
         if native and _C is None:
             raise RuntimeError("audioenc._C is not built")
         self._impl = _C.Chunker(chunk, left, right, capacity) if native else _PyChunker(chunk, left, right, capacity)
-        self.native = native
 
     chunk = property(lambda self: self._impl.chunk)
     left = property(lambda self: self._impl.left)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -147,13 +148,23 @@ def write_output(out, row: int, target: str, pool: str, all_layers: bool) -> Non
 
 
 def duration_s(path: str) -> float:
-    """Duration from the header when soundfile can read it (0 when unknown: decoded later)."""
+    """Duration from the header (soundfile, else PyAV); inf when unknown, so the file runs alone
+    and a long one never joins a batch (the error report deals with unreadable ones)."""
     import soundfile as sf
 
     try:
         return sf.info(path).duration
-    except Exception:  # not readable by soundfile: PyAV or the error report will deal with it
-        return 0.0
+    except Exception:  # not a format soundfile reads
+        pass
+    try:
+        import av
+
+        with av.open(path) as container:
+            if container.duration is not None:
+                return container.duration / av.time_base
+    except Exception:  # PyAV missing, or no header it can read
+        pass
+    return math.inf
 
 
 def length_batches(jobs: list[tuple[str, str]], batch_size: int, max_audio_s: float):
@@ -280,6 +291,8 @@ def stream_usage_error(args) -> str | None:
         return "--realtime paces a --file; stdin arrives at its own pace"
     if args.file is not None and (args.rate is not None or args.format is not None):
         return "--rate and --format describe stdin; a --file carries its own"
+    if args.overwrite and not args.out:
+        return "--overwrite replaces an --out file; there is none"
     if not 0 < args.block_ms <= MAX_BLOCK_MS:  # NaN fails too
         return f"--block-ms must be above 0 and at most {MAX_BLOCK_MS:g}, got {args.block_ms}"
     if args.out:
@@ -428,15 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--format", choices=sorted(PCM_FORMATS), default=None,
                         help="stdin sample format (mono; default s16le)")
     stream.add_argument("--block-ms", type=float, default=20.0, help="audio read per push (ms)")
-    stream.add_argument("--chunk-s", type=float, default=None)
-    stream.add_argument("--left-context-s", type=float, default=None)
-    stream.add_argument("--right-context-s", type=float, default=None)
-    stream.add_argument("--layer", type=int, default=None)
+    stream.add_argument("--chunk-s", type=float, default=None,
+                        help="audio per window centre, s (default per family: 1; rounded to 20 ms frames)")
+    stream.add_argument("--left-context-s", type=float, default=None,
+                        help="context before each chunk, s (default: wav2vec2/HuBERT 2, WavLM 4, Whisper its 30 s window)")
+    stream.add_argument("--right-context-s", type=float, default=None,
+                        help="context after each chunk, s: frames wait for it (default: 1, WavLM 4, Whisper 0.1)")
+    stream.add_argument("--layer", type=int, default=None, help="emit this layer's output (0 = input of layer 1)")
     stream.add_argument("--out", help="also save all frames to this .npy")
-    stream.add_argument("--overwrite", action="store_true")
-    stream.add_argument("--backend", default="auto")
-    stream.add_argument("--device", default="auto")
-    stream.add_argument("--dtype", default="auto")
+    stream.add_argument("--overwrite", action="store_true", help="with --out: replace an existing file")
+    stream.add_argument("--backend", default="auto", help="auto, torch, onnx, triton or tensorrt (default auto)")
+    stream.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    stream.add_argument("--dtype", default="auto", help="the backend's compute dtype (default auto)")
     stream.set_defaults(func=cmd_stream)
     cache = sub.add_parser("cache", help="list the cached ONNX graphs and TensorRT engines, or remove them")
     cache.add_argument("--clear", action="store_true", help="remove entries (all, or see --unused-days); "

@@ -47,7 +47,8 @@ def cmd_export(args) -> int:
             batch = DEFAULT_BATCH if args.batch is None else parse_range(args.batch, "batch")
             seconds = DEFAULT_SECONDS if args.seconds is None else parse_range(args.seconds, "seconds")
             profile = Profile.from_ranges(model.dims, batch, seconds)
-            written = export_engine(model, args.dtype, profile, args.out, num_layers=num_layers, overwrite=args.overwrite)
+            written = export_engine(model, args.dtype, profile, args.out, num_layers=num_layers,
+                                    hidden_states=args.hidden_states, overwrite=args.overwrite)
     except (ValueError, TypeError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -60,6 +61,9 @@ def cmd_verify(args) -> int:
     from audioenc.verify import verify
 
     audio = None
+    if args.audio and args.seed is not None:
+        print("error: --seed seeds generated audio; with --audio there is none", file=sys.stderr)
+        return 2
     if args.audio:
         for path in args.audio:
             if not os.path.isfile(path):

@@ -2,6 +2,7 @@
 int8 speeds (the same model name in a VM can be an AVX2 or an AVX-512 machine)."""
 from __future__ import annotations
 
+import os
 import platform
 
 CPUINFO = "/proc/cpuinfo"
@@ -34,3 +35,8 @@ def vector_isa() -> str:
         return platform.machine()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
     return isa + (" VNNI" if flags & VNNI_FLAGS else "")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, as taskset and container cpusets set it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

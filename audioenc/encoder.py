@@ -23,9 +23,9 @@ GPU_SAMPLES_PER_RUN = 1280 * SAMPLE_RATE  # ...and samples it computes, padding 
 
 @dataclass
 class EncoderOutput:
-    last_hidden_state: torch.Tensor                    # (B, frames, dim); frames past lengths[b] are 0
-    lengths: torch.Tensor                              # (B,) valid frames per item, int64
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # input of layer 0, then one per layer
+    last_hidden_state: torch.Tensor                # (B, frames, dim); frames past lengths[b] are 0
+    hidden_states: tuple[torch.Tensor, ...] | None  # input of layer 1, then one per layer (when asked)
+    lengths: torch.Tensor                          # (B,) valid frames per item, int64
 
 
 class AudioEncoder:
@@ -131,8 +131,8 @@ class AudioEncoder:
                                    self.long_audio_right_s, output_layer, progress)
         if out is not None:
             items = [x.to(out.last_hidden_state) for x in items]
-        return self._finite(EncoderOutput(pad_items(items), torch.tensor([len(x) for x in items], dtype=torch.int64)),
-                            waves)
+        lengths = torch.tensor([len(x) for x in items], dtype=torch.int64)
+        return self._finite(EncoderOutput(pad_items(items), hidden_states=None, lengths=lengths), waves)
 
     def _finite(self, out: EncoderOutput, waves: list[np.ndarray]) -> EncoderOutput:
         """out, or a ValueError naming the first item whose frames overflowed: never NaN/Inf frames."""
@@ -223,7 +223,7 @@ class AudioEncoder:
         hidden = None
         if output_hidden_states:
             hidden = tuple(merged([out.hidden_states[layer] for out in outs]) for layer in range(num_layers + 1))
-        return EncoderOutput(merged([out.last_hidden_state for out in outs]), lengths, hidden)
+        return EncoderOutput(merged([out.last_hidden_state for out in outs]), hidden_states=hidden, lengths=lengths)
 
     def _gpu_groups(self, lengths: list[int], max_batch: int) -> list[list[int]]:
         """cheapest_groups with the backend's own cost: the shapes it pads a call to (the triton
@@ -242,8 +242,8 @@ class AudioEncoder:
         out, hidden_states, frame_lengths = self.backend.run(inputs, torch.from_numpy(lengths), num_layers,
                                                                    output_hidden_states)
         frame_lengths = frame_lengths.cpu()
-        return EncoderOutput(zero_padding(out, frame_lengths), frame_lengths,
-                             tuple(zero_padding(h, frame_lengths) for h in hidden_states) if output_hidden_states else None)
+        hidden = tuple(zero_padding(h, frame_lengths) for h in hidden_states) if output_hidden_states else None
+        return EncoderOutput(zero_padding(out, frame_lengths), hidden_states=hidden, lengths=frame_lengths)
 
     def _encode_whisper(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
         """Each item is cut into consecutive 30 s windows (the last one padded); every window is
@@ -281,7 +281,7 @@ class AudioEncoder:
         if output_hidden_states:
             hidden = tuple(pad_items(stitch_windows(torch.cat([h[layer] for h in layer_outputs]), owners, valid, len(waves)))
                            for layer in range(num_layers + 1))
-        return EncoderOutput(pad_items(per_item), lengths, hidden)
+        return EncoderOutput(pad_items(per_item), hidden_states=hidden, lengths=lengths)
 
 
 def length_groups(lengths: list[int], max_padding: float, max_samples: int = CPU_SAMPLES_PER_RUN) -> list[list[int]]:

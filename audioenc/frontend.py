@@ -87,8 +87,9 @@ def mel_filters(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE)
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0, np.minimum(lower, upper))
     weights *= (2.0 / (mel_pts[2 : n_mels + 2] - mel_pts[:n_mels]))[:, None]
-    weights.setflags(write=False)
-    return weights.astype(np.float32)
+    weights = weights.astype(np.float32)
+    weights.setflags(write=False)  # cached and shared: no caller may change it
+    return weights
 
 
 def _stft_power(audio: torch.Tensor, padding: int) -> torch.Tensor:
@@ -190,8 +191,8 @@ def _spectrogram(audio, kind, n_mels, sample_rate, padding, device, threads):
             raise ValueError("empty list of audio items")
         if any(a.ndim != 1 for a in items):
             raise ValueError("a list of audio items must hold 1-D arrays")
-        if len({a.dtype for a in items}) > 1:
-            items = [a.float() for a in items]
+        if len({a.dtype for a in items}) > 1:  # one batch dtype: float32, int16 PCM scaled as the kernels do
+            items = [a.float() / 32768.0 if a.dtype == torch.int16 else a.float() for a in items]
         lengths = [a.shape[0] for a in items]
         x = torch.zeros(len(items), max(lengths), dtype=items[0].dtype, device=items[0].device)
         for b, a in enumerate(items):
@@ -273,7 +274,4 @@ def _spectrogram_cuda(x, lengths, kind, filters, padding):
                     {"power": 0, "log": 1, "normalized": 2}[kind], out.data_ptr(), frames,
                     item_max.data_ptr(), dev.index if dev.index is not None else torch.cuda.current_device(),
                     stream)
-    # The kernels read lens/item_max asynchronously; keep them alive until the stream is done.
-    lens.record_stream(torch.cuda.current_stream(dev))
-    item_max.record_stream(torch.cuda.current_stream(dev))
     return out

@@ -34,6 +34,13 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     Whisper dir, a fairseq wav2vec2/HuBERT .pt, a microsoft/unilm WavLM .pt, a hub id (downloaded
     when online), or "random:NAME" for a real-size architecture with random weights (see
     audioenc.presets).
+    backend: "auto", "torch" (the reference), "triton", "onnx" or "tensorrt". "auto" takes the
+    first that runs here: on a GPU triton, then tensorrt, then torch; on the CPU onnx (when
+    onnxruntime is installed), then torch.
+    device: "auto" (CUDA when torch sees a GPU, else the CPU), or any torch device ("cpu", "cuda:1").
+    dtype: "auto" is float16 on a GPU and float32 on the CPU (tensorrt: float16). torch and triton
+    take float32, float16, bfloat16; onnx float32, float16, int8, and bfloat16 on ARM64 CPUs only;
+    tensorrt float32, float16. A torch.dtype works too.
     family: when given, a checkpoint of another family is an error.
     """
     name = os.fspath(source) if isinstance(source, os.PathLike) else source

@@ -9,7 +9,6 @@ faster-whisper's models are made, through its converter for transformers checkpo
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Callable
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from audioenc.config import SAMPLE_RATE, WhisperDims
+from audioenc.cpu import usable_cores
 
 
 def default_compute_type(device: torch.device) -> str:
@@ -69,7 +69,7 @@ def ctranslate2_call(reference: nn.Module, device: torch.device,
         convert(reference, ct2_dir)
         # All the cores this process may use, as audioenc's CPU backends do.
         model = ctranslate2.models.Whisper(ct2_dir, device=device.type, device_index=device.index or 0,
-                                           compute_type=compute_type, intra_threads=len(os.sched_getaffinity(0)))
+                                           compute_type=compute_type, intra_threads=usable_cores())
     extractor = transformers.WhisperFeatureExtractor(feature_size=dims.n_mels)
 
     def call(audio: list[np.ndarray]) -> torch.Tensor:

@@ -126,6 +126,11 @@ class EncoderStream:
         if self.left + self.chunk + self.right > MAX_WINDOW_S * SAMPLE_RATE:
             raise ValueError(f"a stream window (left_context_s + chunk_s + right_context_s) can be at most "
                              f"{MAX_WINDOW_S:g} s, got {left_context_s:g} + {chunk_s:g} + {right_context_s:g} s")
+        longest = getattr(encoder.backend, "max_samples", None)  # a TensorRT profile's longest input
+        if self.block is None and longest is not None and self.left + self.chunk + self.right + self.tail > longest:
+            raise ValueError(f"a stream window (left_context_s + chunk_s + right_context_s) must fit the backend's "
+                             f"longest input, {longest / SAMPLE_RATE:g} s; got {left_context_s:g} + {chunk_s:g} + "
+                             f"{right_context_s:g} s")
         self.chunker = Chunker(self.chunk, self.left, self.right + self.tail)
         self.resampler = None
         if self.sample_rate != SAMPLE_RATE:

@@ -276,11 +276,11 @@ def conv_form_rows(tmp: str, repeats: int) -> list[str]:
     return rows
 
 
-def write_conv_forms(repeats: int, write: bool) -> None:
+def write_conv_forms(repeats: int, write: bool, command: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = conv_form_rows(tmp, repeats)
     body = "\n".join([
-        "`python benchmarks/bench_onnx.py --conv-forms` — the float32 graph with the conv feature encoder as "
+        f"`{command}` — the float32 graph with the conv feature encoder as "
         "onnxruntime Convs (2-D, height 1: run as its blocked-layout direct convolution; what the onnx backend "
         "exports) against the same graph with each conv a MatMul over gathered taps (the form int8 graphs keep, "
         "since dynamic quantisation quantises MatMuls). Whole model, random weights, 10 s, batch 1, median of "
@@ -308,18 +308,21 @@ def main() -> None:
                         help="the wav2vec2 family instead: wav2vec2-base at 1, 2 and 10 s and a mixed batch, "
                              "hubert-base, wavlm-base-plus, wav2vec2-large-lv60")
     args = parser.parse_args()
+    # the command written into the section: the arguments that give its table (--no-write does not change it)
+    repeats = f" --repeats {args.repeats}" if args.repeats != parser.get_default("repeats") else ""
     if args.conv_forms:
-        write_conv_forms(args.repeats, not args.no_write)
+        write_conv_forms(args.repeats, not args.no_write, f"python benchmarks/bench_onnx.py --conv-forms{repeats}")
         return
     rows, notes = [], []
     if args.whisper_large:
         makers, title, command = [partial(whisper_rows, size="large-v3")], "ONNX Runtime backend, whisper-large-v3 (CPU)", \
-            "python benchmarks/bench_onnx.py --whisper-large"
+            f"python benchmarks/bench_onnx.py --whisper-large{repeats}"
     elif args.families:
         makers, title, command = [family_rows], "ONNX Runtime backend by family, length and batch (CPU)", \
-            "python benchmarks/bench_onnx.py --families"
+            f"python benchmarks/bench_onnx.py --families{repeats}"
     else:
-        makers, title, command = [wav2vec2_rows, whisper_rows], "ONNX Runtime backend (CPU)", "python benchmarks/bench_onnx.py"
+        makers, title, command = [wav2vec2_rows, whisper_rows], "ONNX Runtime backend (CPU)", \
+            f"python benchmarks/bench_onnx.py{repeats}"
     for make in makers:
         with tempfile.TemporaryDirectory() as tmp:
             made, note = make(tmp, args.repeats)

@@ -76,10 +76,15 @@ def test_accept_takes_only_what_fits(native):
 
 
 @pytest.mark.parametrize("native", IMPLS)
-@pytest.mark.parametrize("args", [(0, 0, 0, 0), (-1, 0, 0, 0), (4, -1, 0, 0), (4, 0, -2, 0), (4, 2, 2, 7)])
+@pytest.mark.parametrize("args", [(0, 0, 0, 0), (-1, 0, 0, 0), (4, -1, 0, 0), (4, 0, -2, 0), (4, 2, 2, 7),
+                                  (2**40, 0, 0, 0), (2**62, 2**62, 0, 0)])
 def test_bad_parameters(native, args):
     with pytest.raises(ValueError):
         Chunker(*args, native=native)
+    for bad in (3.7, "5", True):  # whole numbers of samples only: nothing is silently rounded
+        with pytest.raises(TypeError, match="whole number of samples"):
+            Chunker(bad, native=native)
+    assert Chunker(np.int64(4), native=native).chunk == 4
 
 
 @pytest.mark.parametrize("native", IMPLS)

@@ -310,7 +310,7 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
                            (["--block-ms", "1e9"], "--block-ms"), (["--realtime"], "--realtime"),
                            (["--file", str(tmp_path / "a.wav"), "--rate", "8000"], "--rate"),
                            (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "sample_rate 0 Hz"), (["--out", "-"], "--out - would name"),
-                           (["--left-context-s", "1e5"], "a stream window")):
+                           (["--left-context-s", "1e5"], "a stream window"), (["--overwrite"], "there is none")):
         result = subprocess.run([*base, *extra], input=b"", capture_output=True, timeout=300)
         assert result.returncode == 2 and message.encode() in result.stderr, (extra, result.stderr.decode())
     wave[16000 * 2 + 7] = np.nan  # f32le input with a NaN after two seconds

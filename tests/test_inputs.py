@@ -119,9 +119,14 @@ def test_files(w2v, tmp_path):
     with pytest.raises(ValueError, match="half.wav: truncated WAV file"):
         w2v.encode(str(tmp_path / "half.wav"))
     streamed = bytearray(whole)
-    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a stream's unknown data size, as arecord writes to a pipe
-    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
-    assert len(load_audio(tmp_path / "streamed.wav")[0]) == 64000
+    for unknown in (0xFFFFFFFF, 0x7FFFF000):  # FFmpeg's and arecord's unknown data size, writing to a pipe
+        streamed[40:44] = unknown.to_bytes(4, "little")
+        (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+        assert len(load_audio(tmp_path / "streamed.wav")[0]) == 64000
+    streamed[40:44] = (0x90000000).to_bytes(4, "little")  # a real 2.4 GB data chunk, cut short
+    (tmp_path / "big.wav").write_bytes(bytes(streamed))
+    with pytest.raises(ValueError, match="big.wav: truncated WAV file"):
+        load_audio(tmp_path / "big.wav")
     sf.write(tmp_path / "slow.wav", speech_like(3000, 9), 2000)
     with pytest.raises(ValueError, match="slow.wav: sample_rate 2000 Hz"):
         w2v.encode(str(tmp_path / "slow.wav"))
@@ -248,3 +253,11 @@ def test_formats_soundfile_cannot_read_go_through_pyav(w2v, tmp_path):
     data, rate = load_audio(path)
     assert rate == 22050 and abs(len(data) - len(wave)) < 4096
     assert 48 <= w2v.encode(path).lengths.item() <= 56  # AAC adds priming samples
+    # The CLI's batching reads the length from the header too; a file nobody can read runs alone.
+    from audioenc.cli import length_batches
+
+    sf.write(tmp_path / "short.wav", wave[:1000], 16000)
+    (tmp_path / "junk.m4a").write_bytes(b"not audio")
+    jobs = [(str(tmp_path / name), name) for name in ("junk.m4a", "clip.m4a", "short.wav")]
+    batches = [[target for _, target in batch] for batch in length_batches(jobs, batch_size=8, max_audio_s=2.5)]
+    assert batches == [["short.wav", "clip.m4a"], ["junk.m4a"]]

@@ -52,6 +52,7 @@ def test_ten_minutes_once():
 
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_mel_filters_match_librosa_and_128_bins(n_mels):
+    assert not mel_filters(n_mels).flags.writeable  # cached and shared by every call
     librosa = pytest.importorskip("librosa")
     np.testing.assert_allclose(mel_filters(n_mels), librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels),
                                rtol=1e-6, atol=1e-8)
@@ -98,6 +99,9 @@ def test_list_of_lengths_and_dtypes():
     pcm = (rng.standard_normal(8000) * 3000).astype(np.int16)
     assert_close(log_mel_spectrogram(pcm), whisper_ref(pcm.astype(np.float32) / 32768))
     assert_close(log_mel_spectrogram(torch.from_numpy(items[2].astype(np.float64))), whisper_ref(items[2]))
+    mixed = log_mel_spectrogram([pcm, items[0]])  # int16 and float32 items in one list
+    assert_close(mixed[0], whisper_ref(pcm.astype(np.float32) / 32768))
+    assert_close(mixed[1], whisper_ref(items[0]))
 
 
 @pytest.mark.skipif(_C is None, reason="audioenc._C is not built")

@@ -127,6 +127,10 @@ def test_stream_errors_and_flush(w2v_checkpoints):
         enc.stream(right_context_s="1")
     with pytest.raises(ValueError, match="chunk_s must be a finite number"):
         enc.stream(chunk_s=float("inf"))
+    enc.backend.max_samples = 16000 * 3  # as a TensorRT engine declares its profile's longest input
+    with pytest.raises(ValueError, match="must fit the backend's longest input, 3 s"):
+        enc.stream(chunk_s=1, left_context_s=2, right_context_s=0.5)
+    del enc.backend.max_samples
     with pytest.raises(ValueError, match="sample_rate"):
         enc.stream(sample_rate=100)
     with pytest.raises(ValueError, match="output_layer"):

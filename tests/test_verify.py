@@ -70,6 +70,8 @@ def test_cli_verify_exit_codes(whisper_checkpoints, w2v_checkpoints, monkeypatch
     assert cli(["verify", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "noisy"]) == 1
     assert capsys.readouterr().out.strip().endswith("FAIL")
     assert cli(["verify", "--model", "random:no-such", "--backend", "onnx"]) == 2
+    assert cli(["verify", "--model", "random:no-such", "--backend", "onnx", "--audio", __file__, "--seed", "1"]) == 2
+    assert "--seed seeds generated audio" in capsys.readouterr().err
 
 
 def test_cli_export(w2v_checkpoints, tmp_path, capsys):

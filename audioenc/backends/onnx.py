@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from audioenc.config import WhisperDims
+from audioenc.cpu import usable_cores
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 GRAPH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "float32", "int8": "int8"}
@@ -168,14 +169,13 @@ class OnnxBackend:
 
 
 def onnx_threads() -> int:
-    """onnxruntime's intra-op threads: $AUDIOENC_ONNX_THREADS, else the cores this process may run on
-    (its CPU affinity, as taskset and container cpusets set it)."""
+    """onnxruntime's intra-op threads: $AUDIOENC_ONNX_THREADS, else the cores this process may run on."""
     value = os.environ.get("AUDIOENC_ONNX_THREADS", "").strip()
     if value:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"AUDIOENC_ONNX_THREADS must be a whole number >= 1, got {value!r}")
         return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cores()
 
 
 def bind(method, name: str, tensor: torch.Tensor) -> None:

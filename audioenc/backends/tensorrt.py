@@ -163,7 +163,7 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str, source: str | No
 
 
 def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, num_layers: int | None = None,
-                  overwrite: bool = False) -> list[str]:
+                  hidden_states: bool = False, overwrite: bool = False) -> list[str]:
     """``audioenc export --format tensorrt``: builds (or takes from the cache) an engine into out_dir."""
     reason = TensorRTBackend.available()
     if reason is not None:
@@ -173,7 +173,8 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
     target = os.path.join(out_dir, ENGINE_FILE)
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers, dtype=dtype)
+    spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers,
+                      hidden_states=hidden_states, dtype=dtype)
     atomic_bytes(target, cached_engine(cached_export(model, spec), profile, dtype,
                                        getattr(model, "checkpoint_source", None)))
     return [target]
@@ -285,8 +286,8 @@ class TensorRTBackend:
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see its log)")
         stream.synchronize()
-        hidden_states = [outputs[f"hidden_state_{i}"][:batch, :frames].float() for i in range(num_layers + 1)
-                         if output_hidden_states]
+        hidden_states = ([outputs[f"hidden_state_{i}"][:batch, :frames].float() for i in range(num_layers + 1)]
+                         if output_hidden_states else [])
         frame_lengths = outputs.get("frame_lengths")  # none for Whisper
         return (outputs["last_hidden_state"][:batch, :frames].float(), hidden_states,
                 None if frame_lengths is None else frame_lengths[:batch].long())
