@@ -29,6 +29,15 @@ BACKENDS = {
 AUTO_ORDER = {"cuda": ("triton", "tensorrt", "torch"), "cpu": ("onnx", "torch")}
 
 
+def resolve_dtype(dtype: str, device, supported, backend: str) -> str:
+    """A backend's dtype: "auto" is float16 on a GPU and float32 on the CPU; others must be supported."""
+    if dtype == "auto":
+        dtype = "float16" if device.type == "cuda" else "float32"
+    if dtype not in supported:
+        raise ValueError(f"dtype {dtype!r} is not supported by the {backend} backend; choose auto, {', '.join(supported)}")
+    return dtype
+
+
 def backend_class(name: str):
     """The backend's class, or a ValueError saying why it cannot be used here."""
     if name not in BACKENDS:

@@ -14,6 +14,7 @@ import threading
 import torch
 from torch import nn
 
+from audioenc.backends import resolve_dtype
 from audioenc.config import WhisperDims
 from audioenc.cpu import usable_cores
 
@@ -48,10 +49,7 @@ class OnnxBackend:
             self.providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         else:
             self.providers = ["CPUExecutionProvider"]
-        if dtype == "auto":
-            dtype = "float16" if device.type == "cuda" else "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported by the onnx backend; choose auto, {', '.join(DTYPES)}")
+        dtype = resolve_dtype(dtype, device, DTYPES, "onnx")
         if dtype == "bfloat16" and not (device.type == "cpu" and platform.machine() in ("aarch64", "arm64")):
             raise ValueError("dtype 'bfloat16' in onnxruntime needs an ARM64 CPU (its bf16 fast-math GEMM); "
                              "this machine has no bf16 path there: use float32, float16 or int8")

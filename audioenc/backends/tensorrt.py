@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from audioenc.backends import resolve_dtype
 from audioenc.config import SAMPLE_RATE, WhisperDims
 
 DTYPES = ("float32", "float16")
@@ -196,10 +197,7 @@ class TensorRTBackend:
     def __init__(self, model: nn.Module, device: torch.device, dtype: str):
         if device.type != "cuda":
             raise ValueError("the tensorrt backend runs on a CUDA device only; use device='cuda'")
-        if dtype == "auto":
-            dtype = "float16"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported by the tensorrt backend; choose auto, {', '.join(DTYPES)}")
+        dtype = resolve_dtype(dtype, device, DTYPES, "tensorrt")  # a CUDA device: auto is float16
         from audioenc.export import weights_digest
 
         self.device, self.dtype = device, dtype

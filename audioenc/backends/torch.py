@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from audioenc.backends import resolve_dtype
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -15,11 +17,7 @@ class TorchBackend:
         return None
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str):
-        if dtype == "auto":
-            dtype = "float16" if device.type == "cuda" else "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported by the torch backend; choose auto, {', '.join(DTYPES)}")
-        self.device, self.dtype = device, DTYPES[dtype]
+        self.device, self.dtype = device, DTYPES[resolve_dtype(dtype, device, DTYPES, "torch")]
         self.model = model.to(device=device, dtype=self.dtype).eval()
 
     @torch.inference_mode()

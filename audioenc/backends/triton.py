@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from audioenc.backends import resolve_dtype
+from audioenc.backends.torch import DTYPES
 # Captured (batch, length, layers, hidden states) shapes kept per backend. They share one memory
 # pool, so each costs only its static input and output buffers, not a forward pass's worth of
 # memory; those may take at most GRAPH_BUFFER_SHARE of the GPU (all hidden states of a big batch
@@ -422,11 +423,7 @@ class TritonBackend:
             raise ValueError("the triton backend runs on CUDA devices (on the CPU only with TRITON_INTERPRET=1)")
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"the triton backend runs on CUDA devices, not {device.type!r}")
-        if dtype == "auto":
-            dtype = "float16" if device.type == "cuda" else "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported by the triton backend; choose auto, {', '.join(DTYPES)}")
-        self.device, self.dtype = device, DTYPES[dtype]
+        self.device, self.dtype = device, DTYPES[resolve_dtype(dtype, device, DTYPES, "triton")]
         model = model.float().eval()
         with torch.no_grad():
             if model.dims.family == "whisper":
