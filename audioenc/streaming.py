@@ -164,7 +164,7 @@ class EncoderStream:
         x = self._prepare(block)
         with self.lock:  # blocks pushed from several threads at once go in one after another
             self._check_usable()
-            if self.finished:
+            if self._input_ended:  # flush() began (it may have been interrupted: call it again)
                 raise RuntimeError("push after flush(); start a new stream")
             if self.resampler is not None:
                 x = self._resample(x)
