@@ -153,6 +153,10 @@ def fold_weight_norm(state_dict: dict[str, torch.Tensor], module: str, dim: int 
         if g_name in state_dict and v_name in state_dict:
             g = state_dict.pop(g_name).float()
             v = state_dict.pop(v_name).float()
+            gain_shape = tuple(v.shape[d] if d == dim else 1 for d in range(v.dim()))
+            if tuple(g.shape) != gain_shape:  # it would broadcast into a wrong weight, or fail obscurely
+                raise ValueError(f"tensor {g_name} has shape {tuple(g.shape)}; weight norm of {v_name} "
+                                 f"{tuple(v.shape)} over dim {dim} needs {gain_shape}")
             other = [d for d in range(v.dim()) if d != dim]
             state_dict[f"{module}.weight"] = g * v / v.norm(dim=other, keepdim=True)
 
@@ -182,6 +186,10 @@ def canonical_hf_state_dict(family: str, state_dict: dict[str, torch.Tensor]) ->
     # Only the prefixed names of a task model are the encoder: WavLMForXVector also has a top-level
     # "feature_extractor.weight" (a Linear of its x-vector head).
     prefix = next((p for p in _BASE_PREFIXES[family] if any(k.startswith(p) for k in state_dict)), "")
+    adapter = next((k for k in state_dict if k.startswith(f"{prefix}adapter.")), None)
+    if adapter is not None:  # Wav2Vec2Model would run it on last_hidden_state: dropping it changes the output
+        raise ValueError(f"the checkpoint holds adapter weights ({adapter}, ...), which audioenc does not "
+                         "implement (config add_adapter)")
     out = {}
     for name, tensor in state_dict.items():
         if name.startswith(prefix) and name[len(prefix):].startswith(_ENCODER_ROOTS[family]):

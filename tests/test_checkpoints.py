@@ -265,6 +265,42 @@ def test_errors_hf(w2v, tmp_path):
     _expect(path, "family must be one of", family="bert")
 
 
+def test_damaged_weights_are_refused(w2v, tmp_path):
+    """Weights that would load into silent garbage: a misshapen weight-norm gain (it broadcasts),
+    NaN, integer tensors, and adapter weights the config does not declare."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = w2v["wav2vec2_group"]
+    gain = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
+
+    def damaged(name, edit):
+        d = tmp_path / name
+        shutil.copytree(path, d)
+        tensors = load_file(str(d / "model.safetensors"))
+        edit(tensors)
+        save_file(tensors, str(d / "model.safetensors"))
+        return d
+
+    def bad_gain(t):
+        t[gain] = torch.ones(t[gain].shape[::-1])
+
+    def nan(t):
+        t["encoder.layers.0.attention.q_proj.weight"][0, 0] = float("nan")
+
+    def integer(t):
+        t["encoder.layers.0.attention.q_proj.weight"] = t["encoder.layers.0.attention.q_proj.weight"].to(torch.int8)
+
+    def adapter(t):
+        t["adapter.layers.0.conv.weight"] = torch.zeros(4, 2, 3)
+
+    _expect(damaged("gain", bad_gain), re.escape(f"tensor {gain} has shape"))
+    _expect(damaged("adapter", adapter), "holds adapter weights")
+    for name, edit, message in (("nan", nan, "q_proj.weight holds NaN or Inf"),
+                                ("int", integer, "q_proj.weight is int8, expected floating point")):
+        with pytest.raises(ValueError, match=message):
+            audioenc.load(str(damaged(name, edit)), backend="torch")
+
+
 def _edited_copy(path, target, name, edit):
     """A copy of the checkpoint dir ``path`` whose JSON file ``name`` is ``edit(its contents)``."""
     shutil.copytree(path, target)

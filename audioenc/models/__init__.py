@@ -51,4 +51,9 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         if tensor.shape != expected[name].shape:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"the config implies {tuple(expected[name].shape)}")
+        if not tensor.is_floating_point():  # quantised or mislabelled: casting would be silent garbage
+            raise ValueError(f"{source}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}, "
+                             "expected floating point weights")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: tensor {name} holds NaN or Inf (a damaged checkpoint)")
     model.load_state_dict(state_dict, strict=False)
