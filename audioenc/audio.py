@@ -55,7 +55,11 @@ def wav_truncation(path: str) -> str | None:
     None. libsndfile reads such a file up to where it ends without saying so. The sizes in
     UNKNOWN_WAV_SIZES are a stream's "unknown length" (arecord or FFmpeg writing to a pipe), not a
     truncation."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError:  # unreadable: the decoder reports it
+        return None
+    with f:
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None

@@ -390,9 +390,11 @@ def cmd_stream(args) -> int:
         emit(stream.flush)
     except BrokenPipeError:
         ended = ended or "stdout was closed"
+    except KeyboardInterrupt:  # a second Ctrl-C: save what was emitted
+        ended = "interrupted"
     except ValueError as exc:  # the stream failed while flushing: flushed again, it returns what it finished
         ended = ended or f"error: {exc}"
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(BrokenPipeError, ValueError):
             emit(stream.flush)
     if compute_ms:
         print(f"{sum(len(c) for c in collected)} frames; compute per emission p50 {np.percentile(compute_ms, 50):.1f} ms, "

@@ -116,7 +116,7 @@ def log_mel_spectrogram_ref(audio: torch.Tensor, n_mels: int = 80, padding: int 
     floor at max - 8 per item, then (x + 4) / 4 (``normalize=False`` stops after the log10).
     """
     power = _stft_power(torch.as_tensor(audio, dtype=torch.float32), padding)
-    filters = torch.from_numpy(mel_filters(n_mels)).to(power.device)
+    filters = torch.from_numpy(mel_filters(n_mels).copy()).to(power.device)
     log_spec = torch.clamp(filters @ power, min=1e-10).log10()
     if not normalize:
         return log_spec

@@ -128,9 +128,9 @@ class EncoderStream:
                              f"{MAX_WINDOW_S:g} s, got {left_context_s:g} + {chunk_s:g} + {right_context_s:g} s")
         longest = getattr(encoder.backend, "max_samples", None)  # a TensorRT profile's longest input
         if self.block is None and longest is not None and self.left + self.chunk + self.right + self.tail > longest:
-            raise ValueError(f"a stream window (left_context_s + chunk_s + right_context_s) must fit the backend's "
-                             f"longest input, {longest / SAMPLE_RATE:g} s; got {left_context_s:g} + {chunk_s:g} + "
-                             f"{right_context_s:g} s")
+            raise ValueError(f"a stream window (left_context_s + chunk_s + right_context_s + the conv stack's "
+                             f"{self.tail / SAMPLE_RATE * 1000:g} ms) must fit the backend's longest input, "
+                             f"{longest / SAMPLE_RATE:g} s; got {left_context_s:g} + {chunk_s:g} + {right_context_s:g} s")
         self.chunker = Chunker(self.chunk, self.left, self.right + self.tail)
         self.resampler = None
         if self.sample_rate != SAMPLE_RATE:
@@ -144,7 +144,8 @@ class EncoderStream:
         self._done: list[tuple[int, torch.Tensor]] = []  # (first frame, frames) not yet returned
         # Samples fed to the chunker at a time: about one encoder call's windows, so one big push
         # holds a bounded number of windows however long it is.
-        window = self.left + self.chunk + self.right + self.tail
+        # A Whisper window is encoded as its whole 30 s block.
+        window = self.block if self.block is not None else self.left + self.chunk + self.right + self.tail
         self._windows_per_run = max(1, int(SECONDS_PER_RUN * SAMPLE_RATE) // window)
         self._feed = self._windows_per_run * self.chunk
         self._input_ended = self._chunker_ended = self.finished = False
@@ -161,25 +162,24 @@ class EncoderStream:
         return (self.chunk + self.right + self.tail) / SAMPLE_RATE
 
     def push(self, block) -> StreamFrames:
+        self._check_usable()
         x = self._prepare(block)
         with self.lock:  # blocks pushed from several threads at once go in one after another
             self._check_usable()
             if self._input_ended:  # flush() began (it may have been interrupted: call it again)
                 raise RuntimeError("push after flush(); start a new stream")
-            if self.resampler is not None:
-                x = self._resample(x)
-            self._unfed = np.concatenate([self._unfed, x]) if len(self._unfed) else x
-            self._advance()
+            self._accept(x)
             return self._take()
 
     def flush(self) -> StreamFrames:
-        """Ends the stream and returns the remaining frames; later calls return no frames. After a
-        push failed for good, it returns the frames finished before the failure."""
+        """Ends the stream and returns the remaining frames; later calls return no frames. An
+        interrupted flush goes on where it stopped when called again. After a push failed for good,
+        it returns the frames finished before the failure."""
         with self.lock:
             if self._failure is None and not self.finished:
                 if not self._input_ended:
                     if self.resampler is not None:
-                        self._unfed = np.concatenate([self._unfed, self._resample(np.zeros(0, np.float32), last=True)])
+                        self._accept(np.zeros(0, np.float32), last=True)
                     self._input_ended = True
                 self._advance()
                 if not self._chunker_ended:
@@ -211,11 +211,24 @@ class EncoderStream:
             raise ValueError("block: audio contains NaN or Inf")
         return np.ascontiguousarray(x)
 
-    def _resample(self, x: np.ndarray, last: bool = False) -> np.ndarray:
-        y = self.resampler.resample_chunk(x, last=last)
-        if not np.isfinite(y).all():  # finite audio near float32's limit, as encode checks too
-            raise self._fail("block: resampling to 16 kHz overflows float32 (audio is expected within [-1, 1])")
-        return y
+    def _accept(self, x: np.ndarray, last: bool = False) -> None:
+        """Takes a block's samples (resampled to 16 kHz) and encodes the windows they complete."""
+        overflow = None
+        if self.resampler is not None:
+            x = self.resampler.resample_chunk(x, last=last)
+            finite = np.isfinite(x)
+            if not finite.all():  # finite audio near float32's limit, as encode checks too
+                overflow = "block: resampling to 16 kHz overflows float32 (audio is expected within [-1, 1])"
+                x = x[: int(np.argmin(finite))]  # the samples before it still make their frames
+        self._unfed = np.concatenate([self._unfed, x]) if len(self._unfed) else x
+        try:
+            self._advance()
+        except BaseException:
+            # x may be a view of the caller's buffer, which it may refill before the next push
+            self._unfed = self._unfed.copy()
+            raise
+        if overflow:
+            raise self._fail(overflow)
 
     def _advance(self) -> None:
         """Feeds the held samples to the chunker and encodes the windows they complete, one
@@ -253,21 +266,24 @@ class EncoderStream:
                 kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
         if kept:
             encoded = self.encode_samples([samples for samples, _, _ in kept])
-            out = torch.cat([frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, kept)])
-            if not bool(torch.isfinite(out).all()):  # as encode: never NaN or Inf frames
+            pieces = [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, kept)]
+            # As encode: never NaN or Inf frames. The windows before an overflowing one keep theirs.
+            good = next((i for i, p in enumerate(pieces) if not bool(torch.isfinite(p).all())), len(pieces))
+            if good:
+                self._done.append((first, torch.cat(pieces[:good])))
+            if good < len(pieces):
                 raise self._fail("the encoder's output for this audio holds NaN or Inf: the backend's arithmetic "
                                  "overflowed (audio is expected within [-1, 1])")
-            self._done.append((first, out))
         for _ in group:
             self._windows.popleft()
 
     def _take(self) -> StreamFrames:
         """The frames encoded and not yet returned."""
-        done, self._done = self._done, []
-        if not done:
+        if not self._done:
             return StreamFrames(torch.zeros(0, self.encoder.hidden_size), np.zeros(0), self.emitted)
-        first = done[0][0]  # consecutive: no window is dropped
-        out = torch.cat([frames for _, frames in done]) if len(done) > 1 else done[0][1]
+        first = self._done[0][0]  # consecutive: no window is dropped
+        out = torch.cat([frames for _, frames in self._done]) if len(self._done) > 1 else self._done[0][1]
+        self._done = []
         self.emitted = first + len(out)
         return StreamFrames(out, (first + np.arange(len(out))) * FRAME_HOP / SAMPLE_RATE, first)
 

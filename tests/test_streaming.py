@@ -78,6 +78,7 @@ def test_whisper_stream_keeps_offline_positions(whisper_checkpoints):
     assert rel_err(exact, offline.last_hidden_state[0]) <= 1e-5
     with pytest.raises(ValueError, match="chunk_s of whole 20 ms frames that divides 30 s"):
         enc.stream(chunk_s=7)
+    assert enc.stream(chunk_s=0.5, left_context_s=0)._windows_per_run == 1  # each window runs as its 30 s block
 
 
 def test_whisper_stream_with_a_short_left_context_keeps_positions(whisper_checkpoints):
@@ -171,8 +172,15 @@ def test_an_interrupted_push_loses_no_frame(w2v_checkpoints):
     stream.encode_samples = interrupted_once
     first = stream.push(wave[:16000 * 2])
     interrupt_at[0] = len(calls) + 2  # the second encoder call of the next push
+    buffer = wave[16000 * 2 :].copy()
     with pytest.raises(KeyboardInterrupt):
-        stream.push(wave[16000 * 2 :])
+        stream.push(buffer)
+    buffer[:] = 0  # the caller reuses its buffer: the stream kept its own copy of what it holds
+    interrupt_at[0] = len(calls) + 1  # and the flush is interrupted too
+    with pytest.raises(KeyboardInterrupt):
+        stream.flush()
+    with pytest.raises(RuntimeError, match="after flush"):
+        stream.push(wave[:100])
     rest = stream.flush()
     frames = torch.cat([first.frames, rest.frames])
     assert max(calls) <= 3 and rest.first == len(first)
@@ -197,14 +205,18 @@ def test_a_stream_whose_output_overflows_fails_for_good_and_keeps_its_frames(w2v
     wave = speech_like(16000 * 3, 9)
     stream = enc.stream(chunk_s=0.5, left_context_s=0.5, right_context_s=0.0)
     good = stream.push(wave[:16000])
+    bad = wave[16000:48000].copy()
+    bad[16000:] *= np.float32(1e30)  # one push: a clean second, then the overflowing one
     with pytest.raises(ValueError, match="NaN or Inf"):
-        stream.push(wave[16000:32000] * np.float32(1e30))
+        stream.push(bad)
     with pytest.raises(RuntimeError, match="failed earlier"):
         stream.push(wave[32000:])
     rest = stream.flush()
-    assert rest.first == len(good) and len(good) + len(rest) < 100
+    assert rest.first == len(good) and len(good) + len(rest) == 75  # the clean second's frames are kept
+    resampled = enc.stream(sample_rate=44100, chunk_s=0.5, left_context_s=0.5, right_context_s=0.0)
     with pytest.raises(ValueError, match="resampling to 16 kHz overflows"):
-        enc.stream(sample_rate=44100).push(np.full(44100, 3e38, np.float32))
+        resampled.push(np.concatenate([speech_like(44100 * 2, 3), np.full(44100, 3e38, np.float32)]))
+    assert len(resampled.flush()) >= 75  # the frames of the audio before it
 
 
 def test_long_audio_goes_through_windows(w2v_checkpoints):
