@@ -186,17 +186,44 @@ def failure(path: str, exc: Exception) -> str:
     return message if message.startswith(path) else f"{path}: {message}"
 
 
-def embed_batch(enc, batch, args, failed: list[str]) -> float:
-    """Decodes, encodes and writes one batch; bad files go to ``failed``. Returns the seconds of
-    audio written."""
+def decode(path: str):
+    """A file's samples at 16 kHz, or the ValueError/TypeError that says why it cannot be read."""
     from audioenc.audio import to_waveforms
 
+    try:
+        return to_waveforms(path)[0]
+    except (ValueError, TypeError) as exc:
+        return exc
+
+
+def decoded_batches(batches, workers: int):
+    """(path, target, samples or error) per file, batch by batch: files are decoded on ``workers``
+    threads, the next batch while the caller encodes this one (decoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audioenc-decode")
+    submit = lambda batch: [(path, target, pool.submit(decode, path)) for path, target in batch]
+    try:
+        ahead = None
+        for batch in batches:
+            current, ahead = ahead, submit(batch)
+            if current is not None:
+                yield [(path, target, future.result()) for path, target, future in current]
+        if ahead is not None:
+            yield [(path, target, future.result()) for path, target, future in ahead]
+    finally:  # Ctrl-C or an error: drop the files not yet decoded
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def embed_batch(enc, batch, args, failed: list[str]) -> float:
+    """Encodes and writes one decoded batch; bad files go to ``failed``. Returns the seconds of
+    audio written."""
     decoded = []
-    for path, target in batch:
-        try:
-            decoded.append((path, target, to_waveforms(path)[0]))
-        except (ValueError, TypeError) as exc:
-            failed.append(failure(path, exc))
+    for path, target, wave in batch:
+        if isinstance(wave, Exception):
+            failed.append(failure(path, wave))
+        else:
+            decoded.append((path, target, wave))
     all_layers = args.layer == "all"
     layer = None if all_layers or args.layer is None else int(args.layer)
     groups, written = [decoded], 0
@@ -230,6 +257,7 @@ def cmd_embed(args) -> int:
     from tqdm import tqdm
 
     import audioenc
+    from audioenc.cpu import usable_cores
 
     usage = None
     if args.layer not in (None, "all") and not args.layer.isdigit():
@@ -266,7 +294,9 @@ def cmd_embed(args) -> int:
     skipped = len(jobs) - len(pending) - len(failed)
     audio_s = 0.0
     with tqdm(total=len(pending), desc="embed", unit="file", file=sys.stderr) as bar:
-        for batch in length_batches(pending, args.batch_size, args.max_batch_seconds):
+        # A CPU backend uses every core itself: one decoder thread there, a few beside a GPU.
+        workers = 1 if enc.backend.device.type == "cpu" else min(4, usable_cores())
+        for batch in decoded_batches(length_batches(pending, args.batch_size, args.max_batch_seconds), workers):
             audio_s += embed_batch(enc, batch, args, failed)
             bar.update(len(batch))
             elapsed = bar.format_dict["elapsed"] or 1e-9

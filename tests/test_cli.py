@@ -236,6 +236,31 @@ def test_embed_batches_by_length_like_single_items(tmp_path, w2v_checkpoints):
     assert not (out / "short.npy").exists()
 
 
+def test_embed_decodes_the_next_batch_while_one_is_encoded(tmp_path):
+    from audioenc.cli import decoded_batches
+
+    waves = [speech_like(4000 + 100 * i, i) for i in range(4)]
+    for i, wave in enumerate(waves):
+        sf.write(tmp_path / f"f{i}.wav", wave, 16000, subtype="FLOAT")
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    batches = [[("f0.wav", "a"), ("junk.wav", "b")], [("f1.wav", "c"), ("f2.wav", "d")], [("f3.wav", "e")]]
+    requested = []
+
+    def lazily():
+        for i, batch in enumerate(batches):
+            requested.append(i)
+            yield [(str(tmp_path / path), target) for path, target in batch]
+
+    got = []
+    for batch in decoded_batches(lazily(), workers=3):
+        got.append(batch)
+        assert requested == list(range(min(len(got) + 1, len(batches))))  # the next batch is already decoding
+    assert [[target for _, target, _ in b] for b in got] == [[target for _, target in b] for b in batches]
+    assert isinstance(got[0][1][2], ValueError)
+    for (_, _, wave), want in zip([got[0][0], *got[1], got[2][0]], waves):
+        np.testing.assert_array_equal(wave, want)
+
+
 def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
     model = w2v_checkpoints["wav2vec2-group"][0]
     wave = speech_like(16000 * 3 + 500, 3)
