@@ -10,7 +10,8 @@ finish the centre's last frame (80 for the wav2vec2 family, 200 for Whisper's me
 Whisper's positions are absolute within its 30 s windows, and offline audio is encoded as
 consecutive 30 s windows; so a Whisper stream never crosses a 30 s boundary: each window starts at
 most ``left`` before its centre but not before the start of its 30 s block (the default left context
-is all of it), and ends at the block's end at the latest. A window that starts after its block's
+is all of it), and ends at the block's end at the latest. Each block is a stream of its own in the
+chunker, so the block's last windows are final as soon as its 30 s are in. A window that starts after its block's
 start is encoded behind silence up to its start, so that every frame keeps its offline position. A
 Whisper call costs a full 30 s window whatever the audio, so the default, full context is free.
 
@@ -24,7 +25,7 @@ import math
 import numbers
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -141,6 +142,7 @@ class EncoderStream:
         # result: a push interrupted midway (Ctrl-C) loses nothing, the next push or flush goes on.
         self._unfed = np.zeros(0, np.float32)   # 16 kHz samples not yet in the chunker
         self._windows: deque[Window] = deque()  # windows taken from the chunker, not yet encoded
+        self._block_start = 0  # Whisper: the stream position of the chunker's 0 (the current 30 s block)
         self._done: list[tuple[int, torch.Tensor]] = []  # (first frame, frames) not yet returned
         # Samples fed to the chunker at a time: about one encoder call's windows, so one big push
         # holds a bounded number of windows however long it is.
@@ -183,7 +185,7 @@ class EncoderStream:
                     self._input_ended = True
                 self._advance()
                 if not self._chunker_ended:
-                    self._windows.extend(self.chunker.flush())
+                    self._take_windows(self.chunker.flush())
                     self._chunker_ended = True
                 self._advance()
             self.finished = True
@@ -237,10 +239,20 @@ class EncoderStream:
             if self._windows:
                 self._encode_next_windows()
             elif len(self._unfed):
-                self._windows.extend(self.chunker.push(self._unfed[: self._feed]))
-                self._unfed = self._unfed[self._feed :]
+                take = self._feed if self.block is None else min(self._feed, self.block - self.chunker.received)
+                self._take_windows(self.chunker.push(self._unfed[:take]))
+                self._unfed = self._unfed[take:]
+                if self.block is not None and self.chunker.received == self.block:
+                    # Whisper: its 30 s block is complete, and so are the block's windows, none of
+                    # which reaches past it; the next block starts a new chunker stream.
+                    self._take_windows(self.chunker.flush())
+                    self.chunker.reset()
+                    self._block_start += self.block
             else:
                 return
+
+    def _take_windows(self, windows: list[Window]) -> None:
+        self._windows.extend(replace(w, start=w.start + self._block_start) for w in windows)
 
     def _encode_next_windows(self) -> None:
         kept, first = [], None
