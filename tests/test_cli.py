@@ -147,7 +147,7 @@ def test_a_directory_reached_directly_and_by_link_is_named_by_its_own_path(audio
 
 
 def test_stale_temporaries_are_removed_but_not_a_running_jobs(tmp_path):
-    from audioenc.cli import STALE_TMP_S, TMP_PREFIX, remove_stale_temporaries
+    from audioenc.embed_files import STALE_TMP_S, TMP_PREFIX, remove_stale_temporaries
 
     old, young = tmp_path / f"{TMP_PREFIX}old.npy", tmp_path / f"{TMP_PREFIX}young.npy"
     old.write_bytes(b"")
@@ -237,7 +237,7 @@ def test_embed_batches_by_length_like_single_items(tmp_path, w2v_checkpoints):
 
 
 def test_embed_decodes_the_next_batch_while_one_is_encoded(tmp_path):
-    from audioenc.cli import decoded_batches
+    from audioenc.embed_files import decoded_batches
 
     waves = [speech_like(4000 + 100 * i, i) for i in range(4)]
     for i, wave in enumerate(waves):

@@ -254,7 +254,7 @@ def test_formats_soundfile_cannot_read_go_through_pyav(w2v, tmp_path):
     assert rate == 22050 and abs(len(data) - len(wave)) < 4096
     assert 48 <= w2v.encode(path).lengths.item() <= 56  # AAC adds priming samples
     # The CLI's batching reads the length from the header too; a file nobody can read runs alone.
-    from audioenc.cli import length_batches
+    from audioenc.embed_files import length_batches
 
     sf.write(tmp_path / "short.wav", wave[:1000], 16000)
     (tmp_path / "junk.m4a").write_bytes(b"not audio")

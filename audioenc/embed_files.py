@@ -1,0 +1,183 @@
+"""The file work of ``audioenc embed``: outputs that mirror the inputs, atomic writes, batches of
+similar length, and decoding on background threads while the encoder runs."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+
+def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]:
+    """Input file -> output file: files under a directory argument keep their relative path."""
+    from audioenc.audio import find_audio_files
+
+    mapping, writer = {}, {}
+    for arg in inputs:
+        root = arg if os.path.isdir(arg) else os.path.dirname(arg)
+        for path in find_audio_files([arg]):
+            rel = os.path.splitext(os.path.relpath(path, root))[0] + suffix
+            target = os.path.join(out_dir, rel)
+            if target in writer:
+                same = os.path.realpath(writer[target]) == os.path.realpath(path)
+                raise ValueError(f"{writer[target]} and {path} would both write {target}; "
+                                 + ("the same file is given twice" if same else "rename one or run them separately"))
+            mapping[path], writer[target] = target, path
+    return mapping
+
+
+TMP_PREFIX = ".audioenc-tmp-"
+
+
+def atomic_write(path: str, write) -> None:
+    """Writes through a temporary file in the same directory, then renames it into place, so an
+    interrupted job never leaves a half-written output under the final name."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+STALE_TMP_S = 3600  # a temporary lives for one write; older ones belong to a killed run
+
+
+def remove_stale_temporaries(out_dir: str) -> None:
+    """Temporaries left by a killed run (ours only: they carry TMP_PREFIX; not a running job's)."""
+    import time
+
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if name.startswith(TMP_PREFIX) and time.time() - os.path.getmtime(path) > STALE_TMP_S:
+                    os.remove(path)
+            except OSError:  # gone meanwhile: its job finished it
+                pass
+
+
+def write_output(out, row: int, target: str, pool: str, all_layers: bool) -> None:
+    import numpy as np
+
+    from audioenc.encoder import pool_frames
+
+    lengths = out.lengths[row : row + 1]
+
+    def reduce(x):
+        x = x[row : row + 1].float()
+        return (pool_frames(x, lengths, pool)[0] if pool != "none" else x[0, : int(lengths[0])]).cpu().numpy()
+
+    if all_layers:
+        from safetensors.numpy import save_file
+
+        tensors = {f"hidden_states.{i}": np.ascontiguousarray(reduce(h)) for i, h in enumerate(out.hidden_states)}
+        tensors["last_hidden_state"] = np.ascontiguousarray(reduce(out.last_hidden_state))
+        atomic_write(target, lambda tmp: save_file(tensors, tmp))
+    else:
+        array = reduce(out.last_hidden_state)
+        atomic_write(target, lambda tmp: np.save(tmp, array))
+
+
+def duration_s(path: str) -> float:
+    """Duration from the header (soundfile, else PyAV); inf when unknown, so the file runs alone
+    and a long one never joins a batch (the error report deals with unreadable ones)."""
+    import soundfile as sf
+
+    try:
+        return sf.info(path).duration
+    except Exception:  # not a format soundfile reads
+        pass
+    try:
+        import av
+
+        with av.open(path) as container:
+            if container.duration is not None:
+                return container.duration / av.time_base
+    except Exception:  # PyAV missing, or no header it can read
+        pass
+    return math.inf
+
+
+def length_batches(jobs: list[tuple[str, str]], batch_size: int, max_audio_s: float):
+    """Jobs sorted by duration and grouped so padding wastes little and a batch stays bounded."""
+    timed = sorted((duration_s(path), (path, target)) for path, target in jobs)
+    batch, longest = [], 0.0
+    for d, job in timed:
+        if batch and (len(batch) == batch_size or max(longest, d) * (len(batch) + 1) > max_audio_s):
+            yield batch
+            batch, longest = [], 0.0
+        batch.append(job)
+        longest = max(longest, d)
+    if batch:
+        yield batch
+
+
+def failure(path: str, exc: Exception) -> str:
+    message = str(exc)
+    return message if message.startswith(path) else f"{path}: {message}"
+
+
+def decode(path: str):
+    """A file's samples at 16 kHz, or the ValueError/TypeError that says why it cannot be read."""
+    from audioenc.audio import to_waveforms
+
+    try:
+        return to_waveforms(path)[0]
+    except (ValueError, TypeError) as exc:
+        return exc
+
+
+def decoded_batches(batches, workers: int):
+    """(path, target, samples or error) per file, batch by batch: files are decoded on ``workers``
+    threads, the next batch while the caller encodes this one (decoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audioenc-decode")
+    submit = lambda batch: [(path, target, pool.submit(decode, path)) for path, target in batch]
+    try:
+        ahead = None
+        for batch in batches:
+            current, ahead = ahead, submit(batch)
+            if current is not None:
+                yield [(path, target, future.result()) for path, target, future in current]
+        if ahead is not None:
+            yield [(path, target, future.result()) for path, target, future in ahead]
+    finally:  # Ctrl-C or an error: drop the files not yet decoded
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def embed_batch(enc, batch, args, failed: list[str]) -> float:
+    """Encodes and writes one decoded batch; bad files go to ``failed``. Returns the seconds of
+    audio written."""
+    decoded = []
+    for path, target, wave in batch:
+        if isinstance(wave, Exception):
+            failed.append(failure(path, wave))
+        else:
+            decoded.append((path, target, wave))
+    all_layers = args.layer == "all"
+    layer = None if all_layers or args.layer is None else int(args.layer)
+    groups, written = [decoded], 0
+    while groups:
+        group = groups.pop()
+        if not group:
+            continue
+        try:
+            out = enc.encode([w for _, _, w in group], output_hidden_states=all_layers, output_layer=layer)
+        except (ValueError, TypeError) as exc:
+            if len(group) > 1:  # find the item that fails: encode each alone
+                groups += [[item] for item in group]
+            else:
+                failed.append(failure(group[0][0], exc))
+            continue
+        for row, (_, target, wave) in enumerate(group):
+            write_output(out, row, target, args.pool, all_layers)
+            written += len(wave)
+    return written / enc.sample_rate
