@@ -70,10 +70,23 @@ def cmd_cache(args) -> int:
     return 1 if failed else 0
 
 
-def print_auto_note(enc, backend: str, file=None) -> None:
+def load_from_args(args):
+    """The encoder that --model, --backend, --device and --dtype name (no --model: random weights)."""
+    import audioenc
+
+    return audioenc.load(args.model or f"random:{DEFAULT_ARCHITECTURE}", backend=args.backend, device=args.device,
+                         dtype=args.dtype)
+
+
+def print_load_notes(enc, args, file=None) -> None:
+    """What a user should know about the model the command loaded: random weights, a slower backend."""
     from audioenc.backends import auto_note
 
-    note = auto_note(enc.backend.name, enc.backend.device.type) if backend == "auto" else None
+    if enc.random_weights:
+        print(f"NOTE: {'no --model given, so ' if args.model is None else ''}using the {enc.source[len('random:'):]} "
+              "architecture with RANDOM weights: the embeddings show the pipeline works but mean nothing. "
+              "Pass --model with a checkpoint dir, .pt file or hub id for real embeddings.", file=file)
+    note = auto_note(enc.backend.name, enc.backend.device.type) if args.backend == "auto" else None
     if note:
         print(f"NOTE: {note}", file=file)
 
@@ -81,7 +94,6 @@ def print_auto_note(enc, backend: str, file=None) -> None:
 def cmd_embed(args) -> int:
     from tqdm import tqdm
 
-    import audioenc
     from audioenc.cpu import usable_cores
 
     usage = None
@@ -94,21 +106,16 @@ def cmd_embed(args) -> int:
     if usage:
         print(f"error: {usage}", file=sys.stderr)
         return 2
-    model = args.model or f"random:{DEFAULT_ARCHITECTURE}"
     try:
-        enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
+        enc = load_from_args(args)
         if args.layer not in (None, "all") and int(args.layer) > enc.num_layers:  # here, not once per file
             raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
         jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy")
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if enc.random_weights:
-        print(f"NOTE: {'no --model given, so ' if args.model is None else ''}using the {model[len('random:'):]} "
-              "architecture with RANDOM weights: the embeddings show the pipeline works but mean nothing. "
-              "Pass --model with a checkpoint dir, .pt file or hub id for real embeddings.")
+    print_load_notes(enc, args)
     print(enc)
-    print_auto_note(enc, args.backend)
     if not jobs:
         print("error: no audio files found in the given inputs", file=sys.stderr)
         return 2
@@ -172,16 +179,14 @@ def cmd_stream(args) -> int:
 
     import numpy as np
 
-    import audioenc
     from audioenc.audio import load_audio
 
     usage = stream_usage_error(args)  # before the stream, not after it
     if usage:
         print(f"error: {usage}", file=sys.stderr)
         return 2
-    model = args.model or f"random:{DEFAULT_ARCHITECTURE}"
     try:
-        enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
+        enc = load_from_args(args)
         if args.file:
             audio, rate = load_audio(args.file)
         else:
@@ -191,9 +196,7 @@ def cmd_stream(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if enc.random_weights:
-        print(f"NOTE: using the {model[len('random:'):]} architecture with RANDOM weights", file=sys.stderr)
-    print_auto_note(enc, args.backend, file=sys.stderr)
+    print_load_notes(enc, args, file=sys.stderr)
     print(f"{enc}; chunk {stream.chunk / 16000:g} s, left {stream.left / 16000:g} s, right {stream.right / 16000:g} s, "
           f"frames wait at most {stream.latency_s * 1000:.0f} ms of audio", file=sys.stderr)
     block = max(1, int(rate * args.block_ms / 1000))

@@ -9,7 +9,9 @@ import statistics
 import sys
 import time
 
-DEFAULT_MODEL = "random:wav2vec2-base"
+from audioenc.cli import DEFAULT_ARCHITECTURE
+
+DEFAULT_MODEL = f"random:{DEFAULT_ARCHITECTURE}"
 
 
 def timed_rounds(calls: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
