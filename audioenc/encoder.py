@@ -11,6 +11,7 @@ import torch
 from audioenc.audio import SAMPLE_RATE, to_waveforms
 from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims, check_preprocessor
 from audioenc.frontend import log_mel_spectrogram, normalize_waveforms, pcm_to_float32
+from audioenc.models.layers import valid_mask
 from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 
 POOLS = ("mean", "max")
@@ -343,7 +344,7 @@ def pad_items(items: list[torch.Tensor]) -> torch.Tensor:
 
 
 def zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+    valid = valid_mask(lengths.to(x.device), x.shape[1])
     return x.masked_fill(~valid[..., None], 0)  # not a product: NaN x 0 would stay NaN
 
 
@@ -351,7 +352,7 @@ def pool_frames(x: torch.Tensor, lengths: torch.Tensor, pool: str) -> torch.Tens
     """(B, T, D) with lengths -> (B, D) float32 over each item's valid frames (a float16 sum over
     minutes of frames would overflow)."""
     x = x.float()
-    valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None])[..., None]
+    valid = valid_mask(lengths.to(x.device), x.shape[1])[..., None]
     if pool == "mean":
         return (x * valid).sum(1) / lengths.to(x.device, x.dtype)[:, None]
     return x.masked_fill(~valid, float("-inf")).amax(1)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from audioenc.config import WhisperDims
+from audioenc.models.layers import valid_mask
 
 
 class ConvAsMatMul(nn.Module):
@@ -43,7 +44,7 @@ def masked_group_norm_channel_last(x: torch.Tensor, lengths: torch.Tensor, weigh
     """models.layers.masked_group_norm on (B, T, C): the masked sums over time are MatMuls with the
     (B, 1, T) valid-frame mask, so the statistics cost two reads of x instead of a chain of
     elementwise passes."""
-    valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]
+    valid = valid_mask(lengths, x.shape[1]).to(x.dtype)[:, None, :]
     count = valid.sum(-1, keepdim=True).clamp(min=1)
     centred = x - (valid @ x) / count
     var = (valid @ (centred * centred)) / count
@@ -54,7 +55,7 @@ def masked_group_norm_nchw(x: torch.Tensor, lengths: torch.Tensor, weight: torch
                            eps: float) -> torch.Tensor:
     """masked_group_norm_channel_last on (B, C, 1, T): the sums over time are MatMuls with the
     (B, 1, T, 1) valid-frame mask."""
-    valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)[:, None, :, None]
+    valid = valid_mask(lengths, x.shape[-1]).to(x.dtype)[:, None, :, None]
     count = valid.sum(-2, keepdim=True).clamp(min=1)
     centred = x - (x @ valid) / count
     var = ((centred * centred) @ valid) / count
@@ -83,7 +84,7 @@ class FoldedGroupNormConv(nn.Module):
         frames = (waveforms.shape[1] - self.kernel) // self.stride + 1
         span = self.stride * (frames - 1) + 1
         taps = torch.stack([waveforms[:, j : j + span : self.stride] for j in range(self.kernel)], dim=-1)
-        valid = (torch.arange(frames, device=taps.device)[None, :] < lengths[:, None]).to(torch.float64)[..., None]
+        valid = valid_mask(lengths, frames).to(torch.float64)[..., None]
         count = valid.sum(1, keepdim=True).clamp(min=1)
         exact = taps.to(torch.float64)                                           # (B, frames, k)
         mean = (exact * valid).sum(1, keepdim=True) / count                     # (B, 1, k)

@@ -26,6 +26,7 @@ from torch import nn
 
 from audioenc.backends import resolve_dtype
 from audioenc.backends.torch import DTYPES
+from audioenc.models.layers import valid_mask
 # Captured (batch, length, layers, hidden states) shapes kept per backend. They share one memory
 # pool, so each costs only its static input and output buffers, not a forward pass's worth of
 # memory; those may take at most GRAPH_BUFFER_SHARE of the GPU (all hidden states of a big batch
@@ -352,7 +353,7 @@ class _FastWav2Vec2:
             x, _ = self.proj_norm(x)
         x = self.projection(x)
         frames = x.shape[1]
-        valid = torch.arange(frames, device=x.device)[None, :] < frame_lengths[:, None]
+        valid = valid_mask(frame_lengths, frames)
         x = x * valid[..., None].to(x.dtype)  # padding must not leak into valid frames via the pos conv
         # cuDNN ran this grouped conv on the transposed view as one kernel per group plus layout
         # conversions (wav2vec2-large, batch 16, H200: 3.5 ms, 21% of the forward); the copy costs ~10 us.

@@ -15,14 +15,17 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
-def key_padding_bias(lengths: torch.Tensor | None, num_frames: int, dtype: torch.dtype) -> torch.Tensor | None:
+def valid_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, num_frames) bool: True on each item's first lengths[b] frames."""
+    return torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def key_padding_bias(lengths: torch.Tensor, num_frames: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias (B, 1, 1, T): 0 for valid keys, the dtype's lowest value for padding.
 
     A finite value rather than -inf so a row can never become NaN.
     """
-    if lengths is None:
-        return None
-    valid = torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
+    valid = valid_mask(lengths, num_frames)
     bias = torch.zeros(valid.shape, dtype=dtype, device=lengths.device)
     bias.masked_fill_(~valid, torch.finfo(dtype).min)
     return bias[:, None, None, :]
@@ -75,7 +78,7 @@ def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, weight: torch.Tens
     # branch would be frozen to the example's choice.
     if not torch.onnx.is_in_onnx_export() and bool((lengths == x.shape[-1]).all()):
         return F.group_norm(x.float(), x.shape[1], weight.float(), bias.float(), eps).to(x.dtype)
-    valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]).to(torch.float32)[:, None, :]
+    valid = valid_mask(lengths, x.shape[-1]).to(torch.float32)[:, None, :]
     count = valid.sum(-1, keepdim=True).clamp(min=1)
     xf = x.float()
     mean = (xf * valid).sum(-1, keepdim=True) / count

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from audioenc.config import Wav2Vec2Dims
-from audioenc.models.layers import Attention, FeedForward, LayerNorm, key_padding_bias, masked_group_norm
+from audioenc.models.layers import (Attention, FeedForward, LayerNorm, key_padding_bias, masked_group_norm,
+                                     valid_mask)
 
 
 class ConvLayer(nn.Module):
@@ -129,7 +130,7 @@ class Encoder(nn.Module):
         layer; the output is the last of them, after the final LayerNorm of pre-LN models when
         every layer ran."""
         frames = x.shape[1]
-        valid = torch.arange(frames, device=x.device)[None, :] < lengths[:, None]
+        valid = valid_mask(lengths, frames)
         x = x * valid[..., None].to(x.dtype)  # padding must not leak into valid frames via the pos conv
         x = x + self.pos_conv_embed(x)
         if not self.pre_norm:
