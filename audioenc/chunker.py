@@ -117,7 +117,8 @@ class Chunker:
     ``flush()`` ends the stream and returns the rest (calling it again returns nothing).
     The low-level calls (accept_waveform, input_finished, ready, pop) suit a producer and a
     consumer thread. capacity: samples the ring holds (0: two windows; at least one window).
-    Bad parameters raise ValueError (TypeError when not whole numbers of samples). Blocks may be float32/float64/int16 (int16 scaled by 1/32768).
+    Bad parameters raise ValueError (TypeError when not whole numbers of samples). Blocks may be
+    float32/float64/int16 (int16 scaled by 1/32768).
     """
 
     def __init__(self, chunk: int, left: int = 0, right: int = 0, capacity: int = 0,

@@ -11,9 +11,10 @@ Whisper's positions are absolute within its 30 s windows, and offline audio is e
 consecutive 30 s windows; so a Whisper stream never crosses a 30 s boundary: each window starts at
 most ``left`` before its centre but not before the start of its 30 s block (the default left context
 is all of it), and ends at the block's end at the latest. Each block is a stream of its own in the
-chunker, so the block's last windows are final as soon as its 30 s are in. A window that starts after its block's
-start is encoded behind silence up to its start, so that every frame keeps its offline position. A
-Whisper call costs a full 30 s window whatever the audio, so the default, full context is free.
+chunker, so the block's last windows are final as soon as its 30 s are in. A window that starts
+after its block's start is encoded behind silence up to its start, so that every frame keeps its
+offline position. A Whisper call costs a full 30 s window whatever the audio, so the default, full
+context is free.
 
 Group-norm models, waveform normalisation, Whisper's per-window log-mel range and attention all see
 only the window, so streamed frames differ from offline ones; benchmarks/bench_streaming.py measures
@@ -144,9 +145,8 @@ class EncoderStream:
         self._windows: deque[Window] = deque()  # windows taken from the chunker, not yet encoded
         self._block_start = 0  # Whisper: the stream position of the chunker's 0 (the current 30 s block)
         self._done: list[tuple[int, torch.Tensor]] = []  # (first frame, frames) not yet returned
-        # Samples fed to the chunker at a time: about one encoder call's windows, so one big push
-        # holds a bounded number of windows however long it is.
-        # A Whisper window is encoded as its whole 30 s block.
+        # Samples fed to the chunker at a time: about one encoder call's windows (a Whisper window
+        # runs as its whole 30 s block), so one big push holds a bounded number of windows.
         window = self.block if self.block is not None else self.left + self.chunk + self.right + self.tail
         self._windows_per_run = max(1, int(SECONDS_PER_RUN * SAMPLE_RATE) // window)
         self._feed = self._windows_per_run * self.chunk
