@@ -136,9 +136,14 @@ def decode(path: str):
 
 def decoded_batches(batches, workers: int):
     """(path, target, samples or error) per file, batch by batch: files are decoded on ``workers``
-    threads, the next batch while the caller encodes this one (decoders release the GIL)."""
+    threads, the next batch while the caller encodes this one (decoders release the GIL), or in the
+    caller's thread with ``workers=0``."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if workers == 0:
+        for batch in batches:
+            yield [(path, target, decode(path)) for path, target in batch]
+        return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audioenc-decode")
     submit = lambda batch: [(path, target, pool.submit(decode, path)) for path, target in batch]
     try:

@@ -259,6 +259,8 @@ def test_embed_decodes_the_next_batch_while_one_is_encoded(tmp_path):
     assert isinstance(got[0][1][2], ValueError)
     for (_, _, wave), want in zip([got[0][0], *got[1], got[2][0]], waves):
         np.testing.assert_array_equal(wave, want)
+    inline = list(decoded_batches(lazily(), workers=0))  # beside a CPU backend
+    assert [[t for _, t, _ in b] for b in inline] == [[t for _, t, _ in b] for b in got]
 
 
 def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
