@@ -6,6 +6,7 @@
 """
 from audioenc.encoder import AudioEncoder, EncoderOutput
 from audioenc.loading import load
+from audioenc.streaming import EncoderStream, StreamFrames
 
 __version__ = "0.1.0"
-__all__ = ["load", "AudioEncoder", "EncoderOutput", "__version__"]
+__all__ = ["load", "AudioEncoder", "EncoderOutput", "EncoderStream", "StreamFrames", "__version__"]

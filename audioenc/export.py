@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from audioenc.graph_modules import example_inputs, graph_io, graph_module
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
 
 log = logging.getLogger(__name__)
+_EXPORT_LOCK = threading.Lock()
 
 OPSET = 17
 DTYPES = ("float32", "float16", "int8")
@@ -70,7 +72,8 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
     args = tuple(torch.from_numpy(v) for v in example_inputs(dims, seconds=0.5).values())
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
         raw = os.path.join(tmp, "raw.onnx")
-        with warnings.catch_warnings():
+        # One export at a time in the process: torch.onnx.export and catch_warnings change global state.
+        with _EXPORT_LOCK, warnings.catch_warnings():
             # the tracer notes that shapes become constants; graph_io's dynamic axes keep them dynamic
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             # the TorchScript exporter is deprecated, but it is the one that writes opset 17 without onnxscript
@@ -261,7 +264,7 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
     path = os.path.join(directory, MODEL_FILE)
     fp32 = path if spec.dtype == "float32" else os.path.join(directory, "fp32.onnx")
     layers = f"{spec.num_layers} layer{'' if spec.num_layers == 1 else 's'}"
-    with tqdm(total=1 if spec.dtype == "float32" else 3, file=sys.stderr,
+    with tqdm(total=1 if spec.dtype == "float32" else 3, file=sys.stderr, disable=None,  # None: only on a terminal
               desc=f"audioenc: exporting {model.dims.family} ({layers}, {spec.dtype}) to ONNX",
               bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
         bar.set_postfix_str("tracing the float32 graph")
@@ -316,10 +319,12 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"key": key, "spec": repr(spec), "family": model.dims.family,
                        "source": getattr(model, "checkpoint_source", None), "files": files}, f, indent=1)
-        if os.path.isdir(entry) and not os.path.islink(entry):
-            shutil.rmtree(entry)
-        elif os.path.lexists(entry):  # a file or link where the entry belongs
-            os.remove(entry)
+        if os.path.lexists(entry) and (rebuild_reason is not None or entry_problem(entry, key) is not None):
+            # the unusable entry found above; one that another process completed meanwhile stays
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                shutil.rmtree(entry, ignore_errors=True)  # another process may be removing it too
+            elif os.path.lexists(entry):  # a file or link where the entry belongs
+                os.remove(entry)
         try:
             os.replace(tmp, entry)
         except OSError:  # another process put a complete entry there first

@@ -57,8 +57,9 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     backend_name = resolve_backend(backend, torch_device.type)
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random architectures are the same every run
+    with torch.random.fork_rng(devices=[]):  # the caller's random state comes back unchanged
+        if random_weights:
+            torch.manual_seed(0)  # random architectures are the same every run (a checkpoint's are overwritten)
         model = build_model(checkpoint, random_weights=random_weights)
     model.checkpoint_source = name  # recorded with the graphs and engines exported from it (audioenc cache)
     runner = backend_class(backend_name)(model, torch_device, dtype)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -109,8 +110,14 @@ def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeyp
     monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
     model = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch").backend.model
     spec = ExportSpec(num_layers=1)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     path = cached_export(model, spec)
-    assert "exporting wav2vec2 (1 layer, float32) to ONNX: 1/1 steps" in capsys.readouterr().err  # the progress bar
+    assert "exporting wav2vec2 (1 layer, float32) to ONNX: 1/1 steps" in capsys.readouterr().err  # on a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "elsewhere"))
+    cached_export(model, spec)
+    assert "exporting" not in capsys.readouterr().err  # no progress bar in a service's logs
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
     meta = os.path.join(os.path.dirname(path), cache.META_FILE)
     long_ago = time.time() - 30 * DAY
     os.utime(meta, (long_ago, long_ago))

@@ -3,6 +3,7 @@ middle layers, dtypes, the on-disk cache (reuse, corrupt and stale entries), thr
 import os
 import shutil
 import threading
+import warnings
 
 import pytest
 import torch
@@ -212,6 +213,24 @@ def test_shared_by_threads(w2v_checkpoints):
     assert not errors and len(results) == 12
     assert all(torch.equal(r, want) for r in results)
 
+    # Two encoders exporting their graphs at once: torch.onnx.export's state is process-wide.
+    encoders = [audioenc.load(w2v_checkpoints[v][0], backend="onnx", dtype="int8") for v in ("hubert-stable", "wavlm-group")]
+    outputs = {}
+
+    def first_use(i):
+        try:
+            outputs[i] = encoders[i].encode(waves).lengths
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outputs) == 2
+    assert not outputs[0].is_inference()  # a plain tensor the caller may change
+
 
 def test_thread_count_follows_the_environment(w2v_checkpoints, monkeypatch):
     enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
@@ -220,5 +239,9 @@ def test_thread_count_follows_the_environment(w2v_checkpoints, monkeypatch):
     monkeypatch.setenv("AUDIOENC_ONNX_THREADS", "0")
     with pytest.raises(ValueError, match="AUDIOENC_ONNX_THREADS must be a whole number >= 1"):
         enc.backend.session_options()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a bad setting is the caller's error, not a corrupt graph to rebuild
+        with pytest.raises(ValueError, match="AUDIOENC_ONNX_THREADS must be a whole number >= 1"):
+            enc.encode(speech_like(4000, 1), output_layer=1)
     monkeypatch.delenv("AUDIOENC_ONNX_THREADS")
     assert enc.backend.session_options().intra_op_num_threads == len(os.sched_getaffinity(0))

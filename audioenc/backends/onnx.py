@@ -86,14 +86,18 @@ class OnnxBackend:
         """The session of the graph that runs ``num_layers`` layers, created on first use."""
         import onnxruntime as ort
 
+        session = self.sessions.get(num_layers)  # a depth in use never waits for another's export
+        if session is not None:
+            return session
         with self.lock:
             if num_layers not in self.sessions:
+                options = self.session_options()  # its errors are the caller's, not the graph's
                 path = self.graph_path(num_layers)
                 try:
-                    session = ort.InferenceSession(path, self.session_options(), providers=self.providers)
+                    session = ort.InferenceSession(path, options, providers=self.providers)
                 except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
                     path = self.graph_path(num_layers, rebuild_reason=f"onnxruntime could not load it: {exc}")
-                    session = ort.InferenceSession(path, self.session_options(), providers=self.providers)
+                    session = ort.InferenceSession(path, options, providers=self.providers)
                 self.sessions[num_layers] = session
             return self.sessions[num_layers]
 
