@@ -2,6 +2,7 @@
 int8 speeds (the same model name in a VM can be an AVX2 or an AVX-512 machine)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 
@@ -40,3 +41,12 @@ def vector_isa() -> str:
 def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity, as taskset and container cpusets set it."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def return_freed_memory() -> None:
+    """Hands the heap's freed memory back to the OS after a large release (glibc otherwise keeps
+    freed blocks below its top for reuse); a no-op where the C library has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -289,6 +289,17 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
         bar.set_postfix_str("done")
 
 
+def cached_graph(model: nn.Module, spec: ExportSpec, weights: str | None = None) -> str | None:
+    """Path of the cached graph for (model, spec) when its entry is there and intact, else None.
+    Needs only the model's dims when ``weights`` (its digest) is given."""
+    key = cache_key(model, spec, weights)
+    entry = os.path.join(cache_root(), "onnx", key)
+    if not os.path.lexists(entry) or entry_problem(entry, key) is not None:
+        return None
+    mark_used(entry)
+    return os.path.join(entry, MODEL_FILE)
+
+
 def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None, rebuild_reason: str | None = None) -> str:
     """Path of the cached graph for (model, spec), exported first when missing, stale or corrupt.
 
@@ -296,13 +307,16 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     place, with a meta.json of file checksums checked before every use. ``rebuild_reason`` forces a
     rebuild (the caller found the entry unusable, e.g. onnxruntime refused it).
     """
+    if rebuild_reason is None:
+        path = cached_graph(model, spec, weights)
+        if path is not None:
+            return path
     key = cache_key(model, spec, weights)
     root = os.path.join(cache_root(), "onnx")
     entry = os.path.join(root, key)
     if os.path.lexists(entry):
         problem = rebuild_reason or entry_problem(entry, key)
-        if problem is None:
-            mark_used(entry)
+        if problem is None:  # another process completed it just now
             return os.path.join(entry, MODEL_FILE)
         warnings.warn(f"audioenc: cached ONNX graph {entry} is unusable ({problem}); rebuilding it", stacklevel=2)
     try:

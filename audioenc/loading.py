@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 
 from audioenc.backends import backend_class, resolve_backend
 from audioenc.encoder import AudioEncoder
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
-from audioenc.weights import load_checkpoint
+from audioenc.weights import Checkpoint, load_checkpoint
 
 
 def resolve_device(device) -> torch.device:
@@ -46,21 +47,33 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     name = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(name, str):
         raise TypeError(f"source must be a path or a string, got {type(source).__name__}")
-    random_weights = name.startswith("random:")
-    if random_weights:
-        checkpoint = random_checkpoint(name[len("random:"):])
-        if family is not None and checkpoint.family != family:
-            raise ValueError(f"{name}: expected a {family} architecture, got {checkpoint.family}")
-    else:
-        checkpoint = load_checkpoint(name, family=family)
+    checkpoint = read_checkpoint(name, family)
     torch_device = resolve_device(device)
     backend_name = resolve_backend(backend, torch_device.type)
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
+    runner = backend_class(backend_name)(reference_model(checkpoint, name), torch_device, dtype)
+    return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, name, checkpoint.preprocessor,
+                        name.startswith("random:"))
+
+
+def read_checkpoint(name: str, family: str | None = None) -> Checkpoint:
+    """The checkpoint at ``name`` (a path, hub id or "random:NAME"); ``family``, when given, must match."""
+    if not name.startswith("random:"):
+        return load_checkpoint(name, family=family)
+    checkpoint = random_checkpoint(name[len("random:"):])
+    if family is not None and checkpoint.family != family:
+        raise ValueError(f"{name}: expected a {family} architecture, got {checkpoint.family}")
+    return checkpoint
+
+
+def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
+    """The float32 reference model of a checkpoint read from ``name``; the same weights every time,
+    random architectures included, so a backend may release them and build them again."""
+    random_weights = name.startswith("random:")
     with torch.random.fork_rng(devices=[]):  # the caller's random state comes back unchanged
         if random_weights:
             torch.manual_seed(0)  # random architectures are the same every run (a checkpoint's are overwritten)
         model = build_model(checkpoint, random_weights=random_weights)
     model.checkpoint_source = name  # recorded with the graphs and engines exported from it (audioenc cache)
-    runner = backend_class(backend_name)(model, torch_device, dtype)
-    return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, name, checkpoint.preprocessor, random_weights)
+    return model

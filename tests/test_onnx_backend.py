@@ -99,6 +99,34 @@ def test_middle_layer_runs_a_shallower_graph(w2v_checkpoints):
     assert len(enc.backend.sessions[1].get_outputs()) == 2 + 2
 
 
+def test_reference_weights_are_released_and_built_again_for_another_depth(w2v_checkpoints, tmp_path):
+    """Once a session holds the weights, the reference's copy is freed; a new depth's export builds
+    it again from the checkpoint, and refuses a checkpoint changed since the load."""
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(w2v_checkpoints["wav2vec2-group"][0], path)
+    enc, ref = audioenc.load(path, backend="onnx"), audioenc.load(path, backend="torch")
+    wave = speech_like(9000, 5)
+    full = enc.encode(wave)
+    assert all(p.is_meta for p in enc.backend.reference.model.parameters())
+    expected = ref.encode(wave, output_hidden_states=True)
+    assert rel_err(full.last_hidden_state, expected.last_hidden_state) <= TOL
+    assert rel_err(enc.encode(wave, output_layer=1).last_hidden_state, expected.hidden_states[1]) <= TOL
+    assert all(p.is_meta for p in enc.backend.reference.model.parameters())
+
+    import transformers
+
+    model = transformers.Wav2Vec2Model.from_pretrained(path)
+    with torch.no_grad():
+        model.encoder.layers[0].feed_forward.output_dense.bias.add_(1.0)
+    model.save_pretrained(path)
+    assert torch.equal(enc.encode(wave).last_hidden_state, full.last_hidden_state)  # cached depths still run
+    with pytest.raises(RuntimeError, match="weights changed since the encoder was loaded"):
+        enc.encode(wave, output_layer=0)
+    shutil.rmtree(path)
+    with pytest.raises(RuntimeError, match="cannot be read now"):
+        enc.encode(wave, output_layer=0)
+
+
 def test_dtypes(whisper_checkpoints, w2v_checkpoints):
     path, _ = w2v_checkpoints["wav2vec2-group"]
     with pytest.raises(ValueError, match="auto, float32, float16, bfloat16, int8"):

@@ -16,7 +16,9 @@ from torch import nn
 
 from audioenc.backends import resolve_dtype
 from audioenc.config import WhisperDims
-from audioenc.cpu import usable_cores
+from audioenc.cpu import return_freed_memory, usable_cores
+from audioenc.export import ExportSpec
+from audioenc.reference_weights import ReferenceWeights
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 GRAPH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "float32", "int8": "int8"}
@@ -41,8 +43,6 @@ class OnnxBackend:
     def __init__(self, model: nn.Module, device: torch.device, dtype: str):
         import onnxruntime as ort
 
-        from audioenc.export import weights_digest
-
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ValueError("device 'cuda' needs onnxruntime-gpu (its CUDA provider is not in this onnxruntime)")
@@ -54,9 +54,8 @@ class OnnxBackend:
             raise ValueError("dtype 'bfloat16' in onnxruntime needs an ARM64 CPU (its bf16 fast-math GEMM); "
                              "this machine has no bf16 path there: use float32, float16 or int8")
         self.device, self.dtype = device, dtype
-        self.model = model.float().cpu().eval()
         self.dims = model.dims
-        self.weights = weights_digest(self.model)
+        self.reference = ReferenceWeights(model)  # released once a session holds the weights
         self.sessions: dict[int, object] = {}
         self.lock = threading.Lock()
 
@@ -77,10 +76,8 @@ class OnnxBackend:
         return options
 
     def graph_path(self, num_layers: int, rebuild_reason: str | None = None) -> str:
-        from audioenc.export import ExportSpec, cached_export
-
         spec = ExportSpec(num_layers=num_layers, hidden_states=True, dtype=GRAPH_DTYPE[self.dtype], fused_attention=True)
-        return cached_export(self.model, spec, self.weights, rebuild_reason)
+        return self.reference.graph_path(spec, rebuild_reason)
 
     def session(self, num_layers: int):
         """The session of the graph that runs ``num_layers`` layers, created on first use."""
@@ -93,11 +90,14 @@ class OnnxBackend:
             if num_layers not in self.sessions:
                 options = self.session_options()  # its errors are the caller's, not the graph's
                 path = self.graph_path(num_layers)
+                self.reference.release()  # before the session loads its own copy: a lower peak
                 try:
                     session = ort.InferenceSession(path, options, providers=self.providers)
                 except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
                     path = self.graph_path(num_layers, rebuild_reason=f"onnxruntime could not load it: {exc}")
+                    self.reference.release()
                     session = ort.InferenceSession(path, options, providers=self.providers)
+                return_freed_memory()  # the graph's file image, read to build the session
                 self.sessions[num_layers] = session
             return self.sessions[num_layers]
 
@@ -112,7 +112,9 @@ class OnnxBackend:
         with tempfile.TemporaryDirectory() as tmp:
             options = self.session_options()
             options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-            ort.InferenceSession(self.graph_path(num_layers), options, providers=self.providers)
+            with self.lock:
+                path = self.graph_path(num_layers)
+            ort.InferenceSession(path, options, providers=self.providers)
             graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
         counts = {op: 0 for op in FUSED_OPS}
         for node in graph.node:

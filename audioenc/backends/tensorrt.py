@@ -198,12 +198,11 @@ class TensorRTBackend:
         if device.type != "cuda":
             raise ValueError("the tensorrt backend runs on a CUDA device only; use device='cuda'")
         dtype = resolve_dtype(dtype, device, DTYPES, "tensorrt")  # a CUDA device: auto is float16
-        from audioenc.export import weights_digest
+        from audioenc.reference_weights import ReferenceWeights
 
         self.device, self.dtype = device, dtype
-        self.model = model.float().cpu().eval()
         self.dims = model.dims
-        self.weights = weights_digest(self.model)
+        self.reference = ReferenceWeights(model)  # released once its graph is exported
         self.profile = Profile.from_env(self.dims)
         self.max_batch = self.profile.shapes[0][3][0]  # the encoder runs longer lists in groups...
         # ...and longer items in windows (Whisper's input is always one 30 s window)
@@ -215,15 +214,16 @@ class TensorRTBackend:
     def engine(self, num_layers: int):
         import tensorrt as trt
 
-        from audioenc.export import ExportSpec, cached_export
+        from audioenc.export import ExportSpec
 
         with self.lock:
             if num_layers not in self.engines:
-                onnx_path = cached_export(self.model, ExportSpec(num_layers=num_layers, dtype=self.dtype), self.weights)
+                onnx_path = self.reference.graph_path(ExportSpec(num_layers=num_layers, dtype=self.dtype))
+                self.reference.release()  # before TensorRT's build, which takes gigabytes of its own
                 runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
                 with torch.cuda.device(self.device):
                     engine = runtime.deserialize_cuda_engine(cached_engine(
-                        onnx_path, self.profile, self.dtype, getattr(self.model, "checkpoint_source", None)))
+                        onnx_path, self.profile, self.dtype, self.reference.source))
                 if engine is None:
                     raise ValueError(f"TensorRT could not deserialize the engine for {onnx_path}")
                 self.engines[num_layers] = engine
