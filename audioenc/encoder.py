@@ -164,13 +164,15 @@ class AudioEncoder:
         out = self.encode(audio, sample_rate, output_layer=output_layer)
         return pool_frames(out.last_hidden_state, out.lengths, pool)
 
-    def warmup(self, seconds=None, batch_sizes=(1,), output_layer: int | None = None) -> None:
+    def warmup(self, seconds=None, batch_sizes=(1,), output_layer: int | None = None,
+               output_hidden_states: bool = False) -> None:
         """Encodes noise once per (duration, batch size) so that live traffic does not pay for
         one-time work: kernel autotuning and CUDA-graph capture (triton; it keeps the graphs of its
         last 16 shapes), graph export and session set-up (onnx, tensorrt), allocator growth (torch).
 
         seconds: a duration or a list of them; default 10 s (wav2vec2 family) or one 30 s window
-        (Whisper, whose every call is a 30 s window). Pass the durations and batch sizes you serve.
+        (Whisper, whose every call is a 30 s window). Pass the durations, batch sizes, depth and
+        hidden states you serve (the onnx backend's graphs with hidden states are separate).
         """
         if seconds is None:
             seconds = 30.0 if self.family == "whisper" else 10.0
@@ -186,7 +188,7 @@ class AudioEncoder:
         for duration in durations:
             item = 0.1 * noise[: int(duration * SAMPLE_RATE)]
             for batch in batches:
-                self.encode([item] * int(batch), output_layer=output_layer)
+                self.encode([item] * int(batch), output_layer=output_layer, output_hidden_states=output_hidden_states)
 
     def _layers_to_run(self, output_layer: int | None) -> int:
         if output_layer is None:

@@ -1,9 +1,10 @@
 """The float32 reference model that the onnx and tensorrt backends export their graphs from.
 
 An onnxruntime session or a TensorRT engine holds its own copy of the weights, so once one exists
-the reference's copy is released: for wav2vec2-base on the CPU that is 0.4 of the process's 1.5 GB.
-When another depth's graph must be exported later, the weights are built again from the checkpoint
-and must hash to the same digest. A model that names no checkpoint is kept.
+the reference's copy is released, and the heap it leaves is handed back to the OS (wav2vec2-base on
+the CPU went from 1.35 to 0.90 GB resident). When another graph must be exported later, the weights
+are built again from the checkpoint and must hash to the same digest. A model that names no
+checkpoint is kept.
 """
 from __future__ import annotations
 

@@ -20,13 +20,13 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD = ("each contender in a fresh process: import, load a checkpoint from disk (random weights at real sizes), "
           "encode the same audio (batch 1) a few times; resident memory after the calls and the process's peak "
-          "(ru_maxrss, loading included). audioenc's ONNX graphs were exported and cached by earlier processes, "
+          "(VmHWM, loading included). audioenc's ONNX graphs were exported and cached by earlier processes, "
           "as in a deployment; the first-use row exports its graph in the measured process. Whisper checkpoints "
           "have a one-layer decoder, so transformers' WhisperModel holds little beyond the encoder.")
 
 # The child: prints {"rss_mb", "peak_mb"} after its calls.
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 contender, path, seconds, calls = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
@@ -58,9 +58,9 @@ else:  # "ctranslate2 COMPUTE_TYPE": faster-whisper's engine on its converted mo
         extract(audio, sampling_rate=16000, return_tensors="np").input_features), to_cpu=True)
 for _ in range(calls):
     call()
-rss_pages = int(open("/proc/self/statm").read().split()[1])
-print(json.dumps({"rss_mb": rss_pages * resource.getpagesize() / 1e6,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}))
+# VmHWM, not ru_maxrss: that one keeps the parent's peak across the fork and exec
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"rss_mb": int(status["VmRSS"].split()[0]) / 1e3, "peak_mb": int(status["VmHWM"].split()[0]) / 1e3}))
 """
 
 

@@ -185,7 +185,7 @@ def test_warmup_runs_each_shape_once_and_checks_its_arguments(w2v, whisper, monk
     for enc, default_samples in ((w2v, 160000), (whisper, None)):
         calls = []
         run = enc.backend.run
-        monkeypatch.setattr(enc.backend, "run", lambda inputs, *a, **k: calls.append(tuple(inputs.shape)) or run(inputs, *a, **k))
+        monkeypatch.setattr(enc.backend, "run", lambda inputs, *a, _run=run, **k: calls.append(tuple(inputs.shape)) or _run(inputs, *a, **k))
         enc.warmup()
         if default_samples:
             assert calls == [(1, default_samples)]
@@ -194,6 +194,10 @@ def test_warmup_runs_each_shape_once_and_checks_its_arguments(w2v, whisper, monk
     calls.clear()
     whisper.warmup(seconds=[1, 2.5], batch_sizes=(1, 3))
     assert [c[0] for c in calls] == [1, 3, 1, 3]
+    hidden, w2v_run = [], w2v.backend.run
+    monkeypatch.setattr(w2v.backend, "run", lambda *a: hidden.append(a[3]) or w2v_run(*a))
+    w2v.warmup(seconds=1, output_hidden_states=True)  # the onnx backend's hidden-state graphs are separate
+    assert hidden == [True]
     for bad in (0, float("nan"), []):
         with pytest.raises(ValueError, match="warmup seconds"):
             w2v.warmup(seconds=bad)

@@ -95,8 +95,10 @@ def test_middle_layer_runs_a_shallower_graph(w2v_checkpoints):
     mid = enc.encode(wave, output_layer=1)
     full = audioenc.load(path, backend="torch").encode(wave, output_hidden_states=True)
     assert rel_err(mid.last_hidden_state, full.hidden_states[1]) <= TOL
-    assert list(enc.backend.sessions) == [1]
-    assert len(enc.backend.sessions[1].get_outputs()) == 2 + 2
+    assert list(enc.backend.sessions) == [(1, False)]
+    assert len(enc.backend.sessions[1, False].get_outputs()) == 2  # frames, frame lengths
+    assert rel_err(enc.encode(wave, output_layer=1, output_hidden_states=True).hidden_states[1], full.hidden_states[1]) <= TOL
+    assert len(enc.backend.sessions[1, True].get_outputs()) == 2 + 2
 
 
 def test_reference_weights_are_released_and_built_again_for_another_depth(w2v_checkpoints, tmp_path):

@@ -28,6 +28,17 @@ class NoisyBackend(TorchBackend):
         return noisy(out), [noisy(h) for h in hidden], frames
 
 
+class NoisyPlainCallBackend(TorchBackend):
+    """Right when asked for hidden states, noisy otherwise (as a wrong onnx graph without hidden states
+    would be): verify must still fail it."""
+
+    name = "noisy-plain"
+
+    def run(self, inputs, lengths, num_layers, output_hidden_states=True):
+        out, hidden, frames = super().run(inputs, lengths, num_layers, output_hidden_states)
+        return (out if output_hidden_states else out + 0.01 * out.std() * torch.randn_like(out)), hidden, frames
+
+
 def cli(argv):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))
@@ -57,7 +68,7 @@ def test_generated_audio_is_fresh_and_has_the_shortest_input():
 def test_onnx_passes(w2v_checkpoints, dtype, rule):
     report = verify(w2v_checkpoints["wavlm-group"][0], "onnx", dtype=dtype, device="cpu")
     assert report.passed, report.table()
-    assert [c.name for c in report.layers] == ["embeddings", "layer 1", "layer 2", "last_hidden_state"]
+    assert [c.name for c in report.layers] == ["embeddings", "layer 1", "layer 2", "last_hidden_state", "plain encode()"]
     assert all(rule in c.limit for c in report.layers)
     assert "fused ops:" in report.table()
 
@@ -69,6 +80,10 @@ def test_cli_verify_exit_codes(whisper_checkpoints, w2v_checkpoints, monkeypatch
     monkeypatch.setitem(BACKENDS, "noisy", ("test_verify", "NoisyBackend"))
     assert cli(["verify", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "noisy"]) == 1
     assert capsys.readouterr().out.strip().endswith("FAIL")
+    monkeypatch.setitem(BACKENDS, "noisy-plain", ("test_verify", "NoisyPlainCallBackend"))
+    assert cli(["verify", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "noisy-plain"]) == 1
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" FAIL")]
+    assert len(failed) == 1 and "plain encode()" in failed[0]
     assert cli(["verify", "--model", "random:no-such", "--backend", "onnx"]) == 2
     assert cli(["verify", "--model", "random:no-such", "--backend", "onnx", "--audio", __file__, "--seed", "1"]) == 2
     assert "--seed seeds generated audio" in capsys.readouterr().err

@@ -56,7 +56,7 @@ class OnnxBackend:
         self.device, self.dtype = device, dtype
         self.dims = model.dims
         self.reference = ReferenceWeights(model)  # released once a session holds the weights
-        self.sessions: dict[int, object] = {}
+        self.sessions: dict[tuple[int, bool], object] = {}  # (num_layers, hidden_states) -> session
         self.lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -75,31 +75,35 @@ class OnnxBackend:
             options.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "1")
         return options
 
-    def graph_path(self, num_layers: int, rebuild_reason: str | None = None) -> str:
-        spec = ExportSpec(num_layers=num_layers, hidden_states=True, dtype=GRAPH_DTYPE[self.dtype], fused_attention=True)
+    def graph_path(self, num_layers: int, hidden_states: bool, rebuild_reason: str | None = None) -> str:
+        spec = ExportSpec(num_layers=num_layers, hidden_states=hidden_states, dtype=GRAPH_DTYPE[self.dtype],
+                          fused_attention=True)
         return self.reference.graph_path(spec, rebuild_reason)
 
-    def session(self, num_layers: int):
-        """The session of the graph that runs ``num_layers`` layers, created on first use."""
+    def session(self, num_layers: int, hidden_states: bool = False):
+        """The session of the graph that runs ``num_layers`` layers, created on first use. Graphs that
+        also return every layer's hidden states are separate: a graph output is kept whether it is
+        fetched or not, and all of whisper-large-v3's for 16 windows would take 4 GB."""
         import onnxruntime as ort
 
-        session = self.sessions.get(num_layers)  # a depth in use never waits for another's export
+        key = (num_layers, hidden_states)
+        session = self.sessions.get(key)  # a graph in use never waits for another's export
         if session is not None:
             return session
         with self.lock:
-            if num_layers not in self.sessions:
+            if key not in self.sessions:
                 options = self.session_options()  # its errors are the caller's, not the graph's
-                path = self.graph_path(num_layers)
+                path = self.graph_path(*key)
                 self.reference.release()  # before the session loads its own copy: a lower peak
                 try:
                     session = ort.InferenceSession(path, options, providers=self.providers)
                 except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
-                    path = self.graph_path(num_layers, rebuild_reason=f"onnxruntime could not load it: {exc}")
+                    path = self.graph_path(*key, rebuild_reason=f"onnxruntime could not load it: {exc}")
                     self.reference.release()
                     session = ort.InferenceSession(path, options, providers=self.providers)
                 return_freed_memory()  # the graph's file image, read to build the session
-                self.sessions[num_layers] = session
-            return self.sessions[num_layers]
+                self.sessions[key] = session
+            return self.sessions[key]
 
     def fused_op_counts(self, num_layers: int | None = None) -> dict[str, int]:
         """How many of FUSED_OPS the optimised graph holds (saved once by ORT and counted)."""
@@ -113,7 +117,7 @@ class OnnxBackend:
             options = self.session_options()
             options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
             with self.lock:
-                path = self.graph_path(num_layers)
+                path = self.graph_path(num_layers, hidden_states=False)
             ort.InferenceSession(path, options, providers=self.providers)
             graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
         counts = {op: 0 for op in FUSED_OPS}
@@ -147,7 +151,7 @@ class OnnxBackend:
     def run_batch(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
                   output_hidden_states: bool = True):
         """One session run over the whole batch (the graph masks each item's padding)."""
-        session = self.session(num_layers)
+        session = self.session(num_layers, output_hidden_states)
         device = self.device
         binding = session.io_binding()
         batch = inputs.shape[0]
