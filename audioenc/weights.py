@@ -199,16 +199,51 @@ def canonical_hf_state_dict(family: str, state_dict: dict[str, torch.Tensor]) ->
     return _float32(out)
 
 
-def read_tensors(path: str) -> dict[str, torch.Tensor]:
-    """One weights file: safetensors, or a pickle loaded with weights_only=True."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def may_be_encoder(family: str, name: str) -> bool:
+    """Whether a HF checkpoint's tensor can be part of the encoder (or an adapter, which is refused):
+    a cheap first cut, before canonical_hf_state_dict picks the task prefix."""
+    for prefix in ("", *_BASE_PREFIXES[family]):
+        if name.startswith(prefix) and name[len(prefix):].startswith((*_ENCODER_ROOTS[family], "adapter.")):
+            return True
+    return False
 
-        try:
-            return load_file(path)
-        except Exception as e:  # SafetensorError on a truncated or corrupt header
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    return _torch_load(path)
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str, keep=None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file that ``keep(name)`` accepts (all when None), floating ones as
+    float32. Read one at a time into memory of their own, not mapped: a mapped file's pages count
+    against the process until its last tensor is gone, and a float16 file would sit in memory beside
+    its float32 copy."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 0 < header_size <= size - 8:
+                raise ValueError(f"its header size {header_size} does not fit a file of {size} bytes")
+            header = json.loads(f.read(header_size))
+            out = {}
+            for name, info in header.items():
+                if name == "__metadata__" or (keep is not None and not keep(name)):
+                    continue
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name} has dtype {info['dtype']}, which audioenc does not read")
+                begin, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"], dtype=dtype)
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                if end - begin != raw.size or 8 + header_size + end > size:
+                    raise ValueError(f"tensor {name}'s data does not fit its shape or the file")
+                f.seek(8 + header_size + begin)
+                if f.readinto(raw) != raw.size:
+                    raise ValueError(f"tensor {name} is cut short")
+                out[name] = tensor.float() if tensor.is_floating_point() else tensor
+            return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # truncated, corrupt
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
 def load_hf_dir(path: str, source: str = "") -> Checkpoint:
@@ -217,7 +252,11 @@ def load_hf_dir(path: str, source: str = "") -> Checkpoint:
     family = family_of(config, source or path)
     tensors: dict[str, torch.Tensor] = {}
     for name in weight_files(path):
-        tensors.update(read_tensors(os.path.join(path, name)))
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):  # a decoder or task head is never read
+            tensors.update(read_safetensors(file, keep=lambda n: may_be_encoder(family, n)))
+        else:
+            tensors.update(_torch_load(file))
     pre_path = os.path.join(path, "preprocessor_config.json")
     preprocessor = _read_json(pre_path) if os.path.exists(pre_path) else {}
     return Checkpoint(family, config, canonical_hf_state_dict(family, tensors), preprocessor, source or path, "hf")

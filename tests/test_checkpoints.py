@@ -301,6 +301,59 @@ def test_damaged_weights_are_refused(w2v, tmp_path):
             audioenc.load(str(damaged(name, edit)), backend="torch")
 
 
+def test_safetensors_reader_matches_the_library_and_refuses_damage(tmp_path):
+    """audioenc reads safetensors itself (no memory map, only the tensors it keeps, float32 as it
+    reads): the same tensors as the safetensors library, and a clear error for a damaged file."""
+    from safetensors.torch import load_file, save_file
+
+    from audioenc.weights import read_safetensors
+
+    tensors = {"half": torch.randn(3, 5).half(), "bf16": torch.randn(7).bfloat16(), "f32": torch.randn(2, 2, 3),
+               "f64": torch.randn(4).double(), "steps": torch.arange(6), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4), "skipped": torch.randn(9)}
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    got = read_safetensors(path, keep=lambda name: name != "skipped")
+    want = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items() if k != "skipped"}
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
+    data = open(path, "rb").read()
+    header_size = int.from_bytes(data[:8], "little")
+    damaged = {"header-size": (10**6).to_bytes(8, "little") + data[8:], "cut": data[:-40], "json": data[:20] + data[21:],
+               "dtype": data.replace(b'"F32"', b'"U32"', 1), "offsets": data[:8] + data[8:8 + header_size].replace(
+                   b'"data_offsets":[0,', b'"data_offsets":[1,', 1) + data[8 + header_size:]}
+    for name, content in damaged.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match="not a readable safetensors file") as error:
+            read_safetensors(str(bad))
+        assert name != "dtype" or "dtype U32, which audioenc does not read" in str(error.value)
+
+
+def test_only_encoder_tensors_are_read_and_the_model_owns_them(whisper, tmp_path):
+    """A Whisper task checkpoint's decoder is never read; the model's weights are the checkpoint's
+    tensors, each in memory of its own (no second copy while loading)."""
+    from audioenc.weights import may_be_encoder
+
+    assert may_be_encoder("whisper", "model.encoder.layers.0.fc1.weight")
+    assert not may_be_encoder("whisper", "model.decoder.layers.0.fc1.weight")
+    assert not may_be_encoder("whisper", "proj_out.weight")
+    assert may_be_encoder("wav2vec2", "wav2vec2.adapter.layers.0.conv.weight")  # read, so that it is refused
+    assert not may_be_encoder("wav2vec2", "lm_head.weight")
+    model = audioenc.load(whisper[80][1], backend="torch").backend.model
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous() and not tensor.is_meta, name
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * 4, name
+    # The model is built on the meta device first; ops without a C++ meta kernel there (nn.Embedding's
+    # normal_) would import torch._dynamo and sympy: 900 modules, 150 MB (checked in a fresh interpreter).
+    code = ("import sys, audioenc\n"
+            f"audioenc.load({whisper[80][1]!r}, backend='torch')\n"
+            "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False False", result.stderr
+
+
 def _edited_copy(path, target, name, edit):
     """A copy of the checkpoint dir ``path`` whose JSON file ``name`` is ``edit(its contents)``."""
     shutil.copytree(path, target)

@@ -7,12 +7,8 @@ from torch import nn
 from audioenc.config import Wav2Vec2Dims, WhisperDims
 from audioenc.models.wav2vec2 import Wav2Vec2Model
 from audioenc.models.wavlm import WavLMModel
-from audioenc.models.whisper import WhisperEncoder
+from audioenc.models.whisper import WhisperEncoder, sinusoids
 from audioenc.weights import Checkpoint
-
-# Tensors a checkpoint may leave out because the model can rebuild them exactly.
-OPTIONAL_TENSORS = {"embed_positions.weight"}  # Whisper's sinusoids
-
 
 def dims_of(checkpoint: Checkpoint) -> Wav2Vec2Dims | WhisperDims:
     if checkpoint.family == "whisper":
@@ -22,22 +18,28 @@ def dims_of(checkpoint: Checkpoint) -> Wav2Vec2Dims | WhisperDims:
 
 def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Module:
     """The reference model of ``checkpoint``'s family, in float32 on the CPU, in eval mode, its
-    weights frozen: no forward pass records an autograd graph, whoever calls it."""
+    weights frozen: no forward pass records an autograd graph, whoever calls it. A checkpoint's
+    tensors become the weights themselves (the model is built without memory first): loading never
+    holds two copies of a model."""
     dims = dims_of(checkpoint)
-    if checkpoint.family == "whisper":
-        model = WhisperEncoder(dims)
-    elif checkpoint.family == "wavlm":
-        model = WavLMModel(dims)
+    family = {"whisper": WhisperEncoder, "wavlm": WavLMModel}.get(checkpoint.family, Wav2Vec2Model)
+    if random_weights:
+        model = family(dims)
     else:
-        model = Wav2Vec2Model(dims)
-    if not random_weights:
-        load_weights(model, checkpoint.state_dict, checkpoint.source)
+        with torch.device("meta"):
+            model = family(dims)
+        state_dict = checkpoint.state_dict
+        if checkpoint.family == "whisper" and "embed_positions.weight" not in state_dict:
+            state_dict = {**state_dict, "embed_positions.weight": sinusoids(dims.n_ctx, dims.n_state)}
+        load_weights(model, state_dict, checkpoint.source)
     return model.eval().requires_grad_(False)
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Checks ``state_dict`` against the model and makes its tensors the model's weights (float32,
+    contiguous, each in memory of its own)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict) - OPTIONAL_TENSORS)
+    missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         parts = []
@@ -57,4 +59,11 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         # max and min carry any NaN or Inf, 9x faster than isfinite().all() (a second on whisper-large)
         if tensor.numel() and not (bool(tensor.amax().isfinite()) and bool(tensor.amin().isfinite())):
             raise ValueError(f"{source}: tensor {name} holds NaN or Inf (a damaged checkpoint)")
-    model.load_state_dict(state_dict, strict=False)
+    model.load_state_dict({name: owned_float32(tensor) for name, tensor in state_dict.items()}, assign=True)
+
+
+def owned_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a contiguous float32 tensor in memory of its own: a view would keep a larger
+    buffer alive (a whole file's)."""
+    tensor = tensor.detach().float().contiguous()
+    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() else tensor

@@ -6,6 +6,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised as nn.Embedding does except on the meta device (a model built there
+    for a checkpoint to fill), where normal_ would import torch's Python meta kernels: 150 MB."""
+    weight = torch.empty(num_embeddings, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, dim, _weight=weight)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the activation dtype (as openai-whisper does)."""
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from audioenc.config import Wav2Vec2Dims
-from audioenc.models.layers import Attention
+from audioenc.models.layers import Attention, embedding
 from audioenc.models.wav2vec2 import Encoder, Wav2Vec2Model
 
 
@@ -48,7 +48,7 @@ class WavLMAttention(Attention):
         self.gru_rel_pos_const = nn.Parameter(torch.ones(1, dims.num_heads, 1, 1))
         self.gru_rel_pos_linear = nn.Linear(head_dim, 8)
         if has_relative_embedding:
-            self.rel_attn_embed = nn.Embedding(dims.num_buckets, dims.num_heads)
+            self.rel_attn_embed = embedding(dims.num_buckets, dims.num_heads)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, position_bias: torch.Tensor) -> torch.Tensor:
         """position_bias (H, T, T) is gated per (item, head, query frame) by this layer's input."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from audioenc.config import WhisperDims
-from audioenc.models.layers import Attention, LayerNorm
+from audioenc.models.layers import Attention, LayerNorm, embedding
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torch.Tensor:
@@ -41,9 +41,10 @@ class WhisperEncoder(nn.Module):
         self.dims = dims
         self.conv1 = nn.Conv1d(dims.n_mels, dims.n_state, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dims.n_state, dims.n_state, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(dims.n_ctx, dims.n_state)
-        with torch.no_grad():
-            self.embed_positions.weight.copy_(sinusoids(dims.n_ctx, dims.n_state))
+        self.embed_positions = embedding(dims.n_ctx, dims.n_state)
+        if not self.embed_positions.weight.is_meta:  # built without memory, for a checkpoint to fill
+            with torch.no_grad():
+                self.embed_positions.weight.copy_(sinusoids(dims.n_ctx, dims.n_state))
         self.layers = nn.ModuleList(ResidualAttentionBlock(dims) for _ in range(dims.n_layer))
         self.layer_norm = LayerNorm(dims.n_state, eps=dims.layer_norm_eps)
 
