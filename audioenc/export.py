@@ -90,13 +90,14 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
     check_graph(path)
 
 
-def save_onnx(proto, path: str) -> None:
-    """Saves a graph, with its weights in ``path + '.data'`` when protobuf could not hold them."""
+def save_onnx(proto, path: str, external: bool = False) -> None:
+    """Saves a graph, with its weights in ``path + '.data'`` when ``external`` or when protobuf could
+    not hold them."""
     import onnx
     from onnx.external_data_helper import set_external_data
 
     # Summed per weight: protobuf cannot even measure a message past 2 GB (whisper-large's encoder).
-    if sum(weight.ByteSize() for weight in proto.graph.initializer) > PROTOBUF_LIMIT:
+    if external or sum(weight.ByteSize() for weight in proto.graph.initializer) > PROTOBUF_LIMIT:
         # Written here rather than by onnx.save_model, which refuses when a file of the data file's
         # name exists in the current directory (it checks the name relative to the cwd) and
         # appends to an existing data file instead of replacing it.
@@ -307,6 +308,8 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     place, with a meta.json of file checksums checked before every use. ``rebuild_reason`` forces a
     rebuild (the caller found the entry unusable, e.g. onnxruntime refused it).
     """
+    import onnx
+
     if rebuild_reason is None:
         path = cached_graph(model, spec, weights)
         if path is not None:
@@ -329,6 +332,11 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         log.info("audioenc: first use of this model at %d layers in %s: its ONNX graph is exported once and cached "
                  "in %s", spec.num_layers, spec.dtype, entry)
         build_graph(model, spec, tmp)
+        graph = os.path.join(tmp, MODEL_FILE)
+        if not os.path.exists(graph + ".data"):
+            # onnxruntime maps a page-aligned weights file where it copies a graph's inline weights:
+            # 0.2 GB less resident for wav2vec2-base, and processes share the pages.
+            save_onnx(onnx.load(graph), graph, external=True)
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"key": key, "spec": repr(spec), "family": model.dims.family,

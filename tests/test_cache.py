@@ -113,6 +113,7 @@ def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeyp
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     path = cached_export(model, spec)
     assert "exporting wav2vec2 (1 layer, float32) to ONNX: 1/1 steps" in capsys.readouterr().err  # on a terminal
+    assert os.path.getsize(path + ".data") > os.path.getsize(path)  # weights beside the graph, for onnxruntime to map
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "elsewhere"))
     cached_export(model, spec)
