@@ -48,5 +48,5 @@ def return_freed_memory() -> None:
     freed blocks below its top for reuse); a no-op where the C library has no malloc_trim."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         pass

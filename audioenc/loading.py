@@ -75,5 +75,7 @@ def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
         if random_weights:
             torch.manual_seed(0)  # random architectures are the same every run (a checkpoint's are overwritten)
         model = build_model(checkpoint, random_weights=random_weights)
-    model.checkpoint_source = name  # recorded with the graphs and engines exported from it (audioenc cache)
+    # Recorded with the graphs and engines exported from it (audioenc cache), and read again to rebuild
+    # released weights: a local path absolute, so that a later change of directory finds it.
+    model.checkpoint_source = os.path.abspath(name) if os.path.exists(name) else name
     return model

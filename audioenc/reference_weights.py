@@ -36,11 +36,11 @@ class ReferenceWeights:
             return self.model
         from audioenc.loading import read_checkpoint, reference_model
 
-        why = (f"a graph of another depth must be exported, from the reference weights that audioenc released "
-               f"to save memory once the first graph ran; rebuilding them from {self.source} failed:")
+        why = (f"a graph that is not in the cache must be exported from the reference weights, which audioenc "
+               f"released to save memory; building them again from {self.source} failed:")
         try:
             model = reference_model(read_checkpoint(self.source, self.model.dims.family), self.source)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             raise RuntimeError(f"{why} it cannot be read now ({exc}); load the encoder again") from exc
         if weights_digest(model) != self.digest:
             raise RuntimeError(f"{why} its weights changed since the encoder was loaded; load the encoder again")

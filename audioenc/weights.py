@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import pickle
 import re
@@ -233,10 +234,11 @@ def read_safetensors(path: str, keep=None) -> dict[str, torch.Tensor]:
                 if dtype is None:
                     raise ValueError(f"tensor {name} has dtype {info['dtype']}, which audioenc does not read")
                 begin, end = info["data_offsets"]
-                tensor = torch.empty(info["shape"], dtype=dtype)
-                raw = tensor.reshape(-1).view(torch.uint8).numpy()
-                if end - begin != raw.size or 8 + header_size + end > size:
+                shape = [int(n) for n in info["shape"]]
+                if min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize or 8 + header_size + end > size:
                     raise ValueError(f"tensor {name}'s data does not fit its shape or the file")
+                tensor = torch.empty(shape, dtype=dtype)
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
                 f.seek(8 + header_size + begin)
                 if f.readinto(raw) != raw.size:
                     raise ValueError(f"tensor {name} is cut short")

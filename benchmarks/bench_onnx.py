@@ -238,8 +238,8 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
                "audioenc torch fp32 (the reference)": ref}
     for dtype in ("float32", "int8"):
         backend = audioenc.load(tmp, backend="onnx", dtype=dtype).backend
-        outputs[f"audioenc onnx {dtype}"] = backend.run(mel, None, layers)[0][0]
-        contenders[f"audioenc onnx {dtype}"] = lambda backend=backend: backend.run(mel, None, layers)
+        outputs[f"audioenc onnx {dtype}"] = backend.run(mel, None, layers, False)[0][0]  # encode()'s graph
+        contenders[f"audioenc onnx {dtype}"] = lambda backend=backend: backend.run(mel, None, layers, False)
     times = interleaved_medians(contenders, repeats)
     t_hf, t_ct2 = times["transformers eager fp32"], times["CTranslate2 int8"]
     note = (f"whisper-{size}: CTranslate2 float32 is what faster-whisper computes in on a CPU with its default "
@@ -266,7 +266,7 @@ def conv_form_rows(tmp: str, repeats: int) -> list[str]:
         sessions, outputs = {}, {}
         for form, as_matmul in (("MatMul", True), ("Conv", False)):
             path = f"{tmp}/{name}-{form}.onnx"
-            export_onnx(enc.backend.model, path, fused_attention=True, convs_as_matmul=as_matmul)
+            export_onnx(enc.backend.reference.loaded(), path, fused_attention=True, convs_as_matmul=as_matmul)
             sessions[form] = ort.InferenceSession(path, enc.backend.session_options(), providers=["CPUExecutionProvider"])
             outputs[form] = torch.from_numpy(sessions[form].run(["last_hidden_state"], feeds)[0])
         times = interleaved_medians({form: lambda s=s: s.run(None, feeds) for form, s in sessions.items()}, repeats)

@@ -331,11 +331,16 @@ def test_safetensors_reader_matches_the_library_and_refuses_damage(tmp_path):
         assert name != "dtype" or "dtype U32, which audioenc does not read" in str(error.value)
 
 
-def test_only_encoder_tensors_are_read_and_the_model_owns_them(whisper, tmp_path):
+def test_only_encoder_tensors_are_read_and_the_model_owns_them(whisper, monkeypatch):
     """A Whisper task checkpoint's decoder is never read; the model's weights are the checkpoint's
     tensors, each in memory of its own (no second copy while loading)."""
+    from audioenc import weights
     from audioenc.weights import may_be_encoder
 
+    read = []
+    real_read = weights.read_safetensors
+    monkeypatch.setattr(weights, "read_safetensors", lambda *a, **k: read.extend(t := real_read(*a, **k)) or t)
+    assert len(load_hf_dir(whisper[80][1]).state_dict) == len(read) and all(n.startswith("model.encoder.") for n in read)
     assert may_be_encoder("whisper", "model.encoder.layers.0.fc1.weight")
     assert not may_be_encoder("whisper", "model.decoder.layers.0.fc1.weight")
     assert not may_be_encoder("whisper", "proj_out.weight")

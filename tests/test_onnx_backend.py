@@ -101,19 +101,28 @@ def test_middle_layer_runs_a_shallower_graph(w2v_checkpoints):
     assert len(enc.backend.sessions[1, True].get_outputs()) == 2 + 2
 
 
-def test_reference_weights_are_released_and_built_again_for_another_depth(w2v_checkpoints, tmp_path):
-    """Once a session holds the weights, the reference's copy is freed; a new depth's export builds
-    it again from the checkpoint, and refuses a checkpoint changed since the load."""
+def test_reference_weights_are_released_and_built_again_for_another_depth(w2v_checkpoints, tmp_path, monkeypatch):
+    """Once a session holds the weights, the reference's copy is freed; a graph not in the cache is
+    exported from weights built again from the checkpoint, which is refused once it has changed."""
+    from audioenc.reference_weights import ReferenceWeights
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "cache"))  # no graph of another test's
+    rebuilds = []
+    loaded = ReferenceWeights.loaded
+    monkeypatch.setattr(ReferenceWeights, "loaded", lambda self: rebuilds.append(self.released) or loaded(self))
     path = str(tmp_path / "ckpt")
     shutil.copytree(w2v_checkpoints["wav2vec2-group"][0], path)
-    enc, ref = audioenc.load(path, backend="onnx"), audioenc.load(path, backend="torch")
+    monkeypatch.chdir(tmp_path)
+    enc, ref = audioenc.load("ckpt", backend="onnx"), audioenc.load(path, backend="torch")
     wave = speech_like(9000, 5)
     full = enc.encode(wave)
     assert all(p.is_meta for p in enc.backend.reference.model.parameters())
+    monkeypatch.chdir(tmp_path / "cache")  # a relative path is rebuilt from where it was at load
     expected = ref.encode(wave, output_hidden_states=True)
     assert rel_err(full.last_hidden_state, expected.last_hidden_state) <= TOL
     assert rel_err(enc.encode(wave, output_layer=1).last_hidden_state, expected.hidden_states[1]) <= TOL
     assert all(p.is_meta for p in enc.backend.reference.model.parameters())
+    assert rebuilds == [False, True]  # the first export, then the rebuild for depth 1
 
     import transformers
 

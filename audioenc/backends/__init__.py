@@ -3,7 +3,8 @@
 Each backend is a class in its own module here, found through BACKENDS, with
 
     available() -> str | None            classmethod: None when usable here, else the reason
-    __init__(model, device, dtype)       model: the float32 reference nn.Module on the CPU;
+    __init__(model, device, dtype)       model: the float32 reference nn.Module on the CPU, which the
+                                         backend owns from then on (onnx and tensorrt free its weights);
                                          device: torch.device; dtype: the user's string ("auto" resolved
                                          by the backend, which also rejects dtypes it cannot run)
     run(inputs, lengths, num_layers, output_hidden_states=True) -> (output, hidden_states, frame_lengths)

@@ -118,6 +118,7 @@ class OnnxBackend:
             options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
             with self.lock:
                 path = self.graph_path(num_layers, hidden_states=False)
+                self.reference.release()
             ort.InferenceSession(path, options, providers=self.providers)
             graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
         counts = {op: 0 for op in FUSED_OPS}
