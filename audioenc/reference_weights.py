@@ -1,10 +1,10 @@
 """The float32 reference model that the onnx and tensorrt backends export their graphs from.
 
 An onnxruntime session or a TensorRT engine holds its own copy of the weights, so once one exists
-the reference's copy is released, and the heap it leaves is handed back to the OS (with the other
-memory changes of stop 22, wav2vec2-base on the CPU went from 1.41 to 0.95 GB resident). When another graph must be exported later, the weights
-are built again from the checkpoint and must hash to the same digest. A model that names no
-checkpoint is kept.
+the reference's copy is released and the heap it leaves is handed back to the OS (with stop 22's
+other memory changes, wav2vec2-base on the CPU went from 1.41 to 0.95 GB resident). When a graph
+not in the cache must be exported later, the weights are built again from the checkpoint and must
+hash to the same digest. A model that names no checkpoint is kept.
 """
 from __future__ import annotations
 
