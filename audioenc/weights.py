@@ -34,6 +34,7 @@ import os
 import pickle
 import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -88,23 +89,30 @@ def _load_file(path: str) -> Checkpoint:
                          f"it and its config.json")
     if os.path.basename(path) in ("config.json", "preprocessor_config.json", "model.bin", "pytorch_model.bin"):
         raise ValueError(f"{path}: one file of a checkpoint directory; pass the directory that holds it")
-    obj = _torch_load(path)
+    obj, mapped = _torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint audioenc can read (holds a {type(obj).__name__}, not a dict)")
-    if "model_state_dict" in obj or "dims" in obj:
-        return load_openai_whisper(obj, path)
-    if "model" in obj and ("cfg" in obj or "args" in obj):
-        return load_fairseq(obj, path)
+    loader = (load_openai_whisper if "model_state_dict" in obj or "dims" in obj else
+              load_fairseq if "model" in obj and ("cfg" in obj or "args" in obj) else None)
+    if loader is not None:
+        checkpoint = loader(obj, path)
+        if mapped:
+            checkpoint.state_dict = private_copies(checkpoint.state_dict, obj)
+        return checkpoint
     raise ValueError(f"{path}: neither an openai-whisper checkpoint (dims, model_state_dict) nor a fairseq or "
                      f"unilm one (model, cfg or args); top-level keys: {', '.join(map(str, list(obj)[:10]))}")
 
 
-def _torch_load(path: str):
-    """torch.load with weights_only=True; legacy fairseq ``args`` need argparse.Namespace, nothing else
-    is unpickled, so a file with arbitrary Python objects is an error rather than a code execution risk."""
+def _torch_load(path: str) -> tuple[object, bool]:
+    """(torch.load with weights_only=True, whether it is mapped). Legacy fairseq ``args`` need
+    argparse.Namespace, nothing else is unpickled, so a file with arbitrary Python objects is an error
+    rather than a code execution risk. A zip-format file (torch.save's since torch 1.6) is mapped, so
+    tensors that no loader keeps (a decoder, fairseq's optimizer state) are never read; the loaders
+    keep private copies of the rest."""
+    mapped = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped), mapped
     except pickle.UnpicklingError as e:
         lines = str(e).splitlines()
         reason = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
@@ -115,6 +123,25 @@ def _torch_load(path: str):
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from e
     except Exception as e:  # zip/pickle/EOF errors from a file that is not a PyTorch checkpoint
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def private_copies(state_dict: dict[str, torch.Tensor], loaded) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each tensor that shares memory with ``loaded`` (a mapped torch.load result)
+    copied out of it: the file could change, or be cut short, under the model."""
+    shared = set()
+
+    def collect(x):
+        if isinstance(x, torch.Tensor):
+            shared.add(x.untyped_storage().data_ptr())
+        elif isinstance(x, dict):
+            for value in x.values():
+                collect(value)
+        elif isinstance(x, (list, tuple)):
+            for value in x:
+                collect(value)
+
+    collect(loaded)
+    return {name: t.clone() if t.untyped_storage().data_ptr() in shared else t for name, t in state_dict.items()}
 
 
 def family_of(config: dict, source: str = "") -> str:
@@ -257,8 +284,12 @@ def load_hf_dir(path: str, source: str = "") -> Checkpoint:
         file = os.path.join(path, name)
         if name.endswith(".safetensors"):  # a decoder or task head is never read
             tensors.update(read_safetensors(file, keep=lambda n: may_be_encoder(family, n)))
-        else:
-            tensors.update(_torch_load(file))
+        else:  # nor is it when the pickle is mapped
+            loaded, mapped = _torch_load(file)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{file}: not a state dict (holds a {type(loaded).__name__})")
+            kept = {n: t for n, t in loaded.items() if may_be_encoder(family, n)}
+            tensors.update(private_copies(kept, loaded) if mapped else kept)
     pre_path = os.path.join(path, "preprocessor_config.json")
     preprocessor = _read_json(pre_path) if os.path.exists(pre_path) else {}
     return Checkpoint(family, config, canonical_hf_state_dict(family, tensors), preprocessor, source or path, "hf")

@@ -141,6 +141,13 @@ def test_openai_whisper(whisper, n_mels, tmp_path):
     torch.save(openai_checkpoint(model, torch.float16), tmp_path / "half.pt")
     assert_same(load_checkpoint(tmp_path / "half.pt").state_dict,
                 {k: v.half().float() for k, v in want.state_dict.items()})
+    # .pt files are mapped while they load: the model keeps copies, so overwriting the file (which
+    # truncates it first) changes nothing and cannot crash the process
+    enc = audioenc.load(str(tmp_path / "small.pt"), backend="torch")
+    before = {k: v.clone() for k, v in enc.backend.model.state_dict().items()}
+    torch.save({"dims": {}, "model_state_dict": {k: v + 1 for k, v in openai_checkpoint(model)["model_state_dict"].items()}},
+               tmp_path / "small.pt")
+    assert_same(enc.backend.model.state_dict(), before)
 
 
 # ---- CTranslate2 ----------------------------------------------------------------------------------
