@@ -150,6 +150,23 @@ def test_openai_whisper(whisper, n_mels, tmp_path):
     assert_same(enc.backend.model.state_dict(), before)
 
 
+def test_half_precision_hf_checkpoints(whisper, w2v, tmp_path):
+    """Hub checkpoints are often float16 (openai/whisper-large-v3) or bfloat16, as safetensors or as a
+    (mapped) pytorch_model.bin: all load as the float32 of the same values."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for name, (model, path) in (("whisper", whisper[80]), ("wav2vec2", w2v["wav2vec2_group"])):
+            want = {k: v.to(dtype).float() for k, v in load_hf_dir(path).state_dict.items()}
+            for safe in (True, False):
+                out = tmp_path / f"{name}-{dtype}-{safe}"
+                type(model).from_pretrained(path).to(dtype).save_pretrained(out, safe_serialization=safe)
+                got, expected = load_hf_dir(str(out)).state_dict, dict(want)
+                if name == "wav2vec2":  # weight norm is folded from the half-precision g and v
+                    key = "encoder.pos_conv_embed.conv.weight"
+                    assert torch.allclose(got.pop(key), expected.pop(key), rtol=1e-2, atol=1e-3)
+                assert_same(got, expected)
+                assert all(t.dtype == torch.float32 for t in got.values())
+
+
 # ---- CTranslate2 ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
