@@ -10,6 +10,7 @@ from audioenc.models.wavlm import WavLMModel
 from audioenc.models.whisper import WhisperEncoder, sinusoids
 from audioenc.weights import Checkpoint
 
+
 def dims_of(checkpoint: Checkpoint) -> Wav2Vec2Dims | WhisperDims:
     if checkpoint.family == "whisper":
         return WhisperDims.from_config(checkpoint.config, checkpoint.source)
@@ -22,12 +23,12 @@ def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Modu
     tensors become the weights themselves (the model is built without memory first): loading never
     holds two copies of a model."""
     dims = dims_of(checkpoint)
-    family = {"whisper": WhisperEncoder, "wavlm": WavLMModel}.get(checkpoint.family, Wav2Vec2Model)
+    model_class = {"whisper": WhisperEncoder, "wavlm": WavLMModel}.get(checkpoint.family, Wav2Vec2Model)
     if random_weights:
-        model = family(dims)
+        model = model_class(dims)
     else:
         with torch.device("meta"):
-            model = family(dims)
+            model = model_class(dims)
         state_dict = checkpoint.state_dict
         if checkpoint.family == "whisper" and "embed_positions.weight" not in state_dict:
             state_dict = {**state_dict, "embed_positions.weight": sinusoids(dims.n_ctx, dims.n_state)}
