@@ -109,6 +109,15 @@ class AudioEncoder:
         Items longer than ``long_audio_threshold_s`` are encoded in windows with context
         (audioenc.streaming.encode_long); ``progress`` shows a bar for them.
         """
+        try:
+            return self._encode(audio, sample_rate, output_hidden_states, output_layer, progress)
+        finally:
+            trim = getattr(self.backend, "trim", None)  # memory that big runs left in the backend's allocator
+            if trim is not None:
+                trim()
+
+    def _encode(self, audio, sample_rate: int, output_hidden_states: bool, output_layer: int | None,
+                progress: bool) -> EncoderOutput:
         num_layers = self._layers_to_run(output_layer)
         waves = to_waveforms(audio, sample_rate, self.min_samples)
         limit = self.long_audio_threshold_s * SAMPLE_RATE

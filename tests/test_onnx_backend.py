@@ -138,6 +138,32 @@ def test_reference_weights_are_released_and_built_again_for_another_depth(w2v_ch
         enc.encode(wave, output_layer=0)
 
 
+def test_arena_is_trimmed_after_calls_over_30_s(w2v_checkpoints):
+    """onnxruntime's arena keeps its peak: after a call with a run over 30 s of audio, one shortest
+    run with arena shrinkage on hands it back; shorter calls pay nothing."""
+
+    class Recording:  # the session, recording its plain runs (encode itself runs through io bindings)
+        def __init__(self, session):
+            self.session, self.shrinks = session, []
+
+        def run(self, names, feeds, options=None):
+            self.shrinks.append(options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
+            return self.session.run(names, feeds, options)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    enc.encode(speech_like(16000, 1))
+    session = enc.backend.sessions[enc.num_layers, False] = Recording(enc.backend.sessions[enc.num_layers, False])
+    enc.encode(speech_like(16000 * 20, 2))
+    assert session.shrinks == []
+    long = speech_like(16000 * 31, 3)
+    out = enc.encode(long)
+    assert session.shrinks == ["cpu:0"] and not enc.backend.untrimmed
+    assert torch.equal(enc.encode(long).last_hidden_state, out.last_hidden_state)
+
+
 def test_dtypes(whisper_checkpoints, w2v_checkpoints):
     path, _ = w2v_checkpoints["wav2vec2-group"]
     with pytest.raises(ValueError, match="auto, float32, float16, bfloat16, int8"):
