@@ -14,6 +14,8 @@ Each backend is a class in its own module here, found through BACKENDS, with
         layer's output (after the final LayerNorm when every layer ran and the model has one);
         an empty list when output_hidden_states is False (spares the triton backend their copies).
     name, device, dtype                  attributes, for repr and info
+    trim()                               optional: called at the end of every encode, to hand back
+                                         memory that big runs left in the backend's allocator (onnx)
 
 Modules are imported only when their backend is asked for.
 """
