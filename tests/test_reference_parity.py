@@ -147,7 +147,7 @@ def test_cpu_lists_run_in_groups_of_similar_length(w2v_checkpoints, monkeypatch)
     run = enc.backend.run
     monkeypatch.setattr(enc.backend, "run", lambda inputs, *args: calls.append(inputs.shape) or run(inputs, *args))
     grouped = enc.encode(waves, output_hidden_states=True)
-    assert [tuple(c) for c in calls] == [(2, 16000), (2, 3000), (1, 400)]
+    assert [tuple(c) for c in calls] == [(2, 16000), (1, 3000), (1, 2600), (1, 400)]  # within 5% padding
     enc.cpu_max_padding = float("inf")
     batch = enc.encode(waves, output_hidden_states=True)
     assert torch.equal(grouped.lengths, batch.lengths)
