@@ -310,16 +310,13 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     """
     import onnx
 
-    if rebuild_reason is None:
-        path = cached_graph(model, spec, weights)
-        if path is not None:
-            return path
     key = cache_key(model, spec, weights)
     root = os.path.join(cache_root(), "onnx")
     entry = os.path.join(root, key)
     if os.path.lexists(entry):
         problem = rebuild_reason or entry_problem(entry, key)
-        if problem is None:  # another process completed it just now
+        if problem is None:
+            mark_used(entry)
             return os.path.join(entry, MODEL_FILE)
         warnings.warn(f"audioenc: cached ONNX graph {entry} is unusable ({problem}); rebuilding it", stacklevel=2)
     try:
