@@ -45,9 +45,13 @@ def test_engine_matches_reference(w2v_checkpoints, dtype, tol, tmp_path, monkeyp
     path, _ = w2v_checkpoints["wavlm-stable"]
     waves = [speech_like(n, i) for i, n in enumerate((16000, 5000))]
     ref = audioenc.load(path, backend="torch", device="cpu").encode(waves, output_hidden_states=True)
-    out = audioenc.load(path, backend="tensorrt", device="cuda", dtype=dtype).encode(waves, output_hidden_states=True)
+    enc = audioenc.load(path, backend="tensorrt", device="cuda", dtype=dtype)
+    plain, out = enc.encode(waves), enc.encode(waves, output_hidden_states=True)  # two engines
+    assert plain.hidden_states is None and len(out.hidden_states) == len(ref.hidden_states)
     for i, n in enumerate(ref.lengths.tolist()):
-        assert rel_err(out.last_hidden_state[i, :n].cpu(), ref.last_hidden_state[i, :n]) <= tol
+        for got, want in [(plain.last_hidden_state, ref.last_hidden_state), (out.last_hidden_state, ref.last_hidden_state),
+                          *zip(out.hidden_states, ref.hidden_states)]:
+            assert rel_err(got[i, :n].cpu(), want[i, :n]) <= tol
 
 
 @pytest.mark.tensorrt

@@ -11,7 +11,9 @@ and the residual stream in fp32), since TensorRT 11 removed the fp16 builder fla
 The optimisation profile comes from the expected batch and audio-length ranges: the defaults below,
 or AUDIOENC_TRT_PROFILE="batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX", or `audioenc export --format tensorrt`.
 Batches smaller or shorter than its minimum are zero-padded up to it (the lengths input keeps
-every frame exact). The encoder splits lists into batches the profile allows and encodes items longer than it
+every frame exact). As in the onnx backend, an engine returns every layer's hidden state only when
+a call asks for them: those are separate engines, since each output is allocated per call (about
+2 GB for whisper-large-v3 at batch 8) and pins a tensor TensorRT could otherwise reuse. The encoder splits lists into batches the profile allows and encodes items longer than it
 takes in long-audio windows that fit it.
 """
 from __future__ import annotations
@@ -207,18 +209,20 @@ class TensorRTBackend:
         self.max_batch = self.profile.shapes[0][3][0]  # the encoder runs longer lists in groups...
         # ...and longer items in windows (Whisper's input is always one 30 s window)
         self.max_samples = None if isinstance(self.dims, WhisperDims) else self.profile.shapes[0][3][1]
-        self.engines: dict[int, object] = {}
+        self.engines: dict[tuple[int, bool], object] = {}  # (num_layers, hidden_states) -> engine
         self.lock = threading.Lock()
-        self.local = threading.local()  # one execution context per thread and depth
+        self.local = threading.local()  # one execution context per thread and engine
 
-    def engine(self, num_layers: int):
+    def engine(self, num_layers: int, hidden_states: bool):
         import tensorrt as trt
 
         from audioenc.export import ExportSpec
 
+        key = (num_layers, hidden_states)
         with self.lock:
-            if num_layers not in self.engines:
-                onnx_path = self.reference.graph_path(ExportSpec(num_layers=num_layers, dtype=self.dtype))
+            if key not in self.engines:
+                onnx_path = self.reference.graph_path(ExportSpec(num_layers=num_layers, hidden_states=hidden_states,
+                                                                 dtype=self.dtype))
                 self.reference.release()  # before TensorRT's build, which takes gigabytes of its own
                 runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
                 with torch.cuda.device(self.device):
@@ -226,16 +230,17 @@ class TensorRTBackend:
                         onnx_path, self.profile, self.dtype, self.reference.source))
                 if engine is None:
                     raise ValueError(f"TensorRT could not deserialize the engine for {onnx_path}")
-                self.engines[num_layers] = engine
-            return self.engines[num_layers]
+                self.engines[key] = engine
+            return self.engines[key]
 
-    def context(self, num_layers: int):
+    def context(self, num_layers: int, hidden_states: bool):
         contexts = getattr(self.local, "contexts", None)
         if contexts is None:
             contexts = self.local.contexts = {}
-        if num_layers not in contexts:
-            contexts[num_layers] = self.engine(num_layers).create_execution_context()
-        return contexts[num_layers]
+        key = (num_layers, hidden_states)
+        if key not in contexts:
+            contexts[key] = self.engine(*key).create_execution_context()
+        return contexts[key]
 
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
@@ -262,7 +267,8 @@ class TensorRTBackend:
         feeds = {name: t.to(self.device, torch.int64 if name == "lengths" else torch.float32).contiguous()
                  for name, t in feeds.items()}
         self.profile.check(feeds)
-        engine, context = self.engine(num_layers), self.context(num_layers)
+        key = (num_layers, output_hidden_states)
+        engine, context = self.engine(*key), self.context(*key)
         for name, tensor in feeds.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
