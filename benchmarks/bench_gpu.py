@@ -220,14 +220,17 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     paths = ""
 
     def audioenc_backend(cls, **experiment):
-        """The backend; experiment sets attributes of its model (residual_dtype) or gelu, the cuBLAS fc1
-        path's approximation."""
+        """The backend; experiment sets attributes of its model (residual_dtype), gelu (the cuBLAS fc1
+        path's approximation) or attention (the path unmasked attention keeps)."""
         nonlocal paths
         backend = cls(copy.deepcopy(ref_model), torch.device(device), dtype_name)
         for block in backend.model.blocks if "gelu" in experiment else []:
             block.fc1_gelu.approximate = experiment["gelu"]
+        for block in backend.model.blocks if "attention" in experiment else []:
+            if block.unmasked_attention is not None:
+                block.unmasked_attention._choose = lambda probe: experiment["attention"]
         for attribute, value in experiment.items():
-            if attribute != "gelu":
+            if attribute not in ("gelu", "attention"):
                 setattr(backend.model, attribute, value)
         fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
         out = fn()[0]
@@ -255,7 +258,8 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     contender(ours_label, lambda: audioenc_backend(TritonBackend))
     # The defaults' alternatives, to see what each is worth.
     experiments = {"float16 residual stream": dict(residual_dtype=torch.float16),
-                   "exact GELU as a separate pass": dict(gelu="none")} if family == "whisper" else {}
+                   "exact GELU as a separate pass": dict(gelu="none"),
+                   "attention: audioenc's kernel only": dict(attention="triton")} if family == "whisper" else {}
     for what, experiment in experiments.items():
         contender(f"audioenc triton {short}, {what} (experiment)",
                   lambda: audioenc_backend(TritonBackend, **experiment))
@@ -292,7 +296,9 @@ def graph_timed(fn, repeats: int, calls: int = 20) -> float:
 
 def attention_vs_sdpa(repeats, device, dtype):
     """Our kernel against torch SDPA on (B, T, H, D) shapes of the cases; masked rows give SDPA a
-    boolean key mask (then no flash kernel applies) and our kernel per-item lengths."""
+    boolean key mask (then no flash kernel applies) and our kernel per-item lengths. Unmasked rows
+    also time cuDNN's attention, which the backend may run there instead of ours (the faster)."""
+    from audioenc.backends.triton import _cudnn_attention
     from audioenc.kernels.attention import attention
 
     rows = []
@@ -307,8 +313,14 @@ def attention_vs_sdpa(repeats, device, dtype):
         t_sdpa = graph_timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
                              repeats)
         t_ours = graph_timed(lambda: attention(q, k, v, lengths), repeats)
+        cudnn = "—"
+        if not masked and device == "cuda" and dtype != torch.float32:
+            try:
+                cudnn = f"{1000 * graph_timed(lambda: _cudnn_attention(qt, kt, vt, None, False)[0], repeats):.3f}"
+            except Exception as exc:  # noqa: BLE001 - not every GPU and torch has it
+                cudnn = f"failed: {str(exc).splitlines()[0][:60] if str(exc) else type(exc).__name__}"
         rows.append(f"| B={b} T={t} H={h} D={d}{', key mask' if masked else ''} | {1000 * t_sdpa:.3f} | "
-                    f"{1000 * t_ours:.3f} | {t_sdpa / t_ours:.2f}x |")
+                    f"{cudnn} | {1000 * t_ours:.3f} | {t_sdpa / t_ours:.2f}x |")
         print(rows[-1], flush=True)
     return rows
 
@@ -403,8 +415,8 @@ def micro_benchmarks(repeats, device, dtype) -> list[str]:
     return [
         "Attention alone (ms per call, 20 calls replayed from a CUDA graph):",
         "",
-        "| shape | torch SDPA | audioenc triton | speed-up |",
-        "|---|---:|---:|---:|",
+        "| shape | torch SDPA | cuDNN attention | audioenc triton | speed-up vs SDPA |",
+        "|---|---:|---:|---:|---:|",
         *att_rows,
         "",
         "Feed-forward fc1 + GELU alone (ms per call, replayed from a CUDA graph). The backend times cuBLAS "

@@ -186,6 +186,38 @@ def test_a_trusted_path_that_cannot_run_gives_way_to_the_other(monkeypatch):
         layer._choose(probe)
 
 
+def test_unmasked_attention_takes_cudnn_where_it_agrees_and_wins_and_ours_where_it_fails(monkeypatch):
+    """Whisper's half-precision attention may run cuDNN's kernel. Its op is CUDA-only, so here SDPA's
+    math kernel stands in for it, with the same (B, H, T, D) strided views in and out: the layout
+    around it must give our kernel's frames."""
+    from audioenc.backends import triton as backend_module
+
+    sdpa = lambda q, k, v, bias, lse: (torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q.float(), k.float(), v.float()).to(q.dtype),)
+    monkeypatch.setattr(backend_module, "_cudnn_attention", sdpa)
+    monkeypatch.setattr(backend_module, "_faster", lambda first, second: True)  # CUDA events: GPU only
+    attention = backend_module._UnmaskedAttention({})
+    qkv = torch.randn(2, 97, 3, 2, 64, device=DEVICE, dtype=torch.float16)  # (B, T, q/k/v, H, D)
+    assert attention(qkv).shape == (2, 97, 2, 64)  # off CUDA, before any choice: ours
+    assert attention._choose(qkv) == "cudnn"
+    ours, theirs = attention.triton(qkv), attention.cudnn(qkv)
+    assert theirs.shape == ours.shape and theirs.is_contiguous()
+    assert rel_err(theirs.float(), ours.float()) <= 2e-3
+
+    def unsupported(*args):
+        raise RuntimeError("No available kernel")
+
+    monkeypatch.setattr(backend_module, "_cudnn_attention", unsupported)
+    with pytest.warns(UserWarning, match="attention keeps its triton path here: the cudnn path failed .No available"):
+        assert attention._choose(qkv) == "triton"
+
+
+def test_only_half_precision_attention_without_mask_considers_cudnn(whisper_checkpoints):
+    path, _ = whisper_checkpoints[80]
+    assert all(block.unmasked_attention is None for block in load(path).backend.model.blocks)  # float32
+    assert all(block.unmasked_attention is not None for block in load(path, "float16").backend.model.blocks)
+
+
 def test_fc1_gelu_cublas_path_takes_the_epilogue_in_half_precision_within_5e_4_of_exact():
     """cuBLAS's epilogue computes the tanh form; torch's CPU kernel for the same op the exact one."""
     from audioenc.backends.triton import _LinearGelu
@@ -339,6 +371,21 @@ def test_real_size_half_precision_rule(name, dtype):
         ref = truth.last_hidden_state[i, :n]
         err = rel_err(ours.last_hidden_state[i, :n], ref)
         assert err <= 2 * rel_err(torch_half.last_hidden_state[i, :n], ref), (name, dtype, i, err)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cudnn_attention_agrees_with_ours_at_whisper_large_v3s_shape_and_runs_in_a_cuda_graph():
+    from audioenc.backends import triton as backend_module
+
+    attention = backend_module._UnmaskedAttention({})
+    qkv = torch.randn(2, 1500, 3, 20, 64, device="cuda", dtype=torch.float16)
+    try:
+        theirs = attention.cudnn(qkv)
+    except RuntimeError as exc:
+        pytest.skip(f"cuDNN's attention does not run here: {exc}")
+    assert rel_err(theirs.float(), attention.triton(qkv).float()) <= 2e-3
+    assert backend_module._capture_problem(lambda: attention.cudnn(qkv)) is None
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ Same math as audioenc/models (the float32 reference), re-implemented here from i
 conv feature layers fused with their norm and GELU, fused QKV projections, flash attention with the
 key-padding mask and WavLM's gated relative bias inside the kernel (its gate from one small kernel),
 residual add fused with LayerNorm, fc1 + bias + GELU in one kernel where that beats cuBLAS plus a
-GELU pass. Other matmuls and the grouped positional conv use cuBLAS/cuDNN through torch. Half precision
+GELU pass. Other matmuls and the grouped positional conv use cuBLAS/cuDNN through torch, and so may
+unmasked half-precision attention (Whisper's) where cuDNN's kernel runs faster than ours. Half precision
 with float32 LayerNorm/softmax statistics; pre-LN residual streams stay in float32 so large
 activations cannot overflow float16. On CUDA, forward passes are captured in CUDA graphs per
 (batch bucket, length bucket, layers). With TRITON_INTERPRET=1 the same code runs on CPU tensors
@@ -88,14 +89,26 @@ def _faster(first, second, repeats: int = 7) -> bool:
     return sorted(times[0])[repeats // 2] < sorted(times[1])[repeats // 2]
 
 
+def _capture_problem(fn) -> str | None:
+    """None when fn() can be captured in a CUDA graph, as the backend's forwards are, else why not."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            fn()
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the other path runs
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
 class _FasterPath:
     """Two equivalent implementations, methods named TRUSTED and CANDIDATE: per input shape the
-    candidate where it ran, agreed with the trusted one and was faster at the first call with that
-    shape (the warm-up), else the trusted one. Off CUDA (Triton's interpreter) the candidate, the
-    code under test, unless ``choices`` says otherwise. ``choices`` (shape -> method name) may be
-    shared by layers that compute the same function at the same shapes."""
+    candidate where it ran (in a CUDA graph too), agreed with the trusted one and was faster at the
+    first call with that shape (the warm-up), else the trusted one. Off CUDA (Triton's interpreter)
+    OFF_CUDA, by default the candidate, the code under test, unless ``choices`` says otherwise.
+    ``choices`` (shape -> method name) may be shared by layers that compute the same function at
+    the same shapes."""
 
-    WHAT = TRUSTED = CANDIDATE = ""
+    WHAT = TRUSTED = CANDIDATE = OFF_CUDA = ""
 
     def __init__(self, choices: dict):
         self.choices = choices
@@ -104,7 +117,7 @@ class _FasterPath:
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self.choices:
             if x.device.type != "cuda":
-                return getattr(self, self.CANDIDATE)(x)
+                return getattr(self, self.OFF_CUDA or self.CANDIDATE)(x)
             if torch.cuda.is_current_stream_capturing():  # cannot time inside a graph capture
                 return getattr(self, self.TRUSTED)(x)
             self.choices[key] = self._choose(torch.randn_like(x))
@@ -136,7 +149,14 @@ class _FasterPath:
             warnings.warn(f"audioenc: {self.WHAT} keeps its {self.TRUSTED} path here: the {self.CANDIDATE} "
                           f"path differs from it by {error:.2g}")
             return self.TRUSTED
-        return self.CANDIDATE if _faster(lambda: candidate(probe), lambda: trusted(probe)) else self.TRUSTED
+        if not _faster(lambda: candidate(probe), lambda: trusted(probe)):
+            return self.TRUSTED
+        problem = _capture_problem(lambda: candidate(probe)) if probe.is_cuda else None
+        if problem is not None:
+            warnings.warn(f"audioenc: {self.WHAT} keeps its {self.TRUSTED} path here: the {self.CANDIDATE} "
+                          f"path cannot run in a CUDA graph ({problem})")
+            return self.TRUSTED
+        return self.CANDIDATE
 
 
 class _LinearGelu(_Linear, _FasterPath):
@@ -192,10 +212,33 @@ class _ConvLayerNormGelu(_FasterPath):
         return add_layer_norm(y, None, *self.norm, out_dtype=self.dtype, apply_gelu=True)[0]
 
 
+class _UnmaskedAttention(_FasterPath):
+    """Half-precision attention without key mask or bias (Whisper's windows), from the fused QKV
+    projection's (B, T, 3, H, D) output: audioenc's kernel, or cuDNN's fused attention through torch
+    (which has FlashAttention-3 style kernels on Hopper), where that runs faster. Off CUDA, ours."""
+
+    WHAT, TRUSTED, CANDIDATE, OFF_CUDA = "attention", "triton", "cudnn", "triton"
+
+    def triton(self, qkv: torch.Tensor) -> torch.Tensor:
+        from audioenc.kernels.attention import attention
+
+        return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+    def cudnn(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views, as SDPA takes them
+        out = _cudnn_attention(q, k, v, None, False)[0]  # no bias, no log-sum-exp; scale D ** -0.5
+        return out.transpose(1, 2).contiguous()  # (B, T, H, D), as ours returns
+
+
+def _cudnn_attention(*args):
+    """torch's entry to cuDNN's attention, without the process-wide switches of sdpa_kernel()."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(*args)
+
+
 def kept_paths(model) -> str:
     """What the timed choices of a _FastWav2Vec2 / _FastWhisper kept so far, for benchmark labels:
     e.g. 'fc1 + GELU: cublas; conv + LayerNorm + GELU: split'."""
-    kept = {"fc1 + GELU": list(model.fc1_choices.values())}
+    kept = {"fc1 + GELU": list(model.fc1_choices.values()), "attention": list(model.attention_choices.values())}
     for conv in getattr(model, "layer_norm_convs", {}).values():
         kept.setdefault("conv + LayerNorm + GELU", []).extend(conv.choices.values())
     return "; ".join(f"{what}: {'/'.join(sorted(set(names)))}" for what, names in kept.items() if names)
@@ -219,12 +262,15 @@ class _Block:
     """One transformer layer: fused QKV attention and feed-forward; WavLM's gate when present."""
 
     def __init__(self, attention: nn.Module, norm1: nn.Module, norm2: nn.Module, fc1: nn.Linear, fc2: nn.Linear,
-                 dtype, device, fc1_choices: dict):
+                 dtype, device, fc1_choices: dict, attention_choices: dict):
         self.num_heads = attention.num_heads
         self.qkv = _Linear([attention.q_proj, attention.k_proj, attention.v_proj], dtype, device)
         self.out_proj = _Linear([attention.out_proj], dtype, device)
         self.norm1, self.norm2 = _Norm(norm1, device), _Norm(norm2, device)
         self.fc1_gelu, self.fc2 = _LinearGelu(fc1, dtype, device, fc1_choices), _Linear([fc2], dtype, device)
+        # cuDNN's attention takes half precision only, on Ampere or newer
+        self.unmasked_attention = _UnmaskedAttention(attention_choices) if dtype != torch.float32 and (
+            device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)) else None
         self.gate = None
         if hasattr(attention, "gru_rel_pos_linear"):
             from audioenc.kernels.wavlm_gate import fold_gate_linear
@@ -240,8 +286,11 @@ class _Block:
         batch, frames, dim = h.shape
         heads = self.num_heads
         qkv = self.qkv(h).view(batch, frames, 3, heads, dim // heads)
-        gate = wavlm_gate(h, heads, *self.gate) if rel_bias is not None else None
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, rel_bias, gate)
+        if self.unmasked_attention is not None and lengths is None and rel_bias is None:
+            out = self.unmasked_attention(qkv)
+        else:
+            gate = wavlm_gate(h, heads, *self.gate) if rel_bias is not None else None
+            out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, rel_bias, gate)
         return self.out_proj(out.view(batch, frames, dim))
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -322,9 +371,10 @@ class _FastWav2Vec2:
         self.pos_groups, self.pos_padding = pos.conv.groups, pos.conv.padding[0]
         self.pre_norm = encoder.pre_norm
         self.encoder_norm = _Norm(encoder.layer_norm, device)
-        self.fc1_choices = {}
+        self.fc1_choices, self.attention_choices = {}, {}
         self.blocks = [_Block(l.attention, l.layer_norm, l.final_layer_norm, l.feed_forward.intermediate_dense,
-                              l.feed_forward.output_dense, dtype, device, self.fc1_choices) for l in encoder.layers]
+                              l.feed_forward.output_dense, dtype, device, self.fc1_choices, self.attention_choices)
+                       for l in encoder.layers]
         self.rel_embedding = None
         if self.dims.family == "wavlm":
             self.rel_embedding = encoder.layers[0].attention.rel_attn_embed.weight.detach().float().to(device)
@@ -389,9 +439,9 @@ class _FastWhisper:
         # on whisper-large-v3 (H200) but with 2.5x the error, torch float16's (BENCHMARKS.md); not
         # the default, bench_gpu.py keeps timing it.
         self.residual_dtype = torch.float32
-        self.fc1_choices = {}
+        self.fc1_choices, self.attention_choices = {}, {}
         self.blocks = [_Block(l.self_attn, l.self_attn_layer_norm, l.final_layer_norm, l.fc1, l.fc2, dtype, device,
-                              self.fc1_choices) for l in model.layers]
+                              self.fc1_choices, self.attention_choices) for l in model.layers]
         self.final_norm = _Norm(model.layer_norm, device)
 
     def __call__(self, mel: torch.Tensor, num_layers: int, keep_hidden: bool = True):
