@@ -53,12 +53,12 @@ PROTOBUF_LIMIT = 1 << 30  # larger graphs keep their weights in an external data
 
 def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidden_states: bool = True,
                 opset: int = OPSET, fused_attention: bool = False, convs_as_matmul: bool = False,
-                fold_first_norm: bool = False) -> None:
+                fold_first_norm: bool = False, external: bool = False) -> None:
     """Exports ``model`` (a float32 reference model) to ``path`` and checks the graph. With
     ``fused_attention`` each attention is one onnxruntime MultiHeadAttention op (onnxruntime only);
     ``convs_as_matmul`` writes the feature encoder's convs as MatMuls (for int8 quantisation);
     ``fold_first_norm`` a group-norm layer 0 as one MatMul with float64 statistics (onnxruntime's
-    float32 and int8 graphs only)."""
+    float32 and int8 graphs only); ``external`` as save_onnx takes it."""
     import onnx
 
     dims = model.dims
@@ -86,7 +86,7 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
                                   custom_opsets={"com.microsoft": 1} if fused_attention else None)
         proto = onnx.load(raw)
     place_optional_inputs(proto)
-    save_onnx(proto, path)
+    save_onnx(proto, path, external)
     check_graph(path)
 
 
@@ -256,9 +256,10 @@ def check_disk_space(model: nn.Module, spec: ExportSpec, directory: str) -> None
                                     f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free{hint}")
 
 
-def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
+def build_graph(model: nn.Module, spec: ExportSpec, directory: str, external: bool = False) -> None:
     """Writes ``directory/model.onnx`` (+ .data) for ``spec``, with a progress bar on stderr (a
-    whisper-large export takes minutes)."""
+    whisper-large export takes minutes). ``external``: the weights in model.onnx.data whatever their
+    size (see save_onnx)."""
     from tqdm import tqdm
 
     check_disk_space(model, spec, directory)
@@ -270,16 +271,17 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str) -> None:
               bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
         bar.set_postfix_str("tracing the float32 graph")
         export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention,
-                    convs_as_matmul=spec.dtype == "int8", fold_first_norm=spec.fused_attention and spec.dtype != "float16")
+                    convs_as_matmul=spec.dtype == "int8", fold_first_norm=spec.fused_attention and spec.dtype != "float16",
+                    external=external and spec.dtype == "float32")
         bar.update()
         if spec.dtype != "float32":
             if spec.dtype == "float16":
                 bar.set_postfix_str("checking float16 headroom and converting")
                 check_half_headroom(half_activation_peaks(fp32, example_inputs(model.dims)))
-                save_onnx(to_half(fp32), path)
+                save_onnx(to_half(fp32), path, external)
             else:
                 bar.set_postfix_str("quantising to int8")
-                quantize_int8(fp32, path)
+                quantize_int8(fp32, path, external)
             bar.update()
             for name in os.listdir(directory):
                 if name.startswith("fp32.onnx"):
@@ -308,8 +310,6 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     place, with a meta.json of file checksums checked before every use. ``rebuild_reason`` forces a
     rebuild (the caller found the entry unusable, e.g. onnxruntime refused it).
     """
-    import onnx
-
     key = cache_key(model, spec, weights)
     root = os.path.join(cache_root(), "onnx")
     entry = os.path.join(root, key)
@@ -328,12 +328,9 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     try:
         log.info("audioenc: first use of this model at %d layers in %s: its ONNX graph is exported once and cached "
                  "in %s", spec.num_layers, spec.dtype, entry)
-        build_graph(model, spec, tmp)
-        graph = os.path.join(tmp, MODEL_FILE)
-        if not os.path.exists(graph + ".data"):
-            # onnxruntime maps a page-aligned weights file where it copies a graph's inline weights:
-            # 0.2 GB less resident for wav2vec2-base, and processes share the pages.
-            save_onnx(onnx.load(graph), graph, external=True)
+        # onnxruntime maps a page-aligned weights file where it copies a graph's inline weights:
+        # 0.2 GB less resident for wav2vec2-base, and processes share the pages.
+        build_graph(model, spec, tmp, external=True)
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"key": key, "spec": repr(spec), "family": model.dims.family,

@@ -148,12 +148,12 @@ def check_half_headroom(peaks: dict[str, float]) -> None:
                          f"{FP16_MAX:g} ({detail}); use float32 (or bfloat16 on the torch or triton backend)")
 
 
-def quantize_int8(fp32_path: str, path: str) -> None:
+def quantize_int8(fp32_path: str, path: str, external: bool = False) -> None:
     """Dynamic int8 quantisation of the MatMul weights (per output channel); activations are
     quantised per call. ``fp32_path`` is exported with ``convs_as_matmul`` (build_graph does so),
     so the feature encoder's convs are MatMuls and are quantised too, except the first (its input
     is the waveform, its reduction only kernel-size long); the attention products (no constant
-    weight), LayerNorm, softmax and GELU stay fp32."""
+    weight), LayerNorm, softmax and GELU stay fp32. ``external``: as save_onnx takes it."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -168,7 +168,7 @@ def quantize_int8(fp32_path: str, path: str) -> None:
     quantize_matmuls(proto, int8_reduce_range(), folder)
     load_external_data_for_model(proto, folder)
     quantize_before_gather(proto)
-    save_onnx(proto, path)
+    save_onnx(proto, path, external)
 
 
 def quantize_matmuls(proto, reduce_range: bool, folder: str = "") -> int:
