@@ -28,7 +28,7 @@ from torch import nn
 
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
-from audioenc.graph_modules import example_inputs, graph_io, graph_module
+from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
     if fused_attention:
         fuse_attention(module)
     inputs, outputs, axes = graph_io(dims, num_layers, hidden_states)
-    args = tuple(torch.from_numpy(v) for v in example_inputs(dims, seconds=0.5).values())
+    args = trace_inputs(dims)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
         raw = os.path.join(tmp, "raw.onnx")
         # One export at a time in the process: torch.onnx.export and catch_warnings change global state.

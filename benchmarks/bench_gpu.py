@@ -297,8 +297,9 @@ def graph_timed(fn, repeats: int, calls: int = 20) -> float:
 def attention_vs_sdpa(repeats, device, dtype):
     """Our kernel against torch SDPA on (B, T, H, D) shapes of the cases; masked rows give SDPA a
     boolean key mask (then no flash kernel applies) and our kernel per-item lengths. Unmasked rows
-    also time cuDNN's attention, which the backend may run there instead of ours (the faster)."""
-    from audioenc.backends.triton import _cudnn_attention
+    also time cuDNN's attention as the backend calls it (views of the fused QKV projection), which it
+    may run there instead of ours, where that is faster."""
+    from audioenc.backends.triton import _cudnn_attention_usable, _UnmaskedAttention
     from audioenc.kernels.attention import attention
 
     rows = []
@@ -314,9 +315,11 @@ def attention_vs_sdpa(repeats, device, dtype):
                              repeats)
         t_ours = graph_timed(lambda: attention(q, k, v, lengths), repeats)
         cudnn = "—"
-        if not masked and device == "cuda" and dtype != torch.float32:
-            try:
-                cudnn = f"{1000 * graph_timed(lambda: _cudnn_attention(qt, kt, vt, None, False)[0], repeats):.3f}"
+        if not masked and dtype != torch.float32 and _cudnn_attention_usable(torch.device(device)):
+            qkv = torch.stack([q, k, v], dim=2)  # (B, T, 3, H, D): the backend's fused projection
+            cudnn_path = _UnmaskedAttention({}).cudnn
+            try:  # graph_timed runs it once before capturing: a failure there leaves no broken capture
+                cudnn = f"{1000 * graph_timed(lambda: cudnn_path(qkv), repeats):.3f}"
             except Exception as exc:  # noqa: BLE001 - not every GPU and torch has it
                 cudnn = f"failed: {str(exc).splitlines()[0][:60] if str(exc) else type(exc).__name__}"
         rows.append(f"| B={b} T={t} H={h} D={d}{', key mask' if masked else ''} | {1000 * t_sdpa:.3f} | "

@@ -218,6 +218,19 @@ def test_only_half_precision_attention_without_mask_considers_cudnn(whisper_chec
     assert all(block.unmasked_attention is not None for block in load(path, "float16").backend.model.blocks)
 
 
+@pytest.mark.parametrize("cudnn,capability,usable", [(91501, (9, 0), True), (91500, (9, 0), False),
+                                                     (91002, (9, 0), False), (92000, (7, 5), False)])
+def test_cudnn_attention_needs_ampere_and_cudnn_9_15_1(cudnn, capability, usable, monkeypatch):
+    """Older cuDNN 9 could fault on graph replays of Whisper-length attention (pytorch#169849)."""
+    from audioenc.backends import triton as backend_module
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: cudnn)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert backend_module._cudnn_attention_usable(torch.device("cuda")) is usable
+    assert not backend_module._cudnn_attention_usable(torch.device("cpu"))
+
+
 def test_fc1_gelu_cublas_path_takes_the_epilogue_in_half_precision_within_5e_4_of_exact():
     """cuBLAS's epilogue computes the tanh form; torch's CPU kernel for the same op the exact one."""
     from audioenc.backends.triton import _LinearGelu
@@ -375,17 +388,22 @@ def test_real_size_half_precision_rule(name, dtype):
 
 @pytest.mark.gpu
 @gpu
-def test_cudnn_attention_agrees_with_ours_at_whisper_large_v3s_shape_and_runs_in_a_cuda_graph():
+def test_cudnn_attention_agrees_with_ours_at_whisper_large_v3s_shape_eager_and_replayed():
     from audioenc.backends import triton as backend_module
 
+    if not backend_module._cudnn_attention_usable(torch.device("cuda")):
+        pytest.skip(f"the backend does not consider cuDNN's attention here (cuDNN {torch.backends.cudnn.version()})")
     attention = backend_module._UnmaskedAttention({})
     qkv = torch.randn(2, 1500, 3, 20, 64, device="cuda", dtype=torch.float16)
-    try:
-        theirs = attention.cudnn(qkv)
-    except RuntimeError as exc:
-        pytest.skip(f"cuDNN's attention does not run here: {exc}")
-    assert rel_err(theirs.float(), attention.triton(qkv).float()) <= 2e-3
-    assert backend_module._capture_problem(lambda: attention.cudnn(qkv)) is None
+    ours = attention.triton(qkv).float()
+    assert rel_err(attention.cudnn(qkv).float(), ours) <= 2e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = attention.cudnn(qkv)
+    qkv.copy_(torch.randn_like(qkv))  # a replay must read the new input
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(replayed.float(), attention.triton(qkv).float()) <= 2e-3
 
 
 @pytest.fixture

@@ -89,21 +89,10 @@ def _faster(first, second, repeats: int = 7) -> bool:
     return sorted(times[0])[repeats // 2] < sorted(times[1])[repeats // 2]
 
 
-def _capture_problem(fn) -> str | None:
-    """None when fn() can be captured in a CUDA graph, as the backend's forwards are, else why not."""
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-            fn()
-    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the other path runs
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return None
-
-
 class _FasterPath:
     """Two equivalent implementations, methods named TRUSTED and CANDIDATE: per input shape the
-    candidate where it ran (in a CUDA graph too), agreed with the trusted one and was faster at the
-    first call with that shape (the warm-up), else the trusted one. Off CUDA (Triton's interpreter)
+    candidate where it ran, agreed with the trusted one and was faster at the first call with that
+    shape (the warm-up), else the trusted one. Off CUDA (Triton's interpreter)
     OFF_CUDA, by default the candidate, the code under test, unless ``choices`` says otherwise.
     ``choices`` (shape -> method name) may be shared by layers that compute the same function at
     the same shapes."""
@@ -149,14 +138,7 @@ class _FasterPath:
             warnings.warn(f"audioenc: {self.WHAT} keeps its {self.TRUSTED} path here: the {self.CANDIDATE} "
                           f"path differs from it by {error:.2g}")
             return self.TRUSTED
-        if not _faster(lambda: candidate(probe), lambda: trusted(probe)):
-            return self.TRUSTED
-        problem = _capture_problem(lambda: candidate(probe)) if probe.is_cuda else None
-        if problem is not None:
-            warnings.warn(f"audioenc: {self.WHAT} keeps its {self.TRUSTED} path here: the {self.CANDIDATE} "
-                          f"path cannot run in a CUDA graph ({problem})")
-            return self.TRUSTED
-        return self.CANDIDATE
+        return self.CANDIDATE if _faster(lambda: candidate(probe), lambda: trusted(probe)) else self.TRUSTED
 
 
 class _LinearGelu(_Linear, _FasterPath):
@@ -235,6 +217,15 @@ def _cudnn_attention(*args):
     return torch.ops.aten._scaled_dot_product_cudnn_attention(*args)
 
 
+def _cudnn_attention_usable(device: torch.device) -> bool:
+    """Ampere or newer, and cuDNN 9.15.1 or newer: earlier cuDNN 9 releases could read out of
+    bounds when a CUDA graph replayed non-causal attention over more than 1024 keys (Whisper's are
+    1500; pytorch#169849), a fault that kills the process's CUDA context, so torch's own SDPA
+    dispatch avoids them too. Calling the op directly skips torch's checks: this is ours."""
+    return (device.type == "cuda" and torch.backends.cudnn.is_available()
+            and (torch.backends.cudnn.version() or 0) >= 91501 and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
 def kept_paths(model) -> str:
     """What the timed choices of a _FastWav2Vec2 / _FastWhisper kept so far, for benchmark labels:
     e.g. 'fc1 + GELU: cublas; conv + LayerNorm + GELU: split'."""
@@ -268,9 +259,9 @@ class _Block:
         self.out_proj = _Linear([attention.out_proj], dtype, device)
         self.norm1, self.norm2 = _Norm(norm1, device), _Norm(norm2, device)
         self.fc1_gelu, self.fc2 = _LinearGelu(fc1, dtype, device, fc1_choices), _Linear([fc2], dtype, device)
-        # cuDNN's attention takes half precision only, on Ampere or newer
+        # cuDNN's attention takes half precision only; off CUDA the class runs our kernel (the tests)
         self.unmasked_attention = _UnmaskedAttention(attention_choices) if dtype != torch.float32 and (
-            device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)) else None
+            device.type != "cuda" or _cudnn_attention_usable(device)) else None
         self.gate = None
         if hasattr(attention, "gru_rel_pos_linear"):
             from audioenc.kernels.wavlm_gate import fold_gate_linear
@@ -568,7 +559,7 @@ class TritonBackend:
         out, hidden_states, frame_lengths = static_out
         # Copies: the static buffers are overwritten by the next replay.
         frames = out.shape[1] if self.is_whisper else int(self.model.dims.num_frames(inputs.shape[-1]))
-        cut = lambda t: t[:batch, :frames].float().clone()
+        cut = lambda t: t[:batch, :frames].to(torch.float32, copy=True)
         return cut(out), [cut(h) for h in hidden_states], None if self.is_whisper else frame_lengths[:batch].clone()
 
     def _capture(self, batch, shape, num_layers, keep_hidden):

@@ -56,9 +56,14 @@ class WhisperEncoder(nn.Module):
         if mel.shape[1:] != (self.dims.n_mels, expected):
             raise ValueError(f"Whisper encoder expects log-mel of shape (B, {self.dims.n_mels}, {expected}), "
                              f"got {tuple(mel.shape)}")
+        return self.encode(mel, num_layers)
+
+    def encode(self, mel: torch.Tensor, num_layers: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """forward for any number of mel frames (at most 2 * n_ctx), the positions cut to the
+        frames: the ONNX export traces a short input."""
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.embed_positions.weight.to(x.dtype)
+        x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
         num_layers = self.dims.n_layer if num_layers is None else num_layers
         hidden_states = [x]
         for layer in self.layers[:num_layers]:
