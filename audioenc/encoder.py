@@ -183,7 +183,7 @@ class AudioEncoder:
 
         seconds: a duration or a list of them; default 10 s (wav2vec2 family) or one 30 s window
         (Whisper, whose every call is a 30 s window). Pass the durations, batch sizes, depth and
-        hidden states you serve (the onnx and tensorrt backends run separate graphs when hidden states are asked for).
+        hidden states you serve (the onnx and tensorrt backends run other graphs for hidden states).
         """
         if seconds is None:
             seconds = 30.0 if self.family == "whisper" else 10.0

@@ -11,10 +11,10 @@ and the residual stream in fp32), since TensorRT 11 removed the fp16 builder fla
 The optimisation profile comes from the expected batch and audio-length ranges: the defaults below,
 or AUDIOENC_TRT_PROFILE="batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX", or `audioenc export --format tensorrt`.
 Batches smaller or shorter than its minimum are zero-padded up to it (the lengths input keeps
-every frame exact). As in the onnx backend, an engine returns every layer's hidden state only when
-a call asks for them: those are separate engines, since each output is allocated per call (about
-2 GB for whisper-large-v3 at batch 8) and pins a tensor TensorRT could otherwise reuse. The encoder splits lists into batches the profile allows and encodes items longer than it
-takes in long-audio windows that fit it.
+every frame exact). The encoder splits lists into batches the profile allows and encodes items
+longer than it takes in long-audio windows that fit it. As in the onnx backend, an engine returns
+every layer's hidden state only when a call asks for them: those are separate engines, since each
+output is allocated per call (about 2 GB for whisper-large-v3 at batch 8).
 """
 from __future__ import annotations
 

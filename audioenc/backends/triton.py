@@ -92,10 +92,9 @@ def _faster(first, second, repeats: int = 7) -> bool:
 class _FasterPath:
     """Two equivalent implementations, methods named TRUSTED and CANDIDATE: per input shape the
     candidate where it ran, agreed with the trusted one and was faster at the first call with that
-    shape (the warm-up), else the trusted one. Off CUDA (Triton's interpreter)
-    OFF_CUDA, by default the candidate, the code under test, unless ``choices`` says otherwise.
-    ``choices`` (shape -> method name) may be shared by layers that compute the same function at
-    the same shapes."""
+    shape (the warm-up), else the trusted one. Off CUDA (Triton's interpreter) OFF_CUDA, by default
+    the candidate, the code under test, unless ``choices`` says otherwise. ``choices`` (shape ->
+    method name) may be shared by layers that compute the same function at the same shapes."""
 
     WHAT = TRUSTED = CANDIDATE = OFF_CUDA = ""
 
@@ -196,8 +195,8 @@ class _ConvLayerNormGelu(_FasterPath):
 
 class _UnmaskedAttention(_FasterPath):
     """Half-precision attention without key mask or bias (Whisper's windows), from the fused QKV
-    projection's (B, T, 3, H, D) output: audioenc's kernel, or cuDNN's fused attention through torch
-    (which has FlashAttention-3 style kernels on Hopper), where that runs faster. Off CUDA, ours."""
+    projection's (B, T, 3, H, D) output: audioenc's kernel, or cuDNN's fused attention through
+    torch where that runs faster (not yet timed on a GPU in the backend). Off CUDA, ours."""
 
     WHAT, TRUSTED, CANDIDATE, OFF_CUDA = "attention", "triton", "cudnn", "triton"
 
