@@ -350,13 +350,23 @@ def stitch_windows(out: torch.Tensor, owners: list[int], valid: list[int], num_i
     pieces: list[list[torch.Tensor]] = [[] for _ in range(num_items)]
     for window, (owner, n) in enumerate(zip(owners, valid)):
         pieces[owner].append(out[window, :n])
-    return [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]
+    return [normal_tensor(p[0]) if len(p) == 1 else torch.cat(p) for p in pieces]
 
 
 def pad_items(items: list[torch.Tensor]) -> torch.Tensor:
     if len(items) == 1:  # a view, not a copy: one long item's frames can be GBs
         return items[0].unsqueeze(0)
     return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+
+
+def normal_tensor(x: torch.Tensor) -> torch.Tensor:
+    """x as a tensor callers may change in place and use under autograd, which the backends'
+    inference-mode tensors allow neither; on the CPU without a copy (see finite_items)."""
+    if not x.is_inference():
+        return x
+    if x.device.type == "cpu" and x.dtype != torch.bfloat16:  # numpy has no bfloat16
+        return torch.from_numpy(x.numpy())  # the same memory, now a plain tensor's
+    return x.clone()
 
 
 def finite_items(x: torch.Tensor) -> np.ndarray:
@@ -369,9 +379,9 @@ def finite_items(x: torch.Tensor) -> np.ndarray:
 
 
 def zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """x with the frames past each item's length set to 0; x itself when no item is padded."""
+    """x with the frames past each item's length set to 0 (x's memory when no item is padded)."""
     if int(lengths.min()) == x.shape[1]:
-        return x
+        return normal_tensor(x)
     valid = valid_mask(lengths.to(x.device), x.shape[1])
     return x.masked_fill(~valid[..., None], 0)  # not a product: NaN x 0 would stay NaN
 

@@ -146,6 +146,23 @@ def test_big_endian_pcm_is_scaled_like_native(w2v, whisper):
     assert torch.equal(torch.cat(a), torch.cat(b))
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_outputs_are_plain_tensors_that_autograd_and_in_place_writes_accept(backend, w2v_checkpoints,
+                                                                           whisper_checkpoints):
+    """Backends run in inference mode; callers train heads on the frames and edit them in place."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    for path in (w2v_checkpoints["wav2vec2-group"][0], whisper_checkpoints[80][0]):
+        enc = audioenc.load(path, backend=backend)
+        for out in (enc.encode(speech_like(4000)), enc.encode([speech_like(4000), speech_like(3000)]),
+                    enc.encode(speech_like(4000), output_hidden_states=True)):
+            for frames in (out.last_hidden_state, *(out.hidden_states or ()), out.lengths):
+                assert not frames.is_inference()
+            head = torch.nn.Linear(out.last_hidden_state.shape[-1], 2)
+            head(out.last_hidden_state).sum().backward()
+            out.last_hidden_state[:, 0] = 0
+
+
 def test_half_precision_pooling_does_not_overflow(w2v):
     from audioenc.encoder import pool_frames
 
