@@ -255,7 +255,7 @@ class AudioEncoder:
         inputs = torch.from_numpy(normalize_waveforms(batch, lengths, self.do_normalize))
         out, hidden_states, frame_lengths = self.backend.run(inputs, torch.from_numpy(lengths), num_layers,
                                                                    output_hidden_states)
-        frame_lengths = frame_lengths.cpu().clone()  # a plain tensor, not the backend's inference-mode one
+        frame_lengths = normal_tensor(frame_lengths.cpu())
         hidden = tuple(zero_padding(h, frame_lengths) for h in hidden_states) if output_hidden_states else None
         return EncoderOutput(zero_padding(out, frame_lengths), hidden_states=hidden, lengths=frame_lengths)
 

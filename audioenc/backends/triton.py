@@ -217,10 +217,11 @@ def _cudnn_attention(*args):
 
 
 def _cudnn_attention_usable(device: torch.device) -> bool:
-    """Ampere or newer, and cuDNN 9.15.1 or newer: earlier cuDNN 9 releases could read out of
-    bounds when a CUDA graph replayed non-causal attention over more than 1024 keys (Whisper's are
-    1500; pytorch#169849), a fault that kills the process's CUDA context, so torch's own SDPA
-    dispatch avoids them too. Calling the op directly skips torch's checks: this is ours."""
+    """Ampere or newer, and cuDNN 9.15.1 or newer: earlier cuDNN 9 releases could access memory out
+    of bounds under CUDA-graph capture (pytorch#169849; TransformerEngine refuses cuDNN 9.14 for
+    non-causal attention over more than 1024 keys in graphs, and Whisper's are 1500), a fault that
+    kills the process's CUDA context; torch's SDPA dispatch guards against it (pytorch#167101,
+    #171627). Calling the op directly skips torch's checks: this is ours."""
     return (device.type == "cuda" and torch.backends.cudnn.is_available()
             and (torch.backends.cudnn.version() or 0) >= 91501 and torch.cuda.get_device_capability(device) >= (8, 0))
 
