@@ -7,6 +7,8 @@ deleted checkpoints or older versions are never used again: this is how they get
 An entry's meta.json is touched each time the entry is used, so its mtime is the last use.
 Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process. Any
 other directory there is not audioenc's (a shared cache folder): it is never listed or removed.
+``<root>/weights/`` holds small records of checkpoints' weights digests (weights_digest.py), which
+``audioenc cache --clear`` removes with the entries.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 KINDS = ("onnx", "tensorrt")
+WEIGHTS_RECORDS = "weights"
 META_FILE = "meta.json"
 KEY_NAME = re.compile(r"[0-9a-f]{32}")  # the entries' names: export.cache_key, tensorrt.engine_key
 # An unfinished export untouched this long belongs to a process that died (a whisper-large export
@@ -124,3 +127,17 @@ def remove(entries: list[CacheEntry]) -> tuple[int, list[str]]:
         except OSError as exc:  # e.g. a read-only cache; a part may be gone: its next use rebuilds it
             failed.append(f"{entry.path} ({exc})")
     return freed, failed
+
+
+def remove_weights_records(unused_days: float | None = None) -> None:
+    """Deletes the weights digest records (all, or those unused for ``unused_days``); a missing one
+    is only computed again."""
+    folder = os.path.join(cache_root(), WEIGHTS_RECORDS)
+    now = time.time()
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        try:
+            if now - os.path.getmtime(path) >= (unused_days or 0.0) * 86400:
+                os.remove(path)
+        except OSError:  # removed meanwhile, or a read-only cache
+            pass

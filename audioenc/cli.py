@@ -46,7 +46,7 @@ def cmd_info(args) -> int:
 def cmd_cache(args) -> int:
     import time
 
-    from audioenc.cache import cache_root, list_entries, remove, removable
+    from audioenc.cache import cache_root, list_entries, remove, removable, remove_weights_records
 
     if args.unused_days is not None and (not args.clear or not args.unused_days >= 0):  # NaN fails too
         print("error: --unused-days takes a number of days >= 0, and goes with --clear", file=sys.stderr)
@@ -64,6 +64,7 @@ def cmd_cache(args) -> int:
         return 0
     doomed = removable(entries, args.unused_days)
     freed, failed = remove(doomed)
+    remove_weights_records(args.unused_days)
     print(f"removed {len(doomed) - len(failed)} of {len(entries)} entries, {gib(freed)} freed from {cache_root()}")
     for line in failed:
         print(f"error: could not remove {line}", file=sys.stderr)

@@ -30,6 +30,7 @@ from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
+from audioenc.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
@@ -163,15 +164,6 @@ class ExportSpec:
             raise ValueError(f"export dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
 
 
-def weights_digest(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
-
-
 def code_digest() -> str:
     """Digest of the sources that define a graph (the export's files and the models), so a development
     checkout never reuses a graph exported by older code under the same version number."""
@@ -216,8 +208,26 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def file_stat(path: str) -> list[int]:
+    """Size and modification time (ns): a file whose stat still matches the one recorded when it was
+    written and checksummed is taken as intact without reading it again (whisper-large-v3's 2.5 GB
+    graph took 2 s to hash at every load), as make and git's index do; any write changes them."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def write_meta(entry: str, meta: dict) -> None:
+    """meta.json, replaced atomically."""
+    tmp = os.path.join(entry, f".{META_FILE}.{os.getpid()}.{threading.get_ident()}")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(entry, META_FILE))
+
+
 def entry_problem(entry: str, key: str) -> str | None:
-    """None when the cache entry is complete and intact, else what is wrong with it."""
+    """None when the cache entry is complete and intact, else what is wrong with it. A file is
+    checksummed when its stat differs from the one recorded (a copied cache: recorded anew once the
+    checksums pass, where the cache is writable)."""
     try:
         with open(os.path.join(entry, META_FILE)) as f:
             meta = json.load(f)
@@ -228,14 +238,25 @@ def entry_problem(entry: str, key: str) -> str | None:
         return f"{META_FILE} is not an audioenc cache record"
     if meta.get("key") != key:
         return "its key does not match"
+    if MODEL_FILE not in files:
+        return f"{MODEL_FILE} is not recorded"
+    stats = meta.get("stats") if isinstance(meta.get("stats"), dict) else {}
+    checked = {}
     for name, digest in files.items():
         path = os.path.join(entry, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
+        stat = file_stat(path)
+        if stats.get(name) == stat:
+            continue
         if file_digest(path) != digest:
             return f"{name} does not match its checksum"
-    if MODEL_FILE not in files:
-        return f"{MODEL_FILE} is not recorded"
+        checked[name] = stat
+    if checked:
+        try:
+            write_meta(entry, {**meta, "stats": {**stats, **checked}})
+        except OSError:  # a read-only cache: its files are checksummed at every use
+            pass
     return None
 
 
@@ -307,7 +328,7 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     """Path of the cached graph for (model, spec), exported first when missing, stale or corrupt.
 
     An entry is a directory named by the key, written under a temporary name and renamed into
-    place, with a meta.json of file checksums checked before every use. ``rebuild_reason`` forces a
+    place, with a meta.json of file checksums and stats checked before every use. ``rebuild_reason`` forces a
     rebuild (the caller found the entry unusable, e.g. onnxruntime refused it).
     """
     key = cache_key(model, spec, weights)
@@ -331,10 +352,11 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         # onnxruntime maps a page-aligned weights file where it copies a graph's inline weights:
         # 0.2 GB less resident for wav2vec2-base, and processes share the pages.
         build_graph(model, spec, tmp, external=True)
-        files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({"key": key, "spec": repr(spec), "family": model.dims.family,
-                       "source": getattr(model, "checkpoint_source", None), "files": files}, f, indent=1)
+        names = sorted(os.listdir(tmp))
+        write_meta(tmp, {"key": key, "spec": repr(spec), "family": model.dims.family,
+                         "source": getattr(model, "checkpoint_source", None),
+                         "files": {name: file_digest(os.path.join(tmp, name)) for name in names},
+                         "stats": {name: file_stat(os.path.join(tmp, name)) for name in names}})
         if os.path.lexists(entry) and (rebuild_reason is not None or entry_problem(entry, key) is not None):
             # the unusable entry found above; one that another process completed meanwhile stays
             if os.path.isdir(entry) and not os.path.islink(entry):

@@ -78,4 +78,5 @@ def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
     # Recorded with the graphs and engines exported from it (audioenc cache), and read again to rebuild
     # released weights: a local path absolute, so that a later change of directory finds it.
     model.checkpoint_source = os.path.abspath(name) if os.path.exists(name) else name
+    model.checkpoint_path = checkpoint.path  # what the weights digest is remembered by (weights_digest.py)
     return model

@@ -11,14 +11,15 @@ from __future__ import annotations
 from torch import nn
 
 from audioenc.cpu import return_freed_memory
-from audioenc.export import ExportSpec, cached_export, cached_graph, weights_digest
+from audioenc.export import ExportSpec, cached_export, cached_graph
+from audioenc.weights_digest import checkpoint_weights_digest, weights_digest
 
 
 class ReferenceWeights:
     def __init__(self, model: nn.Module):
         self.model = model.float().cpu().eval()
         self.source = getattr(model, "checkpoint_source", None)  # set by audioenc.load
-        self.digest = weights_digest(self.model)
+        self.digest = checkpoint_weights_digest(self.model)
 
     @property
     def released(self) -> bool:

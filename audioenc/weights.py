@@ -50,6 +50,7 @@ class Checkpoint:
     preprocessor: dict = field(default_factory=dict)  # preprocessor_config.json, if any
     source: str = ""                   # what the user passed
     format: str = "hf"                 # "hf" | "openai" | "ctranslate2" | "fairseq" | "unilm"
+    path: str = ""                     # the local file or directory read (a hub id's snapshot)
 
 
 def load_checkpoint(source: str | os.PathLike, *, family: str | None = None) -> Checkpoint:
@@ -59,13 +60,15 @@ def load_checkpoint(source: str | os.PathLike, *, family: str | None = None) -> 
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
     source = os.fspath(source)
     if os.path.isdir(source):
-        checkpoint = _load_dir(source)
+        path, checkpoint = source, _load_dir(source)
     elif os.path.isfile(source):
-        checkpoint = _load_file(source)
+        path, checkpoint = source, _load_file(source)
     elif _HUB_ID.fullmatch(source):
-        checkpoint = _load_dir(_download(source), source)
+        path = _download(source)
+        checkpoint = _load_dir(path, source)
     else:
         raise ValueError(f"{source}: no such file or directory")
+    checkpoint.path = os.path.abspath(path)
     if family is not None and checkpoint.family != family:
         raise ValueError(f"{source}: expected a {family} checkpoint, got {checkpoint.family}")
     return checkpoint

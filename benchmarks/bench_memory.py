@@ -1,18 +1,24 @@
-"""Memory of a process that loads an encoder from disk and encodes, against the peers (CPU).
+"""Memory and start-up time of a process that loads an encoder from disk and encodes, against the
+peers (CPU).
 
-    python benchmarks/bench_memory.py [--whisper-large] [--calls 3] [--no-write]
+    python benchmarks/bench_memory.py [--whisper-large] [--calls 3] [--rounds 3] [--no-write]
+
+Needs faster-whisper beside the dev extra (CTranslate2's rows take its feature extractor).
 
 Each contender runs in a fresh process, as a user's would: import, load a checkpoint written to
 disk beforehand (random weights at real sizes), encode the same audio ``--calls`` times. The table
-gives the resident memory after those calls and the process's peak (loading included). audioenc's
-ONNX graph is exported (and cached) by an untimed process first: the rows are what every later
-process of a deployment takes; the first-use row shows the one-time export's cost.
+gives the resident memory after those calls, the process's peak (loading included), and the time
+from the process's start to its first output (imports, load, first call) beside a later call's.
+The contenders' processes run in ``--rounds`` interleaved rounds; the table has their medians.
+audioenc's ONNX graph is exported (and cached) by an untimed process first: the rows are what every
+later process of a deployment takes; the first-use row shows the one-time export's cost.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,12 +26,16 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD = ("each contender in a fresh process: import, load a checkpoint from disk (random weights at real sizes), "
           "encode the same audio (batch 1) a few times; resident memory after the calls and the process's peak "
-          "(VmHWM, loading included). audioenc's ONNX graphs were exported and cached by earlier processes, "
+          "(VmHWM, loading included); first output: seconds from the interpreter's start to the first call's "
+          "result (imports, load, first call), beside the last call's seconds. Medians of {rounds} interleaved "
+          "rounds of processes. audioenc's ONNX graphs were exported and cached by earlier processes, "
           "as in a deployment; the first-use row exports its graph in the measured process. Whisper checkpoints "
           "have a one-layer decoder, so transformers' WhisperModel holds little beyond the encoder.")
 
-# The child: prints {"rss_mb", "peak_mb"} after its calls.
+# The child: prints {"rss_mb", "peak_mb", "first_s", "call_s"} after its calls.
 CHILD = r"""
+import time
+start = time.perf_counter()
 import json, sys
 import numpy as np
 contender, path, seconds, calls = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
@@ -50,17 +60,25 @@ elif contender == "transformers":
     def call():
         with torch.inference_mode():
             return model(features()).last_hidden_state
-else:  # "ctranslate2 COMPUTE_TYPE": faster-whisper's engine on its converted model
-    import ctranslate2, transformers
+else:  # "ctranslate2 COMPUTE_TYPE": faster-whisper's engine on its converted model, with its numpy log-mel
+    import ctranslate2
+    from faster_whisper.feature_extractor import FeatureExtractor
     model = ctranslate2.models.Whisper(path + "-ct2", device="cpu", compute_type=contender.split()[1])
-    extract = transformers.WhisperFeatureExtractor.from_pretrained(path)
-    call = lambda: model.encode(ctranslate2.StorageView.from_array(
-        extract(audio, sampling_rate=16000, return_tensors="np").input_features), to_cpu=True)
-for _ in range(calls):
+    extract = FeatureExtractor(feature_size=model.n_mels)
+    def call():
+        mel = extract(audio)[:, :3000]  # one 30 s window, padded as faster-whisper pads it
+        mel = np.pad(mel, ((0, 0), (0, 3000 - mel.shape[1])))[None]
+        return model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), to_cpu=True)
+call()
+first_s = time.perf_counter() - start
+for _ in range(calls - 1):
+    begin = time.perf_counter()
     call()
+    call_s = time.perf_counter() - begin
 # VmHWM, not ru_maxrss: that one keeps the parent's peak across the fork and exec
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(json.dumps({"rss_mb": int(status["VmRSS"].split()[0]) / 1e3, "peak_mb": int(status["VmHWM"].split()[0]) / 1e3}))
+print(json.dumps({"rss_mb": int(status["VmRSS"].split()[0]) / 1e3, "peak_mb": int(status["VmHWM"].split()[0]) / 1e3,
+                  "first_s": first_s, "call_s": call_s}))
 """
 
 
@@ -71,6 +89,10 @@ def measure(contender: str, path: str, seconds: float, calls: int, cache: str) -
     if done.returncode != 0:
         raise RuntimeError(f"{contender} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def medians(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def write_checkpoint(name: str, path: str) -> None:
@@ -100,8 +122,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--whisper-large", action="store_true", help="whisper-large-v3 instead of the base models")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.calls < 2:
+        parser.error("--calls must be at least 2 (the first call is timed apart)")
     sys.path.insert(0, HERE)
     from common import machine, versions, write_section
 
@@ -115,22 +140,26 @@ def main() -> None:
             if name.startswith("whisper"):
                 contenders[1:1] = ["ctranslate2 float32", "ctranslate2 int8"]
             first = measure("audioenc onnx float32", path, seconds, args.calls, os.path.join(tmp, "empty-cache"))
-            measure("audioenc onnx int8", path, seconds, 1, cache)  # fills the cache, as a deployment's first run
-            measure("audioenc onnx float32", path, seconds, 1, cache)
-            results = {c: measure(c, path, seconds, args.calls, cache) for c in contenders}
+            measure("audioenc onnx int8", path, seconds, 2, cache)  # fills the cache, as a deployment's first run
+            measure("audioenc onnx float32", path, seconds, 2, cache)
+            runs = {c: [] for c in contenders}
+            for _ in range(args.rounds):
+                for contender in contenders:
+                    runs[contender].append(measure(contender, path, seconds, args.calls, cache))
+            results = {c: medians(r) for c, r in runs.items()}
+            results["audioenc onnx float32, first use (exports its graph)"] = first
             base = results["transformers"]
             for contender, r in results.items():
                 rows.append(f"| {name} {seconds:g} s | {contender} | {r['rss_mb']:.0f} | {r['rss_mb'] / base['rss_mb']:.2f}x "
-                            f"| {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f}x |")
-            rows.append(f"| {name} {seconds:g} s | audioenc onnx float32, first use (exports its graph) | "
-                        f"{first['rss_mb']:.0f} | {first['rss_mb'] / base['rss_mb']:.2f}x | {first['peak_mb']:.0f} | "
-                        f"{first['peak_mb'] / base['peak_mb']:.2f}x |")
-            print("\n".join(rows[-len(results) - 1:]), flush=True)
+                            f"| {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f}x | {r['first_s']:.2f} "
+                            f"| {base['first_s'] / r['first_s']:.2f}x | {r['call_s']:.2f} |")
+            print("\n".join(rows[-len(results):]), flush=True)
     command = "python benchmarks/bench_memory.py" + (" --whisper-large" if args.whisper_large else "")
-    body = (f"`{command}` — {METHOD}\n\n"
+    body = (f"`{command}` — {METHOD.format(rounds=args.rounds)}\n\n"
             f"Machine: {machine()}.  \nVersions: {versions('audioenc', 'torch', 'onnxruntime', 'transformers', 'ctranslate2')}.\n\n"
-            "| case | engine | resident after the calls (MB) | vs transformers | peak (MB) | vs transformers |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
+            "| case | engine | resident after the calls (MB) | vs transformers | peak (MB) | vs transformers "
+            "| first output (s) | speed-up vs transformers | a later call (s) |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
     print(body)
     if not args.no_write:
         write_section("Memory (CPU)" + (", whisper-large-v3" if args.whisper_large else ""), body)

@@ -41,6 +41,12 @@ def filled(tmp_path, monkeypatch):
     with open(os.path.join(tmp_path, "tensorrt", "timing-10.0-H100.cache"), "wb") as f:
         f.write(b"\0" * 10)                                     # shared timing cache: not an entry
     make_entry(tmp_path, "onnx", "users-models", 80, 30)         # not audioenc's: never listed or removed
+    os.makedirs(os.path.join(tmp_path, cache.WEIGHTS_RECORDS))
+    for name, age_days in (("old", 10), ("new", 0.5)):            # weights digests (weights_digest.py)
+        record = os.path.join(tmp_path, cache.WEIGHTS_RECORDS, f"{name}.json")
+        with open(record, "w") as f:
+            f.write('{"digest": "0"}')
+        os.utime(record, (time.time() - age_days * DAY,) * 2)
     return tmp_path
 
 
@@ -74,8 +80,10 @@ def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
     assert sorted(os.listdir(os.path.join(filled, "onnx"))) == sorted([".tmp-dead", ".tmp-young", "b" * 32, "d" * 32,
                                                                         "e" * 32, "users-models"])
     assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]
+    assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == ["new.json"]
     assert main(["cache", "--clear"]) == 0
     assert sorted(os.listdir(os.path.join(filled, "onnx"))) == [".tmp-young", "users-models"]
+    assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == []
 
 
 def test_cli_rejects_unused_days_without_clear(filled, capsys):

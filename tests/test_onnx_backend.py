@@ -7,11 +7,12 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("onnxruntime")
 
 import audioenc  # noqa: E402
-from audioenc import export  # noqa: E402
+from audioenc import export, weights_digest  # noqa: E402
 from audioenc.backends.onnx import OnnxBackend  # noqa: E402
 from conftest import W2V_VARIANTS, rel_err, speech_like  # noqa: E402
 
@@ -243,6 +244,41 @@ def test_cache_reused_then_corrupt_and_stale_entries_rebuilt(whisper_checkpoints
         assert rel_err(out, first) <= 1e-6
     assert len(calls) == 7
     assert not [n for n in os.listdir(os.path.join(tmp_path, "onnx")) if n.startswith(".tmp")]
+
+
+def test_loads_skip_hashing_unchanged_files_and_notice_changed_ones(whisper_checkpoints, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(whisper_checkpoints[80][0], checkpoint)
+    hashed_weights, hashed_files = [], []
+    real_weights, real_file = weights_digest.weights_digest, export.file_digest
+    monkeypatch.setattr(weights_digest, "weights_digest", lambda m: (hashed_weights.append(1), real_weights(m))[1])
+    monkeypatch.setattr(export, "file_digest", lambda p: (hashed_files.append(p), real_file(p))[1])
+    mel = torch.rand(1, 80, 3000)
+
+    def run():
+        hashed_weights.clear(), hashed_files.clear()
+        return audioenc.load(str(checkpoint), backend="onnx").backend.run(mel, None, 2)[0]
+
+    first = run()  # hashes the weights and the exported graph's files
+    assert len(hashed_weights) == 1 and hashed_files
+    assert torch.equal(run(), first) and not hashed_weights and not hashed_files
+
+    entry = os.path.join(tmp_path, "cache", "onnx", os.listdir(os.path.join(tmp_path, "cache", "onnx"))[0])
+    graph = os.path.join(entry, "model.onnx")
+    os.utime(graph, ns=(0, 0))  # as a copied cache: the checksums are read once more, then recorded
+    assert torch.equal(run(), first) and hashed_files == [graph]
+    assert torch.equal(run(), first) and not hashed_files
+
+    tensors = load_file(checkpoint / "model.safetensors")
+    (name,) = [n for n in tensors if n.endswith("encoder.layers.1.fc2.bias")]
+    tensors[name] += torch.randn(tensors[name].shape)  # not a constant: the final LayerNorm would remove it
+    save_file(tensors, checkpoint / "model.safetensors")
+    changed = run()  # the checkpoint was rewritten: its weights are hashed again, another graph is exported
+    assert len(hashed_weights) == 1
+    assert rel_err(changed, audioenc.load(str(checkpoint), backend="torch").backend.run(mel, None, 2)[0]) <= 1e-5
+    assert not torch.allclose(changed, first, atol=1e-3)
+    assert len(os.listdir(os.path.join(tmp_path, "cache", "onnx"))) == 2
 
 
 def test_cache_key_covers_weights_and_options(whisper_checkpoints):
