@@ -3,7 +3,8 @@
 Hashing the weights takes time at every load (whisper-large-v3: 1.9 s for 2.5 GB), so the digest of a
 checkpoint read from disk is remembered in ``<cache>/weights/``, under the stat of its files (size,
 modification and change times, inode) and the code that turns them into the model. Any write to
-a checkpoint file, a new file beside it, or another audioenc computes the digest again.
+a checkpoint file, a new file beside it, or another audioenc computes the digest again. A
+``random:`` architecture's seeded weights are remembered by its name and the code.
 """
 from __future__ import annotations
 
@@ -28,46 +29,63 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def checkpoint_weights_digest(model: nn.Module) -> str:
-    """weights_digest(model), remembered for a model read from the checkpoint at
-    ``model.checkpoint_path`` (a file, or a directory's files); computed afresh for any other."""
-    path = getattr(model, "checkpoint_path", "")
+    """weights_digest(model), remembered for a model read from a checkpoint on disk
+    (``model.checkpoint_path``: a file, or a directory's files) or built for a ``random:``
+    architecture (seeded: the same weights every time); computed afresh for any other."""
     try:
-        record = os.path.join(cache_root(), WEIGHTS_RECORDS, _record_key(path) + ".json") if path else None
+        key = _record_key(model)
     except OSError:  # the checkpoint vanished since it was read: nothing to remember it by
-        record = None
-    if record is None:
+        key = None
+    if key is None:
         return weights_digest(model)
+    record = os.path.join(cache_root(), WEIGHTS_RECORDS, key + ".json")
     try:
         with open(record) as f:
             digest = json.load(f)["digest"]
-        if isinstance(digest, str):
-            os.utime(record)  # its last use, for `audioenc cache --clear --unused-days`
-            return digest
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        digest = None
+    if isinstance(digest, str):
+        try:
+            os.utime(record)  # its last use, for `audioenc cache --clear --unused-days`
+        except OSError:  # a read-only cache
+            pass
+        return digest
     digest = weights_digest(model)
     try:
         os.makedirs(os.path.dirname(record), exist_ok=True)
         tmp = f"{record}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"digest": digest, "checkpoint": path}, f)
+            json.dump({"digest": digest, "checkpoint": getattr(model, "checkpoint_source", "")}, f)
         os.replace(tmp, record)
     except OSError:  # a read-only cache: the digest is computed at every load
         pass
     return digest
 
 
-def _record_key(path: str) -> str:
+def _record_key(model: nn.Module) -> str | None:
+    path, source = getattr(model, "checkpoint_path", ""), getattr(model, "checkpoint_source", "")
+    if path:
+        fields = {"path": path, "files": _file_stats(path)}
+    elif source.startswith("random:"):
+        fields = {"random": source}
+    else:
+        return None
+    fields.update(code=_code_digest(), torch=torch.__version__)
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+
+
+def _file_stats(path: str) -> list[list]:
+    """Name, size, modification and change times, inode and device of the checkpoint file, or of
+    each file in the checkpoint directory (a hub snapshot's links: their blobs)."""
     names = sorted(os.listdir(path)) if os.path.isdir(path) else [""]
-    files = []
+    stats = []
     for name in names:
         file = os.path.join(path, name) if name else path
         if name and not os.path.isfile(file):
             continue  # subdirectories: no loader reads them
-        st = os.stat(file)  # a hub snapshot's links: their blobs
-        files.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
-    fields = {"path": path, "files": files, "code": _code_digest(), "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+        st = os.stat(file)
+        stats.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+    return stats
 
 
 def _code_digest() -> str:
