@@ -7,8 +7,8 @@ deleted checkpoints or older versions are never used again: this is how they get
 An entry's meta.json is touched each time the entry is used, so its mtime is the last use.
 Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process. Any
 other directory there is not audioenc's (a shared cache folder): it is never listed or removed.
-``<root>/weights/`` holds small records of checkpoints' weights digests (weights_digest.py), which
-``audioenc cache --clear`` removes with the entries.
+``<root>/weights/`` holds small records of the checkpoints audioenc has read (checkpoint_record.py),
+which ``audioenc cache --clear`` removes with the entries.
 """
 from __future__ import annotations
 

@@ -1,16 +1,18 @@
 """``audioenc.load``: checkpoint -> model -> backend -> AudioEncoder."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 from torch import nn
 
 from audioenc.backends import backend_class, resolve_backend
+from audioenc.checkpoint_record import recall as recalled
 from audioenc.encoder import AudioEncoder
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
-from audioenc.weights import Checkpoint, load_checkpoint
+from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate
 
 
 def resolve_device(device) -> torch.device:
@@ -47,30 +49,37 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     name = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(name, str):
         raise TypeError(f"source must be a path or a string, got {type(source).__name__}")
-    checkpoint = read_checkpoint(name, family)
     torch_device = resolve_device(device)
-    backend_name = resolve_backend(backend, torch_device.type)
+    runner_class = backend_class(resolve_backend(backend, torch_device.type))
+    # the onnx and tensorrt backends run on their cached graph's weights: a checkpoint read before
+    # and unchanged since is described by its record, its tensors left unread (checkpoint_record.py)
+    checkpoint = read_checkpoint(name, family, recall=getattr(runner_class, "cached_weights", False))
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    runner = backend_class(backend_name)(reference_model(checkpoint, name), torch_device, dtype)
+    runner = runner_class(reference_model(checkpoint, name), torch_device, dtype)
     return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, name, checkpoint.preprocessor,
                         name.startswith("random:"))
 
 
-def read_checkpoint(name: str, family: str | None = None) -> Checkpoint:
-    """The checkpoint at ``name`` (a path, hub id or "random:NAME"); ``family``, when given, must match."""
-    if not name.startswith("random:"):
-        return load_checkpoint(name, family=family)
-    checkpoint = random_checkpoint(name[len("random:"):])
-    if family is not None and checkpoint.family != family:
-        raise ValueError(f"{name}: expected a {family} architecture, got {checkpoint.family}")
+def read_checkpoint(name: str, family: str | None = None, recall: bool = False) -> Checkpoint:
+    """The checkpoint at ``name`` (a path, hub id or "random:NAME"); ``family``, when given, must
+    match. ``recall``: from audioenc's record of it when it has one, without its tensors."""
+    check_family(None, family)
+    random_name = name[len("random:"):] if name.startswith("random:") else None
+    path = "" if random_name is not None else locate(name)
+    checkpoint = recalled(name, path) if recall else None
+    if checkpoint is None and random_name is not None:
+        checkpoint = random_checkpoint(random_name)
+    elif checkpoint is None:
+        checkpoint = load_checkpoint(name, path=path)
+    check_family(checkpoint, family)
     return checkpoint
 
 
 def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
     """The float32 reference model of a checkpoint read from ``name``; the same weights every time,
     random architectures included, so a backend may release them and build them again."""
-    random_weights = name.startswith("random:")
+    random_weights = name.startswith("random:") and not checkpoint.weights_digest
     with torch.random.fork_rng(devices=[]):  # the caller's random state comes back unchanged
         if random_weights:
             torch.manual_seed(0)  # random architectures are the same every run (a checkpoint's are overwritten)
@@ -78,5 +87,5 @@ def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
     # Recorded with the graphs and engines exported from it (audioenc cache), and read again to rebuild
     # released weights: a local path absolute, so that a later change of directory finds it.
     model.checkpoint_source = os.path.abspath(name) if os.path.exists(name) else name
-    model.checkpoint_path = checkpoint.path  # what the weights digest is remembered by (weights_digest.py)
+    model.checkpoint = dataclasses.replace(checkpoint, state_dict={})  # its record's contents (checkpoint_record.py)
     return model

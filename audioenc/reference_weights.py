@@ -4,22 +4,24 @@ An onnxruntime session or a TensorRT engine holds its own copy of the weights, s
 the reference's copy is released and the heap it leaves is handed back to the OS (with stop 22's
 other memory changes, wav2vec2-base on the CPU went from 1.41 to 0.95 GB resident). When a graph
 not in the cache must be exported later, the weights are built again from the checkpoint and must
-hash to the same digest. A model that names no checkpoint is kept.
+hash to the same digest. A model that names no checkpoint is kept; one recalled from its
+checkpoint's record (checkpoint_record.py) starts released.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from audioenc.checkpoint_record import recorded_weights_digest, weights_digest
 from audioenc.cpu import return_freed_memory
 from audioenc.export import ExportSpec, cached_export, cached_graph
-from audioenc.weights_digest import checkpoint_weights_digest, weights_digest
 
 
 class ReferenceWeights:
     def __init__(self, model: nn.Module):
-        self.model = model.float().cpu().eval()
+        # a model recalled from its checkpoint's record comes without its weights (checkpoint_record.py)
+        self.model = model if next(model.parameters()).is_meta else model.float().cpu().eval()
         self.source = getattr(model, "checkpoint_source", None)  # set by audioenc.load
-        self.digest = checkpoint_weights_digest(self.model)
+        self.digest = recorded_weights_digest(self.model)
 
     @property
     def released(self) -> bool:

@@ -51,27 +51,41 @@ class Checkpoint:
     source: str = ""                   # what the user passed
     format: str = "hf"                 # "hf" | "openai" | "ctranslate2" | "fairseq" | "unilm"
     path: str = ""                     # the local file or directory read (a hub id's snapshot)
+    weights_digest: str = ""           # recalled from audioenc's record, no tensors read (checkpoint_record.py)
 
 
-def load_checkpoint(source: str | os.PathLike, *, family: str | None = None) -> Checkpoint:
+def load_checkpoint(source: str | os.PathLike, *, family: str | None = None, path: str | None = None) -> Checkpoint:
     """Any supported checkpoint (see the module docstring); ``family`` makes a checkpoint of another
-    family an error instead of a surprise."""
+    family an error instead of a surprise. ``path``: where :func:`locate` found it, when known."""
+    check_family(None, family)
+    source = os.fspath(source)
+    path = locate(source) if path is None else path
+    if os.path.isdir(path):
+        checkpoint = _load_dir(path, "" if path == source else source)
+    else:
+        checkpoint = _load_file(path)
+    checkpoint.path = os.path.abspath(path)
+    check_family(checkpoint, family)
+    return checkpoint
+
+
+def locate(source: str | os.PathLike) -> str:
+    """The checkpoint file or directory ``source`` names: itself, or a hub id's local snapshot
+    (downloaded when not in the local cache, or when online and changed)."""
+    source = os.fspath(source)
+    if os.path.isdir(source) or os.path.isfile(source):
+        return source
+    if _HUB_ID.fullmatch(source):
+        return _download(source)
+    raise ValueError(f"{source}: no such file or directory")
+
+
+def check_family(checkpoint: Checkpoint | None, family: str | None) -> None:
+    """ValueError unless ``family`` is None or a family name, and ``checkpoint`` (when given) is of it."""
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        path, checkpoint = source, _load_dir(source)
-    elif os.path.isfile(source):
-        path, checkpoint = source, _load_file(source)
-    elif _HUB_ID.fullmatch(source):
-        path = _download(source)
-        checkpoint = _load_dir(path, source)
-    else:
-        raise ValueError(f"{source}: no such file or directory")
-    checkpoint.path = os.path.abspath(path)
-    if family is not None and checkpoint.family != family:
-        raise ValueError(f"{source}: expected a {family} checkpoint, got {checkpoint.family}")
-    return checkpoint
+    if checkpoint is not None and family is not None and checkpoint.family != family:
+        raise ValueError(f"{checkpoint.source or checkpoint.path}: expected a {family} checkpoint, got {checkpoint.family}")
 
 
 def _load_dir(path: str, source: str = "") -> Checkpoint:

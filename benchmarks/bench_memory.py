@@ -26,8 +26,9 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD = ("each contender in a fresh process: import, load a checkpoint from disk (random weights at real sizes), "
           "encode the same audio (batch 1) a few times; resident memory after the calls and the process's peak "
-          "(VmHWM, loading included); first output: seconds from the interpreter's start to the first call's "
-          "result (imports, load, first call), beside the last call's seconds. Medians of {rounds} interleaved "
+          "(VmHWM, loading included); first output: seconds from the start of the process's script to the first "
+          "call's result (imports, load, first call; the interpreter's own start is not counted), beside the last "
+          "call's seconds. CTranslate2 takes faster-whisper's numpy log-mel, as faster-whisper runs it. Medians of {rounds} interleaved "
           "rounds of processes. audioenc's ONNX graphs were exported and cached by earlier processes, "
           "as in a deployment; the first-use row exports its graph in the measured process. Whisper checkpoints "
           "have a one-layer decoder, so transformers' WhisperModel holds little beyond the encoder.")
@@ -154,9 +155,9 @@ def main() -> None:
                             f"| {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f}x | {r['first_s']:.2f} "
                             f"| {base['first_s'] / r['first_s']:.2f}x | {r['call_s']:.2f} |")
             print("\n".join(rows[-len(results):]), flush=True)
-    command = "python benchmarks/bench_memory.py" + (" --whisper-large" if args.whisper_large else "")
+    command = " ".join(["python benchmarks/bench_memory.py", *(a for a in sys.argv[1:] if a != "--no-write")])
     body = (f"`{command}` — {METHOD.format(rounds=args.rounds)}\n\n"
-            f"Machine: {machine()}.  \nVersions: {versions('audioenc', 'torch', 'onnxruntime', 'transformers', 'ctranslate2')}.\n\n"
+            f"Machine: {machine()}.  \nVersions: {versions('audioenc', 'torch', 'onnxruntime', 'transformers', 'ctranslate2', 'faster_whisper')}.\n\n"
             "| case | engine | resident after the calls (MB) | vs transformers | peak (MB) | vs transformers "
             "| first output (s) | speed-up vs transformers | a later call (s) |\n"
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))

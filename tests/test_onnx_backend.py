@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("onnxruntime")
 
 import audioenc  # noqa: E402
-from audioenc import export, weights_digest  # noqa: E402
+from audioenc import checkpoint_record, export, loading  # noqa: E402
 from audioenc.backends.onnx import OnnxBackend  # noqa: E402
 from conftest import W2V_VARIANTS, rel_err, speech_like  # noqa: E402
 
@@ -246,39 +246,50 @@ def test_cache_reused_then_corrupt_and_stale_entries_rebuilt(whisper_checkpoints
     assert not [n for n in os.listdir(os.path.join(tmp_path, "onnx")) if n.startswith(".tmp")]
 
 
-def test_loads_skip_hashing_unchanged_files_and_notice_changed_ones(whisper_checkpoints, monkeypatch, tmp_path):
+def test_loads_read_and_hash_only_what_changed(whisper_checkpoints, monkeypatch, tmp_path):
     monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "cache"))
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(whisper_checkpoints[80][0], checkpoint)
-    hashed_weights, hashed_files = [], []
-    real_weights, real_file = weights_digest.weights_digest, export.file_digest
-    monkeypatch.setattr(weights_digest, "weights_digest", lambda m: (hashed_weights.append(1), real_weights(m))[1])
+    read, hashed_weights, hashed_files = [], [], []
+    real_read, real_weights, real_file = loading.load_checkpoint, checkpoint_record.weights_digest, export.file_digest
+    monkeypatch.setattr(loading, "load_checkpoint", lambda *a, **k: (read.append(1), real_read(*a, **k))[1])
+    monkeypatch.setattr(checkpoint_record, "weights_digest", lambda m: (hashed_weights.append(1), real_weights(m))[1])
     monkeypatch.setattr(export, "file_digest", lambda p: (hashed_files.append(p), real_file(p))[1])
     mel = torch.rand(1, 80, 3000)
 
-    def run():
-        hashed_weights.clear(), hashed_files.clear()
-        return audioenc.load(str(checkpoint), backend="onnx").backend.run(mel, None, 2)[0]
+    def run(layers=2):
+        read.clear(), hashed_weights.clear(), hashed_files.clear()
+        return audioenc.load(str(checkpoint), backend="onnx").backend.run(mel, None, layers)[0]
 
-    first = run()  # hashes the weights and the exported graph's files
-    assert len(hashed_weights) == 1 and hashed_files
-    assert torch.equal(run(), first) and not hashed_weights and not hashed_files
+    first = run()  # reads and hashes the weights, exports the graph and checksums its files
+    assert read == hashed_weights == [1] and hashed_files
+    # from the checkpoint's record and the cached graph: no tensor read, nothing hashed
+    assert torch.equal(run(), first) and not read and not hashed_weights and not hashed_files
+    enc = audioenc.load(str(checkpoint), backend="onnx")
+    assert enc.backend.reference.released and enc.dims == audioenc.load(str(checkpoint), backend="torch").dims
+    # a depth with no graph yet: its weights are read then, and must hash to the recorded digest
+    shallow = enc.backend.run(mel, None, 1)[0]
+    assert rel_err(shallow, audioenc.load(str(checkpoint), backend="torch").backend.run(mel, None, 1)[0]) <= 1e-5
 
     entry = os.path.join(tmp_path, "cache", "onnx", os.listdir(os.path.join(tmp_path, "cache", "onnx"))[0])
     graph = os.path.join(entry, "model.onnx")
     os.utime(graph, ns=(0, 0))  # as a copied cache: the checksums are read once more, then recorded
-    assert torch.equal(run(), first) and hashed_files == [graph]
-    assert torch.equal(run(), first) and not hashed_files
+    for layers in (1, 2):
+        run(layers)
+    assert hashed_files == [graph]
+    for layers in (1, 2):
+        run(layers)
+    assert not hashed_files
 
     tensors = load_file(checkpoint / "model.safetensors")
     (name,) = [n for n in tensors if n.endswith("encoder.layers.1.fc2.bias")]
     tensors[name] += torch.randn(tensors[name].shape)  # not a constant: the final LayerNorm would remove it
     save_file(tensors, checkpoint / "model.safetensors")
-    changed = run()  # the checkpoint was rewritten: its weights are hashed again, another graph is exported
-    assert len(hashed_weights) == 1
+    changed = run()  # the checkpoint was rewritten: read and hashed again, another graph exported
+    assert read == hashed_weights == [1]
     assert rel_err(changed, audioenc.load(str(checkpoint), backend="torch").backend.run(mel, None, 2)[0]) <= 1e-5
     assert not torch.allclose(changed, first, atol=1e-3)
-    assert len(os.listdir(os.path.join(tmp_path, "cache", "onnx"))) == 2
+    assert len(os.listdir(os.path.join(tmp_path, "cache", "onnx"))) == 3
 
 
 def test_cache_key_covers_weights_and_options(whisper_checkpoints):

@@ -31,6 +31,7 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayer
 
 class OnnxBackend:
     name = "onnx"
+    cached_weights = True  # runs on its cached graphs' weights (audioenc.load reads none it has a record of)
 
     @classmethod
     def available(cls) -> str | None:

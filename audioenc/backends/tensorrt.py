@@ -185,6 +185,7 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
 
 class TensorRTBackend:
     name = "tensorrt"
+    cached_weights = True  # runs on its cached engines' weights (audioenc.load reads none it has a record of)
 
     @classmethod
     def available(cls) -> str | None:

@@ -21,14 +21,15 @@ def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Modu
     """The reference model of ``checkpoint``'s family, in float32 on the CPU, in eval mode, its
     weights frozen: no forward pass records an autograd graph, whoever calls it. A checkpoint's
     tensors become the weights themselves (the model is built without memory first): loading never
-    holds two copies of a model."""
+    holds two copies of a model. A checkpoint recalled from audioenc's record (no tensors read) gives
+    a model whose weights are not there (on the meta device)."""
     dims = dims_of(checkpoint)
     model_class = {"whisper": WhisperEncoder, "wavlm": WavLMModel}.get(checkpoint.family, Wav2Vec2Model)
     if random_weights:
+        return model_class(dims).eval().requires_grad_(False)
+    with torch.device("meta"):
         model = model_class(dims)
-    else:
-        with torch.device("meta"):
-            model = model_class(dims)
+    if not checkpoint.weights_digest:
         state_dict = checkpoint.state_dict
         if checkpoint.family == "whisper" and "embed_positions.weight" not in state_dict:
             state_dict = {**state_dict, "embed_positions.weight": sinusoids(dims.n_ctx, dims.n_state)}

@@ -1,0 +1,127 @@
+"""What audioenc remembers of a checkpoint it has read: the digest of its weights, which keys the
+graphs and engines exported from them, and its description (family, config, preprocessor).
+
+Hashing the weights took time at every load (whisper-large-v3: 1.9 s for 2.5 GB), and the onnx and
+tensorrt backends run on the weights of their cached graph or engine, so a load that finds a
+record reads no tensors at all: the model stays a shell whose weights are read from the checkpoint
+only when a graph must be exported (reference_weights.py). Records are kept in ``<cache>/weights/``
+under the stat of the checkpoint's files (size, modification and change times, inode) and the code
+that turns them into a model, so any write to a checkpoint file, a new file beside it, or another
+audioenc reads and hashes the checkpoint again. A ``random:`` architecture's seeded weights are
+remembered by its name and the code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+
+import torch
+from torch import nn
+
+from audioenc.cache import WEIGHTS_RECORDS, cache_root
+from audioenc.weights import FAMILIES, Checkpoint
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def recorded_weights_digest(model: nn.Module) -> str:
+    """The digest of ``model``'s weights: its checkpoint's record's when it was recalled, else
+    computed, and recorded when the model was read from a checkpoint on disk or built for a
+    ``random:`` architecture (``model.checkpoint``, set by audioenc.loading)."""
+    checkpoint = getattr(model, "checkpoint", None)
+    if checkpoint is not None and checkpoint.weights_digest:
+        return checkpoint.weights_digest
+    digest = weights_digest(model)
+    record = _record_path(checkpoint) if checkpoint is not None else None
+    if record is not None:
+        fields = {"digest": digest, "family": checkpoint.family, "format": checkpoint.format,
+                  "config": checkpoint.config, "preprocessor": checkpoint.preprocessor, "source": checkpoint.source}
+        try:
+            text = json.dumps(fields)
+            if json.loads(text) != fields:  # e.g. tuples in a config: recalled, it would differ
+                return digest
+            os.makedirs(os.path.dirname(record), exist_ok=True)
+            tmp = f"{record}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, record)
+        except (OSError, TypeError, ValueError):  # a read-only cache, or a config JSON cannot hold
+            pass
+    return digest
+
+
+def recall(source: str, path: str) -> Checkpoint | None:
+    """The checkpoint ``source`` (read from ``path``; "" for a ``random:`` architecture) as recorded
+    when it was last read, without tensors (``weights_digest`` set), or None when there is no record
+    of it in its present state."""
+    probe = Checkpoint("", {}, {}, source=source, path=os.path.abspath(path) if path else "")
+    record = _record_path(probe)
+    if record is None:
+        return None
+    try:
+        with open(record) as f:
+            fields = json.load(f)
+        checkpoint = dataclasses.replace(probe, family=fields["family"], config=fields["config"],
+                                         preprocessor=fields["preprocessor"], format=fields["format"],
+                                         weights_digest=fields["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (checkpoint.family in FAMILIES and isinstance(checkpoint.config, dict)
+            and isinstance(checkpoint.preprocessor, dict) and isinstance(checkpoint.weights_digest, str)):
+        return None
+    try:
+        os.utime(record)  # its last use, for `audioenc cache --clear --unused-days`
+    except OSError:  # a read-only cache
+        pass
+    return checkpoint
+
+
+def _record_path(checkpoint: Checkpoint) -> str | None:
+    if checkpoint.path:
+        try:
+            fields = {"path": checkpoint.path, "files": _file_stats(checkpoint.path)}
+        except OSError:  # gone since it was read: nothing to remember it by
+            return None
+    elif checkpoint.source.startswith("random:"):
+        fields = {"random": checkpoint.source}
+    else:
+        return None
+    fields.update(code=_code_digest(), torch=torch.__version__)
+    key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+    return os.path.join(cache_root(), WEIGHTS_RECORDS, key + ".json")
+
+
+def _file_stats(path: str) -> list[list]:
+    """Name, size, modification and change times, inode and device of the checkpoint file, or of
+    each file in the checkpoint directory (a hub snapshot's links: their blobs)."""
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else [""]
+    stats = []
+    for name in names:
+        file = os.path.join(path, name) if name else path
+        if name and not os.path.isfile(file):
+            continue  # subdirectories: no loader reads them
+        st = os.stat(file)
+        stats.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+    return stats
+
+
+def _code_digest() -> str:
+    """audioenc's Python sources: any of them may change how a checkpoint becomes a model."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.blake2b(digest_size=16)
+    for folder, _, files in sorted(os.walk(package)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(os.path.relpath(f.name, package).encode() + b"\0" + f.read())
+    return h.hexdigest()
