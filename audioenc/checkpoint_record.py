@@ -5,10 +5,13 @@ Hashing the weights took time at every load (whisper-large-v3: 1.9 s for 2.5 GB)
 tensorrt backends run on the weights of their cached graph or engine, so a load that finds a
 record reads no tensors at all: the model stays a shell whose weights are read from the checkpoint
 only when a graph must be exported (reference_weights.py). Records are kept in ``<cache>/weights/``
-under the stat of the checkpoint's files (size, modification and change times, inode) and the code
-that turns them into a model, so any write to a checkpoint file, a new file beside it, or another
-audioenc reads and hashes the checkpoint again. A ``random:`` architecture's seeded weights are
-remembered by its name and the code.
+under the stat of the checkpoint's files taken before they were read (size, modification and change
+times, inode; written only when they are the same after the weights were hashed) and the code that
+turns them into a model, so any write to a checkpoint file (but for a rewrite of the same size
+within one tick of a coarse file system clock), a new file beside it, or another audioenc reads and
+hashes the checkpoint again. A ``random:`` architecture's seeded weights are remembered by its name,
+the code and the CPU. A record whose weights no longer hash to its digest is dropped when that is
+found (reference_weights.py).
 """
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import threading
 
 import torch
 from torch import nn
 
 from audioenc.cache import WEIGHTS_RECORDS, cache_root
-from audioenc.weights import FAMILIES, Checkpoint
+from audioenc.weights import FAMILIES, Checkpoint, file_stats
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -36,13 +40,14 @@ def weights_digest(model: nn.Module) -> str:
 
 def recorded_weights_digest(model: nn.Module) -> str:
     """The digest of ``model``'s weights: its checkpoint's record's when it was recalled, else
-    computed, and recorded when the model was read from a checkpoint on disk or built for a
-    ``random:`` architecture (``model.checkpoint``, set by audioenc.loading)."""
+    computed, and recorded when the model was read from a checkpoint on disk that has not changed
+    since it was read, or built for a ``random:`` architecture (``model.checkpoint``, set by
+    audioenc.loading for a model just built from it)."""
     checkpoint = getattr(model, "checkpoint", None)
     if checkpoint is not None and checkpoint.weights_digest:
         return checkpoint.weights_digest
     digest = weights_digest(model)
-    record = _record_path(checkpoint) if checkpoint is not None else None
+    record = _record_path(checkpoint) if checkpoint is not None and _unchanged(checkpoint) else None
     if record is not None:
         fields = {"digest": digest, "family": checkpoint.family, "format": checkpoint.format,
                   "config": checkpoint.config, "preprocessor": checkpoint.preprocessor, "source": checkpoint.source}
@@ -64,7 +69,11 @@ def recall(source: str, path: str) -> Checkpoint | None:
     """The checkpoint ``source`` (read from ``path``; "" for a ``random:`` architecture) as recorded
     when it was last read, without tensors (``weights_digest`` set), or None when there is no record
     of it in its present state."""
-    probe = Checkpoint("", {}, {}, source=source, path=os.path.abspath(path) if path else "")
+    try:
+        stats = file_stats(path) if path else []
+    except OSError:
+        return None
+    probe = Checkpoint("", {}, {}, source=source, path=os.path.abspath(path) if path else "", file_stats=stats)
     record = _record_path(probe)
     if record is None:
         return None
@@ -77,7 +86,8 @@ def recall(source: str, path: str) -> Checkpoint | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not (checkpoint.family in FAMILIES and isinstance(checkpoint.config, dict)
-            and isinstance(checkpoint.preprocessor, dict) and isinstance(checkpoint.weights_digest, str)):
+            and isinstance(checkpoint.preprocessor, dict) and isinstance(checkpoint.weights_digest, str)
+            and checkpoint.weights_digest):
         return None
     try:
         os.utime(record)  # its last use, for `audioenc cache --clear --unused-days`
@@ -86,33 +96,39 @@ def recall(source: str, path: str) -> Checkpoint | None:
     return checkpoint
 
 
+def forget(checkpoint: Checkpoint | None) -> None:
+    """Removes the record of ``checkpoint`` (recalled, but its weights no longer hash to it)."""
+    record = _record_path(checkpoint) if checkpoint is not None else None
+    try:
+        if record is not None:
+            os.remove(record)
+    except OSError:  # gone already, or a read-only cache
+        pass
+
+
+def _unchanged(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint's files are as they were before it was read: a record must not pair
+    one version's stat with another's weights."""
+    if not checkpoint.path:
+        return True
+    try:
+        return file_stats(checkpoint.path) == checkpoint.file_stats
+    except OSError:  # gone since it was read
+        return False
+
+
 def _record_path(checkpoint: Checkpoint) -> str | None:
     if checkpoint.path:
-        try:
-            fields = {"path": checkpoint.path, "files": _file_stats(checkpoint.path)}
-        except OSError:  # gone since it was read: nothing to remember it by
-            return None
+        fields = {"path": checkpoint.path, "files": checkpoint.file_stats}
     elif checkpoint.source.startswith("random:"):
-        fields = {"random": checkpoint.source}
+        # random weights may differ in their last bits between CPUs (vectorised sampling)
+        fields = {"random": checkpoint.source, "machine": platform.machine(),
+                  "cpu": torch.backends.cpu.get_cpu_capability()}
     else:
         return None
     fields.update(code=_code_digest(), torch=torch.__version__)
     key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
     return os.path.join(cache_root(), WEIGHTS_RECORDS, key + ".json")
-
-
-def _file_stats(path: str) -> list[list]:
-    """Name, size, modification and change times, inode and device of the checkpoint file, or of
-    each file in the checkpoint directory (a hub snapshot's links: their blobs)."""
-    names = sorted(os.listdir(path)) if os.path.isdir(path) else [""]
-    stats = []
-    for name in names:
-        file = os.path.join(path, name) if name else path
-        if name and not os.path.isfile(file):
-            continue  # subdirectories: no loader reads them
-        st = os.stat(file)
-        stats.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
-    return stats
 
 
 def _code_digest() -> str:

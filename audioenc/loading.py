@@ -78,7 +78,8 @@ def read_checkpoint(name: str, family: str | None = None, recall: bool = False) 
 
 def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
     """The float32 reference model of a checkpoint read from ``name``; the same weights every time,
-    random architectures included, so a backend may release them and build them again."""
+    random architectures included, so a backend may release them and build them again. A checkpoint
+    recalled from its record gives the model without its weights (checkpoint_record.py)."""
     random_weights = name.startswith("random:") and not checkpoint.weights_digest
     with torch.random.fork_rng(devices=[]):  # the caller's random state comes back unchanged
         if random_weights:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from audioenc.checkpoint_record import recorded_weights_digest, weights_digest
+from audioenc.checkpoint_record import forget, recorded_weights_digest, weights_digest
 from audioenc.cpu import return_freed_memory
 from audioenc.export import ExportSpec, cached_export, cached_graph
 
@@ -46,6 +46,7 @@ class ReferenceWeights:
         except (OSError, ValueError, RuntimeError) as exc:
             raise RuntimeError(f"{why} it cannot be read now ({exc}); load the encoder again") from exc
         if weights_digest(model) != self.digest:
+            forget(getattr(self.model, "checkpoint", None))  # a record that no longer holds: the next load reads afresh
             raise RuntimeError(f"{why} its weights changed since the encoder was loaded; load the encoder again")
         self.model = model
         return model

@@ -52,6 +52,7 @@ class Checkpoint:
     format: str = "hf"                 # "hf" | "openai" | "ctranslate2" | "fairseq" | "unilm"
     path: str = ""                     # the local file or directory read (a hub id's snapshot)
     weights_digest: str = ""           # recalled from audioenc's record, no tensors read (checkpoint_record.py)
+    file_stats: list = field(default_factory=list)  # its files' stat, taken before they were read
 
 
 def load_checkpoint(source: str | os.PathLike, *, family: str | None = None, path: str | None = None) -> Checkpoint:
@@ -60,11 +61,12 @@ def load_checkpoint(source: str | os.PathLike, *, family: str | None = None, pat
     check_family(None, family)
     source = os.fspath(source)
     path = locate(source) if path is None else path
+    stats = file_stats(path)
     if os.path.isdir(path):
         checkpoint = _load_dir(path, "" if path == source else source)
     else:
         checkpoint = _load_file(path)
-    checkpoint.path = os.path.abspath(path)
+    checkpoint.path, checkpoint.file_stats = os.path.abspath(path), stats
     check_family(checkpoint, family)
     return checkpoint
 
@@ -78,6 +80,21 @@ def locate(source: str | os.PathLike) -> str:
     if _HUB_ID.fullmatch(source):
         return _download(source)
     raise ValueError(f"{source}: no such file or directory")
+
+
+def file_stats(path: str) -> list[list]:
+    """Name, size, modification and change times (ns) and inode of the checkpoint file, or of each
+    file in the checkpoint directory (a hub snapshot's links: their blobs): any write changes them,
+    but for a rewrite of the same size within one tick of a coarse file system clock."""
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else [""]
+    stats = []
+    for name in names:
+        file = os.path.join(path, name) if name else path
+        if name and not os.path.isfile(file):
+            continue  # subdirectories: no loader reads them
+        st = os.stat(file)
+        stats.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return stats
 
 
 def check_family(checkpoint: Checkpoint | None, family: str | None) -> None:

@@ -42,7 +42,7 @@ def filled(tmp_path, monkeypatch):
         f.write(b"\0" * 10)                                     # shared timing cache: not an entry
     make_entry(tmp_path, "onnx", "users-models", 80, 30)         # not audioenc's: never listed or removed
     os.makedirs(os.path.join(tmp_path, cache.WEIGHTS_RECORDS))
-    for name, age_days in (("old", 10), ("new", 0.5)):            # weights digests (weights_digest.py)
+    for name, age_days in (("old", 10), ("new", 0.5)):            # checkpoint records (checkpoint_record.py)
         record = os.path.join(tmp_path, cache.WEIGHTS_RECORDS, f"{name}.json")
         with open(record, "w") as f:
             f.write('{"digest": "0"}')
