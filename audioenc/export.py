@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from audioenc.cache import META_FILE, cache_root, mark_used
+from audioenc.checkpoint_record import weights_digest
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
-from audioenc.checkpoint_record import weights_digest
 
 log = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
