@@ -130,8 +130,8 @@ def remove(entries: list[CacheEntry]) -> tuple[int, list[str]]:
 
 
 def remove_weights_records(unused_days: float | None = None) -> None:
-    """Deletes the weights digest records (all, or those unused for ``unused_days``); a missing one
-    is only computed again."""
+    """Deletes the checkpoint records (all, or those unused for ``unused_days``); a missing one only
+    means that the next load reads and hashes its checkpoint again."""
     folder = os.path.join(cache_root(), WEIGHTS_RECORDS)
     now = time.time()
     for name in os.listdir(folder) if os.path.isdir(folder) else []:

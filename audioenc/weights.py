@@ -61,7 +61,10 @@ def load_checkpoint(source: str | os.PathLike, *, family: str | None = None, pat
     check_family(None, family)
     source = os.fspath(source)
     path = locate(source) if path is None else path
-    stats = file_stats(path)
+    try:
+        stats = file_stats(path)
+    except OSError:  # e.g. an unreadable directory: the loaders say what is wrong; no record is kept
+        stats = []
     if os.path.isdir(path):
         checkpoint = _load_dir(path, "" if path == source else source)
     else:
