@@ -211,7 +211,8 @@ def file_digest(path: str) -> str:
 def file_stat(path: str) -> list[int]:
     """Size and modification time (ns): a file whose stat still matches the one recorded when it was
     written and checksummed is taken as intact without reading it again (whisper-large-v3's 2.5 GB
-    graph took 2 s to hash at every load), as make and git's index do; any write changes them."""
+    graph took 2 s to hash at every load), as make and git's index do; a write changes them, but
+    for one of the same size within one tick of a coarse file system clock."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
 
