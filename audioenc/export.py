@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -71,8 +72,12 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
         fuse_attention(module)
     inputs, outputs, axes = graph_io(dims, num_layers, hidden_states)
     args = trace_inputs(dims)
+    # Traced into memory where one protobuf holds the graph, which spares writing the weights to a
+    # file and reading them back (wav2vec2-base: 0.5 s of a 4 s first use). torch writes a larger
+    # graph as a file with one file per weight beside it.
+    in_memory = sum(t.numel() * t.element_size() for t in module.state_dict().values()) <= PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
-        raw = os.path.join(tmp, "raw.onnx")
+        raw = io.BytesIO() if in_memory else os.path.join(tmp, "raw.onnx")
         # One export at a time in the process: torch.onnx.export and catch_warnings change global state.
         with _EXPORT_LOCK, warnings.catch_warnings():
             # the tracer notes that shapes become constants; graph_io's dynamic axes keep them dynamic
@@ -85,7 +90,8 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
                 torch.onnx.export(module, args, raw, dynamo=False, opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
                                   custom_opsets={"com.microsoft": 1} if fused_attention else None)
-        proto = onnx.load(raw)
+        proto = onnx.load_from_string(raw.getvalue()) if in_memory else onnx.load(raw)
+    del raw
     place_optional_inputs(proto)
     save_onnx(proto, path, external)
     check_graph(path)
