@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,9 +35,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if not os.path.exists(path):
         broken = os.path.lexists(path)  # a link to nothing, or a loop of links
         raise ValueError(f"{path}: {'a link that leads to no file' if broken else 'no such file'}")
-    problem = wav_truncation(path)  # the header alone tells: before decoding
+    problem = truncation(path)  # the header alone tells: before decoding
     if problem:
-        raise ValueError(f"{path}: truncated WAV file ({problem})")
+        raise ValueError(f"{path}: {problem}")
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
@@ -48,33 +49,77 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 
 UNKNOWN_WAV_SIZES = (0, 0x7FFFF000, 0x7FFFFFFF, 0xFFFFFFFF)  # 0x7FFFF000: arecord; 0xFFFFFFFF (-1): FFmpeg
+W64_RIFF = bytes.fromhex("726966662e91cf11a5d628db04c10000")  # Sony Wave64's "riff" GUID
 
 
-def wav_truncation(path: str) -> str | None:
-    """What is missing from a WAV file whose data chunk declares more bytes than the file holds, else
-    None. libsndfile reads such a file up to where it ends without saying so. The sizes in
-    UNKNOWN_WAV_SIZES are a stream's "unknown length" (arecord or FFmpeg writing to a pipe), not a
-    truncation."""
+@dataclass(frozen=True)
+class ChunkLayout:
+    """How a container's chunks are laid out: a chunk is an id, a size, then the size's bytes."""
+
+    name: str
+    data: bytes  # the audio data chunk's id (its first 4 bytes)
+    order: str = "little"
+    id_bytes: int = 4
+    size_bytes: int = 4
+    align: int = 2
+    size_counts_header: bool = False  # Wave64's sizes include the chunk's own id and size
+
+
+WAV, RIFX = ChunkLayout("WAV", b"data"), ChunkLayout("WAV", b"data", "big")
+AIFF = ChunkLayout("AIFF", b"SSND", "big")
+W64 = ChunkLayout("Wave64", b"data", id_bytes=16, size_bytes=8, align=8, size_counts_header=True)
+CAF = ChunkLayout("CAF", b"data", "big", size_bytes=8, align=1)
+
+
+def truncation(path: str) -> str | None:
+    """What is missing from a file whose header declares more audio data than the file holds
+    (WAV, RF64, AIFF, Wave64, CAF), else None. libsndfile reads such a file up to where it ends
+    without saying so. The sizes in UNKNOWN_WAV_SIZES, and CAF's -1, are a stream's "unknown
+    length" (arecord or FFmpeg writing to a pipe), not a truncation."""
     try:
         f = open(path, "rb")
     except OSError:  # unreadable: the decoder reports it
         return None
     with f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        head = f.read(16)
+        if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
+            layout, start = (RIFX if head[:4] == b"RIFX" else WAV), 12
+        elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+            layout, start = AIFF, 12
+        elif head == W64_RIFF:
+            layout, start = W64, 40  # the riff chunk's GUID and size, then the "wave" GUID
+        elif head[:4] == b"caff":
+            layout, start = CAF, 8
+        else:
             return None
-        file_size = os.fstat(f.fileno()).st_size
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
+        f.seek(start)
+        problem = _data_shortfall(f, os.fstat(f.fileno()).st_size, layout)
+    return f"truncated {layout.name} file ({problem})" if problem else None
+
+
+def _data_shortfall(f, file_size: int, layout: ChunkLayout) -> str | None:
+    header_bytes = layout.id_bytes + layout.size_bytes
+    rf64_data_size = None
+    while True:
+        header = f.read(header_bytes)
+        if len(header) < header_bytes:
+            return None
+        chunk = header[:4]
+        size = int.from_bytes(header[layout.id_bytes:], layout.order, signed=layout is CAF)
+        size -= header_bytes if layout.size_counts_header else 0
+        if chunk == layout.data:
+            if rf64_data_size is not None and size == 0xFFFFFFFF:
+                size = rf64_data_size  # RF64: the real size is in its ds64 chunk
+            elif size < 0 or (layout.size_bytes == 4 and size in UNKNOWN_WAV_SIZES):
                 return None
-            size = int.from_bytes(chunk[4:], "little")
-            if chunk[:4] == b"data":
-                if size in UNKNOWN_WAV_SIZES:
-                    return None
-                available = file_size - f.tell()
-                return f"its data chunk declares {size} bytes, the file holds {available}" if available < size else None
-            f.seek(size + (size & 1), os.SEEK_CUR)
+            available = file_size - f.tell()
+            return f"its {chunk.decode()} chunk declares {size} bytes, the file holds {available}" if available < size else None
+        if size < 0:  # not a size: nothing to check
+            return None
+        if chunk == b"ds64" and layout is WAV and size >= 16:
+            rf64_data_size = int.from_bytes(f.read(16)[8:], "little")
+            size -= 16
+        f.seek(size + (-size % layout.align), os.SEEK_CUR)
 
 
 def _decode_with_pyav(path: str, reason: str) -> tuple[np.ndarray, int]:

@@ -127,6 +127,13 @@ def test_files(w2v, tmp_path):
     (tmp_path / "big.wav").write_bytes(bytes(streamed))
     with pytest.raises(ValueError, match="big.wav: truncated WAV file"):
         load_audio(tmp_path / "big.wav")
+    for fmt, kind in (("AIFF", "AIFF"), ("W64", "Wave64"), ("RF64", "WAV"), ("CAF", "CAF")):  # also declare their length
+        sf.write(tmp_path / f"whole.{fmt}", speech_like(31999, 10), 16000, format=fmt, subtype="PCM_16")
+        assert len(load_audio(tmp_path / f"whole.{fmt}")[0]) == 31999
+        whole = (tmp_path / f"whole.{fmt}").read_bytes()
+        (tmp_path / f"half.{fmt}").write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(ValueError, match=f"half.{fmt}: truncated {kind} file"):
+            load_audio(tmp_path / f"half.{fmt}")
     sf.write(tmp_path / "slow.wav", speech_like(3000, 9), 2000)
     with pytest.raises(ValueError, match="slow.wav: sample_rate 2000 Hz"):
         w2v.encode(str(tmp_path / "slow.wav"))
