@@ -75,8 +75,9 @@ def load_from_args(args):
     """The encoder that --model, --backend, --device and --dtype name (no --model: random weights)."""
     import audioenc
 
-    return audioenc.load(args.model or f"random:{DEFAULT_ARCHITECTURE}", backend=args.backend, device=args.device,
-                         dtype=args.dtype)
+    # only a missing --model means random weights: an empty one (an unset shell variable) is an error
+    model = f"random:{DEFAULT_ARCHITECTURE}" if args.model is None else args.model
+    return audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
 
 
 def print_load_notes(enc, args, file=None) -> None:

@@ -78,6 +78,8 @@ def locate(source: str | os.PathLike) -> str:
     """The checkpoint file or directory ``source`` names: itself, or a hub id's local snapshot
     (downloaded when not in the local cache, or when online and changed)."""
     source = os.fspath(source)
+    if not source.strip():
+        raise ValueError("the checkpoint's name is empty: pass a checkpoint directory or file, a hub id or random:NAME")
     if os.path.isdir(source) or os.path.isfile(source):
         return source
     if _HUB_ID.fullmatch(source):
@@ -333,11 +335,15 @@ def load_hf_dir(path: str, source: str = "") -> Checkpoint:
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object (every file a checkpoint holds is one)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def weight_files(path: str) -> list[str]:
@@ -347,7 +353,10 @@ def weight_files(path: str) -> list[str]:
         if os.path.exists(os.path.join(path, single)):
             return [single]
         if os.path.exists(os.path.join(path, index)):
-            return sorted(set(_read_json(os.path.join(path, index))["weight_map"].values()))
+            weight_map = _read_json(os.path.join(path, index)).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{os.path.join(path, index)}: no weight_map from tensor names to files")
+            return sorted(set(weight_map.values()))
     raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) in this directory")
 
 

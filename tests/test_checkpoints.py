@@ -405,11 +405,19 @@ def test_malformed_config_values_are_named(w2v, tmp_path, key, value, message):
         audioenc.load(path, backend="torch")
 
 
+def test_json_files_that_are_not_objects_are_named(w2v, tmp_path):
+    for name in ("config.json", "preprocessor_config.json"):
+        path = _edited_copy(w2v["wav2vec2_group"][1], tmp_path / name, name, lambda c: [c])
+        with pytest.raises(ValueError, match=f"{re.escape(os.path.join(path, name))} must hold a JSON object, got list"):
+            audioenc.load(path, backend="torch")
+    with pytest.raises(ValueError, match="the checkpoint's name is empty"):
+        audioenc.load("", backend="torch")
+
+
 def test_preprocessor_settings_audioenc_does_not_compute_are_refused(w2v, whisper, tmp_path):
     """audioenc's frontend is 16 kHz (and Whisper's 400/160 STFT): another preprocessor would
     silently give other features."""
     cases = [(w2v["wav2vec2_group"][1], lambda p: {**p, "sampling_rate": 8000}, "preprocessor sampling_rate=8000"),
-             (w2v["wav2vec2_group"][1], lambda p: [p], "preprocessor_config.json must hold a JSON object"),
              (whisper[80][1], lambda p: {**p, "hop_length": 320}, "preprocessor hop_length=320"),
              (whisper[80][1], lambda p: {**p, "n_fft": 512}, "preprocessor n_fft=512"),
              (whisper[80][1], lambda p: {**p, "feature_size": 128}, r"preprocessor feature_size=128 .*\(80\)")]

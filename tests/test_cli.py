@@ -84,6 +84,10 @@ def test_embed_usage_errors(tmp_path, w2v_checkpoints, capsys):
     assert main(["embed", str(tmp_path / "nope.wav"), "--model", model, "--backend", "torch", "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["embed", str(tmp_path), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    # an empty --model (an unset shell variable) is an error, not the random weights of no --model
+    assert main(["embed", str(tmp_path), "--model", "", "--backend", "torch", "--out", str(tmp_path)]) == 2
+    assert "the checkpoint's name is empty" in capsys.readouterr().err
     assert main(["embed", str(tmp_path), "--model", model, "--backend", "torch", "--out", str(tmp_path), "--layer", "x"]) == 2
 
 
