@@ -183,16 +183,26 @@ def as_pcm_array(x, what: str, takes_paths: bool = True) -> np.ndarray:
     return x
 
 
+def finite_float32(x: np.ndarray, what: str) -> np.ndarray:
+    """Float samples as float32; ValueError when they hold NaN or Inf or pass float32's range."""
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise ValueError(f"{what}: audio contains NaN or Inf (first at sample {bad})")
+    with np.errstate(over="ignore"):
+        single = x.astype(np.float32, copy=False)
+    if not np.isfinite(single).all():  # float64 samples
+        raise ValueError(f"{what}: the samples reach {np.abs(x).max():.3g}, beyond float32's range (audio is "
+                         "expected within [-1, 1])")
+    return single
+
+
 def _clean(x: np.ndarray, what: str, rate: int, min_samples: int) -> np.ndarray:
     """One item at 16 kHz: int16/int32 PCM stays as it is (the frontend scales it in its single
     pass); float PCM becomes finite float32; anything else at another rate is resampled."""
     if x.size == 0:
         raise ValueError(f"{what}: empty audio (0 samples)")
     if x.dtype.kind == "f":
-        x = x.astype(np.float32, copy=False)
-        if not np.isfinite(x).all():
-            bad = int(np.flatnonzero(~np.isfinite(x))[0])
-            raise ValueError(f"{what}: audio contains NaN or Inf (first at sample {bad})")
+        x = finite_float32(x, what)
     if rate != SAMPLE_RATE:
         original = x
         x = resample(pcm_to_float32(x), rate)

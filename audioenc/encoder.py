@@ -121,6 +121,9 @@ class AudioEncoder:
     def _encode(self, audio, sample_rate: int, output_hidden_states: bool, output_layer: int | None,
                 progress: bool) -> EncoderOutput:
         num_layers = self._layers_to_run(output_layer)
+        if not isinstance(output_hidden_states, (bool, np.bool_)):  # "yes" would export a graph of its own
+            raise TypeError(f"output_hidden_states must be True or False, got {output_hidden_states!r}")
+        output_hidden_states = bool(output_hidden_states)
         waves = to_waveforms(audio, sample_rate, self.min_samples)
         limit = self.long_audio_threshold_s * SAMPLE_RATE
         long_items = [i for i, w in enumerate(waves) if len(w) > limit and self._windowed_long_audio()]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from audioenc.audio import MAX_CHANNELS, SAMPLE_RATE, as_pcm_array, check_rate
+from audioenc.audio import MAX_CHANNELS, SAMPLE_RATE, as_pcm_array, check_rate, finite_float32
 from audioenc.chunker import Chunker, Window
 from audioenc.frontend import pcm_to_float32
 
@@ -203,14 +203,15 @@ class EncoderStream:
         return ValueError(message)
 
     def _prepare(self, block) -> np.ndarray:
-        x = pcm_to_float32(as_pcm_array(block, "block", takes_paths=False))
+        x = as_pcm_array(block, "block", takes_paths=False)
+        x = finite_float32(x, "block") if x.dtype.kind == "f" else pcm_to_float32(x)
         if x.ndim == 2 and 1 <= x.shape[1] <= MAX_CHANNELS:  # interleaved PCM, as sound cards deliver it
             x = x.mean(axis=1, dtype=np.float32)
         elif x.ndim != 1:
             raise ValueError(f"block: expected 1-D samples or (samples, channels) with at most {MAX_CHANNELS} "
                              f"channels, got shape {tuple(x.shape)}")
-        if not np.isfinite(x).all():
-            raise ValueError("block: audio contains NaN or Inf")
+        if not np.isfinite(x).all():  # the channels' mean of samples near float32's limit
+            raise ValueError("block: the channels' mean overflows float32 (audio is expected within [-1, 1])")
         return np.ascontiguousarray(x)
 
     def _accept(self, x: np.ndarray, last: bool = False) -> None:

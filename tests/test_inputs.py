@@ -23,6 +23,7 @@ BAD_ARRAYS = [
     (np.zeros(0, np.float32), ValueError, "empty"),
     (np.array([0.1, np.nan] * 300, np.float32), ValueError, "NaN or Inf"),
     (np.array([0.1, np.inf] * 300, np.float32), ValueError, "NaN or Inf"),
+    (np.array([0.1, 1e300] * 300), ValueError, "the samples reach 1e[+]300, beyond float32's range"),
     (np.ones((2, 3, 400), np.float32), ValueError, "1-D .* or 2-D"),
     (np.ones(800, np.int8), TypeError, "unsupported sample type int8"),
     (np.ones(800, np.uint16), TypeError, "unsupported sample type"),
@@ -193,6 +194,10 @@ def test_api_argument_errors(w2v, w2v_checkpoints, whisper_checkpoints):
         w2v.encode(wave, output_layer=3)
     with pytest.raises(TypeError, match="output_layer must be an int"):
         w2v.encode(wave, output_layer="2")
+    for flag in ("yes", [1], None):
+        with pytest.raises(TypeError, match="output_hidden_states must be True or False"):
+            w2v.encode(wave, output_hidden_states=flag)
+    assert len(w2v.encode(wave, output_hidden_states=np.bool_(True)).hidden_states) == 3
     with pytest.raises(ValueError, match="pool must be one of"):
         w2v.embed(wave, pool="median")
     with pytest.raises(ValueError, match="expected a whisper checkpoint, got wav2vec2"):

@@ -146,6 +146,8 @@ def test_stream_errors_and_flush(w2v_checkpoints):
         stream.push(np.zeros((2, 100), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         stream.push(np.full(100, np.nan, np.float32))
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        stream.push(np.full(100, 1e300))
     with pytest.raises(TypeError, match="unsupported sample type"):
         stream.push(np.zeros(100, np.int8))
     with pytest.raises(TypeError, match="expected a numpy array or a torch tensor, got float32"):
