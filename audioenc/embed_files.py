@@ -15,6 +15,8 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
     for arg in inputs:
         root = arg if os.path.isdir(arg) else os.path.dirname(arg)
         for path in find_audio_files([arg]):
+            if path in mapping:  # named again by a later argument: one output, where the first put it
+                continue
             rel = os.path.splitext(os.path.relpath(path, root))[0] + suffix
             target = os.path.join(out_dir, rel)
             if target in writer:

@@ -43,6 +43,12 @@ def test_embed_directory_mean_and_frames(audio_tree, tmp_path, w2v_checkpoints, 
     expected = enc.encode(str(audio_tree / "sub" / "b.flac"), output_layer=1).last_hidden_state[0].numpy()
     np.testing.assert_allclose(np.load(frames / "b.npy"), expected, rtol=1e-5, atol=1e-6)
 
+    # a file named both inside a directory argument and on its own: one output, where the first puts it
+    both = tmp_path / "both"
+    assert main(["embed", str(audio_tree), str(audio_tree / "sub" / "b.flac"), "--model", model, "--backend", "torch",
+                 "--out", str(both)]) == 0
+    assert sorted(os.listdir(both)) == ["a.npy", "sub"] and os.listdir(both / "sub") == ["b.npy"]
+
 
 def test_embed_all_layers_to_safetensors(audio_tree, tmp_path, whisper_checkpoints):
     model = whisper_checkpoints[80][0]
