@@ -125,6 +125,17 @@ def test_auto_says_which_faster_backend_it_passed_over(audio_tree, tmp_path, w2v
     assert "NOTE" not in capsys.readouterr().out
 
 
+def test_a_broken_optional_dependency_is_not_called_missing(tmp_path, monkeypatch):
+    from audioenc.backends import import_problem
+
+    (tmp_path / "broken_runtime.py").write_text("raise ImportError('libbroken.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_problem(("json", "not_a_module_here"), "pip install x") == "not_a_module_here is not installed (pip install x)"
+    assert import_problem(("broken_runtime",), "pip install x") == (
+        "broken_runtime is installed but cannot be imported (ImportError: libbroken.so: cannot open shared object file)")
+    assert import_problem(("json",), "pip install x") is None
+
+
 def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, w2v_checkpoints, capsys):
     out = tmp_path / "out"
     (out / "a.npy").mkdir(parents=True)

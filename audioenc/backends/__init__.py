@@ -32,6 +32,19 @@ BACKENDS = {
 AUTO_ORDER = {"cuda": ("triton", "tensorrt", "torch"), "cpu": ("onnx", "torch")}
 
 
+def import_problem(modules: tuple[str, ...], install: str) -> str | None:
+    """None when every module imports, else why not: not installed, or installed but broken (a
+    missing shared library, a mismatched build)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            if exc.name == module:
+                return f"{module} is not installed ({install})"
+            return f"{module} is installed but cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
 def resolve_dtype(dtype: str, device, supported, backend: str) -> str:
     """A backend's dtype: "auto" is float16 on a GPU and float32 on the CPU; others must be supported."""
     if dtype == "auto":

@@ -14,7 +14,7 @@ import threading
 import torch
 from torch import nn
 
-from audioenc.backends import resolve_dtype
+from audioenc.backends import import_problem, resolve_dtype
 from audioenc.config import WhisperDims
 from audioenc.cpu import return_freed_memory, usable_cores
 from audioenc.export import ExportSpec
@@ -35,12 +35,7 @@ class OnnxBackend:
 
     @classmethod
     def available(cls) -> str | None:
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            return f"{exc.name} is not installed (pip install 'audioenc[onnx]')"
-        return None
+        return import_problem(("onnx", "onnxruntime"), "pip install 'audioenc[onnx]'")
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str):
         import onnxruntime as ort

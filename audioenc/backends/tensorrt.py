@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from audioenc.backends import resolve_dtype
+from audioenc.backends import import_problem, resolve_dtype
 from audioenc.config import SAMPLE_RATE, WhisperDims
 
 DTYPES = ("float32", "float16")
@@ -189,10 +189,9 @@ class TensorRTBackend:
 
     @classmethod
     def available(cls) -> str | None:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return "tensorrt is not installed (pip install 'audioenc[tensorrt]')"
+        problem = import_problem(("tensorrt",), "pip install 'audioenc[tensorrt]'")
+        if problem is not None:
+            return problem
         if not torch.cuda.is_available():
             return "TensorRT needs a CUDA GPU and torch sees none"
         return None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audioenc.backends import resolve_dtype
+from audioenc.backends import import_problem, resolve_dtype
 from audioenc.backends.torch import DTYPES
 from audioenc.models.layers import valid_mask
 # Captured (batch, length, layers, hidden states) shapes kept per backend. They share one memory
@@ -452,10 +452,9 @@ class TritonBackend:
 
     @classmethod
     def available(cls) -> str | None:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed (pip install 'audioenc[gpu]')"
+        problem = import_problem(("triton",), "pip install 'audioenc[gpu]'")
+        if problem is not None:
+            return problem
         if torch.cuda.is_available() or _interpreting():
             return None
         return "it needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels slowly in Triton's CPU interpreter)"
