@@ -31,6 +31,8 @@ def cmd_export(args) -> int:
     try:
         model = model_of(args.model)
         num_layers = model.dims.num_layers if args.layers is None else args.layers
+        if not 0 <= num_layers <= model.dims.num_layers:
+            raise ValueError(f"--layers must be between 0 and {model.dims.num_layers} for this model, got {num_layers}")
         if args.format == "onnx":
             if args.batch is not None or args.seconds is not None:
                 raise ValueError("--batch and --seconds set a TensorRT profile; ONNX graphs take any batch and length")

@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
+from audioenc import export  # noqa: E402
 from audioenc.backends import BACKENDS  # noqa: E402
 from audioenc.backends.torch import TorchBackend  # noqa: E402
 from audioenc.cli_deploy import register  # noqa: E402
@@ -113,7 +114,7 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys):
+def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys, monkeypatch):
     path = w2v_checkpoints["hubert-group-noprojln"][0]
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -123,7 +124,15 @@ def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys
     assert "model.onnx.data exists" in capsys.readouterr().err
     failed = tmp_path / "failed"
     assert cli(["export", "--model", path, "--out", str(failed), "--layers", "7"]) == 2
+    assert "--layers must be between 0 and 2 for this model, got 7" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise ValueError("the export failed")
+
+    monkeypatch.setattr(export, "build_graph", broken)
+    assert cli(["export", "--model", path, "--out", str(failed)]) == 2
     assert not failed.exists()  # a failed export leaves no empty directory behind
+    monkeypatch.undo()
     (tmp_path / "a-file").write_bytes(b"")
     assert cli(["export", "--model", path, "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file" in capsys.readouterr().err
