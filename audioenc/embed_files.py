@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 
 
@@ -122,7 +123,8 @@ def length_batches(jobs: list[tuple[str, str]], batch_size: int, max_audio_s: fl
 
 
 def failure(path: str, exc: Exception) -> str:
-    message = str(exc)
+    """``path: why``; the file's name replaces the name encode gave its samples (audio[0])."""
+    message = re.sub(r"^audio(\[\d+\])?: ", "", str(exc))
     return message if message.startswith(path) else f"{path}: {message}"
 
 

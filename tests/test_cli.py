@@ -78,10 +78,12 @@ def test_embed_never_overwrites_without_asking(audio_tree, tmp_path, w2v_checkpo
 def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
     (audio_tree / "broken.wav").write_bytes(b"not audio at all")
+    sf.write(audio_tree / "tiny.wav", speech_like(100, 3), 16000)  # decodes, but too short to encode
     out = tmp_path / "out"
     assert main(["embed", str(audio_tree), "--model", model, "--backend", "torch", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "broken.wav" in err and "cannot decode" in err
+    assert f"failed: {audio_tree / 'tiny.wav'}: 100 samples at 16 kHz" in err  # named by its file only
     assert (out / "a.npy").exists() and (out / "sub" / "b.npy").exists()
 
 
