@@ -248,14 +248,14 @@ _ENCODER_ROOTS = {
 _ENCODER_ROOTS["hubert"] = _ENCODER_ROOTS["wavlm"] = _ENCODER_ROOTS["wav2vec2"]
 
 
-def canonical_hf_state_dict(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def canonical_hf_state_dict(family: str, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Strips the task prefix, drops heads and decoder, folds weight norm; returns float32 tensors."""
     # Only the prefixed names of a task model are the encoder: WavLMForXVector also has a top-level
     # "feature_extractor.weight" (a Linear of its x-vector head).
     prefix = next((p for p in _BASE_PREFIXES[family] if any(k.startswith(p) for k in state_dict)), "")
     adapter = next((k for k in state_dict if k.startswith(f"{prefix}adapter.")), None)
     if adapter is not None:  # Wav2Vec2Model would run it on last_hidden_state: dropping it changes the output
-        raise ValueError(f"the checkpoint holds adapter weights ({adapter}, ...), which audioenc does not "
+        raise ValueError(f"{source}: the checkpoint holds adapter weights ({adapter}, ...), which audioenc does not "
                          "implement (config add_adapter)")
     out = {}
     for name, tensor in state_dict.items():
@@ -331,7 +331,8 @@ def load_hf_dir(path: str, source: str = "") -> Checkpoint:
             tensors.update(private_copies(kept, loaded) if mapped else kept)
     pre_path = os.path.join(path, "preprocessor_config.json")
     preprocessor = _read_json(pre_path) if os.path.exists(pre_path) else {}
-    return Checkpoint(family, config, canonical_hf_state_dict(family, tensors), preprocessor, source or path, "hf")
+    return Checkpoint(family, config, canonical_hf_state_dict(family, tensors, source or path), preprocessor,
+                      source or path, "hf")
 
 
 def _read_json(path: str) -> dict:

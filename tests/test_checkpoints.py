@@ -318,7 +318,7 @@ def test_damaged_weights_are_refused(w2v, tmp_path):
         t["adapter.layers.0.conv.weight"] = torch.zeros(4, 2, 3)
 
     _expect(damaged("gain", bad_gain), re.escape(f"tensor {gain} has shape"))
-    _expect(damaged("adapter", adapter), "holds adapter weights")
+    _expect(damaged("adapter", adapter), f"{re.escape(str(tmp_path / 'adapter'))}: the checkpoint holds adapter weights")
     for name, edit, message in (("nan", nan, "q_proj.weight holds NaN or Inf"),
                                 ("int", integer, "q_proj.weight is int8, expected floating point")):
         with pytest.raises(ValueError, match=message):
