@@ -89,7 +89,8 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
             with torch.no_grad():
                 torch.onnx.export(module, args, raw, dynamo=False, opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
-                                  custom_opsets={"com.microsoft": 1} if fused_attention else None)
+                                  # (a graph of no layers has no attention: torch warns of an unused domain)
+                                  custom_opsets={"com.microsoft": 1} if fused_attention and num_layers else None)
         proto = onnx.load_from_string(raw.getvalue()) if in_memory else onnx.load(raw)
     del raw
     place_optional_inputs(proto)

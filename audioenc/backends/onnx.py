@@ -114,6 +114,7 @@ class OnnxBackend:
         with tempfile.TemporaryDirectory() as tmp:
             options = self.session_options()
             options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            options.log_severity_level = 3  # not its warning that a saved optimised graph is machine-specific
             with self.lock:
                 path = self.graph_path(num_layers, hidden_states=False)
                 self.reference.release()
