@@ -87,8 +87,14 @@ class AudioEncoder:
     def num_layers(self) -> int:
         return self.dims.num_layers
 
-    frame_rate = 50.0  # output frames per second, every family
     sample_rate = SAMPLE_RATE
+
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second: 50 for every released checkpoint (Whisper: a 160-sample mel hop,
+        halved by its stride-2 conv; the wav2vec2 family: its conv stack's total stride, 320)."""
+        hop = 2 * WHISPER_HOP if self.family == "whisper" else self.dims.hop
+        return SAMPLE_RATE / hop
 
     @property
     def min_samples(self) -> int:

@@ -282,6 +282,7 @@ def test_models_without_the_20_ms_hop_refuse_streams_and_long_windows(tmp_path):
                                          num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
     transformers.Wav2Vec2Model(config).save_pretrained(tmp_path)
     enc = audioenc.load(str(tmp_path), backend="torch")
+    assert enc.frame_rate == 800.0
     with pytest.raises(ValueError, match="320 samples per frame .* has 20"):
         enc.stream()
     enc.long_audio_threshold_s = 1.0
@@ -293,5 +294,6 @@ def test_models_without_the_20_ms_hop_refuse_streams_and_long_windows(tmp_path):
 
 def test_stream_takes_numpy_numbers_as_seconds(w2v_checkpoints):
     enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    assert enc.frame_rate == 50.0
     stream = enc.stream(chunk_s=np.float32(0.5), left_context_s=np.int64(1), right_context_s=np.float64(0.2))
     assert (stream.chunk, stream.left, stream.right) == (8000, 16000, 3200)
