@@ -125,6 +125,7 @@ class EncoderStream:
                                  f"{self.block / SAMPLE_RATE:g} s (so no chunk straddles two 30 s windows), such as "
                                  f"0.5, 1, 1.5, 2 or 3; got {chunk_s:g} s, {self.chunk / SAMPLE_RATE:g} s on the frame grid")
             self.left = min(self.left, self.block - self.chunk)
+            self.right = min(self.right, self.block - self.chunk)  # no context reaches past the block
         if self.left + self.chunk + self.right > MAX_WINDOW_S * SAMPLE_RATE:
             raise ValueError(f"a stream window (left_context_s + chunk_s + right_context_s) can be at most "
                              f"{MAX_WINDOW_S:g} s, got {left_context_s:g} + {chunk_s:g} + {right_context_s:g} s")

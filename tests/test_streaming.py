@@ -79,8 +79,9 @@ def test_whisper_stream_keeps_offline_positions(whisper_checkpoints):
     with pytest.raises(ValueError, match="chunk_s of whole 20 ms frames that divides 30 s"):
         enc.stream(chunk_s=7)
     assert enc.stream(chunk_s=0.5, left_context_s=0)._windows_per_run == 1  # each window runs as its 30 s block
-    for right in (0.1, 30.0):  # a block's frames are final once its 30 s are in: no context reaches past it
+    for right in (0.1, 30.0, 300.0):  # a block's frames are final once its 30 s are in: no context reaches past it
         stream = enc.stream(chunk_s=3.0, right_context_s=right)
+        assert stream.latency_s == pytest.approx(3.0 + min(right, 27.0) + 200 / 16000)
         assert len(stream.push(wave[: 16000 * 30])) == 1500
         stream.push(wave[16000 * 30 :])
         assert rel_err(stream.flush().frames, offline.last_hidden_state[0, 1500:]) <= 1e-5
