@@ -285,6 +285,16 @@ def check_disk_space(model: nn.Module, spec: ExportSpec, directory: str) -> None
                                     f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free{hint}")
 
 
+def int8_convs(dims) -> bool:
+    """Whether an int8 graph quantises the conv feature encoder (layers 1-6; layer 0 stays float32).
+    Only where each conv layer's output is normalised per frame (feat_extract_norm "layer"): in
+    group-norm models (wav2vec2-base, HuBERT-base, WavLM-base) the conv activations follow the
+    audio's loudness, and one activation scale per call (dynamic quantisation) leaves the quiet
+    frames of real speech a few int8 steps (mean frame cosine 0.93 against float32 on speech with
+    pauses, 0.9998 with the convs in float32)."""
+    return getattr(dims, "feat_extract_norm", None) == "layer"
+
+
 def build_graph(model: nn.Module, spec: ExportSpec, directory: str, external: bool = False) -> None:
     """Writes ``directory/model.onnx`` (+ .data) for ``spec``, with a progress bar on stderr (a
     whisper-large export takes minutes). ``external``: the weights in model.onnx.data whatever their
@@ -300,7 +310,8 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str, external: bo
               bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
         bar.set_postfix_str("tracing the float32 graph")
         export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention,
-                    convs_as_matmul=spec.dtype == "int8", fold_first_norm=spec.fused_attention and spec.dtype != "float16",
+                    convs_as_matmul=spec.dtype == "int8" and int8_convs(model.dims),
+                    fold_first_norm=spec.fused_attention and spec.dtype != "float16",
                     external=external and spec.dtype == "float32")
         bar.update()
         if spec.dtype != "float32":

@@ -2,7 +2,8 @@
 badly or run slowly in onnxruntime rewritten, giving the same numbers (tests/test_export.py).
 
 - the wav2vec2 family's conv feature encoder as 2-D convs (onnxruntime's blocked direct convolution)
-  or, for int8 graphs, as MatMuls over gathered taps, with a masked GroupNorm whose sums are MatMuls;
+  or, for int8 graphs that quantise it, as MatMuls over gathered taps, with a masked GroupNorm whose
+  sums are MatMuls;
   in onnxruntime's float32 and int8 graphs, a group-norm layer 0 folds into one per-item MatMul;
 - the graph's inputs and outputs (graph_io) and random, non-zero example inputs for tracing.
 """

@@ -150,10 +150,11 @@ def check_half_headroom(peaks: dict[str, float]) -> None:
 
 def quantize_int8(fp32_path: str, path: str, external: bool = False) -> None:
     """Dynamic int8 quantisation of the MatMul weights (per output channel); activations are
-    quantised per call. ``fp32_path`` is exported with ``convs_as_matmul`` (build_graph does so),
-    so the feature encoder's convs are MatMuls and are quantised too, except the first (its input
-    is the waveform, its reduction only kernel-size long); the attention products (no constant
-    weight), LayerNorm, softmax and GELU stay fp32. ``external``: as save_onnx takes it."""
+    quantised per call. Where ``fp32_path`` is exported with ``convs_as_matmul`` (build_graph does
+    so for layer-norm models: export.int8_convs), the feature encoder's convs are MatMuls and are
+    quantised too, except the first (its input is the waveform, its reduction only kernel-size
+    long); the attention products (no constant weight), LayerNorm, softmax and GELU stay fp32.
+    ``external``: as save_onnx takes it."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 

@@ -15,15 +15,13 @@ import numpy as np
 import torch
 
 import audioenc
+from audioenc import verify
 from common import machine, median_time, versions, write_section
 
 
 def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    phase = 2 * np.pi * np.cumsum(120 + 40 * np.sin(2 * np.pi * 0.7 * t)) / 16000
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
-    return (0.1 * voiced * (0.5 + 0.5 * np.sin(6 * np.pi * t) ** 2) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    """audioenc verify's generated speech (syllables between pauses), ``seconds`` long."""
+    return verify.speech_like(int(seconds * 16000), np.random.default_rng(seed))
 
 
 def wav2vec2_case(tmp: str):

@@ -297,16 +297,18 @@ def test_int8_graph_quantises_conv_inputs_before_their_gather(w2v_checkpoints, t
     assert cos >= 0.995
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_built_graphs_take_the_conv_form_that_runs_fastest(dtype, w2v_checkpoints, tmp_path):
-    """build_graph (the backends' and `audioenc export`'s path): Convs for float graphs; MatMuls for
-    int8, which dynamic quantisation quantises, with only the positional conv left a Conv."""
-    model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
+@pytest.mark.parametrize("variant,dtype,quantised_convs", [
+    ("wav2vec2-group", "float32", False), ("wav2vec2-group", "int8", False), ("wav2vec2-stable", "int8", True)])
+def test_built_graphs_take_the_conv_form_that_fits(variant, dtype, quantised_convs, w2v_checkpoints, tmp_path):
+    """build_graph (the backends' and `audioenc export`'s path): Convs for float graphs and for
+    group-norm models' int8 graphs (export.int8_convs); MatMuls, which dynamic quantisation
+    quantises, for layer-norm models' int8 graphs, with only the positional conv left a Conv."""
+    model = reference_model(w2v_checkpoints[variant][0])
     export.build_graph(model, export.ExportSpec(num_layers=1, dtype=dtype), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) in (["model.onnx"], ["model.onnx", "model.onnx.data"])
     nodes = onnx.load(str(tmp_path / export.MODEL_FILE)).graph.node
     convs = sum(node.op_type == "Conv" for node in nodes)
-    assert convs == (len(model.dims.conv_dim) + 1 if dtype == "float32" else 1)
+    assert convs == (1 if quantised_convs else len(model.dims.conv_dim) + 1)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
