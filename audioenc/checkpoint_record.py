@@ -47,9 +47,11 @@ def recorded_weights_digest(model: nn.Module) -> str:
     if checkpoint is not None and checkpoint.weights_digest:
         return checkpoint.weights_digest
     digest = weights_digest(model)
-    record = _record_path(checkpoint) if checkpoint is not None and _unchanged(checkpoint) else None
-    if record is not None:
-        fields = {"digest": digest, "family": checkpoint.family, "format": checkpoint.format,
+    key = _record_key(checkpoint) if checkpoint is not None and _unchanged(checkpoint) else None
+    if key is not None:
+        record = _record_path(key)
+        # the key inside too: a record file copied or moved to another's name is not taken for it
+        fields = {"key": key, "digest": digest, "family": checkpoint.family, "format": checkpoint.format,
                   "config": checkpoint.config, "preprocessor": checkpoint.preprocessor, "source": checkpoint.source}
         try:
             text = json.dumps(fields)
@@ -74,12 +76,15 @@ def recall(source: str, path: str) -> Checkpoint | None:
     except OSError:
         return None
     probe = Checkpoint("", {}, {}, source=source, path=os.path.abspath(path) if path else "", file_stats=stats)
-    record = _record_path(probe)
-    if record is None:
+    key = _record_key(probe)
+    if key is None:
         return None
+    record = _record_path(key)
     try:
         with open(record) as f:
             fields = json.load(f)
+        if fields["key"] != key:
+            return None
         checkpoint = dataclasses.replace(probe, family=fields["family"], config=fields["config"],
                                          preprocessor=fields["preprocessor"], format=fields["format"],
                                          weights_digest=fields["digest"])
@@ -98,10 +103,10 @@ def recall(source: str, path: str) -> Checkpoint | None:
 
 def forget(checkpoint: Checkpoint | None) -> None:
     """Removes the record of ``checkpoint`` (recalled, but its weights no longer hash to it)."""
-    record = _record_path(checkpoint) if checkpoint is not None else None
+    key = _record_key(checkpoint) if checkpoint is not None else None
     try:
-        if record is not None:
-            os.remove(record)
+        if key is not None:
+            os.remove(_record_path(key))
     except OSError:  # gone already, or a read-only cache
         pass
 
@@ -117,7 +122,7 @@ def _unchanged(checkpoint: Checkpoint) -> bool:
         return False
 
 
-def _record_path(checkpoint: Checkpoint) -> str | None:
+def _record_key(checkpoint: Checkpoint) -> str | None:
     if checkpoint.path:
         fields = {"path": checkpoint.path, "files": checkpoint.file_stats}
     elif checkpoint.source.startswith("random:"):
@@ -127,7 +132,10 @@ def _record_path(checkpoint: Checkpoint) -> str | None:
     else:
         return None
     fields.update(code=_code_digest(), torch=torch.__version__)
-    key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+
+
+def _record_path(key: str) -> str:
     return os.path.join(cache_root(), WEIGHTS_RECORDS, key + ".json")
 
 

@@ -70,6 +70,17 @@ def test_a_changed_file_or_a_damaged_record_is_not_recalled(tmp_path, cache_dir)
         assert checkpoint_record.recall(path, path) is None, damage
     (cache_dir / cache.WEIGHTS_RECORDS / record).write_text(text)
     assert checkpoint_record.recall(path, path) is not None
+
+    other = str(tmp_path / "other.pt")  # another checkpoint's record, moved to this one's name
+    torch.save({"w": torch.ones(2)}, other)
+    model = model_of(Checkpoint("hubert", {}, {}, {}, other, "fairseq", path=other, file_stats=file_stats(other)))
+    other_digest = checkpoint_record.recorded_weights_digest(model)
+    assert checkpoint_record.recall(other, other).weights_digest == other_digest != digest
+    (other_record,) = set(os.listdir(cache_dir / cache.WEIGHTS_RECORDS)) - {record}
+    os.replace(cache_dir / cache.WEIGHTS_RECORDS / other_record, cache_dir / cache.WEIGHTS_RECORDS / record)
+    assert checkpoint_record.recall(path, path) is None and checkpoint_record.recall(other, other) is None
+    (cache_dir / cache.WEIGHTS_RECORDS / record).write_text(text)
+
     torch.save({"w": torch.ones(3)}, path)  # rewritten in place: another stat (and size: coarse clocks)
     assert checkpoint_record.recall(path, path) is None
     os.remove(path)
