@@ -12,6 +12,7 @@ which ``audioenc cache --clear`` removes with the entries.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -30,9 +31,16 @@ STALE_TMP_S = 6 * 3600
 
 def cache_root() -> str:
     if os.environ.get("AUDIOENC_CACHE"):
-        return os.environ["AUDIOENC_CACHE"]
+        return _absolute(os.environ["AUDIOENC_CACHE"])
     user_caches = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(user_caches, "audioenc")
+    return _absolute(os.path.join(user_caches, "audioenc"))
+
+
+@functools.lru_cache(maxsize=None)
+def _absolute(path: str) -> str:
+    """``~`` expanded, and a relative path taken from the directory the process was in when it first
+    used it: a later os.chdir must not move the cache."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def mark_used(entry: str) -> None:

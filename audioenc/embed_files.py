@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
+import uuid
 
 
 def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]:
@@ -34,14 +34,12 @@ TMP_PREFIX = ".audioenc-tmp-"
 def atomic_write(path: str, write) -> None:
     """Writes through a temporary file in the same directory, then renames it into place, so an
     interrupted job never leaves a half-written output under the final name."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
     try:
+        open(tmp, "xb").close()  # made by open, not mkstemp: the umask's permissions, not 0600
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -361,7 +362,8 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         warnings.warn(f"audioenc: cached ONNX graph {entry} is unusable ({problem}); rebuilding it", stacklevel=2)
     try:
         os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
+        tmp = os.path.join(root, f".tmp-{uuid.uuid4().hex}")
+        os.mkdir(tmp)  # not mkdtemp's 0700: a shared cache's other users (a container's build user) read it too
     except OSError as exc:  # e.g. a container's read-only home
         raise OSError(exc.errno, f"cannot write the ONNX graph cache in {root} ({exc.strerror}); set AUDIOENC_CACHE "
                                  "to a writable directory") from exc
@@ -384,9 +386,11 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
                 os.remove(entry)
         try:
             os.replace(tmp, entry)
-        except OSError:  # another process put a complete entry there first
+        except OSError as exc:  # another process put a complete entry there first, or the old one stays
             if entry_problem(entry, key) is not None:
-                raise
+                raise OSError(exc.errno, f"cannot replace the unusable cache entry {entry} ({exc.strerror}; another "
+                                         "user's, or read-only?): remove it, or set AUDIOENC_CACHE to a cache of "
+                                         "your own") from exc
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -109,6 +110,14 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     assert cache.cache_root() == str(tmp_path / "xdg" / "audioenc")
     monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "mine"))
     assert cache.cache_root() == str(tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUDIOENC_CACHE", "relative-cache")
+    assert cache.cache_root() == str(tmp_path / "relative-cache")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cache.cache_root() == str(tmp_path / "relative-cache")  # where it was first used, not the new cwd
+    monkeypatch.setenv("AUDIOENC_CACHE", "~/audioenc-cache")
+    assert cache.cache_root() == os.path.join(os.path.expanduser("~"), "audioenc-cache")
 
 
 def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeypatch, capsys):
@@ -138,6 +147,26 @@ def test_using_a_cached_graph_records_the_use(w2v_checkpoints, tmp_path, monkeyp
     assert entry.what.endswith(f"(from {w2v_checkpoints['wav2vec2-group'][0]})")  # the checkpoint it came from
 
 
+def test_cache_and_outputs_take_the_umask_permissions_not_private_ones(w2v_checkpoints, tmp_path, monkeypatch):
+    """A cache filled by one user (a container's build step) is read by another; mkdtemp and
+    mkstemp would make 0700 directories and 0600 files."""
+    import audioenc
+    from audioenc.embed_files import atomic_write
+    from audioenc.export import ExportSpec, cached_export
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "cache"))
+    model = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch").backend.model
+    umask = os.umask(0o022)
+    try:
+        entry = os.path.dirname(cached_export(model, ExportSpec(num_layers=1)))
+        atomic_write(str(tmp_path / "out" / "a.npy"), lambda tmp: open(tmp, "wb").write(b"x"))
+    finally:
+        os.umask(umask)
+    assert os.stat(entry).st_mode & 0o777 == 0o755
+    assert {os.stat(os.path.join(entry, name)).st_mode & 0o777 for name in os.listdir(entry)} == {0o644}
+    assert os.stat(tmp_path / "out" / "a.npy").st_mode & 0o777 == 0o644
+
+
 def test_an_unwritable_cache_says_where_and_what_to_do(w2v_checkpoints, tmp_path, monkeypatch):
     import audioenc
     from audioenc.export import ExportSpec, cached_export
@@ -147,6 +176,20 @@ def test_an_unwritable_cache_says_where_and_what_to_do(w2v_checkpoints, tmp_path
     monkeypatch.setenv("AUDIOENC_CACHE", str(blocker))  # makedirs fails under a file, even for root
     model = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch").backend.model
     with pytest.raises(OSError, match="cannot write the ONNX graph cache .*set AUDIOENC_CACHE"):
+        cached_export(model, ExportSpec(num_layers=1))
+
+    # an unusable entry that cannot be removed (another user's, in a shared cache)
+    from audioenc import export
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "shared"))
+    entry = tmp_path / "shared" / "onnx" / export.cache_key(model, ExportSpec(num_layers=1))
+    entry.mkdir(parents=True)
+    (entry / "model.onnx").write_bytes(b"theirs")
+    # as if permission were denied (export's rmtree only: tempfile's stays)
+    monkeypatch.setattr(export, "shutil", SimpleNamespace(rmtree=lambda *args, **kwargs: None,
+                                                          disk_usage=export.shutil.disk_usage))
+    with pytest.warns(UserWarning, match="is unusable"), \
+            pytest.raises(OSError, match="cannot replace the unusable cache entry .*set AUDIOENC_CACHE"):
         cached_export(model, ExportSpec(num_layers=1))
 
 

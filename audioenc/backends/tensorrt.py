@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -122,9 +122,9 @@ def build_engine(onnx_path: str, profile: Profile, timing_cache_path: str) -> by
 
 def atomic_bytes(path: str, data) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # not mkstemp's 0600: a shared cache's other users read it too
             f.write(data)
         os.replace(tmp, path)
     finally:
