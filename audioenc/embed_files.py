@@ -184,7 +184,11 @@ def embed_batch(enc, batch, args, failed: list[str]) -> float:
             else:
                 failed.append(failure(group[0][0], exc))
             continue
-        for row, (_, target, wave) in enumerate(group):
-            write_output(out, row, target, args.pool, all_layers)
+        for row, (path, target, wave) in enumerate(group):
+            try:
+                write_output(out, row, target, args.pool, all_layers)
+            except OSError as exc:  # e.g. a file of the user's where the output's folder must go
+                failed.append(f"{path}: cannot write {target} ({exc.strerror or exc}: {exc.filename})")
+                continue
             written += len(wave)
     return written / enc.sample_rate

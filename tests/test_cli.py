@@ -147,6 +147,15 @@ def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, 
     assert "a.npy is a directory" in captured.err and "wrote 1 file(s)" in captured.out
     assert (out / "sub" / "b.npy").exists()
 
+    blocked = tmp_path / "blocked"  # a file of the user's where an output's folder must go
+    blocked.mkdir()
+    (blocked / "sub").write_bytes(b"mine")
+    assert main([*args, "--out", str(blocked)]) == 1
+    captured = capsys.readouterr()
+    assert f"failed: {audio_tree / 'sub' / 'b.flac'}: cannot write {blocked / 'sub' / 'b.npy'}" in captured.err
+    assert "wrote 1 file(s)" in captured.out and (blocked / "a.npy").exists()
+    assert (blocked / "sub").read_bytes() == b"mine"
+
 
 def test_embed_follows_directory_links_once(audio_tree, tmp_path, w2v_checkpoints, capsys):
     root = tmp_path / "linked"
