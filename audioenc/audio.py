@@ -49,6 +49,7 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 
 UNKNOWN_WAV_SIZES = (0, 0x7FFFF000, 0x7FFFFFFF, 0xFFFFFFFF)  # 0x7FFFF000: arecord; 0xFFFFFFFF (-1): FFmpeg
+UNKNOWN_64_BIT_SIZES = (2**63 - 1, 2**64 - 1)  # FFmpeg writing Wave64 to a pipe: INT64_MAX
 W64_RIFF = bytes.fromhex("726966662e91cf11a5d628db04c10000")  # Sony Wave64's "riff" GUID
 
 
@@ -65,7 +66,7 @@ class ChunkLayout:
     size_counts_header: bool = False  # Wave64's sizes include the chunk's own id and size
 
 
-WAV, RIFX = ChunkLayout("WAV", b"data"), ChunkLayout("WAV", b"data", "big")
+WAV, RIFX, RF64 = ChunkLayout("WAV", b"data"), ChunkLayout("WAV", b"data", "big"), ChunkLayout("RF64", b"data")
 AIFF = ChunkLayout("AIFF", b"SSND", "big")
 W64 = ChunkLayout("Wave64", b"data", id_bytes=16, size_bytes=8, align=8, size_counts_header=True)
 CAF = ChunkLayout("CAF", b"data", "big", size_bytes=8, align=1)
@@ -74,8 +75,9 @@ CAF = ChunkLayout("CAF", b"data", "big", size_bytes=8, align=1)
 def truncation(path: str) -> str | None:
     """What is missing from a file whose header declares more audio data than the file holds
     (WAV, RF64, AIFF, Wave64, CAF), else None. libsndfile reads such a file up to where it ends
-    without saying so. The sizes in UNKNOWN_WAV_SIZES, and CAF's -1, are a stream's "unknown
-    length" (arecord or FFmpeg writing to a pipe), not a truncation."""
+    without saying so. The sizes in UNKNOWN_WAV_SIZES and UNKNOWN_64_BIT_SIZES, and CAF's -1, are
+    a stream's "unknown length" (arecord or FFmpeg writing to a pipe), not a truncation; a header
+    that cannot be walked is left to the decoder."""
     try:
         f = open(path, "rb")
     except OSError:  # unreadable: the decoder reports it
@@ -83,7 +85,7 @@ def truncation(path: str) -> str | None:
     with f:
         head = f.read(16)
         if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
-            layout, start = (RIFX if head[:4] == b"RIFX" else WAV), 12
+            layout, start = {b"RIFF": WAV, b"RIFX": RIFX, b"RF64": RF64}[head[:4]], 12
         elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
             layout, start = AIFF, 12
         elif head == W64_RIFF:
@@ -99,25 +101,29 @@ def truncation(path: str) -> str | None:
 
 def _data_shortfall(f, file_size: int, layout: ChunkLayout) -> str | None:
     header_bytes = layout.id_bytes + layout.size_bytes
-    rf64_data_size = None
+    unknown = UNKNOWN_WAV_SIZES if layout.size_bytes == 4 else UNKNOWN_64_BIT_SIZES
+    ds64_data_size = None  # RF64: the data chunk's real size, from its ds64 chunk
     while True:
         header = f.read(header_bytes)
         if len(header) < header_bytes:
             return None
         chunk = header[:4]
-        size = int.from_bytes(header[layout.id_bytes:], layout.order, signed=layout is CAF)
-        size -= header_bytes if layout.size_counts_header else 0
+        if not all(32 <= c < 127 for c in chunk):  # not a chunk id (zeros of a preallocated file, garbage)
+            return None
+        raw = int.from_bytes(header[layout.id_bytes:], layout.order, signed=layout is CAF)
+        size = raw - header_bytes if layout.size_counts_header else raw
         if chunk == layout.data:
-            if rf64_data_size is not None and size == 0xFFFFFFFF:
-                size = rf64_data_size  # RF64: the real size is in its ds64 chunk
-            elif size < 0 or (layout.size_bytes == 4 and size in UNKNOWN_WAV_SIZES):
+            if layout is RF64 and raw == 0xFFFFFFFF and ds64_data_size is not None:
+                raw = size = ds64_data_size
+                unknown = UNKNOWN_64_BIT_SIZES
+            if raw in unknown or size < 0:
                 return None
             available = file_size - f.tell()
             return f"its {chunk.decode()} chunk declares {size} bytes, the file holds {available}" if available < size else None
-        if size < 0:  # not a size: nothing to check
+        if size < 0 or size > file_size - f.tell():  # not a size, or past the file's end: no data chunk to check
             return None
-        if chunk == b"ds64" and layout is WAV and size >= 16:
-            rf64_data_size = int.from_bytes(f.read(16)[8:], "little")
+        if chunk == b"ds64" and layout is RF64 and size >= 16:
+            ds64_data_size = int.from_bytes(f.read(16)[8:], "little")
             size -= 16
         f.seek(size + (-size % layout.align), os.SEEK_CUR)
 
@@ -186,7 +192,7 @@ def as_pcm_array(x, what: str, takes_paths: bool = True) -> np.ndarray:
 def finite_float32(x: np.ndarray, what: str) -> np.ndarray:
     """Float samples as float32; ValueError when they hold NaN or Inf or pass float32's range."""
     if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x))[0])
+        bad = int(np.argwhere(~np.isfinite(x))[0][0])  # the sample (row) of a (samples, channels) block too
         raise ValueError(f"{what}: audio contains NaN or Inf (first at sample {bad})")
     with np.errstate(over="ignore"):
         single = x.astype(np.float32, copy=False)

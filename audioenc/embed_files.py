@@ -12,18 +12,18 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
     """Input file -> output file: files under a directory argument keep their relative path."""
     from audioenc.audio import find_audio_files
 
-    mapping, writer = {}, {}
+    mapping, writer, seen = {}, {}, set()
     for arg in inputs:
         root = arg if os.path.isdir(arg) else os.path.dirname(arg)
         for path in find_audio_files([arg]):
-            if path in mapping:  # named again by a later argument: one output, where the first put it
+            if os.path.realpath(path) in seen:  # named again (by another argument): one output, where first put
                 continue
+            seen.add(os.path.realpath(path))
             rel = os.path.splitext(os.path.relpath(path, root))[0] + suffix
             target = os.path.join(out_dir, rel)
             if target in writer:
-                same = os.path.realpath(writer[target]) == os.path.realpath(path)
-                raise ValueError(f"{writer[target]} and {path} would both write {target}; "
-                                 + ("the same file is given twice" if same else "rename one or run them separately"))
+                raise ValueError(f"{writer[target]} and {path} would both write {target}; rename one or run them "
+                                 "separately")
             mapping[path], writer[target] = target, path
     return mapping
 
@@ -187,8 +187,10 @@ def embed_batch(enc, batch, args, failed: list[str]) -> float:
         for row, (path, target, wave) in enumerate(group):
             try:
                 write_output(out, row, target, args.pool, all_layers)
-            except OSError as exc:  # e.g. a file of the user's where the output's folder must go
-                failed.append(f"{path}: cannot write {target} ({exc.strerror or exc}: {exc.filename})")
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                # this output's path is taken (a file of the user's where its folder must go); a full
+                # disk or a read-only folder is the machine's, not this file's, and stops the job
+                failed.append(f"{path}: cannot write {target} ({exc.strerror}: {exc.filename})")
                 continue
             written += len(wave)
     return written / enc.sample_rate

@@ -252,7 +252,7 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
 
 def conv_form_rows(tmp: str, repeats: int) -> list[str]:
     """The float32 graph's conv feature encoder as onnxruntime Convs (what the backend exports) against
-    the MatMul-over-gathered-taps form (what int8 graphs keep), whole model, 10 s, batch 1."""
+    the MatMul-over-gathered-taps form (what layer-norm models' int8 graphs keep: export.int8_convs), whole model, 10 s, batch 1."""
     import onnxruntime as ort
 
     from audioenc.export import export_onnx
@@ -282,8 +282,9 @@ def write_conv_forms(repeats: int, write: bool, command: str) -> None:
     body = "\n".join([
         f"`{command}` — the float32 graph with the conv feature encoder as "
         "onnxruntime Convs (2-D, height 1: run as its blocked-layout direct convolution; what the onnx backend "
-        "exports) against the same graph with each conv a MatMul over gathered taps (the form int8 graphs keep, "
-        "since dynamic quantisation quantises MatMuls). Whole model, random weights, 10 s, batch 1, median of "
+        "exports) against the same graph with each conv a MatMul over gathered taps (the form layer-norm models' "
+        "int8 graphs keep, since dynamic quantisation quantises MatMuls). Whole model, random weights, 10 s, batch "
+        "1, median of "
         f"{repeats} interleaved rounds, one process.",
         "",
         f"Machine: {machine()}. Versions: {versions('audioenc', 'torch', 'onnxruntime')}.",

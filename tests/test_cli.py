@@ -45,7 +45,8 @@ def test_embed_directory_mean_and_frames(audio_tree, tmp_path, w2v_checkpoints, 
 
     # a file named both inside a directory argument and on its own: one output, where the first puts it
     both = tmp_path / "both"
-    assert main(["embed", str(audio_tree), str(audio_tree / "sub" / "b.flac"), "--model", model, "--backend", "torch",
+    again = os.path.join(os.path.relpath(audio_tree, os.getcwd()), ".", "sub", "b.flac")  # spelt another way
+    assert main(["embed", str(audio_tree), again, str(audio_tree / "a.wav"), "--model", model, "--backend", "torch",
                  "--out", str(both)]) == 0
     assert sorted(os.listdir(both)) == ["a.npy", "sub"] and os.listdir(both / "sub") == ["b.npy"]
 
@@ -138,7 +139,7 @@ def test_a_broken_optional_dependency_is_not_called_missing(tmp_path, monkeypatc
     assert import_problem(("json",), "pip install x") is None
 
 
-def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, w2v_checkpoints, capsys):
+def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, w2v_checkpoints, capsys, monkeypatch):
     out = tmp_path / "out"
     (out / "a.npy").mkdir(parents=True)
     args = ["embed", str(audio_tree), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
@@ -155,6 +156,13 @@ def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, 
     assert f"failed: {audio_tree / 'sub' / 'b.flac'}: cannot write {blocked / 'sub' / 'b.npy'}" in captured.err
     assert "wrote 1 file(s)" in captured.out and (blocked / "a.npy").exists()
     assert (blocked / "sub").read_bytes() == b"mine"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)  # the machine's problem, not a file's: the job stops at once
+    assert main([*args, "--out", str(tmp_path / "full")]) == 1
+    assert capsys.readouterr().err.count("No space left on device") == 1
 
 
 def test_embed_follows_directory_links_once(audio_tree, tmp_path, w2v_checkpoints, capsys):

@@ -5,7 +5,7 @@ import soundfile as sf
 import torch
 
 import audioenc
-from audioenc.audio import load_audio, to_waveforms
+from audioenc.audio import load_audio, to_waveforms, truncation
 from conftest import speech_like
 
 
@@ -128,13 +128,24 @@ def test_files(w2v, tmp_path):
     (tmp_path / "big.wav").write_bytes(bytes(streamed))
     with pytest.raises(ValueError, match="big.wav: truncated WAV file"):
         load_audio(tmp_path / "big.wav")
-    for fmt, kind in (("AIFF", "AIFF"), ("W64", "Wave64"), ("RF64", "WAV"), ("CAF", "CAF")):  # also declare their length
+    for fmt, kind in (("AIFF", "AIFF"), ("W64", "Wave64"), ("RF64", "RF64"), ("CAF", "CAF")):  # also declare their length
         sf.write(tmp_path / f"whole.{fmt}", speech_like(31999, 10), 16000, format=fmt, subtype="PCM_16")
         assert len(load_audio(tmp_path / f"whole.{fmt}")[0]) == 31999
         whole = (tmp_path / f"whole.{fmt}").read_bytes()
         (tmp_path / f"half.{fmt}").write_bytes(whole[: len(whole) // 2])
         with pytest.raises(ValueError, match=f"half.{fmt}: truncated {kind} file"):
             load_audio(tmp_path / f"half.{fmt}")
+    w64 = bytearray((tmp_path / "whole.W64").read_bytes())
+    data = w64.index(b"data\xf3\xac\xd3\x11") + 16
+    w64[data : data + 8] = (2**63 - 1).to_bytes(8, "little")  # FFmpeg's unknown length, writing to a pipe
+    (tmp_path / "piped.W64").write_bytes(bytes(w64))
+    assert len(load_audio(tmp_path / "piped.W64")[0]) == 31999
+    caf = bytearray((tmp_path / "whole.CAF").read_bytes())
+    caf[8:20] = b"free" + (2**62).to_bytes(8, "big")  # a chunk past the file's end (not seekable): the decoder's call
+    (tmp_path / "odd.CAF").write_bytes(bytes(caf))
+    assert truncation(str(tmp_path / "odd.CAF")) is None
+    (tmp_path / "zeros.wav").write_bytes(b"RIFF" + (1 << 20).to_bytes(4, "little") + b"WAVE" + bytes(1 << 20))
+    assert truncation(str(tmp_path / "zeros.wav")) is None
     sf.write(tmp_path / "slow.wav", speech_like(3000, 9), 2000)
     with pytest.raises(ValueError, match="slow.wav: sample_rate 2000 Hz"):
         w2v.encode(str(tmp_path / "slow.wav"))
