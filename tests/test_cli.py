@@ -137,6 +137,9 @@ def test_a_broken_optional_dependency_is_not_called_missing(tmp_path, monkeypatc
     assert import_problem(("broken_runtime",), "pip install x") == (
         "broken_runtime is installed but cannot be imported (ImportError: libbroken.so: cannot open shared object file)")
     assert import_problem(("json",), "pip install x") is None
+    assert import_problem((), "pip install x", found_only=("json",)) is None
+    assert import_problem(("json",), "pip install x", found_only=("not_a_module_here",)) == (
+        "not_a_module_here is not installed (pip install x)")
 
 
 def test_embed_output_that_is_a_directory_fails_that_file(audio_tree, tmp_path, w2v_checkpoints, capsys, monkeypatch):

@@ -182,6 +182,19 @@ def test_dtypes(whisper_checkpoints, w2v_checkpoints):
             assert cosine(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) >= min_cos
 
 
+def test_a_load_from_the_cache_does_not_import_onnx(w2v_checkpoints, tmp_path):
+    """Only an export needs the onnx package: importing it costs a fresh process 0.1 s."""
+    import subprocess
+    import sys
+
+    script = ("import sys, audioenc, numpy; enc = audioenc.load(sys.argv[1], backend='onnx'); "
+              "enc.encode(numpy.sin(numpy.arange(8000, dtype=numpy.float32))); print('onnx' in sys.modules)")
+    env = {**os.environ, "AUDIOENC_CACHE": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", script, w2v_checkpoints["wav2vec2-group"][0]], env=env,
+                           capture_output=True, text=True, timeout=300) for _ in range(2)]
+    assert [run.stdout.strip() for run in runs] == ["True", "False"], runs[-1].stderr[-2000:]  # exported, then cached
+
+
 def test_int8_keeps_the_quiet_frames_of_speech_at_real_size():
     """A real-size group-norm model on audio with pauses (verify's generated speech): with one
     activation scale per call, an int8 graph that quantised the conv feature encoder left the

@@ -22,6 +22,7 @@ Modules are imported only when their backend is asked for.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 BACKENDS = {
     "torch": ("audioenc.backends.torch", "TorchBackend"),
@@ -32,9 +33,12 @@ BACKENDS = {
 AUTO_ORDER = {"cuda": ("triton", "tensorrt", "torch"), "cpu": ("onnx", "torch")}
 
 
-def import_problem(modules: tuple[str, ...], install: str) -> str | None:
-    """None when every module imports, else why not: not installed, or installed but broken (a
-    missing shared library, a mismatched build)."""
+def import_problem(modules: tuple[str, ...], install: str, found_only: tuple[str, ...] = ()) -> str | None:
+    """None when every module imports (those in ``found_only``: is installed), else why not: not
+    installed, or installed but broken (a missing shared library, a mismatched build)."""
+    for module in found_only:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed ({install})"
     for module in modules:
         try:
             importlib.import_module(module)
