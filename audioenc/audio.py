@@ -194,8 +194,10 @@ def finite_float32(x: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x))[0][0])  # the sample (row) of a (samples, channels) block too
         raise ValueError(f"{what}: audio contains NaN or Inf (first at sample {bad})")
+    if x.dtype == np.float32:
+        return x
     with np.errstate(over="ignore"):
-        single = x.astype(np.float32, copy=False)
+        single = x.astype(np.float32)
     if not np.isfinite(single).all():  # float64 samples
         raise ValueError(f"{what}: the samples reach {np.abs(x).max():.3g}, beyond float32's range (audio is "
                          "expected within [-1, 1])")

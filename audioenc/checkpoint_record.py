@@ -20,11 +20,11 @@ import hashlib
 import json
 import os
 import platform
-import threading
 
 import torch
 from torch import nn
 
+from audioenc.atomic_file import atomic_write_bytes
 from audioenc.cache import WEIGHTS_RECORDS, cache_root
 from audioenc.weights import FAMILIES, Checkpoint, file_stats
 
@@ -57,11 +57,7 @@ def recorded_weights_digest(model: nn.Module) -> str:
             text = json.dumps(fields)
             if json.loads(text) != fields:  # e.g. tuples in a config: recalled, it would differ
                 return digest
-            os.makedirs(os.path.dirname(record), exist_ok=True)
-            tmp = f"{record}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, record)
+            atomic_write_bytes(record, text.encode())
         except (OSError, TypeError, ValueError):  # a read-only cache, or a config JSON cannot hold
             pass
     return digest

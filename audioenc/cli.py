@@ -6,7 +6,8 @@ import contextlib
 import os
 import sys
 
-from audioenc.embed_files import (atomic_write, decoded_batches, embed_batch, length_batches, output_paths,
+from audioenc.atomic_file import atomic_write
+from audioenc.embed_files import (decoded_batches, embed_batch, length_batches, output_paths,
                                   remove_stale_temporaries)
 
 DEFAULT_ARCHITECTURE = "wav2vec2-base"

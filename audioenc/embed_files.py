@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
+
+from audioenc.atomic_file import TMP_PREFIX, atomic_write
 
 
 def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]:
@@ -26,25 +27,6 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
                                  "separately")
             mapping[path], writer[target] = target, path
     return mapping
-
-
-TMP_PREFIX = ".audioenc-tmp-"
-
-
-def atomic_write(path: str, write) -> None:
-    """Writes through a temporary file in the same directory, then renames it into place, so an
-    interrupted job never leaves a half-written output under the final name."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
-    try:
-        open(tmp, "xb").close()  # made by open, not mkstemp: the umask's permissions, not 0600
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 STALE_TMP_S = 3600  # a temporary lives for one write; older ones belong to a killed run

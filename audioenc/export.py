@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from audioenc.atomic_file import atomic_write_bytes
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
@@ -226,10 +227,7 @@ def file_stat(path: str) -> list[int]:
 
 def write_meta(entry: str, meta: dict) -> None:
     """meta.json, replaced atomically."""
-    tmp = os.path.join(entry, f".{META_FILE}.{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(entry, META_FILE))
+    atomic_write_bytes(os.path.join(entry, META_FILE), json.dumps(meta, indent=1).encode())
 
 
 def entry_problem(entry: str, key: str) -> str | None:

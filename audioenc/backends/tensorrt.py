@@ -22,13 +22,13 @@ import hashlib
 import json
 import os
 import threading
-import uuid
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from audioenc.atomic_file import atomic_write_bytes
 from audioenc.backends import import_problem, resolve_dtype
 from audioenc.config import SAMPLE_RATE, WhisperDims
 
@@ -116,20 +116,8 @@ def build_engine(onnx_path: str, profile: Profile, timing_cache_path: str) -> by
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise ValueError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    atomic_bytes(timing_cache_path, memoryview(config.get_timing_cache().serialize()))
+    atomic_write_bytes(timing_cache_path, memoryview(config.get_timing_cache().serialize()))
     return bytes(engine)
-
-
-def atomic_bytes(path: str, data) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "xb") as f:  # not mkstemp's 0600: a shared cache's other users read it too
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def cached_engine(onnx_path: str, profile: Profile, dtype: str, source: str | None = None) -> bytes:
@@ -158,8 +146,8 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str, source: str | No
         warnings.warn(f"audioenc: cached TensorRT engine {path} is unusable ({problem}); rebuilding it", stacklevel=2)
     timing = os.path.join(root, f"timing-{trt.__version__}-{gpu_id().replace(' ', '_')}.cache")
     data = build_engine(onnx_path, profile, timing)
-    atomic_bytes(path, data)
-    atomic_bytes(meta_path, json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "profile": repr(profile),
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(meta_path, json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "profile": repr(profile),
                                         "dtype": dtype, "tensorrt": trt.__version__, "gpu": gpu_id(),
                                         "source": source}).encode())
     return data
@@ -178,7 +166,7 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers,
                       hidden_states=hidden_states, dtype=dtype)
-    atomic_bytes(target, cached_engine(cached_export(model, spec), profile, dtype,
+    atomic_write_bytes(target, cached_engine(cached_export(model, spec), profile, dtype,
                                        getattr(model, "checkpoint_source", None)))
     return [target]
 
