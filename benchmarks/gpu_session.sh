@@ -4,8 +4,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [tests|bench|profile|sweep|groups|all] [BENCH_BUDGET_S]
 #
 # Always builds the native core (CUDA sources included, ~20 s). `tests`: every test that uses the GPU
-# (first the `gpu` ones: real sizes and the CUDA log-mel; then the kernel and triton-backend tests
-# compiled instead of interpreted), in parallel workers when pytest-xdist is there.
+# (the `gpu` ones: real sizes and the CUDA log-mel; and at the same time the kernel and triton-backend
+# tests compiled instead of interpreted), in parallel workers when pytest-xdist is there.
 # `bench`: the CUDA frontend and bench_gpu.py, which
 # starts no new case once BENCH_BUDGET_S (default 200) seconds are spent. `profile`: the triton
 # backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute). `sweep`:
@@ -13,8 +13,8 @@
 # lengths at several per-call costs of the encoder's GPU grouping (bench_gpu_groups.py, a few minutes).
 # `all` (default) does tests and bench; on a lease of 10-minute calls, run them as two calls, or cap the
 # parts with TESTS_S and BENCH_S (whole-run seconds) and skip the frontend bench with SKIP_FRONTEND=1.
-# A 15-minute lease fits `TESTS_S=240 BENCH_S=300 SKIP_FRONTEND=1 ... all 170` (about 9.5 minutes with
-# the build), then `profile` at once while the machine is still warm. CASES=NAME:BATCH,... limits the
+# A 15-minute lease fits `TESTS_S=200 BENCH_S=330 SKIP_FRONTEND=1 ... all 150` (about 9.5 minutes with
+# the build). CASES=NAME:BATCH,... limits the
 # bench to those cases (e.g. the ones an earlier lease did not reach: bench_gpu.py --cases); NO_MICRO=1
 # skips the kernels-alone benchmarks.
 set -u
@@ -29,14 +29,14 @@ bench_s=${BENCH_S:-$((budget + 240))}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch, triton, transformers
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__,
-      'transformers', transformers.__version__)"; } | tee "$OUT/env.txt"
+      'transformers', transformers.__version__, 'cudnn', torch.backends.cudnn.version())"; } | tee "$OUT/env.txt"
 
 t0=$SECONDS
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
 echo "build: $((SECONDS - t0)) s"
 
 if [ "$part" = tests ] || [ "$part" = all ]; then
-    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     # openai-whisper is the CUDA log-mel's reference (test_mel.py imports it); -m gpu picks its CUDA tests.
     mel_test=$(python3 -c "import whisper" 2>/dev/null && echo "tests/test_mel.py")
     # SIGINT at the cap, so pytest still reports what ran and the slowest tests.
@@ -49,13 +49,15 @@ if [ "$part" = tests ] || [ "$part" = all ]; then
         grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|error|skipped)|^[0-9.]+s (call|setup)" "$OUT/$log.log" |
             cut -c1-300 | tail -25
     }
-    # First the real sizes, autotuned as users run them, with 2/3 of the time (on an H200 the small ones
-    # took 49 s of 120); then the kernel and backend tests at small odd shapes with one config per
-    # kernel (AUDIOENC_AUTOTUNE=0): there, tuning every new shape only costs time.
-    t0=$SECONDS
-    run_tests tests_real_sizes $((tests_s * 2 / 3)) -m gpu tests/test_kernels.py tests/test_triton_backend.py $mel_test
-    AUDIOENC_AUTOTUNE=0 run_tests tests_small $((tests_s - (SECONDS - t0))) -m "not gpu" \
-        tests/test_kernels.py tests/test_triton_backend.py
+    # At the same time, each with the whole time: the real sizes, autotuned as users run them, and the
+    # kernel and backend tests at small odd shapes with one config per kernel (AUDIOENC_AUTOTUNE=0):
+    # there, tuning every new shape only costs time. Their summaries print in that order.
+    run_tests tests_real_sizes "$tests_s" -m gpu tests/test_kernels.py tests/test_triton_backend.py $mel_test \
+        >/tmp/tests_real_sizes.summary &
+    AUDIOENC_AUTOTUNE=0 run_tests tests_small "$tests_s" -m "not gpu" tests/test_kernels.py tests/test_triton_backend.py \
+        >/tmp/tests_small.summary &
+    wait
+    cat /tmp/tests_real_sizes.summary /tmp/tests_small.summary
 fi
 
 if [ "$part" = bench ] || [ "$part" = all ]; then
