@@ -240,8 +240,8 @@ class AudioEncoder:
 
         def merged(tensors: list[torch.Tensor]) -> torch.Tensor:
             """The groups' (B_g, T_g, D) outputs as one (B, T, D) in the caller's order."""
-            in_group_order = pad_items([row for t in tensors for row in t])
-            return torch.empty_like(in_group_order).index_copy_(0, order, in_group_order)
+            in_group_order = pad_items([row for t in tensors for row in t])  # on the backend's device
+            return torch.empty_like(in_group_order).index_copy_(0, order.to(in_group_order.device), in_group_order)
 
         hidden = None
         if output_hidden_states:

@@ -8,7 +8,8 @@
 # tests compiled instead of interpreted), in parallel workers when pytest-xdist is there.
 # `bench`: the CUDA frontend and bench_gpu.py, which
 # starts no new case once BENCH_BUDGET_S (default 200) seconds are spent. `profile`: the triton
-# backend's time per kernel at whisper-large-v3 and wav2vec2-large, batch 16 (about a minute). `sweep`:
+# backend's time per kernel at wav2vec2-base:64, wav2vec2-large:16 and whisper-large-v3:16 (or CASES),
+# in a graph replay and eagerly (a few minutes). `sweep`:
 # every attention config timed alone (sweep_attention.py, about three minutes). `groups`: lists of mixed
 # lengths at several per-call costs of the encoder's GPU grouping (bench_gpu_groups.py, a few minutes).
 # `all` (default) does tests and bench; on a lease of 10-minute calls, run them as two calls, or cap the
@@ -80,9 +81,13 @@ if [ "$part" = sweep ]; then
 fi
 
 if [ "$part" = profile ]; then
-    timeout 300 python3 benchmarks/profile_gpu.py >"$OUT/profile_gpu.log" 2>&1
-    echo "profile_gpu: rc $?"
-    grep -vE "^(USDT|STAGE)" "$OUT/profile_gpu.log" | tail -45
+    # A CUDA-graph replay (what users run) and an eager forward of each case: stop 26 saw them differ.
+    cases=${CASES:-wav2vec2-base:64,wav2vec2-large:16,whisper-large-v3:16}
+    for mode in --graphs ""; do
+        timeout 200 python3 benchmarks/profile_gpu.py --cases "$cases" --top 10 $mode >>"$OUT/profile_gpu.log" 2>&1
+        echo "profile_gpu $mode: rc $?"
+    done
+    grep -E "^(###|\| [^k-])" "$OUT/profile_gpu.log" | cut -c1-160
 fi
 
 if [ "$part" = groups ]; then
