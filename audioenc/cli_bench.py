@@ -151,8 +151,8 @@ def cmd_bench(args) -> int:
             return 2
         if label in calls:
             continue  # the same backend, dtype and device twice
-        if output.is_cuda:
-            call = lambda call=call: (call(), torch.cuda.synchronize())
+        if output.is_cuda:  # wait for the GPU the output is on, not the current one
+            call = lambda call=call, device=output.device: (call(), torch.cuda.synchronize(device))
         calls[label], outputs[label] = call, output
         print(f"{label}: loaded and first call in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     times = timed_rounds(calls, args.repeats, args.warmup)
@@ -164,7 +164,7 @@ def cmd_bench(args) -> int:
     frames = min(output.shape[1] for output in outputs.values())
     print(f"model {args.model}; batch {args.batch} x {args.seconds:g} s; output layer "
           f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, torch threads {torch.get_num_threads()}")
-    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    gpu = f"; GPU {torch.cuda.get_device_name(first.device)}" if first.is_cuda else ""
     print(f"machine: CPU {cpu_name()} ({vector_isa()}), {os.cpu_count()} cores{gpu}")
     print(f"{'backend':34s} {'median ms':>10s} {'p90 ms':>9s} {'ms/item':>9s} {'RTF':>8s} {'x real time':>12s} "
           f"{'speed vs 1st':>13s} {'rel. err vs 1st':>16s}")

@@ -237,11 +237,12 @@ class AudioEncoder:
         order = torch.tensor([i for group in groups for i in group])
         lengths = torch.empty(len(waves), dtype=torch.int64)
         lengths[order] = torch.cat([out.lengths for out in outs])
+        order = order.to(outs[0].last_hidden_state.device)  # once: each copy to a GPU waits for it
 
         def merged(tensors: list[torch.Tensor]) -> torch.Tensor:
             """The groups' (B_g, T_g, D) outputs as one (B, T, D) in the caller's order."""
-            in_group_order = pad_items([row for t in tensors for row in t])  # on the backend's device
-            return torch.empty_like(in_group_order).index_copy_(0, order.to(in_group_order.device), in_group_order)
+            in_group_order = pad_items([row for t in tensors for row in t])
+            return torch.empty_like(in_group_order).index_copy_(0, order, in_group_order)
 
         hidden = None
         if output_hidden_states:
@@ -265,8 +266,9 @@ class AudioEncoder:
         out, hidden_states, frame_lengths = self.backend.run(inputs, torch.from_numpy(lengths), num_layers,
                                                                    output_hidden_states)
         frame_lengths = normal_tensor(frame_lengths.cpu())
-        hidden = tuple(zero_padding(h, frame_lengths) for h in hidden_states) if output_hidden_states else None
-        return EncoderOutput(zero_padding(out, frame_lengths), hidden_states=hidden, lengths=frame_lengths)
+        clean = padding_zeroer(frame_lengths, out)
+        hidden = tuple(clean(h) for h in hidden_states) if output_hidden_states else None
+        return EncoderOutput(clean(out), hidden_states=hidden, lengths=frame_lengths)
 
     def _encode_whisper(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
         """Each item is cut into consecutive 30 s windows (the last one padded); every window is
@@ -387,12 +389,14 @@ def finite_items(x: torch.Tensor) -> np.ndarray:
     return torch.isfinite(x).flatten(1).all(1).cpu().numpy()
 
 
-def zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """x with the frames past each item's length set to 0 (x's memory when no item is padded)."""
-    if int(lengths.min()) == x.shape[1]:
-        return normal_tensor(x)
-    valid = valid_mask(lengths.to(x.device), x.shape[1])
-    return x.masked_fill(~valid[..., None], 0)  # not a product: NaN x 0 would stay NaN
+def padding_zeroer(lengths: torch.Tensor, like: torch.Tensor):
+    """A function that sets the frames past each item's length to 0 in (B, T, D) tensors shaped like
+    ``like`` (and returns their memory when no item is padded); the mask is made, and sent to a
+    GPU, once for all of a call's hidden states."""
+    if int(lengths.min()) == like.shape[1]:
+        return normal_tensor
+    invalid = ~valid_mask(lengths.to(like.device), like.shape[1])[..., None]
+    return lambda x: x.masked_fill(invalid, 0)  # not a product: NaN x 0 would stay NaN
 
 
 def pool_frames(x: torch.Tensor, lengths: torch.Tensor, pool: str) -> torch.Tensor:

@@ -92,6 +92,12 @@ def mel_filters(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE)
     return weights
 
 
+@lru_cache(maxsize=None)
+def _mel_filters_on(n_mels: int, device: torch.device) -> torch.Tensor:
+    """mel_filters as a tensor on device, copied there once (each copy to a GPU waits for it)."""
+    return torch.from_numpy(mel_filters(n_mels).copy()).to(device)
+
+
 def _stft_power(audio: torch.Tensor, padding: int) -> torch.Tensor:
     if padding > 0:
         audio = torch.nn.functional.pad(audio, (0, padding))
@@ -116,8 +122,7 @@ def log_mel_spectrogram_ref(audio: torch.Tensor, n_mels: int = 80, padding: int 
     floor at max - 8 per item, then (x + 4) / 4 (``normalize=False`` stops after the log10).
     """
     power = _stft_power(torch.as_tensor(audio, dtype=torch.float32), padding)
-    filters = torch.from_numpy(mel_filters(n_mels).copy()).to(power.device)
-    log_spec = torch.clamp(filters @ power, min=1e-10).log10()
+    log_spec = torch.clamp(_mel_filters_on(n_mels, power.device) @ power, min=1e-10).log10()
     if not normalize:
         return log_spec
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)

@@ -282,7 +282,8 @@ class EncoderStream:
             encoded = self.encode_samples([samples for samples, _, _ in kept])
             pieces = [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, kept)]
             # As encode: never NaN or Inf frames. The windows before an overflowing one keep theirs.
-            good = next((i for i, p in enumerate(pieces) if not bool(torch.isfinite(p).all())), len(pieces))
+            finite = torch.stack([torch.isfinite(p).all() for p in pieces]).cpu()  # one wait on a GPU
+            good = next((i for i, ok in enumerate(finite.tolist()) if not ok), len(pieces))
             if good:
                 self._done.append((first, torch.cat(pieces[:good])))
             if good < len(pieces):
@@ -305,8 +306,8 @@ class EncoderStream:
         """Windows at 16 kHz -> their (frames, dim), encoded as one batch: float32 on the CPU, or
         as the backend returns them (its device and dtype) for encode_long."""
         out = self.encoder._encode_items(windows, self.num_layers, output_hidden_states=False)
-        items = [out.last_hidden_state[i, : out.lengths[i]] for i in range(len(windows))]
-        return items if self.backend_output else [x.float().cpu() for x in items]
+        hidden = out.last_hidden_state if self.backend_output else out.last_hidden_state.float().cpu()  # one copy
+        return [hidden[i, : out.lengths[i]] for i in range(len(windows))]
 
 
 def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_s: float,

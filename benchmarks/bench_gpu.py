@@ -12,8 +12,8 @@ Reported: ms per item, real-time factor (compute time / audio time), speed-up of
 peer, the fraction of the measured bf16 matmul rate that triton reaches (FLOPs counted
 from the dims), and audioenc's relative error against its float32 reference. First, timed from
 CUDA graphs: the attention kernel alone against torch SDPA, fc1 + GELU as one kernel against
-cuBLAS with a GELU pass and with the GELU in its epilogue, and the conv feature kernels against
-cuDNN + torch's LayerNorm and GELU. For whisper the float16 residual stream and our attention kernel
+cuBLAS with a GELU pass and with the GELU in its epilogue, the conv feature kernels against
+cuDNN + torch's LayerNorm and GELU, and the positional conv kernel against cuDNN. For whisper the float16 residual stream and our attention kernel
 alone (where the backend keeps cuDNN's), the alternatives to the defaults, get rows of their own.
 
 Without CUDA (--tiny) the same pipeline runs at tiny sizes on the CPU with the kernels in Triton's
@@ -388,23 +388,32 @@ def conv_vs_cudnn(repeats, device, dtype):
     return rows
 
 
-def positional_conv_rate(repeats, device, dtype) -> str:
-    """The grouped positional conv (wav2vec2-large: 16 groups, kernel 128, 10 s at batch 16), which
-    the backend leaves to cuDNN, on (B, C, T)-contiguous input as the backend now gives it, and on
-    the transposed (B, T, C) view it gave until stop 17 (where a profile showed cuDNN running it
-    as one kernel per group with layout conversions: 3.5 ms of wav2vec2-large's 16.8)."""
-    b, frames, c, k, groups = (16, 499, 1024, 128, 16) if not TINY else (2, 49, 64, 16, 4)
-    x = torch.randn(b, frames, c, device=device, dtype=dtype)
-    w = torch.randn(c, c // groups, k, device=device, dtype=dtype) / (c // groups * k) ** 0.5
-    conv = lambda inputs: torch.nn.functional.conv1d(inputs, w, None, padding=k // 2, groups=groups)
-    t = graph_timed(lambda: conv(x.transpose(1, 2).contiguous()), repeats)
-    t_view = graph_timed(lambda: conv(x.transpose(1, 2)), repeats)
-    flops = 2 * b * (frames + 1) * c * (c // groups) * k
-    line = (f"Positional conv ({groups} groups, kernel {k}, {c} channels, {frames} frames, batch {b}) on cuDNN, as "
-            f"the backend runs it (input copied to (B, C, T) first): {1000 * t:.3f} ms, {flops / t / 1e12:.0f} "
-            f"TFLOP/s; on the transposed (B, T, C) view: {1000 * t_view:.3f} ms.")
-    print(line, flush=True)
-    return line
+def positional_conv_vs_cudnn(repeats, device, dtype) -> list[str]:
+    """The grouped positional conv (16 groups, kernel 128) + GELU of wav2vec2-large (batch 16) and
+    base (batch 64) at 10 s: cuDNN as the backend calls it (bias, input copied to (B, C, T)), eagerly
+    and replayed from a CUDA graph (stop 26's eager profile ran it 5x slower than the graph seemed
+    to), cuDNN on the transposed view, and audioenc's kernel, which the backend times against cuDNN."""
+    from audioenc.backends.triton import _PositionalConv
+
+    rows = []
+    # 499 frames: 10 s as the eager profile ran it; 511: the backend's length bucket for 10 s.
+    shapes = [("wav2vec2-large", 16, 499, 1024), ("wav2vec2-large", 16, 511, 1024),
+              ("wav2vec2-base", 64, 511, 768)] if not TINY else [
+        ("tiny", 2, 49, 64)]
+    for label, b, frames, c in shapes:
+        k, groups = (128, 16) if not TINY else (16, 4)
+        conv = torch.nn.Conv1d(c, c, k, padding=k // 2, groups=groups)
+        pos = _PositionalConv(conv, dtype, torch.device(device))
+        x = torch.randn(b, frames, c, device=device, dtype=dtype)
+        view = lambda: torch.nn.functional.gelu(torch.nn.functional.conv1d(
+            x.transpose(1, 2), pos.weight, pos.bias, padding=k // 2, groups=groups)[..., :frames])
+        t_eager = timed(lambda: pos.cudnn(x), repeats)
+        t_graph, t_view, t_ours = (graph_timed(fn, repeats) for fn in (lambda: pos.cudnn(x), view, lambda: pos.triton(x)))
+        flops = 2 * b * frames * c * (c // groups) * k
+        rows.append(f"| {label}, batch {b}, {frames} frames | {1000 * t_eager:.3f} | {1000 * t_graph:.3f} | "
+                    f"{1000 * t_view:.3f} | {1000 * t_ours:.3f} | {t_graph / t_ours:.2f}x | {flops / t_ours / 1e12:.0f} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def micro_benchmarks(repeats, device, dtype) -> list[str]:
@@ -412,7 +421,7 @@ def micro_benchmarks(repeats, device, dtype) -> list[str]:
     att_rows = attention_vs_sdpa(repeats, device, dtype)
     fc1_rows = linear_gelu_vs_cublas(repeats, device, dtype)
     conv_rows = conv_vs_cudnn(repeats, device, dtype)
-    pos_line = positional_conv_rate(repeats, device, dtype)
+    pos_rows = positional_conv_vs_cudnn(repeats, device, dtype)
     return [
         "Attention alone (ms per call, 20 calls replayed from a CUDA graph):",
         "",
@@ -437,7 +446,14 @@ def micro_benchmarks(repeats, device, dtype) -> list[str]:
         "|---|---|---:|---:|---:|---:|",
         *conv_rows,
         "",
-        pos_line,
+        "Positional conv + GELU alone (16 groups, kernel 128; ms per call): cuDNN as the backend calls it, "
+        "eagerly and replayed from a CUDA graph, cuDNN on the transposed (B, T, C) view (graph), and audioenc's "
+        "kernel (graph), which the backend times against cuDNN at its first call per shape.",
+        "",
+        "| shape | cuDNN eager | cuDNN graph | cuDNN, transposed view | audioenc | speed-up vs cuDNN graph | "
+        "audioenc TFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *pos_rows,
         "",
     ]
 

@@ -27,7 +27,7 @@ INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 RUN_HERE = ON_GPU or INTERPRETER_CHILD
 DEVICE = "cuda" if ON_GPU else "cpu"
 KERNEL_MODULES = ("audioenc.kernels.attention", "audioenc.kernels.conv_feature", "audioenc.kernels.layer_norm",
-                  "audioenc.kernels.linear_gelu", "audioenc.kernels.wavlm_gate")
+                  "audioenc.kernels.linear_gelu", "audioenc.kernels.pos_conv", "audioenc.kernels.wavlm_gate")
 
 
 def run_file_in_interpreter(path: str, timeout: int = 600) -> None:
@@ -247,6 +247,59 @@ def test_conv_argument_errors(kernels):
                                    None, randn(16), randn(16), 5)
 
 
+# ---------------------------------------------------------------- positional conv
+
+POS_CONV_CASES = [  # (channels, groups, kernel, frames)
+    (32, 2, 16, 97),    # even kernel: the last frame dropped
+    (48, 1, 5, 2),      # odd kernel; 48 channels per group, as in base models (768 / 16)
+    (64, 4, 4, 1),      # one frame, 16 per group
+    (40, 4, 15, 37),    # 10 per group: a partial channel chunk
+    (160, 2, 3, 19),    # 80 per group: two output-channel tiles
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("channels,groups,ksize,frames", POS_CONV_CASES)
+def test_grouped_conv1d_gelu_matches_reference(kernels, channels, groups, ksize, frames, dtype):
+    pos = kernels["pos_conv"]
+    gen = torch.Generator().manual_seed(channels + frames)
+    x = randn(2, frames, channels, dtype=dtype, gen=gen)
+    weight = randn(channels, channels // groups, ksize, dtype=dtype, scale=(channels // groups * ksize) ** -0.5, gen=gen)
+    bias = randn(channels, dtype=dtype, scale=0.2, gen=gen)
+    out = pos.grouped_conv1d_gelu(x, weight, bias, groups)
+    assert out.shape == x.shape and out.dtype == dtype
+    truth = pos.grouped_conv1d_gelu_ref(x, weight, bias, groups).float()
+    check(out, truth, pos.grouped_conv1d_gelu_ref(x, weight, bias, groups, compute_dtype=dtype), dtype)
+
+
+def test_grouped_conv1d_gelu_reads_any_strides_and_zero_pads_both_ends(kernels):
+    """A transposed (B, C, T) input and the taps-first weight layout the backend keeps; frames past
+    either end count as zeros, so an item's frames do not depend on what lies beyond its length."""
+    pos = kernels["pos_conv"]
+    x, weight, bias = randn(2, 32, 41), randn(32, 8, 16, scale=0.1), randn(32, scale=0.2)
+    packed = weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    out = pos.grouped_conv1d_gelu(x.transpose(1, 2), packed, bias, 4)
+    check(out, pos.grouped_conv1d_gelu_ref(x.transpose(1, 2).contiguous(), weight, bias, 4), None, torch.float32)
+    window = x.transpose(1, 2)[:1, 5:30]  # a view: real frames lie in memory on either side
+    alone = pos.grouped_conv1d_gelu(window, packed, bias, 4)
+    check(alone, pos.grouped_conv1d_gelu_ref(window.contiguous(), weight, bias, 4), None, torch.float32)
+
+
+def test_grouped_conv1d_gelu_argument_errors(kernels):
+    pos = kernels["pos_conv"]
+    x, w, b = randn(1, 9, 32), randn(32, 8, 4), randn(32)
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        pos.grouped_conv1d_gelu(x, w, b, 3)
+    with pytest.raises(ValueError, match=r"weight must be \(32, 16, K\)"):
+        pos.grouped_conv1d_gelu(x, w, b, 2)
+    with pytest.raises(ValueError, match="bias must be"):
+        pos.grouped_conv1d_gelu(x, w, b[:8], 4)
+    with pytest.raises(ValueError, match="x's dtype"):
+        pos.grouped_conv1d_gelu(x, w.half(), b, 4)
+    with pytest.raises(ValueError, match="channels-last"):
+        pos.grouped_conv1d_gelu(x[0], w, b, 4)
+
+
 # ---------------------------------------------------------------- residual add + LayerNorm
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -429,6 +482,21 @@ def test_conv_real_sizes(kernels, dtype):
     out = conv.conv1d_gelu(mel.transpose(1, 2), w1, None, 1, 1)
     check(out, conv.conv1d_gelu_ref(mel.transpose(1, 2), w1, None, 1, 1),
           conv.conv1d_gelu_ref(mel.transpose(1, 2), w1, None, 1, 1, compute_dtype=dtype), dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", HALF + [torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("channels", [768, 1024], ids=["base", "large"])
+def test_grouped_conv1d_gelu_real_sizes(kernels, channels, dtype):
+    """The positional conv of base and large models (16 groups, kernel 128) on 10 s of frames."""
+    pos = kernels["pos_conv"]
+    x = randn(4, 499, channels, dtype=dtype)
+    weight = randn(channels, channels // 16, 128, dtype=dtype, scale=(channels // 16 * 128) ** -0.5)
+    bias = randn(channels, dtype=dtype, scale=0.2)
+    out = pos.grouped_conv1d_gelu(x, weight.permute(2, 1, 0).contiguous().permute(2, 1, 0), bias, 16)
+    check(out, pos.grouped_conv1d_gelu_ref(x, weight, bias, 16),
+          pos.grouped_conv1d_gelu_ref(x, weight, bias, 16, compute_dtype=dtype), dtype)
 
 
 def test_autotune_configs_per_mode(monkeypatch):

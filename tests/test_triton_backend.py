@@ -218,6 +218,27 @@ def test_only_half_precision_attention_without_mask_considers_cudnn(whisper_chec
     assert all(block.unmasked_attention is not None for block in load(path, "float16").backend.model.blocks)
 
 
+@pytest.mark.parametrize("kernel", [16, 15])
+def test_both_positional_conv_paths_compute_the_models_conv(kernel):
+    """cuDNN's and our kernel's positional conv against the reference model's module (an even kernel
+    drops the last frame); off CUDA the backend runs ours."""
+    from audioenc.backends.triton import _PositionalConv
+    from audioenc.config import Wav2Vec2Dims
+    from audioenc.models.wav2vec2 import PositionalConvEmbedding
+
+    dims = Wav2Vec2Dims.from_config("wav2vec2", dict(hidden_size=48, num_conv_pos_embeddings=kernel,
+                                                     num_conv_pos_embedding_groups=3))
+    module = PositionalConvEmbedding(dims).to(DEVICE).eval()
+    pos = _PositionalConv(module.conv, torch.float32, torch.device(DEVICE))
+    x = torch.randn(2, 37, 48, device=DEVICE)
+    with torch.no_grad():
+        truth = module(x)
+        for path in ("cudnn", "triton"):
+            assert rel_err(getattr(pos, path)(x), truth) <= 1e-5, path
+        if not ON_GPU:
+            assert rel_err(pos(x), truth) <= 1e-5 and not pos.choices  # ours, untimed
+
+
 @pytest.mark.parametrize("cudnn,capability,usable", [(91501, (9, 0), True), (91500, (9, 0), False),
                                                      (91002, (9, 0), False), (92000, (7, 5), False)])
 def test_cudnn_attention_needs_ampere_and_cudnn_9_15_1(cudnn, capability, usable, monkeypatch):
@@ -526,6 +547,27 @@ def test_both_layer_norm_conv_paths_meet_the_half_precision_rule(path):
         layer.choices[next(iter(layer.choices))] = path
         naive = reference(x, torch.float16)
         assert rel_err(layer(x.half()), truth) <= 2 * rel_err(naive, truth)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path", ["cudnn", "triton"])
+@pytest.mark.parametrize("channels", [768, 1024], ids=["base", "large"])
+def test_both_positional_conv_paths_meet_the_half_precision_rule(channels, path):
+    """The positional conv of base and large models at 10 s, batch 4, forced each way."""
+    from audioenc.backends.triton import _PositionalConv
+
+    conv = torch.nn.Conv1d(channels, channels, 128, padding=64, groups=16).cuda()
+    pos = _PositionalConv(conv, torch.float16, torch.device("cuda"))
+    x = torch.randn(4, 499, channels, device="cuda")
+    reference = lambda t, dtype: torch.nn.functional.gelu(conv.to(dtype)(t.to(dtype).transpose(1, 2))[..., :-1])
+    with torch.no_grad():
+        truth = reference(x, torch.float32).transpose(1, 2)
+        pos(x.half())
+        assert list(pos.choices.values())[0] in ("cudnn", "triton")  # timed once at the first call
+        pos.choices[next(iter(pos.choices))] = path
+        naive = reference(x, torch.float16).transpose(1, 2)
+        assert rel_err(pos(x.half()), truth) <= 2 * rel_err(naive, truth)
 
 
 @pytest.mark.gpu

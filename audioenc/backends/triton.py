@@ -4,8 +4,9 @@ Same math as audioenc/models (the float32 reference), re-implemented here from i
 conv feature layers fused with their norm and GELU, fused QKV projections, flash attention with the
 key-padding mask and WavLM's gated relative bias inside the kernel (its gate from one small kernel),
 residual add fused with LayerNorm, fc1 + bias + GELU in one kernel where that beats cuBLAS plus a
-GELU pass. Other matmuls and the grouped positional conv use cuBLAS/cuDNN through torch, and so may
-unmasked half-precision attention (Whisper's) where cuDNN's kernel runs faster than ours. Half precision
+GELU pass, the grouped positional conv + GELU in one kernel where that beats cuDNN. Other matmuls
+use cuBLAS through torch, and so may unmasked half-precision attention (Whisper's) where cuDNN's
+kernel runs faster than ours. Half precision
 with float32 LayerNorm/softmax statistics; pre-LN residual streams stay in float32 so large
 activations cannot overflow float16. On CUDA, forward passes are captured in CUDA graphs per
 (batch bucket, length bucket, layers). With TRITON_INTERPRET=1 the same code runs on CPU tensors
@@ -193,6 +194,36 @@ class _ConvLayerNormGelu(_FasterPath):
         return add_layer_norm(y, None, *self.norm, out_dtype=self.dtype, apply_gelu=True)[0]
 
 
+class _PositionalConv(_FasterPath):
+    """gelu(grouped conv(x) + bias) over (B, T, C), the length kept: cuDNN through torch, or
+    audioenc's kernel (kernels/pos_conv.py). cuDNN's choice of algorithm for this conv proved fickle
+    (one kernel per group with layout conversions in an eager wav2vec2-large forward, 5x its fast
+    algorithm's time; H200), so the faster is timed per shape."""
+
+    WHAT, TRUSTED, CANDIDATE = "the positional conv", "cudnn", "triton"
+
+    def __init__(self, conv: nn.Conv1d, dtype, device):
+        super().__init__({})
+        self.weight = conv.weight.detach().to(device, dtype)
+        self.bias = conv.bias.detach().to(device, dtype)
+        self.groups = conv.groups
+        # (K, C_in / groups, C_out) memory, nn.Conv1d's shape: the kernel's best load order.
+        self.weight_taps_first = self.weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+
+    def cudnn(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[1]
+        # On the transposed view cuDNN ran one kernel per group plus layout conversions (stop 17);
+        # on a (B, C, T) copy it did too in an eager forward (stop 26), but not in the micro-benchmark.
+        pos = F.conv1d(x.transpose(1, 2).contiguous(), self.weight, self.bias, padding=self.weight.shape[2] // 2,
+                       groups=self.groups)
+        return F.gelu(pos[..., :frames]).transpose(1, 2)  # even kernels drop the last frame
+
+    def triton(self, x: torch.Tensor) -> torch.Tensor:
+        from audioenc.kernels.pos_conv import grouped_conv1d_gelu
+
+        return grouped_conv1d_gelu(x, self.weight_taps_first, self.bias, self.groups)
+
+
 class _UnmaskedAttention(_FasterPath):
     """Half-precision attention without key mask or bias (Whisper's windows), from the fused QKV
     projection's (B, T, 3, H, D) output: audioenc's kernel, or cuDNN's fused attention through
@@ -230,6 +261,8 @@ def kept_paths(model) -> str:
     """What the timed choices of a _FastWav2Vec2 / _FastWhisper kept so far, for benchmark labels:
     e.g. 'fc1 + GELU: cublas; conv + LayerNorm + GELU: split'."""
     kept = {"fc1 + GELU": list(model.fc1_choices.values()), "attention": list(model.attention_choices.values())}
+    if hasattr(model, "pos_conv"):
+        kept["positional conv"] = list(model.pos_conv.choices.values())
     for conv in getattr(model, "layer_norm_convs", {}).values():
         kept.setdefault("conv + LayerNorm + GELU", []).extend(conv.choices.values())
     return "; ".join(f"{what}: {'/'.join(sorted(set(names)))}" for what, names in kept.items() if names)
@@ -356,10 +389,7 @@ class _FastWav2Vec2:
         self.proj_norm = _Norm(projection.layer_norm, device) if projection.layer_norm is not None else None
         self.projection = _Linear([projection.projection], dtype, device)
         encoder = model.encoder
-        pos = encoder.pos_conv_embed
-        self.pos_weight = pos.conv.weight.detach().to(device, dtype)
-        self.pos_bias = pos.conv.bias.detach().to(device, dtype)
-        self.pos_groups, self.pos_padding = pos.conv.groups, pos.conv.padding[0]
+        self.pos_conv = _PositionalConv(encoder.pos_conv_embed.conv, dtype, device)
         self.pre_norm = encoder.pre_norm
         self.encoder_norm = _Norm(encoder.layer_norm, device)
         self.fc1_choices, self.attention_choices = {}, {}
@@ -396,11 +426,7 @@ class _FastWav2Vec2:
         frames = x.shape[1]
         valid = valid_mask(frame_lengths, frames)
         x = x * valid[..., None].to(x.dtype)  # padding must not leak into valid frames via the pos conv
-        # cuDNN ran this grouped conv on the transposed view as one kernel per group plus layout
-        # conversions (wav2vec2-large, batch 16, H200: 3.5 ms, 21% of the forward); the copy costs ~10 us.
-        pos = F.conv1d(x.transpose(1, 2).contiguous(), self.pos_weight, self.pos_bias, padding=self.pos_padding,
-                       groups=self.pos_groups)
-        pos = F.gelu(pos[..., :frames]).transpose(1, 2)  # even kernels drop the last frame
+        pos = self.pos_conv(x)
         if self.pre_norm:
             x = x.float() + pos.float()
         else:
