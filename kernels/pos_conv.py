@@ -6,7 +6,7 @@ nn.Conv1d's; padding K // 2 with the last frame dropped for even K (as the model
 output is (B, T, C) too. Each program computes a (frames x output channels) tile of one group as an
 implicit matmul: one loop over (tap, input-channel chunk), each step a tl.dot of a shifted block of
 input rows with that tap's weights. Base models have 48 channels per group (768 / 16), which is no
-power of two: chunks of 16 input channels and one output tile of 64 (a quarter masked off).
+power of two: chunks of 16 input channels, and output tiles of 16, 32 or 64 channels (autotuned).
 
 This exists because cuDNN's choice of algorithm for this conv proved fickle: an eager
 wav2vec2-large forward ran it as 16 per-group kernels with layout conversions (3.5 ms, H200), where
@@ -26,9 +26,12 @@ from audioenc.kernels.gelu import gelu
 
 
 def _configs():
-    return choose_configs([triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
-                           for bt, w, s in [(128, 4, 4), (64, 4, 4), (128, 8, 3), (256, 8, 3), (64, 4, 6)]],
-                          interpreted=triton.Config({"BLOCK_T": 128}, num_warps=4))
+    # Output tiles of 16 or 32 channels fit base models' 48 per group with no masked-off quarter, at the
+    # cost of reading the input rows two or three times (from L2).
+    return choose_configs([triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                           for bt, bn, w, s in [(128, 64, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3),
+                                                (64, 64, 4, 6), (128, 16, 4, 4), (128, 32, 4, 4), (256, 32, 8, 3)]],
+                          interpreted=triton.Config({"BLOCK_T": 128, "BLOCK_N": 64}, num_warps=4))
 
 
 @triton.autotune(configs=_configs(), key=["GROUP_C", "KSIZE", "LOG2_T"], **CACHE_RESULTS)
@@ -38,14 +41,15 @@ def _grouped_conv1d_gelu_kernel(
     stride_xb, stride_xt, stride_xc,
     stride_wo, stride_wi, stride_wk,
     stride_ob, stride_ot, stride_oc,
-    T, GROUP_C, N_TILES,
+    T, GROUP_C,
     LOG2_T,  # autotune key only
     KSIZE: tl.constexpr, PAD: tl.constexpr, CHUNKS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    group = tl.program_id(1) // N_TILES
-    n0 = (tl.program_id(1) % N_TILES) * BLOCK_N
+    n_tiles = tl.cdiv(GROUP_C, BLOCK_N)
+    group = tl.program_id(1) // n_tiles
+    n0 = (tl.program_id(1) % n_tiles) * BLOCK_N
     b = tl.program_id(2).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = n0 + tl.arange(0, BLOCK_N)                 # output channels within the group
@@ -100,19 +104,17 @@ def grouped_conv1d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if batch == 0 or frames == 0:
         return out
-    block_n = min(64, max(16, triton.next_power_of_2(group_c)))
-    n_tiles = triton.cdiv(group_c, block_n)
     # Chunks that divide the group's channels waste no loads: 64 for 64 or 128 channels, 16 for 48.
     block_k = 64 if group_c % 64 == 0 else 32 if group_c % 32 == 0 else 16
-    grid = lambda meta: (triton.cdiv(frames, meta["BLOCK_T"]), groups * n_tiles, batch)
+    grid = lambda meta: (triton.cdiv(frames, meta["BLOCK_T"]), groups * triton.cdiv(group_c, meta["BLOCK_N"]), batch)
     _grouped_conv1d_gelu_kernel[grid](
         x, weight, bias, out,
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(1), weight.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        frames, group_c, n_tiles, max(frames - 1, 1).bit_length(),
+        frames, group_c, max(frames - 1, 1).bit_length(),
         KSIZE=ksize, PAD=ksize // 2, CHUNKS=triton.cdiv(group_c, block_k), IEEE=x.dtype == torch.float32,
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_K=block_k,
     )
     return out
 
