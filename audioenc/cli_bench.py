@@ -164,7 +164,8 @@ def cmd_bench(args) -> int:
     frames = min(output.shape[1] for output in outputs.values())
     print(f"model {args.model}; batch {args.batch} x {args.seconds:g} s; output layer "
           f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, torch threads {torch.get_num_threads()}")
-    gpu = f"; GPU {torch.cuda.get_device_name(first.device)}" if first.is_cuda else ""
+    on_gpu = next((output.device for output in outputs.values() if output.is_cuda), None)
+    gpu = f"; GPU {torch.cuda.get_device_name(on_gpu)}" if on_gpu is not None else ""
     print(f"machine: CPU {cpu_name()} ({vector_isa()}), {os.cpu_count()} cores{gpu}")
     print(f"{'backend':34s} {'median ms':>10s} {'p90 ms':>9s} {'ms/item':>9s} {'RTF':>8s} {'x real time':>12s} "
           f"{'speed vs 1st':>13s} {'rel. err vs 1st':>16s}")

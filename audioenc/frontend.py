@@ -94,8 +94,10 @@ def mel_filters(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE)
 
 @lru_cache(maxsize=None)
 def _mel_filters_on(n_mels: int, device: torch.device) -> torch.Tensor:
-    """mel_filters as a tensor on device, copied there once (each copy to a GPU waits for it)."""
-    return torch.from_numpy(mel_filters(n_mels).copy()).to(device)
+    """mel_filters as a tensor on device, copied there once (each copy to a GPU waits for it); a
+    normal tensor even if made under inference mode, so later calls under autograd can use it."""
+    with torch.inference_mode(False):
+        return torch.from_numpy(mel_filters(n_mels).copy()).to(device)
 
 
 def _stft_power(audio: torch.Tensor, padding: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ class MultiHeadAttentionOp(torch.autograd.Function):
         batch, frames, dim = q.shape
         q, k, v = (t.view(batch, frames, num_heads, dim // num_heads).transpose(1, 2) for t in (q, k, v))
         if slot == KEY_PADDING_SLOT:
-            extra = torch.zeros(extra.shape, dtype=q.dtype, device=q.device).masked_fill_(extra == 0, torch.finfo(q.dtype).min)[:, None, None]
+            bias = torch.zeros(extra.shape, dtype=q.dtype, device=q.device)
+            extra = bias.masked_fill_(extra == 0, torch.finfo(q.dtype).min)[:, None, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=extra)
         return out.transpose(1, 2).reshape(batch, frames, dim)
 

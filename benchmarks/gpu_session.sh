@@ -52,12 +52,17 @@ if [ "$part" = tests ] || [ "$part" = all ]; then
     }
     # At the same time, each with the whole time: the real sizes, autotuned as users run them, and the
     # kernel and backend tests at small odd shapes with one config per kernel (AUDIOENC_AUTOTUNE=0):
-    # there, tuning every new shape only costs time. Their summaries print in that order.
-    run_tests tests_real_sizes "$tests_s" -m gpu tests/test_kernels.py tests/test_triton_backend.py $mel_test \
-        >/tmp/tests_real_sizes.summary &
-    AUDIOENC_AUTOTUNE=0 run_tests tests_small "$tests_s" -m "not gpu" tests/test_kernels.py tests/test_triton_backend.py \
-        >/tmp/tests_small.summary &
-    wait
+    # there, tuning every new shape only costs time. Their summaries print in that order. Their own
+    # Triton cache: autotuning under 16 test processes must not leave its choices (kept on disk) to
+    # the benchmarks.
+    (
+        export TRITON_CACHE_DIR=/tmp/triton-cache-tests
+        run_tests tests_real_sizes "$tests_s" -m gpu tests/test_kernels.py tests/test_triton_backend.py $mel_test \
+            >/tmp/tests_real_sizes.summary &
+        AUDIOENC_AUTOTUNE=0 run_tests tests_small "$tests_s" -m "not gpu" tests/test_kernels.py \
+            tests/test_triton_backend.py >/tmp/tests_small.summary &
+        wait
+    )
     cat /tmp/tests_real_sizes.summary /tmp/tests_small.summary
 fi
 

@@ -25,24 +25,30 @@ from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
 from audioenc.kernels.gelu import gelu
 
 
+# Fits 99 KB of shared memory in float32 with 64 channels per group, where the others do not.
+_SMALL = triton.Config({"BLOCK_T": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+
 def _configs():
     # Output tiles of 16 or 32 channels fit base models' 48 per group with no masked-off quarter, at the
     # cost of reading the input rows two or three times (from L2).
     return choose_configs([triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                            for bt, bn, w, s in [(128, 64, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3),
-                                                (64, 64, 4, 6), (128, 16, 4, 4), (128, 32, 4, 4), (256, 32, 8, 3)]],
-                          interpreted=triton.Config({"BLOCK_T": 128, "BLOCK_N": 64}, num_warps=4))
+                                                (64, 64, 4, 6), (128, 16, 4, 4), (128, 32, 4, 4), (256, 32, 8, 3)]]
+                          + [_SMALL], interpreted=triton.Config({"BLOCK_T": 128, "BLOCK_N": 64}, num_warps=4),
+                          fallback=_SMALL)
 
 
-@triton.autotune(configs=_configs(), key=["GROUP_C", "KSIZE", "LOG2_T"], **CACHE_RESULTS)
+
+@triton.autotune(configs=_configs(), key=["GROUP_C", "KSIZE", "LOG2_T", "LOG2_BG"], **CACHE_RESULTS)
 @triton.jit
 def _grouped_conv1d_gelu_kernel(
     X, W, Bias, Out,
     stride_xb, stride_xt, stride_xc,
-    stride_wo, stride_wi, stride_wk,
+    stride_wo, stride_wi, stride_wk, stride_bias,
     stride_ob, stride_ot, stride_oc,
     T, GROUP_C,
-    LOG2_T,  # autotune key only
+    LOG2_T, LOG2_BG,  # autotune key only: frames, and batch x groups (the grid's other two sizes)
     KSIZE: tl.constexpr, PAD: tl.constexpr, CHUNKS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -74,7 +80,7 @@ def _grouped_conv1d_gelu_kernel(
             acc += tl.dot(x, w, input_precision="ieee")
         else:
             acc += tl.dot(x, w)
-    acc += tl.load(Bias + group * GROUP_C + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(Bias + (group * GROUP_C + offs_n) * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = gelu(acc)
     tl.store(Out + b * stride_ob + offs_t[:, None] * stride_ot + (group * GROUP_C + offs_n[None, :]) * stride_oc,
              y.to(Out.dtype.element_ty), mask=(offs_t < T)[:, None] & mask_n[None, :])
@@ -101,6 +107,12 @@ def grouped_conv1d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if weight.dtype != x.dtype or weight.device != x.device or bias.device != x.device:
         raise ValueError("grouped_conv1d_gelu: weight must have x's dtype, and weight and bias x's device")
     ksize = weight.shape[2]
+    # Offsets within an item are int32: frames x channels below 2^31 (an hour of base-model frames
+    # is 1.4e8), and an input whose strides would pass it there is read from a copy.
+    if frames * channels >= 2**31:
+        raise ValueError(f"grouped_conv1d_gelu: {frames} frames x {channels} channels pass 2^31 elements per item")
+    if (frames + ksize) * max(x.stride(1), x.stride(2) * channels) >= 2**31:
+        x = x.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if batch == 0 or frames == 0:
         return out
@@ -110,9 +122,9 @@ def grouped_conv1d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     _grouped_conv1d_gelu_kernel[grid](
         x, weight, bias, out,
         x.stride(0), x.stride(1), x.stride(2),
-        weight.stride(0), weight.stride(1), weight.stride(2),
+        weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        frames, group_c, max(frames - 1, 1).bit_length(),
+        frames, group_c, max(frames - 1, 1).bit_length(), (batch * groups - 1).bit_length(),
         KSIZE=ksize, PAD=ksize // 2, CHUNKS=triton.cdiv(group_c, block_k), IEEE=x.dtype == torch.float32,
         BLOCK_K=block_k,
     )

@@ -255,6 +255,7 @@ POS_CONV_CASES = [  # (channels, groups, kernel, frames)
     (64, 4, 4, 1),      # one frame, 16 per group
     (40, 4, 15, 37),    # 10 per group: a partial channel chunk
     (160, 2, 3, 19),    # 80 per group: two output-channel tiles
+    (48, 3, 9, 300),    # several frame tiles
 ]
 
 
@@ -273,10 +274,11 @@ def test_grouped_conv1d_gelu_matches_reference(kernels, channels, groups, ksize,
 
 
 def test_grouped_conv1d_gelu_reads_any_strides_and_zero_pads_both_ends(kernels):
-    """A transposed (B, C, T) input and the taps-first weight layout the backend keeps; frames past
+    """A transposed (B, C, T) input, the taps-first weight layout the backend keeps and a strided
+    bias; frames past
     either end count as zeros, so an item's frames do not depend on what lies beyond its length."""
     pos = kernels["pos_conv"]
-    x, weight, bias = randn(2, 32, 41), randn(32, 8, 16, scale=0.1), randn(32, scale=0.2)
+    x, weight, bias = randn(2, 32, 41), randn(32, 8, 16, scale=0.1), randn(64, scale=0.2)[::2]
     packed = weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
     out = pos.grouped_conv1d_gelu(x.transpose(1, 2), packed, bias, 4)
     check(out, pos.grouped_conv1d_gelu_ref(x.transpose(1, 2).contiguous(), weight, bias, 4), None, torch.float32)
