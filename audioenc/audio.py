@@ -175,6 +175,8 @@ def as_pcm_array(x, what: str, takes_paths: bool = True) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise TypeError(f"{what}: complex tensors are not audio")
+        if x.is_meta:
+            raise TypeError(f"{what}: a tensor on the meta device holds no samples")
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
             x = x.float()
@@ -274,7 +276,8 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE, min_samples: int = 1) ->
 
 
 def find_audio_files(paths: Sequence[str]) -> list[str]:
-    """Files named directly, plus audio files found recursively under directories (sorted)."""
+    """Files named directly, plus audio files found recursively under directories (sorted). Only
+    regular files: a named pipe would block the job until something writes to it."""
     found = []
     for path in paths:
         if os.path.isdir(path):
@@ -287,9 +290,13 @@ def find_audio_files(paths: Sequence[str]) -> list[str]:
                 seen.add(real)
                 # Real directories before links, so a directory reached both ways is named by its own path.
                 dirs.sort(key=lambda d: (os.path.islink(os.path.join(root, d)), d))
-                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(AUDIO_EXTENSIONS)]
-        elif os.path.exists(path):
+                found += [os.path.join(root, f) for f in sorted(files)
+                          if f.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
+        elif os.path.isfile(path):
             found.append(path)
+        elif os.path.exists(path):
+            raise ValueError(f"{path}: not a regular file (a pipe or device cannot be read twice, and embed reads "
+                             "each file's header before its audio)")
         else:
             raise ValueError(f"{path}: no such file or directory")
     return found

@@ -24,6 +24,7 @@ KINDS = ("onnx", "tensorrt")
 WEIGHTS_RECORDS = "weights"
 META_FILE = "meta.json"
 KEY_NAME = re.compile(r"[0-9a-f]{32}")  # the entries' names: export.cache_key, tensorrt.engine_key
+RECORD_NAME = re.compile(r"[0-9a-f]{32}\.json")  # checkpoint records' (checkpoint_record._record_path)
 # An unfinished export untouched this long belongs to a process that died (a whisper-large export
 # takes minutes, not hours).
 STALE_TMP_S = 6 * 3600
@@ -139,13 +140,22 @@ def remove(entries: list[CacheEntry]) -> tuple[int, list[str]]:
 
 def remove_weights_records(unused_days: float | None = None) -> None:
     """Deletes the checkpoint records (all, or those unused for ``unused_days``); a missing one only
-    means that the next load reads and hashes its checkpoint again."""
+    means that the next load reads and hashes its checkpoint again. Only files named as records
+    (or as their unfinished writes, once stale) go: a cache may be a folder users keep files in too."""
+    from audioenc.atomic_file import TMP_PREFIX
+
     folder = os.path.join(cache_root(), WEIGHTS_RECORDS)
     now = time.time()
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)
+        if name.startswith(TMP_PREFIX):
+            age_limit = max((unused_days or 0.0) * 86400, STALE_TMP_S)  # a younger one may be being written
+        elif RECORD_NAME.fullmatch(name):
+            age_limit = (unused_days or 0.0) * 86400
+        else:
+            continue
         try:
-            if now - os.path.getmtime(path) >= (unused_days or 0.0) * 86400:
+            if os.path.isfile(path) and now - os.path.getmtime(path) >= age_limit:
                 os.remove(path)
         except OSError:  # removed meanwhile, or a read-only cache
             pass

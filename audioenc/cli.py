@@ -7,8 +7,8 @@ import os
 import sys
 
 from audioenc.atomic_file import atomic_write
-from audioenc.embed_files import (decoded_batches, embed_batch, length_batches, output_paths,
-                                  remove_stale_temporaries)
+from audioenc.embed_files import (decoded_batches, embed_batch, length_batches, output_paths, record_settings,
+                                  remove_stale_temporaries, settings_conflict)
 
 DEFAULT_ARCHITECTURE = "wav2vec2-base"
 
@@ -104,8 +104,12 @@ def cmd_embed(args) -> int:
         usage = f"--layer must be a layer number (0 or more) or 'all', got {args.layer!r}"
     elif not args.batch_size >= 1 or not args.max_batch_seconds > 0:  # NaN fails too
         usage = "--batch-size must be at least 1 and --max-batch-seconds above 0"
+    elif not args.out:
+        usage = "--out must name a directory, got ''"
     elif os.path.exists(args.out) and not os.path.isdir(args.out):
         usage = f"--out {args.out} is a file; it must be a directory"
+    elif os.path.isdir(args.out) and not os.access(args.out, os.W_OK | os.X_OK):
+        usage = f"--out {args.out} is not a directory this user may write to"
     if usage:
         print(f"error: {usage}", file=sys.stderr)
         return 2
@@ -124,6 +128,16 @@ def cmd_embed(args) -> int:
         return 2
     if os.path.isdir(args.out):
         remove_stale_temporaries(args.out)
+    settings = {"model": enc.source, "pool": args.pool, "layer": "last" if args.layer is None else args.layer}
+    conflict = None if args.overwrite else settings_conflict(args.out, settings)
+    if conflict:
+        print(f"error: {conflict}", file=sys.stderr)
+        return 2
+    try:
+        record_settings(args.out, settings)
+    except OSError as exc:
+        print(f"error: --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     failed = [f"{p}: its output {t} is a directory" for p, t in jobs.items() if os.path.isdir(t)]
     pending = [(p, t) for p, t in jobs.items() if not os.path.isdir(t) and (args.overwrite or not os.path.exists(t))]
     skipped = len(jobs) - len(pending) - len(failed)
@@ -157,6 +171,8 @@ def stream_usage_error(args) -> str | None:
         return "--realtime paces a --file; stdin arrives at its own pace"
     if args.file is not None and (args.rate is not None or args.format is not None):
         return "--rate and --format describe stdin; a --file carries its own"
+    if args.out == "":
+        return "--out must name a .npy file, got ''"
     if args.overwrite and not args.out:
         return "--overwrite replaces an --out file; there is none"
     if not 0 < args.block_ms <= MAX_BLOCK_MS:  # NaN fails too

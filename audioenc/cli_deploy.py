@@ -1,6 +1,7 @@
 """``audioenc export`` and ``audioenc verify``: added to the main parser by :func:`register`."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -29,6 +30,8 @@ def cmd_export(args) -> int:
     from audioenc.export import ExportSpec, export_to_dir
 
     try:
+        if not args.out:
+            raise ValueError("--out must name a directory, got ''")
         model = model_of(args.model)
         num_layers = model.dims.num_layers if args.layers is None else args.layers
         if not 0 <= num_layers <= model.dims.num_layers:
@@ -57,6 +60,13 @@ def cmd_export(args) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def seed(text: str) -> int:
+    """--seed's type: numpy's generators take whole numbers >= 0 only."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def cmd_verify(args) -> int:
@@ -107,5 +117,5 @@ def register(subparsers) -> None:
     verify.add_argument("--dtype", default="auto")
     verify.add_argument("--device", default="auto")
     verify.add_argument("--audio", nargs="*", help="audio files (default: generated speech-like audio, fresh each run)")
-    verify.add_argument("--seed", type=int, default=None, help="seed for the generated audio")
+    verify.add_argument("--seed", type=seed, default=None, help="seed for the generated audio (a whole number >= 0)")
     verify.set_defaults(func=cmd_verify)

@@ -6,7 +6,9 @@ import math
 import os
 import re
 
-from audioenc.atomic_file import TMP_PREFIX, atomic_write
+from audioenc.atomic_file import TMP_PREFIX, atomic_write, atomic_write_bytes
+
+SETTINGS_FILE = ".audioenc-embed.json"  # in --out: what its outputs were made with
 
 
 def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]:
@@ -27,6 +29,30 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
                                  "separately")
             mapping[path], writer[target] = target, path
     return mapping
+
+
+def settings_conflict(out_dir: str, settings: dict) -> str | None:
+    """Why outputs already in out_dir must not be kept beside new ones (they were made with other
+    settings: a rerun would silently mix two kinds of embedding), or None."""
+    import json
+
+    try:
+        with open(os.path.join(out_dir, SETTINGS_FILE)) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):  # none yet (a new --out, or one from before this record), or unreadable
+        return None
+    if previous == settings:
+        return None
+    differs = ", ".join(f"{key} {previous.get(key)!r} (now {value!r})" for key, value in settings.items()
+                        if previous.get(key) != value)
+    return f"--out {out_dir} holds embeddings made with {differs}: use another --out, or --overwrite to replace them"
+
+
+def record_settings(out_dir: str, settings: dict) -> None:
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(out_dir, SETTINGS_FILE), json.dumps(settings).encode())
 
 
 STALE_TMP_S = 3600  # a temporary lives for one write; older ones belong to a killed run

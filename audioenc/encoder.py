@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,17 @@ class EncoderOutput:
     lengths: torch.Tensor                          # (B,) valid frames per item, int64
 
 
+def _torch_on_one_thread_after_fork() -> None:
+    """torch's OpenMP thread pool does not survive a fork once it has run: a forked child's first
+    parallel torch op (padding a batch's outputs, say) hangs. Children of a fork run torch ops on one
+    thread instead, as torch's own DataLoader workers do; audioenc's heavy work runs in onnxruntime's
+    threads or on a GPU."""
+    torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_torch_on_one_thread_after_fork)
+
+
 class AudioEncoder:
     """A loaded encoder. Create it with :func:`audioenc.load`. Safe to share between threads."""
 
@@ -51,6 +63,10 @@ class AudioEncoder:
         # backend's shape buckets included), each call counted as this much audio besides: about
         # the cost of a batch-1 call of wavlm-large beyond its share of a batch-16 one on an H200.
         self.gpu_call_cost_s = 15.0
+
+    def __reduce__(self):
+        raise TypeError("an AudioEncoder cannot be pickled or copied (backends hold runtime sessions, locks and CUDA "
+                        f"graphs): load one in each process, e.g. audioenc.load({self.source!r}) in a spawn worker")
 
     def _fit_long_audio_to(self, max_samples: int | None) -> None:
         """A backend that takes inputs of at most max_samples (a TensorRT profile) gets longer items

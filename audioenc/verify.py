@@ -97,6 +97,25 @@ def outputs_of(enc, audio) -> tuple[list[torch.Tensor], torch.Tensor]:
     return [*out.hidden_states, out.last_hidden_state, enc.encode(audio).last_hidden_state], out.lengths
 
 
+VERIFY_MAX_ITEM_S = 600
+
+
+def whole_items(audio, encoders) -> list:
+    """The audio decoded, with the encoders set to take each item whole: verify compares every
+    layer's hidden states, which items past long_audio_threshold_s (encoded in windows) do not have.
+    Items over VERIFY_MAX_ITEM_S are refused (attention memory grows with the square of the length)."""
+    from audioenc.audio import to_waveforms
+
+    waves = to_waveforms(audio, min_samples=max(enc.min_samples for enc in encoders))
+    longest = max(len(w) for w in waves) / 16000
+    if longest > VERIFY_MAX_ITEM_S:
+        raise ValueError(f"verify compares every layer of whole items, so it takes items of at most "
+                         f"{VERIFY_MAX_ITEM_S} s; got one of {longest:.0f} s: give it a clip")
+    for enc in encoders:
+        enc.long_audio_threshold_s = max(enc.long_audio_threshold_s, longest)
+    return waves
+
+
 def verify(source: str, backend: str, dtype: str = "auto", device: str = "auto", audio=None,
            seed: int | None = None) -> Report:
     """Runs ``backend`` and the torch float32 reference on ``audio`` (a path, array or list; fresh
@@ -111,6 +130,7 @@ def verify(source: str, backend: str, dtype: str = "auto", device: str = "auto",
         audio = generated_audio(enc.family, seed)
         report.extra.append("input: generated speech-like audio, items of "
                             + ", ".join(f"{len(a) / 16000:g} s" for a in audio))
+    audio = whole_items(audio, (ref_enc, enc))
     counts = getattr(enc.backend, "fused_op_counts", None)
     if counts is not None:
         report.extra.append("fused ops: " + ", ".join(f"{k} {v}" for k, v in counts().items() if v))
@@ -121,6 +141,7 @@ def verify(source: str, backend: str, dtype: str = "auto", device: str = "auto",
     half_ref = None
     if resolved in HALF_DTYPES:  # the error budget: the plain torch model in the same precision
         half_enc = audioenc.load(source, backend="torch", device=enc.backend.device, dtype=resolved)
+        half_enc.long_audio_threshold_s = enc.long_audio_threshold_s
         half_ref, _ = outputs_of(half_enc, audio)
     for i, (name, mine, want) in enumerate(zip(layer_names(len(ref) - 2), ours, ref)):
         max_abs, rel, cosine = layer_errors(mine.float().cpu(), want, lengths)

@@ -43,12 +43,16 @@ def filled(tmp_path, monkeypatch):
         f.write(b"\0" * 10)                                     # shared timing cache: not an entry
     make_entry(tmp_path, "onnx", "users-models", 80, 30)         # not audioenc's: never listed or removed
     os.makedirs(os.path.join(tmp_path, cache.WEIGHTS_RECORDS))
-    for name, age_days in (("old", 10), ("new", 0.5)):            # checkpoint records (checkpoint_record.py)
-        record = os.path.join(tmp_path, cache.WEIGHTS_RECORDS, f"{name}.json")
+    for name, age_days in ((OLD_RECORD, 10), (NEW_RECORD, 0.5),   # checkpoint records (checkpoint_record.py)
+                           ("my_finetuned_model.pt", 40)):       # a user's file: never removed
+        record = os.path.join(tmp_path, cache.WEIGHTS_RECORDS, name)
         with open(record, "w") as f:
             f.write('{"digest": "0"}')
         os.utime(record, (time.time() - age_days * DAY,) * 2)
     return tmp_path
+
+
+OLD_RECORD, NEW_RECORD = "0" * 32 + ".json", "f" * 32 + ".json"
 
 
 def test_lists_entries_oldest_use_first_with_sizes_and_what_made_them(filled):
@@ -81,10 +85,10 @@ def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
     assert sorted(os.listdir(os.path.join(filled, "onnx"))) == sorted([".tmp-dead", ".tmp-young", "b" * 32, "d" * 32,
                                                                         "e" * 32, "users-models"])
     assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]
-    assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == ["new.json"]
+    assert sorted(os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS))) == [NEW_RECORD, "my_finetuned_model.pt"]
     assert main(["cache", "--clear"]) == 0
     assert sorted(os.listdir(os.path.join(filled, "onnx"))) == [".tmp-young", "users-models"]
-    assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == []
+    assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == ["my_finetuned_model.pt"]
 
 
 def test_cli_rejects_unused_days_without_clear(filled, capsys):

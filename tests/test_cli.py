@@ -48,7 +48,7 @@ def test_embed_directory_mean_and_frames(audio_tree, tmp_path, w2v_checkpoints, 
     again = os.path.join(os.path.relpath(audio_tree, os.getcwd()), ".", "sub", "b.flac")  # spelt another way
     assert main(["embed", str(audio_tree), again, str(audio_tree / "a.wav"), "--model", model, "--backend", "torch",
                  "--out", str(both)]) == 0
-    assert sorted(os.listdir(both)) == ["a.npy", "sub"] and os.listdir(both / "sub") == ["b.npy"]
+    assert sorted(os.listdir(both)) == [".audioenc-embed.json", "a.npy", "sub"] and os.listdir(both / "sub") == ["b.npy"]
 
 
 def test_embed_all_layers_to_safetensors(audio_tree, tmp_path, whisper_checkpoints):
@@ -76,6 +76,22 @@ def test_embed_never_overwrites_without_asking(audio_tree, tmp_path, w2v_checkpo
     assert (out / "a.npy").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_embed_rerun_with_other_settings_refuses_to_mix_outputs(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    """A rerun into the same --out would keep the old outputs (skipped as existing) beside new ones
+    of another kind; it is refused unless --overwrite replaces them."""
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    out = tmp_path / "out"
+    args = ["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(out)]
+    assert main(args) == 0
+    assert main(args) == 0 and "skipped 1 existing" in capsys.readouterr().out  # the same settings: resumed
+    assert main([*args, "--pool", "none"]) == 2
+    assert "holds embeddings made with pool 'mean' (now 'none')" in capsys.readouterr().err
+    assert np.load(out / "a.npy").shape == (32,)
+    assert main([*args, "--pool", "none", "--overwrite"]) == 0
+    assert np.load(out / "a.npy").ndim == 2
+    assert main(args) == 2  # now the directory holds frames
+
+
 def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
     (audio_tree / "broken.wav").write_bytes(b"not audio at all")
@@ -98,6 +114,14 @@ def test_embed_usage_errors(tmp_path, w2v_checkpoints, capsys):
     assert main(["embed", str(tmp_path), "--model", "", "--backend", "torch", "--out", str(tmp_path)]) == 2
     assert "the checkpoint's name is empty" in capsys.readouterr().err
     assert main(["embed", str(tmp_path), "--model", model, "--backend", "torch", "--out", str(tmp_path), "--layer", "x"]) == 2
+    capsys.readouterr()
+    assert main(["embed", str(tmp_path), "--model", model, "--backend", "torch", "--out", ""]) == 2
+    assert "--out must name a directory, got ''" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root may write anywhere
+        assert main(["embed", str(tmp_path), "--model", model, "--backend", "torch", "--out", str(locked)]) == 2
+        assert "not a directory this user may write to" in capsys.readouterr().err
 
 
 def test_embed_checks_its_arguments_before_any_work(audio_tree, tmp_path, w2v_checkpoints, capsys):
@@ -179,6 +203,18 @@ def test_embed_follows_directory_links_once(audio_tree, tmp_path, w2v_checkpoint
     assert "wrote 1 file(s)" in capsys.readouterr().out
 
 
+def test_embed_skips_named_pipes_in_directories_and_refuses_one_named(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    """Reading a pipe's header blocks until something writes to it: the job would hang."""
+    root = tmp_path / "with-pipe"
+    shutil.copytree(audio_tree / "sub", root)
+    os.mkfifo(root / "pipe.wav")
+    args = ["--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
+    assert main(["embed", str(root), *args, "--out", str(tmp_path / "out")]) == 0
+    assert "wrote 1 file(s)" in capsys.readouterr().out
+    assert main(["embed", str(root / "pipe.wav"), *args, "--out", str(tmp_path / "out2")]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
 def test_a_directory_reached_directly_and_by_link_is_named_by_its_own_path(audio_tree, tmp_path, w2v_checkpoints):
     root = tmp_path / "tree"
     shutil.copytree(audio_tree / "sub", root / "zdir")
@@ -186,7 +222,7 @@ def test_a_directory_reached_directly_and_by_link_is_named_by_its_own_path(audio
     out = tmp_path / "out"
     args = ["embed", str(root), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
     assert main([*args, "--out", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["zdir"]
+    assert sorted(os.listdir(out)) == [".audioenc-embed.json", "zdir"]
 
 
 def test_stale_temporaries_are_removed_but_not_a_running_jobs(tmp_path):
@@ -254,7 +290,7 @@ def test_embed_killed_midway_resumes_without_redoing_or_corrupting(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert f"skipped {len(first)} existing" in result.stdout
-    assert sorted(f.name for f in out.iterdir()) == [f"clip{i:02d}.npy" for i in range(10)]
+    assert sorted(f.name for f in out.iterdir()) == [".audioenc-embed.json"] + [f"clip{i:02d}.npy" for i in range(10)]
     for name, mtime in first.items():
         assert (out / name).stat().st_mtime_ns == mtime  # not redone
     enc = audioenc.load("random:wav2vec2-base", backend="torch")

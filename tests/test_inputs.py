@@ -29,6 +29,7 @@ BAD_ARRAYS = [
     (np.ones(800, np.uint16), TypeError, "unsupported sample type"),
     (np.ones(800, np.complex64), TypeError, "unsupported sample type"),
     (torch.ones(800, dtype=torch.complex64), TypeError, "complex"),
+    (torch.empty(800, device="meta"), TypeError, "meta device holds no samples"),
     (np.zeros((0, 400), np.float32), ValueError, "empty batch"),
     ([], ValueError, "empty list"),
     ([np.ones((2, 400), np.float32)], ValueError, "must be 1-D"),

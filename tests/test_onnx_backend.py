@@ -2,6 +2,8 @@
 middle layers, dtypes, the on-disk cache (reuse, corrupt and stale entries), threads, fusions."""
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -371,6 +373,61 @@ def test_shared_by_threads(w2v_checkpoints):
         t.join()
     assert not errors and len(outputs) == 2
     assert not outputs[0].is_inference()  # a plain tensor the caller may change
+
+
+FORKED_WORKERS = """
+import multiprocessing, sys, numpy as np, torch, audioenc
+enc = audioenc.load(sys.argv[1], backend=sys.argv[2])
+waves = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * 0.1 for i, n in enumerate((16000, 9000))]
+big = [torch.randn(200000, 64), torch.randn(150000, 64)]  # enough to run torch's thread pool
+
+def work(_):
+    torch.nn.utils.rnn.pad_sequence(big, batch_first=True)  # a batch's outputs padded, at real size
+    return enc.encode(waves).lengths.tolist()
+
+want = work(0)
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    assert pool.map_async(work, range(2)).get(timeout=60) == [want, want]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_forked_workers_do_not_hang(backend, w2v_checkpoints, tmp_path):
+    """After the parent ran torch's thread pool, a forked child's parallel torch op hangs unless
+    torch runs on one thread there (audioenc sets that at fork)."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_WORKERS)
+    result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0], backend],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_an_encoder_cannot_be_pickled_or_copied_and_says_so(w2v_checkpoints):
+    import copy
+    import pickle
+
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    for attempt in (pickle.dumps, copy.deepcopy, copy.copy):
+        with pytest.raises(TypeError, match="load one in each process"):
+            attempt(enc)
+
+
+def test_prepacking_follows_the_environment(w2v_checkpoints, monkeypatch):
+    """AUDIOENC_ONNX_PREPACK=0: sessions read the mapped weights instead of private prepacked copies,
+    with the same results."""
+    waves = [speech_like(16000, 2)]
+    want = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx").encode(waves).last_hidden_state
+    monkeypatch.setenv("AUDIOENC_ONNX_PREPACK", "0")
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    assert enc.backend.session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    assert rel_err(enc.encode(waves).last_hidden_state, want) <= 1e-5
+    monkeypatch.setenv("AUDIOENC_ONNX_PREPACK", "yes")
+    with pytest.raises(ValueError, match="AUDIOENC_ONNX_PREPACK must be 0 or 1"):
+        enc.backend.session_options()
+    monkeypatch.delenv("AUDIOENC_ONNX_PREPACK")
+    with pytest.raises(Exception):  # not set: onnxruntime has no such entry
+        enc.backend.session_options().get_session_config_entry("session.disable_prepacking")
 
 
 def test_thread_count_follows_the_environment(w2v_checkpoints, monkeypatch):

@@ -11,6 +11,7 @@ from audioenc.backends import BACKENDS  # noqa: E402
 from audioenc.backends.torch import TorchBackend  # noqa: E402
 from audioenc.cli_deploy import register  # noqa: E402
 from audioenc.verify import generated_audio, layer_errors, verify  # noqa: E402
+from conftest import speech_like  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +73,29 @@ def test_onnx_passes(w2v_checkpoints, dtype, rule):
     assert [c.name for c in report.layers] == ["embeddings", "layer 1", "layer 2", "last_hidden_state", "plain encode()"]
     assert all(rule in c.limit for c in report.layers)
     assert "fused ops:" in report.table()
+
+
+def test_verify_takes_items_past_the_long_audio_threshold_whole(w2v_checkpoints, monkeypatch):
+    """A user's own long recording: every layer compared on the whole item, not refused for asking
+    hidden states of windowed audio; items past VERIFY_MAX_ITEM_S refused by name."""
+    from audioenc import encoder
+    from audioenc import verify as verify_module
+
+    path = w2v_checkpoints["wav2vec2-group"][0]
+    long_item = speech_like(16000 * 3, 5)
+    monkeypatch.setitem(encoder.LONG_AUDIO_DEFAULTS, "wav2vec2", (1.0, 0.5, 0.2, 0.2))  # 3 s is "long"
+    report = verify(path, "onnx", device="cpu", audio=[long_item, long_item[:8000]])
+    assert report.passed, report.table()
+    monkeypatch.setattr(verify_module, "VERIFY_MAX_ITEM_S", 2)
+    with pytest.raises(ValueError, match="at most 2 s; got one of 3 s"):
+        verify(path, "onnx", device="cpu", audio=[long_item])
+
+
+
+def test_cli_verify_names_a_negative_seed(w2v_checkpoints, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli(["verify", "--model", w2v_checkpoints["wav2vec2-group"][0], "--seed", "-1"])
+    assert exited.value.code == 2 and "argument --seed: must be a whole number >= 0" in capsys.readouterr().err
 
 
 def test_cli_verify_exit_codes(whisper_checkpoints, w2v_checkpoints, monkeypatch, capsys):
