@@ -128,7 +128,10 @@ def cmd_embed(args) -> int:
         return 2
     if os.path.isdir(args.out):
         remove_stale_temporaries(args.out)
-    settings = {"model": enc.source, "pool": args.pool, "layer": "last" if args.layer is None else args.layer}
+    # Spelled one way per setting: a checkpoint by its real path, a layer by its number.
+    model = os.path.realpath(enc.source) if os.path.exists(enc.source) else enc.source
+    layer = "last" if args.layer is None else args.layer if args.layer == "all" else str(int(args.layer))
+    settings = {"model": model, "pool": args.pool, "layer": layer}
     conflict = None if args.overwrite else settings_conflict(args.out, settings)
     if conflict:
         print(f"error: {conflict}", file=sys.stderr)

@@ -82,8 +82,10 @@ def test_embed_rerun_with_other_settings_refuses_to_mix_outputs(audio_tree, tmp_
     model = w2v_checkpoints["wav2vec2-group"][0]
     out = tmp_path / "out"
     args = ["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(out)]
-    assert main(args) == 0
-    assert main(args) == 0 and "skipped 1 existing" in capsys.readouterr().out  # the same settings: resumed
+    assert main([*args, "--layer", "1"]) == 0
+    assert main([*args, "--layer", "01"]) == 0 and "skipped 1 existing" in capsys.readouterr().out  # the same
+    assert main(args) == 2  # the last layer, not layer 1
+    assert main([*args, "--overwrite"]) == 0
     assert main([*args, "--pool", "none"]) == 2
     assert "holds embeddings made with pool 'mean' (now 'none')" in capsys.readouterr().err
     assert np.load(out / "a.npy").shape == (32,)
