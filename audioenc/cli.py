@@ -7,8 +7,8 @@ import os
 import sys
 
 from audioenc.atomic_file import atomic_write
-from audioenc.embed_files import (decoded_batches, embed_batch, length_batches, output_paths, record_settings,
-                                  remove_stale_temporaries, settings_conflict)
+from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, length_batches, output_paths, outputs_in,
+                                  record_settings, remove_stale_temporaries, settings_conflict)
 
 DEFAULT_ARCHITECTURE = "wav2vec2-base"
 
@@ -132,12 +132,12 @@ def cmd_embed(args) -> int:
     model = os.path.realpath(enc.source) if os.path.exists(enc.source) else enc.source
     layer = "last" if args.layer is None else args.layer if args.layer == "all" else str(int(args.layer))
     settings = {"model": model, "pool": args.pool, "layer": layer}
-    conflict = None if args.overwrite else settings_conflict(args.out, settings)
-    if conflict:
+    conflict = settings_conflict(args.out, settings)
+    if conflict and not args.overwrite:
         print(f"error: {conflict}", file=sys.stderr)
         return 2
-    try:
-        record_settings(args.out, settings)
+    try:  # replacing outputs of other settings: mixed until every one is replaced (checked at the end)
+        record_settings(args.out, MIXED if conflict else settings)
     except OSError as exc:
         print(f"error: --out {args.out}: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +154,8 @@ def cmd_embed(args) -> int:
             bar.update(len(batch))
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix(audio=f"{audio_s / elapsed:.1f}s/s")
+    if conflict and not failed and outputs_in(args.out) <= set(jobs.values()):
+        record_settings(args.out, settings)
     print(f"wrote {len(jobs) - skipped - len(failed)} file(s) to {args.out} ({audio_s:.1f} s of audio)")
     if skipped:
         print(f"skipped {skipped} existing output(s) (use --overwrite to replace them)")

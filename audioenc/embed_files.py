@@ -31,9 +31,19 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
     return mapping
 
 
+MIXED = {"mixed": True}  # the record of an --out whose outputs may come from more than one setting
+
+
+def outputs_in(out_dir: str) -> set[str]:
+    """The embedding files under out_dir (what ``embed`` writes)."""
+    return {os.path.join(root, name) for root, _, files in os.walk(out_dir) for name in files
+            if name.endswith((".npy", ".safetensors")) and not name.startswith(TMP_PREFIX)}
+
+
 def settings_conflict(out_dir: str, settings: dict) -> str | None:
-    """Why outputs already in out_dir must not be kept beside new ones (they were made with other
-    settings: a rerun would silently mix two kinds of embedding), or None."""
+    """Why the embeddings already in out_dir must not be kept beside new ones (they were made with
+    other settings, or an --overwrite run with new ones replaced only some: a rerun would silently
+    mix two kinds of embedding), or None."""
     import json
 
     try:
@@ -41,8 +51,11 @@ def settings_conflict(out_dir: str, settings: dict) -> str | None:
             previous = json.load(f)
     except (OSError, ValueError):  # none yet (a new --out, or one from before this record), or unreadable
         return None
-    if previous == settings:
+    if previous == settings or not outputs_in(out_dir):
         return None
+    if previous == MIXED:
+        return (f"--out {out_dir} may hold embeddings of more than one setting (an --overwrite run with new ones "
+                "did not replace them all): use another --out, or --overwrite to replace them")
     differs = ", ".join(f"{key} {previous.get(key)!r} (now {value!r})" for key, value in settings.items()
                         if previous.get(key) != value)
     return f"--out {out_dir} holds embeddings made with {differs}: use another --out, or --overwrite to replace them"

@@ -30,15 +30,18 @@ class EncoderOutput:
     lengths: torch.Tensor                          # (B,) valid frames per item, int64
 
 
-def _torch_on_one_thread_after_fork() -> None:
+_fork_hook_registered = False
+
+
+def _torch_on_one_thread_in_forked_children() -> None:
     """torch's OpenMP thread pool does not survive a fork once it has run: a forked child's first
-    parallel torch op (padding a batch's outputs, say) hangs. Children of a fork run torch ops on one
-    thread instead, as torch's own DataLoader workers do; audioenc's heavy work runs in onnxruntime's
-    threads or on a GPU."""
-    torch.set_num_threads(1)
-
-
-os.register_at_fork(after_in_child=_torch_on_one_thread_after_fork)
+    parallel torch op (padding a batch's outputs, say) hangs. So once a process has encoded, the
+    children it forks run torch ops on one thread, as torch's own DataLoader workers do (a child may
+    call torch.set_num_threads again). Importing audioenc alone changes nothing."""
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        _fork_hook_registered = True
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
 
 class AudioEncoder:
@@ -184,6 +187,7 @@ class AudioEncoder:
 
     def _encode_items(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
         """Validated 16 kHz items, each encoded whole (no long-audio windows)."""
+        _torch_on_one_thread_in_forked_children()
         if self.family == "whisper":
             return self._encode_whisper(waves, num_layers, output_hidden_states)
         return self._encode_wav2vec2(waves, num_layers, output_hidden_states)

@@ -94,6 +94,32 @@ def test_embed_rerun_with_other_settings_refuses_to_mix_outputs(audio_tree, tmp_
     assert main(args) == 2  # now the directory holds frames
 
 
+def test_embed_overwrite_of_some_outputs_leaves_the_directory_marked_mixed(audio_tree, tmp_path, w2v_checkpoints,
+                                                                         capsys):
+    """--overwrite with new settings on some of the inputs leaves the others' old outputs: every plain
+    rerun is refused until an --overwrite run has replaced them all. A job that wrote nothing blocks
+    nothing."""
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    out = tmp_path / "out"
+    run = lambda inputs, *extra: main(["embed", *inputs, "--model", model, "--backend", "torch", "--out", str(out),
+                                       *extra])
+    assert run([str(audio_tree)]) == 0                                    # a.npy and sub/b.npy, mean-pooled
+    assert run([str(audio_tree / "a.wav")], "--pool", "max", "--overwrite") == 0
+    capsys.readouterr()
+    for pool in ("max", "mean"):
+        assert run([str(audio_tree)], "--pool", pool) == 2
+        assert "more than one setting" in capsys.readouterr().err
+    assert run([str(audio_tree)], "--pool", "max", "--overwrite") == 0  # all replaced: one setting again
+    assert run([str(audio_tree)], "--pool", "max") == 0 and "skipped 2 existing" in capsys.readouterr().out
+
+    empty_out = tmp_path / "empty-out"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.wav").write_bytes(b"not audio")
+    args = ["--model", model, "--backend", "torch", "--out", str(empty_out)]
+    assert main(["embed", str(tmp_path / "bad"), *args]) == 1                   # wrote nothing
+    assert main(["embed", str(audio_tree), *args, "--pool", "max"]) == 0      # so nothing to keep apart
+
+
 def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
     (audio_tree / "broken.wav").write_bytes(b"not audio at all")
