@@ -20,6 +20,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from audioenc.atomic_file import TMP_PREFIX
+
 KINDS = ("onnx", "tensorrt")
 WEIGHTS_RECORDS = "weights"
 META_FILE = "meta.json"
@@ -142,8 +144,6 @@ def remove_weights_records(unused_days: float | None = None) -> None:
     """Deletes the checkpoint records (all, or those unused for ``unused_days``); a missing one only
     means that the next load reads and hashes its checkpoint again. Only files named as records
     (or as their unfinished writes, once stale) go: a cache may be a folder users keep files in too."""
-    from audioenc.atomic_file import TMP_PREFIX
-
     folder = os.path.join(cache_root(), WEIGHTS_RECORDS)
     now = time.time()
     for name in os.listdir(folder) if os.path.isdir(folder) else []:

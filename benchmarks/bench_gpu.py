@@ -13,8 +13,9 @@ peer, the fraction of the measured bf16 matmul rate that triton reaches (FLOPs c
 from the dims), and audioenc's relative error against its float32 reference. First, timed from
 CUDA graphs: the attention kernel alone against torch SDPA, fc1 + GELU as one kernel against
 cuBLAS with a GELU pass and with the GELU in its epilogue, the conv feature kernels against
-cuDNN + torch's LayerNorm and GELU, and the positional conv kernel against cuDNN. For whisper the float16 residual stream and our attention kernel
-alone (where the backend keeps cuDNN's), the alternatives to the defaults, get rows of their own.
+cuDNN + torch's LayerNorm and GELU, and the positional conv kernel against cuDNN. For whisper the
+float16 residual stream and our attention kernel alone (where the backend keeps cuDNN's), the
+alternatives to the defaults, get rows of their own.
 
 Without CUDA (--tiny) the same pipeline runs at tiny sizes on the CPU with the kernels in Triton's
 interpreter (torch.compile skipped), only to prove the script works; it prints that the GPU

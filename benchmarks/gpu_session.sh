@@ -14,7 +14,7 @@
 # lengths at several per-call costs of the encoder's GPU grouping (bench_gpu_groups.py, a few minutes).
 # `all` (default) does tests and bench; on a lease of 10-minute calls, run them as two calls, or cap the
 # parts with TESTS_S and BENCH_S (whole-run seconds) and skip the frontend bench with SKIP_FRONTEND=1.
-# A 15-minute lease fits `TESTS_S=200 BENCH_S=330 SKIP_FRONTEND=1 ... all 150` (about 9.5 minutes with
+# A 15-minute lease fit `TESTS_S=200 BENCH_S=330 SKIP_FRONTEND=1 CASES=(two cases) ... all 240` (549 s with
 # the build). CASES=NAME:BATCH,... limits the
 # bench to those cases (e.g. the ones an earlier lease did not reach: bench_gpu.py --cases); NO_MICRO=1
 # skips the kernels-alone benchmarks.

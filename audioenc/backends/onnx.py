@@ -215,9 +215,9 @@ def onnx_threads() -> int:
 
 def onnx_prepack() -> bool:
     """Whether sessions prepack their MatMul weights ($AUDIOENC_ONNX_PREPACK, default 1). Prepacked
-    weights are a private copy per session, per depth and per process (wav2vec2-base: about 400 MB
-    in float32); without them sessions read the mapped graph file, which processes share, at 3-8%
-    more time per call (2 AVX-512 cores, 10 s and 30 s inputs)."""
+    weights are a private copy per session, per depth and per process (wav2vec2-base: about 350 MB
+    in float32); without them sessions read the mapped graph file, which processes share, at up to
+    8% more time per call (2 AVX-512 cores, 10 s and 30 s inputs)."""
     value = os.environ.get("AUDIOENC_ONNX_PREPACK", "1").strip()
     if value not in ("0", "1"):
         raise ValueError(f"AUDIOENC_ONNX_PREPACK must be 0 or 1, got {value!r}")
