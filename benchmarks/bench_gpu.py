@@ -221,8 +221,8 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     paths = ""
 
     def audioenc_backend(cls, **experiment):
-        """The backend; experiment sets attributes of its model (residual_dtype) or attention (the path
-        unmasked attention keeps)."""
+        """The backend; experiment sets attributes of its model (residual_dtype, residual_in_cublas) or
+        attention (the path unmasked attention keeps)."""
         nonlocal paths
         backend = cls(copy.deepcopy(ref_model), torch.device(device), dtype_name)
         for block in backend.model.blocks if "attention" in experiment else []:
@@ -259,6 +259,8 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     # (The exact GELU as a separate pass, 6-8% slower in stops 13 and 17, is no longer timed.)
     experiments = {"float16 residual stream": dict(residual_dtype=torch.float16),
                    "attention: audioenc's kernel only": dict(attention="triton")} if family == "whisper" else {}
+    if family == "whisper" or dims.do_stable_layer_norm:  # pre-LN: the residual stream is float32
+        experiments["residual adds in cuBLAS's epilogue"] = dict(residual_in_cublas=True)
     for what, experiment in experiments.items():
         contender(f"audioenc triton {short}, {what} (experiment)",
                   lambda: audioenc_backend(TritonBackend, **experiment))

@@ -319,6 +319,23 @@ def test_add_layer_norm_matches_reference(kernels, rows, n, residual, dtype):
     torch.testing.assert_close(summed, truth_sum, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_add_layer_norm_adds_the_shift_to_every_row(kernels, residual):
+    """A float32 residual stream without its biases (cuBLAS summed it), their sum as the shift."""
+    ln = kernels["layer_norm"]
+    gen = torch.Generator().manual_seed(5)
+    x, shift = randn(97, 80, scale=3, gen=gen), randn(80, scale=3, gen=gen)
+    res = randn(97, 80, dtype=torch.float16, gen=gen) if residual else None
+    w, b = randn(80, gen=gen), randn(80, gen=gen)
+    out, summed = ln.add_layer_norm(x, res, w, b, out_dtype=torch.float16, sum_dtype=torch.float32, shift=shift)
+    full = x + shift + (res.float() if residual else 0)
+    truth, truth_sum = ln.add_layer_norm_ref(full, None, w, b, out_dtype=torch.float32, sum_dtype=torch.float32)
+    check(out, truth, truth.half(), torch.float16)
+    torch.testing.assert_close(summed, truth_sum, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="shift must be a float vector of size 80"):
+        ln.add_layer_norm(x, None, w, b, shift=shift[:79])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_layer_norm_gelu_matches_reference(kernels, dtype):
     """gelu(LN(x)) of float32 conv outputs, written in the compute dtype (the split conv path)."""

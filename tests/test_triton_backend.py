@@ -109,18 +109,40 @@ def test_float16_error_at_most_twice_torch_float16(variant, w2v_checkpoints):
     assert rel_err(ours, truth) <= 2 * rel_err(torch_half, truth)
 
 
-@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.float16])
-def test_whisper_float16_error_at_most_twice_torch_float16(residual_dtype, whisper_checkpoints):
+# bench_gpu.py's experiments: a float16 residual stream; residual adds in cuBLAS's epilogue
+RESIDUAL_EXPERIMENTS = {"float32": {}, "float16": dict(residual_dtype=torch.float16),
+                        "in-cublas": dict(residual_in_cublas=True)}
+
+
+@pytest.mark.parametrize("experiment", list(RESIDUAL_EXPERIMENTS))
+def test_whisper_float16_error_at_most_twice_torch_float16(experiment, whisper_checkpoints):
     path, _ = whisper_checkpoints[80]
     wave = speech_like(24000, 24)
     truth = load(path, backend="torch").encode(wave, output_hidden_states=True)
     torch_half = load(path, "float16", backend="torch").encode(wave, output_hidden_states=True)
     enc = load(path, "float16")
-    enc.backend.model.residual_dtype = residual_dtype  # bench_gpu.py's float16-residual experiment
+    for attribute, value in RESIDUAL_EXPERIMENTS[experiment].items():
+        setattr(enc.backend.model, attribute, value)
     ours = enc.encode(wave, output_hidden_states=True)
     for layer, (got, half, ref) in enumerate(zip(ours.hidden_states, torch_half.hidden_states, truth.hidden_states)):
         assert torch.isfinite(got).all()
         assert rel_err(got, ref) <= 2 * rel_err(half, ref) + 1e-6, layer  # floor: layer 0 may be exact
+
+
+@pytest.mark.parametrize("family", ["whisper", "wavlm-stable"])
+def test_residual_adds_in_cublas_match_reference_at_every_depth(family, w2v_checkpoints, whisper_checkpoints):
+    """The pre-LN residual stream summed by out_proj's and fc2's matmuls, their biases added by the
+    LayerNorms that read it (an experiment of bench_gpu.py): the same frames at every depth."""
+    path = whisper_checkpoints[80][0] if family == "whisper" else w2v_checkpoints[family][0]
+    waves = [speech_like(24000, 6)] if family == "whisper" else [speech_like(n, seed + 6) for n, seed in WAVES]
+    ref = load(path, backend="torch")
+    enc = load(path)
+    enc.backend.model.residual_in_cublas = True
+    assert_items_close(enc.encode(waves, output_hidden_states=True), ref.encode(waves, output_hidden_states=True), 1e-4)
+    for layer in (0, 1):
+        ours, truth = enc.encode(waves, output_layer=layer), ref.encode(waves, output_layer=layer)
+        for i, n in enumerate(truth.lengths.tolist()):
+            assert rel_err(ours.last_hidden_state[i, :n], truth.last_hidden_state[i, :n]) <= 1e-4, (layer, i)
 
 
 def test_layers_stop_early_and_equal_the_full_runs_hidden_state(w2v_checkpoints):

@@ -75,6 +75,18 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def accumulate(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + x W^T without the bias, in residual's dtype: on CUDA cuBLAS adds the residual
+        in its epilogue (float32 output from half-precision inputs), so no pass of our own reads it."""
+        flat_r, flat_x = residual.view(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1])
+        if x.dtype == residual.dtype:
+            out = torch.addmm(flat_r, flat_x, self.weight.t())
+        elif x.is_cuda:
+            out = torch.addmm(flat_r, flat_x, self.weight.t(), out_dtype=residual.dtype)
+        else:  # the CPU has no mixed-dtype addmm (Triton's interpreter runs the backend there)
+            out = torch.addmm(flat_r, flat_x.to(residual.dtype), self.weight.to(residual.dtype).t())
+        return out.view(residual.shape)
+
 
 def _faster(first, second, repeats: int = 7) -> bool:
     """Whether first() runs faster than second() on the current CUDA stream (median of repeats)."""
@@ -276,10 +288,10 @@ class _Norm:
         self.bias = norm.bias.detach().float().to(device)
         self.eps = norm.eps
 
-    def __call__(self, x, residual=None, out_dtype=None, sum_dtype=None):
+    def __call__(self, x, residual=None, out_dtype=None, sum_dtype=None, shift=None):
         from audioenc.kernels.layer_norm import add_layer_norm
 
-        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, sum_dtype)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, sum_dtype, shift=shift)
 
 
 class _Block:
@@ -304,6 +316,11 @@ class _Block:
                 attention.gru_rel_pos_const.detach().float().reshape(-1).contiguous().to(device),)
 
     def attend(self, h: torch.Tensor, lengths: torch.Tensor | None, rel_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.out_proj(self.attention_values(h, lengths, rel_bias))
+
+    def attention_values(self, h: torch.Tensor, lengths: torch.Tensor | None,
+                         rel_bias: torch.Tensor | None) -> torch.Tensor:
+        """The heads' outputs, (B, T, D), before out_proj."""
         from audioenc.kernels.attention import attention
         from audioenc.kernels.wavlm_gate import wavlm_gate
 
@@ -315,7 +332,7 @@ class _Block:
         else:
             gate = wavlm_gate(h, heads, *self.gate) if rel_bias is not None else None
             out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, rel_bias, gate)
-        return self.out_proj(out.view(batch, frames, dim))
+        return out.view(batch, frames, dim)
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1_gelu(h))
@@ -364,6 +381,46 @@ def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_nor
     return out, hidden_states
 
 
+def _bias_sums(blocks: list[_Block]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the float32 sum of every out_proj and fc2 bias up to its attention's and up to its
+    feed-forward's output: what a residual stream summed without them (_run_blocks_in_cublas) lacks."""
+    total, sums = 0, []
+    for block in blocks:
+        after_attention = total + block.out_proj.bias.float()
+        total = after_attention + block.fc2.bias.float()
+        sums.append((after_attention, total))
+    return sums
+
+
+def _run_blocks_in_cublas(blocks: list[_Block], bias_sums, x: torch.Tensor, final_norm: _Norm | None,
+                          num_layers: int, lengths, rel_bias, dtype, keep_hidden: bool) -> tuple[torch.Tensor, list]:
+    """_run_blocks for pre-LN models with the residual adds in cuBLAS's epilogue (an experiment,
+    bench_gpu.py): out_proj and fc2 add their products to the float32 residual stream r as they
+    write it, without their biases, whose running sum (bias_sums) each LayerNorm adds as it reads r.
+    Each LayerNorm then reads r and writes its output, 6 bytes per element, where the fused add
+    reads r and the branch and writes both, 12; cuBLAS reads and writes r in float32 instead."""
+    hidden_states = []
+    keep = (lambda t, shift: hidden_states.append(t + shift)) if keep_hidden else (lambda t, shift: None)
+    keep(x, 0)
+    if num_layers == 0:
+        return x, hidden_states
+    r = x
+    h, _ = blocks[0].norm1(r, out_dtype=dtype)
+    for i, block in enumerate(blocks[:num_layers]):
+        after_attention, after_layer = bias_sums[i]
+        r = block.out_proj.accumulate(r, block.attention_values(h, lengths, rel_bias))
+        h2, _ = block.norm2(r, shift=after_attention, out_dtype=dtype)
+        r = block.fc2.accumulate(r, block.fc1_gelu(h2))
+        if i + 1 < num_layers:
+            h, _ = blocks[i + 1].norm1(r, shift=after_layer, out_dtype=dtype)
+        elif final_norm is not None and num_layers == len(blocks):
+            out, _ = final_norm(r, shift=after_layer, out_dtype=torch.float32)
+        else:
+            out = r + after_layer
+        keep(r, after_layer)
+    return out, hidden_states
+
+
 class _FastWav2Vec2:
     """wav2vec2 / HuBERT / WavLM forward on the kernels."""
 
@@ -396,6 +453,8 @@ class _FastWav2Vec2:
         self.blocks = [_Block(l.attention, l.layer_norm, l.final_layer_norm, l.feed_forward.intermediate_dense,
                               l.feed_forward.output_dense, dtype, device, self.fc1_choices, self.attention_choices)
                        for l in encoder.layers]
+        self.residual_in_cublas = False  # _run_blocks_in_cublas, pre-LN only: an experiment
+        self.bias_sums = _bias_sums(self.blocks)
         self.rel_embedding = None
         if self.dims.family == "wavlm":
             self.rel_embedding = encoder.layers[0].attention.rel_attn_embed.weight.detach().float().to(device)
@@ -437,8 +496,12 @@ class _FastWav2Vec2:
 
             rel_bias = relative_bias_table(self.rel_embedding, frames, self.dims.num_buckets,
                                            self.dims.max_bucket_distance)
-        out, hidden_states = _run_blocks(self.blocks, x, self.pre_norm, self.encoder_norm if self.pre_norm else None,
-                                         num_layers, frame_lengths, rel_bias, self.dtype, keep_hidden)
+        if self.pre_norm and self.residual_in_cublas:
+            out, hidden_states = _run_blocks_in_cublas(self.blocks, self.bias_sums, x, self.encoder_norm, num_layers,
+                                                       frame_lengths, rel_bias, self.dtype, keep_hidden)
+        else:
+            out, hidden_states = _run_blocks(self.blocks, x, self.pre_norm, self.encoder_norm if self.pre_norm else None,
+                                             num_layers, frame_lengths, rel_bias, self.dtype, keep_hidden)
         return out, hidden_states, frame_lengths
 
 
@@ -460,14 +523,20 @@ class _FastWhisper:
         self.blocks = [_Block(l.self_attn, l.self_attn_layer_norm, l.final_layer_norm, l.fc1, l.fc2, dtype, device,
                               self.fc1_choices, self.attention_choices) for l in model.layers]
         self.final_norm = _Norm(model.layer_norm, device)
+        self.residual_in_cublas = False  # _run_blocks_in_cublas: an experiment
+        self.bias_sums = _bias_sums(self.blocks)
 
     def __call__(self, mel: torch.Tensor, num_layers: int, keep_hidden: bool = True):
         from audioenc.kernels.conv_feature import conv1d_gelu
 
         x = conv1d_gelu(mel.to(self.dtype).transpose(1, 2), *self.conv1, stride=1, padding=1)
         x = conv1d_gelu(x, *self.conv2, stride=2, padding=1, add=self.positions, out_dtype=self.residual_dtype)
-        out, hidden_states = _run_blocks(self.blocks, x, True, self.final_norm, num_layers, None, None, self.dtype,
-                                         keep_hidden, self.residual_dtype)
+        if self.residual_in_cublas:
+            out, hidden_states = _run_blocks_in_cublas(self.blocks, self.bias_sums, x, self.final_norm, num_layers,
+                                                       None, None, self.dtype, keep_hidden)
+        else:
+            out, hidden_states = _run_blocks(self.blocks, x, True, self.final_norm, num_layers, None, None, self.dtype,
+                                             keep_hidden, self.residual_dtype)
         if num_layers == len(self.blocks) and keep_hidden:
             hidden_states[-1] = out
         return out, hidden_states
