@@ -34,3 +34,8 @@ def test_bench_gpu_groups_plans_without_a_gpu():
     assert "| wav2vec2-base | 17 x 10 s | 15 | 1+16 |" in out  # not a CUDA graph of 32
     assert "| wav2vec2-base | 30 s + 15 x 1 s | 15 | 1+15 |" in out
     assert "| whisper-large-v3 | one 270 s item (9 windows) | as few calls as fit | 9 |" in out
+
+
+def test_compile_offline_compiles_a_kernel_for_hopper_without_a_gpu():
+    out = run_script("benchmarks/compile_offline.py", "--only", "add_layer_norm float16")
+    assert "ok   add_layer_norm float16: no autotuning" in out and "0 failed" in out
