@@ -261,6 +261,9 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
                    "attention: audioenc's kernel only": dict(attention="triton")} if family == "whisper" else {}
     if family == "whisper" or dims.do_stable_layer_norm:  # pre-LN: the residual stream is float32
         experiments["residual adds in cuBLAS's epilogue"] = dict(residual_in_cublas=True)
+    if family == "whisper":
+        experiments["float16 residual stream, adds in cuBLAS's epilogue"] = dict(residual_dtype=torch.float16,
+                                                                                  residual_in_cublas=True)
     for what, experiment in experiments.items():
         contender(f"audioenc triton {short}, {what} (experiment)",
                   lambda: audioenc_backend(TritonBackend, **experiment))

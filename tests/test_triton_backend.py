@@ -111,7 +111,8 @@ def test_float16_error_at_most_twice_torch_float16(variant, w2v_checkpoints):
 
 # bench_gpu.py's experiments: a float16 residual stream; residual adds in cuBLAS's epilogue
 RESIDUAL_EXPERIMENTS = {"float32": {}, "float16": dict(residual_dtype=torch.float16),
-                        "in-cublas": dict(residual_in_cublas=True)}
+                        "in-cublas": dict(residual_in_cublas=True),
+                        "float16-in-cublas": dict(residual_dtype=torch.float16, residual_in_cublas=True)}
 
 
 @pytest.mark.parametrize("experiment", list(RESIDUAL_EXPERIMENTS))
