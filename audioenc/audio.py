@@ -162,8 +162,12 @@ def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
 
 
 def check_rate(sample_rate) -> int:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer, float, np.floating)):
         raise TypeError(f"sample_rate must be an int in Hz, got {type(sample_rate).__name__}")
+    if isinstance(sample_rate, (float, np.floating)):  # 16e3 is 16000; 22050.5 is no rate soxr takes
+        if not float(sample_rate).is_integer():
+            raise ValueError(f"sample_rate must be a whole number of Hz, got {sample_rate}")
+        sample_rate = int(sample_rate)
     if not MIN_RATE <= sample_rate <= MAX_RATE:
         raise ValueError(f"sample_rate {sample_rate} Hz is outside the supported range {MIN_RATE}-{MAX_RATE} Hz")
     return int(sample_rate)
@@ -253,6 +257,9 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE, min_samples: int = 1) ->
     elif isinstance(audio, Sequence) and not isinstance(audio, (bytes, bytearray)):
         if len(audio) == 0:
             raise ValueError("audio: empty list")
+        if isinstance(audio[0], (int, float, np.number)):  # a list is a batch of items, not one item's samples
+            raise TypeError("audio: a list holds items (arrays, tensors or paths), and this one holds numbers: pass "
+                            "one item's samples as an array, e.g. np.asarray(samples, dtype=np.float32)")
         items, rates, names = [], [], []
         for i, item in enumerate(audio):
             if isinstance(item, (str, os.PathLike)):

@@ -157,13 +157,14 @@ class WhisperDims:
         act = config.get("activation_function", "gelu")
         if act != "gelu":
             raise _unsupported(source, "activation_function", act, "only the exact erf 'gelu'")
+        # An absent key means transformers' WhisperConfig default: whisper-tiny's sizes.
         dims = cls(
             n_mels=config.get("num_mel_bins", 80),
             n_ctx=config.get("max_source_positions", 1500),
-            n_state=config.get("d_model", 512),
-            n_head=config.get("encoder_attention_heads", 8),
-            n_layer=config.get("encoder_layers", 6),
-            n_ffn=config.get("encoder_ffn_dim", 2048),
+            n_state=config.get("d_model", 384),
+            n_head=config.get("encoder_attention_heads", 6),
+            n_layer=config.get("encoder_layers", 4),
+            n_ffn=config.get("encoder_ffn_dim", 1536),
         )
         _check_numbers(dims, source, {"n_mels": "num_mel_bins", "n_ctx": "max_source_positions", "n_state": "d_model",
                                       "n_head": "encoder_attention_heads", "n_layer": "encoder_layers",

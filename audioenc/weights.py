@@ -153,15 +153,18 @@ def _torch_load(path: str) -> tuple[object, bool]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped), mapped
     except pickle.UnpicklingError as e:
-        lines = str(e).splitlines()
-        reason = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        # torch's message wraps the unpickler's reason ("WeightsUnpickler error: <reason>") in advice
+        # about weights_only that does not apply here.
+        text = str(e)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
+        reason = " ".join(reason.split()) or text.strip()
         if "Unsupported global" in reason:
             raise ValueError(f"{path}: refused to load, it holds Python objects beyond tensors and plain "
                              f"containers ({reason.split(' Please use')[0]}); audioenc never unpickles "
                              f"arbitrary objects: re-save the checkpoint with only tensors and plain dicts") from e
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from e
+        raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one (unpickling failed: {reason})") from e
     except Exception as e:  # zip/pickle/EOF errors from a file that is not a PyTorch checkpoint
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one ({type(e).__name__}: {e})") from e
 
 
 def private_copies(state_dict: dict[str, torch.Tensor], loaded) -> dict[str, torch.Tensor]:

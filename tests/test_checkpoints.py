@@ -260,7 +260,11 @@ def test_errors_paths_and_files(tmp_path):
     _expect(tmp_path / "missing.pt", "no such file or directory")
     _expect(str(tmp_path), "no checkpoint in this directory")
     (tmp_path / "noise.pt").write_bytes(random.Random(0).randbytes(4096))
-    _expect(tmp_path / "noise.pt", "noise.pt: not a readable PyTorch checkpoint")
+    _expect(tmp_path / "noise.pt", "noise.pt: not a PyTorch checkpoint, or a damaged one")
+    (tmp_path / "text.pt").write_bytes(b"not a pickle")  # the unpickler's reason, not torch's advice
+    with pytest.raises(ValueError) as failure:
+        audioenc.load(str(tmp_path / "text.pt"), backend="torch")
+    assert "unpickling failed: Unsupported operand" in str(failure.value) and "file an issue" not in str(failure.value)
     torch.save({"model": NotAllowed(), "cfg": {}}, tmp_path / "unsafe.pt")
     _expect(tmp_path / "unsafe.pt", "refused to load")
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "other.pt")
@@ -284,7 +288,7 @@ def test_errors_hf(w2v, tmp_path):
     _expect(d, "no model.safetensors or pytorch_model.bin")
     torch.save({"w": torch.randn(1000)}, d / "pytorch_model.bin")
     _truncate(d / "pytorch_model.bin")
-    _expect(d, "pytorch_model.bin: not a readable PyTorch checkpoint")
+    _expect(d, "pytorch_model.bin: not a PyTorch checkpoint, or a damaged one")
     _expect(path, "expected a whisper checkpoint, got wav2vec2", family="whisper")
     _expect(path, "family must be one of", family="bert")
 
@@ -509,3 +513,32 @@ def test_hub_download_fetches_only_the_weights_it_reads(monkeypatch, tmp_path, l
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert _download("someone/model") == str(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(want)
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "wavlm", "whisper"])
+def test_a_config_key_left_out_means_what_it_means_in_transformers(family):
+    """A config.json may omit keys whose value is transformers' default: the same dims then."""
+    from audioenc.config import Wav2Vec2Dims, WhisperDims
+
+    if family == "whisper":
+        hf = T.WhisperConfig()
+        dims = WhisperDims.from_config({"model_type": "whisper"})
+        assert (dims.n_mels, dims.n_ctx, dims.n_state, dims.n_head, dims.n_layer, dims.n_ffn) == (
+            hf.num_mel_bins, hf.max_source_positions, hf.d_model, hf.encoder_attention_heads, hf.encoder_layers,
+            hf.encoder_ffn_dim)
+        return
+    hf = {"wav2vec2": T.Wav2Vec2Config, "hubert": T.HubertConfig, "wavlm": T.WavLMConfig}[family]()
+    dims = Wav2Vec2Dims.from_config(family, {"model_type": family})
+    for ours, theirs in [("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                         ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size"),
+                         ("layer_norm_eps", "layer_norm_eps"), ("conv_bias", "conv_bias"),
+                         ("feat_extract_norm", "feat_extract_norm"), ("do_stable_layer_norm", "do_stable_layer_norm"),
+                         ("num_conv_pos_embeddings", "num_conv_pos_embeddings"),
+                         ("num_conv_pos_embedding_groups", "num_conv_pos_embedding_groups")]:
+        assert getattr(dims, ours) == getattr(hf, theirs), ours
+    for key in ("conv_dim", "conv_kernel", "conv_stride"):
+        assert tuple(getattr(dims, key)) == tuple(getattr(hf, key)), key
+    if family == "hubert":
+        assert dims.feat_proj_layer_norm == hf.feat_proj_layer_norm
+    if family == "wavlm":
+        assert (dims.num_buckets, dims.max_bucket_distance) == (hf.num_buckets, hf.max_bucket_distance)

@@ -32,6 +32,7 @@ BAD_ARRAYS = [
     (torch.empty(800, device="meta"), TypeError, "meta device holds no samples"),
     (np.zeros((0, 400), np.float32), ValueError, "empty batch"),
     ([], ValueError, "empty list"),
+    ([0.1] * 800, TypeError, "this one holds numbers: pass one item's samples as an array"),
     ([np.ones((2, 400), np.float32)], ValueError, "must be 1-D"),
     (np.ones((16000, 2), np.float32), ValueError, r"looks like \(samples, channels\)"),
     (12345, TypeError, "expected a numpy array"),
@@ -69,9 +70,16 @@ def test_audio_at_float32s_limit_is_refused_not_encoded_to_nan(w2v_checkpoints, 
     assert torch.isfinite(raw.encode(speech_like(4000)).last_hidden_state).all()
 
 
-def test_sample_rate_must_be_int(w2v):
-    with pytest.raises(TypeError, match="sample_rate"):
-        w2v.encode(speech_like(16000), sample_rate=16000.0)
+def test_sample_rate_must_be_a_whole_number_of_hz(w2v):
+    wave = speech_like(16000)
+    expected = w2v.encode(wave).last_hidden_state
+    for rate in (16000.0, 16e3, np.float32(16000)):
+        torch.testing.assert_close(w2v.encode(wave, sample_rate=rate).last_hidden_state, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sample_rate must be a whole number of Hz, got 22050.5"):
+        w2v.encode(wave, sample_rate=22050.5)
+    for bad in ("16000", True, None):
+        with pytest.raises(TypeError, match="sample_rate must be an int in Hz"):
+            w2v.encode(wave, sample_rate=bad)
 
 
 def test_too_short_for_one_frame(w2v, whisper):
@@ -255,7 +263,9 @@ def test_checkpoint_with_missing_or_foreign_tensors(w2v_checkpoints, tmp_path):
     src = w2v_checkpoints["wav2vec2-group"][0]
     for name, edit, message in (
         ("missing", lambda t: t.pop("encoder.layers.1.fc2.weight", None) or t.pop("encoder.layers.1.feed_forward.output_dense.weight"),
-         "1 missing tensor"),
+         "1 missing tensor.*a truncated checkpoint"),
+        ("extra", lambda t: t.__setitem__("encoder.layers.0.attention.k_proj.extra", torch.ones(3)),
+         r"1 unexpected tensor.*has no place for"),
         ("shape", lambda t: t.__setitem__("encoder.layer_norm.weight", torch.ones(7)), "encoder.layer_norm.weight has shape"),
     ):
         dst = tmp_path / name

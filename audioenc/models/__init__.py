@@ -49,8 +49,12 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             parts.append(f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:4])}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:4])}")
+        # Unexpected tensors are refused too: ignoring one that is not zero would change the numbers.
+        hint = ("a truncated checkpoint, or a config of another model?" if missing else
+                "tensors the architecture its config describes has no place for: a config of another model, or "
+                "parameters this encoder does not have, such as a bias Whisper's key projection lacks")
         raise ValueError(f"{source}: the checkpoint does not match its config's architecture: {'; '.join(parts)} "
-                         "(a truncated checkpoint, or a config of another model?)")
+                         f"({hint})")
     for name, tensor in state_dict.items():
         if tensor.shape != expected[name].shape:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
