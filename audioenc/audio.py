@@ -35,6 +35,8 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if not os.path.exists(path):
         broken = os.path.lexists(path)  # a link to nothing, or a loop of links
         raise ValueError(f"{path}: {'a link that leads to no file' if broken else 'no such file'}")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: an empty file (0 bytes)")
     problem = truncation(path)  # the header alone tells: before decoding
     if problem:
         raise ValueError(f"{path}: {problem}")

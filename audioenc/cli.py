@@ -8,7 +8,7 @@ import sys
 
 from audioenc.atomic_file import atomic_write
 from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, length_batches, output_paths, outputs_in,
-                                  record_settings, remove_stale_temporaries, settings_conflict)
+                                  record_settings, remove_records_below, remove_stale_temporaries, settings_conflicts)
 
 DEFAULT_ARCHITECTURE = "wav2vec2-base"
 
@@ -128,34 +128,41 @@ def cmd_embed(args) -> int:
         return 2
     if os.path.isdir(args.out):
         remove_stale_temporaries(args.out)
-    # Spelled one way per setting: a checkpoint by its real path, a layer by its number.
+    # Spelled one way per setting: a checkpoint by its real path, a layer by its number ("last" for
+    # the last, which gives the same frames), the precision as it resolved.
     model = os.path.realpath(enc.source) if os.path.exists(enc.source) else enc.source
-    layer = "last" if args.layer is None else args.layer if args.layer == "all" else str(int(args.layer))
-    settings = {"model": model, "pool": args.pool, "layer": layer}
-    conflict = settings_conflict(args.out, settings)
-    if conflict and not args.overwrite:
-        print(f"error: {conflict}", file=sys.stderr)
+    layer = args.layer if args.layer == "all" else "last" if args.layer is None or int(args.layer) == enc.num_layers \
+        else str(int(args.layer))
+    settings = {"model": model, "pool": args.pool, "layer": layer,
+                "dtype": str(enc.backend.dtype).removeprefix("torch.")}
+    conflicts = settings_conflicts(args.out, settings)
+    if conflicts and not args.overwrite:
+        print("error: " + "; ".join(f"{d} {why}" for d, why in conflicts) + ": use another --out, or --overwrite "
+              "to replace them", file=sys.stderr)
         return 2
     try:  # replacing outputs of other settings: mixed until every one is replaced (checked at the end)
-        record_settings(args.out, MIXED if conflict else settings)
+        for directory, _ in conflicts:
+            record_settings(directory, MIXED)
+        record_settings(args.out, MIXED if conflicts else settings)
     except OSError as exc:
         print(f"error: --out {args.out}: {exc}", file=sys.stderr)
         return 2
     failed = [f"{p}: its output {t} is a directory" for p, t in jobs.items() if os.path.isdir(t)]
     pending = [(p, t) for p, t in jobs.items() if not os.path.isdir(t) and (args.overwrite or not os.path.exists(t))]
     skipped = len(jobs) - len(pending) - len(failed)
-    audio_s = 0.0
+    audio_s, written = 0.0, set()
     with tqdm(total=len(pending), desc="embed", unit="file", file=sys.stderr) as bar:
         # Beside a CPU backend a decoder thread gains nothing (it shares the cores the backend uses:
         # 48 FLAC files, 2 cores, 11.2-11.5 s with one against 11.3-12.0 s inline), so decode inline.
         workers = 0 if enc.backend.device.type == "cpu" else min(4, usable_cores())
         for batch in decoded_batches(length_batches(pending, args.batch_size, args.max_batch_seconds), workers):
-            audio_s += embed_batch(enc, batch, args, failed)
+            audio_s += embed_batch(enc, batch, args, failed, written)
             bar.update(len(batch))
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix(audio=f"{audio_s / elapsed:.1f}s/s")
-    if conflict and not failed and outputs_in(args.out) <= set(jobs.values()):
+    if conflicts and outputs_in(args.out) <= written:  # every output there is this run's
         record_settings(args.out, settings)
+        remove_records_below(args.out)
     print(f"wrote {len(jobs) - skipped - len(failed)} file(s) to {args.out} ({audio_s:.1f} s of audio)")
     if skipped:
         print(f"skipped {skipped} existing output(s) (use --overwrite to replace them)")
@@ -235,9 +242,14 @@ def cmd_stream(args) -> int:
                     time.sleep(max(0.0, started + start / rate - time.perf_counter()))
                 yield audio[start : start + block]
             return
-        size = block * dtype.itemsize
-        while data := sys.stdin.buffer.read(size):
-            yield np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype).astype(dtype.newbyteorder("="))
+        # read1: what has arrived, up to a block, so a Ctrl-C while a block fills loses none of it
+        size, carry = block * dtype.itemsize, b""
+        while data := sys.stdin.buffer.read1(size):
+            data = carry + data
+            whole = len(data) - len(data) % dtype.itemsize
+            carry = data[whole:]  # a sample split between reads
+            if whole:
+                yield np.frombuffer(data[:whole], dtype).astype(dtype.newbyteorder("="))
 
     collected, compute_ms = [], []
     stdout_open = True

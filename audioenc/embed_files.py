@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 
 from audioenc.atomic_file import TMP_PREFIX, atomic_write, atomic_write_bytes
 
@@ -25,10 +26,26 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
             rel = os.path.splitext(os.path.relpath(path, root))[0] + suffix
             target = os.path.join(out_dir, rel)
             if target in writer:
-                raise ValueError(f"{writer[target]} and {path} would both write {target}; rename one or run them "
-                                 "separately")
+                raise ValueError(f"{writer[target]} and {path} would both write {target}; rename one, or embed "
+                                 "them into different --out directories")
+            twin = _twin(path) if not os.path.isdir(arg) and os.path.lexists(target) else None
+            if twin:  # a.flac named alone after a.wav's run: a.npy may be a.wav's embedding
+                raise ValueError(f"{target} exists, and {twin} beside {path} writes that name too: it may be that "
+                                 "file's embedding. Rename one, or embed them into different --out directories")
             mapping[path], writer[target] = target, path
     return mapping
+
+
+def _twin(path: str) -> str | None:
+    """Another audio file beside path with the same name but for its extension (its output's name)."""
+    from audioenc.audio import AUDIO_EXTENSIONS
+
+    folder, name = os.path.split(path)
+    stem = os.path.splitext(name)[0]
+    for other in sorted(os.listdir(folder or ".")):
+        if other != name and os.path.splitext(other)[0] == stem and other.lower().endswith(AUDIO_EXTENSIONS):
+            return os.path.join(folder, other)
+    return None
 
 
 MIXED = {"mixed": True}  # the record of an --out whose outputs may come from more than one setting
@@ -40,25 +57,60 @@ def outputs_in(out_dir: str) -> set[str]:
             if name.endswith((".npy", ".safetensors")) and not name.startswith(TMP_PREFIX)}
 
 
-def settings_conflict(out_dir: str, settings: dict) -> str | None:
-    """Why the embeddings already in out_dir must not be kept beside new ones (they were made with
-    other settings, or an --overwrite run with new ones replaced only some: a rerun would silently
-    mix two kinds of embedding), or None."""
+def _read_record(directory: str) -> dict | None:
     import json
 
     try:
-        with open(os.path.join(out_dir, SETTINGS_FILE)) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):  # none yet (a new --out, or one from before this record), or unreadable
+        with open(os.path.join(directory, SETTINGS_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):  # none (a new --out, or one from before records), or unreadable
         return None
-    if previous == settings or not outputs_in(out_dir):
-        return None
-    if previous == MIXED:
-        return (f"--out {out_dir} may hold embeddings of more than one setting (an --overwrite run with new ones "
-                "did not replace them all): use another --out, or --overwrite to replace them")
-    differs = ", ".join(f"{key} {previous.get(key)!r} (now {value!r})" for key, value in settings.items()
-                        if previous.get(key) != value)
-    return f"--out {out_dir} holds embeddings made with {differs}: use another --out, or --overwrite to replace them"
+    return record if isinstance(record, dict) else None
+
+
+def records_around(out_dir: str) -> list[tuple[str, dict]]:
+    """The settings records of out_dir, of the directories above it (their outputs include out_dir's)
+    and of those below it (an earlier run's --out inside this one)."""
+    found, directory = [], os.path.abspath(out_dir)
+    while True:
+        record = _read_record(directory)
+        if record is not None:
+            found.append((directory, record))
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for root, _, files in os.walk(out_dir):
+        if SETTINGS_FILE in files and os.path.abspath(root) != os.path.abspath(out_dir):
+            found.append((os.path.abspath(root), _read_record(root) or MIXED))
+    return found
+
+
+def settings_conflicts(out_dir: str, settings: dict) -> list[tuple[str, str]]:
+    """(directory, why) for each record around out_dir whose embeddings must not be kept beside new
+    ones: made with other settings, or mixed (an --overwrite run with new ones replaced only some), so
+    that a rerun would silently mix two kinds of embedding. A setting a record lacks (it predates
+    the setting) does not conflict."""
+    conflicts = []
+    for directory, previous in records_around(out_dir):
+        if previous == MIXED:
+            why = "may hold embeddings of more than one setting (an --overwrite run with new ones did not replace them all)"
+        else:
+            differs = [f"{key} {previous[key]!r} (now {value!r})" for key, value in settings.items()
+                       if key in previous and previous[key] != value]
+            if not differs:
+                continue
+            why = f"holds embeddings made with {', '.join(differs)}"
+        if outputs_in(directory):
+            conflicts.append((directory, why))
+    return conflicts
+
+
+def remove_records_below(out_dir: str) -> None:
+    """The records of directories inside out_dir, once out_dir's own record speaks for all of them."""
+    for root, _, files in os.walk(out_dir):
+        if SETTINGS_FILE in files and os.path.abspath(root) != os.path.abspath(out_dir):
+            os.remove(os.path.join(root, SETTINGS_FILE))
 
 
 def record_settings(out_dir: str, settings: dict) -> None:
@@ -181,9 +233,9 @@ def decoded_batches(batches, workers: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def embed_batch(enc, batch, args, failed: list[str]) -> float:
-    """Encodes and writes one decoded batch; bad files go to ``failed``. Returns the seconds of
-    audio written."""
+def embed_batch(enc, batch, args, failed: list[str], written: set[str]) -> float:
+    """Encodes and writes one decoded batch; bad files go to ``failed``, the outputs written to
+    ``written``. Returns the seconds of audio written."""
     decoded = []
     for path, target, wave in batch:
         if isinstance(wave, Exception):
@@ -192,13 +244,15 @@ def embed_batch(enc, batch, args, failed: list[str]) -> float:
             decoded.append((path, target, wave))
     all_layers = args.layer == "all"
     layer = None if all_layers or args.layer is None else int(args.layer)
-    groups, written = [decoded], 0
+    groups, samples = [decoded], 0
     while groups:
         group = groups.pop()
         if not group:
             continue
         try:
-            out = enc.encode([w for _, _, w in group], output_hidden_states=all_layers, output_layer=layer)
+            # A bar per long file (past enc.long_audio_threshold_s), where stderr shows the job's bar
+            out = enc.encode([w for _, _, w in group], output_hidden_states=all_layers, output_layer=layer,
+                             progress=sys.stderr.isatty())
         except (ValueError, TypeError) as exc:
             if len(group) > 1:  # find the item that fails: encode each alone
                 groups += [[item] for item in group]
@@ -213,5 +267,6 @@ def embed_batch(enc, batch, args, failed: list[str]) -> float:
                 # disk or a read-only folder is the machine's, not this file's, and stops the job
                 failed.append(f"{path}: cannot write {target} ({exc.strerror}: {exc.filename})")
                 continue
-            written += len(wave)
-    return written / enc.sample_rate
+            written.add(target)
+            samples += len(wave)
+    return samples / enc.sample_rate

@@ -318,13 +318,18 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
 
     stream = EncoderStream(encoder, SAMPLE_RATE, chunk_s, left_s, right_s, output_layer)
     stream.backend_output = True
-    block = stream.chunk * 8
+    # A GPU runs 8 windows per call; a CPU gains little from a batch (and its bar moves per window).
+    block = stream.chunk * (8 if encoder.backend.device.type == "cuda" else 1)
     outputs = []
-    with tqdm(total=len(wave) / SAMPLE_RATE, unit="s", unit_scale=True, desc="encode", disable=not progress) as bar:
+    # The bar counts the audio whose frames are final (20 ms each), so it is full when they all are.
+    total = len(wave) / SAMPLE_RATE
+    with tqdm(total=total, unit="s", unit_scale=True, desc="encode", disable=not progress,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
         for start in range(0, len(wave), block):
             outputs.append(stream.push(wave[start : start + block]).frames)
-            bar.update(min(block, len(wave) - start) / SAMPLE_RATE)
+            bar.update(min(len(outputs[-1]) * FRAME_HOP / SAMPLE_RATE, total - bar.n))
         outputs.append(stream.flush().frames)
+        bar.update(total - bar.n)
     pieces = [x for x in outputs if len(x)]  # pushes that finished no frame give CPU float32
     del outputs
     # Copied into one tensor piece by piece, each freed once copied: an hour of frames is GBs, and

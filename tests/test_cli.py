@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +119,49 @@ def test_embed_overwrite_of_some_outputs_leaves_the_directory_marked_mixed(audio
     args = ["--model", model, "--backend", "torch", "--out", str(empty_out)]
     assert main(["embed", str(tmp_path / "bad"), *args]) == 1                   # wrote nothing
     assert main(["embed", str(audio_tree), *args, "--pool", "max"]) == 0      # so nothing to keep apart
+
+
+def test_embed_settings_records_cover_nested_outs_failures_and_equal_spellings(audio_tree, tmp_path, w2v_checkpoints,
+                                                                               capsys):
+    """A --out inside or around an earlier one is checked against its record too; an --overwrite that
+    replaced every output clears the mixed mark though some inputs failed (they have no output);
+    --layer N for the last layer is the default, and the precision is a setting."""
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    out = tmp_path / "out"
+    run = lambda inputs, to, *extra: main(["embed", *inputs, "--model", model, "--backend", "torch", "--out", str(to),
+                                           *extra])
+    assert run([str(audio_tree / "sub")], out / "sub", "--pool", "max") == 0
+    capsys.readouterr()
+    assert run([str(audio_tree)], out) == 2  # would keep sub/b.npy max-pooled beside mean-pooled a.npy
+    assert "holds embeddings made with pool 'max' (now 'mean')" in capsys.readouterr().err
+    assert run([str(audio_tree / "sub")], out / "sub" / "deeper", "--pool", "mean") == 2  # inside it: the same
+    (audio_tree / "broken.wav").write_bytes(b"not audio")
+    assert run([str(audio_tree)], out, "--overwrite") == 1  # broken.wav fails; both outputs replaced
+    assert not (out / "sub" / ".audioenc-embed.json").exists()
+    assert run([str(audio_tree)], out) == 1 and "skipped 2 existing" in capsys.readouterr().out
+    assert run([str(audio_tree)], out, "--layer", "2") == 1  # layer 2 of 2 is the last: the same setting
+    assert run([str(audio_tree)], out, "--dtype", "bfloat16") == 2
+    assert "dtype 'float32' (now 'bfloat16')" in capsys.readouterr().err
+
+
+def test_embed_refuses_an_output_a_same_named_input_may_have_written(tmp_path, w2v_checkpoints, capsys):
+    """a.wav and a.flac both write a.npy: named one at a time into one --out, the second would be
+    skipped as done (or replace the first's) without a word."""
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    sf.write(folder / "a.wav", speech_like(16000, 1), 16000)
+    sf.write(folder / "a.flac", speech_like(16000, 2), 16000)
+    run = lambda name, *extra: main(["embed", str(folder / name), "--model", model, "--backend", "torch", "--out",
+                                     str(out), *extra])
+    assert main(["embed", str(folder), "--model", model, "--backend", "torch", "--out", str(out)]) == 2
+    assert "rename one, or embed them into different --out directories" in capsys.readouterr().err
+    assert run("a.wav") == 0
+    first = np.load(out / "a.npy")
+    for extra in ((), ("--overwrite",)):
+        assert run("a.flac", *extra) == 2
+        assert f"{out / 'a.npy'} exists, and {folder / 'a.wav'} beside" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(out / "a.npy"), first)
 
 
 def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoints, capsys):
@@ -411,20 +455,22 @@ def test_stream_command_keeps_its_frames_when_stdout_closes(tmp_path, w2v_checkp
 
 
 def test_stream_command_is_live_and_ctrl_c_keeps_the_frames(tmp_path, w2v_checkpoints):
-    """Frames come out while stdin is still open; SIGINT ends the stream like end of input: the
-    frames so far are flushed and saved (to a name without .npy too)."""
+    """Frames come out while stdin is still open, though 3 s never fill one 10 s --block-ms read;
+    SIGINT ends the stream like end of input: every frame of the audio received is flushed and
+    saved (to a name without .npy too)."""
     model = w2v_checkpoints["wav2vec2-group"][0]
     pcm = np.round(speech_like(16000 * 3, 4) * 30000).astype("<i2")
     out = tmp_path / "frames"
     proc = subprocess.Popen([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
-                             "--chunk-s", "1", "--out", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                             "--chunk-s", "1", "--right-context-s", "1", "--block-ms", "10000", "--out", str(out)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         proc.stdin.write(pcm.tobytes())
         proc.stdin.flush()  # and left open, as a microphone's pipe
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready, "no frames while stdin is open"
         assert b"frames" in proc.stdout.readline()
+        time.sleep(3)  # the rest of the pipe's 3 s is read meanwhile, and waits for more to fill a block
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -432,7 +478,7 @@ def test_stream_command_is_live_and_ctrl_c_keeps_the_frames(tmp_path, w2v_checkp
     assert proc.returncode == 130, err.decode()
     assert b"interrupted; the frames before it were flushed and saved" in err
     saved = np.load(out)
-    assert saved.shape[0] >= 100 and np.isfinite(saved).all()  # at least the first two chunks
+    assert saved.shape == (149, 32) and np.isfinite(saved).all()  # all 3 s: (48000 - 400) // 320 + 1 frames
 
 
 def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(tmp_path, w2v_checkpoints):

@@ -123,6 +123,9 @@ def test_files(w2v, tmp_path):
     sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 16000)
     with pytest.raises(ValueError, match="no audio samples"):
         w2v.encode(str(tmp_path / "empty.wav"))
+    (tmp_path / "zero.flac").write_bytes(b"")
+    with pytest.raises(ValueError, match="zero.flac: an empty file \\(0 bytes\\)"):
+        w2v.encode(str(tmp_path / "zero.flac"))
     sf.write(tmp_path / "whole.wav", speech_like(64000, 8), 16000, subtype="PCM_16")
     whole = (tmp_path / "whole.wav").read_bytes()
     (tmp_path / "half.wav").write_bytes(whole[: len(whole) // 2])  # libsndfile alone reads the half silently
