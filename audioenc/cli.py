@@ -272,15 +272,17 @@ def cmd_stream(args) -> int:
                     raise
 
     ended = None  # why the input stopped early: Ctrl-C, a closed stdout, or a block the stream refused (NaN)
+    received = 0  # samples before the current block: where in the input a refused block starts
     try:
         for piece in blocks():
             emit(lambda: stream.push(piece))
+            received += len(piece)
     except KeyboardInterrupt:
         ended = "interrupted"
     except BrokenPipeError:
         ended = "stdout was closed"
     except ValueError as exc:
-        ended = f"error: {exc}"
+        ended = f"error in the block from sample {received} ({received / rate:.3f} s) of the input: {exc}"
     try:
         emit(stream.flush)
     except BrokenPipeError:

@@ -1,6 +1,7 @@
 """The command line: embed writes one output per input, never overwrites without asking, goes on
 past bad files; info reports what is built."""
 import os
+import re
 import select
 import shlex
 import shutil
@@ -497,7 +498,10 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
     out = tmp_path / "frames.npy"
     result = subprocess.run([*base, "--format", "f32le", "--chunk-s", "1", "--out", str(out)], input=wave.tobytes(),
                             capture_output=True, timeout=300)
-    assert result.returncode == 1 and b"error: block: audio contains NaN or Inf" in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    found = re.search(rb"error in the block from sample (\d+) \([0-9.]+ s\) of the input: block: audio contains "
+                      rb"NaN or Inf \(first at sample (\d+)\)", result.stderr)
+    assert found and int(found[1]) + int(found[2]) == 16000 * 2 + 7, result.stderr  # where it is in the input
     assert b"Traceback" not in result.stderr
     assert 50 <= np.load(out).shape[0] < 150  # the frames of the audio before the bad block
     # Finite audio that overflows once resampled: the stream fails for good, the frames before stay.
