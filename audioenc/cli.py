@@ -135,14 +135,12 @@ def cmd_embed(args) -> int:
         else str(int(args.layer))
     settings = {"model": model, "pool": args.pool, "layer": layer,
                 "dtype": str(enc.backend.dtype).removeprefix("torch.")}
-    conflicts = settings_conflicts(args.out, settings)
+    conflicts = settings_conflicts(args.out, settings, enc.num_layers)
     if conflicts and not args.overwrite:
         print("error: " + "; ".join(f"{d} {why}" for d, why in conflicts) + ": use another --out, or --overwrite "
               "to replace them", file=sys.stderr)
         return 2
     try:  # replacing outputs of other settings: mixed until every one is replaced (checked at the end)
-        for directory, _ in conflicts:
-            record_settings(directory, MIXED)
         record_settings(args.out, MIXED if conflicts else settings)
     except OSError as exc:
         print(f"error: --out {args.out}: {exc}", file=sys.stderr)

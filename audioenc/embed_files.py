@@ -16,7 +16,7 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
     """Input file -> output file: files under a directory argument keep their relative path."""
     from audioenc.audio import find_audio_files
 
-    mapping, writer, seen = {}, {}, set()
+    mapping, writer, seen, stems = {}, {}, set(), {}
     for arg in inputs:
         root = arg if os.path.isdir(arg) else os.path.dirname(arg)
         for path in find_audio_files([arg]):
@@ -28,7 +28,7 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
             if target in writer:
                 raise ValueError(f"{writer[target]} and {path} would both write {target}; rename one, or embed "
                                  "them into different --out directories")
-            twin = _twin(path) if not os.path.isdir(arg) and os.path.lexists(target) else None
+            twin = _twin(path, stems) if not os.path.isdir(arg) and os.path.lexists(target) else None
             if twin:  # a.flac named alone after a.wav's run: a.npy may be a.wav's embedding
                 raise ValueError(f"{target} exists, and {twin} beside {path} writes that name too: it may be that "
                                  "file's embedding. Rename one, or embed them into different --out directories")
@@ -36,16 +36,23 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
     return mapping
 
 
-def _twin(path: str) -> str | None:
-    """Another audio file beside path with the same name but for its extension (its output's name)."""
+def _twin(path: str, stems: dict) -> str | None:
+    """Another audio file beside path with the same name but for its extension (its output's name).
+    ``stems`` caches each folder's audio files by name without extension."""
     from audioenc.audio import AUDIO_EXTENSIONS
 
     folder, name = os.path.split(path)
-    stem = os.path.splitext(name)[0]
-    for other in sorted(os.listdir(folder or ".")):
-        if other != name and os.path.splitext(other)[0] == stem and other.lower().endswith(AUDIO_EXTENSIONS):
-            return os.path.join(folder, other)
-    return None
+    if folder not in stems:
+        try:
+            names = sorted(os.listdir(folder or "."))
+        except OSError:  # a folder we may read files in but not list: no twin we could know of
+            names = []
+        stems[folder] = {}
+        for other in names:
+            if other.lower().endswith(AUDIO_EXTENSIONS):
+                stems[folder].setdefault(os.path.splitext(other)[0], []).append(other)
+    twins = [other for other in stems[folder].get(os.path.splitext(name)[0], []) if other != name]
+    return os.path.join(folder, twins[0]) if twins else None
 
 
 MIXED = {"mixed": True}  # the record of an --out whose outputs may come from more than one setting
@@ -68,49 +75,60 @@ def _read_record(directory: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def _directories_below_with_records(out_dir: str):
+    for root, _, files in os.walk(out_dir):
+        if SETTINGS_FILE in files and os.path.realpath(root) != os.path.realpath(out_dir):
+            yield root
+
+
 def records_around(out_dir: str) -> list[tuple[str, dict]]:
-    """The settings records of out_dir, of the directories above it (their outputs include out_dir's)
-    and of those below it (an earlier run's --out inside this one)."""
-    found, directory = [], os.path.abspath(out_dir)
+    """The records that describe the outputs already under out_dir: the nearest at or above it (an
+    earlier run's --out may hold this one), and those of directories below it (earlier runs' --outs
+    inside this one). Links are resolved: a linked --out is the directory it leads to."""
+    found, directory = [], os.path.realpath(out_dir)
     while True:
         record = _read_record(directory)
         if record is not None:
             found.append((directory, record))
+            break
         parent = os.path.dirname(directory)
         if parent == directory:
             break
         directory = parent
-    for root, _, files in os.walk(out_dir):
-        if SETTINGS_FILE in files and os.path.abspath(root) != os.path.abspath(out_dir):
-            found.append((os.path.abspath(root), _read_record(root) or MIXED))
-    return found
+    return found + [(root, record) for root in _directories_below_with_records(out_dir)
+                    if (record := _read_record(root)) is not None]
 
 
-def settings_conflicts(out_dir: str, settings: dict) -> list[tuple[str, str]]:
-    """(directory, why) for each record around out_dir whose embeddings must not be kept beside new
-    ones: made with other settings, or mixed (an --overwrite run with new ones replaced only some), so
-    that a rerun would silently mix two kinds of embedding. A setting a record lacks (it predates
-    the setting) does not conflict."""
+def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tuple[str, str]]:
+    """(directory, why) for each record around out_dir that describes outputs under out_dir which
+    must not be kept beside new ones: made with other settings, or mixed (an --overwrite run with new
+    ones replaced only some), so that a rerun would silently mix two kinds of embedding. A setting a
+    record lacks (it predates the setting) does not conflict; a layer recorded by number that is the
+    last (before it was spelled "last") is "last"."""
     conflicts = []
     for directory, previous in records_around(out_dir):
         if previous == MIXED:
             why = "may hold embeddings of more than one setting (an --overwrite run with new ones did not replace them all)"
         else:
+            if previous.get("layer") == str(last_layer):
+                previous = {**previous, "layer": "last"}
             differs = [f"{key} {previous[key]!r} (now {value!r})" for key, value in settings.items()
                        if key in previous and previous[key] != value]
             if not differs:
                 continue
             why = f"holds embeddings made with {', '.join(differs)}"
-        if outputs_in(directory):
+        # a record at or above out_dir speaks here for the outputs under out_dir only
+        inside = os.path.realpath(directory) != os.path.realpath(out_dir) and os.path.realpath(directory).startswith(
+            os.path.realpath(out_dir) + os.sep)
+        if outputs_in(directory if inside else out_dir):
             conflicts.append((directory, why))
     return conflicts
 
 
 def remove_records_below(out_dir: str) -> None:
     """The records of directories inside out_dir, once out_dir's own record speaks for all of them."""
-    for root, _, files in os.walk(out_dir):
-        if SETTINGS_FILE in files and os.path.abspath(root) != os.path.abspath(out_dir):
-            os.remove(os.path.join(root, SETTINGS_FILE))
+    for root in list(_directories_below_with_records(out_dir)):
+        os.remove(os.path.join(root, SETTINGS_FILE))
 
 
 def record_settings(out_dir: str, settings: dict) -> None:

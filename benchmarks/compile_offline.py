@@ -9,7 +9,8 @@ launch, and what it would have compiled (the arguments' types, Triton's speciali
 and of integers divisible by 16, each config's constants, warps and stages) is compiled with
 triton.compile for the target. Nothing runs. A config over the shared memory limit is reported, not
 failed: the autotuner drops it on the GPU (each kernel keeps a config that fits). With no cache,
-all of them take about 7 minutes on 2 CPU cores.
+all of them take about 7 minutes on 2 CPU cores. Each combination of a kernel's flags compiles
+apart: the cases are those the backend launches (and the experiments bench_gpu.py times).
 """
 from __future__ import annotations
 
@@ -121,8 +122,16 @@ def cases():
         for channels in (768, 1024):
             yield f"grouped_conv1d_gelu {channels} {name}", lambda dt=dt, c=channels: grouped_conv1d_gelu(
                 rand(2, 499, c, dtype=dt), rand(c, c // 16, 128, dtype=dt), rand(c, dtype=dt), 16)
-        yield f"add_layer_norm {name}", lambda dt=dt: add_layer_norm(
-            rand(2, 1500, 1280, dtype=dt), rand(2, 1500, 1280), rand(1280), rand(1280), shift=rand(1280))
+        # Each combination of the kernels' flags compiles apart: those the backend launches.
+        yield f"conv1d_gelu Whisper's stem {name}", lambda dt=dt: conv1d_gelu(
+            rand(2, 3000, 1280, dtype=dt), rand(1280, 1280, 3, dtype=dt), rand(1280, dtype=dt), 2, 1,
+            add=rand(1500, 1280), out_dtype=torch.float32)
+        yield f"add_layer_norm residual + sum {name}", lambda dt=dt: add_layer_norm(
+            rand(2, 1500, 1280, dtype=dt), rand(2, 1500, 1280), rand(1280), rand(1280), sum_dtype=torch.float32)
+        yield f"add_layer_norm shift {name}", lambda dt=dt: add_layer_norm(
+            rand(2, 1500, 1280), None, rand(1280), rand(1280), out_dtype=dt, shift=rand(1280))
+        yield f"add_layer_norm gelu {name}", lambda dt=dt: add_layer_norm(
+            rand(2, 3199, 512), None, rand(512), rand(512), out_dtype=dt, apply_gelu=True)
         yield f"linear_gelu {name}", lambda dt=dt: linear_gelu(rand(998, 1024, dtype=dt), rand(4096, 1024, dtype=dt),
                                                                rand(4096, dtype=dt))
 

@@ -124,7 +124,7 @@ def test_embed_overwrite_of_some_outputs_leaves_the_directory_marked_mixed(audio
 
 def test_embed_settings_records_cover_nested_outs_failures_and_equal_spellings(audio_tree, tmp_path, w2v_checkpoints,
                                                                                capsys):
-    """A --out inside or around an earlier one is checked against its record too; an --overwrite that
+    """A --out inside or around an earlier one, where it holds outputs, is checked against its record too; an --overwrite that
     replaced every output clears the mixed mark though some inputs failed (they have no output);
     --layer N for the last layer is the default, and the precision is a setting."""
     model = w2v_checkpoints["wav2vec2-group"][0]
@@ -135,7 +135,11 @@ def test_embed_settings_records_cover_nested_outs_failures_and_equal_spellings(a
     capsys.readouterr()
     assert run([str(audio_tree)], out) == 2  # would keep sub/b.npy max-pooled beside mean-pooled a.npy
     assert "holds embeddings made with pool 'max' (now 'mean')" in capsys.readouterr().err
-    assert run([str(audio_tree / "sub")], out / "sub" / "deeper", "--pool", "mean") == 2  # inside it: the same
+    # A new directory inside it has a record of its own; a later run at the outer one finds it.
+    assert run([str(audio_tree / "sub")], out / "sub" / "deeper", "--pool", "mean") == 0
+    assert run([str(audio_tree / "sub")], out / "sub", "--pool", "max") == 2
+    assert "deeper holds embeddings made with pool 'mean' (now 'max')" in capsys.readouterr().err
+    shutil.rmtree(out / "sub" / "deeper")
     (audio_tree / "broken.wav").write_bytes(b"not audio")
     assert run([str(audio_tree)], out, "--overwrite") == 1  # broken.wav fails; both outputs replaced
     assert not (out / "sub" / ".audioenc-embed.json").exists()
@@ -143,6 +147,21 @@ def test_embed_settings_records_cover_nested_outs_failures_and_equal_spellings(a
     assert run([str(audio_tree)], out, "--layer", "2") == 1  # layer 2 of 2 is the last: the same setting
     assert run([str(audio_tree)], out, "--dtype", "bfloat16") == 2
     assert "dtype 'float32' (now 'bfloat16')" in capsys.readouterr().err
+
+
+def test_embed_record_above_a_new_out_blocks_nothing_and_a_linked_out_is_the_real_one(audio_tree, tmp_path,
+                                                                                       w2v_checkpoints, capsys):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    home = tmp_path / "home"
+    run = lambda inputs, to, *extra: main(["embed", *inputs, "--model", model, "--backend", "torch", "--out", str(to),
+                                           *extra])
+    assert run([str(audio_tree)], home) == 0  # a.npy and sub/b.npy, mean-pooled, recorded at home
+    assert run([str(audio_tree)], home / "project" / "emb", "--pool", "max") == 0  # new: nothing there to mix
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(home / "sub", tmp_path / "elsewhere" / "link")
+    capsys.readouterr()
+    assert run([str(audio_tree / "sub")], tmp_path / "elsewhere" / "link", "--pool", "max") == 2
+    assert "holds embeddings made with pool 'mean' (now 'max')" in capsys.readouterr().err
 
 
 def test_embed_refuses_an_output_a_same_named_input_may_have_written(tmp_path, w2v_checkpoints, capsys):

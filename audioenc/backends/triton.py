@@ -76,16 +76,18 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
     def accumulate(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + x W^T without the bias, in residual's dtype: on CUDA cuBLAS adds the residual
-        in its epilogue (float32 output from half-precision inputs), so no pass of our own reads it."""
+        """residual += x W^T without the bias, in place and in residual's dtype: on CUDA cuBLAS adds
+        the residual in its epilogue (beta = 1; float32 output from half-precision inputs), so no
+        pass of our own reads it. In place: torch's addmm into a new tensor first copies the residual
+        there."""
         flat_r, flat_x = residual.view(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1])
         if x.dtype == residual.dtype:
-            out = torch.addmm(flat_r, flat_x, self.weight.t())
+            flat_r.addmm_(flat_x, self.weight.t())
         elif x.is_cuda:
-            out = torch.addmm(flat_r, flat_x, self.weight.t(), out_dtype=residual.dtype)
+            torch.addmm(flat_r, flat_x, self.weight.t(), out_dtype=residual.dtype, out=flat_r)
         else:  # the CPU has no mixed-dtype addmm (Triton's interpreter runs the backend there)
-            out = torch.addmm(flat_r, flat_x.to(residual.dtype), self.weight.to(residual.dtype).t())
-        return out.view(residual.shape)
+            flat_r.addmm_(flat_x.to(residual.dtype), self.weight.to(residual.dtype).t())
+        return residual
 
 
 def _faster(first, second, repeats: int = 7) -> bool:
@@ -454,7 +456,7 @@ class _FastWav2Vec2:
                               l.feed_forward.output_dense, dtype, device, self.fc1_choices, self.attention_choices)
                        for l in encoder.layers]
         self.residual_in_cublas = False  # _run_blocks_in_cublas, pre-LN only: an experiment
-        self.bias_sums = _bias_sums(self.blocks)
+        self.bias_sums = _bias_sums(self.blocks) if self.pre_norm else None
         self.rel_embedding = None
         if self.dims.family == "wavlm":
             self.rel_embedding = encoder.layers[0].attention.rel_attn_embed.weight.detach().float().to(device)
