@@ -141,6 +141,9 @@ def cmd_embed(args) -> int:
               "to replace them", file=sys.stderr)
         return 2
     try:  # replacing outputs of other settings: mixed until every one is replaced (checked at the end)
+        for directory, _ in conflicts:  # an earlier --out inside this one, whose outputs this run replaces
+            if os.path.realpath(directory).startswith(os.path.realpath(args.out) + os.sep):
+                record_settings(directory, MIXED)
         record_settings(args.out, MIXED if conflicts else settings)
     except OSError as exc:
         print(f"error: --out {args.out}: {exc}", file=sys.stderr)
@@ -159,8 +162,11 @@ def cmd_embed(args) -> int:
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix(audio=f"{audio_s / elapsed:.1f}s/s")
     if conflicts and outputs_in(args.out) <= written:  # every output there is this run's
-        record_settings(args.out, settings)
-        remove_records_below(args.out)
+        try:
+            record_settings(args.out, settings)
+            remove_records_below(args.out)
+        except OSError as exc:  # the outputs are written; the directory stays marked mixed
+            print(f"warning: --out {args.out}: could not record its settings ({exc})", file=sys.stderr)
     print(f"wrote {len(jobs) - skipped - len(failed)} file(s) to {args.out} ({audio_s:.1f} s of audio)")
     if skipped:
         print(f"skipped {skipped} existing output(s) (use --overwrite to replace them)")

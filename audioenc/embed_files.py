@@ -65,14 +65,19 @@ def outputs_in(out_dir: str) -> set[str]:
 
 
 def _read_record(directory: str) -> dict | None:
+    """The record in directory; None where there is none (a new --out, or one from before records);
+    MIXED where one is there but unreadable (nothing can be told of its outputs)."""
     import json
 
-    try:
-        with open(os.path.join(directory, SETTINGS_FILE)) as f:
-            record = json.load(f)
-    except (OSError, ValueError):  # none (a new --out, or one from before records), or unreadable
+    path = os.path.join(directory, SETTINGS_FILE)
+    if not os.path.lexists(path):
         return None
-    return record if isinstance(record, dict) else None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return MIXED
+    return record if isinstance(record, dict) else MIXED
 
 
 def _directories_below_with_records(out_dir: str):
@@ -95,8 +100,7 @@ def records_around(out_dir: str) -> list[tuple[str, dict]]:
         if parent == directory:
             break
         directory = parent
-    return found + [(root, record) for root in _directories_below_with_records(out_dir)
-                    if (record := _read_record(root)) is not None]
+    return found + [(root, _read_record(root)) for root in _directories_below_with_records(out_dir)]
 
 
 def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tuple[str, str]]:
@@ -105,8 +109,11 @@ def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tu
     ones replaced only some), so that a rerun would silently mix two kinds of embedding. A setting a
     record lacks (it predates the setting) does not conflict; a layer recorded by number that is the
     last (before it was spelled "last") is "last"."""
-    conflicts = []
-    for directory, previous in records_around(out_dir):
+    conflicts, records = [], records_around(out_dir)
+    real_out = os.path.realpath(out_dir)
+    below = [os.path.realpath(d) + os.sep for d, _ in records if os.path.realpath(d) != real_out and
+             os.path.realpath(d).startswith(real_out + os.sep)]
+    for directory, previous in records:
         if previous == MIXED:
             why = "may hold embeddings of more than one setting (an --overwrite run with new ones did not replace them all)"
         else:
@@ -117,10 +124,12 @@ def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tu
             if not differs:
                 continue
             why = f"holds embeddings made with {', '.join(differs)}"
-        # a record at or above out_dir speaks here for the outputs under out_dir only
-        inside = os.path.realpath(directory) != os.path.realpath(out_dir) and os.path.realpath(directory).startswith(
-            os.path.realpath(out_dir) + os.sep)
-        if outputs_in(directory if inside else out_dir):
+        if os.path.realpath(directory) + os.sep in below:  # an earlier --out inside this one
+            described = outputs_in(directory)
+        else:  # the record at or above out_dir: the outputs under out_dir that no record below describes
+            described = {path for path in outputs_in(out_dir)
+                         if not any(os.path.realpath(path).startswith(inner) for inner in below)}
+        if described:
             conflicts.append((directory, why))
     return conflicts
 

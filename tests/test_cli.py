@@ -164,6 +164,35 @@ def test_embed_record_above_a_new_out_blocks_nothing_and_a_linked_out_is_the_rea
     assert "holds embeddings made with pool 'mean' (now 'max')" in capsys.readouterr().err
 
 
+def test_embed_records_below_and_unreadable_ones_keep_mixes_visible(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    sf.write(audio_tree / "sub" / "d.wav", speech_like(16000, 4), 16000)
+    out = tmp_path / "o"
+    run = lambda inputs, to, *extra: main(["embed", *inputs, "--model", model, "--backend", "torch", "--out", str(to),
+                                           *extra])
+    sub = [str(audio_tree / "sub" / "b.flac"), str(audio_tree / "sub" / "d.wav")]
+    assert run([str(audio_tree / "a.wav")], out) == 0
+    assert run(sub, out / "sub", "--pool", "max") == 0
+    # An --overwrite at o replacing only sub/b.npy leaves o/sub mixed too, so a run into o/sub sees it.
+    only_b = tmp_path / "only-b"
+    (only_b / "sub").mkdir(parents=True)
+    shutil.copy(audio_tree / "sub" / "b.flac", only_b / "sub")
+    assert run([str(only_b)], out, "--pool", "none", "--overwrite") == 0
+    capsys.readouterr()
+    assert run(sub, out / "sub", "--pool", "max") == 2
+    assert "more than one setting" in capsys.readouterr().err
+    # An unreadable record is a mixed one.
+    fresh = tmp_path / "p"
+    assert run(sub, fresh / "sub", "--pool", "max") == 0
+    (fresh / "sub" / ".audioenc-embed.json").write_text("{trunc")
+    assert run([str(audio_tree / "a.wav")], fresh) == 2 and run(sub, fresh / "sub") == 2
+    # A record above --out speaks for the outputs no record below describes.
+    q = tmp_path / "q"
+    assert run([str(audio_tree / "a.wav")], q) == 0
+    assert run([str(audio_tree / "sub" / "b.flac")], q / "x" / "new", "--pool", "max") == 0
+    assert run([str(audio_tree / "sub" / "d.wav")], q / "x", "--pool", "max") == 0
+
+
 def test_embed_refuses_an_output_a_same_named_input_may_have_written(tmp_path, w2v_checkpoints, capsys):
     """a.wav and a.flac both write a.npy: named one at a time into one --out, the second would be
     skipped as done (or replace the first's) without a word."""
