@@ -7,8 +7,9 @@ import os
 import sys
 
 from audioenc.atomic_file import atomic_write
-from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, length_batches, output_paths, outputs_in,
-                                  record_settings, remove_records_below, remove_stale_temporaries, settings_conflicts)
+from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, inside, length_batches, output_paths,
+                                  outputs_in, record_settings, remove_records_below, remove_stale_temporaries,
+                                  settings_conflicts)
 
 DEFAULT_ARCHITECTURE = "wav2vec2-base"
 
@@ -142,7 +143,7 @@ def cmd_embed(args) -> int:
         return 2
     try:  # replacing outputs of other settings: mixed until every one is replaced (checked at the end)
         for directory, _ in conflicts:  # an earlier --out inside this one, whose outputs this run replaces
-            if os.path.realpath(directory).startswith(os.path.realpath(args.out) + os.sep):
+            if inside(directory, args.out):
                 record_settings(directory, MIXED)
         record_settings(args.out, MIXED if conflicts else settings)
     except OSError as exc:

@@ -18,7 +18,8 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
 
     mapping, writer, seen, stems = {}, {}, set(), {}
     for arg in inputs:
-        root = arg if os.path.isdir(arg) else os.path.dirname(arg)
+        named = not os.path.isdir(arg)  # a file named directly, not found under a directory
+        root = os.path.dirname(arg) if named else arg
         for path in find_audio_files([arg]):
             if os.path.realpath(path) in seen:  # named again (by another argument): one output, where first put
                 continue
@@ -28,7 +29,7 @@ def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]
             if target in writer:
                 raise ValueError(f"{writer[target]} and {path} would both write {target}; rename one, or embed "
                                  "them into different --out directories")
-            twin = _twin(path, stems) if not os.path.isdir(arg) and os.path.lexists(target) else None
+            twin = _twin(path, stems) if named and os.path.lexists(target) else None
             if twin:  # a.flac named alone after a.wav's run: a.npy may be a.wav's embedding
                 raise ValueError(f"{target} exists, and {twin} beside {path} writes that name too: it may be that "
                                  "file's embedding. Rename one, or embed them into different --out directories")
@@ -82,8 +83,13 @@ def _read_record(directory: str) -> dict | None:
 
 def _directories_below_with_records(out_dir: str):
     for root, _, files in os.walk(out_dir):
-        if SETTINGS_FILE in files and os.path.realpath(root) != os.path.realpath(out_dir):
+        if SETTINGS_FILE in files and inside(root, out_dir):
             yield root
+
+
+def inside(directory: str, out_dir: str) -> bool:
+    """Whether directory is below out_dir (links resolved)."""
+    return os.path.realpath(directory).startswith(os.path.realpath(out_dir) + os.sep)
 
 
 def records_around(out_dir: str) -> list[tuple[str, dict]]:
@@ -110,9 +116,7 @@ def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tu
     record lacks (it predates the setting) does not conflict; a layer recorded by number that is the
     last (before it was spelled "last") is "last"."""
     conflicts, records = [], records_around(out_dir)
-    real_out = os.path.realpath(out_dir)
-    below = [os.path.realpath(d) + os.sep for d, _ in records if os.path.realpath(d) != real_out and
-             os.path.realpath(d).startswith(real_out + os.sep)]
+    below = [os.path.realpath(d) + os.sep for d, _ in records if inside(d, out_dir)]
     for directory, previous in records:
         if previous == MIXED:
             why = "may hold embeddings of more than one setting (an --overwrite run with new ones did not replace them all)"
@@ -124,7 +128,7 @@ def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tu
             if not differs:
                 continue
             why = f"holds embeddings made with {', '.join(differs)}"
-        if os.path.realpath(directory) + os.sep in below:  # an earlier --out inside this one
+        if inside(directory, out_dir):  # an earlier --out inside this one
             described = outputs_in(directory)
         else:  # the record at or above out_dir: the outputs under out_dir that no record below describes
             described = {path for path in outputs_in(out_dir)
