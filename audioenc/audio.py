@@ -35,7 +35,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if not os.path.exists(path):
         broken = os.path.lexists(path)  # a link to nothing, or a loop of links
         raise ValueError(f"{path}: {'a link that leads to no file' if broken else 'no such file'}")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if not os.path.isfile(path):  # opening a named pipe would wait for a writer
+        raise ValueError(f"{path}: not a regular file (a pipe, socket or device)")
+    if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: an empty file (0 bytes)")
     problem = truncation(path)  # the header alone tells: before decoding
     if problem:
@@ -285,8 +287,9 @@ def to_waveforms(audio, sample_rate: int = SAMPLE_RATE, min_samples: int = 1) ->
 
 
 def find_audio_files(paths: Sequence[str]) -> list[str]:
-    """Files named directly, plus audio files found recursively under directories (sorted). Only
-    regular files: a named pipe would block the job until something writes to it."""
+    """Files named directly, plus audio files found recursively under directories (sorted). Entries
+    that are not regular files (a broken link, a named pipe) are listed too, so that load_audio
+    reports them instead of their being skipped unseen; nothing opens them."""
     found = []
     for path in paths:
         if os.path.isdir(path):
@@ -299,8 +302,7 @@ def find_audio_files(paths: Sequence[str]) -> list[str]:
                 seen.add(real)
                 # Real directories before links, so a directory reached both ways is named by its own path.
                 dirs.sort(key=lambda d: (os.path.islink(os.path.join(root, d)), d))
-                found += [os.path.join(root, f) for f in sorted(files)
-                          if f.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
+                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(AUDIO_EXTENSIONS)]
         elif os.path.isfile(path):
             found.append(path)
         elif os.path.exists(path):

@@ -186,8 +186,12 @@ def stream_usage_error(args) -> str | None:
     """What is wrong with cmd_stream's arguments, before any model loads."""
     if args.file is None and args.realtime:
         return "--realtime paces a --file; stdin arrives at its own pace"
-    if args.file is not None and (args.rate is not None or args.format is not None):
-        return "--rate and --format describe stdin; a --file carries its own"
+    if args.file is not None and (args.rate is not None or args.format is not None or args.channels is not None):
+        return "--rate, --format and --channels describe stdin; a --file carries its own"
+    from audioenc.audio import MAX_CHANNELS
+
+    if args.channels is not None and not 1 <= args.channels <= MAX_CHANNELS:  # as the stream API takes them
+        return f"--channels must be between 1 and {MAX_CHANNELS}, got {args.channels}"
     if args.out == "":
         return "--out must name a .npy file, got ''"
     if args.overwrite and not args.out:
@@ -238,6 +242,7 @@ def cmd_stream(args) -> int:
           f"frames wait at most {stream.latency_s * 1000:.0f} ms of audio", file=sys.stderr)
     block = max(1, int(rate * args.block_ms / 1000))
     dtype = np.dtype(PCM_FORMATS[args.format or "s16le"])
+    channels = args.channels or 1
 
     def blocks():  # lazily: a live source's blocks are encoded as they arrive
         if args.file:
@@ -248,13 +253,15 @@ def cmd_stream(args) -> int:
                 yield audio[start : start + block]
             return
         # read1: what has arrived, up to a block, so a Ctrl-C while a block fills loses none of it
-        size, carry = block * dtype.itemsize, b""
+        frame_bytes = dtype.itemsize * channels  # one sample of every channel, interleaved
+        size, carry = block * frame_bytes, b""
         while data := sys.stdin.buffer.read1(size):
             data = carry + data
-            whole = len(data) - len(data) % dtype.itemsize
-            carry = data[whole:]  # a sample split between reads
+            whole = len(data) - len(data) % frame_bytes
+            carry = data[whole:]  # a sample (or a frame of channels) split between reads
             if whole:
-                yield np.frombuffer(data[:whole], dtype).astype(dtype.newbyteorder("="))
+                pcm = np.frombuffer(data[:whole], dtype).astype(dtype.newbyteorder("="))
+                yield pcm.reshape(-1, channels) if channels > 1 else pcm  # the stream mixes channels to mono
 
     collected, compute_ms = [], []
     stdout_open = True
@@ -343,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--realtime", action="store_true", help="with --file: feed it at real-time pace")
     stream.add_argument("--rate", type=int, default=None, help="stdin sample rate (Hz; default 16000)")
     stream.add_argument("--format", choices=sorted(PCM_FORMATS), default=None,
-                        help="stdin sample format (mono; default s16le)")
+                        help="stdin sample format (default s16le)")
+    stream.add_argument("--channels", type=int, default=None,
+                        help="stdin channels, interleaved; mixed to mono (default 1)")
     stream.add_argument("--block-ms", type=float, default=20.0, help="audio read per push (ms)")
     stream.add_argument("--chunk-s", type=float, default=None,
                         help="audio per window centre, s (default per family: 1; rounded to 20 ms frames)")

@@ -195,6 +195,8 @@ def duration_s(path: str) -> float:
     and a long one never joins a batch (the error report deals with unreadable ones)."""
     import soundfile as sf
 
+    if not os.path.isfile(path):  # a broken link or a pipe: decoding reports it, unopened
+        return math.inf
     try:
         return sf.info(path).duration
     except Exception:  # not a format soundfile reads

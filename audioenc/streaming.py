@@ -87,7 +87,7 @@ def seconds_to_frames(seconds: float, what: str, minimum: int = 0) -> int:
         raise ValueError(f"{what} must be a finite number of seconds, got {seconds}")
     if seconds < 0:
         raise ValueError(f"{what} must be >= 0 seconds, got {seconds}")
-    n = round(seconds * SAMPLE_RATE / FRAME_HOP)
+    n = math.floor(seconds * SAMPLE_RATE / FRAME_HOP + 0.5)  # halves up, as people round: 0.05 s -> 3 frames
     if n < minimum:
         raise ValueError(f"{what} must be at least {minimum * FRAME_HOP / SAMPLE_RATE:g} s, got {seconds}")
     return n
@@ -165,6 +165,8 @@ class EncoderStream:
         return (self.chunk + self.right + self.tail) / SAMPLE_RATE
 
     def push(self, block) -> StreamFrames:
+        """Takes a block of samples and returns the frames that became final. A block refused before it
+        is taken (NaN/Inf, a wrong shape or dtype: ValueError) leaves the stream unchanged."""
         self._check_usable()
         x = self._prepare(block)
         with self.lock:  # blocks pushed from several threads at once go in one after another

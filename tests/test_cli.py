@@ -324,14 +324,20 @@ def test_embed_follows_directory_links_once(audio_tree, tmp_path, w2v_checkpoint
     assert "wrote 1 file(s)" in capsys.readouterr().out
 
 
-def test_embed_skips_named_pipes_in_directories_and_refuses_one_named(audio_tree, tmp_path, w2v_checkpoints, capsys):
-    """Reading a pipe's header blocks until something writes to it: the job would hang."""
+def test_embed_reports_pipes_and_broken_links_in_directories_unopened(audio_tree, tmp_path, w2v_checkpoints, capsys):
+    """Reading a pipe's header blocks until something writes to it: the job would hang. Skipping it (or
+    a link to a file since removed) unseen would hide that its output is missing."""
     root = tmp_path / "with-pipe"
     shutil.copytree(audio_tree / "sub", root)
     os.mkfifo(root / "pipe.wav")
+    (root / "gone.flac").symlink_to(tmp_path / "removed.flac")
     args = ["--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
-    assert main(["embed", str(root), *args, "--out", str(tmp_path / "out")]) == 0
-    assert "wrote 1 file(s)" in capsys.readouterr().out
+    assert main(["embed", str(root), *args, "--out", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert "wrote 1 file(s)" in out
+    assert f"failed: {root / 'pipe.wav'}: not a regular file" in err
+    assert f"failed: {root / 'gone.flac'}: a link that leads to no file" in err
+    assert "2 of 3 file(s) failed" in err
     assert main(["embed", str(root / "pipe.wav"), *args, "--out", str(tmp_path / "out2")]) == 2
     assert "not a regular file" in capsys.readouterr().err
 
@@ -483,6 +489,16 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
     again = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
                             "--out", str(out)], input=pcm.tobytes(), capture_output=True, timeout=300)
     assert again.returncode == 2 and b"exists" in again.stderr  # refused before the stream, not after it
+    # Interleaved stereo, in reads that split its frames: mixed to mono as the stream API does it.
+    other = np.round(speech_like(len(pcm), 4) * 30000).astype("<i2")
+    stereo = np.stack([pcm, other], axis=1)
+    result = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
+                             "--chunk-s", "1", "--channels", "2", "--block-ms", "7", "--out", str(tmp_path / "st.npy")],
+                            input=stereo.tobytes(), capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    stream = enc.stream(chunk_s=1.0)
+    expected = np.concatenate([stream.push(stereo).frames.numpy(), stream.flush().frames.numpy()])
+    np.testing.assert_allclose(np.load(tmp_path / "st.npy"), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_stream_command_keeps_its_frames_when_stdout_closes(tmp_path, w2v_checkpoints):
@@ -539,7 +555,9 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
                            (["--block-ms", "1e9"], "--block-ms"), (["--realtime"], "--realtime"),
                            (["--file", str(tmp_path / "a.wav"), "--rate", "8000"], "--rate"),
                            (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "sample_rate 0 Hz"), (["--out", "-"], "--out - would name"),
-                           (["--left-context-s", "1e5"], "a stream window"), (["--overwrite"], "there is none")):
+                           (["--left-context-s", "1e5"], "a stream window"), (["--overwrite"], "there is none"),
+                           (["--channels", "0"], "--channels must be"),
+                           (["--file", str(tmp_path / "a.wav"), "--channels", "2"], "--channels describe stdin")):
         result = subprocess.run([*base, *extra], input=b"", capture_output=True, timeout=300)
         assert result.returncode == 2 and message.encode() in result.stderr, (extra, result.stderr.decode())
     wave[16000 * 2 + 7] = np.nan  # f32le input with a NaN after two seconds

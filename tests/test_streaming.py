@@ -134,6 +134,8 @@ def test_stream_errors_and_flush(w2v_checkpoints):
         enc.stream(right_context_s="1")
     with pytest.raises(ValueError, match="chunk_s must be a finite number"):
         enc.stream(chunk_s=float("inf"))
+    assert enc.stream(chunk_s=0.05, left_context_s=0.03).chunk == 3 * 320  # halves round up, as people round
+    assert enc.stream(chunk_s=0.05, left_context_s=0.03).left == 2 * 320
     enc.backend.max_samples = 16000 * 3  # as a TensorRT engine declares its profile's longest input
     with pytest.raises(ValueError, match="must fit the backend's longest input, 3 s"):
         enc.stream(chunk_s=1, left_context_s=2, right_context_s=0.5)
