@@ -1,6 +1,6 @@
 """Files written whole or not at all: written under a temporary name in the same directory, then
 renamed into place, so an interrupted writer never leaves a half-written file under the final name.
-Used for embeddings, cache metadata, checkpoint records and TensorRT engines."""
+Used for embeddings, exports, cache metadata, checkpoint records and TensorRT engines."""
 from __future__ import annotations
 
 import os
@@ -9,26 +9,45 @@ import uuid
 TMP_PREFIX = ".audioenc-tmp-"
 
 
-def atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write, replace: bool = True) -> None:
     """``write(tmp)`` writes the file at ``tmp`` (same directory and suffix as ``path``), which then
-    replaces ``path``. Missing directories are created. The file gets the umask's permissions, as
-    open makes them (mkstemp's 0600 would keep a shared cache's other users out)."""
+    replaces ``path``, or with ``replace=False`` takes its place only if it is still free
+    (FileExistsError otherwise). Missing directories are created. The file gets the umask's
+    permissions, as open makes them (mkstemp's 0600 would keep a shared cache's other users out)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
     try:
         open(tmp, "xb").close()
         write(tmp)
-        os.replace(tmp, path)
+        move_into_place(tmp, path, replace)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
-def atomic_write_bytes(path: str, data) -> None:
+def move_into_place(tmp: str, path: str, replace: bool) -> None:
+    """Renames ``tmp`` to ``path`` (same file system). With ``replace=False`` a file that appeared at
+    ``path`` since the caller checked (another process's, written meanwhile) is kept: FileExistsError."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if path exists: a rename that never replaces
+    except FileExistsError:
+        raise FileExistsError(f"{path} appeared while this file was written (another process?); it was kept")
+    except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} appeared while this file was written (another process?); it was kept")
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
+def atomic_write_bytes(path: str, data, replace: bool = True) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    atomic_write(path, write)
+    atomic_write(path, write, replace)

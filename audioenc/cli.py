@@ -315,7 +315,17 @@ def cmd_stream(args) -> int:
             with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name without it
                 np.save(f, array)
 
-        atomic_write(args.out, save)
+        saved_to, taken = args.out, 0
+        while True:  # a file made at --out during the stream (an hour, maybe) is kept, unless --overwrite
+            try:
+                atomic_write(saved_to, save, replace=args.overwrite)
+                break
+            except FileExistsError:
+                taken += 1
+                saved_to = f"{os.path.splitext(args.out)[0]}-{taken}.npy"
+        if saved_to != args.out:
+            print(f"warning: {args.out} appeared during the stream and was kept; the frames were saved to {saved_to}",
+                  file=sys.stderr)
     if ended:
         print(f"{ended}; the frames before it were flushed{' and saved' if args.out else ''}", file=sys.stderr)
         return {"interrupted": 130, "stdout was closed": 141}.get(ended, 1)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from audioenc.atomic_file import atomic_write_bytes
+from audioenc.atomic_file import atomic_write_bytes, move_into_place
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
@@ -410,11 +410,16 @@ def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: b
     written = []
     try:
         build_graph(model, spec, tmp)
-        if os.path.exists(target + ".data") and not os.path.exists(os.path.join(tmp, MODEL_FILE + ".data")):
+        if overwrite and os.path.exists(target + ".data") and not os.path.exists(os.path.join(tmp, MODEL_FILE + ".data")):
             os.remove(target + ".data")  # a stale weights file of an earlier, larger export
         for name in sorted(os.listdir(tmp), reverse=True):  # the .data file before the graph that needs it
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            move_into_place(os.path.join(tmp, name), os.path.join(out_dir, name), replace=overwrite)
             written.append(os.path.join(out_dir, name))
+    except FileExistsError:  # another export to this directory finished first: keep its files whole
+        for path in written:
+            os.remove(path)
+        written = []
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not written and not os.listdir(out_dir):

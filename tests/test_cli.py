@@ -633,3 +633,22 @@ def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_p
     assert "no compute type 'float8'" in capsys.readouterr().err
     assert main(["bench", "--model", path, "--against", "openai-whisper", "--seconds", "31"]) == 2
     assert "first 30 s window" in capsys.readouterr().err
+
+
+def test_stream_command_keeps_a_file_made_at_its_out_during_the_stream(tmp_path, w2v_checkpoints, monkeypatch, capsys):
+    from audioenc.streaming import EncoderStream
+
+    sf.write(tmp_path / "a.wav", speech_like(16000 * 2, 8), 16000)
+    out = tmp_path / "frames.npy"
+    flush = EncoderStream.flush
+
+    def meanwhile(self):
+        out.write_bytes(b"the user's file")
+        return flush(self)
+
+    monkeypatch.setattr(EncoderStream, "flush", meanwhile)
+    args = ["stream", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch", "--file", str(tmp_path / "a.wav")]
+    assert main([*args, "--out", str(out)]) == 0
+    assert out.read_bytes() == b"the user's file"
+    assert "frames.npy appeared during the stream and was kept; the frames were saved to" in capsys.readouterr().err
+    assert np.load(tmp_path / "frames-1.npy").shape == (99, 32)

@@ -160,3 +160,22 @@ def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys
     (tmp_path / "a-file").write_bytes(b"")
     assert cli(["export", "--model", path, "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_export_keeps_a_file_that_appears_while_it_builds(w2v_checkpoints, tmp_path, capsys, monkeypatch):
+    """Two exports into one directory at once: the one that finishes second must not replace the first's."""
+    path = w2v_checkpoints["hubert-group-noprojln"][0]
+    out = tmp_path / "out"
+    build_graph = export.build_graph
+
+    def meanwhile(model, spec, folder):
+        build_graph(model, spec, folder)
+        (out / "model.onnx").write_bytes(b"the other export's graph")
+
+    monkeypatch.setattr(export, "build_graph", meanwhile)
+    assert cli(["export", "--model", path, "--out", str(out)]) == 2
+    assert "model.onnx appeared while this file was written" in capsys.readouterr().err
+    assert (out / "model.onnx").read_bytes() == b"the other export's graph"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]  # nothing of this export's left behind
+    assert cli(["export", "--model", path, "--out", str(out), "--overwrite"]) == 0  # asked: replaced
+    assert (out / "model.onnx").read_bytes() != b"the other export's graph"

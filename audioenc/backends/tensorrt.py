@@ -167,7 +167,7 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
     spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers,
                       hidden_states=hidden_states, dtype=dtype)
     atomic_write_bytes(target, cached_engine(cached_export(model, spec), profile, dtype,
-                                       getattr(model, "checkpoint_source", None)))
+                                             getattr(model, "checkpoint_source", None)), replace=overwrite)
     return [target]
 
 
