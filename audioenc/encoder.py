@@ -171,7 +171,7 @@ class AudioEncoder:
                                    self.long_audio_right_s, output_layer, progress)
         if out is not None:
             items = [x.to(out.last_hidden_state) for x in items]
-        lengths = torch.tensor([len(x) for x in items], dtype=torch.int64)
+        lengths = torch.tensor([len(x) for x in items], dtype=torch.int64, device="cpu")
         return self._finite(EncoderOutput(pad_items(items), hidden_states=None, lengths=lengths), waves)
 
     def _finite(self, out: EncoderOutput, waves: list[np.ndarray]) -> EncoderOutput:
@@ -254,8 +254,8 @@ class AudioEncoder:
         if len(groups) == 1:
             return self._run_wav2vec2(waves, num_layers, output_hidden_states)
         outs = [self._run_wav2vec2([waves[i] for i in group], num_layers, output_hidden_states) for group in groups]
-        order = torch.tensor([i for group in groups for i in group])
-        lengths = torch.empty(len(waves), dtype=torch.int64)
+        order = torch.tensor([i for group in groups for i in group], device="cpu")
+        lengths = torch.empty(len(waves), dtype=torch.int64, device="cpu")
         lengths[order] = torch.cat([out.lengths for out in outs])
         order = order.to(outs[0].last_hidden_state.device)  # once: each copy to a GPU waits for it
 
@@ -323,7 +323,7 @@ class AudioEncoder:
                 layer_outputs.append(hidden_states)
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         per_item = stitch_windows(out, owners, valid, len(waves))
-        lengths = torch.tensor([len(x) for x in per_item], dtype=torch.int64)
+        lengths = torch.tensor([len(x) for x in per_item], dtype=torch.int64, device="cpu")
         hidden = None
         if output_hidden_states:
             hidden = tuple(pad_items(stitch_windows(torch.cat([h[layer] for h in layer_outputs]), owners, valid, len(waves)))

@@ -34,6 +34,7 @@ from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
+from audioenc.torch_defaults import float32_on_cpu
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,7 @@ def int8_convs(dims) -> bool:
     return getattr(dims, "feat_extract_norm", None) == "layer"
 
 
+@float32_on_cpu()  # traced as the model was built, whatever torch defaults the caller set
 def build_graph(model: nn.Module, spec: ExportSpec, directory: str, external: bool = False) -> None:
     """Writes ``directory/model.onnx`` (+ .data) for ``spec``, with a progress bar on stderr (a
     whisper-large export takes minutes). ``external``: the weights in model.onnx.data whatever their

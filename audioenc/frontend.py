@@ -231,7 +231,8 @@ def _spectrogram(audio, kind, n_mels, sample_rate, padding, device, threads):
                           "reference there", stacklevel=2)
     elif device.type == "cpu" and _C is not None:
         n_out = 201 if kind == "power" else n_mels
-        out = torch.empty(x2.shape[0], n_out, (max(lengths) + padding) // HOP_LENGTH)
+        out = torch.empty(x2.shape[0], n_out, (max(lengths) + padding) // HOP_LENGTH, dtype=torch.float32,
+                          device="cpu")
         _C.log_mel_cpu(x2.detach().contiguous().numpy(), np.asarray(lengths, dtype=np.int64), out.numpy(), filters, padding,
                        kind, threads or 0)
     if out is None:
@@ -273,8 +274,8 @@ def _spectrogram_cuda(x, lengths, kind, filters, padding):
     frames = (max(lengths) + padding) // HOP_LENGTH
     n_out = 201 if filters is None else filters.shape[0]
     lens = torch.tensor(lengths, dtype=torch.int64).to(dev, non_blocking=False)
-    out = torch.zeros(batch, n_out, frames, device=dev)
-    item_max = torch.empty(batch, device=dev)
+    out = torch.zeros(batch, n_out, frames, dtype=torch.float32, device=dev)  # the kernel writes float32
+    item_max = torch.empty(batch, dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     _C.log_mel_cuda(x.data_ptr(), 1 if x.dtype == torch.int16 else 0, x.shape[1], lens.data_ptr(), batch,
                     frames, padding, tables.data_ptr(), tables.numel(), n_out if filters is not None else 0,

@@ -12,6 +12,7 @@ from audioenc.checkpoint_record import recall as recalled
 from audioenc.encoder import AudioEncoder
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
+from audioenc.torch_defaults import float32_on_cpu
 from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate
 
 
@@ -22,6 +23,8 @@ def resolve_device(device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a valid torch device ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: audioenc runs on the CPU ('cpu') or a CUDA GPU ('cuda', 'cuda:N')")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU here")
     if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU now, not in each later thread
@@ -49,7 +52,11 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     name = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(name, str):
         raise TypeError(f"source must be a path or a string, got {type(source).__name__}")
-    torch_device = resolve_device(device)
+    with float32_on_cpu():  # the caller's torch defaults (float64, a meta device) are not the model's
+        return _load(name, backend, resolve_device(device), dtype, family)
+
+
+def _load(name: str, backend: str, torch_device: torch.device, dtype, family: str | None) -> AudioEncoder:
     runner_class = backend_class(resolve_backend(backend, torch_device.type))
     # the onnx and tensorrt backends run on their cached graph's weights: a checkpoint read before
     # and unchanged since is described by its record, its tensors left unread (checkpoint_record.py)
@@ -81,7 +88,7 @@ def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
     random architectures included, so a backend may release them and build them again. A checkpoint
     recalled from its record gives the model without its weights (checkpoint_record.py)."""
     random_weights = name.startswith("random:") and not checkpoint.weights_digest
-    with torch.random.fork_rng(devices=[]):  # the caller's random state comes back unchanged
+    with float32_on_cpu(), torch.random.fork_rng(devices=[]):  # the caller's random state comes back unchanged
         if random_weights:
             torch.manual_seed(0)  # random architectures are the same every run (a checkpoint's are overwritten)
         model = build_model(checkpoint, random_weights=random_weights)

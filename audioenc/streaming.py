@@ -297,7 +297,8 @@ class EncoderStream:
     def _take(self) -> StreamFrames:
         """The frames encoded and not yet returned."""
         if not self._done:
-            return StreamFrames(torch.zeros(0, self.encoder.hidden_size), np.zeros(0), self.emitted)
+            return StreamFrames(torch.zeros(0, self.encoder.hidden_size, dtype=torch.float32, device="cpu"),
+                                np.zeros(0), self.emitted)
         first = self._done[0][0]  # consecutive: no window is dropped
         out = torch.cat([frames for _, frames in self._done]) if len(self._done) > 1 else self._done[0][1]
         self._done = []

@@ -231,6 +231,49 @@ def test_api_argument_errors(w2v, w2v_checkpoints, whisper_checkpoints):
         audioenc.load(whisper_checkpoints[80][0], backend="torch", dtype="int4")
     with pytest.raises(ValueError, match="unknown architecture"):
         audioenc.load("random:wav2vec3")
+    with pytest.raises(ValueError, match="device 'meta': audioenc runs on the CPU"):
+        audioenc.load(w2v_checkpoints["wav2vec2-group"][0], device="meta")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("family", ["wav2vec2", "whisper"])
+def test_the_callers_torch_defaults_change_nothing(family, backend, w2v_checkpoints, whisper_checkpoints):
+    """A caller's torch.set_default_dtype(float64) or `with torch.device(...)`: the same frames, in
+    float32 on the CPU, from load, encode (long items' windows too), embed and streams."""
+    path = whisper_checkpoints[80][0] if family == "whisper" else w2v_checkpoints["wav2vec2-group"][0]
+    wave, short = speech_like(16000 * 3, 1), speech_like(5000, 2)
+
+    def run():
+        enc = audioenc.load(path, backend=backend)
+        enc.long_audio_threshold_s = 2.0  # the 3 s item runs in windows
+        stream = enc.stream()
+        frames = [stream.push(short[:100]).frames, stream.push(wave).frames, stream.flush().frames]
+        out = enc.encode([wave, short], output_layer=1)
+        hidden = enc.encode([short, short[:4000]], output_hidden_states=True).hidden_states
+        return [out.last_hidden_state, out.lengths, *hidden, enc.embed(short), *frames]
+
+    expected = run()
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):  # every tensor made without a device would have no data
+            got = run()
+    finally:
+        torch.set_default_dtype(dtype)
+    for want, have in zip(expected, got, strict=True):
+        assert have.dtype == want.dtype and have.device == want.device
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_random_architectures_draw_the_same_weights_whatever_the_default_dtype():
+    expected = audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict()
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict()
+    finally:
+        torch.set_default_dtype(dtype)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
 
 
 def test_warmup_runs_each_shape_once_and_checks_its_arguments(w2v, whisper, monkeypatch):

@@ -659,7 +659,7 @@ class TritonBackend:
         return cut(out), [cut(h) for h in hidden_states], None if self.is_whisper else frame_lengths[:batch].clone()
 
     def _capture(self, batch, shape, num_layers, keep_hidden):
-        static_in = torch.zeros((batch,) + tuple(shape), device=self.device)
+        static_in = torch.zeros((batch,) + tuple(shape), dtype=torch.float32, device=self.device)
         static_len = None if self.is_whisper else torch.full((batch,), shape[-1], dtype=torch.int64, device=self.device)
         # Warm up on a side stream first: compiles and autotunes every kernel outside the capture.
         stream = torch.cuda.Stream(self.device)
