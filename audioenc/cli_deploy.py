@@ -13,47 +13,37 @@ def model_of(source: str):
     return audioenc.load(source, backend="torch", device="cpu", dtype="float32").backend.model
 
 
-def parse_range(text: str, name: str) -> tuple[float, float, float]:
-    """'MIN:OPT:MAX' (or one number for all three) -> three floats, increasing."""
-    try:
-        parts = [float(p) for p in text.split(":")]
-    except ValueError:
-        raise ValueError(f"--{name} must be MIN:OPT:MAX or one number, got {text!r}") from None
-    if len(parts) == 1:
-        parts *= 3
-    if len(parts) != 3 or not 0 < parts[0] <= parts[1] <= parts[2]:
-        raise ValueError(f"--{name} must be MIN:OPT:MAX with 0 < MIN <= OPT <= MAX, got {text!r}")
-    return parts[0], parts[1], parts[2]
-
-
 def cmd_export(args) -> int:
     from audioenc.export import ExportSpec, export_to_dir
 
     try:
         if not args.out:
             raise ValueError("--out must name a directory, got ''")
-        model = model_of(args.model)
-        num_layers = model.dims.num_layers if args.layers is None else args.layers
-        if not 0 <= num_layers <= model.dims.num_layers:
-            raise ValueError(f"--layers must be between 0 and {model.dims.num_layers} for this model, got {num_layers}")
-        if args.format == "onnx":
-            if args.batch is not None or args.seconds is not None:
-                raise ValueError("--batch and --seconds set a TensorRT profile; ONNX graphs take any batch and length")
-            spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype,
-                              fused_attention=args.fused_attention)
-            written = export_to_dir(model, spec, args.out, overwrite=args.overwrite)
-        else:
-            from audioenc.backends.tensorrt import DEFAULT_BATCH, DEFAULT_SECONDS, Profile, export_engine
+        if args.format == "onnx" and (args.batch is not None or args.seconds is not None):
+            raise ValueError("--batch and --seconds set a TensorRT profile; ONNX graphs take any batch and length")
+        if args.format == "tensorrt":  # what can be told before the model loads
+            from audioenc.backends.tensorrt import (DEFAULT_BATCH, DEFAULT_SECONDS, Profile, TensorRTBackend,
+                                                    export_engine, parse_range)
 
             if args.dtype not in ("float32", "float16"):
                 raise ValueError("TensorRT engines are built in float32 or float16")
             if args.fused_attention:
                 raise ValueError("--fused-attention is for onnxruntime; TensorRT builds from the standard-op graph")
-            batch = DEFAULT_BATCH if args.batch is None else parse_range(args.batch, "batch")
-            seconds = DEFAULT_SECONDS if args.seconds is None else parse_range(args.seconds, "seconds")
-            profile = Profile.from_ranges(model.dims, batch, seconds)
-            written = export_engine(model, args.dtype, profile, args.out, num_layers=num_layers,
-                                    hidden_states=args.hidden_states, overwrite=args.overwrite)
+            batch = DEFAULT_BATCH if args.batch is None else parse_range(args.batch, "--batch", whole=True)
+            seconds = DEFAULT_SECONDS if args.seconds is None else parse_range(args.seconds, "--seconds")
+            if TensorRTBackend.available() is not None:
+                raise ValueError(f"cannot build a TensorRT engine here: {TensorRTBackend.available()}")
+        model = model_of(args.model)
+        num_layers = model.dims.num_layers if args.layers is None else args.layers
+        if not 0 <= num_layers <= model.dims.num_layers:
+            raise ValueError(f"--layers must be between 0 and {model.dims.num_layers} for this model, got {num_layers}")
+        if args.format == "onnx":
+            spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype,
+                              fused_attention=args.fused_attention)
+            written = export_to_dir(model, spec, args.out, overwrite=args.overwrite)
+        else:
+            written = export_engine(model, args.dtype, Profile.from_ranges(model.dims, batch, seconds), args.out,
+                                    num_layers=num_layers, hidden_states=args.hidden_states, overwrite=args.overwrite)
     except (ValueError, TypeError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -116,6 +106,6 @@ def register(subparsers) -> None:
     verify.add_argument("--backend", required=True, help="onnx, tensorrt, triton, torch")
     verify.add_argument("--dtype", default="auto")
     verify.add_argument("--device", default="auto")
-    verify.add_argument("--audio", nargs="*", help="audio files (default: generated speech-like audio, fresh each run)")
+    verify.add_argument("--audio", nargs="+", help="audio files (default: generated speech-like audio, fresh each run)")
     verify.add_argument("--seed", type=seed, default=None, help="seed for the generated audio (a whole number >= 0)")
     verify.set_defaults(func=cmd_verify)

@@ -6,8 +6,8 @@ Graphs (opset 17, so LayerNorm stays one LayerNormalization op):
     wav2vec2 / HuBERT / WavLM: waveforms (B, samples) float32, lengths (B,) int64
                                -> last_hidden_state (B, frames, D), frame_lengths (B,) int64[, hidden_state_i]
     Whisper:                   mel (B, n_mels, 3000) float32 -> last_hidden_state (B, 1500, D)[, hidden_state_i]
-Batch and time are dynamic (Whisper: batch only). hidden_state_0 .. hidden_state_N follow the
-backend protocol (Hugging Face convention). A graph runs the first ``num_layers`` layers only.
+Batch and time are dynamic; Whisper's mel is one 30 s window (2 x n_ctx frames), so only its batch
+is. hidden_state_0 .. hidden_state_N follow the backend protocol (Hugging Face convention). A graph runs the first ``num_layers`` layers only.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ from torch import nn
 from audioenc.atomic_file import atomic_write_bytes, move_into_place
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
+from audioenc.config import WhisperDims
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
-from audioenc.torch_defaults import float32_on_cpu
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
+from audioenc.torch_defaults import float32_on_cpu
 
 log = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
@@ -98,6 +99,8 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
         proto = onnx.load_from_string(raw.getvalue()) if in_memory else onnx.load(raw)
     del raw
     place_optional_inputs(proto)
+    if isinstance(dims, WhisperDims):  # traced on 2 s; the encoder takes whole 30 s windows only
+        proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 2 * dims.n_ctx
     save_onnx(proto, path, external)
     check_graph(path)
 

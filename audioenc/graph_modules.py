@@ -210,7 +210,7 @@ def graph_io(dims, num_layers: int, hidden_states: bool) -> tuple[list[str], lis
     """Input names, output names and dynamic axes of a family's graph."""
     hidden = [f"hidden_state_{i}" for i in range(num_layers + 1)] if hidden_states else []
     frames = {0: "batch", 1: "frames"}
-    if isinstance(dims, WhisperDims):  # time is dynamic for the short trace; runs take whole windows
+    if isinstance(dims, WhisperDims):  # time is dynamic for the short trace; export_onnx pins it to a window
         outputs = ["last_hidden_state", *hidden]
         return ["mel"], outputs, {"mel": {0: "batch", 2: "mel_frames"}, **{name: frames for name in outputs}}
     outputs = ["last_hidden_state", "frame_lengths", *hidden]

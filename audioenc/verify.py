@@ -4,7 +4,8 @@ Rules (DESIGN.md, Verification): a float32 path passes within 1e-4 relative erro
 (||out - ref|| / ||ref||) on every layer; a half-precision path passes when every layer's error is
 at most 2x the error of the plain torch model run in that same half precision; an int8 path passes
 when every layer's mean per-frame cosine similarity is at least 0.995. NaN never passes. Only each
-item's valid frames are compared.
+item's valid frames are compared. The torch backend in half precision is the half rule's yardstick:
+its errors are reported, and only NaN or Inf fails it.
 """
 from __future__ import annotations
 
@@ -139,13 +140,16 @@ def verify(source: str, backend: str, dtype: str = "auto", device: str = "auto",
     if not torch.equal(lengths, our_lengths):
         raise ValueError(f"the backend returned valid frame counts {our_lengths.tolist()}, the reference {lengths.tolist()}")
     half_ref = None
-    if resolved in HALF_DTYPES:  # the error budget: the plain torch model in the same precision
+    yardstick = resolved in HALF_DTYPES and enc.backend.name == "torch"  # the budget would be itself
+    if resolved in HALF_DTYPES and not yardstick:  # the error budget: the plain torch model in that precision
         half_enc = audioenc.load(source, backend="torch", device=enc.backend.device, dtype=resolved)
         half_enc.long_audio_threshold_s = enc.long_audio_threshold_s
         half_ref, _ = outputs_of(half_enc, audio)
     for i, (name, mine, want) in enumerate(zip(layer_names(len(ref) - 2), ours, ref)):
         max_abs, rel, cosine = layer_errors(mine.float().cpu(), want, lengths)
-        if half_ref is not None:
+        if yardstick:  # reported, with NaN the only failure
+            limit, passed = "none: the half rule's", True
+        elif half_ref is not None:
             budget = HALF_FACTOR * layer_errors(half_ref[i].float().cpu(), want, lengths)[1]
             limit, passed = f"rel <= {budget:.2e} (2x torch)", rel <= budget
         elif resolved == "int8":

@@ -449,3 +449,16 @@ def test_half_activation_peaks_of_real_size_models(name, tmp_path):
     assert {"embeddings", "layer 0", "layer 1"} <= set(peaks)
     assert all(0 < p < graph_precision.FP16_MAX / graph_precision.FP16_HEADROOM for p in peaks.values()), peaks
     graph_precision.check_half_headroom(peaks)
+
+
+def test_whisper_graph_takes_whole_windows_only(whisper_checkpoints, tmp_path):
+    """The trace is short, but a Whisper encoder computes 30 s windows: another length must be
+    refused by the graph, not run into frames Whisper never computes."""
+    model = audioenc.load(whisper_checkpoints[80][0], backend="torch").backend.model
+    path = str(tmp_path / "w.onnx")
+    export.export_onnx(model, path, hidden_states=False)
+    mel = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in mel] == ["batch", 80, 2 * model.dims.n_ctx]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="dimensions"):
+        session.run(None, {"mel": np.ones((1, 80, 2000), np.float32)})

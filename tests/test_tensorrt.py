@@ -24,9 +24,15 @@ def test_profiles_from_ranges():
 def test_profile_from_env(monkeypatch):
     monkeypatch.setenv("AUDIOENC_TRT_PROFILE", "batch=1:4:4,seconds=1:2:3")
     assert Profile.from_env(Wav2Vec2Dims("hubert")).shapes[0] == ("waveforms", (1, 16000), (4, 32000), (4, 48000))
-    monkeypatch.setenv("AUDIOENC_TRT_PROFILE", "batch=4")
-    with pytest.raises(ValueError, match="AUDIOENC_TRT_PROFILE"):
-        Profile.from_env(Wav2Vec2Dims("hubert"))
+    monkeypatch.setenv("AUDIOENC_TRT_PROFILE", "batch=4")  # one number: min, opt and max, as --batch takes it
+    assert Profile.from_env(Wav2Vec2Dims("hubert")).shapes[1] == ("lengths", (4,), (4,), (4,))
+    for text, message in (("batch=0:0:0", "0 < MIN <= OPT <= MAX"), ("batch=-4:1:2", "0 < MIN"),
+                          ("batch=8:4:1", "0 < MIN"), ("batch=1.5:2:3", "whole numbers"),
+                          ("seconds=a:b:c", "seconds must be MIN:OPT:MAX or one number"),
+                          ("seconds=1:2:inf", "0 < MIN"), ("frames=1:2:3", "expected batch=")):
+        monkeypatch.setenv("AUDIOENC_TRT_PROFILE", text)
+        with pytest.raises(ValueError, match=f"AUDIOENC_TRT_PROFILE.*{message}"):
+            Profile.from_env(Wav2Vec2Dims("hubert"))
 
 
 def test_unavailable_is_a_clear_error():

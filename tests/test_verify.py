@@ -75,6 +75,13 @@ def test_onnx_passes(w2v_checkpoints, dtype, rule):
     assert "fused ops:" in report.table()
 
 
+def test_torch_in_half_precision_is_reported_as_the_yardstick(w2v_checkpoints):
+    """Its budget would be its own error: it has no rule, and only NaN fails it."""
+    report = verify(w2v_checkpoints["wav2vec2-group"][0], "torch", dtype="bfloat16", device="cpu")
+    assert report.passed and all(c.limit == "none: the half rule's" for c in report.layers)
+    assert all(0 < c.rel < 0.1 for c in report.layers)
+
+
 def test_verify_takes_items_past_the_long_audio_threshold_whole(w2v_checkpoints, monkeypatch):
     """A user's own long recording: every layer compared on the whole item, not refused for asking
     hidden states of windowed audio; items past VERIFY_MAX_ITEM_S refused by name."""
@@ -135,6 +142,10 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     assert len(fused) == 2 and all(n.domain == "com.microsoft" for n in fused)
     assert cli(["export", "--model", path, "--out", str(tmp_path / "trt"), "--format", "tensorrt", "--fused-attention"]) == 2
     assert cli(["export", "--model", path, "--out", str(tmp_path / "x"), "--seconds", "abc"]) == 2  # not silently ignored
+    capsys.readouterr()
+    assert cli(["export", "--model", path, "--out", str(tmp_path / "x"), "--format", "tensorrt",
+                "--batch", "1.5:2:3"]) == 2
+    assert "--batch must be whole numbers" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 import warnings
@@ -40,6 +41,22 @@ DEFAULT_SECONDS = (1.0, 10.0, 47.0)
 WORKSPACE_BYTES = 4 << 30
 
 
+def parse_range(text: str, what: str, whole: bool = False) -> tuple[float, float, float]:
+    """'MIN:OPT:MAX' (or one number for all three) -> three numbers, 0 < MIN <= OPT <= MAX;
+    ``whole``: whole numbers (batch sizes). ``what`` names the setting in errors."""
+    try:
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        raise ValueError(f"{what} must be MIN:OPT:MAX or one number, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or not 0 < parts[0] <= parts[1] <= parts[2] < math.inf:
+        raise ValueError(f"{what} must be MIN:OPT:MAX with 0 < MIN <= OPT <= MAX, got {text!r}")
+    if whole and not all(p.is_integer() for p in parts):
+        raise ValueError(f"{what} must be whole numbers (batch sizes), got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
 @dataclass(frozen=True)
 class Profile:
     """min/opt/max input shapes per graph input, as TensorRT's optimisation profile takes them."""
@@ -48,6 +65,7 @@ class Profile:
 
     @classmethod
     def from_ranges(cls, dims, batch=DEFAULT_BATCH, seconds=DEFAULT_SECONDS) -> "Profile":
+        """From (min, opt, max) batch sizes and seconds, as parse_range gives them."""
         b = [int(x) for x in batch]
         if isinstance(dims, WhisperDims):  # fixed 30 s windows, dynamic batch
             mel = lambda n: (n, dims.n_mels, 2 * dims.n_ctx)  # noqa: E731
@@ -62,9 +80,9 @@ class Profile:
         ranges = {"batch": DEFAULT_BATCH, "seconds": DEFAULT_SECONDS}
         for part in filter(None, text.split(",")):
             key, _, value = part.partition("=")
-            if key not in ranges or value.count(":") != 2:
+            if key not in ranges:
                 raise ValueError(f"AUDIOENC_TRT_PROFILE: expected batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX, got {text!r}")
-            ranges[key] = tuple(float(v) for v in value.split(":"))
+            ranges[key] = parse_range(value, f"AUDIOENC_TRT_PROFILE's {key}", whole=key == "batch")
         return cls.from_ranges(dims, ranges["batch"], ranges["seconds"])
 
     def check(self, feeds: dict[str, torch.Tensor]) -> None:
