@@ -39,6 +39,14 @@ def cache_root() -> str:
     return _absolute(os.path.join(user_caches, "audioenc"))
 
 
+def cache_root_problem() -> str | None:
+    """Why the cache directory cannot be one (a file is in its place), for ``audioenc info|cache``."""
+    root = cache_root()
+    if os.path.exists(root) and not os.path.isdir(root):
+        return f"the cache {root} is a file, not a directory (set AUDIOENC_CACHE to a directory)"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _absolute(path: str) -> str:
     """``~`` expanded, and a relative path taken from the directory the process was in when it first

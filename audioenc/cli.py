@@ -22,8 +22,8 @@ def cmd_info(args) -> int:
     import audioenc
     from audioenc import _native
     from audioenc.backends import BACKENDS, availability
-    from audioenc.cache import cache_root, list_entries
-    from audioenc.cpu import cpu_name, vector_isa
+    from audioenc.cache import cache_root, cache_root_problem, list_entries
+    from audioenc.cpu import cores_text, cpu_name, vector_isa
     from audioenc.presets import ARCHITECTURES
 
     print(f"audioenc {audioenc.__version__}  python {platform.python_version()}  torch {torch.__version__}")
@@ -31,7 +31,7 @@ def cmd_info(args) -> int:
         print(f"native core: not built ({_native.import_error}); using the Python paths")
     else:
         print(f"native core: built (audioenc._C), CUDA kernels compiled: {'yes' if _native._C.cuda_compiled else 'no'}")
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {vector_isa()}")
+    print(f"CPU: {cpu_name()}, {cores_text()}, {vector_isa()}")
     cuda = torch.cuda.is_available()
     print(f"CUDA GPU: {torch.cuda.get_device_name(0) if cuda else 'none'}")
     for name in BACKENDS:
@@ -40,7 +40,8 @@ def cmd_info(args) -> int:
     print("families: wav2vec2, hubert, wavlm, whisper")
     print("random-weight architectures (random:NAME): " + ", ".join(ARCHITECTURES))
     entries = list_entries()
-    print(f"cache: {cache_root()}, {len(entries)} entries, {sum(e.size for e in entries) / 2**30:.2f} GiB "
+    print(f"cache: {cache_root_problem()}" if cache_root_problem() else
+          f"cache: {cache_root()}, {len(entries)} entries, {sum(e.size for e in entries) / 2**30:.2f} GiB "
           "(audioenc cache lists them)")
     return 0
 
@@ -48,10 +49,13 @@ def cmd_info(args) -> int:
 def cmd_cache(args) -> int:
     import time
 
-    from audioenc.cache import cache_root, list_entries, remove, removable, remove_weights_records
+    from audioenc.cache import cache_root, cache_root_problem, list_entries, remove, removable, remove_weights_records
 
     if args.unused_days is not None and (not args.clear or not args.unused_days >= 0):  # NaN fails too
         print("error: --unused-days takes a number of days >= 0, and goes with --clear", file=sys.stderr)
+        return 2
+    if cache_root_problem():
+        print(f"error: {cache_root_problem()}", file=sys.stderr)
         return 2
     entries = list_entries()
     gib = lambda size: f"{size / 2**30:.2f} GiB"
@@ -68,6 +72,12 @@ def cmd_cache(args) -> int:
     freed, failed = remove(doomed)
     remove_weights_records(args.unused_days)
     print(f"removed {len(doomed) - len(failed)} of {len(entries)} entries, {gib(freed)} freed from {cache_root()}")
+    kept = [e for e in entries if e not in doomed]
+    if kept:
+        unfinished = sum(e.unfinished for e in kept)
+        print(f"kept {len(kept)}: " + ", ".join(filter(None, (
+            f"{len(kept) - unfinished} used within --unused-days" if len(kept) > unfinished else "",
+            f"{unfinished} unfinished export(s) under 6 hours old (one may be running now)" if unfinished else ""))))
     for line in failed:
         print(f"error: could not remove {line}", file=sys.stderr)
     return 1 if failed else 0

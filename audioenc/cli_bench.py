@@ -4,7 +4,6 @@ transformers``) and, for Whisper, CTranslate2, faster-whisper's engine (``--agai
 and openai-whisper (``--against openai-whisper``). torch.compile is in benchmarks/."""
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -116,7 +115,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from audioenc.backends import BACKENDS
-    from audioenc.cpu import cpu_name, vector_isa
+    from audioenc.cpu import cores_text, cpu_name, vector_isa
     from audioenc.verify import speech_like
 
     if not 0 < args.seconds <= 3600 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
@@ -166,7 +165,7 @@ def cmd_bench(args) -> int:
           f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, torch threads {torch.get_num_threads()}")
     on_gpu = next((output.device for output in outputs.values() if output.is_cuda), None)
     gpu = f"; GPU {torch.cuda.get_device_name(on_gpu)}" if on_gpu is not None else ""
-    print(f"machine: CPU {cpu_name()} ({vector_isa()}), {os.cpu_count()} cores{gpu}")
+    print(f"machine: CPU {cpu_name()} ({vector_isa()}), {cores_text()}{gpu}")
     print(f"{'backend':34s} {'median ms':>10s} {'p90 ms':>9s} {'ms/item':>9s} {'RTF':>8s} {'x real time':>12s} "
           f"{'speed vs 1st':>13s} {'rel. err vs 1st':>16s}")
     for label, t in times.items():

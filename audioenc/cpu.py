@@ -43,6 +43,12 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cores_text() -> str:
+    """'2 cores', or '1 of 2 cores' where the process may run on fewer (taskset, a container)."""
+    usable, total = usable_cores(), os.cpu_count() or 1
+    return f"{total} cores" if usable == total else f"{usable} of {total} cores usable"
+
+
 def return_freed_memory() -> None:
     """Hands the heap's freed memory back to the OS after a large release (glibc otherwise keeps
     freed blocks below its top for reuse); a no-op where the C library has no malloc_trim."""

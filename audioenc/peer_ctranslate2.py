@@ -54,7 +54,8 @@ def ctranslate2_call(reference: nn.Module, device: torch.device,
         import ctranslate2
         import transformers
     except ImportError as exc:  # the converter reads transformers checkpoints
-        raise ValueError(f"{exc.name} is not installed (pip install ctranslate2 transformers)") from None
+        raise ValueError(f"CTranslate2's Whisper needs ctranslate2 and transformers (pip install ctranslate2 "
+                         f"transformers): {exc}") from None
 
     dims = reference.dims
     if not isinstance(dims, WhisperDims):

@@ -110,12 +110,20 @@ def check_family(checkpoint: Checkpoint | None, family: str | None) -> None:
         raise ValueError(f"{checkpoint.source or checkpoint.path}: expected a {family} checkpoint, got {checkpoint.family}")
 
 
+EXPORTED_FILES = ("model.onnx", "engine.plan")  # what `audioenc export` writes
+NOT_A_CHECKPOINT = ("an exported ONNX graph or TensorRT engine, not a checkpoint: load the checkpoint it came from "
+                    "(backend='onnx' and 'tensorrt' export and cache their graphs themselves), or run the file with "
+                    "onnxruntime or TensorRT directly")
+
+
 def _load_dir(path: str, source: str = "") -> Checkpoint:
     # CTranslate2 dirs carry a config.json too, so model.bin decides first.
     if os.path.isfile(os.path.join(path, "model.bin")):
         return load_ctranslate2_dir(path, source)
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_hf_dir(path, source)
+    if any(os.path.isfile(os.path.join(path, name)) for name in EXPORTED_FILES):
+        raise ValueError(f"{source or path}: {NOT_A_CHECKPOINT}")
     raise ValueError(
         f"{source or path}: no checkpoint in this directory (expected config.json with model.safetensors "
         f"or pytorch_model.bin, or a CTranslate2 model.bin)"
@@ -128,6 +136,8 @@ def _load_file(path: str) -> Checkpoint:
                          f"it and its config.json")
     if os.path.basename(path) in ("config.json", "preprocessor_config.json", "model.bin", "pytorch_model.bin"):
         raise ValueError(f"{path}: one file of a checkpoint directory; pass the directory that holds it")
+    if path.endswith((".onnx", ".onnx.data", ".engine", ".plan")):
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}")
     obj, mapped = _torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint audioenc can read (holds a {type(obj).__name__}, not a dict)")

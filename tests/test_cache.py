@@ -87,6 +87,7 @@ def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
     assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]
     assert sorted(os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS))) == [NEW_RECORD, "my_finetuned_model.pt"]
     assert main(["cache", "--clear"]) == 0
+    assert "kept 1: 1 unfinished export(s) under 6 hours old (one may be running now)" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(filled, "onnx"))) == [".tmp-young", "users-models"]
     assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == ["my_finetuned_model.pt"]
 
@@ -104,6 +105,12 @@ def test_empty_or_missing_cache(tmp_path, monkeypatch, capsys):
     assert cache.list_entries() == []
     assert main(["cache", "--clear"]) == 0
     assert "removed 0 of 0 entries" in capsys.readouterr().out
+    (tmp_path / "a-file").write_bytes(b"")
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "a-file"))
+    assert main(["cache"]) == 2
+    assert "a-file is a file, not a directory (set AUDIOENC_CACHE to a directory)" in capsys.readouterr().err
+    assert main(["info"]) == 0
+    assert "cache: the cache" in capsys.readouterr().out
 
 
 def test_cache_root_follows_the_environment(tmp_path, monkeypatch):

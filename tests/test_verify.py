@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
+import audioenc  # noqa: E402
 from audioenc import export  # noqa: E402
 from audioenc.backends import BACKENDS  # noqa: E402
 from audioenc.backends.torch import TorchBackend  # noqa: E402
@@ -129,6 +130,9 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     assert cli(["export", "--model", path, "--format", "onnx", "--out", out, "--hidden-states"]) == 0
     graph = onnx.load(f"{out}/model.onnx")
     assert [o.name for o in graph.graph.output][:3] == ["last_hidden_state", "frame_lengths", "hidden_state_0"]
+    for exported in (out, f"{out}/model.onnx"):  # what it is, not "no checkpoint" or "unpickling failed"
+        with pytest.raises(ValueError, match="an exported ONNX graph or TensorRT engine, not a checkpoint"):
+            audioenc.load(exported)
     assert cli(["export", "--model", path, "--out", out]) == 2  # exists: not overwritten
     assert "--overwrite" in capsys.readouterr().err
     assert cli(["export", "--model", path, "--out", out, "--dtype", "int8", "--layers", "1", "--overwrite"]) == 0
