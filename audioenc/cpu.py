@@ -49,6 +49,9 @@ def cores_text() -> str:
     return f"{total} cores" if usable == total else f"{usable} of {total} cores usable"
 
 
+TRIM_AFTER_SAMPLES = 30 * 16000  # input elements of a CPU run past which the backends trim after the call
+
+
 def return_freed_memory() -> None:
     """Hands the heap's freed memory back to the OS after a large release (glibc otherwise keeps
     freed blocks below its top for reuse); a no-op where the C library has no malloc_trim."""

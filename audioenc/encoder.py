@@ -25,9 +25,17 @@ GPU_SAMPLES_PER_RUN = 1280 * SAMPLE_RATE  # ...and samples it computes, padding 
 
 @dataclass
 class EncoderOutput:
+    """What ``encode`` returns: the frames of a batch (50 per second), zero past each item's length."""
+
     last_hidden_state: torch.Tensor                # (B, frames, dim); frames past lengths[b] are 0
     hidden_states: tuple[torch.Tensor, ...] | None  # input of layer 1, then one per layer (when asked)
     lengths: torch.Tensor                          # (B,) valid frames per item, int64
+
+    def __repr__(self) -> str:  # shapes, not a screen of numbers
+        x = self.last_hidden_state
+        hidden = "None" if self.hidden_states is None else f"{len(self.hidden_states)} x {tuple(self.hidden_states[0].shape)}"
+        return (f"EncoderOutput(last_hidden_state={tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device}, "
+                f"hidden_states={hidden}, lengths={self.lengths.tolist()})")
 
 
 _fork_hook_registered = False

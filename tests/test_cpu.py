@@ -3,7 +3,9 @@ import platform
 
 import pytest
 
+import audioenc
 from audioenc import cpu, graph_precision
+from conftest import speech_like
 
 AVX2 = "fpu sse sse2 avx avx2 fma"
 AVX512_VNNI = AVX2 + " avx512f avx512bw avx512_vnni"
@@ -28,3 +30,15 @@ def test_unreadable_cpuinfo_is_the_safe_case(tmp_path, monkeypatch):
     assert graph_precision.int8_reduce_range() is True  # 7-bit weights never saturate, with or without VNNI
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert graph_precision.int8_reduce_range() is False
+
+
+def test_torch_backend_hands_back_the_heap_after_calls_over_30_s(w2v_checkpoints, monkeypatch):
+    from audioenc.backends import torch as torch_backend
+
+    trims = []
+    monkeypatch.setattr(torch_backend, "return_freed_memory", lambda: trims.append(1))
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    enc.encode(speech_like(16000, 1))
+    assert trims == []  # a short call: no 7-20 ms trim
+    enc.encode([speech_like(16000 * 16, 2)] * 2)
+    assert trims == [1] and not enc.backend.untrimmed

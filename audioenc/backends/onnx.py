@@ -16,12 +16,11 @@ from torch import nn
 
 from audioenc.backends import import_problem, resolve_dtype
 from audioenc.config import WhisperDims
-from audioenc.cpu import return_freed_memory, usable_cores
+from audioenc.cpu import TRIM_AFTER_SAMPLES, return_freed_memory, usable_cores
 from audioenc.export import ExportSpec
 from audioenc.reference_weights import ReferenceWeights
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
-TRIM_AFTER_SAMPLES = 30 * 16000  # padded samples of a run past which the arena is trimmed after the call
 GRAPH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "float32", "int8": "int8"}
 # Ops counted in the optimised graph: what ORT fused. FastGelu is tanh-approximate and must not
 # appear in a float32 graph.
