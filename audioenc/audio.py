@@ -185,10 +185,21 @@ def as_pcm_array(x, what: str, takes_paths: bool = True) -> np.ndarray:
             raise TypeError(f"{what}: complex tensors are not audio")
         if x.is_meta:
             raise TypeError(f"{what}: a tensor on the meta device holds no samples")
+        if x.is_nested:
+            raise TypeError(f"{what}: a nested tensor; pass its items as a list of 1-D tensors (x.unbind())")
+        if x.layout != torch.strided:
+            raise TypeError(f"{what}: a {x.layout} tensor; pass a dense one (x.to_dense())")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int16, torch.int32):
+            raise TypeError(f"{what}: unsupported sample type {x.dtype}; expected float16/32/64, bfloat16, "
+                            "int16 or int32 PCM")
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
             x = x.float()
         x = x.numpy()
+    if isinstance(x, np.ma.MaskedArray):
+        if np.ma.is_masked(x):  # its mask would be dropped silently
+            raise TypeError(f"{what}: a masked array with masked samples; fill them first (x.filled(0))")
+        x = np.ma.getdata(x)
     if not isinstance(x, np.ndarray):
         kinds = "a numpy array, a torch tensor or a path" if takes_paths else "a numpy array or a torch tensor"
         raise TypeError(f"{what}: expected {kinds}, got {type(x).__name__}")
@@ -233,7 +244,7 @@ def _clean(x: np.ndarray, what: str, rate: int, min_samples: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def to_waveforms(audio, sample_rate: int = SAMPLE_RATE, min_samples: int = 1) -> list[np.ndarray]:
+def to_waveforms(audio, sample_rate: float = SAMPLE_RATE, min_samples: int = 1) -> list[np.ndarray]:
     """Any supported input -> list of 1-D arrays at 16 kHz (float32, or int16/int32 PCM as given),
     each at least ``min_samples`` long.
 

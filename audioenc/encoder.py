@@ -38,6 +38,29 @@ class EncoderOutput:
                 f"hidden_states={hidden}, lengths={self.lengths.tolist()})")
 
 
+class Setting:
+    """A number an encoder is tuned with (``enc.cpu_max_padding = 0.1``), checked when set: a NaN or a
+    negative value would switch its rule off without a word."""
+
+    def __init__(self, minimum: float, above: bool = False, infinite: bool = False):
+        self.minimum, self.above, self.infinite = minimum, above, infinite
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, encoder, owner=None):
+        return self if encoder is None else encoder.__dict__[self.name]
+
+    def __set__(self, encoder, value) -> None:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value) and (
+            value > self.minimum if self.above else value >= self.minimum) and (self.infinite or math.isfinite(value))
+        if not ok:
+            kind = "a number" if self.infinite else "a finite number"
+            raise ValueError(f"{self.name} must be {kind} {'above' if self.above else 'at least'} {self.minimum:g}, "
+                             f"got {value!r}")
+        encoder.__dict__[self.name] = float(value)
+
+
 _fork_hook_registered = False
 
 
@@ -54,6 +77,13 @@ def _torch_on_one_thread_in_forked_children() -> None:
 
 class AudioEncoder:
     """A loaded encoder. Create it with :func:`audioenc.load`. Safe to share between threads."""
+
+    long_audio_threshold_s = Setting(0, above=True, infinite=True)  # inf: every item whole
+    long_audio_chunk_s = Setting(0, above=True)
+    long_audio_left_s = Setting(0)
+    long_audio_right_s = Setting(0)
+    cpu_max_padding = Setting(0, infinite=True)
+    gpu_call_cost_s = Setting(0)
 
     def __init__(self, family: str, dims: Wav2Vec2Dims | WhisperDims, backend, source: str,
                  preprocessor: dict, random_weights: bool = False):
@@ -128,14 +158,14 @@ class AudioEncoder:
         """The shortest input that gives one frame (at 16 kHz)."""
         return WHISPER_HOP if self.family == "whisper" else self.dims.receptive_field
 
-    def stream(self, sample_rate: int = SAMPLE_RATE, chunk_s: float | None = None,
+    def stream(self, sample_rate: float = SAMPLE_RATE, chunk_s: float | None = None,
                left_context_s: float | None = None, right_context_s: float | None = None,
                output_layer: int | None = None) -> EncoderStream:
         """A live stream: ``push(block)`` returns the frames that became final, ``flush()`` the rest.
         Frames sit on the offline grid (20 ms); contexts default per family (streaming.STREAM_DEFAULTS)."""
         return EncoderStream(self, sample_rate, chunk_s, left_context_s, right_context_s, output_layer)
 
-    def encode(self, audio, sample_rate: int = SAMPLE_RATE, output_hidden_states: bool = False,
+    def encode(self, audio, sample_rate: float = SAMPLE_RATE, output_hidden_states: bool = False,
                output_layer: int | None = None, progress: bool = False) -> EncoderOutput:
         """Frame embeddings of one item or a batch (see audioenc.audio.to_waveforms for inputs).
 
@@ -151,12 +181,14 @@ class AudioEncoder:
             if trim is not None:
                 trim()
 
-    def _encode(self, audio, sample_rate: int, output_hidden_states: bool, output_layer: int | None,
+    def _encode(self, audio, sample_rate: float, output_hidden_states: bool, output_layer: int | None,
                 progress: bool) -> EncoderOutput:
         num_layers = self._layers_to_run(output_layer)
         if not isinstance(output_hidden_states, (bool, np.bool_)):  # "yes" would export a graph of its own
             raise TypeError(f"output_hidden_states must be True or False, got {output_hidden_states!r}")
         output_hidden_states = bool(output_hidden_states)
+        if not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
         waves = to_waveforms(audio, sample_rate, self.min_samples)
         limit = self.long_audio_threshold_s * SAMPLE_RATE
         long_items = [i for i, w in enumerate(waves) if len(w) > limit and self._windowed_long_audio()]
@@ -204,7 +236,7 @@ class AudioEncoder:
         """Whisper with no context keeps its own consecutive 30 s windows (_encode_whisper)."""
         return self.family != "whisper" or self.long_audio_left_s > 0 or self.long_audio_right_s > 0
 
-    def embed(self, audio, sample_rate: int = SAMPLE_RATE, pool: str = "mean",
+    def embed(self, audio, sample_rate: float = SAMPLE_RATE, pool: str = "mean",
               output_layer: int | None = None) -> torch.Tensor:
         """One vector per item (B, dim), float32: the mean (or max) of its valid frames."""
         if pool not in POOLS:

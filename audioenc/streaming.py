@@ -99,7 +99,7 @@ class EncoderStream:
     :meth:`audioenc.AudioEncoder.stream`. One stream serves one producer thread: pushes from several
     threads go in one at a time, in whichever order they come."""
 
-    def __init__(self, encoder, sample_rate: int = SAMPLE_RATE, chunk_s: float | None = None,
+    def __init__(self, encoder, sample_rate: float = SAMPLE_RATE, chunk_s: float | None = None,
                  left_context_s: float | None = None, right_context_s: float | None = None,
                  output_layer: int | None = None):
         if encoder.family != "whisper" and encoder.dims.hop != FRAME_HOP:

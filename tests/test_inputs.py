@@ -30,6 +30,10 @@ BAD_ARRAYS = [
     (np.ones(800, np.complex64), TypeError, "unsupported sample type"),
     (torch.ones(800, dtype=torch.complex64), TypeError, "complex"),
     (torch.empty(800, device="meta"), TypeError, "meta device holds no samples"),
+    (torch.ones(800).to_sparse(), TypeError, "sparse_coo tensor; pass a dense one"),
+    (torch.ones(800, dtype=torch.bool), TypeError, "unsupported sample type torch.bool"),
+    (torch.ones(800).to(torch.float8_e4m3fn), TypeError, "unsupported sample type torch.float8"),
+    (np.ma.masked_array(np.ones(800, np.float32), mask=np.arange(800) == 3), TypeError, "masked samples"),
     (np.zeros((0, 400), np.float32), ValueError, "empty batch"),
     ([], ValueError, "empty list"),
     ([0.1] * 800, TypeError, "this one holds numbers: pass one item's samples as an array"),
@@ -231,6 +235,14 @@ def test_api_argument_errors(w2v, w2v_checkpoints, whisper_checkpoints):
         audioenc.load(whisper_checkpoints[80][0], backend="torch", dtype="int4")
     with pytest.raises(ValueError, match="unknown architecture"):
         audioenc.load("random:wav2vec3")
+    for name, value, message in (("long_audio_threshold_s", float("nan"), "a number above 0"),
+                                 ("cpu_max_padding", -1, "a number at least 0"),
+                                 ("gpu_call_cost_s", float("inf"), "a finite number at least 0"),
+                                 ("long_audio_chunk_s", "2", "a finite number above 0")):
+        with pytest.raises(ValueError, match=f"{name} must be {message}, got"):
+            setattr(w2v, name, value)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        w2v.encode(wave, progress="yes")
     with pytest.raises(ValueError, match="device 'meta': audioenc runs on the CPU"):
         audioenc.load(w2v_checkpoints["wav2vec2-group"][0], device="meta")
 
