@@ -220,9 +220,13 @@ class AudioEncoder:
         if not finite.all():
             i = int(np.flatnonzero(~finite)[0])
             peak = float(np.abs(pcm_to_float32(waves[i])).max())
+            dtype = str(self.backend.dtype).removeprefix("torch.")
+            why = (f"the item's samples reach {peak:.3g}; audio is expected within [-1, 1]" if peak > 1 else
+                   "its samples are within [-1, 1], so this model's own activations pass float16's range: use "
+                   "float32, or bfloat16 where the backend takes it" if dtype == "float16" else
+                   "its samples are within [-1, 1]: the checkpoint's weights may be damaged")
             raise ValueError(f"audio item {i}: the encoder's output holds NaN or Inf: the {self.backend.name} "
-                             f"backend's {str(self.backend.dtype).removeprefix('torch.')} arithmetic overflowed "
-                             f"(the item's samples reach {peak:.3g}; audio is expected within [-1, 1])")
+                             f"backend's {dtype} arithmetic overflowed ({why})")
         return out
 
     def _encode_items(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:

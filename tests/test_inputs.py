@@ -74,6 +74,15 @@ def test_audio_at_float32s_limit_is_refused_not_encoded_to_nan(w2v_checkpoints, 
     assert torch.isfinite(raw.encode(speech_like(4000)).last_hidden_state).all()
 
 
+def test_a_float16_overflow_of_the_models_own_is_not_blamed_on_the_audio(w2v_checkpoints):
+    half = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch", dtype="float16")
+    with torch.no_grad():
+        half.backend.model.feature_extractor.conv_layers[1].conv.weight.mul_(1e4)  # activations past 65504
+    with pytest.raises(ValueError, match=r"float16 arithmetic overflowed \(its samples are within \[-1, 1\], so "
+                                         "this model's own activations pass float16's range: use float32"):
+        half.encode(speech_like(16000))
+
+
 def test_sample_rate_must_be_a_whole_number_of_hz(w2v):
     wave = speech_like(16000)
     expected = w2v.encode(wave).last_hidden_state
