@@ -399,6 +399,34 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     return os.path.join(entry, MODEL_FILE)
 
 
+def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
+    """Records in the graph's metadata (``metadata_props``, which onnxruntime's
+    ``get_modelmeta().custom_metadata_map`` reads) what it is and what feeding it takes, for a
+    deployment without audioenc."""
+    import onnx
+
+    from audioenc import __version__
+
+    dims = model.dims
+    if isinstance(dims, WhisperDims):
+        inputs = (f"mel (batch, {dims.n_mels}, {2 * dims.n_ctx}) float32: the log-mel of one 30 s window of 16 kHz "
+                  "audio, zero-padded, as openai-whisper's log_mel_spectrogram or audioenc.frontend computes it")
+    else:
+        checkpoint = getattr(model, "checkpoint", None)
+        normalize = checkpoint is None or bool(checkpoint.preprocessor.get("do_normalize", True))
+        inputs = ("waveforms (batch, samples) float32 at 16 kHz, " + (
+            "each item normalised over its valid samples ((x - mean) / sqrt(var + 1e-7)), " if normalize else
+            "not normalised (the checkpoint's do_normalize is false), ") + "zero after them; lengths (batch,) int64")
+    source = getattr(model, "checkpoint_source", "")
+    proto = onnx.load(path, load_external_data=False)
+    onnx.helper.set_model_props(proto, {
+        "producer": f"audioenc {__version__}", "family": dims.family, "dtype": spec.dtype,
+        "checkpoint": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source,  # not the user's tree
+        "layers": f"{spec.num_layers} of {dims.num_layers}", "hidden_states": str(spec.hidden_states).lower(),
+        "inputs": inputs, "frames_per_second": "50"})
+    onnx.save(proto, path)
+
+
 def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: bool = False) -> list[str]:
     """Exports to ``out_dir/model.onnx`` (+ .data), built in a temporary directory and moved into
     place; existing files are kept unless ``overwrite``. Returns the written paths."""
@@ -415,6 +443,7 @@ def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: b
     written = []
     try:
         build_graph(model, spec, tmp)
+        describe_graph(model, spec, os.path.join(tmp, MODEL_FILE))
         if overwrite and os.path.exists(target + ".data") and not os.path.exists(os.path.join(tmp, MODEL_FILE + ".data")):
             os.remove(target + ".data")  # a stale weights file of an earlier, larger export
         for name in sorted(os.listdir(tmp), reverse=True):  # the .data file before the graph that needs it

@@ -1,5 +1,6 @@
 """audioenc verify and export: per-layer report, pass/fail rules, exit codes, CLI."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -130,6 +131,10 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     assert cli(["export", "--model", path, "--format", "onnx", "--out", out, "--hidden-states"]) == 0
     graph = onnx.load(f"{out}/model.onnx")
     assert [o.name for o in graph.graph.output][:3] == ["last_hidden_state", "frame_lengths", "hidden_state_0"]
+    facts = {p.key: p.value for p in graph.metadata_props}  # for a deployment without audioenc
+    assert facts["family"] == "hubert" and facts["checkpoint"] == os.path.basename(path) and facts["dtype"] == "float32"
+    assert facts["layers"] == "2 of 2" and facts["hidden_states"] == "true"
+    assert facts["inputs"].startswith("waveforms (batch, samples) float32 at 16 kHz, each item normalised")
     for exported in (out, f"{out}/model.onnx"):  # what it is, not "no checkpoint" or "unpickling failed"
         with pytest.raises(ValueError, match="an exported ONNX graph or TensorRT engine, not a checkpoint"):
             audioenc.load(exported)
