@@ -81,7 +81,7 @@ PEERS = {"transformers": transformers_peer, "ctranslate2": ctranslate2_peer, "op
 
 
 def peer_contender(args, peer: str, dtype: str, audio: list):
-    """(label, call, first output) of a peer library on the same weights and device."""
+    """(label, call) of a peer library on the same weights and device."""
     import audioenc
     from audioenc.loading import resolve_device
 
@@ -90,18 +90,16 @@ def peer_contender(args, peer: str, dtype: str, audio: list):
         raise ValueError(f"{peer} encodes the first 30 s window of each item (audioenc encodes them all): "
                          "time Whisper against it with --seconds 30 or less")
     label, call = PEERS[peer](reference, resolve_device(args.device), dtype)
-    return label, lambda: call(audio), call(audio)
+    return label, lambda: call(audio)
 
 
 def audioenc_contender(args, backend: str, dtype: str, audio: list):
-    """(label, call, first output) of an audioenc backend; the first call exports graphs, builds
-    engines or autotunes."""
+    """(label, call) of an audioenc backend; its first call exports graphs, builds engines or autotunes."""
     import audioenc
 
     enc = audioenc.load(args.model, backend=backend, device=args.device, dtype=dtype)
-    out = enc.encode(audio, output_layer=args.layer)
     label = f"{enc.backend.name} {str(enc.backend.dtype).removeprefix('torch.')} {enc.backend.device}"
-    return label, lambda: enc.encode(audio, output_layer=args.layer), out.last_hidden_state
+    return label, lambda: enc.encode(audio, output_layer=args.layer).last_hidden_state
 
 
 def relative_error(out, first, frames: int) -> float:
@@ -138,22 +136,24 @@ def cmd_bench(args) -> int:
     rng = np.random.default_rng(0)
     audio = [speech_like(int(args.seconds * 16000), rng) for _ in range(args.batch)]
     calls, outputs = {}, {}
-    for backend, dtype in contenders:
-        start = time.perf_counter()
-        try:
-            if backend in PEERS:
-                label, call, output = peer_contender(args, backend, dtype, audio)
-            else:
-                label, call, output = audioenc_contender(args, backend, dtype, audio)
-        except (ValueError, TypeError, OSError, RuntimeError) as exc:
-            print(f"error: {backend} ({dtype}): {exc}", file=sys.stderr)
-            return 2
-        if label in calls:
-            continue  # the same backend, dtype and device twice
-        if output.is_cuda:  # wait for the GPU the output is on, not the current one
-            call = lambda call=call, device=output.device: (call(), torch.cuda.synchronize(device))
-        calls[label], outputs[label] = call, output
-        print(f"{label}: loaded and first call in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    loaded, current = [], ""
+    try:  # every contender loads (and says what it cannot do) before any first call exports a graph
+        for backend, dtype in contenders:
+            current = f"{backend} ({dtype})"
+            contender = peer_contender if backend in PEERS else audioenc_contender
+            loaded.append((current, *contender(args, backend, dtype, audio)))
+        for current, label, call in loaded:
+            if label in calls:
+                continue  # the same backend, dtype and device twice
+            start = time.perf_counter()
+            output = call()
+            if output.is_cuda:  # wait for the GPU the output is on, not the current one
+                call = lambda call=call, device=output.device: (call(), torch.cuda.synchronize(device))
+            calls[label], outputs[label] = call, output
+            print(f"{label}: first call in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        print(f"error: {current}: {exc}", file=sys.stderr)
+        return 2
     times = timed_rounds(calls, args.repeats, args.warmup)
     audio_s = args.seconds * args.batch
     base = statistics.median(next(iter(times.values())))

@@ -82,6 +82,8 @@ def locate(source: str | os.PathLike) -> str:
         raise ValueError("the checkpoint's name is empty: pass a checkpoint directory or file, a hub id or random:NAME")
     if os.path.isdir(source) or os.path.isfile(source):
         return source
+    if os.path.exists(source):
+        raise ValueError(f"{source}: not a regular file or a directory (a pipe, socket or device)")
     if _HUB_ID.fullmatch(source):
         return _download(source)
     raise ValueError(f"{source}: no such file or directory")

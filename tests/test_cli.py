@@ -601,6 +601,9 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     assert "'onnnx' is neither an audioenc backend" in capsys.readouterr().err
     assert main(["bench", "--model", path, "--seconds", "3600", "--batch", "64"]) == 2
     assert "at most 3600 s of audio" in capsys.readouterr().err
+    assert main(["bench", "--model", path, "--backend", "onnx", "--against", "ctranslate2"]) == 2
+    err = capsys.readouterr().err  # refused before the onnx backend's first call (a graph export)
+    assert "ctranslate2 (auto): CTranslate2 runs Whisper encoders" in err and "first call" not in err
 
 
 def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_path, capsys):
