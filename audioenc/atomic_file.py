@@ -12,7 +12,7 @@ TMP_PREFIX = ".audioenc-tmp-"
 def atomic_write(path: str, write, replace: bool = True) -> None:
     """``write(tmp)`` writes the file at ``tmp`` (same directory and suffix as ``path``), which then
     replaces ``path``, or with ``replace=False`` takes its place only if it is still free
-    (FileExistsError otherwise). Missing directories are created. The file gets the umask's
+    (PathTaken otherwise). Missing directories are created. The file gets the umask's
     permissions, as open makes them (mkstemp's 0600 would keep a shared cache's other users out)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
@@ -27,19 +27,26 @@ def atomic_write(path: str, write, replace: bool = True) -> None:
         raise
 
 
+class PathTaken(FileExistsError):
+    """A file appeared at the path since the caller checked it was free (another process's)."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} appeared while this file was written (another process?); it was kept")
+
+
 def move_into_place(tmp: str, path: str, replace: bool) -> None:
     """Renames ``tmp`` to ``path`` (same file system). With ``replace=False`` a file that appeared at
-    ``path`` since the caller checked (another process's, written meanwhile) is kept: FileExistsError."""
+    ``path`` since the caller checked (another process's, written meanwhile) is kept: PathTaken."""
     if replace:
         os.replace(tmp, path)
         return
     try:
         os.link(tmp, path)  # fails if path exists: a rename that never replaces
     except FileExistsError:
-        raise FileExistsError(f"{path} appeared while this file was written (another process?); it was kept")
+        raise PathTaken(path) from None
     except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
         if os.path.lexists(path):
-            raise FileExistsError(f"{path} appeared while this file was written (another process?); it was kept")
+            raise PathTaken(path) from None
         os.replace(tmp, path)
         return
     os.remove(tmp)

@@ -127,12 +127,14 @@ def list_entries() -> list[CacheEntry]:
     return sorted(entries, key=lambda e: e.last_used)
 
 
-def removable(entries: list[CacheEntry], unused_days: float | None = None) -> list[CacheEntry]:
+def removable(entries: list[CacheEntry], unused_days: float | None = None,
+              unfinished_too: bool = False) -> list[CacheEntry]:
     """The entries to remove: all of them, or those unused for ``unused_days``; unfinished exports
-    only once they are STALE_TMP_S old (a younger one may be running now)."""
+    only once they are STALE_TMP_S old (a younger one may be running now), unless ``unfinished_too``."""
     now = time.time()
     age_limit = 0.0 if unused_days is None else unused_days * 86400
-    return [e for e in entries if now - e.last_used >= max(age_limit, STALE_TMP_S if e.unfinished else 0.0)]
+    return [e for e in entries
+            if now - e.last_used >= max(age_limit, STALE_TMP_S if e.unfinished and not unfinished_too else 0.0)]
 
 
 def remove(entries: list[CacheEntry]) -> tuple[int, list[str]]:

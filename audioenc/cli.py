@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 
-from audioenc.atomic_file import atomic_write
+from audioenc.atomic_file import PathTaken, atomic_write
 from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, inside, length_batches, output_paths,
                                   outputs_in, record_settings, remove_records_below, remove_stale_temporaries,
                                   settings_conflicts)
@@ -74,10 +75,10 @@ def cmd_cache(args) -> int:
     print(f"removed {len(doomed) - len(failed)} of {len(entries)} entries, {gib(freed)} freed from {cache_root()}")
     kept = [e for e in entries if e not in doomed]
     if kept:
-        unfinished = sum(e.unfinished for e in kept)
+        running = len(removable(kept, args.unused_days, unfinished_too=True))  # kept only as they may be running
         print(f"kept {len(kept)}: " + ", ".join(filter(None, (
-            f"{len(kept) - unfinished} used within --unused-days" if len(kept) > unfinished else "",
-            f"{unfinished} unfinished export(s) under 6 hours old (one may be running now)" if unfinished else ""))))
+            f"{len(kept) - running} used within --unused-days" if len(kept) > running else "",
+            f"{running} unfinished export(s) under 6 hours old (one may be running now)" if running else ""))))
     for line in failed:
         print(f"error: could not remove {line}", file=sys.stderr)
     return 1 if failed else 0
@@ -217,10 +218,31 @@ def stream_usage_error(args) -> str | None:
             return f"{args.out} exists (use --overwrite)"
         parent = os.path.dirname(os.path.abspath(args.out))
         while not os.path.isdir(parent):  # atomic_write creates the missing directories
+            if os.path.lexists(parent):
+                return f"--out {args.out}: {parent} is not a directory"
             parent = os.path.dirname(parent)
         if not os.access(parent, os.W_OK):
             return f"--out {args.out}: {parent} is not writable"
     return None
+
+
+def save_frames(path: str, array, overwrite: bool) -> str:
+    """Saves a stream's frames as .npy at ``path``; where a file appeared there during the stream (an
+    hour, maybe) and ``overwrite`` is off, at path-1, path-2, ... instead. Returns where."""
+    import numpy as np
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name without it
+            np.save(f, array)
+
+    stem, suffix = os.path.splitext(path)
+    for taken in itertools.count():
+        target = path if taken == 0 else f"{stem}-{taken}{suffix}"
+        try:
+            atomic_write(target, save, replace=overwrite)
+            return target
+        except PathTaken:
+            continue
 
 
 def cmd_stream(args) -> int:
@@ -320,19 +342,11 @@ def cmd_stream(args) -> int:
               f"p99 {np.percentile(compute_ms, 99):.1f} ms", file=sys.stderr)
     if args.out:
         array = np.concatenate(collected) if collected else np.zeros((0, enc.hidden_size), np.float32)
-
-        def save(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name without it
-                np.save(f, array)
-
-        saved_to, taken = args.out, 0
-        while True:  # a file made at --out during the stream (an hour, maybe) is kept, unless --overwrite
-            try:
-                atomic_write(saved_to, save, replace=args.overwrite)
-                break
-            except FileExistsError:
-                taken += 1
-                saved_to = f"{os.path.splitext(args.out)[0]}-{taken}.npy"
+        try:
+            saved_to = save_frames(args.out, array, args.overwrite)
+        except OSError as exc:  # e.g. a full disk, or a folder of the path made a file meanwhile
+            print(f"error: could not save the frames to {args.out}: {exc}", file=sys.stderr)
+            return 1
         if saved_to != args.out:
             print(f"warning: {args.out} appeared during the stream and was kept; the frames were saved to {saved_to}",
                   file=sys.stderr)

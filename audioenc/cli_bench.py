@@ -139,9 +139,10 @@ def cmd_bench(args) -> int:
     loaded, current = [], ""
     try:  # every contender loads (and says what it cannot do) before any first call exports a graph
         for backend, dtype in contenders:
-            current = f"{backend} ({dtype})"
+            current, start = f"{backend} ({dtype})", time.perf_counter()
             contender = peer_contender if backend in PEERS else audioenc_contender
             loaded.append((current, *contender(args, backend, dtype, audio)))
+            print(f"{loaded[-1][1]}: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         for current, label, call in loaded:
             if label in calls:
                 continue  # the same backend, dtype and device twice

@@ -31,8 +31,9 @@ def cmd_export(args) -> int:
                 raise ValueError("--fused-attention is for onnxruntime; TensorRT builds from the standard-op graph")
             batch = DEFAULT_BATCH if args.batch is None else parse_range(args.batch, "--batch", whole=True)
             seconds = DEFAULT_SECONDS if args.seconds is None else parse_range(args.seconds, "--seconds")
-            if TensorRTBackend.available() is not None:
-                raise ValueError(f"cannot build a TensorRT engine here: {TensorRTBackend.available()}")
+            unavailable = TensorRTBackend.available()
+            if unavailable is not None:
+                raise ValueError(f"cannot build a TensorRT engine here: {unavailable}")
         model = model_of(args.model)
         num_layers = model.dims.num_layers if args.layers is None else args.layers
         if not 0 <= num_layers <= model.dims.num_layers:

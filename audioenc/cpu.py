@@ -49,7 +49,7 @@ def cores_text() -> str:
     return f"{total} cores" if usable == total else f"{usable} of {total} cores usable"
 
 
-TRIM_AFTER_SAMPLES = 30 * 16000  # input elements of a CPU run past which the backends trim after the call
+TRIM_AFTER_SAMPLES = 30 * 16000  # padded samples of a CPU run past which the backends trim after the call
 
 
 def return_freed_memory() -> None:

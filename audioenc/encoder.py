@@ -33,7 +33,8 @@ class EncoderOutput:
 
     def __repr__(self) -> str:  # shapes, not a screen of numbers
         x = self.last_hidden_state
-        hidden = "None" if self.hidden_states is None else f"{len(self.hidden_states)} x {tuple(self.hidden_states[0].shape)}"
+        hidden = (repr(self.hidden_states) if not self.hidden_states else
+                  f"{len(self.hidden_states)} x {tuple(self.hidden_states[0].shape)}")
         return (f"EncoderOutput(last_hidden_state={tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device}, "
                 f"hidden_states={hidden}, lengths={self.lengths.tolist()})")
 
@@ -49,7 +50,12 @@ class Setting:
         self.name = name
 
     def __get__(self, encoder, owner=None):
-        return self if encoder is None else encoder.__dict__[self.name]
+        if encoder is None:
+            return self
+        try:
+            return encoder.__dict__[self.name]
+        except KeyError:  # not set yet: hasattr must say False
+            raise AttributeError(self.name) from None
 
     def __set__(self, encoder, value) -> None:
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value) and (
@@ -123,12 +129,12 @@ class AudioEncoder:
             self.long_audio_chunk_s = float(int(longest - contexts))
         else:  # a short profile: everything shrinks alike, in whole 20 ms frames
             scale = longest / (self.long_audio_chunk_s + contexts)
-            self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s = (
-                math.floor(x * scale * 50) / 50
-                for x in (self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s))
-            if self.long_audio_chunk_s < 0.02:
+            chunk, left, right = (math.floor(x * scale * 50) / 50
+                                  for x in (self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s))
+            if chunk < 0.02:
                 raise ValueError(f"the backend takes inputs of at most {max_samples} samples: too short for "
                                  "long-audio windows (allow longer inputs, e.g. AUDIOENC_TRT_PROFILE seconds)")
+            self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s = chunk, left, right
 
     def __repr__(self) -> str:
         weights = "RANDOM weights" if self.random_weights else self.source

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from audioenc.atomic_file import atomic_write_bytes, move_into_place
+from audioenc.atomic_file import PathTaken, atomic_write_bytes, move_into_place
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
 from audioenc.config import WhisperDims
@@ -449,7 +449,7 @@ def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: b
         for name in sorted(os.listdir(tmp), reverse=True):  # the .data file before the graph that needs it
             move_into_place(os.path.join(tmp, name), os.path.join(out_dir, name), replace=overwrite)
             written.append(os.path.join(out_dir, name))
-    except FileExistsError:  # another export to this directory finished first: keep its files whole
+    except PathTaken:  # another export to this directory finished first: keep its files whole
         for path in written:
             os.remove(path)
         written = []

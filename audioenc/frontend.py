@@ -273,7 +273,7 @@ def _spectrogram_cuda(x, lengths, kind, filters, padding):
     batch = x.shape[0]
     frames = (max(lengths) + padding) // HOP_LENGTH
     n_out = 201 if filters is None else filters.shape[0]
-    lens = torch.tensor(lengths, dtype=torch.int64).to(dev, non_blocking=False)
+    lens = torch.tensor(lengths, dtype=torch.int64, device="cpu").to(dev, non_blocking=False)
     out = torch.zeros(batch, n_out, frames, dtype=torch.float32, device=dev)  # the kernel writes float32
     item_max = torch.empty(batch, dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream

@@ -1,8 +1,10 @@
 """``audioenc.load``: checkpoint -> model -> backend -> AudioEncoder."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 
 import torch
 from torch import nn
@@ -14,6 +16,9 @@ from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.torch_defaults import float32_on_cpu
 from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate
+
+
+_RANDOM_DRAW = threading.Lock()  # see reference_model
 
 
 def resolve_device(device) -> torch.device:
@@ -43,7 +48,8 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     backend: "auto", "torch" (the reference), "triton", "onnx" or "tensorrt". "auto" takes the
     first that runs here: on a GPU triton, then tensorrt, then torch; on the CPU onnx (when
     onnxruntime is installed), then torch.
-    device: "auto" (CUDA when torch sees a GPU, else the CPU), or any torch device ("cpu", "cuda:1").
+    device: "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" or "cuda:N" (a string or
+    a torch.device).
     dtype: "auto" is float16 on a GPU and float32 on the CPU (tensorrt: float16). torch and triton
     take float32, float16, bfloat16; onnx float32, float16, int8, and bfloat16 on ARM64 CPUs only;
     tensorrt float32, float16. A torch.dtype works too.
@@ -88,7 +94,10 @@ def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
     random architectures included, so a backend may release them and build them again. A checkpoint
     recalled from its record gives the model without its weights (checkpoint_record.py)."""
     random_weights = name.startswith("random:") and not checkpoint.weights_digest
-    with float32_on_cpu(), torch.random.fork_rng(devices=[]):  # the caller's random state comes back unchanged
+    # The caller's random state comes back unchanged; random weights are drawn one model at a time, as
+    # two threads drawing from torch's one seeded generator at once would interleave their draws.
+    with float32_on_cpu(), _RANDOM_DRAW if random_weights else contextlib.nullcontext(), \
+            torch.random.fork_rng(devices=[]):
         if random_weights:
             torch.manual_seed(0)  # random architectures are the same every run (a checkpoint's are overwritten)
         model = build_model(checkpoint, random_weights=random_weights)

@@ -87,7 +87,8 @@ def seconds_to_frames(seconds: float, what: str, minimum: int = 0) -> int:
         raise ValueError(f"{what} must be a finite number of seconds, got {seconds}")
     if seconds < 0:
         raise ValueError(f"{what} must be >= 0 seconds, got {seconds}")
-    n = math.floor(seconds * SAMPLE_RATE / FRAME_HOP + 0.5)  # halves up, as people round: 0.05 s -> 3 frames
+    # Halves up, as people round (0.05 s -> 3 frames), after rounding off binary noise (2.01 s is 100.4999... frames)
+    n = math.floor(round(seconds * SAMPLE_RATE / FRAME_HOP, 6) + 0.5)
     if n < minimum:
         raise ValueError(f"{what} must be at least {minimum * FRAME_HOP / SAMPLE_RATE:g} s, got {seconds}")
     return n

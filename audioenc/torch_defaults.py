@@ -5,19 +5,32 @@ and a model would be built in float64 or on no memory at all."""
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
+
+_lock = threading.Lock()
+_inside = 0  # threads inside float32_on_cpu now
+_callers_dtype = torch.float32  # the default dtype when the first of them came in
 
 
 @contextlib.contextmanager
 def float32_on_cpu():
-    """Inside: new tensors default to float32 on the CPU. The default dtype is process-wide in torch,
-    so it is touched only when the caller changed it; the default device is per thread."""
-    dtype = torch.get_default_dtype()
-    with contextlib.ExitStack() as stack:
-        if torch.get_default_device().type != "cpu":
-            stack.enter_context(torch.device("cpu"))
-        if dtype != torch.float32:
+    """Inside: new tensors default to float32 on the CPU. The default device is per thread. The
+    default dtype is process-wide in torch: it is float32 from the first thread in until the last
+    one leaves (the caller's other threads see float32 meanwhile), then the caller's again; it is
+    touched only when the caller changed it."""
+    global _inside, _callers_dtype
+    with _lock:
+        if _inside == 0:
+            _callers_dtype = torch.get_default_dtype()
             torch.set_default_dtype(torch.float32)
-            stack.callback(torch.set_default_dtype, dtype)
-        yield
+        _inside += 1
+    try:
+        with torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext():
+            yield
+    finally:
+        with _lock:
+            _inside -= 1
+            if _inside == 0:
+                torch.set_default_dtype(_callers_dtype)

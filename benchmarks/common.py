@@ -7,7 +7,7 @@ import re
 import statistics
 import time
 
-from audioenc.cpu import cpu_name, vector_isa
+from audioenc.cpu import cores_text, cpu_name, vector_isa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
@@ -33,7 +33,7 @@ def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:
 
 
 def machine() -> str:
-    return f"{cpu_name()} ({vector_isa()}), {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+    return f"{cpu_name()} ({vector_isa()}), {cores_text()}, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def versions(*modules: str) -> str:

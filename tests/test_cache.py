@@ -81,7 +81,8 @@ def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
     listing = capsys.readouterr().out
     assert "7 entries" in listing and "whisper, ExportSpec(num_layers=4)" in listing and str(filled) in listing
     assert main(["cache", "--clear", "--unused-days", "2.5"]) == 0
-    assert "removed 2 of 7 entries" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "removed 2 of 7 entries" in out and "kept 5: 5 used within --unused-days\n" in out  # the young export too
     assert sorted(os.listdir(os.path.join(filled, "onnx"))) == sorted([".tmp-dead", ".tmp-young", "b" * 32, "d" * 32,
                                                                         "e" * 32, "users-models"])
     assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]

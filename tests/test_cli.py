@@ -557,6 +557,7 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
                            (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "sample_rate 0 Hz"), (["--out", "-"], "--out - would name"),
                            (["--left-context-s", "1e5"], "a stream window"), (["--overwrite"], "there is none"),
                            (["--channels", "0"], "--channels must be"),
+                           (["--out", str(tmp_path / "a.wav" / "x.npy")], "a.wav is not a directory"),
                            (["--file", str(tmp_path / "a.wav"), "--channels", "2"], "--channels describe stdin")):
         result = subprocess.run([*base, *extra], input=b"", capture_output=True, timeout=300)
         assert result.returncode == 2 and message.encode() in result.stderr, (extra, result.stderr.decode())

@@ -286,6 +286,31 @@ def test_the_callers_torch_defaults_change_nothing(family, backend, w2v_checkpoi
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
 
 
+def test_random_architectures_draw_the_same_weights_from_threads_loading_at_once():
+    """torch has one generator and one default dtype per process: two loads at once, one of them
+    under a caller's float64 default, must not change each other's weights."""
+    import threading
+
+    expected = audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict()
+    loaded = []
+
+    def load_three():
+        loaded.extend(audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict() for _ in range(3))
+
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        threads = [threading.Thread(target=load_three) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert torch.get_default_dtype() == torch.float64  # the caller's, once every load is done
+    finally:
+        torch.set_default_dtype(dtype)
+    assert len(loaded) == 6 and all(torch.equal(d[k], v) for d in loaded for k, v in expected.items())
+
+
 def test_random_architectures_draw_the_same_weights_whatever_the_default_dtype():
     expected = audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict()
     dtype = torch.get_default_dtype()

@@ -135,6 +135,7 @@ def test_stream_errors_and_flush(w2v_checkpoints):
     with pytest.raises(ValueError, match="chunk_s must be a finite number"):
         enc.stream(chunk_s=float("inf"))
     assert enc.stream(chunk_s=0.05, left_context_s=0.03).chunk == 3 * 320  # halves round up, as people round
+    assert enc.stream(chunk_s=2.01).chunk == 101 * 320  # 100.4999... frames in binary: still a half
     assert enc.stream(chunk_s=0.05, left_context_s=0.03).left == 2 * 320
     enc.backend.max_samples = 16000 * 3  # as a TensorRT engine declares its profile's longest input
     with pytest.raises(ValueError, match="must fit the backend's longest input, 3 s"):
@@ -264,6 +265,9 @@ def test_a_backend_with_a_longest_input_gets_long_items_in_windows_that_fit(w2v_
     sizes.clear()
     assert enc.encode(wave).lengths.item() == enc.dims.num_frames(len(wave))
     assert max(sizes) <= 3 * 16000
+    with pytest.raises(ValueError, match="at most 500 samples: too short for long-audio windows"):
+        enc._fit_long_audio_to(500)  # AUDIOENC_TRT_PROFILE="seconds=0.03"
+    assert enc.long_audio_chunk_s == 0.58  # as it was
 
 
 def test_long_items_come_back_like_short_ones(w2v_checkpoints):

@@ -80,7 +80,7 @@ def test_onnx_passes(w2v_checkpoints, dtype, rule):
 def test_torch_in_half_precision_is_reported_as_the_yardstick(w2v_checkpoints):
     """Its budget would be its own error: it has no rule, and only NaN fails it."""
     report = verify(w2v_checkpoints["wav2vec2-group"][0], "torch", dtype="bfloat16", device="cpu")
-    assert report.passed and all(c.limit == "none: the half rule's" for c in report.layers)
+    assert report.passed and all(c.limit == "none (half yardstick)" for c in report.layers)
     assert all(0 < c.rel < 0.1 for c in report.layers)
 
 
