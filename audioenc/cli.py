@@ -40,8 +40,8 @@ def cmd_info(args) -> int:
         print(f"backend {name:9s} {'available' if reason is None else reason}")
     print("families: wav2vec2, hubert, wavlm, whisper")
     print("random-weight architectures (random:NAME): " + ", ".join(ARCHITECTURES))
-    entries = list_entries()
-    print(f"cache: {cache_root_problem()}" if cache_root_problem() else
+    entries, problem = list_entries(), cache_root_problem()
+    print(f"cache: {problem}" if problem else
           f"cache: {cache_root()}, {len(entries)} entries, {sum(e.size for e in entries) / 2**30:.2f} GiB "
           "(audioenc cache lists them)")
     return 0
@@ -55,8 +55,9 @@ def cmd_cache(args) -> int:
     if args.unused_days is not None and (not args.clear or not args.unused_days >= 0):  # NaN fails too
         print("error: --unused-days takes a number of days >= 0, and goes with --clear", file=sys.stderr)
         return 2
-    if cache_root_problem():
-        print(f"error: {cache_root_problem()}", file=sys.stderr)
+    problem = cache_root_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     entries = list_entries()
     gib = lambda size: f"{size / 2**30:.2f} GiB"

@@ -7,7 +7,8 @@ Graphs (opset 17, so LayerNorm stays one LayerNormalization op):
                                -> last_hidden_state (B, frames, D), frame_lengths (B,) int64[, hidden_state_i]
     Whisper:                   mel (B, n_mels, 3000) float32 -> last_hidden_state (B, 1500, D)[, hidden_state_i]
 Batch and time are dynamic; Whisper's mel is one 30 s window (2 x n_ctx frames), so only its batch
-is. hidden_state_0 .. hidden_state_N follow the backend protocol (Hugging Face convention). A graph runs the first ``num_layers`` layers only.
+is. hidden_state_0 .. hidden_state_N follow the backend protocol (Hugging Face convention). A graph
+runs the first ``num_layers`` layers only.
 """
 from __future__ import annotations
 

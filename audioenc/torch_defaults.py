@@ -18,8 +18,8 @@ _callers_dtype = torch.float32  # the default dtype when the first of them came 
 def float32_on_cpu():
     """Inside: new tensors default to float32 on the CPU. The default device is per thread. The
     default dtype is process-wide in torch: it is float32 from the first thread in until the last
-    one leaves (the caller's other threads see float32 meanwhile), then the caller's again; it is
-    touched only when the caller changed it."""
+    one leaves, then the caller's again (a caller that set float64 sees float32 in its other threads
+    while a load or an export runs)."""
     global _inside, _callers_dtype
     with _lock:
         if _inside == 0:
