@@ -338,6 +338,19 @@ def test_batch_items_equal_items_alone(w2v_checkpoints):
         assert rel_err(batch.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 1e-5
 
 
+def test_the_callers_default_dtype_changes_nothing(whisper_checkpoints):
+    """Whisper's log-mel, the kernels' buffers and the CUDA graphs' inputs name their dtype."""
+    wave = speech_like(4000, 9)
+    expected = load(whisper_checkpoints[80][0]).encode(wave).last_hidden_state
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = load(whisper_checkpoints[80][0]).encode(wave).last_hidden_state
+    finally:
+        torch.set_default_dtype(dtype)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("ffn_scale,input_scale", [(15000.0, 1.0), (15000.0, 3e4)], ids=["past-1e4", "past-fp16-max"])
 def test_no_float16_overflow_with_large_activations(w2v_checkpoints, ffn_scale, input_scale):
     """Pre-LN models (wav2vec2-large, WavLM-large) grow their residual stream layer after layer; the
