@@ -130,12 +130,15 @@ def cmd_embed(args) -> int:
         enc = load_from_args(args)
         if args.layer not in (None, "all") and int(args.layer) > enc.num_layers:  # here, not once per file
             raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
-        jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy")
+        unlisted: list[str] = []  # folders whose files could not be found (permissions)
+        jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy", unlisted)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_load_notes(enc, args)
     print(enc)
+    for line in unlisted:
+        print(f"failed: {line}", file=sys.stderr)
     if not jobs:
         print("error: no audio files found in the given inputs", file=sys.stderr)
         return 2
@@ -187,7 +190,9 @@ def cmd_embed(args) -> int:
         print(f"failed: {line}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} of {len(jobs)} file(s) failed; their outputs were not written", file=sys.stderr)
-    return 1 if failed else 0
+    if unlisted:
+        print(f"{len(unlisted)} folder(s) could not be listed: their files were not embedded", file=sys.stderr)
+    return 1 if failed or unlisted else 0
 
 
 PCM_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
@@ -215,7 +220,7 @@ def stream_usage_error(args) -> str | None:
             return f"--out {args.out} is a directory; it must be a .npy file"
         if args.out == "-":
             return "--out - would name a file '-': stdout carries the emission lines; give a .npy file name"
-        if os.path.exists(args.out) and not args.overwrite:
+        if os.path.lexists(args.out) and not args.overwrite:  # a link to nothing is taken too
             return f"{args.out} exists (use --overwrite)"
         parent = os.path.dirname(os.path.abspath(args.out))
         while not os.path.isdir(parent):  # atomic_write creates the missing directories
@@ -229,7 +234,7 @@ def stream_usage_error(args) -> str | None:
 
 def save_frames(path: str, array, overwrite: bool) -> str:
     """Saves a stream's frames as .npy at ``path``; where a file appeared there during the stream (an
-    hour, maybe) and ``overwrite`` is off, at path-1, path-2, ... instead. Returns where."""
+    hour, maybe) and ``overwrite`` is off, or a folder did, at path-1, path-2, ... instead. Returns where."""
     import numpy as np
 
     def save(tmp: str) -> None:
@@ -242,7 +247,7 @@ def save_frames(path: str, array, overwrite: bool) -> str:
         try:
             atomic_write(target, save, replace=overwrite)
             return target
-        except PathTaken:
+        except (PathTaken, IsADirectoryError):  # a folder made there is taken even with overwrite
             continue
 
 
@@ -272,7 +277,8 @@ def cmd_stream(args) -> int:
         return 2
     print_load_notes(enc, args, file=sys.stderr)
     print(f"{enc}; chunk {stream.chunk / 16000:g} s, left {stream.left / 16000:g} s, right {stream.right / 16000:g} s, "
-          f"frames wait at most {stream.latency_s * 1000:.0f} ms of audio", file=sys.stderr)
+          f"frames wait at most {stream.latency_s * 1000:.0f} ms of audio"
+          + ("" if rate == 16000 else f", plus the resampler's delay from {rate} Hz"), file=sys.stderr)
     block = max(1, int(rate * args.block_ms / 1000))
     dtype = np.dtype(PCM_FORMATS[args.format or "s16le"])
     channels = args.channels or 1
@@ -295,6 +301,9 @@ def cmd_stream(args) -> int:
             if whole:
                 pcm = np.frombuffer(data[:whole], dtype).astype(dtype.newbyteorder("="))
                 yield pcm.reshape(-1, channels) if channels > 1 else pcm  # the stream mixes channels to mono
+        if carry:  # the input ended inside a sample (or a frame of channels)
+            print(f"warning: stdin ended with {len(carry)} byte(s) of an incomplete {frame_bytes}-byte sample "
+                  f"frame ({args.format or 's16le'}, {channels} channel(s)); they were ignored", file=sys.stderr)
 
     collected, compute_ms = [], []
     stdout_open = True
@@ -326,8 +335,8 @@ def cmd_stream(args) -> int:
         ended = "interrupted"
     except BrokenPipeError:
         ended = "stdout was closed"
-    except ValueError as exc:
-        ended = f"error in the block from sample {received} ({received / rate:.3f} s) of the input: {exc}"
+    except ValueError as exc:  # a bad block, or audio before it that overflowed the model once it had context
+        ended = f"stopped at the block from sample {received} ({received / rate:.3f} s) of the input: {exc}"
     try:
         emit(stream.flush)
     except BrokenPipeError:

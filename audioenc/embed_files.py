@@ -12,15 +12,16 @@ from audioenc.atomic_file import TMP_PREFIX, atomic_write, atomic_write_bytes
 SETTINGS_FILE = ".audioenc-embed.json"  # in --out: what its outputs were made with
 
 
-def output_paths(inputs: list[str], out_dir: str, suffix: str) -> dict[str, str]:
-    """Input file -> output file: files under a directory argument keep their relative path."""
+def output_paths(inputs: list[str], out_dir: str, suffix: str, unlisted: list[str]) -> dict[str, str]:
+    """Input file -> output file: files under a directory argument keep their relative path. Folders
+    that cannot be listed go to ``unlisted`` ("folder: why")."""
     from audioenc.audio import find_audio_files
 
     mapping, writer, seen, stems = {}, {}, set(), {}
     for arg in inputs:
         named = not os.path.isdir(arg)  # a file named directly, not found under a directory
         root = os.path.dirname(arg) if named else arg
-        for path in find_audio_files([arg]):
+        for path in find_audio_files([arg], unlisted):
             if os.path.realpath(path) in seen:  # named again (by another argument): one output, where first put
                 continue
             seen.add(os.path.realpath(path))

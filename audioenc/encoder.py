@@ -206,7 +206,7 @@ class AudioEncoder:
         short = [i for i in range(len(waves)) if i not in long_items]
         out = None
         if short:
-            out = self._encode_items([waves[i] for i in short], num_layers, output_hidden_states)
+            out = self._encode_items([waves[i] for i in short], num_layers, output_hidden_states, progress)
             if not long_items:
                 return self._finite(out, waves)
         items = [None] * len(waves)
@@ -235,11 +235,13 @@ class AudioEncoder:
                              f"backend's {dtype} arithmetic overflowed ({why})")
         return out
 
-    def _encode_items(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
-        """Validated 16 kHz items, each encoded whole (no long-audio windows)."""
+    def _encode_items(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool,
+                      progress: bool = False) -> EncoderOutput:
+        """Validated 16 kHz items, each encoded whole (no long-audio windows); ``progress``: a bar over
+        Whisper's 30 s windows when an item is longer than one."""
         _torch_on_one_thread_in_forked_children()
         if self.family == "whisper":
-            return self._encode_whisper(waves, num_layers, output_hidden_states)
+            return self._encode_whisper(waves, num_layers, output_hidden_states, progress)
         return self._encode_wav2vec2(waves, num_layers, output_hidden_states)
 
     def _windowed_long_audio(self) -> bool:
@@ -340,7 +342,8 @@ class AudioEncoder:
         hidden = tuple(clean(h) for h in hidden_states) if output_hidden_states else None
         return EncoderOutput(clean(out), hidden_states=hidden, lengths=frame_lengths)
 
-    def _encode_whisper(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool) -> EncoderOutput:
+    def _encode_whisper(self, waves: list[np.ndarray], num_layers: int, output_hidden_states: bool,
+                        progress: bool = False) -> EncoderOutput:
         """Each item is cut into consecutive 30 s windows (the last one padded); every window is
         encoded on its own and the valid frames of an item's windows are concatenated."""
         size = self.dims.window_samples
@@ -361,16 +364,21 @@ class AudioEncoder:
             runs = [[i] for i in range(len(windows))]
         else:  # equal lengths: the groups are consecutive runs of windows, in order
             runs = self._gpu_groups([size] * len(windows), WHISPER_WINDOWS_PER_RUN)
-        for run in runs:
-            batch = np.zeros((len(run), size), dtype=np.float32)
-            for row, i in zip(batch, run):
-                w = windows[i]
-                row[: len(w)] = pcm_to_float32(w)
-            mel = log_mel_spectrogram(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
-            out, hidden_states, _ = self.backend.run(mel, None, num_layers, output_hidden_states)
-            outputs.append(out)
-            if output_hidden_states:
-                layer_outputs.append(hidden_states)
+        from tqdm import tqdm
+
+        long = len(windows) > len(waves)  # some item is over 30 s: a bar, as long wav2vec2-family items get
+        with tqdm(total=len(windows), unit="window", desc="encode", disable=not (progress and long)) as bar:
+            for run in runs:
+                batch = np.zeros((len(run), size), dtype=np.float32)
+                for row, i in zip(batch, run):
+                    w = windows[i]
+                    row[: len(w)] = pcm_to_float32(w)
+                mel = log_mel_spectrogram(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
+                out, hidden_states, _ = self.backend.run(mel, None, num_layers, output_hidden_states)
+                outputs.append(out)
+                if output_hidden_states:
+                    layer_outputs.append(hidden_states)
+                bar.update(len(run))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         per_item = stitch_windows(out, owners, valid, len(waves))
         lengths = torch.tensor([len(x) for x in per_item], dtype=torch.int64, device="cpu")

@@ -342,6 +342,27 @@ def test_embed_reports_pipes_and_broken_links_in_directories_unopened(audio_tree
     assert "not a regular file" in capsys.readouterr().err
 
 
+def test_embed_reports_a_folder_it_cannot_list(audio_tree, tmp_path, w2v_checkpoints, monkeypatch, capsys):
+    """chmod 000 on a subfolder (as another user than root): its files must not vanish unseen."""
+    root = tmp_path / "tree"
+    shutil.copytree(audio_tree / "sub", root)
+    shutil.copytree(audio_tree / "sub", root / "locked")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    args = ["embed", str(root), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert "wrote 1 file(s)" in out
+    assert f"failed: {root / 'locked'}: cannot list this folder (Permission denied)" in err
+    assert "1 folder(s) could not be listed: their files were not embedded" in err
+
+
 def test_a_directory_reached_directly_and_by_link_is_named_by_its_own_path(audio_tree, tmp_path, w2v_checkpoints):
     root = tmp_path / "tree"
     shutil.copytree(audio_tree / "sub", root / "zdir")
@@ -494,8 +515,9 @@ def test_stream_command_reads_raw_pcm_from_stdin(tmp_path, w2v_checkpoints):
     stereo = np.stack([pcm, other], axis=1)
     result = subprocess.run([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
                              "--chunk-s", "1", "--channels", "2", "--block-ms", "7", "--out", str(tmp_path / "st.npy")],
-                            input=stereo.tobytes(), capture_output=True, timeout=300)
+                            input=stereo.tobytes() + b"\x07", capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode()
+    assert b"stdin ended with 1 byte(s) of an incomplete 4-byte sample frame (s16le, 2 channel(s))" in result.stderr
     stream = enc.stream(chunk_s=1.0)
     expected = np.concatenate([stream.push(stereo).frames.numpy(), stream.flush().frames.numpy()])
     np.testing.assert_allclose(np.load(tmp_path / "st.npy"), expected, rtol=1e-4, atol=1e-5)
@@ -551,6 +573,7 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
     base = [sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch"]
     wave = speech_like(16000 * 3, 5).astype("<f4")
     sf.write(tmp_path / "a.wav", wave, 16000)
+    (tmp_path / "dangling.npy").symlink_to(tmp_path / "nowhere")
     for extra, message in ((["--block-ms", "nan"], "--block-ms"), (["--block-ms", "0"], "--block-ms"),
                            (["--block-ms", "1e9"], "--block-ms"), (["--realtime"], "--realtime"),
                            (["--file", str(tmp_path / "a.wav"), "--rate", "8000"], "--rate"),
@@ -558,6 +581,7 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
                            (["--left-context-s", "1e5"], "a stream window"), (["--overwrite"], "there is none"),
                            (["--channels", "0"], "--channels must be"),
                            (["--out", str(tmp_path / "a.wav" / "x.npy")], "a.wav is not a directory"),
+                           (["--out", str(tmp_path / "dangling.npy")], "dangling.npy exists (use --overwrite)"),
                            (["--file", str(tmp_path / "a.wav"), "--channels", "2"], "--channels describe stdin")):
         result = subprocess.run([*base, *extra], input=b"", capture_output=True, timeout=300)
         assert result.returncode == 2 and message.encode() in result.stderr, (extra, result.stderr.decode())
@@ -566,7 +590,7 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
     result = subprocess.run([*base, "--format", "f32le", "--chunk-s", "1", "--out", str(out)], input=wave.tobytes(),
                             capture_output=True, timeout=300)
     assert result.returncode == 1, result.stderr
-    found = re.search(rb"error in the block from sample (\d+) \([0-9.]+ s\) of the input: block: audio contains "
+    found = re.search(rb"stopped at the block from sample (\d+) \([0-9.]+ s\) of the input: block: audio contains "
                       rb"NaN or Inf \(first at sample (\d+)\)", result.stderr)
     assert found and int(found[1]) + int(found[2]) == 16000 * 2 + 7, result.stderr  # where it is in the input
     assert b"Traceback" not in result.stderr

@@ -136,6 +136,7 @@ def test_stream_errors_and_flush(w2v_checkpoints):
         enc.stream(chunk_s=float("inf"))
     assert enc.stream(chunk_s=0.05, left_context_s=0.03).chunk == 3 * 320  # halves round up, as people round
     assert enc.stream(chunk_s=2.01).chunk == 101 * 320  # 100.4999... frames in binary: still a half
+    assert enc.stream(chunk_s=np.float32(0.39)).chunk == 20 * 320  # 0.38999998 as a float32: still 0.39
     assert enc.stream(chunk_s=0.05, left_context_s=0.03).left == 2 * 320
     enc.backend.max_samples = 16000 * 3  # as a TensorRT engine declares its profile's longest input
     with pytest.raises(ValueError, match="must fit the backend's longest input, 3 s"):
@@ -304,3 +305,16 @@ def test_stream_takes_numpy_numbers_as_seconds(w2v_checkpoints):
     assert enc.frame_rate == 50.0
     stream = enc.stream(chunk_s=np.float32(0.5), left_context_s=np.int64(1), right_context_s=np.float64(0.2))
     assert (stream.chunk, stream.left, stream.right) == (8000, 16000, 3200)
+
+
+def test_progress_bars_for_long_items_of_both_kinds(w2v_checkpoints, whisper_checkpoints, capsys):
+    """A bar per long item: the wav2vec2 family's windows (by seconds), Whisper's 30 s windows."""
+    w2v = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    w2v.long_audio_threshold_s = 2.0
+    w2v.encode(speech_like(16000 * 3, 1), progress=True)
+    assert "encode: 100%" in capsys.readouterr().err
+    whisper = audioenc.load(whisper_checkpoints[80][0], backend="torch")
+    whisper.encode(speech_like(16000 * 5, 2), progress=True)
+    assert capsys.readouterr().err == ""  # one window: no bar
+    whisper.encode([speech_like(16000 * 5, 2), speech_like(16000 * 65, 3)], progress=True)
+    assert "4/4 [" in capsys.readouterr().err  # 1 + 3 windows
