@@ -297,17 +297,18 @@ def to_waveforms(audio, sample_rate: float = SAMPLE_RATE, min_samples: int = 1) 
     return [_clean(x, name, rate, min_samples) for x, name, rate in zip(items, names, rates)]
 
 
-def find_audio_files(paths: Sequence[str], unlisted: list[str] | None = None) -> list[str]:
+def find_audio_files(paths: Sequence[str], unlisted: dict[str, str] | None = None) -> list[str]:
     """Files named directly, plus audio files found recursively under directories (sorted). Entries
     that are not regular files (a broken link, a named pipe) are listed too, so that load_audio
     reports them instead of their being skipped unseen; nothing opens them. Folders that cannot be
-    listed go to ``unlisted`` as "folder: why" (an error when it is None)."""
+    listed go to ``unlisted``, real path -> "folder: why", once however often they are reached (an
+    error when it is None)."""
 
     def not_listed(exc: OSError) -> None:
         why = f"{exc.filename}: cannot list this folder ({exc.strerror}); its files were not found"
         if unlisted is None:
             raise ValueError(why)
-        unlisted.append(why)
+        unlisted.setdefault(os.path.realpath(exc.filename), why)
 
     found = []
     for path in paths:

@@ -130,14 +130,14 @@ def cmd_embed(args) -> int:
         enc = load_from_args(args)
         if args.layer not in (None, "all") and int(args.layer) > enc.num_layers:  # here, not once per file
             raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
-        unlisted: list[str] = []  # folders whose files could not be found (permissions)
+        unlisted: dict[str, str] = {}  # folders whose files could not be found (permissions)
         jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy", unlisted)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_load_notes(enc, args)
     print(enc)
-    for line in unlisted:
+    for line in unlisted.values():
         print(f"failed: {line}", file=sys.stderr)
     if not jobs:
         print("error: no audio files found in the given inputs", file=sys.stderr)
@@ -245,7 +245,7 @@ def save_frames(path: str, array, overwrite: bool) -> str:
     for taken in itertools.count():
         target = path if taken == 0 else f"{stem}-{taken}{suffix}"
         try:
-            atomic_write(target, save, replace=overwrite)
+            atomic_write(target, save, replace=overwrite and taken == 0)  # --overwrite names path alone
             return target
         except (PathTaken, IsADirectoryError):  # a folder made there is taken even with overwrite
             continue

@@ -12,9 +12,9 @@ from audioenc.atomic_file import TMP_PREFIX, atomic_write, atomic_write_bytes
 SETTINGS_FILE = ".audioenc-embed.json"  # in --out: what its outputs were made with
 
 
-def output_paths(inputs: list[str], out_dir: str, suffix: str, unlisted: list[str]) -> dict[str, str]:
+def output_paths(inputs: list[str], out_dir: str, suffix: str, unlisted: dict[str, str]) -> dict[str, str]:
     """Input file -> output file: files under a directory argument keep their relative path. Folders
-    that cannot be listed go to ``unlisted`` ("folder: why")."""
+    that cannot be listed go to ``unlisted`` (see find_audio_files)."""
     from audioenc.audio import find_audio_files
 
     mapping, writer, seen, stems = {}, {}, set(), {}

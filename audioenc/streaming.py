@@ -94,6 +94,14 @@ def seconds_to_frames(seconds: float, what: str, minimum: int = 0) -> int:
     return n
 
 
+def check_frame_hop(encoder) -> None:
+    """Streams and long-audio windows sit on the 20 ms grid: a model with another hop cannot run them."""
+    if encoder.family != "whisper" and encoder.dims.hop != FRAME_HOP:
+        raise ValueError(f"streams and long-audio windows need {FRAME_HOP} samples per frame (20 ms), as every "
+                         f"released checkpoint has; this model's conv stack has {encoder.dims.hop}: encode whole "
+                         "items instead (raise the encoder's long_audio_threshold_s for long ones)")
+
+
 class EncoderStream:
     """Live encoding: ``push(block)`` any number of samples at the source rate, get the frames
     that became final; ``flush()`` ends the stream and returns the rest. Create it with
@@ -103,10 +111,7 @@ class EncoderStream:
     def __init__(self, encoder, sample_rate: float = SAMPLE_RATE, chunk_s: float | None = None,
                  left_context_s: float | None = None, right_context_s: float | None = None,
                  output_layer: int | None = None):
-        if encoder.family != "whisper" and encoder.dims.hop != FRAME_HOP:
-            raise ValueError(f"streams and long-audio windows need {FRAME_HOP} samples per frame (20 ms), as every "
-                             f"released checkpoint has; this model's conv stack has {encoder.dims.hop}: encode whole "
-                             "items instead (raise the encoder's long_audio_threshold_s for long ones)")
+        check_frame_hop(encoder)
         defaults = STREAM_DEFAULTS[encoder.family]
         chunk_s = defaults[0] if chunk_s is None else chunk_s
         left_context_s = defaults[1] if left_context_s is None else left_context_s
@@ -320,6 +325,7 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
     Returns (frames, dim) on the device and in the dtype of the backend's outputs, as short items."""
     from tqdm import tqdm
 
+    check_frame_hop(encoder)  # the model's, which no setting changes
     try:
         stream = EncoderStream(encoder, SAMPLE_RATE, chunk_s, left_s, right_s, output_layer)
     except ValueError as exc:  # the stream's names for the encoder's long-audio settings

@@ -350,15 +350,17 @@ def test_embed_reports_a_folder_it_cannot_list(audio_tree, tmp_path, w2v_checkpo
     scandir = os.scandir
 
     def refusing(path="."):
-        if os.fspath(path).endswith("locked"):
+        if os.path.realpath(path).endswith("locked"):  # by its own name or through the link
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refusing)
-    args = ["embed", str(root), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
+    (root / "link").symlink_to(root / "locked")
+    args = ["embed", str(root), str(root), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]
     assert main([*args, "--out", str(tmp_path / "out")]) == 1
     out, err = capsys.readouterr()
     assert "wrote 1 file(s)" in out
+    assert err.count("cannot list this folder") == 1  # however often it is reached
     assert f"failed: {root / 'locked'}: cannot list this folder (Permission denied)" in err
     assert "1 folder(s) could not be listed: their files were not embedded" in err
 
@@ -680,3 +682,15 @@ def test_stream_command_keeps_a_file_made_at_its_out_during_the_stream(tmp_path,
     assert out.read_bytes() == b"the user's file"
     assert "frames.npy appeared during the stream and was kept; the frames were saved to" in capsys.readouterr().err
     assert np.load(tmp_path / "frames-1.npy").shape == (99, 32)
+
+
+def test_stream_frames_never_replace_a_file_the_user_did_not_name(tmp_path):
+    """--overwrite names --out alone: where a folder took --out, NAME-1.npy is still the user's."""
+    from audioenc.cli import save_frames
+
+    (tmp_path / "x.npy").mkdir()
+    np.save(tmp_path / "x-1.npy", np.array([42]))
+    frames = np.ones((3, 4), np.float32)
+    assert save_frames(str(tmp_path / "x.npy"), frames, overwrite=True) == str(tmp_path / "x-2.npy")
+    assert np.load(tmp_path / "x-1.npy").tolist() == [42]
+    np.testing.assert_array_equal(np.load(tmp_path / "x-2.npy"), frames)
