@@ -418,7 +418,7 @@ def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
         inputs = ("waveforms (batch, samples) float32 at 16 kHz, " + (
             "each item normalised over its valid samples ((x - mean) / sqrt(var + 1e-7)), " if normalize else
             "not normalised (the checkpoint's do_normalize is false), ") + "zero after them; lengths (batch,) int64")
-    source = getattr(model, "checkpoint_source", "")
+    source = getattr(model, "checkpoint_source", None) or ""  # None: a model object's
     proto = onnx.load(path, load_external_data=False)
     onnx.helper.set_model_props(proto, {
         "producer": f"audioenc {__version__}", "family": dims.family, "dtype": spec.dtype,

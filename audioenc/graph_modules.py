@@ -84,18 +84,23 @@ class FoldedGroupNormConv(nn.Module):
         """lengths: valid frames of the output per item."""
         frames = (waveforms.shape[1] - self.kernel) // self.stride + 1
         span = self.stride * (frames - 1) + 1
-        taps = torch.stack([waveforms[:, j : j + span : self.stride] for j in range(self.kernel)], dim=-1)
+        columns = [waveforms[:, j : j + span : self.stride] for j in range(self.kernel)]
+        taps = torch.stack(columns, dim=-1)                                      # (B, frames, k)
         valid = valid_mask(lengths, frames).to(torch.float64)[..., None]
         count = valid.sum(1, keepdim=True).clamp(min=1)
-        exact = taps.to(torch.float64)                                           # (B, frames, k)
+        exact = taps.to(torch.float64)
         mean = (exact * valid).sum(1, keepdim=True) / count                     # (B, 1, k)
         centred = (exact - mean) * valid
-        cov = (centred.transpose(1, 2) @ centred) / count                        # (B, k, k)
+        # the taps stacked again as (B, k, frames), where a transpose of them would do: onnxruntime
+        # 1.23 (Python 3.10's last) fuses a Transpose feeding a MatMul into a FusedMatMul, which has
+        # no float64 kernel, and the session would not load (and this is as fast as that fusion)
+        centred_t = torch.stack(columns, dim=1).to(torch.float64) - mean.transpose(1, 2)
+        cov = (centred_t @ centred) / count              # (B, k, k); one side masked is enough
         w = self.conv.weight[:, 0, :].to(torch.float64)                          # (C, k)
         var = ((w @ cov) * w).sum(-1)                                            # (B, C)
         scale = torch.rsqrt(var + self.norm.eps) * self.norm.weight.to(torch.float64)
         weight = w * scale[..., None]                                            # (B, C, k)
-        bias = self.norm.bias.to(torch.float64) - (weight @ mean.transpose(1, 2))[..., 0]
+        bias = self.norm.bias.to(torch.float64) - (weight * mean).sum(-1)        # (B, C)
         folded = torch.cat([weight, bias[..., None]], dim=-1).to(waveforms.dtype)  # (B, C, k + 1)
         taps = torch.cat([taps, torch.ones_like(taps[..., :1])], dim=-1)          # (B, frames, k + 1)
         if self.channels_last:

@@ -15,7 +15,7 @@ from audioenc.encoder import AudioEncoder
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.torch_defaults import float32_on_cpu
-from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate
+from audioenc.weights import Checkpoint, check_family, load_checkpoint, load_model_object, locate
 
 
 _RANDOM_DRAW = threading.Lock()  # see reference_model
@@ -37,14 +37,16 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype="auto",
-         family: str | None = None) -> AudioEncoder:
+def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="auto", dtype="auto",
+         family: str | None = None, preprocessor=None) -> AudioEncoder:
     """Loads an encoder.
 
     source: a local Hugging Face model dir, an openai-whisper .pt, a CTranslate2 (faster-whisper)
     Whisper dir, a fairseq wav2vec2/HuBERT .pt, a microsoft/unilm WavLM .pt, a hub id (downloaded
-    when online), or "random:NAME" for a real-size architecture with random weights (see
-    audioenc.presets).
+    when online), "random:NAME" for a real-size architecture with random weights (see
+    audioenc.presets), or a model object in memory: a transformers model of the four families
+    (base or task model, e.g. Wav2Vec2ForCTC) or an openai-whisper model. An object's encoder
+    weights are copied: later changes to it (training, say) do not reach the encoder.
     backend: "auto", "torch" (the reference), "triton", "onnx" or "tensorrt". "auto" takes the
     first that runs here: on a GPU triton, then tensorrt, then torch; on the CPU onnx (when
     onnxruntime is installed), then torch.
@@ -54,24 +56,35 @@ def load(source: str | os.PathLike, backend: str = "auto", device="auto", dtype=
     take float32, float16, bfloat16; onnx float32, float16, int8, and bfloat16 on ARM64 CPUs only;
     tensorrt float32, float16. A torch.dtype works too.
     family: when given, a checkpoint of another family is an error.
+    preprocessor: a model object's feature extractor (a transformers feature extractor or processor,
+    or a dict such as {"do_normalize": True}); the wav2vec2 family needs it, as the model does not say
+    whether the waveform is normalised. A path or hub id brings its own preprocessor_config.json.
     """
-    name = os.fspath(source) if isinstance(source, os.PathLike) else source
-    if not isinstance(name, str):
-        raise TypeError(f"source must be a path or a string, got {type(source).__name__}")
+    if isinstance(source, nn.Module):
+        name = None
+    elif preprocessor is not None:
+        raise ValueError("preprocessor= is for model objects: a checkpoint on disk or on the hub brings its own "
+                         "preprocessor_config.json")
+    else:
+        name = os.fspath(source) if isinstance(source, os.PathLike) else source
+        if not isinstance(name, str):
+            raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got "
+                            f"{type(source).__name__}")
     with float32_on_cpu():  # the caller's torch defaults (float64, a meta device) are not the model's
-        return _load(name, backend, resolve_device(device), dtype, family)
-
-
-def _load(name: str, backend: str, torch_device: torch.device, dtype, family: str | None) -> AudioEncoder:
-    runner_class = backend_class(resolve_backend(backend, torch_device.type))
-    # the onnx and tensorrt backends run on their cached graph's weights: a checkpoint read before
-    # and unchanged since is described by its record, its tensors left unread (checkpoint_record.py)
-    checkpoint = read_checkpoint(name, family, recall=getattr(runner_class, "cached_weights", False))
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    runner = runner_class(reference_model(checkpoint, name), torch_device, dtype)
-    return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, name, checkpoint.preprocessor,
-                        name.startswith("random:"))
+        torch_device = resolve_device(device)
+        runner_class = backend_class(resolve_backend(backend, torch_device.type))
+        if name is None:
+            checkpoint = load_model_object(source, preprocessor)
+            check_family(checkpoint, family)
+        else:
+            # the onnx and tensorrt backends run on their cached graph's weights: a checkpoint read before
+            # and unchanged since is described by its record, its tensors left unread (checkpoint_record.py)
+            checkpoint = read_checkpoint(name, family, recall=getattr(runner_class, "cached_weights", False))
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        runner = runner_class(reference_model(checkpoint, name), torch_device, dtype)
+        return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, checkpoint.source if name is None else name,
+                            checkpoint.preprocessor, name is not None and name.startswith("random:"))
 
 
 def read_checkpoint(name: str, family: str | None = None, recall: bool = False) -> Checkpoint:
@@ -89,11 +102,12 @@ def read_checkpoint(name: str, family: str | None = None, recall: bool = False) 
     return checkpoint
 
 
-def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
-    """The float32 reference model of a checkpoint read from ``name``; the same weights every time,
-    random architectures included, so a backend may release them and build them again. A checkpoint
-    recalled from its record gives the model without its weights (checkpoint_record.py)."""
-    random_weights = name.startswith("random:") and not checkpoint.weights_digest
+def reference_model(checkpoint: Checkpoint, name: str | None) -> nn.Module:
+    """The float32 reference model of a checkpoint read from ``name`` (None: a model object's, which
+    cannot be read again); the same weights every time, random architectures included, so a backend
+    may release them and build them again. A checkpoint recalled from its record gives the model
+    without its weights (checkpoint_record.py)."""
+    random_weights = name is not None and name.startswith("random:") and not checkpoint.weights_digest
     # The caller's random state comes back unchanged; random weights are drawn one model at a time, as
     # two threads drawing from torch's one seeded generator at once would interleave their draws.
     with float32_on_cpu(), _RANDOM_DRAW if random_weights else contextlib.nullcontext(), \
@@ -103,6 +117,6 @@ def reference_model(checkpoint: Checkpoint, name: str) -> nn.Module:
         model = build_model(checkpoint, random_weights=random_weights)
     # Recorded with the graphs and engines exported from it (audioenc cache), and read again to rebuild
     # released weights: a local path absolute, so that a later change of directory finds it.
-    model.checkpoint_source = os.path.abspath(name) if os.path.exists(name) else name
+    model.checkpoint_source = None if name is None else os.path.abspath(name) if os.path.exists(name) else name
     model.checkpoint = dataclasses.replace(checkpoint, state_dict={})  # its record's contents (checkpoint_record.py)
     return model

@@ -35,7 +35,7 @@ import pickle
 import re
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -749,3 +749,66 @@ def parse_conv_feature_layers(spec: str, path: str = "") -> list[tuple[int, int,
     if not layers:
         raise ValueError(f"{path}: fairseq conv_feature_layers {spec!r} has no layers")
     return layers
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models in memory: a transformers model object, or an openai-whisper one
+
+def load_model_object(model, preprocessor=None) -> Checkpoint:
+    """A transformers model of a supported family (base or task model, any device and dtype) or an
+    openai-whisper model, as a Checkpoint of float32 copies of its encoder's tensors on the CPU:
+    later changes to the object (training, ``.half()``, moving it) do not reach the encoder.
+
+    ``preprocessor``: its feature extractor (a transformers feature extractor or processor, or a dict
+    like preprocessor_config.json). The wav2vec2 family needs one, since whether the waveform is
+    normalised is set there and not in the model; Whisper takes WhisperFeatureExtractor's defaults.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    dims = getattr(model, "dims", None)
+    if hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        name = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
+        label = f"{type(model).__name__} object" + (f" ({name})" if name else "")
+        family = family_of(config.to_dict(), label)
+        state_dict = _cpu_float32_copies(model, label, lambda n: may_be_encoder(family, n))
+        checkpoint = Checkpoint(family, config.to_dict(), canonical_hf_state_dict(family, state_dict, label),
+                                {}, label, "hf")
+    elif dims is not None and hasattr(dims, "n_audio_state"):  # openai-whisper's Whisper
+        label = f"{type(model).__name__} object (openai-whisper)"
+        state_dict = _cpu_float32_copies(model, label, lambda n: n.startswith("encoder."))
+        # as its .pt would hold them; that format's path is the label here (no file to describe)
+        checkpoint = replace(load_openai_whisper({"dims": vars(dims), "model_state_dict": state_dict}, label),
+                                         path="")
+    else:
+        raise TypeError(f"a {type(model).__name__} is not a model audioenc can load: pass a transformers model of the "
+                        f"{', '.join(FAMILIES)} families (e.g. Wav2Vec2Model, WhisperForConditionalGeneration) or an "
+                        "openai-whisper model")
+    if preprocessor is None and checkpoint.family != "whisper":
+        raise ValueError(f"{label}: pass its feature extractor as preprocessor= (e.g. the model's AutoFeatureExtractor, "
+                         "or {'do_normalize': True} / {'do_normalize': False}): whether the waveform is normalised is "
+                         "set there, not in the model, and differs between checkpoints")
+    if preprocessor is not None:
+        checkpoint = replace(checkpoint, preprocessor=_preprocessor_dict(preprocessor, label))
+    return checkpoint
+
+
+def _cpu_float32_copies(model: torch.nn.Module, label: str, keep) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if not keep(name):
+            continue
+        if tensor.is_meta:
+            raise ValueError(f"{label}: tensor {name} is on the meta device (its weights were never loaded)")
+        tensors[name] = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else None, copy=True)
+    return tensors
+
+
+def _preprocessor_dict(preprocessor, label: str) -> dict:
+    """A feature extractor (or a processor holding one) as the dict of its preprocessor_config.json."""
+    preprocessor = getattr(preprocessor, "feature_extractor", preprocessor)
+    if hasattr(preprocessor, "to_dict"):
+        preprocessor = preprocessor.to_dict()
+    if not isinstance(preprocessor, dict):
+        raise TypeError(f"{label}: preprocessor must be a feature extractor or a dict, got {type(preprocessor).__name__}")
+    return dict(preprocessor)

@@ -542,3 +542,94 @@ def test_a_config_key_left_out_means_what_it_means_in_transformers(family):
         assert dims.feat_proj_layer_norm == hf.feat_proj_layer_norm
     if family == "wavlm":
         assert (dims.num_buckets, dims.max_bucket_distance) == (hf.num_buckets, hf.max_bucket_distance)
+
+
+# ---- model objects in memory ------------------------------------------------------------------------
+
+def _frames(enc, seed=0):
+    audio = torch.Generator().manual_seed(seed)
+    return enc.encode(torch.randn(2, 5000, generator=audio) * 0.1).last_hidden_state
+
+
+@pytest.mark.parametrize("variant", list(BASE_CLASSES))
+def test_transformers_objects_load_like_their_checkpoints(w2v, variant, tmp_path):
+    base, path = w2v[variant]
+    saved = audioenc.load(path, backend="torch")  # no preprocessor_config.json there: do_normalize's default, True
+    enc = audioenc.load(base, backend="torch", preprocessor={"do_normalize": True})
+    assert enc.source.startswith(type(base).__name__) and not enc.random_weights
+    assert torch.equal(_frames(enc), _frames(saved))
+    # a task model in float16, as its saved checkpoint
+    task = TASK_CLASSES[variant](w2v_config(variant, **(XVECTOR if variant == "wavlm" else {})))
+    task.base_model.load_state_dict(base.state_dict())
+    task.half().save_pretrained(tmp_path)
+    enc = audioenc.load(task, backend="torch", preprocessor={"do_normalize": True})
+    assert_same(enc.backend.model.state_dict(), load_checkpoint(tmp_path).state_dict)
+
+
+def test_whisper_objects_load_like_their_checkpoints(whisper, tmp_path):
+    import whisper as openai_whisper
+
+    model, path = whisper[80]
+    want = load_checkpoint(path).state_dict
+    checkpoint = openai_checkpoint(model)
+    openai_model = openai_whisper.model.Whisper(openai_whisper.model.ModelDimensions(**checkpoint["dims"]))
+    openai_model.load_state_dict({k: v for k, v in checkpoint["model_state_dict"].items() if k.startswith("encoder.")},
+                                 strict=False)
+    for obj in (model, model.model, model.model.encoder, openai_model):
+        enc = audioenc.load(obj, backend="torch")
+        assert enc.family == "whisper" and enc.dims.n_mels == 80
+        assert_same(enc.backend.model.state_dict(), want)
+
+
+def test_a_model_object_is_copied_and_its_feature_extractor_is_taken(w2v):
+    base, path = w2v["hubert"]
+    extractor = T.Wav2Vec2FeatureExtractor(do_normalize=False)
+    enc = audioenc.load(base, backend="torch", preprocessor=extractor)
+    assert not enc.do_normalize
+    assert audioenc.load(base, backend="torch", preprocessor=T.Wav2Vec2Processor(extractor, _tokenizer())).do_normalize \
+        is False
+    before = _frames(enc)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(1)
+    try:
+        assert torch.equal(_frames(enc), before)
+    finally:
+        with torch.no_grad():
+            for p in base.parameters():
+                p.sub_(1)
+
+
+def _tokenizer():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = os.path.join(tmp, "vocab.json")
+        with open(vocab, "w") as f:
+            json.dump({"<pad>": 0, "<unk>": 1, "a": 2, "|": 3}, f)
+        return T.Wav2Vec2CTCTokenizer(vocab)
+
+
+def test_model_objects_that_cannot_load_are_named(w2v, whisper):
+    base, path = w2v["wav2vec2_group"]
+    with pytest.raises(ValueError, match=r"pass its feature extractor as preprocessor="):
+        audioenc.load(base, backend="torch")
+    with pytest.raises(ValueError, match="preprocessor= is for model objects"):
+        audioenc.load(path, backend="torch", preprocessor={"do_normalize": True})
+    with pytest.raises(TypeError, match="a Linear is not a model audioenc can load"):
+        audioenc.load(torch.nn.Linear(2, 2), backend="torch")
+    with pytest.raises(TypeError, match="source must be a path, a hub id, 'random:NAME' or a model object, got dict"):
+        audioenc.load({}, backend="torch")
+    with pytest.raises(TypeError, match="preprocessor must be a feature extractor or a dict, got bool"):
+        audioenc.load(base, backend="torch", preprocessor=True)
+    with pytest.raises(ValueError, match="expected a wavlm checkpoint, got whisper"):
+        audioenc.load(whisper[80][0], backend="torch", family="wavlm")
+    with pytest.raises(ValueError, match=r"model_type 'bert' is not an encoder audioenc supports"):
+        audioenc.load(T.BertModel(T.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=8, vocab_size=10)), backend="torch")
+    with torch.device("meta"):
+        empty = T.Wav2Vec2Model(w2v_config("wav2vec2_group"))
+    with pytest.raises(ValueError, match="is on the meta device"):
+        audioenc.load(empty, backend="torch", preprocessor={"do_normalize": True})
+    with pytest.raises(ValueError, match="Wav2Vec2Model object: preprocessor sampling_rate=8000 does not match"):
+        audioenc.load(base, backend="torch", preprocessor={"sampling_rate": 8000})

@@ -206,6 +206,22 @@ def test_only_onnxruntime_float32_and_int8_graphs_fold_the_first_norm(dtype, w2v
         assert doubles == (fused and dtype != "float16"), fused
 
 
+def test_no_float64_matmul_takes_a_transpose(w2v_checkpoints, tmp_path):
+    """onnxruntime 1.23 (the last release for Python 3.10) fuses a Transpose feeding a MatMul into a
+    FusedMatMul, which has no float64 kernel: a graph with that pair in float64 does not load there."""
+    model = reference_model(w2v_checkpoints["wav2vec2-group"][0])
+    export.build_graph(model, export.ExportSpec(num_layers=1, dtype="float32", fused_attention=True), str(tmp_path))
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / export.MODEL_FILE))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    transposed = {out for n in graph.node if n.op_type == "Transpose" for out in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert any(types.get(name) == onnx.TensorProto.DOUBLE for n in matmuls for name in n.input)  # the fold's
+    for n in matmuls:
+        for name in n.input:
+            assert not (name in transposed and types.get(name) == onnx.TensorProto.DOUBLE), n.name
+
+
 def test_partial_depth_graph(w2v_checkpoints, tmp_path):
     model = reference_model(w2v_checkpoints["wav2vec2-stable"][0])
     graph = str(tmp_path / "model.onnx")

@@ -219,6 +219,20 @@ def test_fusions_exact_gelu_in_float32(w2v_checkpoints):
     assert counts["FastGelu"] == 0  # tanh-approximate: never in float32
 
 
+def test_a_model_object_keeps_its_weights_for_later_graphs(w2v_checkpoints):
+    """A model object cannot be read again, so its weights are not released once a session holds them."""
+    import transformers
+
+    path, model = w2v_checkpoints["wav2vec2-group"]
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(path)
+    enc, ref = audioenc.load(model, backend="onnx", preprocessor=extractor), audioenc.load(path, backend="torch")
+    wave = speech_like(9000, 5)
+    assert_same_outputs(enc.encode(wave, output_hidden_states=True), ref.encode(wave, output_hidden_states=True))
+    assert not enc.backend.reference.released
+    assert rel_err(enc.encode(wave, output_layer=1).last_hidden_state,
+                   ref.encode(wave, output_layer=1).last_hidden_state) <= TOL
+
+
 def test_cache_reused_then_corrupt_and_stale_entries_rebuilt(whisper_checkpoints, monkeypatch, tmp_path):
     monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
     path, _ = whisper_checkpoints[80]
