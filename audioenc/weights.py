@@ -765,6 +765,7 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every tensor name
     config = getattr(model, "config", None)
     dims = getattr(model, "dims", None)
     if hasattr(config, "to_dict") and hasattr(config, "model_type"):
