@@ -766,6 +766,8 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got {type(model).__name__}")
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every tensor name
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module  # so do these ("module.")
     config = getattr(model, "config", None)
     dims = getattr(model, "dims", None)
     if hasattr(config, "to_dict") and hasattr(config, "model_type"):

@@ -575,7 +575,8 @@ def test_whisper_objects_load_like_their_checkpoints(whisper, tmp_path):
     openai_model = openai_whisper.model.Whisper(openai_whisper.model.ModelDimensions(**checkpoint["dims"]))
     openai_model.load_state_dict({k: v for k, v in checkpoint["model_state_dict"].items() if k.startswith("encoder.")},
                                  strict=False)
-    for obj in (model, model.model, model.model.encoder, openai_model, torch.compile(model)):
+    for obj in (model, model.model, model.model.encoder, openai_model, torch.compile(model),
+                torch.nn.DataParallel(model)):
         enc = audioenc.load(obj, backend="torch")
         assert enc.family == "whisper" and enc.dims.n_mels == 80
         assert_same(enc.backend.model.state_dict(), want)
