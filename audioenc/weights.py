@@ -780,9 +780,8 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
     elif dims is not None and hasattr(dims, "n_audio_state"):  # openai-whisper's Whisper
         label = f"{type(model).__name__} object (openai-whisper)"
         state_dict = _cpu_float32_copies(model, label, lambda n: n.startswith("encoder."))
-        # as its .pt would hold them; that format's path is the label here (no file to describe)
-        checkpoint = replace(load_openai_whisper({"dims": vars(dims), "model_state_dict": state_dict}, label),
-                                         path="")
+        checkpoint = load_openai_whisper({"dims": vars(dims), "model_state_dict": state_dict}, label)
+        checkpoint = replace(checkpoint, path="")  # no file to describe (checkpoint_record.py)
     else:
         raise TypeError(f"a {type(model).__name__} is not a model audioenc can load: pass a transformers model of the "
                         f"{', '.join(FAMILIES)} families (e.g. Wav2Vec2Model, WhisperForConditionalGeneration) or an "
