@@ -35,19 +35,23 @@ def _check_numbers(dims, source: str, config_keys: dict[str, str]) -> None:
 
 def check_preprocessor(preprocessor, dims, source: str) -> dict:
     """preprocessor_config.json, checked for what audioenc's frontend computes: 16 kHz for every
-    family; for Whisper a 400-sample FFT, a 160-sample hop and the model's mel bins; one channel
-    for the wav2vec2 family."""
+    family; for Whisper WhisperFeatureExtractor's log-mel (a 400-sample FFT, a 160-sample hop, the
+    model's mel bins, windows of the model's length, no dither); for the wav2vec2 family
+    Wav2Vec2FeatureExtractor's waveform (one channel, do_normalize a bool)."""
     if not isinstance(preprocessor, dict):
         raise ValueError(f"{source}: preprocessor_config.json must hold a JSON object, got {type(preprocessor).__name__}")
     fixed = {"sampling_rate": SAMPLE_RATE}
     if dims.family == "whisper":
-        fixed.update(n_fft=400, hop_length=WHISPER_HOP, feature_size=dims.n_mels)
+        fixed.update(feature_extractor_type="WhisperFeatureExtractor", n_fft=400, hop_length=WHISPER_HOP,
+                     feature_size=dims.n_mels, chunk_length=dims.window_samples / SAMPLE_RATE, dither=0)
     else:
-        fixed.update(feature_size=1)
+        fixed.update(feature_extractor_type="Wav2Vec2FeatureExtractor", feature_size=1)
     for key, expected in fixed.items():
         if key in preprocessor and preprocessor[key] != expected:
             raise ValueError(f"{source}: preprocessor {key}={preprocessor[key]!r} does not match what audioenc "
                              f"computes for this model ({expected})")
+    if not isinstance(preprocessor.get("do_normalize", True), bool):  # bool("false") is True
+        raise ValueError(f"{source}: preprocessor do_normalize must be true or false, got {preprocessor['do_normalize']!r}")
     return preprocessor
 
 

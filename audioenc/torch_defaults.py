@@ -27,7 +27,9 @@ def float32_on_cpu():
             torch.set_default_dtype(torch.float32)
         _inside += 1
     try:
-        with torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext():
+        # a new tensor tells where they go (torch 2.6's get_default_device() does not see a
+        # `with torch.device(...)` block)
+        with torch.device("cpu") if torch.empty(0).device.type != "cpu" else contextlib.nullcontext():
             yield
     finally:
         with _lock:

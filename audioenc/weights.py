@@ -435,18 +435,20 @@ def load_openai_whisper(obj: dict, path: str) -> Checkpoint:
                              encoder_ffn_dim=4 * dims["n_audio_state"],  # openai's MLP is always 4x wide
                              max_source_positions=dims["n_audio_ctx"])
     state_dict = _float32(_rename(obj["model_state_dict"], _OPENAI_NAMES))
-    return Checkpoint("whisper", config, state_dict, _whisper_preprocessor(dims["n_mels"]), path, "openai")
+    preprocessor = _whisper_preprocessor(dims["n_mels"], dims["n_audio_ctx"])
+    return Checkpoint("whisper", config, state_dict, preprocessor, path, "openai")
 
 
 def _whisper_config(**sizes) -> dict:
     return {"model_type": "whisper", "activation_function": "gelu", **sizes}
 
 
-def _whisper_preprocessor(n_mels: int) -> dict:
-    """WhisperFeatureExtractor's defaults, for formats that carry no preprocessor_config.json."""
+def _whisper_preprocessor(n_mels: int, n_ctx: int) -> dict:
+    """WhisperFeatureExtractor's defaults, for formats that carry no preprocessor_config.json; its
+    window is the model's (30 s for every released Whisper)."""
     return {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": n_mels, "sampling_rate": 16000,
-            "n_fft": 400, "hop_length": 160, "chunk_length": 30, "n_samples": 480000, "nb_max_frames": 3000,
-            "padding_value": 0.0, "return_attention_mask": False}
+            "n_fft": 400, "hop_length": 160, "chunk_length": n_ctx / 50, "n_samples": 320 * n_ctx,
+            "nb_max_frames": 2 * n_ctx, "padding_value": 0.0, "return_attention_mask": False}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -509,7 +511,8 @@ def load_ctranslate2_dir(path: str, source: str = "") -> Checkpoint:
         max_source_positions=state_dict["embed_positions.weight"].shape[0],
     )
     pre_path = os.path.join(path, "preprocessor_config.json")  # faster-whisper conversions may copy it
-    preprocessor = _read_json(pre_path) if os.path.exists(pre_path) else _whisper_preprocessor(conv1.shape[1])
+    preprocessor = (_read_json(pre_path) if os.path.exists(pre_path) else
+                    _whisper_preprocessor(conv1.shape[1], config["max_source_positions"]))
     return Checkpoint("whisper", config, state_dict, preprocessor, source or path, "ctranslate2")
 
 
@@ -756,20 +759,17 @@ def parse_conv_feature_layers(spec: str, path: str = "") -> list[tuple[int, int,
 
 def load_model_object(model, preprocessor=None) -> Checkpoint:
     """A transformers model of a supported family (base or task model, any device and dtype) or an
-    openai-whisper model, as a Checkpoint of float32 copies of its encoder's tensors on the CPU:
-    later changes to the object (training, ``.half()``, moving it) do not reach the encoder.
+    openai-whisper model (or its encoder), as a Checkpoint of float32 copies of its encoder's tensors
+    on the CPU: later changes to the object (training, ``.half()``, moving it) do not reach the
+    encoder. torch.compile, DataParallel and DistributedDataParallel wrappers are looked through.
 
     ``preprocessor``: its feature extractor (a transformers feature extractor or processor, or a dict
-    like preprocessor_config.json). The wav2vec2 family needs one, since whether the waveform is
-    normalised is set there and not in the model; Whisper takes WhisperFeatureExtractor's defaults.
+    like preprocessor_config.json). The wav2vec2 family needs one with do_normalize, since whether
+    the waveform is normalised is set there and not in the model; Whisper takes
+    WhisperFeatureExtractor's defaults.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got {type(model).__name__}")
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every tensor name
-    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        model = model.module  # so do these ("module.")
-    config = getattr(model, "config", None)
-    dims = getattr(model, "dims", None)
+    model = _unwrapped(model)
+    config, dims = getattr(model, "config", None), getattr(model, "dims", None)
     if hasattr(config, "to_dict") and hasattr(config, "model_type"):
         name = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
         label = f"{type(model).__name__} object" + (f" ({name})" if name else "")
@@ -777,40 +777,107 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
         state_dict = _cpu_float32_copies(model, label, lambda n: may_be_encoder(family, n))
         checkpoint = Checkpoint(family, config.to_dict(), canonical_hf_state_dict(family, state_dict, label),
                                 {}, label, "hf")
-    elif dims is not None and hasattr(dims, "n_audio_state"):  # openai-whisper's Whisper
+        _check_modules_follow_config(model, checkpoint, label)
+    elif hasattr(dims, "n_audio_state") or all(hasattr(model, a) for a in ("conv1", "blocks", "ln_post")):
         label = f"{type(model).__name__} object (openai-whisper)"
-        state_dict = _cpu_float32_copies(model, label, lambda n: n.startswith("encoder."))
+        if dims is None:  # the encoder alone: its sizes are its tensors'
+            state_dict = _cpu_float32_copies(model, label, lambda n: True, prefix="encoder.")
+            conv1, positions = state_dict["encoder.conv1.weight"], state_dict["encoder.positional_embedding"]
+            dims = argparse.Namespace(n_mels=conv1.shape[1], n_audio_state=conv1.shape[0], n_audio_ctx=positions.shape[0],
+                                      n_audio_layer=len(model.blocks), n_audio_head=model.blocks[0].attn.n_head)
+        else:
+            state_dict = _cpu_float32_copies(model, label, lambda n: n.startswith("encoder."))
         checkpoint = load_openai_whisper({"dims": vars(dims), "model_state_dict": state_dict}, label)
         checkpoint = replace(checkpoint, path="")  # no file to describe (checkpoint_record.py)
     else:
-        raise TypeError(f"a {type(model).__name__} is not a model audioenc can load: pass a transformers model of the "
-                        f"{', '.join(FAMILIES)} families (e.g. Wav2Vec2Model, WhisperForConditionalGeneration) or an "
-                        "openai-whisper model")
-    if preprocessor is None and checkpoint.family != "whisper":
+        raise TypeError(f"a {type(model).__name__} object is not a model audioenc can load: pass a transformers model "
+                        f"of the {', '.join(FAMILIES)} families (e.g. Wav2Vec2Model, WhisperForConditionalGeneration) "
+                        "or an openai-whisper model")
+    first_conv = "conv1.weight" if checkpoint.family == "whisper" else "feature_extractor.conv_layers.0.conv.weight"
+    if first_conv not in checkpoint.state_dict:
+        raise ValueError(f"{label}: holds no complete {checkpoint.family} encoder ({first_conv} is missing): pass the "
+                         "whole model, or its encoder")
+    if checkpoint.family == "whisper":
+        return checkpoint if preprocessor is None else replace(checkpoint, preprocessor=_preprocessor_dict(preprocessor, label))
+    if preprocessor is None or "do_normalize" not in _preprocessor_dict(preprocessor, label):
         raise ValueError(f"{label}: pass its feature extractor as preprocessor= (e.g. the model's AutoFeatureExtractor, "
                          "or {'do_normalize': True} / {'do_normalize': False}): whether the waveform is normalised is "
                          "set there, not in the model, and differs between checkpoints")
-    if preprocessor is not None:
-        checkpoint = replace(checkpoint, preprocessor=_preprocessor_dict(preprocessor, label))
-    return checkpoint
+    return replace(checkpoint, preprocessor=_preprocessor_dict(preprocessor, label))
 
 
-def _cpu_float32_copies(model: torch.nn.Module, label: str, keep) -> dict[str, torch.Tensor]:
+def _unwrapped(model):
+    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers (which
+    prefix every tensor name), or inside a SpeechEncoderDecoderModel (its encoder)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got {type(model).__name__}")
+    while True:
+        if hasattr(model, "merge_and_unload"):  # peft's wrappers: their names and forward are not the model's
+            raise ValueError(f"a {type(model).__name__} object: merge its adapters into the model first "
+                             "(model.merge_and_unload()) and pass the result")
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif getattr(getattr(model, "config", None), "model_type", None) == "speech-encoder-decoder":
+            model = model.encoder
+        else:
+            return model
+
+
+def _cpu_float32_copies(model: torch.nn.Module, label: str, keep, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Copies of the state dict's tensors that ``keep(name)`` accepts, named without the segments that
+    torch.compile gives compiled submodules, each prefixed with ``prefix``."""
     tensors = {}
     for name, tensor in model.state_dict().items():
+        name = name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
         if not keep(name):
             continue
+        if re.search(r"\.(lora_\w+|base_layer)\.|_packed_params|\.weight_orig$", name) or not isinstance(
+                tensor, torch.Tensor) or tensor.is_quantized:
+            raise ValueError(f"{label}: {name} is part of an adapter, a quantised layer or a pruning mask, which "
+                             "audioenc does not run: merge adapters into the weights (peft's merge_and_unload()), "
+                             "remove pruning (torch.nn.utils.prune.remove) or pass the float model")
         if tensor.is_meta:
             raise ValueError(f"{label}: tensor {name} is on the meta device (its weights were never loaded)")
-        tensors[name] = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else None, copy=True)
+        tensors[prefix + name] = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else None,
+                                                     copy=True)
     return tensors
+
+
+def _check_modules_follow_config(model: torch.nn.Module, checkpoint: Checkpoint, label: str) -> None:
+    """transformers runs a model's modules, audioenc builds the encoder its config describes: a config
+    edited after the model was built would give other frames, with the same tensors."""
+    config, whisper = checkpoint.config, checkpoint.family == "whisper"
+    heads = config.get("encoder_attention_heads" if whisper else "num_attention_heads")
+    eps = config.get("layer_norm_eps", 1e-5)
+    stable = bool(config.get("do_stable_layer_norm", False))
+    for name, module in model.named_modules():
+        if not may_be_encoder(checkpoint.family, name + "."):
+            continue
+        problem = None
+        if isinstance(getattr(module, "num_heads", None), int) and module.num_heads != heads:
+            problem = f"{name} has {module.num_heads} attention heads, the config {heads}"
+        elif (not whisper and isinstance(module, torch.nn.LayerNorm) and "feature_extractor." not in name
+              and module.eps != eps):
+            problem = f"{name} has eps {module.eps}, the config's layer_norm_eps is {eps}"
+        elif not whisper and name.split(".")[-1] == "encoder" and \
+                type(module).__name__.endswith("StableLayerNorm") != stable:
+            problem = f"{name} is a {type(module).__name__}, the config's do_stable_layer_norm is {stable}"
+        if problem:
+            raise ValueError(f"{label}: its modules do not follow its config ({problem}): was the config edited "
+                             "after the model was built?")
 
 
 def _preprocessor_dict(preprocessor, label: str) -> dict:
     """A feature extractor (or a processor holding one) as the dict of its preprocessor_config.json."""
     preprocessor = getattr(preprocessor, "feature_extractor", preprocessor)
-    if hasattr(preprocessor, "to_dict"):
+    if isinstance(preprocessor, (str, os.PathLike)):
+        raise TypeError(f"{label}: preprocessor must be a feature extractor or a dict, not a path: pass "
+                        "transformers.AutoFeatureExtractor.from_pretrained(path)")
+    if hasattr(preprocessor, "to_dict") and not isinstance(preprocessor, type):
         preprocessor = preprocessor.to_dict()
     if not isinstance(preprocessor, dict):
-        raise TypeError(f"{label}: preprocessor must be a feature extractor or a dict, got {type(preprocessor).__name__}")
+        got = f"the class {preprocessor.__name__}" if isinstance(preprocessor, type) else type(preprocessor).__name__
+        raise TypeError(f"{label}: preprocessor must be a feature extractor (an instance) or a dict, got {got}")
     return dict(preprocessor)

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny random Hugging Face checkpoints saved to disk, and test audio."""
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,3 +112,23 @@ def whisper_checkpoints(tmp_path_factory):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).norm() / b.norm())
+
+
+@functools.cache
+def triton_interpreter_problem() -> str | None:
+    """Why audioenc's kernels cannot run in Triton's CPU interpreter here, or None."""
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed"
+    result = subprocess.run([sys.executable, "-c", "import audioenc.kernels.attention"], capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    if "active drivers" in result.stderr:  # any other failure is for the tests to report
+        return f"triton {triton.__version__}'s autotuner needs a GPU driver, even in its interpreter"
+    return None
+
+
+def skip_without_triton_interpreter() -> None:
+    problem = triton_interpreter_problem()
+    if problem is not None:
+        pytest.skip(problem)

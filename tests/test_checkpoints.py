@@ -2,6 +2,7 @@
 Hugging Face checkpoint it was made from, and every bad checkpoint fails with a clear ValueError."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 import transformers as T
 
 import audioenc
@@ -380,6 +382,8 @@ def test_only_encoder_tensors_are_read_and_the_model_owns_them(whisper, monkeypa
         assert tensor.untyped_storage().nbytes() == tensor.numel() * 4, name
     # The model is built on the meta device first; ops without a C++ meta kernel there (nn.Embedding's
     # normal_) would import torch._dynamo and sympy: 900 modules, 150 MB (checked in a fresh interpreter).
+    if torch.__version__ < (2, 7):  # torch 2.6's uniform_ (nn.Linear's init) on the meta device imports sympy
+        return
     code = ("import sys, audioenc\n"
             f"audioenc.load({whisper[80][1]!r}, backend='torch')\n"
             "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n")
@@ -617,12 +621,21 @@ def test_model_objects_that_cannot_load_are_named(w2v, whisper):
         audioenc.load(base, backend="torch")
     with pytest.raises(ValueError, match="preprocessor= is for model objects"):
         audioenc.load(path, backend="torch", preprocessor={"do_normalize": True})
-    with pytest.raises(TypeError, match="a Linear is not a model audioenc can load"):
+    with pytest.raises(TypeError, match="a Linear object is not a model audioenc can load"):
         audioenc.load(torch.nn.Linear(2, 2), backend="torch")
     with pytest.raises(TypeError, match="source must be a path, a hub id, 'random:NAME' or a model object, got dict"):
         audioenc.load({}, backend="torch")
-    with pytest.raises(TypeError, match="preprocessor must be a feature extractor or a dict, got bool"):
-        audioenc.load(base, backend="torch", preprocessor=True)
+    for preprocessor, message in ((True, "got bool"), (T.Wav2Vec2FeatureExtractor, "got the class Wav2Vec2FeatureExtractor"),
+                                  (path, "not a path: pass transformers.AutoFeatureExtractor.from_pretrained")):
+        with pytest.raises(TypeError, match=f"preprocessor must be a feature extractor .*{message}"):
+            audioenc.load(base, backend="torch", preprocessor=preprocessor)
+    for preprocessor, message in (({"do_normalise": False}, "pass its feature extractor as preprocessor="),
+                                  ({"do_normalize": "False"}, "do_normalize must be true or false, got 'False'"),
+                                  (T.ASTFeatureExtractor(), "feature_extractor_type='ASTFeatureExtractor' does not match")):
+        with pytest.raises(ValueError, match=message):
+            audioenc.load(base, backend="torch", preprocessor=preprocessor)
+    with pytest.raises(ValueError, match=r"chunk_length=10 does not match what audioenc computes for this model \(30.0\)"):
+        audioenc.load(whisper[80][0], backend="torch", preprocessor=T.WhisperFeatureExtractor(chunk_length=10))
     with pytest.raises(ValueError, match="expected a wavlm checkpoint, got whisper"):
         audioenc.load(whisper[80][0], backend="torch", family="wavlm")
     with pytest.raises(ValueError, match=r"model_type 'bert' is not an encoder audioenc supports"):
@@ -633,4 +646,62 @@ def test_model_objects_that_cannot_load_are_named(w2v, whisper):
     with pytest.raises(ValueError, match="is on the meta device"):
         audioenc.load(empty, backend="torch", preprocessor={"do_normalize": True})
     with pytest.raises(ValueError, match="Wav2Vec2Model object: preprocessor sampling_rate=8000 does not match"):
-        audioenc.load(base, backend="torch", preprocessor={"sampling_rate": 8000})
+        audioenc.load(base, backend="torch", preprocessor={"sampling_rate": 8000, "do_normalize": True})
+
+
+def test_model_objects_audioenc_cannot_run_as_they_are_are_named(w2v, whisper):
+    """Adapters, quantised layers, pruning masks, a config edited after the model was built, and parts
+    without an encoder: each refused with what to do, rather than frames of another model."""
+    base, _ = w2v["wav2vec2_layer"]
+    pre = {"do_normalize": True}
+    quantised = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {torch.nn.Linear}, dtype=torch.qint8)
+    pruned = copy.deepcopy(base)
+    prune.l1_unstructured(pruned.encoder.layers[0].attention.q_proj, "weight", amount=0.5)
+    for model in (quantised, pruned):
+        with pytest.raises(ValueError, match="is part of an adapter, a quantised layer or a pruning mask"):
+            audioenc.load(model, backend="torch", preprocessor=pre)
+    edits = [("num_attention_heads", 4, "has 2 attention heads, the config 4"),
+             ("layer_norm_eps", 1e-2, "has eps 1e-05, the config's layer_norm_eps is 0.01"),
+             ("do_stable_layer_norm", False, "is a Wav2Vec2EncoderStableLayerNorm, the config's do_stable_layer_norm is False")]
+    for key, value, message in edits:
+        edited = copy.deepcopy(base)
+        setattr(edited.config, key, value)
+        with pytest.raises(ValueError, match=f"its modules do not follow its config .*{message}"):
+            audioenc.load(edited, backend="torch", preprocessor=pre)
+    edited = copy.deepcopy(whisper[80][0])
+    edited.config.encoder_attention_heads = 4
+    with pytest.raises(ValueError, match="its modules do not follow its config"):
+        audioenc.load(edited, backend="torch")
+    with pytest.raises(ValueError, match=r"WhisperDecoder object: holds no complete whisper encoder \(conv1.weight"):
+        audioenc.load(whisper[80][0].model.decoder, backend="torch")
+    with pytest.raises(ValueError, match="Wav2Vec2Encoder.*object: holds no complete wav2vec2 encoder"):
+        audioenc.load(base.encoder, backend="torch", preprocessor=pre)
+
+
+def test_wrapped_and_partly_compiled_model_objects_load(w2v, whisper):
+    import whisper as openai_whisper
+
+    base, path = w2v["wav2vec2_group"]
+    want = load_checkpoint(path).state_dict
+    task = T.Wav2Vec2ForCTC(w2v_config("wav2vec2_group"))
+    task.wav2vec2.load_state_dict(base.state_dict())
+    task.wav2vec2 = torch.compile(task.wav2vec2)
+    decoder = T.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                           vocab_size=10, is_decoder=True, add_cross_attention=True)
+    speech_to_text = T.SpeechEncoderDecoderModel(T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
+        base.config, decoder))
+    speech_to_text.encoder.load_state_dict(base.state_dict())
+    for obj in (task, torch.nn.DataParallel(torch.compile(base)), speech_to_text):
+        got = audioenc.load(obj, backend="torch", preprocessor={"do_normalize": True}).backend.model.state_dict()
+        name = "encoder.pos_conv_embed.conv.weight"  # folded from the same (g, v) either way
+        torch.testing.assert_close(got.pop(name), want[name], rtol=1e-6, atol=1e-7)
+        assert_same(got, {k: v for k, v in want.items() if k != name})
+    # openai-whisper's encoder alone, its sizes read off its tensors
+    model, whisper_path = whisper[128]
+    checkpoint = openai_checkpoint(model)
+    openai_model = openai_whisper.model.Whisper(openai_whisper.model.ModelDimensions(**checkpoint["dims"]))
+    openai_model.load_state_dict({k: v for k, v in checkpoint["model_state_dict"].items() if k.startswith("encoder.")},
+                                 strict=False)
+    enc = audioenc.load(openai_model.encoder, backend="torch")
+    assert enc.dims.n_mels == 128 and enc.source == "AudioEncoder object (openai-whisper)"
+    assert_same(enc.backend.model.state_dict(), load_checkpoint(whisper_path).state_dict)

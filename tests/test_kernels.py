@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import rel_err, skip_without_triton_interpreter
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,7 +41,7 @@ def run_file_in_interpreter(path: str, timeout: int = 600) -> None:
 
 @pytest.mark.skipif(ON_GPU or INTERPRETER_CHILD, reason="runs the interpreter child only on a machine without CUDA")
 def test_in_the_interpreter():
-    pytest.importorskip("triton")
+    skip_without_triton_interpreter()
     run_file_in_interpreter(os.path.abspath(__file__))
 
 

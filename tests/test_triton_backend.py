@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import audioenc
-from conftest import W2V_VARIANTS, rel_err, speech_like
+from conftest import W2V_VARIANTS, rel_err, skip_without_triton_interpreter, speech_like
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
@@ -27,7 +27,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 @pytest.mark.skipif(ON_GPU or INTERPRETER_CHILD, reason="runs the interpreter child only on a machine without CUDA")
 def test_in_the_interpreter():
-    pytest.importorskip("triton")
+    skip_without_triton_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1")
     path = os.path.abspath(__file__)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",

@@ -64,7 +64,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
                              "expected floating point weights")
         # max and min carry any NaN or Inf, 9x faster than isfinite().all() (a second on whisper-large)
         if tensor.numel() and not (bool(tensor.amax().isfinite()) and bool(tensor.amin().isfinite())):
-            raise ValueError(f"{source}: tensor {name} holds NaN or Inf (a damaged checkpoint)")
+            raise ValueError(f"{source}: tensor {name} holds NaN or Inf (a damaged checkpoint, or training that diverged)")
     model.load_state_dict({name: owned_float32(tensor) for name, tensor in state_dict.items()}, assign=True)
 
 
