@@ -378,7 +378,9 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         build_graph(model, spec, tmp, external=True)
         names = sorted(os.listdir(tmp))
         write_meta(tmp, {"key": key, "spec": repr(spec), "family": model.dims.family,
-                         "source": getattr(model, "checkpoint_source", None),
+                         # a model object's label ("Wav2Vec2ForCTC object (...)") where no source can be read again
+                         "source": getattr(model, "checkpoint_source", None) or getattr(
+                             getattr(model, "checkpoint", None), "source", None),
                          "files": {name: file_digest(os.path.join(tmp, name)) for name in names},
                          "stats": {name: file_stat(os.path.join(tmp, name)) for name in names}})
         if os.path.lexists(entry) and (rebuild_reason is not None or entry_problem(entry, key) is not None):

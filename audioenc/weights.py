@@ -226,7 +226,7 @@ def _float32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
-def fold_weight_norm(state_dict: dict[str, torch.Tensor], module: str, dim: int = 2) -> None:
+def fold_weight_norm(state_dict: dict[str, torch.Tensor], module: str, source: str, dim: int = 2) -> None:
     """Replaces weight norm's (g, v) pair of ``module`` by the plain weight g * v / ||v||, with the
     norm taken over every dim except ``dim`` (torch.nn.utils.weight_norm semantics)."""
     pairs = [(f"{module}.weight_g", f"{module}.weight_v"),
@@ -237,7 +237,7 @@ def fold_weight_norm(state_dict: dict[str, torch.Tensor], module: str, dim: int 
             v = state_dict.pop(v_name).float()
             gain_shape = tuple(v.shape[d] if d == dim else 1 for d in range(v.dim()))
             if tuple(g.shape) != gain_shape:  # it would broadcast into a wrong weight, or fail obscurely
-                raise ValueError(f"tensor {g_name} has shape {tuple(g.shape)}; weight norm of {v_name} "
+                raise ValueError(f"{source}: tensor {g_name} has shape {tuple(g.shape)}; weight norm of {v_name} "
                                  f"{tuple(v.shape)} over dim {dim} needs {gain_shape}")
             other = [d for d in range(v.dim()) if d != dim]
             state_dict[f"{module}.weight"] = g * v / v.norm(dim=other, keepdim=True)
@@ -277,7 +277,7 @@ def canonical_hf_state_dict(family: str, state_dict: dict[str, torch.Tensor], so
         if name.startswith(prefix) and name[len(prefix):].startswith(_ENCODER_ROOTS[family]):
             out[name[len(prefix):]] = tensor
     if family != "whisper":
-        fold_weight_norm(out, "encoder.pos_conv_embed.conv")
+        fold_weight_norm(out, "encoder.pos_conv_embed.conv", source)
     return _float32(out)
 
 
@@ -659,7 +659,7 @@ def load_fairseq(obj: dict, path: str) -> Checkpoint:
         state_dict = {k[len(_FAIRSEQ_FINETUNED_PREFIX):]: v for k, v in state_dict.items()
                       if k.startswith(_FAIRSEQ_FINETUNED_PREFIX)}
     state_dict = _rename(state_dict, _FAIRSEQ_NAMES)
-    fold_weight_norm(state_dict, "encoder.pos_conv_embed.conv")
+    fold_weight_norm(state_dict, "encoder.pos_conv_embed.conv", path)
     if "feature_projection.projection.weight" not in state_dict and config["conv_dim"][-1] == config["hidden_size"]:
         # fairseq skips post_extract_proj when the conv and encoder widths agree; HF always projects.
         state_dict["feature_projection.projection.weight"] = torch.eye(config["hidden_size"])

@@ -219,9 +219,11 @@ def test_fusions_exact_gelu_in_float32(w2v_checkpoints):
     assert counts["FastGelu"] == 0  # tanh-approximate: never in float32
 
 
-def test_a_model_object_keeps_its_weights_for_later_graphs(w2v_checkpoints):
+def test_a_model_object_keeps_its_weights_for_later_graphs(w2v_checkpoints, tmp_path, monkeypatch):
     """A model object cannot be read again, so its weights are not released once a session holds them."""
     import transformers
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))  # graphs of its own, not the checkpoint's from other tests
 
     path, model = w2v_checkpoints["wav2vec2-group"]
     extractor = transformers.AutoFeatureExtractor.from_pretrained(path)
@@ -231,6 +233,10 @@ def test_a_model_object_keeps_its_weights_for_later_graphs(w2v_checkpoints):
     assert not enc.backend.reference.released
     assert rel_err(enc.encode(wave, output_layer=1).last_hidden_state,
                    ref.encode(wave, output_layer=1).last_hidden_state) <= TOL
+    # `audioenc cache` says where its graphs came from
+    from audioenc.cache import list_entries
+
+    assert any("(from Wav2Vec2Model object)" in entry.what for entry in list_entries())
 
 
 def test_cache_reused_then_corrupt_and_stale_entries_rebuilt(whisper_checkpoints, monkeypatch, tmp_path):
