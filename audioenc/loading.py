@@ -62,14 +62,14 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
     """
     if isinstance(source, nn.Module):
         name = None
-    elif preprocessor is not None:
-        raise ValueError("preprocessor= is for model objects: a checkpoint on disk or on the hub brings its own "
-                         "preprocessor_config.json")
     else:
         name = os.fspath(source) if isinstance(source, os.PathLike) else source
         if not isinstance(name, str):
             raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got "
                             f"{type(source).__name__}")
+        if preprocessor is not None:
+            raise ValueError("preprocessor= is for model objects: a checkpoint on disk or on the hub brings its own "
+                             "preprocessor_config.json")
     with float32_on_cpu():  # the caller's torch defaults (float64, a meta device) are not the model's
         torch_device = resolve_device(device)
         runner_class = backend_class(resolve_backend(backend, torch_device.type))
