@@ -36,18 +36,20 @@ def _check_numbers(dims, source: str, config_keys: dict[str, str]) -> None:
 def check_preprocessor(preprocessor, dims, source: str) -> dict:
     """preprocessor_config.json, checked for what audioenc's frontend computes: 16 kHz for every
     family; for Whisper WhisperFeatureExtractor's log-mel (a 400-sample FFT, a 160-sample hop, the
-    model's mel bins, windows of the model's length, no dither); for the wav2vec2 family
-    Wav2Vec2FeatureExtractor's waveform (one channel, do_normalize a bool)."""
+    model's mel bins, windows of the model's length; its training-time dither is not applied); for
+    the wav2vec2 family Wav2Vec2FeatureExtractor's waveform (one channel). do_normalize must be a bool."""
     if not isinstance(preprocessor, dict):
         raise ValueError(f"{source}: preprocessor_config.json must hold a JSON object, got {type(preprocessor).__name__}")
     fixed = {"sampling_rate": SAMPLE_RATE}
     if dims.family == "whisper":
         fixed.update(feature_extractor_type="WhisperFeatureExtractor", n_fft=400, hop_length=WHISPER_HOP,
-                     feature_size=dims.n_mels, chunk_length=dims.window_samples / SAMPLE_RATE, dither=0)
+                     feature_size=dims.n_mels, chunk_length=dims.window_samples / SAMPLE_RATE)
     else:
         fixed.update(feature_extractor_type="Wav2Vec2FeatureExtractor", feature_size=1)
     for key, expected in fixed.items():
         if key in preprocessor and preprocessor[key] != expected:
+            if key == "chunk_length":
+                expected = f"{expected:g} s, the window of max_source_positions {dims.n_ctx}"
             raise ValueError(f"{source}: preprocessor {key}={preprocessor[key]!r} does not match what audioenc "
                              f"computes for this model ({expected})")
     if not isinstance(preprocessor.get("do_normalize", True), bool):  # bool("false") is True

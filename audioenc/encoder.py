@@ -113,7 +113,7 @@ class AudioEncoder:
 
     def __reduce__(self):
         raise TypeError("an AudioEncoder cannot be pickled or copied (backends hold runtime sessions, locks and CUDA "
-                        f"graphs): load one in each process, e.g. audioenc.load({self.source!r}) in a spawn worker")
+                        "graphs): load one in each process, e.g. with audioenc.load in a spawn worker")
 
     def _fit_long_audio_to(self, max_samples: int | None) -> None:
         """A backend that takes inputs of at most max_samples (a TensorRT profile) gets longer items

@@ -378,9 +378,7 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
         build_graph(model, spec, tmp, external=True)
         names = sorted(os.listdir(tmp))
         write_meta(tmp, {"key": key, "spec": repr(spec), "family": model.dims.family,
-                         # a model object's label ("Wav2Vec2ForCTC object (...)") where no source can be read again
-                         "source": getattr(model, "checkpoint_source", None) or getattr(
-                             getattr(model, "checkpoint", None), "source", None),
+                         "source": source_label(model),
                          "files": {name: file_digest(os.path.join(tmp, name)) for name in names},
                          "stats": {name: file_stat(os.path.join(tmp, name)) for name in names}})
         if os.path.lexists(entry) and (rebuild_reason is not None or entry_problem(entry, key) is not None):
@@ -402,6 +400,12 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     return os.path.join(entry, MODEL_FILE)
 
 
+def source_label(model: nn.Module) -> str | None:
+    """What the graphs and engines of ``model`` say they came from (`audioenc cache` shows it): its
+    checkpoint's path or hub id, or a model object's label ("Wav2Vec2ForCTC object (...)")."""
+    return getattr(model, "checkpoint_source", None) or getattr(getattr(model, "checkpoint", None), "source", None)
+
+
 def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
     """Records in the graph's metadata (``metadata_props``, which onnxruntime's
     ``get_modelmeta().custom_metadata_map`` reads) what it is and what feeding it takes, for a
@@ -420,7 +424,7 @@ def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
         inputs = ("waveforms (batch, samples) float32 at 16 kHz, " + (
             "each item normalised over its valid samples ((x - mean) / sqrt(var + 1e-7)), " if normalize else
             "not normalised (the checkpoint's do_normalize is false), ") + "zero after them; lengths (batch,) int64")
-    source = getattr(model, "checkpoint_source", None) or ""  # None: a model object's
+    source = source_label(model) or ""
     proto = onnx.load(path, load_external_data=False)
     onnx.helper.set_model_props(proto, {
         "producer": f"audioenc {__version__}", "family": dims.family, "dtype": spec.dtype,

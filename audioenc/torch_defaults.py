@@ -27,9 +27,9 @@ def float32_on_cpu():
             torch.set_default_dtype(torch.float32)
         _inside += 1
     try:
-        # a new tensor tells where they go (torch 2.6's get_default_device() does not see a
-        # `with torch.device(...)` block)
-        with torch.device("cpu") if torch.empty(0).device.type != "cpu" else contextlib.nullcontext():
+        # torch 2.6's get_default_device() does not see a `with torch.device(...)` block; a new tensor does
+        elsewhere = torch.get_default_device().type != "cpu" or torch.empty(0).device.type != "cpu"
+        with torch.device("cpu") if elsewhere else contextlib.nullcontext():
             yield
     finally:
         with _lock:

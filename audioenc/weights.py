@@ -47,7 +47,7 @@ class Checkpoint:
     family: str                        # one of FAMILIES
     config: dict                       # Hugging Face config of the base encoder (model_type, sizes, switches)
     state_dict: dict[str, torch.Tensor]  # canonical names, float32
-    preprocessor: dict = field(default_factory=dict)  # preprocessor_config.json, if any
+    preprocessor: dict = field(default_factory=dict)  # preprocessor_config.json, if any (read_preprocessor)
     source: str = ""                   # what the user passed
     format: str = "hf"                 # "hf" | "openai" | "ctranslate2" | "fairseq" | "unilm"
     path: str = ""                     # the local file or directory read (a hub id's snapshot)
@@ -344,10 +344,26 @@ def load_hf_dir(path: str, source: str = "") -> Checkpoint:
                 raise ValueError(f"{file}: not a state dict (holds a {type(loaded).__name__})")
             kept = {n: t for n, t in loaded.items() if may_be_encoder(family, n)}
             tensors.update(private_copies(kept, loaded) if mapped else kept)
-    pre_path = os.path.join(path, "preprocessor_config.json")
-    preprocessor = _read_json(pre_path) if os.path.exists(pre_path) else {}
+    preprocessor = read_preprocessor(path)
     return Checkpoint(family, config, canonical_hf_state_dict(family, tensors, source or path), preprocessor,
                       source or path, "hf")
+
+
+def read_preprocessor(path: str) -> dict:
+    """The feature extractor's settings in a model directory: preprocessor_config.json, or (a
+    processor saved by transformers 5, which writes no such file) processor_config.json's
+    "feature_extractor"; {} when there are none."""
+    pre_path = os.path.join(path, "preprocessor_config.json")
+    processor_path = os.path.join(path, "processor_config.json")
+    if os.path.exists(pre_path):
+        return _read_json(pre_path)
+    if os.path.exists(processor_path):
+        nested = _read_json(processor_path).get("feature_extractor", {})
+        if not isinstance(nested, dict):
+            raise ValueError(f"{processor_path}: its feature_extractor must be a JSON object, got "
+                             f"{type(nested).__name__}")
+        return nested
+    return {}
 
 
 def _read_json(path: str) -> dict:
@@ -386,7 +402,7 @@ def _download(repo_id: str) -> str:
 
     # Shards by transformers' own names only: repos such as openai/whisper-large-v3 also carry
     # "model.fp32-0000N-of-0000M.safetensors" copies that a looser pattern would fetch (6 GB more).
-    common = ["config.json", "preprocessor_config.json", "vocabulary.*", "model.bin"]
+    common = ["config.json", "preprocessor_config.json", "processor_config.json", "vocabulary.*", "model.bin"]
     try:
         path = snapshot_download(repo_id, allow_patterns=common + [
             "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"])
@@ -447,7 +463,8 @@ def _whisper_preprocessor(n_mels: int, n_ctx: int) -> dict:
     """WhisperFeatureExtractor's defaults, for formats that carry no preprocessor_config.json; its
     window is the model's (30 s for every released Whisper)."""
     return {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": n_mels, "sampling_rate": 16000,
-            "n_fft": 400, "hop_length": 160, "chunk_length": n_ctx / 50, "n_samples": 320 * n_ctx,
+            "n_fft": 400, "hop_length": 160, "chunk_length": n_ctx // 50 if n_ctx % 50 == 0 else n_ctx / 50,
+            "n_samples": 320 * n_ctx,
             "nb_max_frames": 2 * n_ctx, "padding_value": 0.0, "return_attention_mask": False}
 
 
@@ -510,9 +527,8 @@ def load_ctranslate2_dir(path: str, source: str = "") -> Checkpoint:
         encoder_ffn_dim=state_dict["layers.0.fc1.weight"].shape[0],
         max_source_positions=state_dict["embed_positions.weight"].shape[0],
     )
-    pre_path = os.path.join(path, "preprocessor_config.json")  # faster-whisper conversions may copy it
-    preprocessor = (_read_json(pre_path) if os.path.exists(pre_path) else
-                    _whisper_preprocessor(conv1.shape[1], config["max_source_positions"]))
+    # faster-whisper conversions may copy it
+    preprocessor = read_preprocessor(path) or _whisper_preprocessor(conv1.shape[1], config["max_source_positions"])
     return Checkpoint("whisper", config, state_dict, preprocessor, source or path, "ctranslate2")
 
 
@@ -777,7 +793,6 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
         state_dict = _cpu_float32_copies(model, label, lambda n: may_be_encoder(family, n))
         checkpoint = Checkpoint(family, config.to_dict(), canonical_hf_state_dict(family, state_dict, label),
                                 {}, label, "hf")
-        _check_modules_follow_config(model, checkpoint, label)
     elif hasattr(dims, "n_audio_state") or all(hasattr(model, a) for a in ("conv1", "blocks", "ln_post")):
         label = f"{type(model).__name__} object (openai-whisper)"
         if dims is None:  # the encoder alone: its sizes are its tensors'
@@ -788,7 +803,6 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
         else:
             state_dict = _cpu_float32_copies(model, label, lambda n: n.startswith("encoder."))
         checkpoint = load_openai_whisper({"dims": vars(dims), "model_state_dict": state_dict}, label)
-        checkpoint = replace(checkpoint, path="")  # no file to describe (checkpoint_record.py)
     else:
         raise TypeError(f"a {type(model).__name__} object is not a model audioenc can load: pass a transformers model "
                         f"of the {', '.join(FAMILIES)} families (e.g. Wav2Vec2Model, WhisperForConditionalGeneration) "
@@ -797,13 +811,16 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
     if first_conv not in checkpoint.state_dict:
         raise ValueError(f"{label}: holds no complete {checkpoint.family} encoder ({first_conv} is missing): pass the "
                          "whole model, or its encoder")
-    if checkpoint.family == "whisper":
-        return checkpoint if preprocessor is None else replace(checkpoint, preprocessor=_preprocessor_dict(preprocessor, label))
-    if preprocessor is None or "do_normalize" not in _preprocessor_dict(preprocessor, label):
+    if checkpoint.format == "hf":
+        _check_modules_follow_config(model, checkpoint, label)
+    settings = {} if preprocessor is None else _preprocessor_dict(preprocessor, label)
+    # another kind of feature extractor is named by check_preprocessor (AudioEncoder) instead
+    wav2vec2_settings = settings.get("feature_extractor_type", "Wav2Vec2FeatureExtractor") == "Wav2Vec2FeatureExtractor"
+    if checkpoint.family != "whisper" and wav2vec2_settings and "do_normalize" not in settings:
         raise ValueError(f"{label}: pass its feature extractor as preprocessor= (e.g. the model's AutoFeatureExtractor, "
                          "or {'do_normalize': True} / {'do_normalize': False}): whether the waveform is normalised is "
                          "set there, not in the model, and differs between checkpoints")
-    return replace(checkpoint, preprocessor=_preprocessor_dict(preprocessor, label))
+    return replace(checkpoint, preprocessor=settings) if preprocessor is not None else checkpoint
 
 
 def _unwrapped(model):
@@ -839,7 +856,8 @@ def _cpu_float32_copies(model: torch.nn.Module, label: str, keep, prefix: str = 
                              "audioenc does not run: merge adapters into the weights (peft's merge_and_unload()), "
                              "remove pruning (torch.nn.utils.prune.remove) or pass the float model")
         if tensor.is_meta:
-            raise ValueError(f"{label}: tensor {name} is on the meta device (its weights were never loaded)")
+            raise ValueError(f"{label}: tensor {name} is on the meta device (never loaded, or offloaded by accelerate): "
+                             "pass a model whose weights are in memory")
         tensors[prefix + name] = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else None,
                                                      copy=True)
     return tensors
@@ -852,12 +870,21 @@ def _check_modules_follow_config(model: torch.nn.Module, checkpoint: Checkpoint,
     heads = config.get("encoder_attention_heads" if whisper else "num_attention_heads")
     eps = config.get("layer_norm_eps", 1e-5)
     stable = bool(config.get("do_stable_layer_norm", False))
+    expected = {"num_buckets": config.get("num_buckets", 320), "max_distance": config.get("max_bucket_distance", 800)}
+    convs = {f"conv_layers.{i}.conv": (k, s) for i, (k, s) in
+             enumerate(zip(config.get("conv_kernel", ()), config.get("conv_stride", ())))}
     for name, module in model.named_modules():
         if not may_be_encoder(checkpoint.family, name + "."):
             continue
-        problem = None
+        problem, conv = None, next((c for c in convs if name.endswith("feature_extractor." + c)), None)
+        wrong = [key for key, value in expected.items() if checkpoint.family == "wavlm"
+                 and isinstance(getattr(module, key, None), int) and getattr(module, key) != value]
         if isinstance(getattr(module, "num_heads", None), int) and module.num_heads != heads:
             problem = f"{name} has {module.num_heads} attention heads, the config {heads}"
+        elif wrong:
+            problem = f"{name} has {wrong[0]} {getattr(module, wrong[0])}, the config {expected[wrong[0]]}"
+        elif conv and (module.kernel_size[0], module.stride[0]) != convs[conv]:
+            problem = f"{name} has kernel {module.kernel_size[0]} and stride {module.stride[0]}, the config {convs[conv]}"
         elif (not whisper and isinstance(module, torch.nn.LayerNorm) and "feature_extractor." not in name
               and module.eps != eps):
             problem = f"{name} has eps {module.eps}, the config's layer_norm_eps is {eps}"

@@ -382,8 +382,8 @@ def test_only_encoder_tensors_are_read_and_the_model_owns_them(whisper, monkeypa
         assert tensor.untyped_storage().nbytes() == tensor.numel() * 4, name
     # The model is built on the meta device first; ops without a C++ meta kernel there (nn.Embedding's
     # normal_) would import torch._dynamo and sympy: 900 modules, 150 MB (checked in a fresh interpreter).
-    if torch.__version__ < (2, 7):  # torch 2.6's uniform_ (nn.Linear's init) on the meta device imports sympy
-        return
+    if torch.__version__ < (2, 7):
+        pytest.skip("torch 2.6's uniform_ (nn.Linear's init) on the meta device imports sympy")
     code = ("import sys, audioenc\n"
             f"audioenc.load({whisper[80][1]!r}, backend='torch')\n"
             "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n")
@@ -413,6 +413,15 @@ def test_malformed_config_values_are_named(w2v, tmp_path, key, value, message):
         audioenc.load(path, backend="torch")
 
 
+def test_a_processor_saved_by_transformers_5_gives_the_feature_extractor(w2v, tmp_path):
+    """Wav2Vec2Processor.save_pretrained writes processor_config.json alone, its feature extractor nested."""
+    base, path = w2v["hubert"]
+    shutil.copytree(path, tmp_path / "model")
+    T.Wav2Vec2Processor(T.Wav2Vec2FeatureExtractor(do_normalize=False), _tokenizer()).save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "preprocessor_config.json").exists()
+    assert audioenc.load(str(tmp_path / "model"), backend="torch").do_normalize is False
+
+
 def test_json_files_that_are_not_objects_are_named(w2v, tmp_path):
     for name in ("config.json", "preprocessor_config.json"):
         path = _edited_copy(w2v["wav2vec2_group"][1], tmp_path / name, name, lambda c: [c])
@@ -426,6 +435,10 @@ def test_preprocessor_settings_audioenc_does_not_compute_are_refused(w2v, whispe
     """audioenc's frontend is 16 kHz (and Whisper's 400/160 STFT): another preprocessor would
     silently give other features."""
     cases = [(w2v["wav2vec2_group"][1], lambda p: {**p, "sampling_rate": 8000}, "preprocessor sampling_rate=8000"),
+             (w2v["wav2vec2_group"][1], lambda p: {**p, "feature_extractor_type": "ASTFeatureExtractor"},
+              "preprocessor feature_extractor_type='ASTFeatureExtractor'"),
+             (w2v["wav2vec2_group"][1], lambda p: {**p, "do_normalize": "false"}, "do_normalize must be true or false"),
+             (whisper[80][1], lambda p: {**p, "chunk_length": 15}, "chunk_length=15 .*max_source_positions 1500"),
              (whisper[80][1], lambda p: {**p, "hop_length": 320}, "preprocessor hop_length=320"),
              (whisper[80][1], lambda p: {**p, "n_fft": 512}, "preprocessor n_fft=512"),
              (whisper[80][1], lambda p: {**p, "feature_size": 128}, r"preprocessor feature_size=128 .*\(80\)")]
@@ -634,8 +647,13 @@ def test_model_objects_that_cannot_load_are_named(w2v, whisper):
                                   (T.ASTFeatureExtractor(), "feature_extractor_type='ASTFeatureExtractor' does not match")):
         with pytest.raises(ValueError, match=message):
             audioenc.load(base, backend="torch", preprocessor=preprocessor)
-    with pytest.raises(ValueError, match=r"chunk_length=10 does not match what audioenc computes for this model \(30.0\)"):
+    with pytest.raises(ValueError, match=r"chunk_length=10 does not match what audioenc computes for this model "
+                                         r"\(30 s, the window of max_source_positions 1500\)"):
         audioenc.load(whisper[80][0], backend="torch", preprocessor=T.WhisperFeatureExtractor(chunk_length=10))
+    with pytest.raises(ValueError, match="feature_extractor_type='WhisperFeatureExtractor' does not match"):
+        audioenc.load(base, backend="torch", preprocessor=T.WhisperFeatureExtractor())
+    # Whisper's training-time dither is not applied, as at inference in transformers
+    assert audioenc.load(whisper[80][0], backend="torch", preprocessor=T.WhisperFeatureExtractor(dither=1.0))
     with pytest.raises(ValueError, match="expected a wavlm checkpoint, got whisper"):
         audioenc.load(whisper[80][0], backend="torch", family="wavlm")
     with pytest.raises(ValueError, match=r"model_type 'bert' is not an encoder audioenc supports"):
@@ -661,6 +679,7 @@ def test_model_objects_audioenc_cannot_run_as_they_are_are_named(w2v, whisper):
         with pytest.raises(ValueError, match="is part of an adapter, a quantised layer or a pruning mask"):
             audioenc.load(model, backend="torch", preprocessor=pre)
     edits = [("num_attention_heads", 4, "has 2 attention heads, the config 4"),
+             ("conv_stride", (*base.config.conv_stride[:-1], 4), r"conv_layers.\d.conv has kernel \d and stride \d, the config"),
              ("layer_norm_eps", 1e-2, "has eps 1e-05, the config's layer_norm_eps is 0.01"),
              ("do_stable_layer_norm", False, "is a Wav2Vec2EncoderStableLayerNorm, the config's do_stable_layer_norm is False")]
     for key, value, message in edits:
@@ -668,6 +687,10 @@ def test_model_objects_audioenc_cannot_run_as_they_are_are_named(w2v, whisper):
         setattr(edited.config, key, value)
         with pytest.raises(ValueError, match=f"its modules do not follow its config .*{message}"):
             audioenc.load(edited, backend="torch", preprocessor=pre)
+    wavlm = copy.deepcopy(w2v["wavlm"][0])
+    wavlm.config.max_bucket_distance = 100
+    with pytest.raises(ValueError, match=r"has max_distance \d+, the config 100"):
+        audioenc.load(wavlm, backend="torch", preprocessor=pre)
     edited = copy.deepcopy(whisper[80][0])
     edited.config.encoder_attention_heads = 4
     with pytest.raises(ValueError, match="its modules do not follow its config"):

@@ -177,7 +177,7 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
     reason = TensorRTBackend.available()
     if reason is not None:
         raise ValueError(f"cannot build a TensorRT engine here: {reason}")
-    from audioenc.export import ExportSpec, cached_export
+    from audioenc.export import ExportSpec, cached_export, source_label
 
     target = os.path.join(out_dir, ENGINE_FILE)
     if os.path.exists(target) and not overwrite:
@@ -185,7 +185,7 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
     spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers,
                       hidden_states=hidden_states, dtype=dtype)
     atomic_write_bytes(target, cached_engine(cached_export(model, spec), profile, dtype,
-                                             getattr(model, "checkpoint_source", None)), replace=overwrite)
+                                             source_label(model)), replace=overwrite)
     return [target]
 
 
@@ -222,7 +222,7 @@ class TensorRTBackend:
     def engine(self, num_layers: int, hidden_states: bool):
         import tensorrt as trt
 
-        from audioenc.export import ExportSpec
+        from audioenc.export import ExportSpec, source_label
 
         key = (num_layers, hidden_states)
         with self.lock:
@@ -233,7 +233,7 @@ class TensorRTBackend:
                 runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
                 with torch.cuda.device(self.device):
                     engine = runtime.deserialize_cuda_engine(cached_engine(
-                        onnx_path, self.profile, self.dtype, self.reference.source))
+                        onnx_path, self.profile, self.dtype, source_label(self.reference.model)))
                 if engine is None:
                     raise ValueError(f"TensorRT could not deserialize the engine for {onnx_path}")
                 self.engines[key] = engine
