@@ -15,7 +15,8 @@ from audioenc.encoder import AudioEncoder
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.torch_defaults import float32_on_cpu
-from audioenc.weights import Checkpoint, check_family, load_checkpoint, load_model_object, locate
+from audioenc.model_objects import load_model_object
+from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate
 
 
 _RANDOM_DRAW = threading.Lock()  # see reference_model
