@@ -117,14 +117,15 @@ def whole_items(audio, encoders) -> list:
     return waves
 
 
-def verify(source: str, backend: str, dtype: str = "auto", device: str = "auto", audio=None,
-           seed: int | None = None) -> Report:
+def verify(source, backend: str, dtype: str = "auto", device: str = "auto", audio=None,
+           seed: int | None = None, preprocessor=None) -> Report:
     """Runs ``backend`` and the torch float32 reference on ``audio`` (a path, array or list; fresh
-    generated speech-like audio when None) and checks every layer against the rules above."""
+    generated speech-like audio when None) and checks every layer against the rules above.
+    ``source`` and ``preprocessor`` are as audioenc.load takes them (a model object too)."""
     import audioenc
 
-    ref_enc = audioenc.load(source, backend="torch", device="cpu", dtype="float32")
-    enc = audioenc.load(source, backend=backend, device=device, dtype=dtype)
+    ref_enc = audioenc.load(source, backend="torch", device="cpu", dtype="float32", preprocessor=preprocessor)
+    enc = audioenc.load(source, backend=backend, device=device, dtype=dtype, preprocessor=preprocessor)
     resolved = str(enc.backend.dtype).removeprefix("torch.")
     report = Report(enc.backend.name, resolved)
     if audio is None:
@@ -142,7 +143,8 @@ def verify(source: str, backend: str, dtype: str = "auto", device: str = "auto",
     half_ref = None
     yardstick = resolved in HALF_DTYPES and enc.backend.name == "torch"  # the budget would be itself
     if resolved in HALF_DTYPES and not yardstick:  # the error budget: the plain torch model in that precision
-        half_enc = audioenc.load(source, backend="torch", device=enc.backend.device, dtype=resolved)
+        half_enc = audioenc.load(source, backend="torch", device=enc.backend.device, dtype=resolved,
+                                 preprocessor=preprocessor)
         half_enc.long_audio_threshold_s = enc.long_audio_threshold_s
         half_ref, _ = outputs_of(half_enc, audio)
     for i, (name, mine, want) in enumerate(zip(layer_names(len(ref) - 2), ours, ref)):

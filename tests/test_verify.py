@@ -77,6 +77,13 @@ def test_onnx_passes(w2v_checkpoints, dtype, rule):
     assert "fused ops:" in report.table()
 
 
+def test_a_model_object_is_verified_like_its_checkpoint(w2v_checkpoints):
+    path, model = w2v_checkpoints["wavlm-group"]
+    report = verify(model, "onnx", dtype="int8", device="cpu", preprocessor={"do_normalize": False})
+    assert report.passed, report.table()
+    assert [c.name for c in report.layers][-1] == "plain encode()"
+
+
 def test_torch_in_half_precision_is_reported_as_the_yardstick(w2v_checkpoints):
     """Its budget would be its own error: it has no rule, and only NaN fails it."""
     report = verify(w2v_checkpoints["wav2vec2-group"][0], "torch", dtype="bfloat16", device="cpu")
