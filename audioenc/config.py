@@ -6,6 +6,7 @@ that changes the architecture in a way audioenc does not implement fails here, n
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 SAMPLE_RATE = 16000
@@ -36,7 +37,7 @@ def _check_numbers(dims, source: str, config_keys: dict[str, str]) -> None:
 def check_preprocessor(preprocessor, dims, source: str) -> dict:
     """preprocessor_config.json, checked for what audioenc's frontend computes: 16 kHz for every
     family; for Whisper WhisperFeatureExtractor's log-mel (a 400-sample FFT, a 160-sample hop, the
-    model's mel bins, windows of the model's length; its training-time dither is not applied); for
+    model's mel bins, windows of the model's length; a dither is not applied, with a warning); for
     the wav2vec2 family Wav2Vec2FeatureExtractor's waveform (one channel). do_normalize must be a bool."""
     if not isinstance(preprocessor, dict):
         raise ValueError(f"{source}: preprocessor_config.json must hold a JSON object, got {type(preprocessor).__name__}")
@@ -52,6 +53,10 @@ def check_preprocessor(preprocessor, dims, source: str) -> dict:
                 expected = f"{expected:g} s, the window of max_source_positions {dims.n_ctx}"
             raise ValueError(f"{source}: preprocessor {key}={preprocessor[key]!r} does not match what audioenc "
                              f"computes for this model ({expected})")
+    if dims.family == "whisper" and preprocessor.get("dither", 0) != 0:
+        warnings.warn(f"{source}: preprocessor dither={preprocessor['dither']!r} is not applied: audioenc's log-mel is "
+                      "deterministic, where transformers adds dither x random noise to the waveform at each call",
+                      stacklevel=3)
     if not isinstance(preprocessor.get("do_normalize", True), bool):  # bool("false") is True
         raise ValueError(f"{source}: preprocessor do_normalize must be true or false, got {preprocessor['do_normalize']!r}")
     return preprocessor

@@ -59,7 +59,8 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
     family: when given, a checkpoint of another family is an error.
     preprocessor: a model object's feature extractor (a transformers feature extractor or processor,
     or a dict such as {"do_normalize": True}); the wav2vec2 family needs it, as the model does not say
-    whether the waveform is normalised. A path or hub id brings its own preprocessor_config.json.
+    whether the waveform is normalised. A path or hub id brings its own (preprocessor_config.json,
+    or processor_config.json).
     """
     if isinstance(source, nn.Module):
         name = None
@@ -70,7 +71,7 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
                             f"{type(source).__name__}")
         if preprocessor is not None:
             raise ValueError("preprocessor= is for model objects: a checkpoint on disk or on the hub brings its own "
-                             "preprocessor_config.json")
+                             "(preprocessor_config.json, or processor_config.json)")
     with float32_on_cpu():  # the caller's torch defaults (float64, a meta device) are not the model's
         torch_device = resolve_device(device)
         runner_class = backend_class(resolve_backend(backend, torch_device.type))

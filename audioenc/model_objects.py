@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from audioenc.weights import (FAMILIES, Checkpoint, canonical_hf_state_dict, family_of, load_openai_whisper,
-                              may_be_encoder)
+                              may_be_encoder, nested_feature_extractor)
 
 
 def load_model_object(model, preprocessor=None) -> Checkpoint:
@@ -44,6 +44,11 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
                                       n_audio_layer=len(model.blocks), n_audio_head=model.blocks[0].attn.n_head)
         else:
             state_dict = _cpu_float32_copies(model, label, lambda n: n.startswith("encoder."))
+            blocks = model.encoder.blocks
+            if (dims.n_audio_layer, dims.n_audio_head) != (len(blocks), blocks[0].attn.n_head if len(blocks) else 0):
+                raise ValueError(f"{label}: its modules do not follow its dims ({len(blocks)} encoder blocks of "
+                                 f"{blocks[0].attn.n_head if len(blocks) else 0} heads, the dims {dims.n_audio_layer} "
+                                 f"of {dims.n_audio_head}): were the dims edited after the model was built?")
         checkpoint = load_openai_whisper({"dims": vars(dims), "model_state_dict": state_dict}, label)
     else:
         raise TypeError(f"a {type(model).__name__} object is not a model audioenc can load: pass a transformers model "
@@ -149,4 +154,4 @@ def _preprocessor_dict(preprocessor, label: str) -> dict:
     if not isinstance(preprocessor, dict):
         got = f"the class {preprocessor.__name__}" if isinstance(preprocessor, type) else type(preprocessor).__name__
         raise TypeError(f"{label}: preprocessor must be a feature extractor (an instance) or a dict, got {got}")
-    return dict(preprocessor)
+    return dict(nested_feature_extractor(preprocessor) or preprocessor)  # a processor_config.json's too

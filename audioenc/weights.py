@@ -138,7 +138,8 @@ def _load_file(path: str) -> Checkpoint:
     if path.endswith(".safetensors"):
         raise ValueError(f"{path}: a lone safetensors file has no config; pass the directory that holds "
                          f"it and its config.json")
-    if os.path.basename(path) in ("config.json", "preprocessor_config.json", "model.bin", "pytorch_model.bin"):
+    if os.path.basename(path) in ("config.json", "preprocessor_config.json", "processor_config.json", "model.bin",
+                                  "pytorch_model.bin"):
         raise ValueError(f"{path}: one file of a checkpoint directory; pass the directory that holds it")
     if path.endswith((".onnx", ".onnx.data", ".engine", ".plan")):
         raise ValueError(f"{path}: {NOT_A_CHECKPOINT}")
@@ -352,20 +353,23 @@ def load_hf_dir(path: str, source: str = "") -> Checkpoint:
 
 
 def read_preprocessor(path: str) -> dict:
-    """The feature extractor's settings in a model directory: preprocessor_config.json, or (a
-    processor saved by transformers 5, which writes no such file) processor_config.json's
-    "feature_extractor"; {} when there are none."""
-    pre_path = os.path.join(path, "preprocessor_config.json")
+    """The feature extractor's settings in a model directory, where transformers 5 looks for them:
+    processor_config.json's nested "feature_extractor" (or "audio_processor"), which a processor saved
+    by transformers 5 writes instead of preprocessor_config.json; else preprocessor_config.json; {}
+    when there are none."""
     processor_path = os.path.join(path, "processor_config.json")
-    if os.path.exists(pre_path):
-        return _read_json(pre_path)
     if os.path.exists(processor_path):
-        nested = _read_json(processor_path).get("feature_extractor", {})
-        if not isinstance(nested, dict):
-            raise ValueError(f"{processor_path}: its feature_extractor must be a JSON object, got "
-                             f"{type(nested).__name__}")
-        return nested
-    return {}
+        nested = nested_feature_extractor(_read_json(processor_path))
+        if nested is not None:
+            return nested
+    pre_path = os.path.join(path, "preprocessor_config.json")
+    return _read_json(pre_path) if os.path.exists(pre_path) else {}
+
+
+def nested_feature_extractor(processor: dict) -> dict | None:
+    """The feature extractor's settings inside a processor_config.json, or None."""
+    nested = processor.get("feature_extractor", processor.get("audio_processor"))
+    return nested if isinstance(nested, dict) else None
 
 
 def _read_json(path: str) -> dict:

@@ -414,12 +414,24 @@ def test_malformed_config_values_are_named(w2v, tmp_path, key, value, message):
 
 
 def test_a_processor_saved_by_transformers_5_gives_the_feature_extractor(w2v, tmp_path):
-    """Wav2Vec2Processor.save_pretrained writes processor_config.json alone, its feature extractor nested."""
+    """Wav2Vec2Processor.save_pretrained writes processor_config.json alone, its feature extractor nested;
+    transformers reads that first, also beside an older preprocessor_config.json."""
     base, path = w2v["hubert"]
-    shutil.copytree(path, tmp_path / "model")
-    T.Wav2Vec2Processor(T.Wav2Vec2FeatureExtractor(do_normalize=False), _tokenizer()).save_pretrained(tmp_path / "model")
-    assert not (tmp_path / "model" / "preprocessor_config.json").exists()
-    assert audioenc.load(str(tmp_path / "model"), backend="torch").do_normalize is False
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    T.Wav2Vec2Processor(T.Wav2Vec2FeatureExtractor(do_normalize=False), _tokenizer()).save_pretrained(model)
+    assert not (model / "preprocessor_config.json").exists()
+    assert audioenc.load(str(model), backend="torch").do_normalize is False
+    T.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(model)  # an older file beside it
+    assert T.AutoFeatureExtractor.from_pretrained(model).do_normalize is False
+    assert audioenc.load(str(model), backend="torch").do_normalize is False
+    (model / "processor_config.json").write_text(json.dumps({"feature_extractor": None}))  # nothing nested
+    assert audioenc.load(str(model), backend="torch").do_normalize is True
+    with pytest.raises(ValueError, match="one file of a checkpoint directory"):
+        audioenc.load(str(model / "processor_config.json"), backend="torch")
+    # the same dict passed with a model object
+    enc = audioenc.load(base, backend="torch", preprocessor={"feature_extractor": {"do_normalize": False}})
+    assert enc.do_normalize is False
 
 
 def test_json_files_that_are_not_objects_are_named(w2v, tmp_path):
@@ -652,8 +664,9 @@ def test_model_objects_that_cannot_load_are_named(w2v, whisper):
         audioenc.load(whisper[80][0], backend="torch", preprocessor=T.WhisperFeatureExtractor(chunk_length=10))
     with pytest.raises(ValueError, match="feature_extractor_type='WhisperFeatureExtractor' does not match"):
         audioenc.load(base, backend="torch", preprocessor=T.WhisperFeatureExtractor())
-    # Whisper's training-time dither is not applied, as at inference in transformers
-    assert audioenc.load(whisper[80][0], backend="torch", preprocessor=T.WhisperFeatureExtractor(dither=1.0))
+    # transformers adds dither x random noise at each call; audioenc does not, and says so
+    with pytest.warns(UserWarning, match="dither=1.0 is not applied"):
+        audioenc.load(whisper[80][0], backend="torch", preprocessor=T.WhisperFeatureExtractor(dither=1.0))
     with pytest.raises(ValueError, match="expected a wavlm checkpoint, got whisper"):
         audioenc.load(whisper[80][0], backend="torch", family="wavlm")
     with pytest.raises(ValueError, match=r"model_type 'bert' is not an encoder audioenc supports"):
@@ -728,3 +741,6 @@ def test_wrapped_and_partly_compiled_model_objects_load(w2v, whisper):
     enc = audioenc.load(openai_model.encoder, backend="torch")
     assert enc.dims.n_mels == 128 and enc.source == "AudioEncoder object (openai-whisper)"
     assert_same(enc.backend.model.state_dict(), load_checkpoint(whisper_path).state_dict)
+    openai_model.dims.n_audio_head *= 2  # the model runs its modules, audioenc would build from the dims
+    with pytest.raises(ValueError, match="its modules do not follow its dims"):
+        audioenc.load(openai_model, backend="torch")
