@@ -31,24 +31,25 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
     if hasattr(config, "to_dict") and hasattr(config, "model_type"):
         name = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
         label = f"{type(model).__name__} object" + (f" ({name})" if name else "")
-        family = family_of(config.to_dict(), label)
+        config = config.to_dict()
+        family = family_of(config, label)
         state_dict = _cpu_float32_copies(model, label, lambda n: may_be_encoder(family, n))
-        checkpoint = Checkpoint(family, config.to_dict(), canonical_hf_state_dict(family, state_dict, label),
-                                {}, label, "hf")
+        checkpoint = Checkpoint(family, config, canonical_hf_state_dict(family, state_dict, label), {}, label, "hf")
     elif hasattr(dims, "n_audio_state") or all(hasattr(model, a) for a in ("conv1", "blocks", "ln_post")):
         label = f"{type(model).__name__} object (openai-whisper)"
-        if dims is None:  # the encoder alone: its sizes are its tensors'
+        blocks = (model if dims is None else model.encoder).blocks
+        layers, heads = len(blocks), blocks[0].attn.n_head if len(blocks) else 0
+        if dims is None:  # the encoder alone: its sizes are its tensors' and modules'
             state_dict = _cpu_float32_copies(model, label, lambda n: True, prefix="encoder.")
             conv1, positions = state_dict["encoder.conv1.weight"], state_dict["encoder.positional_embedding"]
             dims = argparse.Namespace(n_mels=conv1.shape[1], n_audio_state=conv1.shape[0], n_audio_ctx=positions.shape[0],
-                                      n_audio_layer=len(model.blocks), n_audio_head=model.blocks[0].attn.n_head)
+                                      n_audio_layer=layers, n_audio_head=heads)
         else:
             state_dict = _cpu_float32_copies(model, label, lambda n: n.startswith("encoder."))
-            blocks = model.encoder.blocks
-            if (dims.n_audio_layer, dims.n_audio_head) != (len(blocks), blocks[0].attn.n_head if len(blocks) else 0):
-                raise ValueError(f"{label}: its modules do not follow its dims ({len(blocks)} encoder blocks of "
-                                 f"{blocks[0].attn.n_head if len(blocks) else 0} heads, the dims {dims.n_audio_layer} "
-                                 f"of {dims.n_audio_head}): were the dims edited after the model was built?")
+            if (dims.n_audio_layer, dims.n_audio_head) != (layers, heads):
+                raise ValueError(f"{label}: its modules do not follow its dims ({layers} encoder blocks of {heads} "
+                                 f"heads, the dims {dims.n_audio_layer} of {dims.n_audio_head}): were the dims edited "
+                                 "after the model was built?")
         checkpoint = load_openai_whisper({"dims": vars(dims), "model_state_dict": state_dict}, label)
     else:
         raise TypeError(f"a {type(model).__name__} object is not a model audioenc can load: pass a transformers model "
