@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import warnings
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.torch_defaults import float32_on_cpu
 from audioenc.model_objects import load_model_object
-from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate
+from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate, preprocessor_settings
 
 
 _RANDOM_DRAW = threading.Lock()  # see reference_model
@@ -57,10 +58,10 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
     take float32, float16, bfloat16; onnx float32, float16, int8, and bfloat16 on ARM64 CPUs only;
     tensorrt float32, float16. A torch.dtype works too.
     family: when given, a checkpoint of another family is an error.
-    preprocessor: a model object's feature extractor (a transformers feature extractor or processor,
-    or a dict such as {"do_normalize": True}); the wav2vec2 family needs it, as the model does not say
-    whether the waveform is normalised. A path or hub id brings its own (preprocessor_config.json,
-    or processor_config.json).
+    preprocessor: the feature extractor's settings (a transformers feature extractor or processor,
+    or a dict such as {"do_normalize": True}). A model object of the wav2vec2 family needs it, as the
+    model does not say whether the waveform is normalised. A path or hub id brings its own
+    (processor_config.json or preprocessor_config.json); given, it replaces them.
     """
     if isinstance(source, nn.Module):
         name = None
@@ -69,9 +70,6 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
         if not isinstance(name, str):
             raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got "
                             f"{type(source).__name__}")
-        if preprocessor is not None:
-            raise ValueError("preprocessor= is for model objects: a checkpoint on disk or on the hub brings its own "
-                             "(preprocessor_config.json, or processor_config.json)")
     with float32_on_cpu():  # the caller's torch defaults (float64, a meta device) are not the model's
         torch_device = resolve_device(device)
         runner_class = backend_class(resolve_backend(backend, torch_device.type))
@@ -84,9 +82,26 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
             checkpoint = read_checkpoint(name, family, recall=getattr(runner_class, "cached_weights", False))
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
+        settings = checkpoint.preprocessor if name is None else preprocessor_of(checkpoint, name, preprocessor)
         runner = runner_class(reference_model(checkpoint, name), torch_device, dtype)
         return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, checkpoint.source if name is None else name,
-                            checkpoint.preprocessor, name is not None and name.startswith("random:"))
+                            settings, name is not None and name.startswith("random:"))
+
+
+def preprocessor_of(checkpoint: Checkpoint, name: str, preprocessor) -> dict:
+    """The feature extractor's settings for a checkpoint read from ``name``: ``preprocessor`` when
+    given (it replaces the checkpoint's own, for this encoder only: the graphs cached from the
+    checkpoint and its record keep what the checkpoint says), else the checkpoint's."""
+    if preprocessor is not None:
+        return preprocessor_settings(preprocessor, name)
+    if checkpoint.family != "whisper" and "do_normalize" not in checkpoint.preprocessor:
+        # hubert-base and wavlm-base(-plus) were trained on unnormalised waveforms, most others on normalised ones
+        warnings.warn(f"{name}: no feature extractor settings (preprocessor_config.json) say whether the waveform is "
+                      "normalised; normalising it, as transformers' Wav2Vec2FeatureExtractor does by default. If this "
+                      "model was trained without (hubert-base, wavlm-base and wavlm-base-plus were), pass "
+                      "preprocessor={'do_normalize': False} to audioenc.load, or save its feature extractor beside it",
+                      stacklevel=3)
+    return checkpoint.preprocessor
 
 
 def read_checkpoint(name: str, family: str | None = None, recall: bool = False) -> Checkpoint:

@@ -5,14 +5,13 @@ does with the object afterwards (training it, say) does not reach the encoder.""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from dataclasses import replace
 
 import torch
 
 from audioenc.weights import (FAMILIES, Checkpoint, canonical_hf_state_dict, family_of, load_openai_whisper,
-                              may_be_encoder, nested_feature_extractor)
+                              may_be_encoder, preprocessor_settings)
 
 
 def load_model_object(model, preprocessor=None) -> Checkpoint:
@@ -61,7 +60,7 @@ def load_model_object(model, preprocessor=None) -> Checkpoint:
                          "whole model, or its encoder")
     if checkpoint.format == "hf":
         _check_modules_follow_config(model, checkpoint, label)
-    settings = {} if preprocessor is None else _preprocessor_dict(preprocessor, label)
+    settings = {} if preprocessor is None else preprocessor_settings(preprocessor, label)
     # another kind of feature extractor is named by check_preprocessor (AudioEncoder) instead
     wav2vec2_settings = settings.get("feature_extractor_type", "Wav2Vec2FeatureExtractor") == "Wav2Vec2FeatureExtractor"
     if checkpoint.family != "whisper" and wav2vec2_settings and "do_normalize" not in settings:
@@ -142,17 +141,3 @@ def _check_modules_follow_config(model: torch.nn.Module, checkpoint: Checkpoint,
         if problem:
             raise ValueError(f"{label}: its modules do not follow its config ({problem}): was the config edited "
                              "after the model was built?")
-
-
-def _preprocessor_dict(preprocessor, label: str) -> dict:
-    """A feature extractor (or a processor holding one) as the dict of its preprocessor_config.json."""
-    preprocessor = getattr(preprocessor, "feature_extractor", preprocessor)
-    if isinstance(preprocessor, (str, os.PathLike)):
-        raise TypeError(f"{label}: preprocessor must be a feature extractor or a dict, not a path: pass "
-                        "transformers.AutoFeatureExtractor.from_pretrained(path)")
-    if hasattr(preprocessor, "to_dict") and not isinstance(preprocessor, type):
-        preprocessor = preprocessor.to_dict()
-    if not isinstance(preprocessor, dict):
-        got = f"the class {preprocessor.__name__}" if isinstance(preprocessor, type) else type(preprocessor).__name__
-        raise TypeError(f"{label}: preprocessor must be a feature extractor (an instance) or a dict, got {got}")
-    return dict(nested_feature_extractor(preprocessor) or preprocessor)  # a processor_config.json's too

@@ -372,6 +372,20 @@ def nested_feature_extractor(processor: dict) -> dict | None:
     return nested if isinstance(nested, dict) else None
 
 
+def preprocessor_settings(preprocessor, label: str) -> dict:
+    """A feature extractor (or a processor holding one) as the dict of its preprocessor_config.json."""
+    preprocessor = getattr(preprocessor, "feature_extractor", preprocessor)
+    if isinstance(preprocessor, (str, os.PathLike)):
+        raise TypeError(f"{label}: preprocessor must be a feature extractor or a dict, not a path: pass "
+                        "transformers.AutoFeatureExtractor.from_pretrained(path)")
+    if hasattr(preprocessor, "to_dict") and not isinstance(preprocessor, type):
+        preprocessor = preprocessor.to_dict()
+    if not isinstance(preprocessor, dict):
+        got = f"the class {preprocessor.__name__}" if isinstance(preprocessor, type) else type(preprocessor).__name__
+        raise TypeError(f"{label}: preprocessor must be a feature extractor (an instance) or a dict, got {got}")
+    return dict(nested_feature_extractor(preprocessor) or preprocessor)  # a processor_config.json's too
+
+
 def _read_json(path: str) -> dict:
     """A JSON object (every file a checkpoint holds is one)."""
     try:

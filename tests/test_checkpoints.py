@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -459,6 +460,31 @@ def test_preprocessor_settings_audioenc_does_not_compute_are_refused(w2v, whispe
             audioenc.load(_edited_copy(path, tmp_path / str(i), "preprocessor_config.json", edit), backend="torch")
 
 
+def test_a_checkpoint_that_does_not_say_whether_it_normalises_warns_and_takes_preprocessor(w2v, tmp_path):
+    """A model saved without its feature extractor (model.save_pretrained alone) does not say whether
+    its waveform is normalised: the default (normalised) is named in a warning, and preprocessor=
+    sets it, for that encoder only."""
+    path = w2v["wav2vec2_group"][1]
+    with pytest.warns(UserWarning, match=r"no feature extractor settings .* preprocessor=\{'do_normalize': False\}"):
+        assert audioenc.load(path, backend="torch").do_normalize
+    unnormalised = _edited_copy(path, tmp_path / "saved", "preprocessor_config.json", lambda p: {"do_normalize": False})
+    refused = _edited_copy(path, tmp_path / "refused", "preprocessor_config.json", lambda p: {"do_normalize": "no"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = _frames(audioenc.load(unnormalised, backend="torch"))
+        for source in (path, refused):
+            enc = audioenc.load(source, backend="torch", preprocessor={"do_normalize": False})
+            assert not enc.do_normalize and torch.equal(_frames(enc), want)
+        extractor = T.Wav2Vec2FeatureExtractor(do_normalize=False)
+        assert not audioenc.load(path, backend="torch", preprocessor=extractor).do_normalize
+    assert not torch.equal(_frames(audioenc.load(unnormalised, backend="torch", preprocessor={"do_normalize": True})), want)
+    # the onnx backend records the checkpoint it reads: what is recorded is the checkpoint's own settings
+    assert audioenc.load(unnormalised, backend="onnx", preprocessor={"do_normalize": True}).do_normalize
+    assert not audioenc.load(unnormalised, backend="onnx").do_normalize
+    with pytest.raises(TypeError, match="not a path"):
+        audioenc.load(path, backend="torch", preprocessor=os.path.join(unnormalised, "preprocessor_config.json"))
+
+
 def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):
     ckpt = openai_checkpoint(whisper[80][0])
     del ckpt["dims"]
@@ -644,8 +670,6 @@ def test_model_objects_that_cannot_load_are_named(w2v, whisper):
     base, path = w2v["wav2vec2_group"]
     with pytest.raises(ValueError, match=r"pass its feature extractor as preprocessor="):
         audioenc.load(base, backend="torch")
-    with pytest.raises(ValueError, match="preprocessor= is for model objects"):
-        audioenc.load(path, backend="torch", preprocessor={"do_normalize": True})
     with pytest.raises(TypeError, match="a Linear object is not a model audioenc can load"):
         audioenc.load(torch.nn.Linear(2, 2), backend="torch")
     with pytest.raises(TypeError, match="source must be a path, a hub id, 'random:NAME' or a model object, got dict"):
