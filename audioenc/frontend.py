@@ -105,7 +105,7 @@ def _stft_power(audio: torch.Tensor, padding: int) -> torch.Tensor:
         audio = torch.nn.functional.pad(audio, (0, padding))
     if audio.shape[-1] <= N_FFT // 2:
         raise ValueError(f"log-mel needs more than {N_FFT // 2} samples (reflect padding), got {audio.shape[-1]}")
-    window = torch.hann_window(N_FFT, device=audio.device)
+    window = torch.hann_window(N_FFT, dtype=audio.dtype, device=audio.device)  # not the default dtype
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     return stft[..., :-1].abs() ** 2
 

@@ -125,6 +125,14 @@ def test_torch_fallback_matches_native(monkeypatch):
     fallback = log_mel_spectrogram(x)
     for a, b in zip(native, fallback):
         assert_close(a, b.numpy())
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # a caller's default: the STFT window must not follow it
+    try:
+        under_float64 = log_mel_spectrogram(x)
+    finally:
+        torch.set_default_dtype(dtype)
+    for a, b in zip(fallback, under_float64):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
     with pytest.raises(ValueError, match="NaN"):
         log_mel_spectrogram(np.full(500, np.nan, np.float32))
 
