@@ -261,7 +261,10 @@ def to_waveforms(audio, sample_rate: float = SAMPLE_RATE, min_samples: int = 1) 
         elif x.ndim == 2:
             if x.shape[0] == 0:
                 raise ValueError("audio: empty batch (shape has 0 rows)")
-            if x.shape[1] <= MAX_CHANNELS < x.shape[0]:  # rows this short never make a frame at any rate
+            # rows this short never make a frame at any rate; rows too short for this model, when there
+            # are more of them than samples in each, are far likelier channels than a batch
+            too_short = x.shape[1] * SAMPLE_RATE / check_rate(sample_rate) < min_samples
+            if x.shape[1] < x.shape[0] and (x.shape[1] <= MAX_CHANNELS or too_short):
                 raise ValueError(f"audio: shape {tuple(x.shape)} looks like (samples, channels), but 2-D audio is "
                                  "(batch, samples): mix it down to mono (audio.mean(axis=1)) or pass audio.T")
             items = list(x)
@@ -328,6 +331,8 @@ def find_audio_files(paths: Sequence[str], unlisted: dict[str, str] | None = Non
         elif os.path.exists(path):
             raise ValueError(f"{path}: not a regular file (a pipe or device cannot be read twice, and embed reads "
                              "each file's header before its audio)")
+        elif os.path.islink(path):
+            raise ValueError(f"{path}: a link that leads to no file")
         else:
             raise ValueError(f"{path}: no such file or directory")
     return found

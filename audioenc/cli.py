@@ -380,9 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mean/max over frames -> (dim,), none -> (frames, dim)")
     embed.add_argument("--layer", default=None, help="layer number (0 = input of layer 1) or 'all' "
                                                      "(all hidden states into one .safetensors per file)")
-    embed.add_argument("--backend", default="auto")
-    embed.add_argument("--device", default="auto")
-    embed.add_argument("--dtype", default="auto")
+    embed.add_argument("--backend", default="auto", help="auto, torch, onnx, triton or tensorrt (default auto)")
+    embed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    embed.add_argument("--dtype", default="auto", help="the backend's compute dtype, e.g. float32, float16, int8 "
+                       "(default auto: float32 on the CPU, float16 on a GPU)")
     embed.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     embed.add_argument("--batch-size", type=int, default=8, help="files encoded together (sorted by length)")
     embed.add_argument("--max-batch-seconds", type=float, default=240.0,

@@ -105,8 +105,9 @@ def register(subparsers) -> None:
     verify = subparsers.add_parser("verify", help="check a backend against the torch reference, layer by layer")
     verify.add_argument("--model", required=True, help="checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME")
     verify.add_argument("--backend", required=True, help="onnx, tensorrt, triton, torch")
-    verify.add_argument("--dtype", default="auto")
-    verify.add_argument("--device", default="auto")
+    verify.add_argument("--dtype", default="auto", help="the backend's dtype, checked against the float32 reference "
+                        "(default auto: float32 on the CPU, float16 on a GPU)")
+    verify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     verify.add_argument("--audio", nargs="+", help="audio files (default: generated speech-like audio, fresh each run)")
     verify.add_argument("--seed", type=seed, default=None, help="seed for the generated audio (a whole number >= 0)")
     verify.set_defaults(func=cmd_verify)

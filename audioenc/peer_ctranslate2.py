@@ -50,16 +50,15 @@ def convert(reference: nn.Module, out_dir: str) -> None:
 def ctranslate2_call(reference: nn.Module, device: torch.device,
                      compute_type: str) -> Callable[[list[np.ndarray]], torch.Tensor]:
     """audio (a list of 16 kHz float32 arrays) -> CTranslate2's encoder output (B, frames, dim), float32."""
+    dims = reference.dims  # the model first: installing a package would not make CTranslate2 run it
+    if not isinstance(dims, WhisperDims):
+        raise ValueError(f"CTranslate2 runs Whisper encoders (faster-whisper's engine), not {dims.family}")
     try:
         import ctranslate2
         import transformers
     except ImportError as exc:  # the converter reads transformers checkpoints
         raise ValueError(f"CTranslate2's Whisper needs ctranslate2 and transformers (pip install ctranslate2 "
                          f"transformers): {exc}") from None
-
-    dims = reference.dims
-    if not isinstance(dims, WhisperDims):
-        raise ValueError(f"CTranslate2 runs Whisper encoders (faster-whisper's engine), not {dims.family}")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"CTranslate2 runs on cpu or cuda, not {device.type}")
     supported = ctranslate2.get_supported_compute_types(device.type)

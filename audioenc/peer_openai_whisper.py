@@ -28,13 +28,13 @@ def openai_names(encoder: nn.Module) -> dict[str, str]:
 
 def openai_whisper_encoder(reference: nn.Module) -> nn.Module:
     """openai-whisper's AudioEncoder holding the reference's weights (shared, not copied)."""
+    dims = reference.dims  # the model first: installing openai-whisper would not make it run this one
+    if not isinstance(dims, WhisperDims):
+        raise ValueError(f"openai-whisper runs Whisper encoders, not {dims.family}")
     try:
         from whisper.model import AudioEncoder
     except ImportError:
         raise ValueError("openai-whisper is not installed (pip install openai-whisper)") from None
-    dims = reference.dims
-    if not isinstance(dims, WhisperDims):
-        raise ValueError(f"openai-whisper runs Whisper encoders, not {dims.family}")
     if dims.n_ffn != 4 * dims.n_state:
         raise ValueError(f"openai-whisper's MLP is 4 x d_model wide ({4 * dims.n_state}); this model's is {dims.n_ffn}")
     encoder = AudioEncoder(dims.n_mels, dims.n_ctx, dims.n_state, dims.n_head, dims.n_layer)

@@ -172,7 +172,7 @@ class EncoderStream:
 
     def push(self, block) -> StreamFrames:
         """Takes a block of samples and returns the frames that became final. A block refused before it
-        is taken (NaN/Inf, a wrong shape or dtype: ValueError) leaves the stream unchanged."""
+        is taken (NaN/Inf, a wrong shape: ValueError; a wrong dtype: TypeError) leaves the stream unchanged."""
         self._check_usable()
         x = self._prepare(block)
         with self.lock:  # blocks pushed from several threads at once go in one after another

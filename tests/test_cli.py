@@ -229,6 +229,9 @@ def test_embed_usage_errors(tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
     assert main(["embed", str(tmp_path / "nope.wav"), "--model", model, "--backend", "torch", "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
+    (tmp_path / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    assert main(["embed", str(tmp_path / "gone.wav"), "--model", model, "--backend", "torch", "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'gone.wav'}: a link that leads to no file" in capsys.readouterr().err
     assert main(["embed", str(tmp_path), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)]) == 2
     capsys.readouterr()
     # an empty --model (an unset shell variable) is an error, not the random weights of no --model
@@ -636,6 +639,8 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
 def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_path, capsys):
     """faster-whisper's engine and openai-whisper on the same weights: float32 gives the reference's
     frames, CTranslate2's int8 nearly."""
+    pytest.importorskip("ctranslate2")
+    pytest.importorskip("whisper")
     import transformers
 
     # openai-whisper's MLP is always 4 x d_model wide

@@ -39,6 +39,7 @@ BAD_ARRAYS = [
     ([0.1] * 800, TypeError, "this one holds numbers: pass one item's samples as an array"),
     ([np.ones((2, 400), np.float32)], ValueError, "must be 1-D"),
     (np.ones((16000, 2), np.float32), ValueError, r"looks like \(samples, channels\)"),
+    (np.ones((16000, 12), np.float32), ValueError, r"looks like \(samples, channels\)"),  # too short for a batch
     (12345, TypeError, "expected a numpy array"),
     ({"audio": 1}, TypeError, "expected a numpy array"),
 ]
