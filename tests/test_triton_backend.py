@@ -337,6 +337,18 @@ def test_batch_items_equal_items_alone(w2v_checkpoints):
         assert rel_err(batch.last_hidden_state[i, :n], alone.last_hidden_state[0]) <= 1e-5
 
 
+def test_audio_that_overflows_the_first_conv_statistics_is_refused(w2v_checkpoints):
+    """Without waveform normalisation, 1e20 samples overflow layer 0's float32 variance, which would
+    normalise them to finite, wrong frames: the item is reported instead, the others unharmed."""
+    path, _ = w2v_checkpoints["wav2vec2-group"]
+    enc = load(path)
+    enc.do_normalize = False
+    quiet, loud = speech_like(3001, 4), speech_like(3001, 5) * np.float32(1e20)
+    with pytest.raises(ValueError, match="audio item 1: the encoder's output holds NaN or Inf"):
+        enc.encode([quiet, loud])
+    assert torch.isfinite(enc.encode(quiet).last_hidden_state).all()
+
+
 def test_the_callers_default_dtype_changes_nothing(whisper_checkpoints):
     """Whisper's log-mel, the kernels' buffers and the CUDA graphs' inputs name their dtype."""
     wave = speech_like(4000, 9)

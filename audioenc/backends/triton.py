@@ -29,6 +29,7 @@ from torch import nn
 from audioenc.backends import import_problem, resolve_dtype
 from audioenc.backends.torch import DTYPES
 from audioenc.models.layers import valid_mask
+from audioenc.models.wav2vec2 import group_norm_overflow
 # Captured (batch, length, layers, hidden states) shapes kept per backend. They share one memory
 # pool, so each costs only its static input and output buffers, not a forward pass's worth of
 # memory; those may take at most GRAPH_BUFFER_SHARE of the GPU (all hidden states of a big batch
@@ -474,6 +475,7 @@ class _FastWav2Vec2:
             lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
             if norm_type == "group":
                 x = conv0_group_norm_gelu(x, lengths, weight, bias, norm[0], norm[1], s, norm[2], out_dtype=self.dtype)
+                x = x + group_norm_overflow(waveforms, weight, bias).to(self.dtype)
                 continue
             if i in self.layer_norm_convs:
                 x = self.layer_norm_convs[i](x)

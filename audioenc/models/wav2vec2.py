@@ -36,26 +36,27 @@ class ConvLayer(nn.Module):
         inputs, x = x, self.conv(x)
         if self.norm_type == "group":
             x = masked_group_norm(x, lengths, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
-            x = x + self.statistics_overflow(inputs)
+            x = x + group_norm_overflow(inputs, self.conv.weight, self.conv.bias).to(x.dtype)
         elif self.norm_type == "layer":
             x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
         return F.gelu(x)
-
-    def statistics_overflow(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 1): NaN for items whose conv outputs may pass GROUP_NORM_LIMIT, 0 for the others.
-        Their float32 variance over time would overflow to inf and normalise them to finite, wrong
-        frames; NaN frames are reported by the encoder as an overflow instead. The bound is the
-        largest input times the largest sum of one channel's |weights|, so one pass over the input."""
-        bound = inputs.detach().abs().amax(dim=(1, 2), keepdim=True).float() * \
-            self.conv.weight.detach().abs().sum(dim=(1, 2)).float().amax()
-        if self.conv.bias is not None:
-            bound = bound + self.conv.bias.detach().abs().float().amax()
-        return torch.where(bound > GROUP_NORM_LIMIT, float("nan"), 0.0).to(inputs.dtype)
 
 
 # Conv outputs below this keep a float32 sum of squared deviations finite over 8e7 frames (layer 0 has
 # 3200 per second of audio: about 7 hours)
 GROUP_NORM_LIMIT = 1e15
+
+
+def group_norm_overflow(waveforms: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, 1): NaN for items whose first conv's outputs may pass GROUP_NORM_LIMIT, 0 for the
+    others. Their float32 variance over time would overflow to inf and normalise them to finite,
+    wrong frames; NaN frames are reported by the encoder as an overflow instead. The bound, the
+    largest sample times the largest sum of one channel's |weights|, takes one pass over the audio."""
+    bound = waveforms.detach().flatten(1).abs().amax(1).float()[:, None, None] * \
+        weight.detach().abs().sum(dim=(1, 2)).float().amax()
+    if bias is not None:
+        bound = bound + bias.detach().abs().float().amax()
+    return torch.where(bound > GROUP_NORM_LIMIT, float("nan"), 0.0)
 
 
 class FeatureExtractor(nn.Module):
