@@ -17,6 +17,7 @@ from torch import nn
 
 from audioenc.config import WhisperDims
 from audioenc.models.layers import valid_mask
+from audioenc.models.wav2vec2 import group_norm_overflow
 
 
 class ConvAsMatMul(nn.Module):
@@ -148,6 +149,7 @@ class Conv2dFeatureExtractor(nn.Module):
                 continue
             if norm_type == "group":
                 x = masked_group_norm_nchw(x, lengths, norm.weight, norm.bias, norm.eps)
+                x = x + group_norm_overflow(waveforms, conv.weight, conv.bias).to(x.dtype)[..., None]
             x = nn.functional.gelu(x)
         return x[:, :, 0].transpose(1, 2), lengths
 
@@ -176,6 +178,8 @@ class ChannelLastFeatureExtractor(nn.Module):
             x = conv(x)
             if norm_type == "group":
                 x = masked_group_norm_channel_last(x, lengths, norm.weight, norm.bias, norm.eps)
+                # (k * C_in, C_out) taps as nn.Conv1d's (C_out, k * C_in, 1): each channel's |weights| summed alike
+                x = x + group_norm_overflow(waveforms, conv.weight.t()[:, :, None], conv.bias).to(x.dtype)
             elif norm_type == "layer":
                 x = norm(x)
             x = nn.functional.gelu(x)

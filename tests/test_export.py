@@ -49,6 +49,21 @@ def w2v_graphs(w2v_checkpoints, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("convs_as_matmul", [False, True], ids=["conv2d", "matmul"])
+def test_graphs_give_nan_where_the_first_conv_statistics_would_overflow(convs_as_matmul, w2v_checkpoints, tmp_path):
+    """Graphs that take layer 0's GroupNorm statistics in float32 (float16, TensorRT, `audioenc
+    export` without --fused-attention): an item loud enough to overflow them gives NaN frames, not
+    finite, wrong ones; the other items are untouched."""
+    model, graph = reference_model(w2v_checkpoints["wav2vec2-group"][0]), str(tmp_path / "model.onnx")
+    export.export_onnx(model, graph, num_layers=1, hidden_states=False, convs_as_matmul=convs_as_matmul)
+    waves, lens = padded_batch([4000, 4000], 3)
+    waves[1] *= np.float32(1e20)
+    got = session(graph).run(None, {"waveforms": waves, "lengths": lens})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(waves[:1]), torch.from_numpy(lens[:1]), num_layers=1)[0]
+    assert np.isnan(got[1]).all() and rel_err(torch.from_numpy(got[:1]), want) <= 1e-5
+
+
 @pytest.mark.parametrize("variant", list(W2V_VARIANTS))
 def test_wav2vec2_family_parity(variant, w2v_graphs):
     model, graph = w2v_graphs[variant]
