@@ -91,7 +91,19 @@ def load_from_args(args):
 
     # only a missing --model means random weights: an empty one (an unset shell variable) is an error
     model = f"random:{DEFAULT_ARCHITECTURE}" if args.model is None else args.model
-    return audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype)
+    preprocessor = None if args.do_normalize is None else {"do_normalize": args.do_normalize == "true"}
+    enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype, preprocessor=preprocessor)
+    if enc.family == "whisper" and preprocessor is not None:
+        raise ValueError("--do-normalize is for the wav2vec2 family: Whisper's log-mel has no such setting")
+    return enc
+
+
+def add_model_arguments(parser, model_help: str) -> None:
+    """--model and the settings that go with it, as embed and stream take them."""
+    parser.add_argument("--model", help=model_help)
+    parser.add_argument("--do-normalize", choices=["true", "false"], default=None,
+                        help="wav2vec2 family: whether the waveform is normalised, replacing the checkpoint's "
+                             "preprocessor_config.json (default: the checkpoint's; without one, true, with a warning)")
 
 
 def print_load_notes(enc, args, file=None) -> None:
@@ -151,6 +163,8 @@ def cmd_embed(args) -> int:
         else str(int(args.layer))
     settings = {"model": model, "pool": args.pool, "layer": layer,
                 "dtype": str(enc.backend.dtype).removeprefix("torch.")}
+    if enc.family != "whisper":
+        settings["do_normalize"] = enc.do_normalize
     conflicts = settings_conflicts(args.out, settings, enc.num_layers)
     if conflicts and not args.overwrite:
         print("error: " + "; ".join(f"{d} {why}" for d, why in conflicts) + ": use another --out, or --overwrite "
@@ -373,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     embed = sub.add_parser("embed", help="embed audio files into .npy / .safetensors files")
     embed.add_argument("inputs", nargs="+", help="audio files or directories (searched recursively)")
-    embed.add_argument("--model", help="checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME "
-                                       f"(default: random:{DEFAULT_ARCHITECTURE}, random weights)")
+    add_model_arguments(embed, "checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME "
+                               f"(default: random:{DEFAULT_ARCHITECTURE}, random weights)")
     embed.add_argument("--out", required=True, help="output directory (mirrors the input tree)")
     embed.add_argument("--pool", choices=["mean", "max", "none"], default="mean",
                        help="mean/max over frames -> (dim,), none -> (frames, dim)")
@@ -390,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap on padded audio per batch (longest item x batch size)")
     embed.set_defaults(func=cmd_embed)
     stream = sub.add_parser("stream", help="encode live raw PCM from stdin (or a file at real-time pace)")
-    stream.add_argument("--model", help=f"as for embed (default: random:{DEFAULT_ARCHITECTURE})")
+    add_model_arguments(stream, f"as for embed (default: random:{DEFAULT_ARCHITECTURE})")
     stream.add_argument("--file", help="read this audio file instead of stdin")
     stream.add_argument("--realtime", action="store_true", help="with --file: feed it at real-time pace")
     stream.add_argument("--rate", type=int, default=None, help="stdin sample rate (Hz; default 16000)")

@@ -699,3 +699,30 @@ def test_stream_frames_never_replace_a_file_the_user_did_not_name(tmp_path):
     assert save_frames(str(tmp_path / "x.npy"), frames, overwrite=True) == str(tmp_path / "x-2.npy")
     assert np.load(tmp_path / "x-1.npy").tolist() == [42]
     np.testing.assert_array_equal(np.load(tmp_path / "x-2.npy"), frames)
+
+
+def test_embed_do_normalize_replaces_the_checkpoints_setting(w2v_checkpoints, whisper_checkpoints, tmp_path, capsys):
+    """A checkpoint saved without its feature extractor: normalised by default with a warning that
+    names the flag; --do-normalize false gives what load(..., preprocessor=) gives, and is recorded
+    with the outputs, so a rerun with the other setting into the same --out is refused."""
+    bare = tmp_path / "bare"
+    shutil.copytree(w2v_checkpoints["wav2vec2-group"][0], bare)
+    (bare / "preprocessor_config.json").unlink()
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speech_like(8000, 3), 16000)
+    run = lambda out, *flags: main(["embed", str(wav), "--model", str(bare), "--backend", "torch", "--out",
+                                    str(tmp_path / out), *flags])
+    with pytest.warns(UserWarning, match="--do-normalize false"):
+        assert run("normalised") == 0
+    assert run("raw", "--do-normalize", "false") == 0
+    want = audioenc.load(str(bare), backend="torch", preprocessor={"do_normalize": False}).embed(str(wav))[0]
+    raw = np.load(tmp_path / "raw" / "a.npy")
+    np.testing.assert_array_equal(raw, want)
+    assert not np.allclose(raw, np.load(tmp_path / "normalised" / "a.npy"))
+    capsys.readouterr()
+    assert run("raw", "--do-normalize", "true", "--overwrite") == 0  # replaced, not mixed
+    assert run("raw", "--do-normalize", "false") == 2
+    assert "do_normalize True (now False)" in capsys.readouterr().err
+    assert main(["embed", str(wav), "--model", whisper_checkpoints[80][0], "--do-normalize", "true",
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "--do-normalize is for the wav2vec2 family" in capsys.readouterr().err
