@@ -189,7 +189,7 @@ def cmd_embed(args) -> int:
         for batch in decoded_batches(length_batches(pending, args.batch_size, args.max_batch_seconds), workers):
             audio_s += embed_batch(enc, batch, args, failed, written)
             elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix(audio=f"{audio_s / elapsed:.1f}s/s", refresh=False)  # shown by the update: one line per batch
+            bar.set_postfix(audio=f"{audio_s / elapsed:.1f}s/s", refresh=False)  # shown by the update below
             bar.update(len(batch))
     if conflicts and outputs_in(args.out) <= written:  # every output there is this run's
         try:

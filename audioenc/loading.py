@@ -99,9 +99,8 @@ def preprocessor_of(checkpoint: Checkpoint, name: str, preprocessor) -> dict:
         warnings.warn(f"{name}: no feature extractor settings (preprocessor_config.json) say whether the waveform is "
                       "normalised; normalising it, as transformers' Wav2Vec2FeatureExtractor does by default. If this "
                       "model was trained without (hubert-base, wavlm-base and wavlm-base-plus were), pass "
-                      "preprocessor={'do_normalize': False} to audioenc.load (audioenc embed and stream: --do-normalize false), or "
-                      "save its feature extractor beside it",
-                      stacklevel=3)
+                      "preprocessor={'do_normalize': False} to audioenc.load (audioenc embed and stream: "
+                      "--do-normalize false), or save its feature extractor beside it", stacklevel=3)
     return checkpoint.preprocessor
 
 

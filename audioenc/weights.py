@@ -788,4 +788,3 @@ def parse_conv_feature_layers(spec: str, path: str = "") -> list[tuple[int, int,
     if not layers:
         raise ValueError(f"{path}: fairseq conv_feature_layers {spec!r} has no layers")
     return layers
-
