@@ -9,8 +9,10 @@ import argparse
 import re
 import struct
 
+import pytest
 import torch
-import transformers as T
+
+T = pytest.importorskip("transformers")
 
 W2V_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),

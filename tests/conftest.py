@@ -46,7 +46,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def make_w2v_hf(variant: str, path, task: str = "base"):
     """Saves a tiny random HF model of ``variant`` to ``path``; returns the HF base model."""
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     family, overrides, do_normalize = W2V_VARIANTS[variant]
     names = {"wav2vec2": "Wav2Vec2", "hubert": "Hubert", "wavlm": "WavLM"}[family]
@@ -60,7 +60,7 @@ def make_w2v_hf(variant: str, path, task: str = "base"):
 
 
 def make_whisper_hf(path, n_mels: int = 80):
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     config = transformers.WhisperConfig(num_mel_bins=n_mels, **TINY_WHISPER)
     model = randomize(transformers.WhisperForConditionalGeneration(config))

@@ -7,13 +7,14 @@ import shutil
 import ckpt_factory
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import audioenc
 from audioenc import cache, checkpoint_record, loading
 from audioenc.models import dims_of
 from audioenc.weights import Checkpoint, file_stats
+
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.utils.prune as prune
-import transformers as T
 
 import audioenc
 from audioenc.weights import load_checkpoint, load_hf_dir, parse_conv_feature_layers
 from ckpt_factory import (W2V_KEYS, WHISPER_KEYS, fairseq_checkpoint, openai_checkpoint, randomize,
                           reference_state_dict, w2v_config, whisper_model, write_ct2_bin)
+
+T = pytest.importorskip("transformers")
 
 BASE_CLASSES = {"wav2vec2_group": T.Wav2Vec2Model, "wav2vec2_layer": T.Wav2Vec2Model, "hubert": T.HubertModel,
                 "wavlm": T.WavLMModel}
@@ -622,7 +623,7 @@ def test_transformers_objects_load_like_their_checkpoints(w2v, variant, tmp_path
 
 
 def test_whisper_objects_load_like_their_checkpoints(whisper, tmp_path):
-    import whisper as openai_whisper
+    openai_whisper = pytest.importorskip("whisper")
 
     model, path = whisper[80]
     want = load_checkpoint(path).state_dict
@@ -739,7 +740,7 @@ def test_model_objects_audioenc_cannot_run_as_they_are_are_named(w2v, whisper):
 
 
 def test_wrapped_and_partly_compiled_model_objects_load(w2v, whisper):
-    import whisper as openai_whisper
+    openai_whisper = pytest.importorskip("whisper")
 
     base, path = w2v["wav2vec2_group"]
     want = load_checkpoint(path).state_dict

@@ -283,7 +283,7 @@ def test_long_items_come_back_like_short_ones(w2v_checkpoints):
 
 
 def test_models_without_the_20_ms_hop_refuse_streams_and_long_windows(tmp_path):
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     config = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                          conv_dim=(8, 8, 8), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),

@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 import pytest
-import transformers
 
 from audioenc import _native
 from audioenc.frontend import normalize_waveforms, normalize_waveforms_ref
 from conftest import speech_like
+
+transformers = pytest.importorskip("transformers")
 
 needs_ext = pytest.mark.skipif(_native._C is None, reason=f"native core not built: {_native.import_error}")
 
