@@ -115,8 +115,20 @@ RESIDUAL_EXPERIMENTS = {"float32": {}, "float16": dict(residual_dtype=torch.floa
                         "float16-in-cublas": dict(residual_dtype=torch.float16, residual_in_cublas=True)}
 
 
+def skip_without_mixed_dtype_addmm():
+    """The experiment adds float16 matmuls into a float32 residual with addmm(out_dtype=float32):
+    torch <= 2.9's CUDA kernel refuses those mixed dtypes (pytorch#154086, relaxed by #167931)."""
+    half = torch.zeros(2, 8, device=DEVICE, dtype=torch.float16)
+    try:
+        torch.addmm(torch.zeros(2, 2, device=DEVICE), half, half.t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError) as e:
+        pytest.skip(f"torch {torch.__version__} has no mixed-dtype addmm on CUDA: {str(e).splitlines()[0]}")
+
+
 @pytest.mark.parametrize("experiment", list(RESIDUAL_EXPERIMENTS))
 def test_whisper_float16_error_at_most_twice_torch_float16(experiment, whisper_checkpoints):
+    if ON_GPU and RESIDUAL_EXPERIMENTS[experiment] == dict(residual_in_cublas=True):  # float32 residual
+        skip_without_mixed_dtype_addmm()
     path, _ = whisper_checkpoints[80]
     wave = speech_like(24000, 24)
     truth = load(path, backend="torch").encode(wave, output_hidden_states=True)
