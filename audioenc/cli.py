@@ -7,6 +7,7 @@ import itertools
 import os
 import sys
 
+from audioenc import __version__
 from audioenc.atomic_file import PathTaken, atomic_write
 from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, inside, length_batches, output_paths,
                                   outputs_in, record_settings, remove_records_below, remove_stale_temporaries,
@@ -382,6 +383,7 @@ def cmd_stream(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audioenc", description="Fast inference for pre-trained audio encoders.")
+    parser.add_argument("--version", action="version", version=f"audioenc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what is built and available here")
     info.set_defaults(func=cmd_info)

@@ -415,6 +415,11 @@ def test_info_runs():
     assert f"cache: {os.environ['AUDIOENC_CACHE']}, " in result.stdout
 
 
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "audioenc", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"audioenc {audioenc.__version__}"
+
+
 def test_embed_killed_midway_resumes_without_redoing_or_corrupting(tmp_path):
     import signal
     import time
