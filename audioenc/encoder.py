@@ -14,6 +14,7 @@ from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims, check_prepro
 from audioenc.frontend import log_mel_spectrogram, normalize_waveforms, pcm_to_float32
 from audioenc.models.layers import valid_mask
 from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
+from audioenc.torch_defaults import no_autocast
 
 POOLS = ("mean", "max")
 WHISPER_WINDOWS_PER_RUN = 16  # on a GPU; bounds memory on long audio (the CPU runs one window per call)
@@ -240,9 +241,10 @@ class AudioEncoder:
         """Validated 16 kHz items, each encoded whole (no long-audio windows); ``progress``: a bar over
         Whisper's 30 s windows when an item is longer than one."""
         _torch_on_one_thread_in_forked_children()
-        if self.family == "whisper":
-            return self._encode_whisper(waves, num_layers, output_hidden_states, progress)
-        return self._encode_wav2vec2(waves, num_layers, output_hidden_states)
+        with no_autocast():  # the caller's autocast would run a float32 model in half precision
+            if self.family == "whisper":
+                return self._encode_whisper(waves, num_layers, output_hidden_states, progress)
+            return self._encode_wav2vec2(waves, num_layers, output_hidden_states)
 
     def _windowed_long_audio(self) -> bool:
         """Whisper with no context keeps its own consecutive 30 s windows (_encode_whisper)."""

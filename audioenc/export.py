@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -34,13 +33,14 @@ from audioenc.atomic_file import PathTaken, atomic_write_bytes, move_into_place
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
 from audioenc.config import WhisperDims
+from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
 from audioenc.torch_defaults import float32_on_cpu
 
 log = logging.getLogger(__name__)
-_EXPORT_LOCK = threading.Lock()
+_EXPORT_LOCK = ForkSafeLock(level=1)  # taken inside a backend's lock (level 0)
 
 OPSET = 17
 DTYPES = ("float32", "float16", "int8")
@@ -158,6 +158,13 @@ def check_graph(path: str) -> None:
     bad = forbidden_ops(proto)
     if bad:
         raise ValueError(f"{path}: forbidden ops in the graph: {', '.join(bad[:8])}")
+    # audio in float32 (lengths in int64), frames out in float32, whatever the graph computes inside
+    typed = [v for v in (*proto.graph.input, *proto.graph.output)
+             if v.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)]
+    if typed:
+        raise ValueError(f"{path}: the graph's inputs and outputs must be float32 (lengths int64): "
+                         + ", ".join(f"{v.name} is {onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}"
+                                     for v in typed))
 
 
 # ---------------------------------------------------------------------------------------------------

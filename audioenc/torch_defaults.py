@@ -1,10 +1,12 @@
 """torch's defaults as audioenc's code assumes them while it builds models and graphs: new tensors in
 float32 on the CPU, whatever the caller set (``torch.set_default_dtype(torch.float64)``, a
-``with torch.device("meta")`` block). Without this a random architecture would draw other weights,
-and a model would be built in float64 or on no memory at all."""
+``with torch.device("meta")`` block), and no autocast. Without this a random architecture would draw
+other weights, a model would be built in float64 or on no memory at all, and a graph traced under the
+caller's autocast would compute (and return) half precision."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
@@ -29,10 +31,34 @@ def float32_on_cpu():
     try:
         # torch 2.6's get_default_device() does not see a `with torch.device(...)` block; a new tensor does
         elsewhere = torch.get_default_device().type != "cpu" or torch.empty(0).device.type != "cpu"
-        with torch.device("cpu") if elsewhere else contextlib.nullcontext():
+        with torch.device("cpu") if elsewhere else contextlib.nullcontext(), no_autocast():
             yield
     finally:
         with _lock:
             _inside -= 1
             if _inside == 0:
                 torch.set_default_dtype(_callers_dtype)
+
+
+def _forked_child() -> None:
+    """A fork copies only its own thread: the threads that were inside float32_on_cpu are gone, so the
+    child takes the caller's default dtype back (and a fresh lock, which one of them may have held)."""
+    global _lock, _inside
+    _lock = threading.Lock()
+    if _inside:
+        _inside = 0
+        torch.set_default_dtype(_callers_dtype)
+
+
+os.register_at_fork(after_in_child=_forked_child)
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """Inside: the caller's torch.autocast (per thread) is off, so a float32 model computes in float32
+    and its dtype is what the caller asked of audioenc."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield

@@ -143,6 +143,19 @@ def test_forbidden_op_walk_finds_nested_and_foreign_ops():
     assert any("ATen" in f for f in found) and not any("Relu" in f for f in found)
 
 
+def test_a_graph_whose_outputs_are_not_float32_is_refused(tmp_path):
+    """As one traced under a caller's autocast would be: never cached under a float32 key."""
+    from onnx import TensorProto, helper, save_model
+
+    graph = helper.make_graph([helper.make_node("Cast", ["waveforms"], ["last_hidden_state"], to=TensorProto.FLOAT16)],
+                              "g", [helper.make_tensor_value_info("waveforms", TensorProto.FLOAT, ["b", "t"])],
+                              [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT16, ["b", "t"])])
+    path = str(tmp_path / "half.onnx")
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", export.OPSET)]), path)
+    with pytest.raises(ValueError, match="must be float32 .* last_hidden_state is FLOAT16"):
+        export.check_graph(path)
+
+
 def test_wavlm_position_bias_from_its_table_is_exact(w2v_checkpoints):
     """The bias per clamped distance equals the (T, T) bucket grid's (Hugging Face's computation)."""
     from audioenc.models.wavlm import bucket_of

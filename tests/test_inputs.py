@@ -293,6 +293,24 @@ def test_the_callers_torch_defaults_change_nothing(family, backend, w2v_checkpoi
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("family", ["wav2vec2", "whisper"])
+def test_the_callers_autocast_changes_nothing(family, backend, autocast_dtype, w2v_checkpoints, whisper_checkpoints,
+                                              tmp_path, monkeypatch):
+    """A float32 encoder inside the caller's torch.autocast computes in float32, and a graph exported
+    there (the first call, in an empty cache) is the float32 graph that later calls without it use."""
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    path = whisper_checkpoints[80][0] if family == "whisper" else w2v_checkpoints["wav2vec2-group"][0]
+    wave = speech_like(7000, 3)
+    enc = audioenc.load(path, backend=backend)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        got = enc.encode(wave).last_hidden_state
+    expected = audioenc.load(path, backend=backend).encode(wave).last_hidden_state
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_random_architectures_draw_the_same_weights_from_threads_loading_at_once():
     """torch has one generator and one default dtype per process: two loads at once, one of them
     under a caller's float64 default, must not change each other's weights."""

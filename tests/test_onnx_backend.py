@@ -423,6 +423,47 @@ def test_forked_workers_do_not_hang(backend, w2v_checkpoints, tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+FORK_DURING_EXPORT = """
+import multiprocessing, sys, threading, time, numpy as np, torch, audioenc
+from audioenc import torch_defaults
+enc = audioenc.load(sys.argv[1], backend="onnx")
+wave = np.zeros(16000, np.float32)
+
+def child(_):
+    return torch.get_default_dtype(), enc.encode(wave, output_layer=1).last_hidden_state.shape
+
+def fork_and_run_child():
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.map_async(child, [0]).get(timeout=120)
+
+torch.set_default_dtype(torch.float64)
+export = threading.Thread(target=enc.warmup, kwargs=dict(seconds=1, output_layer=1))  # exports a 1-layer graph
+export.start()
+while not enc.backend.lock.locked():
+    time.sleep(0.001)
+assert fork_and_run_child()[0][1][1] > 0
+load = threading.Thread(target=audioenc.load, args=("random:whisper-tiny",), kwargs=dict(backend="torch"))
+load.start()
+while not torch_defaults._inside:
+    time.sleep(0.001)
+dtype, _ = fork_and_run_child()[0]
+assert dtype == torch.float64, dtype  # the caller's default, not the loading thread's float32
+print("ok")
+"""
+
+
+def test_a_fork_during_an_export_or_a_load_gives_a_working_child(w2v_checkpoints, tmp_path):
+    """A pre-forking server that forks while a warm-up thread exports a graph: the fork waits for the
+    export, and the child's encodes do not hang on a lock it inherited held; a load in another thread
+    leaves the child the caller's default dtype."""
+    script = tmp_path / "fork_during_export.py"
+    script.write_text(FORK_DURING_EXPORT)
+    env = dict(os.environ, AUDIOENC_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0]], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_an_encoder_cannot_be_pickled_or_copied_and_says_so(w2v_checkpoints):
     import copy
     import pickle

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from audioenc.backends import import_problem, resolve_dtype
 from audioenc.config import WhisperDims
 from audioenc.cpu import TRIM_AFTER_SAMPLES, return_freed_memory, usable_cores
 from audioenc.export import ExportSpec
+from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.reference_weights import ReferenceWeights
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -55,7 +55,7 @@ class OnnxBackend:
         self.reference = ReferenceWeights(model)  # released once a session holds the weights
         self.sessions: dict[tuple[int, bool], object] = {}  # (num_layers, hidden_states) -> session
         self.untrimmed: set[tuple[int, bool]] = set()  # sessions that ran past TRIM_AFTER_SAMPLES since a trim
-        self.lock = threading.Lock()
+        self.lock = ForkSafeLock(level=0)  # held while a graph is exported: a fork waits for it
 
     def __repr__(self) -> str:
         return f"OnnxBackend({self.dims.family}, {self.dtype}, {self.providers[0]})"

@@ -84,8 +84,9 @@ def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, weight: torch.Tens
     statistics it would get alone. Statistics in float32.
     """
     # No padding: torch's fused kernel. An exported graph always takes the masked path, since a traced
-    # branch would be frozen to the example's choice.
-    if not torch.onnx.is_in_onnx_export() and bool((lengths == x.shape[-1]).all()):
+    # branch would be frozen to the example's choice. (is_tracing is per thread: an export in another
+    # thread does not change this one's path.)
+    if not torch.jit.is_tracing() and bool((lengths == x.shape[-1]).all()):
         return F.group_norm(x.float(), x.shape[1], weight.float(), bias.float(), eps).to(x.dtype)
     valid = valid_mask(lengths, x.shape[-1]).to(torch.float32)[:, None, :]
     count = valid.sum(-1, keepdim=True).clamp(min=1)
