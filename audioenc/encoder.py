@@ -11,7 +11,7 @@ import torch
 
 from audioenc.audio import SAMPLE_RATE, to_waveforms
 from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims, check_preprocessor
-from audioenc.frontend import log_mel_spectrogram, normalize_waveforms, pcm_to_float32
+from audioenc.frontend import normalize_waveforms, pcm_to_float32, window_log_mel
 from audioenc.models.layers import valid_mask
 from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 from audioenc.torch_defaults import no_autocast
@@ -371,11 +371,7 @@ class AudioEncoder:
         long = len(windows) > len(waves)  # some item is over 30 s: a bar, as long wav2vec2-family items get
         with tqdm(total=len(windows), unit="window", desc="encode", disable=not (progress and long)) as bar:
             for run in runs:
-                batch = np.zeros((len(run), size), dtype=np.float32)
-                for row, i in zip(batch, run):
-                    w = windows[i]
-                    row[: len(w)] = pcm_to_float32(w)
-                mel = log_mel_spectrogram(torch.from_numpy(batch).to(self.backend.device), self.dims.n_mels)
+                mel = window_log_mel([windows[i] for i in run], size, self.dims.n_mels, self.backend.device)
                 out, hidden_states, _ = self.backend.run(mel, None, num_layers, output_hidden_states)
                 outputs.append(out)
                 if output_hidden_states:

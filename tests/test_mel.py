@@ -137,6 +137,29 @@ def test_torch_fallback_matches_native(monkeypatch):
         log_mel_spectrogram(np.full(500, np.nan, np.float32))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_window_log_mel_equals_the_zero_padded_window(native, monkeypatch):
+    """Whisper's 30 s window computed only where it has audio, then its zero frame copied: the same
+    values as the whole padded window (bit for bit on the native path), for items that end anywhere."""
+    if native and _C is None:
+        pytest.skip("native core not built")
+    if not native:
+        monkeypatch.setattr(fe, "_C", None)
+    rng = np.random.default_rng(5)
+    window = 480_000
+    for n in (1, 160, 401, 16_000, 479_200, 479_601, window):
+        items = [signal("speech", n, rng), np.zeros(max(1, n // 3), np.float32), signal("noise", max(1, n - 999), rng)]
+        padded = np.zeros((len(items), window), np.float32)
+        for row, w in zip(padded, items):
+            row[: len(w)] = w
+        got, want = fe.window_log_mel(items, window, 80, "cpu"), log_mel_spectrogram(padded)
+        assert got.shape == want.shape == (3, 80, 3000)
+        if native:
+            assert torch.equal(got, want), n
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def test_bad_input():
     x = signal("noise", 1000, np.random.default_rng())
     with pytest.raises(ValueError, match="16000"):
