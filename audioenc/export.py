@@ -332,7 +332,7 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str, external: bo
                 save_onnx(to_half(fp32), path, external)
             else:
                 bar.set_postfix_str("quantising to int8")
-                quantize_int8(fp32, path, external)
+                quantize_int8(fp32, path, external, example_inputs(model.dims, batch=1))
             bar.update()
             for name in os.listdir(directory):
                 if name.startswith("fp32.onnx"):

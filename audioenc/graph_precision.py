@@ -16,6 +16,12 @@ FP16_MAX = 65504.0
 FP16_HEADROOM = 4.0  # fail when an activation comes within this factor of the fp16 maximum
 HALF_OPS = ("MatMul", "Gemm", "Conv")  # run in fp16 by the half-precision graph; everything else stays fp32
 QUANTIZE_MIN_ROWS = 64  # int8 MatMuls need a reduction at least this long to pay for quantising their input
+# An input whose largest channel peak is this many times its median channel's peak (measured at export
+# on the model's own weights) has outlier channels, as trained encoders' LayerNorm outputs and fc2 inputs
+# do: one int8 scale per call would leave its ordinary channels a few steps. (Random weights: 6-12;
+# emulated outliers: 36 and up. max / RMS tells them apart less well: the outliers inflate the RMS too.)
+OUTLIER_RATIO = 20.0
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength: the outlier range is split evenly between input and weight
 
 
 def to_half(fp32_path: str):
@@ -94,48 +100,126 @@ def half_activation_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[
     measured on the fp32 graph (so an overflow shows as a large finite number, not inf)."""
     import onnx
     from onnx import helper
-    import onnxruntime as ort
 
     proto = onnx.load(fp32_path, load_external_data=False)  # weights past 2 GB cannot pass through protobuf
     watched = half_op_activations(proto)
-    # Each watched value is reduced to its max |value| inside the graph, right after the node that
-    # makes it, and only those scalars are outputs, so activations are freed as the run goes: as
-    # outputs, or reduced at the end, whisper-large-v3's attention matrices would take over 20 GB.
-    peak_outputs: dict[str, str] = {}  # output name -> layer
-    graph_inputs = [i.name for i in proto.graph.input]
 
-    def reduce(name):
-        i = len(peak_outputs)
-        abs_name, peak_name = f"peaks/abs_{i}", f"peaks/max_{i}"
-        peak_outputs[peak_name] = watched[name]
-        return [helper.make_node("Abs", [name], [abs_name], name=abs_name),
-                helper.make_node("ReduceMax", [abs_name], [peak_name], name=peak_name, keepdims=0)]
+    def peak(name, prefix):
+        return [helper.make_node("Abs", [name], [prefix + "abs"], name=prefix + "abs"),
+                helper.make_node("ReduceMax", [prefix + "abs"], [prefix + "max"], name=prefix + "max", keepdims=0)]
 
-    nodes = [n for name in graph_inputs if name in watched for n in reduce(name)]
+    peaks: dict[str, float] = {}
+    for name, value in reduced_activations(proto, fp32_path, watched, peak, feeds):
+        peaks[watched[name]] = max(peaks.get(watched[name], 0.0), float(value))
+    for name, value in feeds.items():
+        if value.dtype == np.float32:
+            peaks["embeddings"] = max(peaks.get("embeddings", 0.0), float(np.abs(value).max()))
+    return peaks
+
+
+def matmul_channel_peaks(fp32_path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """activation -> max |value| of each channel, for the inputs of the MatMuls that int8 quantises,
+    measured on the fp32 graph."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(fp32_path, load_external_data=False)
+    channels = {node.input[0]: int(weight.dims[0]) for node, weight in quantizable_matmuls(proto)}
+
+    def peak_per_channel(name, prefix):
+        shape = numpy_helper.from_array(np.array([-1, channels[name]], np.int64))
+        return [helper.make_node("Constant", [], [prefix + "shape"], value=shape, name=prefix + "shape"),
+                helper.make_node("Reshape", [name, prefix + "shape"], [prefix + "rows"], name=prefix + "rows"),
+                helper.make_node("Abs", [prefix + "rows"], [prefix + "abs"], name=prefix + "abs"),
+                helper.make_node("ReduceMax", [prefix + "abs"], [prefix + "max"], axes=[0], keepdims=0,
+                                 name=prefix + "max")]
+
+    return dict(reduced_activations(proto, fp32_path, channels, peak_per_channel, feeds))
+
+
+def reduced_activations(proto, fp32_path: str, watched, reduce,
+                        feeds: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """Runs the graph ``proto`` (loaded from ``fp32_path`` without its weights) on ``feeds`` and returns
+    (name, reduce's output) for each activation in ``watched``. ``reduce(name, prefix)`` gives the nodes
+    that reduce it, whose last output is prefix + "max". Each reduction runs inside the graph right after
+    the node that makes its activation, and only the reductions are outputs, so activations are freed
+    as the run goes: as outputs, or reduced at the end, whisper-large-v3's attention matrices would
+    take over 20 GB."""
+    import onnx
+    import onnxruntime as ort
+
+    names: list[str] = []
+
+    def reduced(name):
+        prefix = f"reduced/{len(names)}_"
+        names.append(name)
+        return reduce(name, prefix)
+
+    nodes = [n for name in (i.name for i in proto.graph.input) if name in watched for n in reduced(name)]
     for node in proto.graph.node:
         nodes.append(node)
-        nodes.extend(n for name in node.output if name in watched for n in reduce(name))
+        nodes.extend(n for name in node.output if name in watched for n in reduced(name))
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in peak_outputs)
+    outputs = [f"reduced/{i}_max" for i in range(len(names))]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     # Saved beside the graph, so that its external weights file (if any) resolves.
-    watching = fp32_path + ".peaks.onnx"
+    watching = fp32_path + ".reduced.onnx"
     onnx.save_model(proto, watching)
     try:
         options = ort.SessionOptions()
         # onnxruntime's default order would run the reductions last, after every other node
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         session = ort.InferenceSession(watching, options, providers=["CPUExecutionProvider"])
-        values = session.run(list(peak_outputs), feeds)
+        values = session.run(outputs, feeds)
     finally:
         os.remove(watching)
-    peaks: dict[str, float] = {}
-    for layer, value in zip(peak_outputs.values(), values):
-        peaks[layer] = max(peaks.get(layer, 0.0), float(value))
-    for name, value in feeds.items():
-        if value.dtype == np.float32:
-            peaks["embeddings"] = max(peaks.get("embeddings", 0.0), float(np.abs(value).max()))
-    return peaks
+    return list(zip(names, values))
+
+
+def outlier_ratio(peaks: np.ndarray) -> float:
+    """Largest channel peak over the median channel's."""
+    median = float(np.median(peaks))
+    return float(peaks.max() / median) if median > 0 else 0.0
+
+
+def smoothing_scales(proto, peaks: dict[str, np.ndarray], folder: str = "") -> dict[str, np.ndarray]:
+    """activation -> SmoothQuant per-channel scales s for each quantised input with outlier channels:
+    the graph quantises x / s and multiplies by s * W, the same product in float, with the outliers'
+    range moved from the one per-call activation scale into the per-channel weight scales. An input
+    whose weights another input shares is left alone."""
+    weight_rows: dict[str, np.ndarray] = {}  # input -> max |weight| per input channel, over its MatMuls
+    inputs_of: dict[str, set] = {}
+    for node, weight in quantizable_matmuls(proto):
+        x = node.input[0]
+        if x in peaks and outlier_ratio(peaks[x]) > OUTLIER_RATIO:
+            weight_rows[x] = np.maximum(weight_rows.get(x, 0.0), np.abs(_float_weight(weight, folder)).max(axis=1))
+        inputs_of.setdefault(weight.name, set()).add(x)
+    shared = {x for xs in inputs_of.values() if len(xs) > 1 for x in xs}
+    scales = {}
+    for x, w in weight_rows.items():
+        if x in shared:
+            continue
+        # a channel quiet on the example input may not be on speech: floored, its x / s grows at most ~3x
+        peak = np.maximum(peaks[x].astype(np.float64), 0.1 * np.median(peaks[x]))
+        s = peak ** SMOOTH_ALPHA / np.maximum(w.astype(np.float64), 1e-5) ** (1 - SMOOTH_ALPHA)
+        scales[x] = (s / np.exp(np.log(s).mean())).astype(np.float32)  # geometric mean 1
+    return scales
+
+
+def quantizable_matmuls(proto):
+    """(node, weight) of each MatMul that quantize_matmuls rewrites: a constant 2-D float weight of at
+    least QUANTIZE_MIN_ROWS rows that only MatMuls multiply by."""
+    from onnx import TensorProto
+
+    other_uses = {name for node in proto.graph.node for i, name in enumerate(node.input)
+                  if node.op_type != "MatMul" or i != 1}
+    weights = {init.name: init for init in proto.graph.initializer if init.name not in other_uses}
+    for node in proto.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if (weight is not None and len(weight.dims) == 2 and weight.dims[0] >= QUANTIZE_MIN_ROWS
+                and weight.data_type == TensorProto.FLOAT):
+            yield node, weight
 
 
 def check_half_headroom(peaks: dict[str, float]) -> None:
@@ -148,12 +232,15 @@ def check_half_headroom(peaks: dict[str, float]) -> None:
                          f"{FP16_MAX:g} ({detail}); use float32 (or bfloat16 on the torch or triton backend)")
 
 
-def quantize_int8(fp32_path: str, path: str, external: bool = False) -> None:
+def quantize_int8(fp32_path: str, path: str, external: bool = False,
+                  feeds: dict[str, np.ndarray] | None = None) -> None:
     """Dynamic int8 quantisation of the MatMul weights (per output channel); activations are
-    quantised per call. Where ``fp32_path`` is exported with ``convs_as_matmul`` (build_graph does
-    so for layer-norm models: export.int8_convs), the feature encoder's convs are MatMuls and are
-    quantised too, except the first (its input is the waveform, its reduction only kernel-size
-    long); the attention products (no constant weight), LayerNorm, softmax and GELU stay fp32.
+    quantised per call. With ``feeds`` (example inputs), the fp32 graph runs once to find the inputs
+    with outlier channels, which are smoothed first (smoothing_scales). Where ``fp32_path`` is
+    exported with ``convs_as_matmul`` (build_graph does so for layer-norm models: export.int8_convs),
+    the feature encoder's convs are MatMuls and are quantised too, except the first (its input is the
+    waveform, its reduction only kernel-size long); the attention products (no constant weight),
+    LayerNorm, softmax and GELU stay fp32.
     ``external``: as save_onnx takes it."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
@@ -166,13 +253,14 @@ def quantize_int8(fp32_path: str, path: str, external: bool = False) -> None:
     # The inferred shapes let onnxruntime fuse more (e.g. residual add + LayerNorm), as
     # quantize_dynamic's graphs do; inference needs the weights' shapes only.
     proto = onnx.shape_inference.infer_shapes(onnx.load(fp32_path, load_external_data=False))
-    quantize_matmuls(proto, int8_reduce_range(), folder)
+    smooth = smoothing_scales(proto, matmul_channel_peaks(fp32_path, feeds), folder) if feeds is not None else {}
+    quantize_matmuls(proto, int8_reduce_range(), folder, smooth)
     load_external_data_for_model(proto, folder)
     quantize_before_gather(proto)
     save_onnx(proto, path, external)
 
 
-def quantize_matmuls(proto, reduce_range: bool, folder: str = "") -> int:
+def quantize_matmuls(proto, reduce_range: bool, folder: str = "", smooth: dict | None = None) -> int:
     """Rewrites each MatMul with a constant 2-D float weight of at least QUANTIZE_MIN_ROWS rows as
     DynamicQuantizeLinear (once per input) -> MatMulInteger -> Cast -> Mul by both scales: the graph
     onnxruntime's quantize_dynamic writes (per-channel symmetric int8 weights), which its session
@@ -184,25 +272,26 @@ def quantize_matmuls(proto, reduce_range: bool, folder: str = "") -> int:
     reduce_range: 7-bit weights. int8 weights run on the u8 x s8 kernels; without VNNI, x86
     multiplies them with vpmaddubsw, whose int16 pair sums saturate, and 7 bits keep every sum exact.
     folder: where weights stored outside the graph file are, read as each is quantised.
+    smooth: activation -> per-channel scales s (smoothing_scales): x / s is quantised, s * W the weight.
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    # Weights that only MatMuls multiply by (a weight used elsewhere too stays float32).
-    other_uses = {name for node in proto.graph.node for i, name in enumerate(node.input)
-                  if node.op_type != "MatMul" or i != 1}
-    weights = {init.name: init for init in proto.graph.initializer if init.name not in other_uses}
+    smooth = smooth or {}
+    weights = {weight.name: weight for _, weight in quantizable_matmuls(proto)}
     limit = 64 if reduce_range else 127  # quantize_dynamic's symmetric ranges: [-64, 64], [-127, 127]
     quantized_weights: dict[str, tuple[str, str, str]] = {}  # float name -> int8, scale, zero point
     quantized_inputs: dict[str, tuple[str, str, str]] = {}  # activation -> uint8, scale, zero point
     nodes, rewritten = [], 0
     for node in proto.graph.node:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
-        if (weight is None or len(weight.dims) != 2 or weight.dims[0] < QUANTIZE_MIN_ROWS
-                or weight.data_type != TensorProto.FLOAT):
+        if weight is None:
             nodes.append(node)
             continue
+        x = node.input[0]
         if weight.name not in quantized_weights:
             w = _float_weight(weight, folder)
+            if x in smooth:
+                w = w * smooth[x][:, None]
             # float64 range over float64 steps, then float32: quantize_dynamic's scales, bit for bit
             scale = (2 * np.abs(w).max(axis=0).astype(np.float64) / (2 * limit)).astype(np.float32)
             scale[scale < np.finfo(np.float32).tiny] = 1.0  # an all-zero column
@@ -211,10 +300,14 @@ def quantize_matmuls(proto, reduce_range: bool, folder: str = "") -> int:
             proto.graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
                                             numpy_helper.from_array(np.zeros_like(q[0]), names[2])])
             quantized_weights[weight.name] = names
-        x = node.input[0]
         if x not in quantized_inputs:  # right before its first use: the input exists by then
             quantized_inputs[x] = (x + "_quantized", x + "_scale", x + "_zero_point")
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(quantized_inputs[x]),
+            source = x
+            if x in smooth:
+                proto.graph.initializer.append(numpy_helper.from_array(1 / smooth[x], x + "_smoothing"))
+                source = x + "_smoothed"
+                nodes.append(helper.make_node("Mul", [x, x + "_smoothing"], [source], name=source))
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [source], list(quantized_inputs[x]),
                                           name=x + "_QuantizeLinear"))
         xq, x_scale, x_zero = quantized_inputs[x]
         wq, w_scale, w_zero = quantized_weights[weight.name]

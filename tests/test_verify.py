@@ -54,10 +54,21 @@ def test_layer_errors_use_valid_frames_only():
     ref = torch.randn(2, 5, 4)
     ours = ref.clone()
     ours[1, 3:] = 100.0  # padding: ignored
-    assert layer_errors(ours, ref, torch.tensor([5, 3])) == (0.0, 0.0, pytest.approx(1.0))
+    assert layer_errors(ours, ref, torch.tensor([5, 3])) == (0.0, 0.0, pytest.approx(1.0), pytest.approx(1.0))
     ours[0, 0, 0] += 1.0
-    max_abs, rel, cos = layer_errors(ours, ref, torch.tensor([5, 3]))
-    assert max_abs == pytest.approx(1.0) and rel > 0 and cos < 1
+    max_abs, rel, cos, standardized = layer_errors(ours, ref, torch.tensor([5, 3]))
+    assert max_abs == pytest.approx(1.0) and rel > 0 and cos < 1 and standardized < 1
+
+
+def test_the_standardized_cosine_sees_what_outlier_channels_hide():
+    """One channel 1000x the rest: noise of the others' size on those others barely moves the plain
+    cosine, and halves the standardised one."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 200, 64, generator=gen)
+    ref[..., 0] = 1000 + torch.randn(200, generator=gen)
+    ours = ref + torch.randn(ref.shape, generator=gen) * torch.tensor([0.0] + [1.0] * 63)
+    _, _, cos, standardized = layer_errors(ours, ref, torch.tensor([200]))
+    assert cos > 0.9999 and standardized < 0.75
 
 
 def test_generated_audio_is_fresh_and_has_the_shortest_input():
