@@ -280,12 +280,14 @@ def entry_problem(entry: str, key: str) -> str | None:
 
 def check_disk_space(model: nn.Module, spec: ExportSpec, directory: str) -> None:
     """OSError (ENOSPC) unless ``directory``'s disk can hold the export at its peak: the float32
-    weights once (the trace's files are gone before the graph is saved), half as much again while a
-    float16 or int8 graph is made from the float32 one. A disk that fills up mid-trace leaves
+    weights once (the trace's files are gone before the graph is saved), twice for a float16 or int8
+    graph: the float32 one runs once as a copy with its activations' reductions added (graph_precision.
+    reduced_activations; weights that fit in the graph file are copied with it), then the smaller
+    graph is written beside it. A disk that fills up mid-trace leaves
     weights silently empty (the tracer's writer does not report it; onnx's checker then fails with a
     puzzling message), so this is checked first."""
     weights = sum(t.numel() * 4 for t in model.state_dict().values())
-    needed = weights * (1.0 if spec.dtype == "float32" else 1.5) * 1.1 + (64 << 20)
+    needed = weights * (1.0 if spec.dtype == "float32" else 2.0) * 1.1 + (64 << 20)
     free = shutil.disk_usage(directory).free
     if free < needed:
         place = os.path.dirname(os.path.abspath(directory))  # the export's own temporary folder is inside it

@@ -13,21 +13,28 @@ import os
 import threading
 import weakref
 
+# Guards _live, and is held by a forking thread from its before hook to its after hook, so that two
+# threads forking at once take the locks one fork after the other.
+_forking = threading.Lock()
 _live: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
-_taken: list[ForkSafeLock] = []  # by the forking thread, between the fork's before and after hooks
+_taken: list[ForkSafeLock] = []  # by the fork in progress
 
 
 class ForkSafeLock:
     def __init__(self, level: int):
         self.level = level
         self._lock = threading.Lock()
-        _live.add(self)
+        self._owner: int | None = None  # the thread that holds it
+        with _forking:
+            _live.add(self)
 
     def __enter__(self) -> ForkSafeLock:
         self._lock.acquire()
+        self._owner = threading.get_ident()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._owner = None
         self._lock.release()
 
     def locked(self) -> bool:
@@ -35,7 +42,9 @@ class ForkSafeLock:
 
 
 def _before_fork() -> None:
-    _taken[:] = sorted(_live, key=lambda lock: lock.level)
+    _forking.acquire()
+    me = threading.get_ident()  # a lock the forking thread holds itself is its own to release, in both
+    _taken[:] = sorted((lock for lock in _live if lock._owner != me), key=lambda lock: lock.level)
     for lock in _taken:
         lock._lock.acquire()
 
@@ -44,6 +53,7 @@ def _after_fork() -> None:
     for lock in reversed(_taken):
         lock._lock.release()
     _taken.clear()
+    _forking.release()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)

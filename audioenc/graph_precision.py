@@ -187,7 +187,8 @@ def smoothing_scales(proto, peaks: dict[str, np.ndarray], folder: str = "") -> d
     """activation -> SmoothQuant per-channel scales s for each quantised input with outlier channels:
     the graph quantises x / s and multiplies by s * W, the same product in float, with the outliers'
     range moved from the one per-call activation scale into the per-channel weight scales. An input
-    whose weights another input shares is left alone."""
+    whose weights another input shares is left alone. The taps a conv-as-MatMul gathers share their
+    source channel's scale, so that the source is scaled once, before the gather (smooth_inputs)."""
     weight_rows: dict[str, np.ndarray] = {}  # input -> max |weight| per input channel, over its MatMuls
     inputs_of: dict[str, set] = {}
     for node, weight in quantizable_matmuls(proto):
@@ -196,15 +197,65 @@ def smoothing_scales(proto, peaks: dict[str, np.ndarray], folder: str = "") -> d
             weight_rows[x] = np.maximum(weight_rows.get(x, 0.0), np.abs(_float_weight(weight, folder)).max(axis=1))
         inputs_of.setdefault(weight.name, set()).add(x)
     shared = {x for xs in inputs_of.values() if len(xs) > 1 for x in xs}
+    producer = {out: node for node in proto.graph.node for out in node.output}
     scales = {}
     for x, w in weight_rows.items():
         if x in shared:
             continue
+        taps = len(gathered_taps(producer, x)[1]) or 1  # rows ordered tap-major, then channel
+        peak = peaks[x].reshape(taps, -1).max(axis=0).astype(np.float64)
+        w = w.reshape(taps, -1).max(axis=0).astype(np.float64)
         # a channel quiet on the example input may not be on speech: floored, its x / s grows at most ~3x
-        peak = np.maximum(peaks[x].astype(np.float64), 0.1 * np.median(peaks[x]))
-        s = peak ** SMOOTH_ALPHA / np.maximum(w.astype(np.float64), 1e-5) ** (1 - SMOOTH_ALPHA)
-        scales[x] = (s / np.exp(np.log(s).mean())).astype(np.float32)  # geometric mean 1
+        peak = np.maximum(peak, 0.1 * np.median(peak))
+        s = peak ** SMOOTH_ALPHA / np.maximum(w, 1e-5) ** (1 - SMOOTH_ALPHA)
+        scales[x] = np.tile(s / np.exp(np.log(s).mean()), taps).astype(np.float32)  # geometric mean 1
     return scales
+
+
+def gathered_taps(producer: dict, x: str) -> tuple[str | None, list]:
+    """(source, slices) when ``x`` is a conv-as-MatMul's gathered taps, a Concat of Slices of one
+    source (graph_modules writes them so), else (None, [])."""
+    concat = producer.get(x)
+    if concat is None or concat.op_type != "Concat":
+        return None, []
+    slices = [producer.get(name) for name in concat.input]
+    if not all(s is not None and s.op_type == "Slice" for s in slices) or len({s.input[0] for s in slices}) != 1:
+        return None, []
+    return slices[0].input[0], slices
+
+
+def smooth_inputs(proto, scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Divides each input in ``scales`` by its scales, right after the node that makes it, for the
+    quantised MatMuls that read it (its other readers keep it as it is); gathered taps are divided at
+    their source, so quantize_before_gather still quantises the source once. Returns weight name ->
+    the factors its rows are multiplied by (quantize_matmuls)."""
+    from onnx import helper, numpy_helper
+
+    graph_nodes = list(proto.graph.node)  # one wrapper per node, so id() identifies it below
+    producer = {out: node for node in graph_nodes for out in node.output}
+    readers = {}  # input -> its quantised MatMuls
+    for node, weight in quantizable_matmuls(proto):
+        readers.setdefault(node.input[0], []).append((node, weight))
+    after: dict[int | None, list] = {}  # id of the node making a tensor (None: a graph input) -> its Mul
+    row_factors = {}
+    for x, s in scales.items():
+        source, slices = gathered_taps(producer, x)
+        tensor, factor = (source, s[: len(s) // len(slices)]) if source else (x, s)
+        smoothed = tensor + "_smoothed"
+        proto.graph.initializer.append(numpy_helper.from_array((1 / factor).astype(np.float32), smoothed + "_by"))
+        made_by = producer.get(tensor)
+        after.setdefault(id(made_by) if made_by is not None else None, []).append(
+            helper.make_node("Mul", [tensor, smoothed + "_by"], [smoothed], name=smoothed))
+        for reader in slices if source else [node for node, _ in readers[x]]:
+            reader.input[0] = smoothed
+        row_factors.update((weight.name, s) for _, weight in readers[x])
+    nodes = list(after.get(None, []))
+    for node in graph_nodes:
+        nodes.append(node)
+        nodes.extend(after.get(id(node), []))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return row_factors
 
 
 def quantizable_matmuls(proto):
@@ -253,14 +304,16 @@ def quantize_int8(fp32_path: str, path: str, external: bool = False,
     # The inferred shapes let onnxruntime fuse more (e.g. residual add + LayerNorm), as
     # quantize_dynamic's graphs do; inference needs the weights' shapes only.
     proto = onnx.shape_inference.infer_shapes(onnx.load(fp32_path, load_external_data=False))
-    smooth = smoothing_scales(proto, matmul_channel_peaks(fp32_path, feeds), folder) if feeds is not None else {}
-    quantize_matmuls(proto, int8_reduce_range(), folder, smooth)
+    row_factors = {}
+    if feeds is not None:
+        row_factors = smooth_inputs(proto, smoothing_scales(proto, matmul_channel_peaks(fp32_path, feeds), folder))
+    quantize_matmuls(proto, int8_reduce_range(), folder, row_factors)
     load_external_data_for_model(proto, folder)
     quantize_before_gather(proto)
     save_onnx(proto, path, external)
 
 
-def quantize_matmuls(proto, reduce_range: bool, folder: str = "", smooth: dict | None = None) -> int:
+def quantize_matmuls(proto, reduce_range: bool, folder: str = "", row_factors: dict | None = None) -> int:
     """Rewrites each MatMul with a constant 2-D float weight of at least QUANTIZE_MIN_ROWS rows as
     DynamicQuantizeLinear (once per input) -> MatMulInteger -> Cast -> Mul by both scales: the graph
     onnxruntime's quantize_dynamic writes (per-channel symmetric int8 weights), which its session
@@ -272,11 +325,11 @@ def quantize_matmuls(proto, reduce_range: bool, folder: str = "", smooth: dict |
     reduce_range: 7-bit weights. int8 weights run on the u8 x s8 kernels; without VNNI, x86
     multiplies them with vpmaddubsw, whose int16 pair sums saturate, and 7 bits keep every sum exact.
     folder: where weights stored outside the graph file are, read as each is quantised.
-    smooth: activation -> per-channel scales s (smoothing_scales): x / s is quantised, s * W the weight.
+    row_factors: weight name -> factors its rows are multiplied by first (smooth_inputs).
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    smooth = smooth or {}
+    row_factors = row_factors or {}
     weights = {weight.name: weight for _, weight in quantizable_matmuls(proto)}
     limit = 64 if reduce_range else 127  # quantize_dynamic's symmetric ranges: [-64, 64], [-127, 127]
     quantized_weights: dict[str, tuple[str, str, str]] = {}  # float name -> int8, scale, zero point
@@ -290,8 +343,8 @@ def quantize_matmuls(proto, reduce_range: bool, folder: str = "", smooth: dict |
         x = node.input[0]
         if weight.name not in quantized_weights:
             w = _float_weight(weight, folder)
-            if x in smooth:
-                w = w * smooth[x][:, None]
+            if weight.name in row_factors:
+                w = w * row_factors[weight.name][:, None]
             # float64 range over float64 steps, then float32: quantize_dynamic's scales, bit for bit
             scale = (2 * np.abs(w).max(axis=0).astype(np.float64) / (2 * limit)).astype(np.float32)
             scale[scale < np.finfo(np.float32).tiny] = 1.0  # an all-zero column
@@ -302,12 +355,7 @@ def quantize_matmuls(proto, reduce_range: bool, folder: str = "", smooth: dict |
             quantized_weights[weight.name] = names
         if x not in quantized_inputs:  # right before its first use: the input exists by then
             quantized_inputs[x] = (x + "_quantized", x + "_scale", x + "_zero_point")
-            source = x
-            if x in smooth:
-                proto.graph.initializer.append(numpy_helper.from_array(1 / smooth[x], x + "_smoothing"))
-                source = x + "_smoothed"
-                nodes.append(helper.make_node("Mul", [x, x + "_smoothing"], [source], name=source))
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [source], list(quantized_inputs[x]),
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(quantized_inputs[x]),
                                           name=x + "_QuantizeLinear"))
         xq, x_scale, x_zero = quantized_inputs[x]
         wq, w_scale, w_zero = quantized_weights[weight.name]

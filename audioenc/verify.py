@@ -91,9 +91,11 @@ def layer_errors(ours: torch.Tensor, ref: torch.Tensor,
     diff = a - b
     rel = float(diff.norm() / b.norm()) if b.norm() > 0 else float(diff.norm())
     cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
-    mean, std = b.mean(0), b.std(0, correction=0)
-    std[std == 0] = 1  # a constant channel: compared as it is, less its mean
-    standardized = float(torch.nn.functional.cosine_similarity((a - mean) / std, (b - mean) / std, dim=-1).mean())
+    standardized = math.nan  # one frame has no spread to standardise by
+    if len(b) > 1:
+        mean, std = b.mean(0), b.std(0)
+        std = std.clamp(min=1e-3 * float(std.median()) or 1.0)  # a (nearly) constant channel: not a huge weight
+        standardized = float(torch.nn.functional.cosine_similarity((a - mean) / std, (b - mean) / std, dim=-1).mean())
     return float(diff.abs().max()), rel, cosine, standardized
 
 
