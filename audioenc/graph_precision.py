@@ -405,15 +405,12 @@ def quantize_before_gather(proto) -> int:
             uses[name] = uses.get(name, 0) + 1
     rewrites = {}  # id of a DynamicQuantizeLinear -> (its replacement, the node that makes the gathered input)
     for node in graph_nodes:
-        concat = producer.get(node.input[0]) if node.op_type == "DynamicQuantizeLinear" else None
-        if concat is None or concat.op_type != "Concat" or uses[concat.output[0]] != 1:
+        if node.op_type != "DynamicQuantizeLinear":
             continue
-        slices = [producer.get(name) for name in concat.input]
-        if not all(s is not None and s.op_type == "Slice" and uses[s.output[0]] == 1 for s in slices):
+        source, slices = gathered_taps(producer, node.input[0])
+        concat = producer.get(node.input[0])
+        if source is None or uses[concat.output[0]] != 1 or any(uses[s.output[0]] != 1 for s in slices):
             continue
-        if len({s.input[0] for s in slices}) != 1:
-            continue
-        source = slices[0].input[0]
         quantized = node.output[0] + "_source"
         new = helper.make_node("DynamicQuantizeLinear", [source], [quantized, *node.output[1:]], name=node.name + "_source")
         for s in slices:
