@@ -4,6 +4,7 @@ Used for embeddings, exports, cache metadata, checkpoint records and TensorRT en
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 
 TMP_PREFIX = ".audioenc-tmp-"
@@ -19,7 +20,10 @@ def atomic_write(path: str, write, replace: bool = True) -> None:
     tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
     try:
         open(tmp, "xb").close()
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # the umask's, as open made it
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that replaced the file with a private one of
+            os.chmod(tmp, mode)                         # its own (safetensors >= 0.8's save_file makes it 0600)
         move_into_place(tmp, path, replace)
     except BaseException:
         if os.path.exists(tmp):

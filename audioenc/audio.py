@@ -42,10 +42,18 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     problem = truncation(path)  # the header alone tells: before decoding
     if problem:
         raise ValueError(f"{path}: {problem}")
+    declared = None  # FLAC: the samples its STREAMINFO declares
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            if f.format == "FLAC" and 0 < f.frames < UNKNOWN_64_BIT_SIZES[0]:  # INT64_MAX: length not recorded
+                declared = f.frames
+            data, rate = f.read(dtype="float32", always_2d=True), f.samplerate
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
         data, rate = _decode_with_pyav(path, reason=str(exc))
+    # A FLAC file cut at a frame boundary: libsndfile fails on it, and FFmpeg decodes up to the cut
+    if declared is not None and data.shape[0] < declared:
+        raise ValueError(f"{path}: truncated FLAC file (its header declares {declared} samples per channel, "
+                         f"the file holds {data.shape[0]})")
     if data.shape[0] == 0:
         raise ValueError(f"{path}: the file holds no audio samples (empty, cut before its first audio frame, or "
                          "not audio)")
@@ -96,6 +104,12 @@ def truncation(path: str) -> str | None:
             layout, start = W64, 40  # the riff chunk's GUID and size, then the "wave" GUID
         elif head[:4] == b"caff":
             layout, start = CAF, 8
+        elif head[:4] in (b".snd", b"dns."):  # Sun/NeXT AU (big-endian), or DEC's little-endian variant
+            problem = _au_shortfall(head, os.fstat(f.fileno()).st_size)
+            return f"truncated AU file ({problem})" if problem else None
+        elif head[:8] == b"NIST_1A\n":  # NIST SPHERE (.sph, .nist: TIMIT and other corpora)
+            problem = _sphere_shortfall(head + f.read(4096), os.fstat(f.fileno()).st_size)
+            return f"truncated NIST SPHERE file ({problem})" if problem else None
         else:
             return None
         f.seek(start)
@@ -130,6 +144,44 @@ def _data_shortfall(f, file_size: int, layout: ChunkLayout) -> str | None:
             ds64_data_size = int.from_bytes(f.read(16)[8:], "little")
             size -= 16
         f.seek(size + (-size % layout.align), os.SEEK_CUR)
+
+
+def _au_shortfall(head: bytes, file_size: int) -> str | None:
+    """AU: a data offset and a data size (0xFFFFFFFF: unknown, as a pipe writer leaves it)."""
+    order = "big" if head[:4] == b".snd" else "little"
+    offset, size = int.from_bytes(head[4:8], order), int.from_bytes(head[8:12], order)
+    if size == 0xFFFFFFFF or offset < 24 or offset > file_size:
+        return None  # unknown length, or no header to trust: the decoder's call
+    available = file_size - offset
+    return f"its header declares {size} bytes of audio, the file holds {available}" if available < size else None
+
+
+def _sphere_shortfall(head: bytes, file_size: int) -> str | None:
+    """NIST SPHERE: a text header of its own size that declares sample_count (per channel),
+    channel_count and sample_n_bytes; compressed (shorten) files are left to the decoder."""
+    lines = head.split(b"\n")
+    try:
+        header_size = int(lines[1])
+    except (IndexError, ValueError):
+        return None
+    fields = {}
+    for line in lines[2:]:
+        if line.strip() == b"end_head":
+            break
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            fields[parts[0]] = parts[2].strip()
+    try:
+        count = int(fields[b"sample_count"])
+        channels = int(fields.get(b"channel_count", b"1"))
+        width = int(fields[b"sample_n_bytes"])
+    except (KeyError, ValueError):
+        return None
+    coding = fields.get(b"sample_coding", b"pcm").lower()
+    if b"shorten" in coding or b"wavpack" in coding or b"shortpack" in coding or min(count, channels, width) <= 0:
+        return None
+    size, available = count * channels * width, file_size - header_size
+    return f"its header declares {size} bytes of audio, the file holds {available}" if available < size else None
 
 
 def _decode_with_pyav(path: str, reason: str) -> tuple[np.ndarray, int]:

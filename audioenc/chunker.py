@@ -110,6 +110,21 @@ class _PyChunker:
         return info
 
 
+_BLOCK_TYPES = (np.float32, np.float64, np.int16, np.int32)
+
+
+def _block(samples) -> np.ndarray:
+    """A block as contiguous 1-D float32; other sample types (uint8, bool, complex, ...) would be taken
+    unscaled or lose their imaginary part, so they are refused."""
+    x = np.asarray(samples)
+    if x.dtype.type not in _BLOCK_TYPES:
+        raise TypeError(f"unsupported sample type {x.dtype}; expected float32, float64, int16 or int32")
+    x = pcm_to_float32(x)
+    if x.ndim != 1:
+        raise ValueError(f"blocks must be 1-D, got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
 class Chunker:
     """Windows with context over a stream; see the module docstring for the window layout.
 
@@ -118,7 +133,7 @@ class Chunker:
     The low-level calls (accept_waveform, input_finished, ready, pop) suit a producer and a
     consumer thread. capacity: samples the ring holds (0: two windows; at least one window).
     Bad parameters raise ValueError (TypeError when not whole numbers of samples). Blocks may be
-    float32/float64/int16 (int16 scaled by 1/32768).
+    float32/float64/int16/int32 (int16 scaled by 1/32768, int32 by 1/2^31); other types raise TypeError.
     """
 
     def __init__(self, chunk: int, left: int = 0, right: int = 0, capacity: int = 0,
@@ -140,10 +155,7 @@ class Chunker:
 
     def accept_waveform(self, samples) -> int:
         """Takes as many samples as fit and returns how many (pop windows to make room)."""
-        x = pcm_to_float32(np.asarray(samples))
-        if x.ndim != 1:
-            raise ValueError(f"blocks must be 1-D, got shape {x.shape}")
-        return self._impl.accept_waveform(np.ascontiguousarray(x))
+        return self._impl.accept_waveform(_block(samples))
 
     def input_finished(self) -> None:
         self._impl.input_finished()
@@ -162,10 +174,7 @@ class Chunker:
         self._impl.reset()
 
     def push(self, block) -> list[Window]:
-        x = pcm_to_float32(np.asarray(block))
-        if x.ndim != 1:
-            raise ValueError(f"blocks must be 1-D, got shape {x.shape}")
-        x = np.ascontiguousarray(x)
+        x = _block(block)
         windows, done = [], 0
         while True:
             done += self._impl.accept_waveform(x[done:])

@@ -180,7 +180,8 @@ def cmd_embed(args) -> int:
         print(f"error: --out {args.out}: {exc}", file=sys.stderr)
         return 2
     failed = [f"{p}: its output {t} is a directory" for p, t in jobs.items() if os.path.isdir(t)]
-    pending = [(p, t) for p, t in jobs.items() if not os.path.isdir(t) and (args.overwrite or not os.path.exists(t))]
+    # a link at an output's path is the user's too, even one that leads nowhere
+    pending = [(p, t) for p, t in jobs.items() if not os.path.isdir(t) and (args.overwrite or not os.path.lexists(t))]
     skipped = len(jobs) - len(pending) - len(failed)
     audio_s, written = 0.0, set()
     with tqdm(total=len(pending), desc="embed", unit="file", file=sys.stderr) as bar:

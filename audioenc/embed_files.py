@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from audioenc.atomic_file import TMP_PREFIX, atomic_write, atomic_write_bytes
+from audioenc.atomic_file import TMP_PREFIX, PathTaken, atomic_write, atomic_write_bytes
 
 SETTINGS_FILE = ".audioenc-embed.json"  # in --out: what its outputs were made with
 
@@ -169,7 +169,9 @@ def remove_stale_temporaries(out_dir: str) -> None:
                 pass
 
 
-def write_output(out, row: int, target: str, pool: str, all_layers: bool) -> None:
+def write_output(out, row: int, target: str, pool: str, all_layers: bool, replace: bool = True) -> None:
+    """Writes one item's output atomically; with ``replace=False`` a file (or link) that is at
+    ``target`` by then is kept: PathTaken."""
     import numpy as np
 
     from audioenc.encoder import pool_frames
@@ -185,10 +187,10 @@ def write_output(out, row: int, target: str, pool: str, all_layers: bool) -> Non
 
         tensors = {f"hidden_states.{i}": np.ascontiguousarray(reduce(h)) for i, h in enumerate(out.hidden_states)}
         tensors["last_hidden_state"] = np.ascontiguousarray(reduce(out.last_hidden_state))
-        atomic_write(target, lambda tmp: save_file(tensors, tmp))
+        atomic_write(target, lambda tmp: save_file(tensors, tmp), replace=replace)
     else:
         array = reduce(out.last_hidden_state)
-        atomic_write(target, lambda tmp: np.save(tmp, array))
+        atomic_write(target, lambda tmp: np.save(tmp, array), replace=replace)
 
 
 def duration_s(path: str) -> float:
@@ -295,7 +297,12 @@ def embed_batch(enc, batch, args, failed: list[str], written: set[str]) -> float
             continue
         for row, (path, target, wave) in enumerate(group):
             try:
-                write_output(out, row, target, args.pool, all_layers)
+                # without --overwrite, what is at target now (it appeared while the job ran) is kept
+                write_output(out, row, target, args.pool, all_layers, replace=args.overwrite)
+            except PathTaken:
+                failed.append(f"{path}: {target} appeared while this job ran and was kept (use --overwrite to "
+                              "replace it)")
+                continue
             except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
                 # this output's path is taken (a file of the user's where its folder must go); a full
                 # disk or a read-only folder is the machine's, not this file's, and stops the job

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,9 @@ from audioenc.frontend import normalize_waveforms, pcm_to_float32, window_log_me
 from audioenc.models.layers import valid_mask
 from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 from audioenc.torch_defaults import no_autocast
+
+# Float audio past this (24 dB over full scale) is integer PCM cast to float, not audio in [-1, 1].
+FLOAT_PEAK_WARNING = 16.0
 
 POOLS = ("mean", "max")
 WHISPER_WINDOWS_PER_RUN = 16  # on a GPU; bounds memory on long audio (the CPU runs one window per call)
@@ -197,6 +201,7 @@ class AudioEncoder:
         if not isinstance(progress, (bool, np.bool_)):
             raise TypeError(f"progress must be True or False, got {progress!r}")
         waves = to_waveforms(audio, sample_rate, self.min_samples)
+        self._warn_of_pcm_scale(waves)
         limit = self.long_audio_threshold_s * SAMPLE_RATE
         long_items = [i for i, w in enumerate(waves) if len(w) > limit and self._windowed_long_audio()]
         if long_items and output_hidden_states:
@@ -220,6 +225,21 @@ class AudioEncoder:
             items = [x.to(out.last_hidden_state) for x in items]
         lengths = torch.tensor([len(x) for x in items], dtype=torch.int64, device="cpu")
         return self._finite(EncoderOutput(pad_items(items), hidden_states=None, lengths=lengths), waves)
+
+    def _warn_of_pcm_scale(self, waves: list[np.ndarray]) -> None:
+        """Float samples far past [-1, 1] are almost always integer PCM cast to float (int16 audio
+        as float32 reaches thousands). Whisper's log-mel, and a waveform the checkpoint does not
+        normalise, take them as they are: frames of another signal, with no error. Warn, naming the item."""
+        if self.family != "whisper" and self.do_normalize:  # normalised per item: the scale cancels
+            return
+        for i, w in enumerate(waves):
+            if w.dtype.kind == "f" and len(w):
+                peak = float(np.abs(w).max())
+                if FLOAT_PEAK_WARNING < peak <= 2.0**31:  # within integer PCM's range: past it is no cast
+                    warnings.warn(f"audioenc: audio item {i}: float samples reach {peak:.4g}, but float audio is "
+                                  "expected within [-1, 1]; integer PCM cast to float? Pass the int16/int32 array "
+                                  "itself (scaled by 2^-15 / 2^-31), or divide by 32768", UserWarning, stacklevel=4)
+                    return
 
     def _finite(self, out: EncoderOutput, waves: list[np.ndarray]) -> EncoderOutput:
         """out, or a ValueError naming the first item whose frames overflowed: never NaN/Inf frames."""

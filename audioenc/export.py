@@ -32,7 +32,7 @@ from torch import nn
 from audioenc.atomic_file import PathTaken, atomic_write_bytes, move_into_place
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
-from audioenc.config import WhisperDims
+from audioenc.config import SAMPLE_RATE, WHISPER_HOP, WhisperDims
 from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
@@ -433,13 +433,14 @@ def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
         inputs = ("waveforms (batch, samples) float32 at 16 kHz, " + (
             "each item normalised over its valid samples ((x - mean) / sqrt(var + 1e-7)), " if normalize else
             "not normalised (the checkpoint's do_normalize is false), ") + "zero after them; lengths (batch,) int64")
+    frame_rate = SAMPLE_RATE / (2 * WHISPER_HOP if isinstance(dims, WhisperDims) else dims.hop)
     source = source_label(model) or ""
     proto = onnx.load(path, load_external_data=False)
     onnx.helper.set_model_props(proto, {
         "producer": f"audioenc {__version__}", "family": dims.family, "dtype": spec.dtype,
         "checkpoint": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source,  # not the user's tree
         "layers": f"{spec.num_layers} of {dims.num_layers}", "hidden_states": str(spec.hidden_states).lower(),
-        "inputs": inputs, "frames_per_second": "50"})
+        "inputs": inputs, "frames_per_second": f"{frame_rate:g}"})
     onnx.save(proto, path)
 
 

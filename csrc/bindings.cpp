@@ -20,10 +20,14 @@ namespace py = pybind11;
 
 namespace {
 
+// numpy hands over unaligned arrays (np.frombuffer at an odd offset) as they are unless asked:
+// the core reads T* and int64_t*, so every array it reads is requested aligned (copied if not).
+constexpr int kIn = py::array::c_style | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+
 template <typename T>
-py::array_t<float> normalize_typed(py::array x, py::array_t<int64_t, py::array::c_style> lengths,
+py::array_t<float> normalize_typed(py::array x, py::array_t<int64_t, kIn> lengths,
                                    float scale, bool normalize, float eps) {
-  auto xc = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(x);
+  auto xc = py::array_t<T, kIn | py::array::forcecast>::ensure(x);
   if (xc.ndim() != 2) throw std::invalid_argument("waveforms must be 2-D (batch, samples)");
   const int64_t batch = xc.shape(0), stride = xc.shape(1);
   if (lengths.ndim() != 1 || lengths.shape(0) != batch)
@@ -44,7 +48,7 @@ py::array_t<float> normalize_typed(py::array x, py::array_t<int64_t, py::array::
   return out;
 }
 
-py::array_t<float> normalize_waveforms(py::array x, py::array_t<int64_t, py::array::c_style> lengths,
+py::array_t<float> normalize_waveforms(py::array x, py::array_t<int64_t, kIn> lengths,
                                        bool normalize, float eps) {
   const auto kind = x.dtype().kind();
   const auto size = x.dtype().itemsize();
@@ -72,7 +76,7 @@ template <typename T>
 void log_mel_typed(py::array audio, const int64_t* len, int64_t padding, float scale,
                    const audioenc::SparseFilters* filters, audioenc::MelOutput kind, float* out,
                    int64_t out_stride, int threads) {
-  auto a = py::array_t<T, py::array::c_style>::ensure(audio);
+  auto a = py::array_t<T, kIn>::ensure(audio);
   if (!a) throw std::invalid_argument("audio must be C-contiguous");
   const int64_t batch = a.shape(0), stride = a.shape(1);
   std::vector<uint8_t> bad(batch, 0);
@@ -81,19 +85,27 @@ void log_mel_typed(py::array audio, const int64_t* len, int64_t padding, float s
     audioenc::log_mel_cpu<T>(a.data(), stride, len, batch, padding, scale, filters, kind, out,
                              out_stride, threads, bad.data());
   }
-  for (int64_t b = 0; b < batch; ++b)
-    if (bad[b]) throw std::invalid_argument("audio item " + std::to_string(b) + " contains NaN or Inf");
+  for (int64_t b = 0; b < batch; ++b) {
+    if (bad[b] & 1)
+      throw std::invalid_argument("audio item " + std::to_string(b) +
+                                  " contains NaN or Inf (or samples beyond float32's range)");
+    if (bad[b] & 2)
+      throw std::invalid_argument("audio item " + std::to_string(b) + ": its spectrogram overflows float32 "
+                                  "(samples beyond float32's range, or too large to square; audio is "
+                                  "expected within [-1, 1])");
+  }
 }
 
-void log_mel_cpu(py::array audio, py::array_t<int64_t, py::array::c_style> lengths,
-                 py::array_t<float, py::array::c_style> out, py::object filters, int64_t padding,
+void log_mel_cpu(py::array audio, py::array_t<int64_t, kIn> lengths,
+                 py::array out, py::object filters, int64_t padding,
                  const std::string& kind_name, int threads) {
   const auto kind = parse_kind(kind_name);
   if (audio.ndim() != 2) throw std::invalid_argument("audio must be 2-D (batch, samples)");
   const int64_t batch = audio.shape(0), stride = audio.shape(1);
   if (lengths.ndim() != 1 || lengths.shape(0) != batch)
     throw std::invalid_argument("lengths must be 1-D with one entry per row");
-  if (padding < 0) throw std::invalid_argument("padding must be >= 0");
+  if (padding < 0 || padding > (int64_t{1} << 60))
+    throw std::invalid_argument("padding must be in [0, 2^60]");  // len + padding stays an int64
   const int64_t* len = lengths.data();
   int64_t max_frames = 0;
   for (int64_t b = 0; b < batch; ++b) {
@@ -113,10 +125,17 @@ void log_mel_cpu(py::array audio, py::array_t<int64_t, py::array::c_style> lengt
     sparse = audioenc::sparsify_filters(f.data(), static_cast<int>(f.shape(0)), audioenc::kBins);
     n_out = f.shape(0);
   }
-  if (out.ndim() != 3 || out.shape(0) != batch || out.shape(1) != n_out || out.shape(2) < max_frames)
-    throw std::invalid_argument("out must be a C-contiguous float32 array (batch, " + std::to_string(n_out) +
-                                ", >= " + std::to_string(max_frames) + ")");
-  float* dst = out.mutable_data();
+  // out is written in place: it must be the caller's own float32 C-contiguous buffer, never a
+  // converted copy (whose results the caller would not see).
+  const bool is_f32 = py::isinstance<py::array_t<float>>(out);  // native-order float32
+  const int out_flags = out.flags();
+  const bool c_aligned = (out_flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) &&
+                         (out_flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_);
+  if (!is_f32 || !c_aligned || out.ndim() != 3 || out.shape(0) != batch || out.shape(1) != n_out ||
+      out.shape(2) < max_frames)
+    throw std::invalid_argument("out must be a C-contiguous, aligned float32 array (batch, " +
+                                std::to_string(n_out) + ", >= " + std::to_string(max_frames) + ")");
+  float* dst = static_cast<float*>(out.mutable_data());
   const int64_t out_stride = out.shape(2);
   const auto* fp = kind == audioenc::MelOutput::kPower ? nullptr : &sparse;
   const auto dk = audio.dtype().kind();
@@ -144,7 +163,7 @@ py::object chunker_pop(audioenc::Chunker& c) {
   return py::make_tuple(info.index, info.start, out, info.valid_left, info.valid_centre, info.valid_right);
 }
 
-int64_t chunker_accept(audioenc::Chunker& c, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+int64_t chunker_accept(audioenc::Chunker& c, py::array_t<float, kIn | py::array::forcecast> x) {
   if (x.ndim() != 1) throw std::invalid_argument("accept_waveform takes a 1-D block of samples");
   const float* src = x.data();
   const int64_t n = x.shape(0);

@@ -106,7 +106,7 @@ def _attention_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
+    b = (pid_bh // num_heads).to(tl.int64)  # b * stride_qb passes 2^31 on long batches
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -187,6 +187,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.
             raise ValueError("rel_bias and gate must be contiguous in their last dimension")
         if rel_bias.device != q.device or gate.device != q.device:
             raise ValueError("rel_bias and gate must be on q's device")
+    if lengths is not None:
+        lengths = lengths.contiguous()  # the kernel reads lengths[b] at Lengths + b
     sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
     out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if seq_len == 0 or batch == 0:

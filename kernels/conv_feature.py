@@ -225,6 +225,8 @@ def conv1d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     t_out = conv_output_length(length, ksize, stride, padding)
     if add is not None and (add.shape != (t_out, c_out) or add.device != x.device):
         raise ValueError(f"conv1d_gelu: add must be a ({t_out}, {c_out}) tensor on {x.device}, got {tuple(add.shape)}")
+    # The kernel reads these vectors at Ptr + channel: a strided view must not pass as one.
+    bias, norm_weight, norm_bias = (None if t is None else t.contiguous() for t in (bias, norm_weight, norm_bias))
     out = torch.empty((batch, t_out, c_out), dtype=out_dtype, device=x.device)
     if t_out == 0 or batch == 0:
         return out
@@ -281,6 +283,9 @@ def conv0_group_norm_gelu(waveforms: torch.Tensor, frame_lengths: torch.Tensor, 
     c_out, _, ksize = weight.shape
     _check_norm(norm_weight, norm_bias, c_out, waveforms.device, "conv0_group_norm_gelu")
     t_out = conv_output_length(length, ksize, stride)
+    # The kernel reads these vectors at Ptr + channel (or item): a strided view must not pass as one.
+    bias, norm_weight, norm_bias, frame_lengths = (None if t is None else t.contiguous()
+                                                   for t in (bias, norm_weight, norm_bias, frame_lengths))
     out = torch.empty((batch, t_out, c_out), dtype=out_dtype, device=waveforms.device)
     if t_out == 0 or batch == 0:
         return out

@@ -87,6 +87,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     for t in (residual, shift, weight, bias):
         if t is not None and t.device != x.device:
             raise ValueError(f"add_layer_norm: all tensors must be on {x.device}")
+    weight, bias = weight.contiguous(), bias.contiguous()  # read at W + column
     out_dtype = out_dtype or x.dtype
     for d in (out_dtype, sum_dtype):
         if d is not None and d not in SUPPORTED_DTYPES:

@@ -119,6 +119,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # read at Bias + column
     out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
     m = x2.shape[0]
     if m == 0 or n == 0:

@@ -141,3 +141,24 @@ def test_one_producer_one_consumer_thread():
     check_windows(got[:3] + got[-2:], x, 1600, 320, 480, complete=False)
     assert np.array_equal(np.concatenate([w.centre for w in got]), x)
     assert [w.index for w in got] == list(range(len(got)))
+
+
+@pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
+@pytest.mark.parametrize("args", [(2**63 - 1, 2**63 - 1, 3), (2**62, 2**62, 2**62), (1, 2**63 - 1, 2**63 - 1)])
+def test_native_rejects_windows_whose_size_overflows(args):
+    # The wrapped window was 1 sample: pop() then zero-filled far past its 1-float buffer.
+    with pytest.raises(ValueError):
+        _C.Chunker(*args)
+
+
+@pytest.mark.parametrize("native", IMPLS)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.bool_, np.complex64, np.float16, np.int64, np.uint16])
+def test_blocks_of_other_sample_types_are_refused(native, dtype):
+    # uint8 PCM taken as 0..255, complex without its imaginary part: refused, not taken unscaled.
+    c = Chunker(4, native=native)
+    with pytest.raises(TypeError, match="unsupported sample type"):
+        c.push(np.ones(8, dtype))
+    with pytest.raises(TypeError, match="unsupported sample type"):
+        c.accept_waveform(np.ones(8, dtype))
+    assert c.received == 0
+    assert [w.samples.tolist() for w in c.push(np.array([1, 2, 3, 4], np.int32) << 20)]  # int32 PCM still fine

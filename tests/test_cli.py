@@ -78,6 +78,33 @@ def test_embed_never_overwrites_without_asking(audio_tree, tmp_path, w2v_checkpo
     assert (out / "a.npy").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_embed_outputs_take_the_umask_permissions_whatever_writes_them(audio_tree, tmp_path, w2v_checkpoints):
+    """--layer all's .safetensors too: safetensors' save_file (0.8) writes its own private 0600 file and
+    renames it over the one atomic_write made, which would keep other users out of a shared --out."""
+    from audioenc.atomic_file import atomic_write
+
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    umask = os.umask(0o022)
+    try:
+        for layer in ("all", "1"):
+            out = tmp_path / f"out-{layer}"
+            assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(out),
+                         "--layer", layer]) == 0
+            (output,) = [name for name in os.listdir(out) if name.startswith("a.")]
+            assert (out / output).stat().st_mode & 0o777 == 0o644, output
+
+        def private_writer(tmp):  # what safetensors' save_file does: a 0600 temporary renamed over tmp
+            private = tmp + ".private"
+            with open(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(b"x")
+            os.replace(private, tmp)
+
+        atomic_write(str(tmp_path / "direct" / "x.bin"), private_writer)
+        assert (tmp_path / "direct" / "x.bin").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
 def test_embed_rerun_with_other_settings_refuses_to_mix_outputs(audio_tree, tmp_path, w2v_checkpoints, capsys):
     """A rerun into the same --out would keep the old outputs (skipped as existing) beside new ones
     of another kind; it is refused unless --overwrite replaces them."""
@@ -560,7 +587,10 @@ def test_stream_command_is_live_and_ctrl_c_keeps_the_frames(tmp_path, w2v_checkp
     out = tmp_path / "frames"
     proc = subprocess.Popen([sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch",
                              "--chunk-s", "1", "--right-context-s", "1", "--block-ms", "10000", "--out", str(out)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # as a terminal's foreground job gets it: a suite run in the background of a
+                            # non-interactive shell (`pytest &` in a script) inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write(pcm.tobytes())
         proc.stdin.flush()  # and left open, as a microphone's pipe
@@ -731,3 +761,34 @@ def test_embed_do_normalize_replaces_the_checkpoints_setting(w2v_checkpoints, wh
     assert main(["embed", str(wav), "--model", whisper_checkpoints[80][0], "--do-normalize", "true",
                  "--out", str(tmp_path / "w")]) == 2
     assert "--do-normalize is for the wav2vec2 family" in capsys.readouterr().err
+
+
+def test_embed_keeps_links_and_files_that_appear_at_an_output(audio_tree, tmp_path, w2v_checkpoints, capsys,
+                                                              monkeypatch):
+    """A link at an output's path is the user's, even one that leads nowhere; an output that appears while
+    the job runs (another job's) is kept too: only --overwrite replaces."""
+    model = w2v_checkpoints["wav2vec2-group"][0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.npy").symlink_to(tmp_path / "not-yet-there.npy")
+    args = ["embed", str(audio_tree), "--model", model, "--backend", "torch", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "a.npy").is_symlink() and "skipped 1 existing" in capsys.readouterr().out
+
+    from audioenc import embed_files
+
+    late = tmp_path / "late"
+    write_output = embed_files.write_output
+
+    def another_job_wrote_first(out_, row, target, *rest, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"another job's")
+        return write_output(out_, row, target, *rest, **kwargs)
+
+    monkeypatch.setattr(embed_files, "write_output", another_job_wrote_first)
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(late)]) == 1
+    assert (late / "a.npy").read_bytes() == b"another job's"
+    assert "appeared while this job ran and was kept" in capsys.readouterr().err
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", model, "--backend", "torch", "--out", str(late),
+                 "--overwrite"]) == 0
+    assert np.load(late / "a.npy").shape == (32,)

@@ -160,7 +160,9 @@ def test_files(w2v, tmp_path):
     (tmp_path / "big.wav").write_bytes(bytes(streamed))
     with pytest.raises(ValueError, match="big.wav: truncated WAV file"):
         load_audio(tmp_path / "big.wav")
-    for fmt, kind in (("AIFF", "AIFF"), ("W64", "Wave64"), ("RF64", "RF64"), ("CAF", "CAF")):  # also declare their length
+    # also declare their length (libsndfile clips AU's and NIST SPHERE's to the file's without a word)
+    for fmt, kind in (("AIFF", "AIFF"), ("W64", "Wave64"), ("RF64", "RF64"), ("CAF", "CAF"), ("AU", "AU"),
+                      ("NIST", "NIST SPHERE")):
         sf.write(tmp_path / f"whole.{fmt}", speech_like(31999, 10), 16000, format=fmt, subtype="PCM_16")
         assert len(load_audio(tmp_path / f"whole.{fmt}")[0]) == 31999
         whole = (tmp_path / f"whole.{fmt}").read_bytes()
@@ -433,3 +435,48 @@ def test_formats_soundfile_cannot_read_go_through_pyav(w2v, tmp_path):
     jobs = [(str(tmp_path / name), name) for name in ("junk.m4a", "clip.m4a", "short.wav")]
     batches = [[target for _, target in batch] for batch in length_batches(jobs, batch_size=8, max_audio_s=2.5)]
     assert batches == [["short.wav", "clip.m4a"], ["junk.m4a"]]
+
+
+def test_flac_cut_at_a_frame_boundary_is_truncated(tmp_path):
+    """libsndfile fails on such a file and FFmpeg (the fallback) decodes up to the cut without a word:
+    the samples STREAMINFO declares tell the truncation."""
+    sf.write(tmp_path / "whole.flac", speech_like(48000, 11), 16000, subtype="PCM_16")
+    whole = (tmp_path / "whole.flac").read_bytes()
+    assert len(load_audio(tmp_path / "whole.flac")[0]) == 48000
+    # frame starts (sync code 0xFFF8 with a fixed block size) after the first frame
+    starts = [i for i in range(whole.index(b"\xff\xf8") + 2, len(whole) - 1) if whole[i : i + 2] == b"\xff\xf8"]
+    cut = starts[len(starts) // 2]
+    (tmp_path / "cut.flac").write_bytes(whole[:cut])
+    with pytest.raises(ValueError, match=r"cut.flac: truncated FLAC file \(its header declares 48000 samples"):
+        load_audio(tmp_path / "cut.flac")
+    unknown = bytearray(whole)  # STREAMINFO's total samples 0: a stream of unknown length decodes whole
+    field = int.from_bytes(unknown[18:26], "big") & ~((1 << 36) - 1)
+    unknown[18:26] = field.to_bytes(8, "big")
+    (tmp_path / "unknown.flac").write_bytes(bytes(unknown))
+    assert len(load_audio(tmp_path / "unknown.flac")[0]) == 48000
+
+
+def test_au_file_of_unknown_length_decodes_to_its_end(tmp_path):
+    """0xFFFFFFFF in an AU header's size: a pipe writer's unknown size, not a truncation."""
+    sf.write(tmp_path / "whole.AU", speech_like(31999, 12), 16000, format="AU", subtype="PCM_16")
+    piped = bytearray((tmp_path / "whole.AU").read_bytes())
+    piped[8:12] = b"\xff\xff\xff\xff"
+    (tmp_path / "piped.AU").write_bytes(bytes(piped))
+    assert len(load_audio(tmp_path / "piped.AU")[0]) == 31999
+
+
+def test_integer_pcm_cast_to_float_warns_where_the_scale_matters(whisper, w2v):
+    """int16 audio cast to float32 (samples in the thousands) gives Whisper's log-mel another signal
+    with no error: a warning names the item. A model that normalises each item's waveform is not
+    affected, and int16 PCM itself and float audio in [-1, 1] never warn."""
+    import warnings
+
+    x = speech_like(16000, 13)
+    pcm = np.round(x * 32767).astype(np.int16)
+    with pytest.warns(UserWarning, match=r"audio item 1: float samples reach .*integer PCM cast to float"):
+        whisper.encode([x, pcm.astype(np.float32)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whisper.encode([x, pcm, 1.5 * x])
+        assert w2v.do_normalize
+        w2v.encode(pcm.astype(np.float32))

@@ -131,6 +131,31 @@ def test_attention_reads_strided_views_of_a_fused_projection(kernels):
     check(out, att.attention_ref(q.contiguous(), k.contiguous(), v.contiguous()), None, torch.float32)
 
 
+def test_every_launcher_reads_strided_vector_arguments(kernels):
+    """Lengths, biases and norm weights passed as strided views (every other element) give the
+    results of their contiguous copies: the kernels index these vectors as Ptr + i."""
+    gen = torch.Generator().manual_seed(11)
+    every_other = lambda *values: torch.tensor(values, device=DEVICE).repeat_interleave(2)[::2]
+    vec = lambda n, scale=1.0: randn(2 * n, scale=scale, gen=gen)[::2]
+    att, conv, ln, lin = kernels["attention"], kernels["conv_feature"], kernels["layer_norm"], kernels["linear_gelu"]
+    q, k, v = (randn(2, 9, 2, 16, gen=gen) for _ in range(3))
+    lengths = every_other(9, 2)
+    check(att.attention(q, k, v, lengths), att.attention_ref(q, k, v, lengths.contiguous()), None, torch.float32)
+    x, w = randn(2, 12, 16, gen=gen), randn(24, 16, 3, gen=gen, scale=0.2)
+    bias, nw, nb = vec(24), 1 + vec(24, 0.2), vec(24)
+    check(conv.conv1d_gelu(x, w, bias, 2, 0, nw, nb),
+          conv.conv1d_gelu_ref(x, w, bias.contiguous(), 2, 0, nw.contiguous(), nb.contiguous()), None, torch.float32)
+    wav, w0, frames = randn(2, 500, gen=gen), randn(24, 1, 10, gen=gen, scale=0.3), every_other(99, 50)
+    check(conv.conv0_group_norm_gelu(wav, frames, w0, bias, nw, nb, 5),
+          conv.conv0_group_norm_gelu_ref(wav, frames.contiguous(), w0, bias.contiguous(), nw.contiguous(),
+                                         nb.contiguous(), 5), None, torch.float32)
+    rows = randn(3, 24, gen=gen)
+    check(ln.add_layer_norm(rows, None, nw, nb)[0],
+          ln.add_layer_norm_ref(rows, None, nw.contiguous(), nb.contiguous())[0], None, torch.float32)
+    xl, wl = randn(3, 16, gen=gen), randn(24, 16, gen=gen, scale=0.25)
+    check(lin.linear_gelu(xl, wl, bias), lin.linear_gelu_ref(xl, wl, bias.contiguous()), None, torch.float32)
+
+
 def test_attention_argument_errors(kernels):
     att = kernels["attention"]
     q = randn(1, 5, 2, 64)

@@ -220,3 +220,63 @@ def test_cuda_kernel_that_cannot_run_gives_way_to_the_reference(monkeypatch):
     with pytest.raises(ValueError, match="NaN or Inf"):  # bad audio is still an error, not a fallback
         log_mel_spectrogram(torch.full((4000,), float("nan"), device="cuda"))
 
+
+
+@pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
+@pytest.mark.parametrize("layout", ["fortran", "strided", "float64", "big-endian"])
+def test_native_out_must_be_the_callers_own_buffer(layout):
+    # out is written in place: a converted copy would take the results and leave out untouched.
+    x = signal("noise", 1600, np.random.default_rng())[None]
+    shape = (1, 80, 10)
+    out = {"fortran": lambda: np.zeros(shape, np.float32, order="F"),
+           "strided": lambda: np.zeros((1, 80, 20), np.float32)[:, :, ::2],
+           "float64": lambda: np.zeros(shape, np.float64),
+           "big-endian": lambda: np.zeros(shape, ">f4")}[layout]()
+    with pytest.raises((ValueError, TypeError), match="out must be"):
+        _C.log_mel_cpu(x, np.array([1600]), out, mel_filters(80), 0, "normalized", 0)
+
+
+@pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
+@pytest.mark.parametrize("kind", ["power", "log", "normalized"])
+@pytest.mark.parametrize("case", ["float32 1e20", "float32 3e38", "float64 1e300"])
+def test_samples_that_overflow_the_spectrogram_raise(kind, case):
+    # The 1e-10 clamp (NaN-dropping) and a log of Inf once turned these into finite, plausible
+    # spectrograms, where the reference gives Inf/NaN and the encoder then raises.
+    dtype, scale = case.split()
+    x = signal("noise", 4000, np.random.default_rng()).astype(dtype) * float(scale)
+    f = power_spectrogram if kind == "power" else (lambda a: log_mel_spectrogram(a, normalize=kind == "normalized"))
+    with pytest.raises(ValueError, match="overflow|NaN or Inf"):
+        f(x)
+    f(x / float(scale) * 1e15)  # loud but representable: fine
+
+
+@pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
+def test_unaligned_input_gives_the_same_result():
+    x = signal("noise", 3000, np.random.default_rng())
+    buf = bytearray(x.nbytes + 1)
+    odd = np.frombuffer(buf, np.float32, count=x.size, offset=1)
+    odd[:] = x
+    assert not odd.flags.aligned
+    assert torch.equal(log_mel_spectrogram(odd), log_mel_spectrogram(x))
+
+
+@pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
+def test_threads_that_cannot_start_do_not_abort_the_process():
+    """With no address space left for thread stacks, the call still finishes (on fewer threads)
+    instead of std::terminate from a joinable std::thread destroyed while unwinding."""
+    import subprocess
+    import sys
+    if "asan" in open("/proc/self/maps").read():
+        pytest.skip("AddressSanitizer reserves address space up front: RLIMIT_AS cannot be used")
+    code = (
+        "import resource, numpy as np, audioenc.frontend as fe; from audioenc._native import _C\n"
+        "x = (0.1 * np.random.randn(1, 16000 * 600)).astype(np.float32)\n"
+        "a = np.empty((1, 80, 60000), np.float32); b = np.empty_like(a); f = fe.mel_filters(80)\n"
+        "_C.log_mel_cpu(x, np.array([x.shape[1]]), b, f, 0, 'normalized', 1)\n"
+        "vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))\n"
+        "_C.log_mel_cpu(x, np.array([x.shape[1]]), a, f, 0, 'normalized', 1000)\n"
+        "assert np.array_equal(a, b)\n"
+        "print('finished')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "finished" in run.stdout, (run.returncode, run.stderr[-2000:])

@@ -153,6 +153,7 @@ def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     assert facts["family"] == "hubert" and facts["checkpoint"] == os.path.basename(path) and facts["dtype"] == "float32"
     assert facts["layers"] == "2 of 2" and facts["hidden_states"] == "true"
     assert facts["inputs"].startswith("waveforms (batch, samples) float32 at 16 kHz, each item normalised")
+    assert facts["frames_per_second"] == f"{audioenc.load(path, backend='torch').frame_rate:g}"  # a tiny conv stack's
     for exported in (out, f"{out}/model.onnx"):  # what it is, not "no checkpoint" or "unpickling failed"
         with pytest.raises(ValueError, match="an exported ONNX graph or TensorRT engine, not a checkpoint"):
             audioenc.load(exported)

@@ -569,6 +569,11 @@ class TritonBackend:
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"the triton backend runs on CUDA devices, not {device.type!r}")
         self.device, self.dtype = device, DTYPES[resolve_dtype(dtype, device, DTYPES, "triton")]
+        if device.type == "cpu" and self.dtype == torch.bfloat16:
+            # Triton's interpreter computes bfloat16 tl.dot wrongly (errors of order 1e9): every matmul
+            # kernel would return garbage, silently.
+            raise ValueError("the triton backend runs bfloat16 only on CUDA devices: Triton's CPU interpreter "
+                             "computes bfloat16 matmuls wrongly; use float32 or float16 there")
         model = model.float().eval()
         with torch.no_grad():
             if model.dims.family == "whisper":
@@ -666,7 +671,9 @@ class TritonBackend:
         return cut(out), [cut(h) for h in hidden_states], None if self.is_whisper else frame_lengths[:batch].clone()
 
     def _capture(self, batch, shape, num_layers, keep_hidden):
-        static_in = torch.zeros((batch,) + tuple(shape), dtype=torch.float32, device=self.device)
+        # Random, not zeros: the warm-up below autotunes on it, and timing on zeros flatters some
+        # configs (every replay zeroes it before copying its input in).
+        static_in = torch.randn((batch,) + tuple(shape), dtype=torch.float32, device=self.device)
         static_len = None if self.is_whisper else torch.full((batch,), shape[-1], dtype=torch.int64, device=self.device)
         # Warm up on a side stream first: compiles and autotunes every kernel outside the capture.
         stream = torch.cuda.Stream(self.device)

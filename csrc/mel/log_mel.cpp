@@ -2,10 +2,13 @@
 #include "mel/log_mel.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -87,13 +90,33 @@ bool has_avx2() {
 }
 
 // Runs fn(first, last, worker) over [0, n) split into `threads` contiguous parts; the calling
-// thread takes the first part.
+// thread takes the first part, and the parts of threads that could not be started (a process or
+// container thread limit, no memory for a stack). Every started thread is joined before an
+// exception (the first one thrown by any part) leaves: a joinable std::thread destroyed during
+// unwinding, or an exception escaping a thread, would call std::terminate.
 template <typename F>
 void parallel_for(int64_t n, int threads, F fn) {
+  std::exception_ptr error;
+  std::mutex error_mu;
+  auto part = [&](int t) {
+    try {
+      fn(n * t / threads, n * (t + 1) / threads, t);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error) error = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(fn, n * t / threads, n * (t + 1) / threads, t);
-  fn(0, n / threads, 0);
+  int started = 1;
+  try {
+    pool.reserve(static_cast<size_t>(threads));
+    for (; started < threads; ++started) pool.emplace_back(part, started);
+  } catch (...) {  // run the parts left over here
+  }
+  part(0);
+  for (int t = started; t < threads; ++t) part(t);
   for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
 }
 
 // Fewer threads for short inputs: starting one costs about as much as 256 frames.

@@ -22,8 +22,9 @@ inline int64_t mel_frames(int64_t samples) { return samples / 160; }
 //   lengths[b] + padding must exceed 200 (reflect padding).
 // out: batch x n_out x out_stride floats, n_out = 201 (kPower) or filters->n_mels; item b fills
 //   the first mel_frames(lengths[b] + padding) columns of its rows; the rest is left untouched.
-// nonfinite: batch flags, set to 1 where the item's samples contain NaN or Inf (its output is then
-//   meaningless). threads <= 0: all cores. Thread-safe; allocates only per-thread scratch.
+// nonfinite: batch flags (its output is then meaningless): bit 0 where the item's samples contain
+//   NaN or Inf (or, for double, values beyond float32's range), bit 1 where its power or mel values
+//   overflow float32 (finite samples too large to square). threads <= 0: all cores. Thread-safe; allocates only per-thread scratch.
 template <typename T>
 void log_mel_cpu(const T* audio, int64_t stride, const int64_t* lengths, int64_t batch,
                  int64_t padding, float scale, const SparseFilters* filters, MelOutput kind,

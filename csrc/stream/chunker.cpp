@@ -14,6 +14,12 @@ int64_t checked_capacity(int64_t chunk, int64_t left, int64_t right, int64_t cap
   if (left < 0 || right < 0)
     throw std::invalid_argument("left and right context must be >= 0, got " + std::to_string(left) +
                                 " and " + std::to_string(right));
+  // Positions (next * chunk + chunk + right, start + window) are int64 sums: bound the window so
+  // none of them, nor the default capacity, can overflow (an overflowed window sizes the buffers
+  // Pop writes to smaller than what it writes).
+  constexpr int64_t kMaxWindow = int64_t{1} << 60;
+  if (chunk > kMaxWindow || left > kMaxWindow || right > kMaxWindow || left + chunk + right > kMaxWindow)
+    throw std::invalid_argument("left + chunk + right must be at most 2^60 samples");
   const int64_t window = left + chunk + right;
   if (capacity == 0) return 2 * window;
   if (capacity < window)

@@ -103,3 +103,23 @@ TEST(chunker_producer_consumer_threads) {
   consumer.join();
   CHECK(centres == stream);
 }
+
+TEST(chunker_rejects_windows_whose_size_overflows) {
+  // left + chunk + right wrapping around int64 once sized the window (and the caller's buffer) at
+  // 1 sample while Pop zero-filled 2^63 of them.
+  const int64_t big = INT64_MAX;
+  bool threw = false;
+  try {
+    Chunker c(big, big, 3);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+  threw = false;
+  try {
+    Chunker c(int64_t{1} << 62, int64_t{1} << 62, int64_t{1} << 62);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+}
