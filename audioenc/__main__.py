@@ -1,5 +1,5 @@
 import sys
 
-from audioenc.cli import main
+from audioenc.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import os
 import sys
+import warnings
 
 from audioenc import __version__
 from audioenc.atomic_file import PathTaken, atomic_write
@@ -282,6 +283,8 @@ def cmd_stream(args) -> int:
         return 2
     try:
         enc = load_from_args(args)
+        if args.layer is not None and not 0 <= args.layer <= enc.num_layers:  # the flag's name, not the API's
+            raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
         if args.file:
             audio, rate = load_audio(args.file)
         else:
@@ -465,5 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> int:
+    """The ``audioenc`` command: main() with the library's warnings as plain ``warning: ...`` lines, not
+    ``file:line: UserWarning`` and a source line (main() itself leaves the warnings machinery to its
+    caller, e.g. a test that records them)."""
+    warnings.showwarning = lambda message, category, *rest: print(f"warning: {message}", file=sys.stderr)
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -619,7 +619,7 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
                            (["--file", str(tmp_path / "a.wav"), "--rate", "8000"], "--rate"),
                            (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "sample_rate 0 Hz"), (["--out", "-"], "--out - would name"),
                            (["--left-context-s", "1e5"], "a stream window"), (["--overwrite"], "there is none"),
-                           (["--channels", "0"], "--channels must be"),
+                           (["--channels", "0"], "--channels must be"), (["--layer", "3"], "--layer must be between 0 and 2"),
                            (["--out", str(tmp_path / "a.wav" / "x.npy")], "a.wav is not a directory"),
                            (["--out", str(tmp_path / "dangling.npy")], "dangling.npy exists (use --overwrite)"),
                            (["--file", str(tmp_path / "a.wav"), "--channels", "2"], "--channels describe stdin")):
@@ -749,6 +749,11 @@ def test_embed_do_normalize_replaces_the_checkpoints_setting(w2v_checkpoints, wh
                                     str(tmp_path / out), *flags])
     with pytest.warns(UserWarning, match="--do-normalize false"):
         assert run("normalised") == 0
+    # the command prints the warning as a plain line, not as Python's file:line: UserWarning
+    result = subprocess.run([sys.executable, "-m", "audioenc", "embed", str(wav), "--model", str(bare), "--backend",
+                             "torch", "--out", str(tmp_path / "command")], capture_output=True, timeout=300)
+    assert result.returncode == 0 and b": no feature extractor settings (preprocessor_config.json)" in result.stderr, result.stderr
+    assert b"warning: " in result.stderr and b"UserWarning" not in result.stderr
     assert run("raw", "--do-normalize", "false") == 0
     want = audioenc.load(str(bare), backend="torch", preprocessor={"do_normalize": False}).embed(str(wav))[0]
     raw = np.load(tmp_path / "raw" / "a.npy")
