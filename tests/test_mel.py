@@ -221,7 +221,6 @@ def test_cuda_kernel_that_cannot_run_gives_way_to_the_reference(monkeypatch):
         log_mel_spectrogram(torch.full((4000,), float("nan"), device="cuda"))
 
 
-
 @pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
 @pytest.mark.parametrize("layout", ["fortran", "strided", "float64", "big-endian"])
 def test_native_out_must_be_the_callers_own_buffer(layout):
