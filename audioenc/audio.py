@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from audioenc.config import SAMPLE_RATE
 from audioenc.frontend import pcm_to_float32
 
-SAMPLE_RATE = 16000
 MIN_RATE, MAX_RATE = 4000, 384000
 SUPPORTED_DTYPES = (np.float16, np.float32, np.float64, np.int16, np.int32)
 MAX_CHANNELS = 8  # a 2-D array this narrow and longer than wide is (samples, channels), not a batch
@@ -252,6 +252,8 @@ def as_pcm_array(x, what: str, takes_paths: bool = True) -> np.ndarray:
         if np.ma.is_masked(x):  # its mask would be dropped silently
             raise TypeError(f"{what}: a masked array with masked samples; fill them first (x.filled(0))")
         x = np.ma.getdata(x)
+    if isinstance(x, np.matrix):  # its rows stay 2-D, so each would read as one sample
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         kinds = "a numpy array, a torch tensor or a path" if takes_paths else "a numpy array or a torch tensor"
         raise TypeError(f"{what}: expected {kinds}, got {type(x).__name__}")

@@ -397,17 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
                                f"(default: random:{DEFAULT_ARCHITECTURE}, random weights)")
     embed.add_argument("--out", required=True, help="output directory (mirrors the input tree)")
     embed.add_argument("--pool", choices=["mean", "max", "none"], default="mean",
-                       help="mean/max over frames -> (dim,), none -> (frames, dim)")
+                       help="mean/max over frames -> (dim,), none -> (frames, dim) (default mean)")
     embed.add_argument("--layer", default=None, help="layer number (0 = input of layer 1) or 'all' "
-                                                     "(all hidden states into one .safetensors per file)")
+                                                     "(all hidden states into one .safetensors per file; default: the last layer)")
     embed.add_argument("--backend", default="auto", help="auto, torch, onnx, triton or tensorrt (default auto)")
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     embed.add_argument("--dtype", default="auto", help="the backend's compute dtype, e.g. float32, float16, int8 "
                        "(default auto: float32 on the CPU, float16 on a GPU)")
     embed.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    embed.add_argument("--batch-size", type=int, default=8, help="files encoded together (sorted by length)")
+    embed.add_argument("--batch-size", type=int, default=8, help="files encoded together, sorted by length (default 8)")
     embed.add_argument("--max-batch-seconds", type=float, default=240.0,
-                       help="cap on padded audio per batch (longest item x batch size)")
+                       help="cap on padded audio per batch, s: longest item x batch size (default 240)")
     embed.set_defaults(func=cmd_embed)
     stream = sub.add_parser("stream", help="encode live raw PCM from stdin (or a file at real-time pace)")
     add_model_arguments(stream, f"as for embed (default: random:{DEFAULT_ARCHITECTURE})")
@@ -418,14 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stdin sample format (default s16le)")
     stream.add_argument("--channels", type=int, default=None,
                         help="stdin channels, interleaved; mixed to mono (default 1)")
-    stream.add_argument("--block-ms", type=float, default=20.0, help="audio read per push (ms)")
+    stream.add_argument("--block-ms", type=float, default=20.0, help="audio read per push, ms (default 20)")
     stream.add_argument("--chunk-s", type=float, default=None,
                         help="audio per window centre, s (default per family: 1; rounded to 20 ms frames)")
     stream.add_argument("--left-context-s", type=float, default=None,
                         help="context before each chunk, s (default: wav2vec2/HuBERT 2, WavLM 4, Whisper its 30 s window)")
     stream.add_argument("--right-context-s", type=float, default=None,
                         help="context after each chunk, s: frames wait for it (default: 1, WavLM 4, Whisper 0.1)")
-    stream.add_argument("--layer", type=int, default=None, help="emit this layer's output (0 = input of layer 1)")
+    stream.add_argument("--layer", type=int, default=None, help="emit this layer's output (0 = input of layer 1; default: the last layer)")
     stream.add_argument("--out", help="also save all frames to this .npy")
     stream.add_argument("--overwrite", action="store_true", help="with --out: replace an existing file")
     stream.add_argument("--backend", default="auto", help="auto, torch, onnx, triton or tensorrt (default auto)")

@@ -183,17 +183,17 @@ def register(subparsers) -> None:
     bench.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME (default: {DEFAULT_MODEL})")
     bench.add_argument("--backend", default="auto", help="the backend timed first (ratios are against it)")
-    bench.add_argument("--dtype", default="auto", help="the first backend's dtype")
+    bench.add_argument("--dtype", default="auto", help="the first backend's dtype (default auto)")
     bench.add_argument("--against", nargs="*", default=[],
                        help="more BACKEND[:DTYPE] timed in the same rounds, e.g. torch onnx:float32; "
                             "'transformers' is Hugging Face transformers on the same weights, 'ctranslate2' "
                             "(Whisper) CTranslate2 at the compute type given (default: faster-whisper's, "
                             "float32 on a CPU, float16 on a GPU), e.g. ctranslate2:int8; 'openai-whisper' "
                             "(Whisper) its own log-mel and encoder")
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--seconds", type=float, default=10.0, help="audio per item (generated speech-like audio)")
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="audio per item, s, generated speech-like audio (default 10)")
+    bench.add_argument("--batch", type=int, default=1, help="items per call (default 1)")
     bench.add_argument("--layer", type=int, default=None, help="stop after this layer (default: all)")
-    bench.add_argument("--repeats", type=int, default=10)
-    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=10, help="timed rounds; the median is reported (default 10)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     bench.set_defaults(func=cmd_bench)

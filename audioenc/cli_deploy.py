@@ -37,7 +37,7 @@ def cmd_export(args) -> int:
         model = model_of(args.model)
         num_layers = model.dims.num_layers if args.layers is None else args.layers
         if not 0 <= num_layers <= model.dims.num_layers:
-            raise ValueError(f"--layers must be between 0 and {model.dims.num_layers} for this model, got {num_layers}")
+            raise ValueError(f"--layer must be between 0 and {model.dims.num_layers} for this model, got {num_layers}")
         if args.format == "onnx":
             spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype,
                               fused_attention=args.fused_attention)
@@ -86,12 +86,13 @@ def register(subparsers) -> None:
     """Adds the ``export`` and ``verify`` subcommands to the main parser's subparsers."""
     export = subparsers.add_parser("export", help="export a model to ONNX or a TensorRT engine")
     export.add_argument("--model", required=True, help="checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME")
-    export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="(default onnx)")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--dtype", choices=["float32", "float16", "int8"], default="float32",
                         help="float16: MatMul/Conv in fp16, LayerNorm/softmax/residuals in fp32; int8: dynamic "
-                             "quantisation (onnx only)")
-    export.add_argument("--layers", type=int, default=None, help="run only the first N layers (default: all)")
+                             "quantisation (onnx only) (default float32)")
+    export.add_argument("--layer", "--layers", dest="layers", metavar="N", type=int, default=None,
+                        help="run only layers 1..N; the graph outputs layer N's output (default: all)")
     export.add_argument("--hidden-states", action="store_true", help="also output every layer's hidden state")
     export.add_argument("--fused-attention", action="store_true",
                         help="each attention as onnxruntime's MultiHeadAttention op (what backend='onnx' runs: "

@@ -59,6 +59,9 @@ def check_preprocessor(preprocessor, dims, source: str) -> dict:
                       stacklevel=3)
     if not isinstance(preprocessor.get("do_normalize", True), bool):  # bool("false") is True
         raise ValueError(f"{source}: preprocessor do_normalize must be true or false, got {preprocessor['do_normalize']!r}")
+    if dims.family == "whisper" and preprocessor.get("do_normalize"):
+        raise ValueError(f"{source}: preprocessor do_normalize=True is not computed for Whisper: its log-mel is taken "
+                         "from the waveform as it is (transformers' WhisperFeatureExtractor does the same by default)")
     return preprocessor
 
 

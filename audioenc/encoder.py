@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audioenc.audio import SAMPLE_RATE, to_waveforms
-from audioenc.config import WHISPER_HOP, Wav2Vec2Dims, WhisperDims, check_preprocessor
+from audioenc.audio import to_waveforms
+from audioenc.config import SAMPLE_RATE, WHISPER_HOP, Wav2Vec2Dims, WhisperDims, check_preprocessor
 from audioenc.frontend import normalize_waveforms, pcm_to_float32, window_log_mel
 from audioenc.models.layers import valid_mask
 from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long

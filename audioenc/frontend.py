@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from audioenc._native import _C
+from audioenc.config import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 
@@ -198,6 +198,8 @@ def _as_tensor(x) -> torch.Tensor:
             raise TypeError(f"unsupported sample type {x.dtype}; expected float32, float64 or int16")
         return x
     x = np.asarray(x)
+    if not x.dtype.isnative:  # big-endian samples (e.g. read from an AIFF or AU file): the same values
+        x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype not in _NUMPY:
         raise TypeError(f"unsupported sample type {x.dtype}; expected float32, float64 or int16")
     return torch.from_numpy(np.ascontiguousarray(x))

@@ -31,8 +31,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from audioenc.audio import MAX_CHANNELS, SAMPLE_RATE, as_pcm_array, check_rate, finite_float32
+from audioenc.audio import MAX_CHANNELS, as_pcm_array, check_rate, finite_float32
 from audioenc.chunker import Chunker, Window
+from audioenc.config import SAMPLE_RATE
 from audioenc.frontend import pcm_to_float32
 
 FRAME_HOP = 320  # samples per output frame, every family

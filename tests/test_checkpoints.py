@@ -455,10 +455,14 @@ def test_preprocessor_settings_audioenc_does_not_compute_are_refused(w2v, whispe
              (whisper[80][1], lambda p: {**p, "chunk_length": 15}, "chunk_length=15 .*max_source_positions 1500"),
              (whisper[80][1], lambda p: {**p, "hop_length": 320}, "preprocessor hop_length=320"),
              (whisper[80][1], lambda p: {**p, "n_fft": 512}, "preprocessor n_fft=512"),
-             (whisper[80][1], lambda p: {**p, "feature_size": 128}, r"preprocessor feature_size=128 .*\(80\)")]
+             (whisper[80][1], lambda p: {**p, "feature_size": 128}, r"preprocessor feature_size=128 .*\(80\)"),
+             (whisper[80][1], lambda p: {**p, "do_normalize": True}, "do_normalize=True is not computed for Whisper")]
     for i, (path, edit, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
             audioenc.load(_edited_copy(path, tmp_path / str(i), "preprocessor_config.json", edit), backend="torch")
+    with pytest.raises(ValueError, match="do_normalize=True is not computed for Whisper"):
+        audioenc.load(whisper[80][1], backend="torch", preprocessor={"do_normalize": True})
+    assert audioenc.load(whisper[80][1], backend="torch", preprocessor={"do_normalize": False}).family == "whisper"
 
 
 def test_a_checkpoint_that_does_not_say_whether_it_normalises_warns_and_takes_preprocessor(w2v, tmp_path):

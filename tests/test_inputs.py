@@ -231,6 +231,8 @@ def test_valid_dtypes_and_shapes():
     assert to_waveforms(wave.astype(np.float16))[0].dtype == np.float32
     assert to_waveforms((wave * 30000).astype(np.int16))[0].dtype == np.int16  # scaled later, in one pass
     assert to_waveforms((wave * 30000).astype(np.int16), sample_rate=8000)[0].dtype == np.float32
+    rows = to_waveforms(np.matrix(np.stack([wave, wave])))  # np.matrix rows are 2-D: taken as arrays
+    assert [type(w) for w in rows] == [np.ndarray] * 2 and [w.shape for w in rows] == [(1000,), (1000,)]
 
 
 def test_api_argument_errors(w2v, w2v_checkpoints, whisper_checkpoints):

@@ -102,6 +102,9 @@ def test_list_of_lengths_and_dtypes():
     mixed = log_mel_spectrogram([pcm, items[0]])  # int16 and float32 items in one list
     assert_close(mixed[0], whisper_ref(pcm.astype(np.float32) / 32768))
     assert_close(mixed[1], whisper_ref(items[0]))
+    for dtype in (">f4", ">f8", ">i2"):  # big-endian samples: the same values in another byte order
+        x = pcm if dtype == ">i2" else items[2]
+        assert torch.equal(log_mel_spectrogram(x.astype(dtype)), log_mel_spectrogram(x.astype(dtype[1:])))
 
 
 @pytest.mark.skipif(_C is None, reason="audioenc._C is not built")

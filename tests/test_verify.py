@@ -186,8 +186,8 @@ def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys
     assert (theirs / "model.onnx.data").read_bytes() == b"someone's weights"
     assert "model.onnx.data exists" in capsys.readouterr().err
     failed = tmp_path / "failed"
-    assert cli(["export", "--model", path, "--out", str(failed), "--layers", "7"]) == 2
-    assert "--layers must be between 0 and 2 for this model, got 7" in capsys.readouterr().err
+    assert cli(["export", "--model", path, "--out", str(failed), "--layer", "7"]) == 2
+    assert "--layer must be between 0 and 2 for this model, got 7" in capsys.readouterr().err
 
     def broken(*args, **kwargs):
         raise ValueError("the export failed")
