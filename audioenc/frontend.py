@@ -136,6 +136,7 @@ def log_mel_spectrogram_ref(audio: torch.Tensor, n_mels: int = 80, padding: int 
 
 _SUPPORTED = (torch.float32, torch.float64, torch.int16)
 _NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64, np.dtype(np.int16): torch.int16}
+CUDA_MAX_GRID_Y = 65535
 _cuda_tables: dict = {}
 _cuda_kernel_failed: set = set()  # devices where the native kernel cannot run (e.g. no binary for the GPU)
 
@@ -300,9 +301,13 @@ def _spectrogram_cuda(x, lengths, kind, filters, padding):
     out = torch.zeros(batch, n_out, frames, dtype=torch.float32, device=dev)  # the kernel writes float32
     item_max = torch.empty(batch, dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    _C.log_mel_cuda(x.data_ptr(), 1 if x.dtype == torch.int16 else 0, x.shape[1], lens.data_ptr(), batch,
-                    frames, padding, tables.data_ptr(), tables.numel(), n_out if filters is not None else 0,
-                    {"power": 0, "log": 1, "normalized": 2}[kind], out.data_ptr(), frames,
-                    item_max.data_ptr(), dev.index if dev.index is not None else torch.cuda.current_device(),
-                    stream)
+    for b in range(0, batch, CUDA_MAX_GRID_Y):  # items are the grid's y dimension
+        n = min(CUDA_MAX_GRID_Y, batch - b)
+        _C.log_mel_cuda(x[b].data_ptr(), 1 if x.dtype == torch.int16 else 0, x.shape[1], lens[b].data_ptr(), n,
+                        frames, padding, tables.data_ptr(), tables.numel(), n_out if filters is not None else 0,
+                        {"power": 0, "log": 1, "normalized": 2}[kind], out[b].data_ptr(), frames,
+                        item_max[b].data_ptr(), dev.index if dev.index is not None else torch.cuda.current_device(),
+                        stream)
+    if not bool(torch.isfinite(out).all()):  # finite samples whose power passes float32's range
+        raise ValueError("audio: its spectrogram overflows float32 (samples far outside [-1, 1])")
     return out

@@ -1,5 +1,7 @@
 """audioenc.log_mel_spectrogram / power_spectrogram against openai-whisper, torch.stft and librosa,
 on the native CPU path, the torch fallback and (marker gpu) the CUDA kernels."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -204,6 +206,27 @@ def test_cuda_matches_reference(n):
     pcm = (x[0] * 20000).to(torch.int16)
     d = (log_mel_spectrogram(pcm) - log_mel_spectrogram_ref(pcm.float() / 32768)).abs()
     assert d.max().item() <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batch_past_the_grid_limit_and_overflowing_audio(monkeypatch):
+    """Items are the kernel grid's y dimension (at most 65,535 per launch); audio whose power passes
+    float32's range raises, as on the CPU, instead of returning Inf."""
+    monkeypatch.setattr(fe, "_cuda_kernel_failed", set())
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(signal("speech", 400, rng)).cuda().repeat(fe.CUDA_MAX_GRID_Y + 2, 1)
+    x[-1] *= 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the reference
+        out = log_mel_spectrogram(x)
+    for row in (0, -2, -1):
+        assert (out[row] - log_mel_spectrogram_ref(x[row])).abs().max().item() <= 1e-3
+    for kind in ("power", "log", "normalized"):
+        f = power_spectrogram if kind == "power" else (lambda a: log_mel_spectrogram(a, normalize=kind == "normalized"))
+        with pytest.raises(ValueError, match="overflows float32"):
+            f(x[:2] * 1e20)
+    assert not fe._cuda_kernel_failed
 
 
 @pytest.mark.gpu
