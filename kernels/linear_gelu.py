@@ -1,5 +1,9 @@
 """Linear layer with its bias and exact GELU in the epilogue: gelu(x @ weight.T + bias).
 
+Without the GELU it is the triton backend's float32 Linear: cuBLAS takes float32 matmuls in TF32
+whenever the process allows it (torch.set_float32_matmul_precision("high"), about 1e-3 off), and
+a CUDA graph keeps what its capture ran; this kernel's float32 product is IEEE whatever the setting.
+
 The feed-forward's first matmul writes its (rows, 4 * dim) output once, already activated. With
 cuBLAS the same layer writes that output, then a GELU kernel reads and rewrites it: 4 extra bytes
 per half-precision element, about 5 ms of whisper-large-v3's 80 ms per batch of 16 on an H100.
@@ -47,7 +51,7 @@ def _linear_gelu_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_om,
     LOG2_M,  # autotune key only: tune once per power-of-two row count, not per length
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Programs run in groups of GROUP_M row blocks that sweep the columns together, so each weight
@@ -85,7 +89,7 @@ def _linear_gelu_kernel(
 
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y = gelu(acc)
+    y = gelu(acc) if APPLY_GELU else acc
     out_ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, y.to(Out.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -93,8 +97,10 @@ def _linear_gelu_kernel(
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """gelu(x @ weight.T + bias) with float32 accumulation and the exact erf GELU.
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                apply_gelu: bool = True) -> torch.Tensor:
+    """gelu(x @ weight.T + bias) with float32 accumulation and the exact erf GELU (apply_gelu=False:
+    x @ weight.T + bias).
 
     x: (..., K), contiguous in its last dim; weight: (N, K) as nn.Linear keeps it, contiguous in K;
     bias: (N,) or None. All three share one dtype of float16, bfloat16, float32. Returns (..., N)
@@ -131,14 +137,15 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         m, n, k,
         x2.stride(0), weight.stride(0), n,
         max(m - 1, 1).bit_length(),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, APPLY_GELU=apply_gelu, IEEE=x.dtype == torch.float32,
     )
     return out
 
 
 def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    compute_dtype: torch.dtype = torch.float32, apply_gelu: bool = True) -> torch.Tensor:
     """The same in ``compute_dtype`` with torch (float32: the truth; a half dtype: the naive
     low-precision error the tests scale by). Returns x's dtype."""
     b = bias.to(compute_dtype) if bias is not None else None
-    return F.gelu(F.linear(x.to(compute_dtype), weight.to(compute_dtype), b)).to(x.dtype)
+    y = F.linear(x.to(compute_dtype), weight.to(compute_dtype), b)
+    return (F.gelu(y) if apply_gelu else y).to(x.dtype)

@@ -405,6 +405,14 @@ def test_linear_gelu_matches_reference(kernels, rows, k, n, bias, dtype):
     check(lin.linear_gelu(*args), lin.linear_gelu_ref(*args), lin.linear_gelu_ref(*args, compute_dtype=dtype), dtype)
 
 
+@pytest.mark.parametrize("rows,k,n,bias", [(2, 97, 80, False), (97, 64, 257, True)])
+def test_linear_without_gelu_matches_reference(kernels, rows, k, n, bias):
+    """The triton backend's float32 Linear (IEEE, where cuBLAS may take TF32)."""
+    lin = kernels["linear_gelu"]
+    args = linear_gelu_inputs(rows, k, n, bias, torch.float32, seed=rows * k + n)
+    check(lin.linear_gelu(*args, apply_gelu=False), lin.linear_gelu_ref(*args, apply_gelu=False), None, torch.float32)
+
+
 def test_linear_gelu_keeps_leading_dims_and_reads_strided_rows(kernels):
     lin = kernels["linear_gelu"]
     x, w, b = linear_gelu_inputs(2 * 5 * 3, 40, 24, True, torch.float32, seed=3)

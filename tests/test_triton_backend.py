@@ -98,6 +98,32 @@ def test_whisper_float32_matches_reference(whisper_checkpoints):
     assert_items_close(ours, ref, 1e-4)
 
 
+def test_float32_runs_no_cublas_matmul_whatever_the_tf32_setting(w2v_checkpoints, whisper_checkpoints, monkeypatch):
+    """cuBLAS takes float32 matmuls in TF32 when the process allows it (about 1e-3 off, and a CUDA
+    graph keeps what its capture ran): the float32 backend runs its own IEEE kernels instead."""
+    from audioenc.backends import triton as backend_module
+
+    cases = [(w2v_checkpoints[name][0], [speech_like(n, seed) for n, seed in WAVES])
+             for name in ("wavlm-stable", "wav2vec2-group")] + [(whisper_checkpoints[80][0], speech_like(24000, 4))]
+    refs = [load(path, backend="torch").encode(audio, output_hidden_states=True) for path, audio in cases]
+
+    def cublas(*args, **kwargs):
+        raise AssertionError("a float32 matmul went to cuBLAS or cuDNN")
+
+    for name in ("linear", "conv1d"):
+        monkeypatch.setattr(backend_module.F, name, cublas)
+    for name in ("addmm", "_addmm_activation"):
+        monkeypatch.setattr(backend_module.torch, name, cublas)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True  # the fixture restores it
+    try:
+        for (path, audio), ref in zip(cases, refs):
+            assert_items_close(load(path).encode(audio, output_hidden_states=True), ref, 1e-4)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 @pytest.mark.parametrize("variant", ["wav2vec2-group", "wavlm-stable"])
 def test_float16_error_at_most_twice_torch_float16(variant, w2v_checkpoints):
     path, _ = w2v_checkpoints[variant]

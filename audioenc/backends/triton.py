@@ -4,9 +4,10 @@ Same math as audioenc/models (the float32 reference), re-implemented here from i
 conv feature layers fused with their norm and GELU, fused QKV projections, flash attention with the
 key-padding mask and WavLM's gated relative bias inside the kernel (its gate from one small kernel),
 residual add fused with LayerNorm, fc1 + bias + GELU in one kernel where that beats cuBLAS plus a
-GELU pass, the grouped positional conv + GELU in one kernel where that beats cuDNN. Other matmuls
-use cuBLAS through torch, and so may unmasked half-precision attention (Whisper's) where cuDNN's
-kernel runs faster than ours. Half precision
+GELU pass, the grouped positional conv + GELU in one kernel where that beats cuDNN. Other
+half-precision matmuls use cuBLAS through torch, and so may unmasked half-precision attention
+(Whisper's) where cuDNN's kernel runs faster than ours. float32 runs every matmul and conv in our
+kernels in IEEE float32, whatever the process's TF32 settings. Half precision
 with float32 LayerNorm/softmax statistics; pre-LN residual streams stay in float32 so large
 activations cannot overflow float16. On CUDA, forward passes are captured in CUDA graphs per
 (batch bucket, length bucket, layers). With TRITON_INTERPRET=1 the same code runs on CPU tensors
@@ -74,6 +75,10 @@ class _Linear:
                               ).to(device, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:  # IEEE float32, whatever the process's TF32 setting
+            from audioenc.kernels.linear_gelu import linear_gelu
+
+            return linear_gelu(x, self.weight, self.bias, apply_gelu=False)
         return F.linear(x, self.weight, self.bias)
 
     def accumulate(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +87,11 @@ class _Linear:
         pass of our own reads it. In place: torch's addmm into a new tensor first copies the residual
         there."""
         flat_r, flat_x = residual.view(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1])
-        if x.dtype == residual.dtype:
+        if self.weight.dtype == torch.float32:  # our kernel, as in __call__; then a pass to add it
+            from audioenc.kernels.linear_gelu import linear_gelu
+
+            flat_r += linear_gelu(flat_x, self.weight, None, apply_gelu=False)
+        elif x.dtype == residual.dtype:
             flat_r.addmm_(flat_x, self.weight.t())
         elif x.is_cuda:
             torch.addmm(flat_r, flat_x, self.weight.t(), out_dtype=residual.dtype, out=flat_r)
@@ -182,7 +191,10 @@ class _LinearGelu(_Linear, _FasterPath):
             return flat.view(*x.shape[:-1], -1)
         return F.gelu(F.linear(x, self.weight, self.bias))
 
-    __call__ = _FasterPath.__call__
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "none":  # float32: IEEE in our kernel (cuBLAS may take TF32, see _Linear)
+            return self.fused(x)
+        return _FasterPath.__call__(self, x)
 
 
 class _ConvLayerNormGelu(_FasterPath):
