@@ -28,12 +28,17 @@ def _configs():
     # From Triton's matmul tutorial: large tiles for Hopper's tensor cores, smaller ones so that a
     # batch of one (a few hundred rows) still spreads over every SM. Each config compiles for seconds
     # on first use, so the list stays short. The first, the default, does not spill on sm_90 (the
-    # 128 x 256 tile does, a little, with the GELU epilogue).
-    return choose_configs(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-         for bm, bn, w, s in [(128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4),
-                              (64, 128, 4, 4), (64, 64, 4, 4)]],
-        interpreted=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4))
+    # 128 x 256 tile does, a little, with the GELU epilogue). float32's 4-byte tiles need more shared
+    # memory than some GPUs have (the default about 256 KB; an H100 has 227 KB, an A10 or L4 99 KB):
+    # the autotuner drops configs that do not fit, and the last (about 48 KB) is the fallback of
+    # AUDIOENC_AUTOTUNE=0.
+    tuned = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+             for bm, bn, bk, w, s in [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                                      (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+                                      (64, 64, 32, 4, 3)]]
+    return choose_configs(tuned, fallback=tuned[-1],
+                          interpreted=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                                                    num_warps=4))
 
 
 @triton.jit

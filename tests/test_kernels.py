@@ -567,3 +567,19 @@ def test_autotune_configs_per_mode(monkeypatch):
     assert choose_configs(tuned, interpreted, fallback=tuned[1]) == tuned
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert choose_configs(tuned, interpreted) == [interpreted]
+
+
+def test_float32_linear_has_a_config_that_fits_small_gpus(monkeypatch):
+    """The triton backend's float32 Linears all run in linear_gelu (IEEE): one config must fit in
+    99 KB of shared memory (A10, L4), with AUDIOENC_AUTOTUNE=0 too."""
+    pytest.importorskip("triton")
+    from audioenc.kernels import linear_gelu
+
+    def float32_shared_memory(config):  # a tile of x and one of the weight per pipeline stage
+        blocks = config.kwargs
+        return config.num_stages * (blocks["BLOCK_M"] + blocks["BLOCK_N"]) * blocks["BLOCK_K"] * 4
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for autotune in ("1", "0"):
+        monkeypatch.setenv("AUDIOENC_AUTOTUNE", autotune)
+        assert min(map(float32_shared_memory, linear_gelu._configs())) <= 99 * 1024
