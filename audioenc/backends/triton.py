@@ -192,7 +192,7 @@ class _LinearGelu(_Linear, _FasterPath):
         return F.gelu(F.linear(x, self.weight, self.bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.approximate == "none":  # float32: IEEE in our kernel (cuBLAS may take TF32, see _Linear)
+        if self.weight.dtype == torch.float32:  # IEEE in our kernel (cuBLAS may take TF32, see _Linear)
             return self.fused(x)
         return _FasterPath.__call__(self, x)
 
