@@ -220,6 +220,8 @@ def stream_usage_error(args) -> str | None:
     """What is wrong with cmd_stream's arguments, before any model loads."""
     if args.file is None and args.realtime:
         return "--realtime paces a --file; stdin arrives at its own pace"
+    if args.file is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python has no sys.stdin
+        return "stdin is closed; pipe raw PCM to it or give --file"
     if args.file is not None and (args.rate is not None or args.format is not None or args.channels is not None):
         return "--rate, --format and --channels describe stdin; a --file carries its own"
     from audioenc.audio import MAX_CHANNELS

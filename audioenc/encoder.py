@@ -202,8 +202,9 @@ class AudioEncoder:
             raise TypeError(f"progress must be True or False, got {progress!r}")
         waves = to_waveforms(audio, sample_rate, self.min_samples)
         self._warn_of_pcm_scale(waves)
-        limit = self.long_audio_threshold_s * SAMPLE_RATE
-        long_items = [i for i, w in enumerate(waves) if len(w) > limit and self._windowed_long_audio()]
+        # In seconds, as the setting is: threshold * 16000 can round below an item of exactly that duration
+        long_items = [i for i, w in enumerate(waves)
+                      if len(w) / SAMPLE_RATE > self.long_audio_threshold_s and self._windowed_long_audio()]
         if long_items and output_hidden_states:
             raise ValueError(f"output_hidden_states is not available for items longer than "
                              f"long_audio_threshold_s={self.long_audio_threshold_s:g} s (encoded in windows); "

@@ -190,9 +190,11 @@ class EncoderStream:
         with self.lock:
             if self._failure is None and not self.finished:
                 if not self._input_ended:
+                    # Ended first: soxr takes its last call once, and an interrupted encode of the
+                    # samples it gives back goes on in the _advance below when flush is called again
+                    self._input_ended = True
                     if self.resampler is not None:
                         self._accept(np.zeros(0, np.float32), last=True)
-                    self._input_ended = True
                 self._advance()
                 if not self._chunker_ended:
                     self._take_windows(self.chunker.flush())
@@ -333,7 +335,9 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
         raise ValueError(f"the long-audio windows (enc.long_audio_chunk_s={chunk_s:g}, long_audio_left_s={left_s:g}, "
                          f"long_audio_right_s={right_s:g}) do not make a valid stream: {exc}") from None
     stream.backend_output = True
-    # A GPU runs 8 windows per call; a CPU gains little from a batch (and its bar moves per window).
+    # A GPU is given 8 chunks per push (the stream encodes their windows in runs of at most
+    # SECONDS_PER_RUN: with the default 46 s windows, one per run); a CPU gains little from a batch
+    # (and its bar moves per window).
     block = stream.chunk * (8 if encoder.backend.device.type == "cuda" else 1)
     outputs = []
     # The bar counts the audio whose frames are final (20 ms each), so it is full when they all are.

@@ -724,6 +724,12 @@ def test_stream_command_keeps_a_file_made_at_its_out_during_the_stream(tmp_path,
     assert np.load(tmp_path / "frames-1.npy").shape == (99, 32)
 
 
+def test_stream_command_with_stdin_closed_says_so(w2v_checkpoints, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", None)  # as Python starts under `audioenc stream <&-`
+    assert main(["stream", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]) == 2
+    assert "stdin is closed; pipe raw PCM to it or give --file" in capsys.readouterr().err
+
+
 def test_stream_frames_never_replace_a_file_the_user_did_not_name(tmp_path):
     """--overwrite names --out alone: where a folder took --out, NAME-1.npy is still the user's."""
     from audioenc.cli import save_frames

@@ -200,6 +200,31 @@ def test_an_interrupted_push_loses_no_frame(w2v_checkpoints):
     assert rel_err(frames, expected) <= 1e-6
 
 
+def test_an_interrupted_flush_at_another_rate_goes_on_when_called_again(w2v_checkpoints):
+    """The resampler's last samples complete a window whose encoder call is interrupted: the next
+    flush encodes it (soxr takes no second last call), and a push still raises."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    wave = speech_like(48000 * 3 + 101, 2)  # soxr holds back 568 samples at 16 kHz: more than a window
+    settings = dict(sample_rate=48000, chunk_s=0.02, left_context_s=0.0, right_context_s=0.0)
+    expected, _ = collect(stream_all(enc.stream(**settings), wave))
+    stream = enc.stream(**settings)
+    first = stream.push(wave)
+    encode = stream.encode_samples
+
+    def interrupted(windows):
+        raise KeyboardInterrupt
+
+    stream.encode_samples = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        stream.flush()
+    stream.encode_samples = encode
+    with pytest.raises(RuntimeError, match="after flush"):
+        stream.push(wave[:100])
+    rest = stream.flush()
+    assert rest.first == len(first) and len(rest) > 0
+    assert rel_err(torch.cat([first.frames, rest.frames]), expected) <= 1e-6
+
+
 def test_a_big_push_holds_a_bounded_number_of_windows(w2v_checkpoints):
     enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
     stream = enc.stream(chunk_s=0.1, left_context_s=0.1, right_context_s=0.1)
@@ -246,6 +271,16 @@ def test_long_audio_goes_through_windows(w2v_checkpoints):
     assert enc.encode(wave).last_hidden_state.shape[1] == offline.shape[0]
     with pytest.raises(ValueError, match="output_hidden_states is not available"):
         enc.encode(wave, output_hidden_states=True)
+
+
+def test_an_item_as_long_as_the_threshold_is_encoded_whole(w2v_checkpoints):
+    """verify raises the threshold to its longest item's duration: that item must not go to windows,
+    though 16005 / 16000 * 16000 rounds below 16005."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
+    wave = speech_like(16005, 3)
+    enc.long_audio_threshold_s = len(wave) / 16000
+    out = enc.encode(wave, output_hidden_states=True)
+    assert len(out.hidden_states) == enc.num_layers + 1 and out.lengths.item() == enc.dims.num_frames(len(wave))
 
 
 def test_a_backend_with_a_longest_input_gets_long_items_in_windows_that_fit(w2v_checkpoints, monkeypatch):
