@@ -133,8 +133,13 @@ def removable(entries: list[CacheEntry], unused_days: float | None = None,
     only once they are STALE_TMP_S old (a younger one may be running now), unless ``unfinished_too``."""
     now = time.time()
     age_limit = 0.0 if unused_days is None else unused_days * 86400
-    return [e for e in entries
-            if now - e.last_used >= max(age_limit, STALE_TMP_S if e.unfinished and not unfinished_too else 0.0)]
+
+    def old_enough(entry: CacheEntry) -> bool:
+        limit = max(age_limit, STALE_TMP_S if entry.unfinished and not unfinished_too else 0.0)
+        # no limit takes all: a last use in the future too (a cache copied from, or shared with, a clock ahead)
+        return limit == 0 or now - entry.last_used >= limit
+
+    return [e for e in entries if old_enough(e)]
 
 
 def remove(entries: list[CacheEntry]) -> tuple[int, list[str]]:
@@ -165,7 +170,7 @@ def remove_weights_records(unused_days: float | None = None) -> None:
         else:
             continue
         try:
-            if os.path.isfile(path) and now - os.path.getmtime(path) >= age_limit:
+            if os.path.isfile(path) and (age_limit == 0 or now - os.path.getmtime(path) >= age_limit):
                 os.remove(path)
         except OSError:  # removed meanwhile, or a read-only cache
             pass

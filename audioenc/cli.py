@@ -185,7 +185,8 @@ def cmd_embed(args) -> int:
     pending = [(p, t) for p, t in jobs.items() if not os.path.isdir(t) and (args.overwrite or not os.path.lexists(t))]
     skipped = len(jobs) - len(pending) - len(failed)
     audio_s, written = 0.0, set()
-    with tqdm(total=len(pending), desc="embed", unit="file", file=sys.stderr) as bar:
+    # no bar without a stderr (started with it closed): tqdm would write to None
+    with tqdm(total=len(pending), desc="embed", unit="file", file=sys.stderr, disable=sys.stderr is None) as bar:
         # Beside a CPU backend a decoder thread gains nothing (it shares the cores the backend uses:
         # 48 FLAC files, 2 cores, 11.2-11.5 s with one against 11.3-12.0 s inline), so decode inline.
         workers = 0 if enc.backend.device.type == "cpu" else min(4, usable_cores())

@@ -288,7 +288,7 @@ def embed_batch(enc, batch, args, failed: list[str], written: set[str]) -> float
         try:
             # A bar per long file (past enc.long_audio_threshold_s), where stderr shows the job's bar
             out = enc.encode([w for _, _, w in group], output_hidden_states=all_layers, output_layer=layer,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr is not None and sys.stderr.isatty())
         except (ValueError, TypeError) as exc:
             if len(group) > 1:  # find the item that fails: encode each alone
                 groups += [[item] for item in group]

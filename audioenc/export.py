@@ -318,7 +318,9 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str, external: bo
     path = os.path.join(directory, MODEL_FILE)
     fp32 = path if spec.dtype == "float32" else os.path.join(directory, "fp32.onnx")
     layers = f"{spec.num_layers} layer{'' if spec.num_layers == 1 else 's'}"
-    with tqdm(total=1 if spec.dtype == "float32" else 3, file=sys.stderr, disable=None,  # None: only on a terminal
+    # disable=None: only on a terminal; none at all without a stderr (a service started with it closed,
+    # pythonw), where tqdm would write to None and the export fail
+    with tqdm(total=1 if spec.dtype == "float32" else 3, file=sys.stderr, disable=True if sys.stderr is None else None,
               desc=f"audioenc: exporting {model.dims.family} ({layers}, {spec.dtype}) to ONNX",
               bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
         bar.set_postfix_str("tracing the float32 graph")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import warnings
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 from audioenc.backends import backend_class, resolve_backend
 from audioenc.checkpoint_record import recall as recalled
 from audioenc.encoder import AudioEncoder
+from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.torch_defaults import float32_on_cpu
@@ -20,7 +20,9 @@ from audioenc.model_objects import load_model_object
 from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate, preprocessor_settings
 
 
-_RANDOM_DRAW = threading.Lock()  # see reference_model
+# See reference_model. Fork-safe: a child forked mid-draw would find it held for good, and hang at its
+# next random: load or at rebuilding released random weights. Taken inside a backend's lock (level 0).
+_RANDOM_DRAW = ForkSafeLock(level=1)
 
 
 def resolve_device(device) -> torch.device:

@@ -93,6 +93,18 @@ def test_cli_lists_then_clears_only_what_was_asked(filled, capsys):
     assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == ["my_finetuned_model.pt"]
 
 
+def test_clear_takes_entries_and_records_last_used_in_the_future(filled, capsys):
+    """A cache copied from, or shared with, a machine whose clock is ahead: a plain --clear still
+    removes everything (but a running export), not only what is older than now."""
+    future = time.time() + 2 * 3600
+    os.utime(os.path.join(filled, "onnx", "b" * 32, cache.META_FILE), (future, future))
+    os.utime(os.path.join(filled, cache.WEIGHTS_RECORDS, NEW_RECORD), (future, future))
+    assert main(["cache", "--clear"]) == 0
+    assert "removed 6 of 7 entries" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(filled, "onnx"))) == [".tmp-young", "users-models"]
+    assert os.listdir(os.path.join(filled, cache.WEIGHTS_RECORDS)) == ["my_finetuned_model.pt"]
+
+
 def test_cli_rejects_unused_days_without_clear(filled, capsys):
     assert main(["cache", "--unused-days", "3"]) == 2
     assert main(["cache", "--clear", "--unused-days", "-1"]) == 2

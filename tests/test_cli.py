@@ -62,6 +62,15 @@ def test_embed_all_layers_to_safetensors(audio_tree, tmp_path, whisper_checkpoin
     assert tensors["last_hidden_state"].shape == (32,)
 
 
+def test_embed_runs_without_a_stderr(audio_tree, tmp_path, w2v_checkpoints, monkeypatch, capsys):
+    """A job started with stderr closed (sys.stderr is None): no bar, rather than tqdm writing to None."""
+    monkeypatch.setattr(sys, "stderr", None)
+    out = tmp_path / "out"
+    assert main(["embed", str(audio_tree / "a.wav"), "--model", w2v_checkpoints["wav2vec2-group"][0],
+                 "--backend", "torch", "--out", str(out)]) == 0
+    assert np.load(out / "a.npy").shape == (32,)
+
+
 def test_embed_never_overwrites_without_asking(audio_tree, tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
     out = tmp_path / "out"

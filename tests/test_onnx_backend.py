@@ -582,6 +582,33 @@ def test_forks_from_several_threads_at_once_leave_no_lock_held(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+FORK_DURING_A_RANDOM_DRAW = """
+import multiprocessing, threading, time, audioenc
+from audioenc import loading
+
+def child(_):  # a random: load, as a released random encoder's next new depth also does
+    return audioenc.load("random:whisper-tiny", backend="torch").num_layers
+
+load = threading.Thread(target=audioenc.load, args=("random:whisper-tiny",), kwargs=dict(backend="torch"))
+load.start()
+while not loading._RANDOM_DRAW.locked():
+    time.sleep(0.0005)
+with multiprocessing.get_context("fork").Pool(1) as pool:
+    assert pool.map_async(child, [0]).get(timeout=60) == [4]
+load.join()
+print("ok")
+"""
+
+
+def test_a_fork_during_a_random_draw_gives_a_child_that_can_draw(tmp_path):
+    """A fork while another thread draws a random: architecture's weights waits for the draw: the
+    child would otherwise inherit the draw's lock held and hang at its own next draw."""
+    script = tmp_path / "fork_during_draw.py"
+    script.write_text(FORK_DURING_A_RANDOM_DRAW)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_an_encoder_cannot_be_pickled_or_copied_and_says_so(w2v_checkpoints):
     import copy
     import pickle
@@ -590,6 +617,15 @@ def test_an_encoder_cannot_be_pickled_or_copied_and_says_so(w2v_checkpoints):
     for attempt in (pickle.dumps, copy.deepcopy, copy.copy):
         with pytest.raises(TypeError, match="load one in each process"):
             attempt(enc)
+
+
+def test_a_first_use_exports_in_a_process_without_stderr(w2v_checkpoints, tmp_path, monkeypatch):
+    """A service started with stderr closed (sys.stderr is None) still exports its graphs: the
+    progress bar, shown only on a terminal, is not written to None."""
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "cache"))
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    monkeypatch.setattr(sys, "stderr", None)
+    assert enc.encode(speech_like(16000, 7)).lengths.tolist() == [49]
 
 
 def test_prepacking_follows_the_environment(w2v_checkpoints, monkeypatch):
