@@ -456,7 +456,11 @@ def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: b
     if existing and not overwrite:
         raise FileExistsError(f"{' and '.join(existing)} exist{'s' if len(existing) == 1 else ''}; pass overwrite "
                               "(--overwrite) to replace")
-    created = not os.path.isdir(out_dir)
+    created = []  # the folders this export makes, innermost first: a failed one removes them
+    folder = os.path.abspath(out_dir)
+    while not os.path.isdir(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-")
     written = []
@@ -475,6 +479,8 @@ def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: b
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and not written and not os.listdir(out_dir):
-            os.rmdir(out_dir)  # a failed export leaves no trace
+        for folder in created if not written else []:  # a failed export leaves no trace
+            if os.listdir(folder):
+                break
+            os.rmdir(folder)
     return written

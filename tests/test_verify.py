@@ -195,6 +195,8 @@ def test_cli_export_keeps_what_it_did_not_make(w2v_checkpoints, tmp_path, capsys
     monkeypatch.setattr(export, "build_graph", broken)
     assert cli(["export", "--model", path, "--out", str(failed)]) == 2
     assert not failed.exists()  # a failed export leaves no empty directory behind
+    assert cli(["export", "--model", path, "--out", str(failed / "a" / "b")]) == 2
+    assert not failed.exists()  # nor the folders it made on the way
     monkeypatch.undo()
     (tmp_path / "a-file").write_bytes(b"")
     assert cli(["export", "--model", path, "--out", str(tmp_path / "a-file")]) == 2
