@@ -778,9 +778,11 @@ def test_embed_do_normalize_replaces_the_checkpoints_setting(w2v_checkpoints, wh
     assert run("raw", "--do-normalize", "true", "--overwrite") == 0  # replaced, not mixed
     assert run("raw", "--do-normalize", "false") == 2
     assert "do_normalize True (now False)" in capsys.readouterr().err
-    assert main(["embed", str(wav), "--model", whisper_checkpoints[80][0], "--do-normalize", "true",
-                 "--out", str(tmp_path / "w")]) == 2
-    assert "--do-normalize is for the wav2vec2 family" in capsys.readouterr().err
+    for value, message in [("false", "--do-normalize is for the wav2vec2 family"),
+                           ("true", "do_normalize=True is not computed for Whisper")]:
+        assert main(["embed", str(wav), "--model", whisper_checkpoints[80][0], "--do-normalize", value,
+                     "--out", str(tmp_path / "w")]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_embed_keeps_links_and_files_that_appear_at_an_output(audio_tree, tmp_path, w2v_checkpoints, capsys,
