@@ -3,7 +3,8 @@
 Formats :func:`load_checkpoint` reads:
 
 - a local Hugging Face model directory: config.json + model.safetensors / pytorch_model.bin, sharded
-  or not, base model or task model (ForCTC, ForXVector, ForConditionalGeneration, ...);
+  or not, base model or task model (ForCTC, ForXVector, ForConditionalGeneration, ...), or a
+  SpeechEncoderDecoderModel's encoder;
 - a Hugging Face hub id ("facebook/wav2vec2-base"), downloaded with huggingface_hub (or taken from
   its local cache when offline);
 - an openai-whisper ``.pt`` (``dims`` + ``model_state_dict``);
@@ -143,7 +144,7 @@ def _load_file(path: str) -> Checkpoint:
         raise ValueError(f"{path}: one file of a checkpoint directory; pass the directory that holds it")
     if path.endswith((".onnx", ".onnx.data", ".engine", ".plan")):
         raise ValueError(f"{path}: {NOT_A_CHECKPOINT}")
-    obj, mapped = _torch_load(path)
+    obj, mapped = _torch_load(path, read=("model", "cfg", "args", "dims", "model_state_dict"))
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint audioenc can read (holds a {type(obj).__name__}, not a dict)")
     loader = (load_openai_whisper if "model_state_dict" in obj or "dims" in obj else
@@ -157,29 +158,63 @@ def _load_file(path: str) -> Checkpoint:
                      f"unilm one (model, cfg or args); top-level keys: {', '.join(map(str, list(obj)[:10]))}")
 
 
-def _torch_load(path: str) -> tuple[object, bool]:
+class _StandIn:
+    """Takes the place of a class or function that a checkpoint names beside its tensors (fairseq keeps
+    its label Dictionary in task_state and numpy scalars in extra_state): nothing is imported or run."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _stand_in_within(x):
+    """The first _StandIn in ``x`` (plain containers looked through), or None."""
+    if isinstance(x, _StandIn):
+        return x
+    values = x.values() if isinstance(x, dict) else vars(x).values() if isinstance(x, argparse.Namespace) else \
+        x if isinstance(x, (list, tuple)) else ()
+    return next((found for found in map(_stand_in_within, values) if found is not None), None)
+
+
+def _torch_load(path: str, read=None) -> tuple[object, bool]:
     """(torch.load with weights_only=True, whether it is mapped). Legacy fairseq ``args`` need
-    argparse.Namespace, nothing else is unpickled, so a file with arbitrary Python objects is an error
-    rather than a code execution risk. A zip-format file (torch.save's since torch 1.6) is mapped, so
-    tensors that no loader keeps (a decoder, fairseq's optimizer state) are never read; the loaders
-    keep private copies of the rest."""
+    argparse.Namespace; any other class or function the file names becomes an inert _StandIn, and
+    one within what the loaders read (the top-level keys ``read``, every key when None) is an error,
+    so a file with arbitrary Python objects is never a code execution risk. A zip-format file
+    (torch.save's since torch 1.6) is mapped, so tensors that no loader keeps (a decoder, fairseq's
+    optimizer state) are never read; the loaders keep private copies of the rest."""
     mapped = zipfile.is_zipfile(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped), mapped
-    except pickle.UnpicklingError as e:
-        # torch's message wraps the unpickler's reason ("WeightsUnpickler error: <reason>") in advice
-        # about weights_only that does not apply here.
-        text = str(e)
-        reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
-        reason = " ".join(reason.split()) or text.strip()
-        if "Unsupported global" in reason:
-            raise ValueError(f"{path}: refused to load, it holds Python objects beyond tensors and plain "
-                             f"containers ({reason.split(' Please use')[0]}); audioenc never unpickles "
-                             f"arbitrary objects: re-save the checkpoint with only tensors and plain dicts") from e
-        raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one (unpickling failed: {reason})") from e
-    except Exception as e:  # zip/pickle/EOF errors from a file that is not a PyTorch checkpoint
-        raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one ({type(e).__name__}: {e})") from e
+    stand_ins = {}
+    while True:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace, *((c, n) for n, c in stand_ins.items())]):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+            break
+        except pickle.UnpicklingError as e:
+            # torch's message wraps the unpickler's reason ("WeightsUnpickler error: <reason>") in advice
+            # about weights_only that does not apply here.
+            text = str(e)
+            reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
+            reason = " ".join(reason.split()) or text.strip()
+            name = re.search(r"Unsupported global: GLOBAL (\S+) was not", reason)
+            if name and name[1] not in stand_ins and not name[1].startswith("torch."):
+                stand_ins[name[1]] = type(name[1], (_StandIn,), {})
+                continue
+            if "Unsupported global" in reason:
+                raise ValueError(f"{path}: refused to load, it holds Python objects beyond tensors and plain "
+                                 f"containers ({reason.split(' Please use')[0]}); audioenc never unpickles "
+                                 f"arbitrary objects: re-save the checkpoint with only tensors and plain dicts") from e
+            raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one (unpickling failed: {reason})") from e
+        except Exception as e:  # zip/pickle/EOF errors from a file that is not a PyTorch checkpoint
+            raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one ({type(e).__name__}: {e})") from e
+    found = _stand_in_within(obj if read is None or not isinstance(obj, dict) else [obj.get(k) for k in read])
+    if found is not None:
+        raise ValueError(f"{path}: refused to load, it holds Python objects beyond tensors and plain containers "
+                         f"(a {type(found).__name__} where audioenc reads it); audioenc never unpickles arbitrary "
+                         "objects: re-save the checkpoint with only tensors and plain dicts")
+    return obj, mapped
 
 
 def private_copies(state_dict: dict[str, torch.Tensor], loaded) -> dict[str, torch.Tensor]:
@@ -335,18 +370,32 @@ def read_safetensors(path: str, keep=None) -> dict[str, torch.Tensor]:
 def load_hf_dir(path: str, source: str = "") -> Checkpoint:
     """A Hugging Face model directory: config.json + model.safetensors / pytorch_model.bin (sharded too)."""
     config = _read_json(os.path.join(path, "config.json"))
+    outer = ""  # a SpeechEncoderDecoderModel's encoder is a model of its own, under "encoder."
+    if config.get("model_type") == "speech-encoder-decoder" and isinstance(config.get("encoder"), dict):
+        config, outer = config["encoder"], "encoder."
     family = family_of(config, source or path)
+    quantization = config.get("quantization_config")
+    if quantization:  # its int8 / int4 weights and scales would fail as unexpected tensors, unexplained
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ValueError(f"{source or path}: a quantised checkpoint (config quantization_config, quant_method "
+                         f"{method!r}), which audioenc does not run: load the float checkpoint it was made from "
+                         "(backend='onnx' with dtype='int8' quantises it itself)")
+
+    def keep(n):
+        return n.startswith(outer) and may_be_encoder(family, n[len(outer):])
+
     tensors: dict[str, torch.Tensor] = {}
     for name in weight_files(path):
         file = os.path.join(path, name)
         if name.endswith(".safetensors"):  # a decoder or task head is never read
-            tensors.update(read_safetensors(file, keep=lambda n: may_be_encoder(family, n)))
+            tensors.update(read_safetensors(file, keep=keep))
         else:  # nor is it when the pickle is mapped
             loaded, mapped = _torch_load(file)
             if not isinstance(loaded, dict):
                 raise ValueError(f"{file}: not a state dict (holds a {type(loaded).__name__})")
-            kept = {n: t for n, t in loaded.items() if may_be_encoder(family, n)}
+            kept = {n: t for n, t in loaded.items() if keep(n)}
             tensors.update(private_copies(kept, loaded) if mapped else kept)
+    tensors = {n[len(outer):]: t for n, t in tensors.items()}
     preprocessor = read_preprocessor(path)
     return Checkpoint(family, config, canonical_hf_state_dict(family, tensors, source or path), preprocessor,
                       source or path, "hf")

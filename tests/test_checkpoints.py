@@ -78,6 +78,22 @@ def test_hf_task_models_give_the_base_encoder(w2v, variant, tmp_path):
     assert_same(load_checkpoint(tmp_path).state_dict, load_hf_dir(base_path).state_dict)
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_hf_speech_encoder_decoder_dir_gives_its_encoder(w2v, safe, tmp_path):
+    """A saved SpeechEncoderDecoderModel (facebook/wav2vec2-xls-r-300m-en-to-15) loads as its encoder,
+    as the model object does: its config nests the encoder's, its tensors sit under "encoder."."""
+    base, path = w2v["wav2vec2_layer"]
+    decoder = T.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                           vocab_size=10, is_decoder=True, add_cross_attention=True)
+    speech_to_text = T.SpeechEncoderDecoderModel(T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
+        base.config, decoder))
+    speech_to_text.encoder.load_state_dict(base.state_dict())
+    speech_to_text.save_pretrained(tmp_path, safe_serialization=safe)
+    ckpt, want = load_checkpoint(tmp_path, family="wav2vec2"), load_hf_dir(path)
+    assert_same(ckpt.state_dict, want.state_dict)
+    assert_same_config(ckpt.config, want.config, W2V_KEYS)
+
+
 def test_hf_bin_sharded_and_old_weight_norm(w2v, tmp_path):
     base, path = w2v["wav2vec2_group"]
     want = load_hf_dir(path).state_dict
@@ -233,6 +249,39 @@ def test_fairseq(w2v, variant, family, style, tmp_path):
     assert_same_config(ckpt.config, want.config, W2V_KEYS + extra)
 
 
+@pytest.mark.parametrize("zipped", [True, False])
+def test_fairseq_checkpoints_keep_their_training_state(w2v, zipped, tmp_path, monkeypatch):
+    """fairseq's own HuBERT .pt (hubert_base_ls960.pt) keeps its label Dictionary in task_state and
+    numpy scalars in extra_state, beside the tensors and cfg that audioenc reads: it loads, and nothing
+    of fairseq or numpy is run; the same object where a tensor should be is refused."""
+    import types
+
+    import numpy as np
+
+    class Dictionary:
+        def __init__(self):
+            self.symbols, self.indices = ["<s>", "<pad>"], {"<s>": 0, "<pad>": 1}
+
+    Dictionary.__module__, Dictionary.__qualname__ = "fairseq.data.dictionary", "Dictionary"
+    modules = {"fairseq": types.ModuleType("fairseq"), "fairseq.data": types.ModuleType("fairseq.data"),
+               "fairseq.data.dictionary": types.ModuleType("fairseq.data.dictionary")}
+    modules["fairseq.data.dictionary"].Dictionary = Dictionary
+    base, path = w2v["hubert"]
+    ckpt = fairseq_checkpoint(base, "hubert")
+    ckpt.update(task_state={"dictionaries": [Dictionary()]}, optimizer_history=[{"num_updates": 400000}],
+                extra_state={"metrics": {"train": [("loss", {"val": np.float64(2.5), "count": np.int64(3)}, 0)]},
+                             "previous_training_time": np.float64(1234.5), "best": np.array([0.5])})
+    with monkeypatch.context() as m:
+        for name, module in modules.items():
+            m.setitem(sys.modules, name, module)
+        torch.save(ckpt, tmp_path / "hubert.pt", _use_new_zipfile_serialization=zipped)
+        ckpt["model"]["encoder.layer_norm.weight"] = Dictionary()
+        torch.save(ckpt, tmp_path / "bad.pt", _use_new_zipfile_serialization=zipped)
+    assert "fairseq" not in sys.modules
+    assert_same(load_checkpoint(tmp_path / "hubert.pt", family="hubert").state_dict, load_hf_dir(path).state_dict)
+    _expect(tmp_path / "bad.pt", "refused to load.*fairseq.data.dictionary.Dictionary where audioenc reads it")
+
+
 def test_conv_feature_layers_parsing():
     assert parse_conv_feature_layers("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2") == \
         [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
@@ -295,6 +344,21 @@ def test_errors_hf(w2v, tmp_path):
     _expect(d, "pytorch_model.bin: not a PyTorch checkpoint, or a damaged one")
     _expect(path, "expected a whisper checkpoint, got wav2vec2", family="whisper")
     _expect(path, "family must be one of", family="bert")
+    # bitsandbytes' int8 weights and their scales (SCB) would be "unexpected tensors" of another model
+    d = tmp_path / "bnb"
+    shutil.copytree(path, d)
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (d / "config.json").write_text(json.dumps(config))
+    safetensors = pytest.importorskip("safetensors.torch")
+    tensors = safetensors.load_file(d / "model.safetensors")
+    name = "encoder.layers.0.feed_forward.intermediate_dense."
+    scale = tensors[name + "weight"].abs().amax(1)
+    tensors[name + "weight"] = (tensors[name + "weight"] / scale[:, None] * 127).round().to(torch.int8)
+    tensors[name + "SCB"] = scale
+    safetensors.save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match="a quantised checkpoint .config quantization_config, quant_method 'bitsand"):
+        audioenc.load(str(d), backend="torch")
 
 
 def test_damaged_weights_are_refused(w2v, tmp_path):
