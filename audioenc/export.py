@@ -479,8 +479,9 @@ def export_to_dir(model: nn.Module, spec: ExportSpec, out_dir: str, overwrite: b
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created if not written else []:  # a failed export leaves no trace
-            if os.listdir(folder):
-                break
-            os.rmdir(folder)
+        if not written:  # a failed export leaves no trace
+            for folder in created:
+                if os.listdir(folder):
+                    break
+                os.rmdir(folder)
     return written

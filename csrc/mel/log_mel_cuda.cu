@@ -81,7 +81,8 @@ __global__ void log_mel_frames(const T* audio, int64_t stride, const int64_t* le
         const float* w = weights + static_cast<int>(offset[m]);
         float acc = 0.0f;
         for (int j = 0; j < n; ++j) acc = fmaf(power[lo + j], w[j], acc);
-        mel[m * kWarps + warp] = log10f(fmaxf(acc, 1e-10f));
+        // fmaxf would turn a NaN (an overflowing spectrogram) into the floor: keep it for the caller's check
+        mel[m * kWarps + warp] = log10f(isnan(acc) ? acc : fmaxf(acc, 1e-10f));
       }
     }
   }
@@ -119,7 +120,7 @@ __global__ void normalize_log_mel(float* out, int64_t n_mels, int64_t out_stride
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / (n_mels * out_stride), col = i % out_stride;
     if (col < (lengths[b] + padding) / kHop)
-      out[i] = (fmaxf(out[i], item_max[b] - 8.0f) + 4.0f) * 0.25f;
+      out[i] = isnan(out[i]) ? out[i] : (fmaxf(out[i], item_max[b] - 8.0f) + 4.0f) * 0.25f;  // NaN: as above
   }
 }
 
