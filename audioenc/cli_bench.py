@@ -182,7 +182,7 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="time a model end to end here, on one or more backends side by side")
     bench.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME (default: {DEFAULT_MODEL})")
-    bench.add_argument("--backend", default="auto", help="the backend timed first (ratios are against it)")
+    bench.add_argument("--backend", default="auto", help="the backend timed first (ratios are against it; default auto)")
     bench.add_argument("--dtype", default="auto", help="the first backend's dtype (default auto)")
     bench.add_argument("--against", nargs="*", default=[],
                        help="more BACKEND[:DTYPE] timed in the same rounds, e.g. torch onnx:float32; "

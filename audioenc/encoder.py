@@ -181,7 +181,9 @@ class AudioEncoder:
         """Frame embeddings of one item or a batch (see audioenc.audio.to_waveforms for inputs).
 
         output_layer=N runs only the first N layers and returns layer N's output (0 = the input of
-        the first layer), costing only those layers. Items of a batch never influence each other.
+        the first layer), costing only those layers; N = num_layers gives last_hidden_state, which
+        in pre-LN wav2vec2-family models has the final LayerNorm that hidden_states[N] lacks.
+        Items of a batch never influence each other.
         Items longer than ``long_audio_threshold_s`` are encoded in windows with context
         (audioenc.streaming.encode_long); ``progress`` shows a bar for them.
         """

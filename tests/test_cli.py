@@ -451,6 +451,19 @@ def test_info_runs():
     assert f"cache: {os.environ['AUDIOENC_CACHE']}, " in result.stdout
 
 
+def test_help_names_every_default():
+    """--help is where the flags' defaults are documented: every option that has one says it."""
+    import argparse
+
+    from audioenc.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [f"{name} {action.option_strings[-1]}" for name, command in commands.items() for action in command._actions
+              if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+              and "default" not in (action.help or "")]
+    assert silent == []
+
+
 def test_version():
     result = subprocess.run([sys.executable, "-m", "audioenc", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == f"audioenc {audioenc.__version__}"
