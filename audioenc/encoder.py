@@ -14,6 +14,7 @@ from audioenc.audio import to_waveforms
 from audioenc.config import SAMPLE_RATE, WHISPER_HOP, Wav2Vec2Dims, WhisperDims, check_preprocessor
 from audioenc.frontend import normalize_waveforms, pcm_to_float32, window_log_mel
 from audioenc.models.layers import valid_mask
+from audioenc.progress import progress_bar
 from audioenc.streaming import LONG_AUDIO_DEFAULTS, EncoderStream, encode_long
 from audioenc.torch_defaults import no_autocast
 
@@ -77,9 +78,10 @@ _fork_hook_registered = False
 
 def _torch_on_one_thread_in_forked_children() -> None:
     """torch's OpenMP thread pool does not survive a fork once it has run: a forked child's first
-    parallel torch op (padding a batch's outputs, say) hangs. So once a process has encoded, the
-    children it forks run torch ops on one thread, as torch's own DataLoader workers do (a child may
-    call torch.set_num_threads again). Importing audioenc alone changes nothing."""
+    parallel torch op (padding a batch's outputs, say) hangs; a load runs it too (building
+    whisper-tiny does). So once a process has loaded or encoded, the children it forks run torch ops
+    on one thread, as torch's own DataLoader workers do (a child may call torch.set_num_threads
+    again). Importing audioenc alone changes nothing."""
     global _fork_hook_registered
     if not _fork_hook_registered:
         _fork_hook_registered = True
@@ -389,10 +391,8 @@ class AudioEncoder:
             runs = [[i] for i in range(len(windows))]
         else:  # equal lengths: the groups are consecutive runs of windows, in order
             runs = self._gpu_groups([size] * len(windows), WHISPER_WINDOWS_PER_RUN)
-        from tqdm import tqdm
-
         long = len(windows) > len(waves)  # some item is over 30 s: a bar, as long wav2vec2-family items get
-        with tqdm(total=len(windows), unit="window", desc="encode", disable=not (progress and long)) as bar:
+        with progress_bar(progress and long, total=len(windows), unit="window", desc="encode") as bar:
             for run in runs:
                 mel = window_log_mel([windows[i] for i in run], size, self.dims.n_mels, self.backend.device)
                 out, hidden_states, _ = self.backend.run(mel, None, num_layers, output_hidden_states)

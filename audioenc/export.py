@@ -12,6 +12,7 @@ runs the first ``num_layers`` layers only.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.metadata
@@ -19,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -37,6 +39,7 @@ from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
 from audioenc.graph_precision import check_half_headroom, half_activation_peaks, int8_reduce_range, quantize_int8, to_half
+from audioenc.progress import progress_bar
 from audioenc.torch_defaults import float32_on_cpu
 
 log = logging.getLogger(__name__)
@@ -84,12 +87,8 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
     in_memory = sum(t.numel() * t.element_size() for t in module.state_dict().values()) <= PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
         raw = io.BytesIO() if in_memory else os.path.join(tmp, "raw.onnx")
-        # One export at a time in the process: torch.onnx.export and catch_warnings change global state.
-        with _EXPORT_LOCK, warnings.catch_warnings():
-            # the tracer notes that shapes become constants; graph_io's dynamic axes keep them dynamic
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # the TorchScript exporter is deprecated, but it is the one that writes opset 17 without onnxscript
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # One export at a time in the process: torch.onnx.export changes global state.
+        with _EXPORT_LOCK, exporter_warnings_ignored():
             # no_grad: with autograd on, tracing would keep every activation for a backward pass
             # (whisper-large-v3's attention matrices: 14 GB instead of 5.5 GB at the peak)
             with torch.no_grad():
@@ -104,6 +103,40 @@ def export_onnx(model: nn.Module, path: str, num_layers: int | None = None, hidd
         proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 2 * dims.n_ctx
     save_onnx(proto, path, external)
     check_graph(path)
+
+
+# (category, message, module) of the warnings that torch.onnx.export gives on every export
+EXPORTER_WARNINGS = [
+    # the tracer notes that shapes become constants; graph_io's dynamic axes keep them dynamic
+    (torch.jit.TracerWarning, "", r"audioenc\."),
+    # the TorchScript exporter is deprecated, but it is the one that writes opset 17 without onnxscript
+    (DeprecationWarning, "You are using the legacy TorchScript-based ONNX export", r"audioenc\."),
+    (DeprecationWarning, "", r"torch\.onnx\."),  # and its own internals' ("The feature will be removed")
+]
+
+
+@contextlib.contextmanager
+def exporter_warnings_ignored():
+    """Inside: EXPORTER_WARNINGS are ignored. The filter list is the process's: warnings.catch_warnings
+    would put the whole list (and warnings.showwarning) back on its way out, dropping what another
+    thread set meanwhile (a service's warnings.simplefilter("error"), logging.captureWarnings), and
+    would hide every DeprecationWarning of every thread while an export runs (minutes for large
+    models). So only these narrow filters are added, and only they are taken out again."""
+    added, into = [], warnings.filters
+    for category, message, module in EXPORTER_WARNINGS:
+        warnings.filterwarnings("ignore", message, category, module)
+        # the entry as filterwarnings stores it (warnings.filters' documented form)
+        added.append(("ignore", re.compile(message, re.IGNORECASE) if message else None, category,
+                      re.compile(module) if module else None, 0))
+    try:
+        yield
+    finally:
+        # from the list they went into, and from the one in use now if another thread's catch_warnings
+        # swapped in its copy meanwhile (it puts back the first on its way out)
+        for filters in {id(into): into, id(warnings.filters): warnings.filters}.values():
+            for entry in added:
+                with contextlib.suppress(ValueError):  # gone already (warnings.resetwarnings, say)
+                    filters.remove(entry)
 
 
 def save_onnx(proto, path: str, external: bool = False) -> None:
@@ -312,17 +345,16 @@ def build_graph(model: nn.Module, spec: ExportSpec, directory: str, external: bo
     """Writes ``directory/model.onnx`` (+ .data) for ``spec``, with a progress bar on stderr (a
     whisper-large export takes minutes). ``external``: the weights in model.onnx.data whatever their
     size (see save_onnx)."""
-    from tqdm import tqdm
-
     check_disk_space(model, spec, directory)
     path = os.path.join(directory, MODEL_FILE)
     fp32 = path if spec.dtype == "float32" else os.path.join(directory, "fp32.onnx")
     layers = f"{spec.num_layers} layer{'' if spec.num_layers == 1 else 's'}"
-    # disable=None: only on a terminal; none at all without a stderr (a service started with it closed,
-    # pythonw), where tqdm would write to None and the export fail
-    with tqdm(total=1 if spec.dtype == "float32" else 3, file=sys.stderr, disable=True if sys.stderr is None else None,
-              desc=f"audioenc: exporting {model.dims.family} ({layers}, {spec.dtype}) to ONNX",
-              bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
+    # only on a terminal (tqdm's disable=None); none at all without a stderr (a service started with it
+    # closed, pythonw), where tqdm would write to None and the export fail
+    on_terminal = sys.stderr is not None and (not hasattr(sys.stderr, "isatty") or sys.stderr.isatty())
+    with progress_bar(on_terminal, total=1 if spec.dtype == "float32" else 3, file=sys.stderr,
+                      desc=f"audioenc: exporting {model.dims.family} ({layers}, {spec.dtype}) to ONNX",
+                      bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}") as bar:
         bar.set_postfix_str("tracing the float32 graph")
         export_onnx(model, fp32, spec.num_layers, spec.hidden_states, spec.opset, spec.fused_attention,
                     convs_as_matmul=spec.dtype == "int8" and int8_convs(model.dims),

@@ -11,7 +11,7 @@ from torch import nn
 
 from audioenc.backends import backend_class, resolve_backend
 from audioenc.checkpoint_record import recall as recalled
-from audioenc.encoder import AudioEncoder
+from audioenc.encoder import AudioEncoder, _torch_on_one_thread_in_forked_children
 from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
@@ -72,6 +72,7 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
         if not isinstance(name, str):
             raise TypeError(f"source must be a path, a hub id, 'random:NAME' or a model object, got "
                             f"{type(source).__name__}")
+    _torch_on_one_thread_in_forked_children()  # before the model's first torch op
     with float32_on_cpu():  # the caller's torch defaults (float64, a meta device) are not the model's
         torch_device = resolve_device(device)
         runner_class = backend_class(resolve_backend(backend, torch_device.type))

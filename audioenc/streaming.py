@@ -35,6 +35,7 @@ from audioenc.audio import MAX_CHANNELS, as_pcm_array, check_rate, finite_float3
 from audioenc.chunker import Chunker, Window
 from audioenc.config import SAMPLE_RATE
 from audioenc.frontend import pcm_to_float32
+from audioenc.progress import progress_bar
 
 FRAME_HOP = 320  # samples per output frame, every family
 # Windows that arrive together (long audio) are encoded in batches of at most this much audio:
@@ -326,8 +327,6 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
                 output_layer: int | None = None, progress: bool = False) -> torch.Tensor:
     """Offline encode of one long item through the streaming windows, in bounded memory.
     Returns (frames, dim) on the device and in the dtype of the backend's outputs, as short items."""
-    from tqdm import tqdm
-
     check_frame_hop(encoder)  # the model's, which no setting changes
     try:
         stream = EncoderStream(encoder, SAMPLE_RATE, chunk_s, left_s, right_s, output_layer)
@@ -342,8 +341,8 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
     outputs = []
     # The bar counts the audio whose frames are final (20 ms each), so it is full when they all are.
     total = len(wave) / SAMPLE_RATE
-    with tqdm(total=total, unit="s", unit_scale=True, desc="encode", disable=not progress,
-              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
+    with progress_bar(progress, total=total, unit="s", unit_scale=True, desc="encode",
+                      bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
         for start in range(0, len(wave), block):
             outputs.append(stream.push(wave[start : start + block]).frames)
             bar.update(min(len(outputs[-1]) * FRAME_HOP / SAMPLE_RATE, total - bar.n))

@@ -506,6 +506,29 @@ def test_forked_workers_do_not_hang(backend, w2v_checkpoints, tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+FORK_AFTER_A_LOAD = """
+import multiprocessing, sys, numpy as np, audioenc
+enc = audioenc.load(sys.argv[1], backend="torch")  # building the model runs torch's thread pool
+
+def work(_):
+    return enc.encode(np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1).lengths.tolist()
+
+with multiprocessing.get_context("fork").Pool(1) as pool:  # before the parent's first encode
+    assert pool.map_async(work, range(1)).get(timeout=60) == [[50]]
+print("ok")
+"""
+
+
+def test_a_child_forked_after_a_load_does_not_hang(whisper_checkpoints, tmp_path):
+    """A pre-forking server that loads in the parent and encodes only in its workers: the load alone
+    ran torch's thread pool, which a forked child's first parallel op would hang on."""
+    script = tmp_path / "fork_after_load.py"
+    script.write_text(FORK_AFTER_A_LOAD)
+    result = subprocess.run([sys.executable, str(script), whisper_checkpoints[80][0]],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 FORK_DURING_EXPORT = """
 import multiprocessing, sys, threading, time, numpy as np, torch, audioenc
 from audioenc import torch_defaults
@@ -545,6 +568,48 @@ def test_a_fork_during_an_export_or_a_load_gives_a_working_child(w2v_checkpoints
     result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0]], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+HOST_WARNINGS_DURING_EXPORT = """
+import logging, sys, threading, time, warnings, torch, audioenc
+warnings.simplefilter("always")  # an exporter warning that got through would show
+enc = audioenc.load(sys.argv[1], backend="onnx")
+tracer_filters = lambda: sum(f[2] is torch.jit.TracerWarning for f in warnings.filters)  # torch has one
+before = tracer_filters()
+
+def start_export(layers):
+    export = threading.Thread(target=enc.warmup, kwargs=dict(seconds=1, output_layer=layers))  # a graph of `layers`
+    export.start()
+    while export.is_alive() and tracer_filters() == before:
+        time.sleep(0.001)
+    assert export.is_alive()  # inside the export, its filters in place
+    return export
+
+export = start_export(1)
+warnings.filterwarnings("error", message="the host's own")  # the service's own settings, meanwhile
+logging.captureWarnings(True)
+export.join()
+assert warnings.filters[0][1].pattern == "the host's own", warnings.filters[:4]
+assert tracer_filters() == before  # the export's are gone
+assert warnings.showwarning.__module__ == "logging", warnings.showwarning
+export = start_export(2)
+with warnings.catch_warnings():  # its exit puts back the list the export added to
+    export.join()
+assert tracer_filters() == before
+print("ok")
+"""
+
+
+def test_an_export_keeps_the_warning_settings_other_threads_make_meanwhile(w2v_checkpoints, tmp_path):
+    """An export ignores torch.onnx.export's own warnings, and nothing else: a filter or a
+    logging.captureWarnings that a service's main thread sets while a warm-up thread exports stays."""
+    script = tmp_path / "host_warnings.py"
+    script.write_text(HOST_WARNINGS_DURING_EXPORT)
+    env = dict(os.environ, AUDIOENC_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0]], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert "TracerWarning" not in result.stderr and "TorchScript" not in result.stderr, result.stderr[-3000:]
 
 
 CONCURRENT_FORKS = """

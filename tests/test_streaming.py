@@ -1,5 +1,9 @@
 """Streaming and long audio: frames on the offline grid, exact conv features once the context
 covers the receptive field, clean errors."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -340,6 +344,33 @@ def test_stream_takes_numpy_numbers_as_seconds(w2v_checkpoints):
     assert enc.frame_rate == 50.0
     stream = enc.stream(chunk_s=np.float32(0.5), left_context_s=np.int64(1), right_context_s=np.float64(0.2))
     assert (stream.chunk, stream.left, stream.right) == (8000, 16000, 3200)
+
+
+NO_BAR_ASKED = """
+import multiprocessing, sys, threading, numpy as np, audioenc
+from multiprocessing import resource_tracker
+multiprocessing.set_start_method("spawn")  # as CUDA services set it
+wave = np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32) * 0.1
+whisper = audioenc.load(sys.argv[1], backend="torch")
+whisper.encode([wave, np.tile(wave, 12)])  # one 30 s window and two
+w2v = audioenc.load(sys.argv[2], backend="onnx")  # exports its graph, stderr not a terminal
+w2v.long_audio_threshold_s = 2.0
+w2v.encode(wave)  # through the long-audio windows
+print([t.name for t in threading.enumerate()], resource_tracker._resource_tracker._pid)
+"""
+
+
+def test_encodes_that_show_no_bar_start_no_thread_or_process(w2v_checkpoints, whisper_checkpoints, tmp_path):
+    """A hidden tqdm bar still starts tqdm's monitor thread, and its multiprocessing lock starts a
+    resource-tracker process under "spawn": a service's encodes and exports must leave neither."""
+    script = tmp_path / "no_bar.py"
+    script.write_text(NO_BAR_ASKED)
+    result = subprocess.run([sys.executable, str(script), whisper_checkpoints[80][0], w2v_checkpoints["wav2vec2-group"][0]],
+                            env=dict(os.environ, AUDIOENC_CACHE=str(tmp_path / "cache")),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "['MainThread'] None"
+    assert result.stderr == ""
 
 
 def test_progress_bars_for_long_items_of_both_kinds(w2v_checkpoints, whisper_checkpoints, capsys):
