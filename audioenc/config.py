@@ -26,6 +26,9 @@ def _check_numbers(dims, source: str, config_keys: dict[str, str]) -> None:
             least = 0 if f.name in ("num_layers", "n_layer") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{source}: config key {key} must be an int >= {least}, got {value!r}")
+        elif f.type == "int | None":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{source}: config key {key} must be an int >= 1 or null, got {value!r}")
         elif f.type == "tuple[int, ...]":
             if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
                 raise ValueError(f"{source}: config key {key} must be a list of ints >= 1, got {list(value)!r}")
@@ -86,6 +89,7 @@ class Wav2Vec2Dims:
     do_stable_layer_norm: bool = False     # pre-LN layers + final LayerNorm
     num_buckets: int = 320                 # WavLM relative position bias
     max_bucket_distance: int = 800
+    adapter_attn_dim: int | None = None    # MMS: a small adapter after every pre-LN layer (models/wav2vec2.py)
 
     @classmethod
     def from_config(cls, family: str, config: dict, source: str = "config") -> "Wav2Vec2Dims":
@@ -95,8 +99,7 @@ class Wav2Vec2Dims:
         for key in ("add_adapter", "conv_pos_batch_norm"):
             if config.get(key):
                 raise _unsupported(source, key, config[key], "it must be false")
-        if config.get("adapter_attn_dim") is not None:
-            raise _unsupported(source, "adapter_attn_dim", config["adapter_attn_dim"], "attention adapters are not implemented")
+        stable = bool(config.get("do_stable_layer_norm", False))
         norm = config.get("feat_extract_norm", "group")
         if norm not in ("group", "layer"):
             raise _unsupported(source, "feat_extract_norm", norm, "'group' or 'layer'")
@@ -115,9 +118,12 @@ class Wav2Vec2Dims:
             feat_proj_layer_norm=bool(config.get("feat_proj_layer_norm", True)) if family == "hubert" else True,
             num_conv_pos_embeddings=config.get("num_conv_pos_embeddings", 128),
             num_conv_pos_embedding_groups=config.get("num_conv_pos_embedding_groups", 16),
-            do_stable_layer_norm=bool(config.get("do_stable_layer_norm", False)),
+            do_stable_layer_norm=stable,
             num_buckets=config.get("num_buckets", 320),
             max_bucket_distance=config.get("max_bucket_distance", 800),
+            # transformers builds the adapters in wav2vec2's and HuBERT's pre-LN layers only: elsewhere
+            # it ignores the key, and so does audioenc
+            adapter_attn_dim=config.get("adapter_attn_dim") if stable and family != "wavlm" else None,
         )
         _check_numbers(dims, source, {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"})
         if not len(dims.conv_dim) == len(dims.conv_kernel) == len(dims.conv_stride):

@@ -35,7 +35,8 @@ def hf_config(dims):
         conv_kernel=list(dims.conv_kernel), conv_stride=list(dims.conv_stride), conv_bias=dims.conv_bias,
         feat_extract_norm=dims.feat_extract_norm, num_conv_pos_embeddings=dims.num_conv_pos_embeddings,
         num_conv_pos_embedding_groups=dims.num_conv_pos_embedding_groups,
-        do_stable_layer_norm=dims.do_stable_layer_norm, **extra.get(dims.family, {}))
+        do_stable_layer_norm=dims.do_stable_layer_norm, adapter_attn_dim=dims.adapter_attn_dim,
+        **extra.get(dims.family, {}))
 
 
 def hf_model(reference: nn.Module) -> nn.Module:

@@ -743,6 +743,11 @@ def load_fairseq(obj: dict, path: str) -> Checkpoint:
     if any(k.startswith(_FAIRSEQ_FINETUNED_PREFIX) for k in state_dict):  # drop the CTC head w2v_encoder.proj
         state_dict = {k[len(_FAIRSEQ_FINETUNED_PREFIX):]: v for k, v in state_dict.items()
                       if k.startswith(_FAIRSEQ_FINETUNED_PREFIX)}
+    adapter = next((k for k in state_dict if ".adapter_layer." in k), None)
+    if adapter is not None:  # _rename would drop them: the encoder without them computes other frames
+        raise ValueError(f"{path}: the checkpoint holds MMS language adapters ({adapter}, ...), one set per language, "
+                         "which audioenc does not read from fairseq checkpoints: load the Hugging Face checkpoint "
+                         "(e.g. facebook/mms-1b-all), which holds one language's adapters")
     state_dict = _rename(state_dict, _FAIRSEQ_NAMES)
     fold_weight_norm(state_dict, "encoder.pos_conv_embed.conv", path)
     if "feature_projection.projection.weight" not in state_dict and config["conv_dim"][-1] == config["hidden_size"]:

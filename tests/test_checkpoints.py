@@ -397,6 +397,38 @@ def test_damaged_weights_are_refused(w2v, tmp_path):
             audioenc.load(str(damaged(name, edit)), backend="torch")
 
 
+def test_attention_adapters_missing_from_the_weights_are_named(tmp_path):
+    """MMS keeps one language's adapters in model.safetensors and the others in adapter.<lang>.safetensors,
+    which audioenc does not read: a main file without them is refused (transformers would run random
+    adapters), and so is a malformed adapter_attn_dim."""
+    from safetensors.torch import load_file, save_file
+
+    base = randomize(T.Wav2Vec2Model(w2v_config("wav2vec2_layer", adapter_attn_dim=4)), 0)
+    base.save_pretrained(tmp_path / "mms")
+    tensors = load_file(str(tmp_path / "mms" / "model.safetensors"))
+    adapters = {name: tensors.pop(name) for name in list(tensors) if ".adapter_layer." in name}
+    assert len(adapters) == 12
+    save_file(tensors, str(tmp_path / "mms" / "model.safetensors"))
+    save_file(adapters, str(tmp_path / "mms" / "adapter.eng.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter_attn_dim asks for an attention adapter in every layer, but the "
+                                         r"checkpoint lacks 12 of their tensors, e\.g\. encoder\.layers\.0\.adapter_layer"):
+        audioenc.load(str(tmp_path / "mms"), backend="torch")
+    path = _edited_copy(tmp_path / "mms", tmp_path / "bad", "config.json", lambda c: {**c, "adapter_attn_dim": "4"})
+    with pytest.raises(ValueError, match="adapter_attn_dim must be an int >= 1 or null, got '4'"):
+        audioenc.load(path, backend="torch")
+
+
+def test_model_object_with_attention_adapters_loads(tmp_path):
+    """The adapter's LayerNorm keeps torch's eps 1e-5 whatever layer_norm_eps says: that is no sign of
+    an edited config."""
+    base = randomize(T.Wav2Vec2Model(w2v_config("wav2vec2_layer", adapter_attn_dim=4, layer_norm_eps=1e-3)), 0).eval()
+    enc = audioenc.load(base, backend="torch", preprocessor={"do_normalize": False})
+    wave = torch.randn(1, 4000)
+    with torch.no_grad():
+        want = base(wave).last_hidden_state
+    assert torch.allclose(enc.encode(wave[0].numpy()).last_hidden_state, want, rtol=1e-4, atol=1e-4)
+
+
 def test_safetensors_reader_matches_the_library_and_refuses_damage(tmp_path):
     """audioenc reads safetensors itself (no memory map, only the tensors it keeps, float32 as it
     reads): the same tensors as the safetensors library, and a clear error for a damaged file."""
@@ -570,6 +602,11 @@ def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):
     wavlm["cfg"]["gru_rel_pos"] = False
     torch.save(wavlm, tmp_path / "ungated.pt")
     _expect(tmp_path / "ungated.pt", "WavLM without its gated relative position bias")
+    # MMS's fairseq .pt: one adapter per language in every layer, which the renames would drop
+    mms = fairseq_checkpoint(w2v["wav2vec2_layer"][0], "wav2vec2", "finetuned")
+    mms["model"]["w2v_encoder.w2v_model.encoder.layers.0.adapter_layer.W_a"] = torch.zeros(3, 8, 32)
+    torch.save(mms, tmp_path / "mms.pt")
+    _expect(tmp_path / "mms.pt", r"holds MMS language adapters \(encoder.layers.0.adapter_layer.W_a, ...\)")
 
 
 def test_errors_ctranslate2(ct2_dirs, tmp_path):

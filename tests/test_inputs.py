@@ -399,7 +399,7 @@ def test_checkpoint_with_missing_or_foreign_tensors(w2v_checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("add_adapter", True), ("hidden_act", "relu"),
-                                       ("feat_extract_norm", "batch"), ("adapter_attn_dim", 16)])
+                                       ("feat_extract_norm", "batch")])
 def test_unsupported_config_switch_names_the_key(w2v_checkpoints, tmp_path, key, value):
     import json
     import shutil

@@ -6,7 +6,7 @@ import torch
 
 import audioenc
 from audioenc.encoder import cheapest_groups, length_groups
-from conftest import W2V_VARIANTS, rel_err, speech_like
+from conftest import TINY_W2V, W2V_VARIANTS, randomize, rel_err, speech_like
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,6 +78,51 @@ def test_batch_items_equal_items_alone(variant, w2v_checkpoints):
         assert torch.all(batch.last_hidden_state[i, n:] == 0)
         for ours, single in zip(batch.hidden_states, alone.hidden_states):
             assert rel_err(ours[i, :n], single[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert"])
+def test_attention_adapters_of_a_ctc_checkpoint_match_transformers(family, tmp_path):
+    """MMS (facebook/mms-1b-all) is a Wav2Vec2ForCTC with an adapter in every pre-LN layer, held in
+    its model.safetensors: transformers' base model loaded from it, and the ForCTC's own encoder, give
+    audioenc's frames (padded batch, every hidden state). HuBERT's pre-LN layers take the adapter too."""
+    names = {"wav2vec2": "Wav2Vec2", "hubert": "Hubert"}[family]
+    config = getattr(transformers, f"{names}Config")(**TINY_W2V, feat_extract_norm="layer", do_stable_layer_norm=True,
+                                                     conv_bias=True, adapter_attn_dim=8, layer_norm_eps=1e-2,
+                                                     vocab_size=12)
+    ctc = randomize(getattr(transformers, f"{names}ForCTC")(config))
+    ctc.save_pretrained(tmp_path)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path)
+    base = getattr(transformers, f"{names}Model").from_pretrained(tmp_path).eval()
+    enc = audioenc.load(str(tmp_path), backend="torch")
+    waves = [speech_like(n, seed) for seed, n in enumerate((12000, 5001))]
+    values, mask = hf_w2v_inputs(str(tmp_path), waves)
+    out = enc.encode(waves, output_hidden_states=True)
+    for model in (base, getattr(ctc, family)):
+        with torch.no_grad():
+            ref = model(values, attention_mask=mask, output_hidden_states=True)
+        for i, n in enumerate(out.lengths.tolist()):
+            assert rel_err(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) <= TOL
+            for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+                assert rel_err(ours[i, :n], theirs[i, :n]) <= TOL
+
+
+@pytest.mark.parametrize("family,stable", [("wav2vec2", False), ("wavlm", True)])
+def test_adapter_attn_dim_builds_no_adapter_where_transformers_builds_none(family, stable, tmp_path):
+    """transformers builds the adapter in wav2vec2's and HuBERT's pre-LN layers only: with a post-LN
+    config, or WavLM's, adapter_attn_dim changes nothing."""
+    names = {"wav2vec2": "Wav2Vec2", "wavlm": "WavLM"}[family]
+    extra = dict(num_buckets=32, max_bucket_distance=60) if family == "wavlm" else {}
+    config = getattr(transformers, f"{names}Config")(**TINY_W2V, **extra, feat_extract_norm="layer",
+                                                     do_stable_layer_norm=stable, adapter_attn_dim=8)
+    hf = randomize(getattr(transformers, f"{names}Model")(config))
+    assert not any("adapter" in name for name in hf.state_dict())
+    hf.save_pretrained(tmp_path)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path)
+    wave = speech_like(8000, 4)
+    values, _ = hf_w2v_inputs(str(tmp_path), [wave])
+    with torch.no_grad():
+        ref = hf(values).last_hidden_state
+    assert rel_err(audioenc.load(str(tmp_path), backend="torch").encode(wave).last_hidden_state, ref) <= TOL
 
 
 def test_length_groups_bound_padding_and_size():

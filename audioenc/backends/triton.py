@@ -314,11 +314,33 @@ class _Norm:
         return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, sum_dtype, shift=shift)
 
 
+class _Adapter:
+    """MMS's adapter on the pre-LN residual stream r (models.wav2vec2.AttentionAdapter):
+    linear_2(relu(linear_1(LayerNorm(r)))), the LayerNorm's statistics in float32."""
+
+    def __init__(self, adapter: nn.Module, dtype, device):
+        self.norm, self.dtype = _Norm(adapter.norm, device), dtype
+        self.linear_1 = _Linear([adapter.linear_1], dtype, device)
+        self.linear_2 = _Linear([adapter.linear_2], dtype, device)
+
+    def __call__(self, f: torch.Tensor, r: torch.Tensor, sum_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the adapter's output, r + f): the feed-forward's add fused with the adapter's LayerNorm."""
+        h, r = self.norm(f, r, out_dtype=self.dtype, sum_dtype=sum_dtype)
+        return self.linear_2(F.relu(self.linear_1(h))), r
+
+    def accumulate(self, r: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """r += the adapter's output without linear_2's bias, for _run_blocks_in_cublas: r lacks the
+        biases in shift."""
+        h, _ = self.norm(r, shift=shift, out_dtype=self.dtype)
+        return self.linear_2.accumulate(r, F.relu(self.linear_1(h)))
+
+
 class _Block:
-    """One transformer layer: fused QKV attention and feed-forward; WavLM's gate when present."""
+    """One transformer layer: fused QKV attention and feed-forward; WavLM's gate and MMS's adapter
+    when present."""
 
     def __init__(self, attention: nn.Module, norm1: nn.Module, norm2: nn.Module, fc1: nn.Linear, fc2: nn.Linear,
-                 dtype, device, fc1_choices: dict, attention_choices: dict):
+                 dtype, device, fc1_choices: dict, attention_choices: dict, adapter: nn.Module | None = None):
         self.num_heads = attention.num_heads
         self.qkv = _Linear([attention.q_proj, attention.k_proj, attention.v_proj], dtype, device)
         self.out_proj = _Linear([attention.out_proj], dtype, device)
@@ -334,6 +356,7 @@ class _Block:
             lin = attention.gru_rel_pos_linear
             self.gate = tuple(t.to(device) for t in fold_gate_linear(lin.weight, lin.bias)) + (
                 attention.gru_rel_pos_const.detach().float().reshape(-1).contiguous().to(device),)
+        self.adapter = _Adapter(adapter, dtype, device) if adapter is not None else None  # pre-LN layers only
 
     def attend(self, h: torch.Tensor, lengths: torch.Tensor | None, rel_bias: torch.Tensor | None) -> torch.Tensor:
         return self.out_proj(self.attention_values(h, lengths, rel_bias))
@@ -389,6 +412,8 @@ def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_nor
     for i, block in enumerate(blocks[:num_layers]):
         h2, r = block.norm2(block.attend(h, lengths, rel_bias), r, sum_dtype=residual_dtype)
         f = block.feed_forward(h2)
+        if block.adapter is not None:  # f becomes the adapter's output, added like a feed-forward's
+            f, r = block.adapter(f, r, residual_dtype)
         if i + 1 < num_layers:
             h, r = blocks[i + 1].norm1(f, r, sum_dtype=residual_dtype)
             out = r
@@ -401,14 +426,17 @@ def _run_blocks(blocks: list[_Block], x: torch.Tensor, pre_norm: bool, final_nor
     return out, hidden_states
 
 
-def _bias_sums(blocks: list[_Block]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the float32 sum of every out_proj and fc2 bias up to its attention's and up to its
-    feed-forward's output: what a residual stream summed without them (_run_blocks_in_cublas) lacks."""
+def _bias_sums(blocks: list[_Block]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer, the float32 sum of every out_proj, fc2 and adapter linear_2 bias up to its attention's,
+    its feed-forward's and its own output: what a residual stream summed without them
+    (_run_blocks_in_cublas) lacks."""
     total, sums = 0, []
     for block in blocks:
         after_attention = total + block.out_proj.bias.float()
-        total = after_attention + block.fc2.bias.float()
-        sums.append((after_attention, total))
+        after_feed_forward = total = after_attention + block.fc2.bias.float()
+        if block.adapter is not None:
+            total = total + block.adapter.linear_2.bias.float()
+        sums.append((after_attention, after_feed_forward, total))
     return sums
 
 
@@ -427,10 +455,12 @@ def _run_blocks_in_cublas(blocks: list[_Block], bias_sums, x: torch.Tensor, fina
     r = x
     h, _ = blocks[0].norm1(r, out_dtype=dtype)
     for i, block in enumerate(blocks[:num_layers]):
-        after_attention, after_layer = bias_sums[i]
+        after_attention, after_feed_forward, after_layer = bias_sums[i]
         r = block.out_proj.accumulate(r, block.attention_values(h, lengths, rel_bias))
         h2, _ = block.norm2(r, shift=after_attention, out_dtype=dtype)
         r = block.fc2.accumulate(r, block.fc1_gelu(h2))
+        if block.adapter is not None:
+            r = block.adapter.accumulate(r, after_feed_forward)
         if i + 1 < num_layers:
             h, _ = blocks[i + 1].norm1(r, shift=after_layer, out_dtype=dtype)
         elif final_norm is not None and num_layers == len(blocks):
@@ -471,8 +501,8 @@ class _FastWav2Vec2:
         self.encoder_norm = _Norm(encoder.layer_norm, device)
         self.fc1_choices, self.attention_choices = {}, {}
         self.blocks = [_Block(l.attention, l.layer_norm, l.final_layer_norm, l.feed_forward.intermediate_dense,
-                              l.feed_forward.output_dense, dtype, device, self.fc1_choices, self.attention_choices)
-                       for l in encoder.layers]
+                              l.feed_forward.output_dense, dtype, device, self.fc1_choices, self.attention_choices,
+                              l.adapter_layer) for l in encoder.layers]
         self.residual_in_cublas = False  # _run_blocks_in_cublas, pre-LN only: an experiment
         self.bias_sums = _bias_sums(self.blocks) if self.pre_norm else None
         self.rel_embedding = None

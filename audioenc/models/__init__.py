@@ -43,6 +43,13 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    if missing and all(".adapter_layer." in name for name in missing):
+        # transformers would run them on random weights, with a warning
+        raise ValueError(f"{source}: its config's adapter_attn_dim asks for an attention adapter in every layer, but "
+                         f"the checkpoint lacks {len(missing)} of their tensors, e.g. {', '.join(missing[:2])}. audioenc "
+                         "reads the adapters held in model.safetensors / pytorch_model.bin (as transformers does "
+                         "without target_lang), never an adapter.<lang>.safetensors file: save the model with the "
+                         "language's adapter loaded (transformers' load_adapter(lang), then save_pretrained)")
     if missing or unexpected:
         parts = []
         if missing:

@@ -104,8 +104,24 @@ class PositionalConvEmbedding(nn.Module):
         return F.gelu(y).transpose(1, 2)
 
 
+class AttentionAdapter(nn.Module):
+    """MMS's adapter (config adapter_attn_dim), whose output a pre-LN layer adds to its own:
+    Linear(ReLU(Linear(LayerNorm(x)))). Its LayerNorm has torch's default eps, not layer_norm_eps,
+    as in transformers."""
+
+    def __init__(self, dims: Wav2Vec2Dims):
+        super().__init__()
+        self.norm = LayerNorm(dims.hidden_size)
+        self.linear_1 = nn.Linear(dims.hidden_size, dims.adapter_attn_dim)
+        self.linear_2 = nn.Linear(dims.adapter_attn_dim, dims.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.relu(self.linear_1(self.norm(x))))
+
+
 class EncoderLayer(nn.Module):
-    """Post-LN (base models) or pre-LN ("stable layer norm": large and XLS-R models)."""
+    """Post-LN (base models) or pre-LN ("stable layer norm": large and XLS-R models, MMS's with an
+    adapter)."""
 
     def __init__(self, dims: Wav2Vec2Dims, attention: Attention):
         super().__init__()
@@ -114,6 +130,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm = LayerNorm(dims.hidden_size, eps=dims.layer_norm_eps)
         self.feed_forward = FeedForward(dims.hidden_size, dims.intermediate_size)
         self.final_layer_norm = LayerNorm(dims.hidden_size, eps=dims.layer_norm_eps)
+        # Wav2Vec2Dims.from_config sets adapter_attn_dim for pre-LN layers only
+        self.adapter_layer = AttentionAdapter(dims) if dims.adapter_attn_dim is not None else None
 
     def attend(self, x: torch.Tensor, bias: torch.Tensor | None, position_bias: torch.Tensor | None) -> torch.Tensor:
         if position_bias is None:
@@ -124,7 +142,8 @@ class EncoderLayer(nn.Module):
                 position_bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attend(self.layer_norm(x), bias, position_bias)
-            return x + self.feed_forward(self.final_layer_norm(x))
+            x = x + self.feed_forward(self.final_layer_norm(x))
+            return x if self.adapter_layer is None else x + self.adapter_layer(x)
         x = self.layer_norm(x + self.attend(x, bias, position_bias))
         return self.final_layer_norm(x + self.feed_forward(x))
 
