@@ -22,6 +22,9 @@ W2V_VARIANTS = {
     "wav2vec2-group": ("wav2vec2", dict(feat_extract_norm="group"), True),
     "wav2vec2-stable": ("wav2vec2", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True), True),
     "wav2vec2-layer-postln-oddpos": ("wav2vec2", dict(feat_extract_norm="layer", num_conv_pos_embeddings=15), False),
+    # MMS (facebook/mms-1b-all): an attention adapter in every layer, whose LayerNorm keeps eps 1e-5
+    "wav2vec2-adapters": ("wav2vec2", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                                           adapter_attn_dim=8, layer_norm_eps=1e-2), True),
     "hubert-group-noprojln": ("hubert", dict(feat_extract_norm="group", feat_proj_layer_norm=False), False),
     "hubert-stable": ("hubert", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True), True),
     "wavlm-group": ("wavlm", dict(feat_extract_norm="group", num_buckets=32, max_bucket_distance=60), False),
@@ -132,3 +135,13 @@ def skip_without_triton_interpreter() -> None:
     problem = triton_interpreter_problem()
     if problem is not None:
         pytest.skip(problem)
+
+
+def run_file_in_interpreter(path: str) -> None:
+    """Runs the pytest file ``path`` in a child process with TRITON_INTERPRET=1; fails with its output.
+    The limit is wide: test_triton_backend.py's child takes ~7 min on a free 2-core machine."""
+    skip_without_triton_interpreter()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
+                             path], cwd=os.path.dirname(os.path.dirname(path)), env=dict(os.environ, TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import rel_err, skip_without_triton_interpreter
+from conftest import rel_err, run_file_in_interpreter
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,18 +28,8 @@ KERNEL_MODULES = ("audioenc.kernels.attention", "audioenc.kernels.conv_feature",
                   "audioenc.kernels.linear_gelu", "audioenc.kernels.pos_conv", "audioenc.kernels.wavlm_gate")
 
 
-def run_file_in_interpreter(path: str, timeout: int = 600) -> None:
-    """Runs the pytest file ``path`` in a child process with TRITON_INTERPRET=1; fails with its output."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
-                             path], cwd=os.path.dirname(os.path.dirname(path)), env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-
-
 @pytest.mark.skipif(ON_GPU or INTERPRETER_CHILD, reason="runs the interpreter child only on a machine without CUDA")
 def test_in_the_interpreter():
-    skip_without_triton_interpreter()
     run_file_in_interpreter(os.path.abspath(__file__))
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 import audioenc
-from conftest import W2V_VARIANTS, rel_err, skip_without_triton_interpreter, speech_like
+from conftest import W2V_VARIANTS, rel_err, run_file_in_interpreter, speech_like
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
@@ -27,13 +25,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 @pytest.mark.skipif(ON_GPU or INTERPRETER_CHILD, reason="runs the interpreter child only on a machine without CUDA")
 def test_in_the_interpreter():
-    skip_without_triton_interpreter()
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    path = os.path.abspath(__file__)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
-                             path], cwd=os.path.dirname(os.path.dirname(path)), env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_file_in_interpreter(os.path.abspath(__file__))
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +116,7 @@ def test_float32_runs_no_cublas_matmul_whatever_the_tf32_setting(w2v_checkpoints
         torch.set_float32_matmul_precision(precision)
 
 
-@pytest.mark.parametrize("variant", ["wav2vec2-group", "wavlm-stable"])
+@pytest.mark.parametrize("variant", ["wav2vec2-group", "wavlm-stable", "wav2vec2-adapters"])
 def test_float16_error_at_most_twice_torch_float16(variant, w2v_checkpoints):
     path, _ = w2v_checkpoints[variant]
     waves = [speech_like(n, seed + 20) for n, seed in WAVES]
@@ -182,6 +174,16 @@ def test_residual_adds_in_cublas_match_reference_at_every_depth(family, w2v_chec
         ours, truth = enc.encode(waves, output_layer=layer), ref.encode(waves, output_layer=layer)
         for i, n in enumerate(truth.lengths.tolist()):
             assert rel_err(ours.last_hidden_state[i, :n], truth.last_hidden_state[i, :n]) <= 1e-4, (layer, i)
+
+
+def test_residual_adds_in_cublas_run_the_attention_adapters(w2v_checkpoints):
+    """MMS's adapters add to that residual stream too, linear_2's bias added by the next LayerNorm."""
+    path, _ = w2v_checkpoints["wav2vec2-adapters"]
+    wave = speech_like(4001, 7)
+    enc = load(path)
+    enc.backend.model.residual_in_cublas = True
+    ref = load(path, backend="torch").encode(wave, output_hidden_states=True)
+    assert_items_close(enc.encode(wave, output_hidden_states=True), ref, 1e-4)
 
 
 def test_layers_stop_early_and_equal_the_full_runs_hidden_state(w2v_checkpoints):
