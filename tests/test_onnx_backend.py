@@ -186,9 +186,6 @@ def test_dtypes(whisper_checkpoints, w2v_checkpoints):
 
 def test_a_load_from_the_cache_does_not_import_onnx(w2v_checkpoints, tmp_path):
     """Only an export needs the onnx package: importing it costs a fresh process 0.1 s."""
-    import subprocess
-    import sys
-
     script = ("import sys, audioenc, numpy; enc = audioenc.load(sys.argv[1], backend='onnx'); "
               "enc.encode(numpy.sin(numpy.arange(8000, dtype=numpy.float32))); print('onnx' in sys.modules)")
     env = {**os.environ, "AUDIOENC_CACHE": str(tmp_path)}
@@ -478,6 +475,18 @@ def test_shared_by_threads(w2v_checkpoints):
     assert not outputs[0].is_inference()  # a plain tensor the caller may change
 
 
+def run_script(tmp_path, source: str, *args: str, cache: bool = False, timeout: int = 300):
+    """Runs ``source`` as a script in a fresh Python (``cache``: with a cache of its own) and checks
+    that it printed "ok" and nothing else; returns its result."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    env = dict(os.environ, AUDIOENC_CACHE=str(tmp_path / "cache")) if cache else None
+    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    return result
+
+
 FORKED_WORKERS = """
 import multiprocessing, sys, numpy as np, torch, audioenc
 enc = audioenc.load(sys.argv[1], backend=sys.argv[2])
@@ -499,11 +508,7 @@ print("ok")
 def test_forked_workers_do_not_hang(backend, w2v_checkpoints, tmp_path):
     """After the parent ran torch's thread pool, a forked child's parallel torch op hangs unless
     torch runs on one thread there (audioenc sets that at fork)."""
-    script = tmp_path / "forked.py"
-    script.write_text(FORKED_WORKERS)
-    result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0], backend],
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_script(tmp_path, FORKED_WORKERS, w2v_checkpoints["wav2vec2-group"][0], backend, timeout=240)
 
 
 FORK_AFTER_A_LOAD = """
@@ -522,11 +527,7 @@ print("ok")
 def test_a_child_forked_after_a_load_does_not_hang(whisper_checkpoints, tmp_path):
     """A pre-forking server that loads in the parent and encodes only in its workers: the load alone
     ran torch's thread pool, which a forked child's first parallel op would hang on."""
-    script = tmp_path / "fork_after_load.py"
-    script.write_text(FORK_AFTER_A_LOAD)
-    result = subprocess.run([sys.executable, str(script), whisper_checkpoints[80][0]],
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_script(tmp_path, FORK_AFTER_A_LOAD, whisper_checkpoints[80][0], timeout=240)
 
 
 FORK_DURING_EXPORT = """
@@ -562,12 +563,7 @@ def test_a_fork_during_an_export_or_a_load_gives_a_working_child(w2v_checkpoints
     """A pre-forking server that forks while a warm-up thread exports a graph: the fork waits for the
     export, and the child's encodes do not hang on a lock it inherited held; a load in another thread
     leaves the child the caller's default dtype."""
-    script = tmp_path / "fork_during_export.py"
-    script.write_text(FORK_DURING_EXPORT)
-    env = dict(os.environ, AUDIOENC_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0]], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_script(tmp_path, FORK_DURING_EXPORT, w2v_checkpoints["wav2vec2-group"][0], cache=True)
 
 
 HOST_WARNINGS_DURING_EXPORT = """
@@ -603,12 +599,7 @@ print("ok")
 def test_an_export_keeps_the_warning_settings_other_threads_make_meanwhile(w2v_checkpoints, tmp_path):
     """An export ignores torch.onnx.export's own warnings, and nothing else: a filter or a
     logging.captureWarnings that a service's main thread sets while a warm-up thread exports stays."""
-    script = tmp_path / "host_warnings.py"
-    script.write_text(HOST_WARNINGS_DURING_EXPORT)
-    env = dict(os.environ, AUDIOENC_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0]], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    result = run_script(tmp_path, HOST_WARNINGS_DURING_EXPORT, w2v_checkpoints["wav2vec2-group"][0], cache=True)
     assert "TracerWarning" not in result.stderr and "TorchScript" not in result.stderr, result.stderr[-3000:]
 
 
@@ -641,10 +632,7 @@ print("ok")
 
 
 def test_forks_from_several_threads_at_once_leave_no_lock_held(tmp_path):
-    script = tmp_path / "concurrent_forks.py"
-    script.write_text(CONCURRENT_FORKS)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_script(tmp_path, CONCURRENT_FORKS, timeout=120)
 
 
 FORK_DURING_A_RANDOM_DRAW = """
@@ -668,10 +656,7 @@ print("ok")
 def test_a_fork_during_a_random_draw_gives_a_child_that_can_draw(tmp_path):
     """A fork while another thread draws a random: architecture's weights waits for the draw: the
     child would otherwise inherit the draw's lock held and hang at its own next draw."""
-    script = tmp_path / "fork_during_draw.py"
-    script.write_text(FORK_DURING_A_RANDOM_DRAW)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_script(tmp_path, FORK_DURING_A_RANDOM_DRAW, timeout=180)
 
 
 def test_an_encoder_cannot_be_pickled_or_copied_and_says_so(w2v_checkpoints):
@@ -722,4 +707,11 @@ def test_thread_count_follows_the_environment(w2v_checkpoints, monkeypatch):
         with pytest.raises(ValueError, match="AUDIOENC_ONNX_THREADS must be a whole number >= 1"):
             enc.encode(speech_like(4000, 1), output_layer=1)
     monkeypatch.delenv("AUDIOENC_ONNX_THREADS")
-    assert enc.backend.session_options().intra_op_num_threads == len(os.sched_getaffinity(0))
+    assert enc.backend.session_options().intra_op_num_threads == min(len(os.sched_getaffinity(0)),
+                                                                     torch.get_num_threads())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker: not a thread per core in each of them
+    try:
+        assert enc.backend.session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(threads)

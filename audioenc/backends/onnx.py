@@ -203,13 +203,16 @@ class OnnxBackend:
 
 
 def onnx_threads() -> int:
-    """onnxruntime's intra-op threads: $AUDIOENC_ONNX_THREADS, else the cores this process may run on."""
+    """onnxruntime's intra-op threads: $AUDIOENC_ONNX_THREADS, else torch's intra-op thread count, at
+    most the cores this process may run on. Following torch keeps a DataLoader worker (torch runs
+    one thread there) or a caller's torch.set_num_threads(n) from starting a thread per core in
+    every process."""
     value = os.environ.get("AUDIOENC_ONNX_THREADS", "").strip()
     if value:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"AUDIOENC_ONNX_THREADS must be a whole number >= 1, got {value!r}")
         return int(value)
-    return usable_cores()
+    return max(1, min(usable_cores(), torch.get_num_threads()))
 
 
 def onnx_prepack() -> bool:
