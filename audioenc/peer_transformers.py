@@ -76,9 +76,11 @@ def transformers_call(reference: nn.Module, do_normalize: bool, device: torch.de
     if isinstance(dims, WhisperDims):
         extractor = transformers.WhisperFeatureExtractor(feature_size=dims.n_mels)
     else:
-        # as transformers' own preprocessor configs: an attention mask only for layer-norm models
-        extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize,
-                                                          return_attention_mask=dims.feat_extract_norm == "layer")
+        # as the checkpoint's own feature extractor (wavlm-base-plus's returns a mask); without one, as
+        # transformers' preprocessor configs mostly say: an attention mask only for layer-norm models
+        preprocessor = getattr(getattr(reference, "checkpoint", None), "preprocessor", {})
+        mask = bool(preprocessor.get("return_attention_mask", dims.feat_extract_norm == "layer"))
+        extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize, return_attention_mask=mask)
 
     @torch.inference_mode()
     def call(audio: list[np.ndarray]) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """The transformers peer of `audioenc bench --against transformers`: a transformers model rebuilt
 from an audioenc reference's weights gives the frames of the checkpoint's own transformers model,
 for every family and variant (the positional conv's weight norm round-trips)."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +27,26 @@ def test_wav2vec2_family_peer_is_the_checkpoints_transformers_model(variant, w2v
     normalised = [(a - a.mean()) / np.sqrt(a.var() + 1e-7) for a in audio] if enc.do_normalize else audio
     with torch.no_grad():
         want = hf(torch.from_numpy(np.stack(normalised))).last_hidden_state
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_peer_takes_the_attention_mask_as_the_checkpoints_feature_extractor_says(w2v_checkpoints, tmp_path):
+    """wavlm-base-plus is a group-norm model whose feature extractor returns an attention mask: its
+    transformers peer, timed on padded batches, runs with that mask, as its users' pipelines do."""
+    path, hf = w2v_checkpoints["wav2vec2-group"]
+    shutil.copytree(path, tmp_path / "model")
+    (tmp_path / "model" / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True, "return_attention_mask": True,
+         "feature_size": 1, "padding_value": 0.0, "sampling_rate": 16000}))
+    audio = [speech_like(8000, 1), speech_like(5000, 2)]
+    _, got = frames_of(tmp_path / "model", audio)
+    normalised = [(a - a.mean()) / np.sqrt(a.var() + 1e-7) for a in audio]
+    waves = torch.zeros(2, 8000)
+    mask = torch.zeros(2, 8000, dtype=torch.int64)
+    for i, a in enumerate(normalised):
+        waves[i, : len(a)], mask[i, : len(a)] = torch.from_numpy(a), 1
+    with torch.no_grad():
+        want = hf(waves, attention_mask=mask).last_hidden_state
     assert rel_err(got, want) <= 1e-5
 
 
