@@ -1,7 +1,6 @@
 """``audioenc.load``: checkpoint -> model -> backend -> AudioEncoder."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import warnings
@@ -12,17 +11,11 @@ from torch import nn
 from audioenc.backends import backend_class, resolve_backend
 from audioenc.checkpoint_record import recall as recalled
 from audioenc.encoder import AudioEncoder, _torch_on_one_thread_in_forked_children
-from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.torch_defaults import float32_on_cpu
 from audioenc.model_objects import load_model_object
 from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate, preprocessor_settings
-
-
-# See reference_model. Fork-safe: a child forked mid-draw would find it held for good, and hang at its
-# next random: load or at rebuilding released random weights. Taken inside a backend's lock (level 0).
-_RANDOM_DRAW = ForkSafeLock(level=1)
 
 
 def resolve_device(device) -> torch.device:
@@ -128,12 +121,7 @@ def reference_model(checkpoint: Checkpoint, name: str | None) -> nn.Module:
     may release them and build them again. A checkpoint recalled from its record gives the model
     without its weights (checkpoint_record.py)."""
     random_weights = name is not None and name.startswith("random:") and not checkpoint.weights_digest
-    # The caller's random state comes back unchanged; random weights are drawn one model at a time, as
-    # two threads drawing from torch's one seeded generator at once would interleave their draws.
-    with float32_on_cpu(), _RANDOM_DRAW if random_weights else contextlib.nullcontext(), \
-            torch.random.fork_rng(devices=[]):
-        if random_weights:
-            torch.manual_seed(0)  # random architectures are the same every run (a checkpoint's are overwritten)
+    with float32_on_cpu():
         model = build_model(checkpoint, random_weights=random_weights)
     # Recorded with the graphs and engines exported from it (audioenc cache), and read again to rebuild
     # released weights: a local path absolute, so that a later change of directory finds it.

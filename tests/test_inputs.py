@@ -340,6 +340,36 @@ def test_random_architectures_draw_the_same_weights_from_threads_loading_at_once
     assert len(loaded) == 6 and all(torch.equal(d[k], v) for d in loaded for k, v in expected.items())
 
 
+def test_random_architectures_leave_torchs_global_generator_to_the_caller():
+    """A caller's thread drawing from torch's global generator while a random: architecture loads
+    gets the values its own seed gives, and the load gets its usual weights."""
+    import threading
+
+    expected = audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict()
+    drawn, loading = [], threading.Event()
+
+    def draw():
+        loading.wait()
+        while loading.is_set():
+            drawn.append(torch.rand(1).item())
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(1234)
+        thread = threading.Thread(target=draw)
+        thread.start()
+        loading.set()
+        got = audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict()
+        loading.clear()
+        thread.join()
+        torch.manual_seed(1234)
+        want = [torch.rand(1).item() for _ in drawn]
+    finally:
+        torch.random.set_rng_state(state)
+    assert len(drawn) > 10 and drawn == want  # none of them seeded by the load, none taken by it
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
 def test_random_architectures_draw_the_same_weights_whatever_the_default_dtype():
     expected = audioenc.load("random:whisper-tiny", backend="torch").backend.model.state_dict()
     dtype = torch.get_default_dtype()

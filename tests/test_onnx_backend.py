@@ -635,30 +635,6 @@ def test_forks_from_several_threads_at_once_leave_no_lock_held(tmp_path):
     run_script(tmp_path, CONCURRENT_FORKS, timeout=120)
 
 
-FORK_DURING_A_RANDOM_DRAW = """
-import multiprocessing, threading, time, audioenc
-from audioenc import loading
-
-def child(_):  # a random: load, as a released random encoder's next new depth also does
-    return audioenc.load("random:whisper-tiny", backend="torch").num_layers
-
-load = threading.Thread(target=audioenc.load, args=("random:whisper-tiny",), kwargs=dict(backend="torch"))
-load.start()
-while not loading._RANDOM_DRAW.locked():
-    time.sleep(0.0005)
-with multiprocessing.get_context("fork").Pool(1) as pool:
-    assert pool.map_async(child, [0]).get(timeout=60) == [4]
-load.join()
-print("ok")
-"""
-
-
-def test_a_fork_during_a_random_draw_gives_a_child_that_can_draw(tmp_path):
-    """A fork while another thread draws a random: architecture's weights waits for the draw: the
-    child would otherwise inherit the draw's lock held and hang at its own next draw."""
-    run_script(tmp_path, FORK_DURING_A_RANDOM_DRAW, timeout=180)
-
-
 def test_an_encoder_cannot_be_pickled_or_copied_and_says_so(w2v_checkpoints):
     import copy
     import pickle

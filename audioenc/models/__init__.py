@@ -22,19 +22,40 @@ def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Modu
     weights frozen: no forward pass records an autograd graph, whoever calls it. A checkpoint's
     tensors become the weights themselves (the model is built without memory first): loading never
     holds two copies of a model. A checkpoint recalled from audioenc's record (no tensors read) gives
-    a model whose weights are not there (on the meta device)."""
+    a model whose weights are not there (on the meta device). ``random_weights``: drawn_weights'."""
     dims = dims_of(checkpoint)
     model_class = {"whisper": WhisperEncoder, "wavlm": WavLMModel}.get(checkpoint.family, Wav2Vec2Model)
-    if random_weights:
-        return model_class(dims).eval().requires_grad_(False)
     with torch.device("meta"):
         model = model_class(dims)
-    if not checkpoint.weights_digest:
-        state_dict = checkpoint.state_dict
-        if checkpoint.family == "whisper" and "embed_positions.weight" not in state_dict:
+    if random_weights or not checkpoint.weights_digest:
+        state_dict = drawn_weights(model) if random_weights else checkpoint.state_dict
+        if checkpoint.family == "whisper" and (random_weights or "embed_positions.weight" not in state_dict):
             state_dict = {**state_dict, "embed_positions.weight": sinusoids(dims.n_ctx, dims.n_state)}
         load_weights(model, state_dict, checkpoint.source)
     return model.eval().requires_grad_(False)
+
+
+def drawn_weights(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for ``model`` (built on the meta device), distributed as torch's own
+    initialisation draws them: Linear and Conv1d weights and biases uniform within +-1/sqrt(fan_in)
+    (kaiming_uniform with a=sqrt(5)), embeddings standard normal, norms 1 and 0, WavLM's gate
+    constants 1. They come from a generator of their own, not torch's global one, which the caller's
+    other threads may draw from meanwhile: the same weights every time, in any thread."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(prefix=prefix, recurse=False):
+            shape, last = param.shape, name.rsplit(".", 1)[-1]
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                bound = module.weight[0].numel() ** -0.5
+                weights[name] = torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+            elif isinstance(module, nn.Embedding):
+                weights[name] = torch.randn(shape, generator=generator, dtype=torch.float32)
+            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or last == "gru_rel_pos_const":
+                weights[name] = (torch.zeros if last == "bias" else torch.ones)(shape, dtype=torch.float32)
+            else:
+                raise TypeError(f"no random initialisation for {name} ({type(module).__name__})")
+    return weights
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
