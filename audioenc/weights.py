@@ -763,8 +763,9 @@ def load_fairseq(obj: dict, path: str) -> Checkpoint:
 
 
 def _fairseq_cfg(obj: dict, path: str) -> tuple[str, dict, dict]:
-    """(model name, model cfg, task cfg) of a fairseq checkpoint; for a fine-tuned model, the name is
-    the fine-tuned one and the cfgs are the pre-trained model's (w2v_args), which hold the sizes."""
+    """(model name, model cfg, task cfg) of a fairseq checkpoint; for a fine-tuned model, all three are
+    the pre-trained model's (w2v_args), which sits under w2v_encoder.w2v_model. and holds the sizes:
+    wav2vec_ctc also wraps other models (data2vec_audio's released fine-tunes)."""
     if obj.get("cfg") and "encoder_embed_dim" in obj["cfg"]:  # unilm WavLM: one flat WavLMConfig dict
         model_cfg = dict(obj["cfg"])
         return "wavlm", model_cfg, {"normalize": model_cfg.get("normalize", False)}
@@ -786,6 +787,8 @@ def _fairseq_cfg(obj: dict, path: str) -> tuple[str, dict, dict]:
     elif name in ("wav2vec_ctc", "hubert_ctc"):
         raise ValueError(f"{path}: fine-tuned fairseq checkpoint without w2v_args (the pre-trained model's "
                          f"config); it cannot be read on its own")
+    if inner is not None:
+        name = model_cfg.get("_name", model_cfg.get("arch", name))
     return name, model_cfg, task_cfg
 
 

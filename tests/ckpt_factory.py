@@ -6,6 +6,8 @@ of audioenc.weights, so a test that round-trips through both checks the mapping 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import struct
 
@@ -72,6 +74,28 @@ def reference_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
         del sd["encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
         sd["encoder.pos_conv_embed.conv.weight"] = base.encoder.pos_conv_embed.conv.weight.detach().clone()
     return sd
+
+
+def save_pretrained_bin(model: torch.nn.Module, path, shards: int = 1, dtype=None) -> None:
+    """config.json + pytorch_model.bin (or pytorch_model-0000i-of-0000n.bin shards and their
+    pytorch_model.bin.index.json) as transformers 4 wrote them: transformers 5's save_pretrained
+    writes safetensors whatever safe_serialization says, but hub repos and older fine-tunes hold these."""
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    sd = {k: v if dtype is None else v.to(dtype) for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(sd, os.path.join(path, "pytorch_model.bin"))
+        return
+    names, weight_map = list(sd), {}
+    per = -(-len(names) // shards)
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        shard = {k: sd[k] for k in names[i * per:(i + 1) * per]}
+        torch.save(shard, os.path.join(path, file))
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 # ---- openai-whisper -------------------------------------------------------------------------------
@@ -149,7 +173,9 @@ def conv_feature_layers(dims, kernels, strides) -> str:
 
 def fairseq_checkpoint(base: torch.nn.Module, family: str, style: str = "cfg", normalize: bool = True) -> dict:
     """style: "cfg" (pre-trained, dict cfg), "args" (legacy argparse Namespace), "finetuned" (CTC,
-    w2v_encoder.w2v_model. prefixes, the pre-trained cfg in w2v_args) or "unilm" (WavLM's own .pt)."""
+    w2v_encoder.w2v_model. prefixes, the pre-trained cfg in w2v_args), "args_finetuned" (the same with
+    legacy Namespaces, as wav2vec_small_960h.pt) or "unilm" (WavLM's own .pt). fairseq's Trainer writes
+    "args": None beside a cfg."""
     c = base.config
     sd = {_sub(_to_fairseq_table(c.feat_extract_norm), k): v.clone() for k, v in base.state_dict().items()}
     # fairseq-only pre-training tensors, which the loader must drop
@@ -171,17 +197,22 @@ def fairseq_checkpoint(base: torch.nn.Module, family: str, style: str = "cfg", n
                          num_buckets=c.num_buckets, max_distance=c.max_bucket_distance, feature_grad_mult=0.1)
         return {"cfg": model_cfg, "model": sd}
     if style == "cfg":
-        return {"cfg": {"model": model_cfg, "task": task_cfg}, "model": sd}
+        return {"args": None, "cfg": {"model": model_cfg, "task": task_cfg}, "model": sd}
+    args = argparse.Namespace(arch=model_cfg.pop("_name"), **model_cfg, normalize=normalize, task="audio_pretraining")
     if style == "args":
-        args = argparse.Namespace(arch=model_cfg.pop("_name"), **model_cfg, normalize=normalize, task="audio_pretraining")
         return {"args": args, "model": sd}
-    assert style == "finetuned"
+    assert style in ("finetuned", "args_finetuned")
     sd = {"w2v_encoder.w2v_model." + k: v for k, v in sd.items()}
     sd["w2v_encoder.proj.weight"] = torch.randn(12, c.hidden_size)
     sd["w2v_encoder.proj.bias"] = torch.randn(12)
+    if style == "args_finetuned":
+        return {"args": argparse.Namespace(arch="wav2vec_ctc", w2v_path="/gone/pretrained.pt", w2v_args=args,
+                                           normalize=normalize, task="audio_pretraining"), "model": sd}
+    model_cfg["_name"] = args.arch
     outer = {"_name": f"{'wav2vec' if family == 'wav2vec2' else family}_ctc", "w2v_path": "/gone/pretrained.pt",
              "w2v_args": {"model": model_cfg, "task": task_cfg}}
-    return {"cfg": {"model": outer, "task": {"_name": "audio_finetuning", "normalize": normalize}}, "model": sd}
+    return {"args": None, "cfg": {"model": outer, "task": {"_name": "audio_finetuning", "normalize": normalize}},
+            "model": sd}
 
 
 # ---- CTranslate2 ----------------------------------------------------------------------------------

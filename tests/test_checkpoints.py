@@ -19,7 +19,7 @@ import torch.nn.utils.prune as prune
 import audioenc
 from audioenc.weights import load_checkpoint, load_hf_dir, parse_conv_feature_layers
 from ckpt_factory import (W2V_KEYS, WHISPER_KEYS, fairseq_checkpoint, openai_checkpoint, randomize,
-                          reference_state_dict, w2v_config, whisper_model, write_ct2_bin)
+                          reference_state_dict, save_pretrained_bin, w2v_config, whisper_model, write_ct2_bin)
 
 T = pytest.importorskip("transformers")
 
@@ -88,7 +88,10 @@ def test_hf_speech_encoder_decoder_dir_gives_its_encoder(w2v, safe, tmp_path):
     speech_to_text = T.SpeechEncoderDecoderModel(T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
         base.config, decoder))
     speech_to_text.encoder.load_state_dict(base.state_dict())
-    speech_to_text.save_pretrained(tmp_path, safe_serialization=safe)
+    if safe:
+        speech_to_text.save_pretrained(tmp_path)
+    else:
+        save_pretrained_bin(speech_to_text, tmp_path)
     ckpt, want = load_checkpoint(tmp_path, family="wav2vec2"), load_hf_dir(path)
     assert_same(ckpt.state_dict, want.state_dict)
     assert_same_config(ckpt.config, want.config, W2V_KEYS)
@@ -97,7 +100,8 @@ def test_hf_speech_encoder_decoder_dir_gives_its_encoder(w2v, safe, tmp_path):
 def test_hf_bin_sharded_and_old_weight_norm(w2v, tmp_path):
     base, path = w2v["wav2vec2_group"]
     want = load_hf_dir(path).state_dict
-    base.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    save_pretrained_bin(base, tmp_path / "bin")
+    save_pretrained_bin(base, tmp_path / "bin_sharded", shards=3)
     base.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     # Checkpoints saved before torch's parametrizations carry weight_g / weight_v, under a task prefix.
@@ -111,7 +115,7 @@ def test_hf_bin_sharded_and_old_weight_norm(w2v, tmp_path):
             k = k.replace(a, b)
         sd["wav2vec2." + k] = v
     torch.save(sd, old / "pytorch_model.bin")
-    for name in ("bin", "sharded", "old"):
+    for name in ("bin", "bin_sharded", "sharded", "old"):
         assert_same(load_checkpoint(tmp_path / name).state_dict, want)
 
 
@@ -178,7 +182,10 @@ def test_half_precision_hf_checkpoints(whisper, w2v, tmp_path):
             want = {k: v.to(dtype).float() for k, v in load_hf_dir(path).state_dict.items()}
             for safe in (True, False):
                 out = tmp_path / f"{name}-{dtype}-{safe}"
-                type(model).from_pretrained(path).to(dtype).save_pretrained(out, safe_serialization=safe)
+                if safe:
+                    type(model).from_pretrained(path).to(dtype).save_pretrained(out)
+                else:
+                    save_pretrained_bin(type(model).from_pretrained(path), out, shards=2, dtype=dtype)
                 got, expected = load_hf_dir(str(out)).state_dict, dict(want)
                 if name == "wav2vec2":  # weight norm is folded from the half-precision g and v
                     key = "encoder.pos_conv_embed.conv.weight"
@@ -195,7 +202,7 @@ def ct2_dirs(whisper, tmp_path_factory):
     ctranslate2 = pytest.importorskip("ctranslate2")
     out = {}
     for n_mels, quantization in [(80, "float32"), (80, "float16"), (80, "int8"), (80, "bfloat16"),
-                                 (80, "int8_float16"), (80, "int16"), (128, "int8_bfloat16")]:
+                                 (80, "int8_float16"), (80, "int8_float32"), (80, "int16"), (128, "int8_bfloat16")]:
         path = str(tmp_path_factory.mktemp(f"ct2_{n_mels}_{quantization}") / "model")
         ctranslate2.converters.TransformersConverter(whisper[n_mels][1]).convert(path, quantization=quantization)
         out[n_mels, quantization] = path
@@ -203,7 +210,8 @@ def ct2_dirs(whisper, tmp_path_factory):
 
 
 @pytest.mark.parametrize("n_mels,quantization", [(80, "float32"), (80, "float16"), (80, "bfloat16"), (80, "int8"),
-                                                 (80, "int8_float16"), (80, "int16"), (128, "int8_bfloat16")])
+                                                 (80, "int8_float16"), (80, "int8_float32"), (80, "int16"),
+                                                 (128, "int8_bfloat16")])
 def test_ctranslate2_whisper(whisper, ct2_dirs, n_mels, quantization):
     want = load_hf_dir(whisper[n_mels][1])
     ckpt = load_checkpoint(ct2_dirs[n_mels, quantization], family="whisper")
@@ -229,12 +237,26 @@ def test_ctranslate2_whisper(whisper, ct2_dirs, n_mels, quantization):
             assert torch.equal(got, w), name
 
 
+def test_ctranslate2_dir_with_copied_preprocessor_config(whisper, tmp_path):
+    """faster-whisper repos are converted with --copy_files tokenizer.json preprocessor_config.json:
+    the copied feature extractor settings are the ones used."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    source = tmp_path / "hf"
+    shutil.copytree(whisper[128][1], source)
+    T.WhisperFeatureExtractor(feature_size=128).save_pretrained(source)
+    converter = ctranslate2.converters.TransformersConverter(str(source), copy_files=["preprocessor_config.json"])
+    converter.convert(str(tmp_path / "ct2"), quantization="float16")
+    ckpt = load_checkpoint(tmp_path / "ct2", family="whisper")
+    assert ckpt.preprocessor == json.loads((source / "preprocessor_config.json").read_text())
+
+
 # ---- fairseq --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant,family,style", [
     *((variant, family, style) for variant, family in [("wav2vec2_group", "wav2vec2"), ("wav2vec2_layer", "wav2vec2"),
                                                         ("hubert", "hubert")]
       for style in ["cfg", "args", "finetuned"]),
+    ("wav2vec2_group", "wav2vec2", "args_finetuned"), ("wav2vec2_layer", "wav2vec2", "args_finetuned"),
     ("wavlm", "wavlm", "unilm")])
 def test_fairseq(w2v, variant, family, style, tmp_path):
     base, path = w2v[variant]
@@ -280,6 +302,20 @@ def test_fairseq_checkpoints_keep_their_training_state(w2v, zipped, tmp_path, mo
     assert "fairseq" not in sys.modules
     assert_same(load_checkpoint(tmp_path / "hubert.pt", family="hubert").state_dict, load_hf_dir(path).state_dict)
     _expect(tmp_path / "bad.pt", "refused to load.*fairseq.data.dictionary.Dictionary where audioenc reads it")
+
+
+def test_fairseq_fp16_training_checkpoint(w2v, tmp_path):
+    """fairseq --fp16 training halves the model (its fp32 master copy sits in the optimizer state), so
+    a checkpoint_best.pt holds float16 tensors: they load as the float32 of the same values."""
+    base, path = w2v["wav2vec2_group"]
+    ckpt = fairseq_checkpoint(base, "wav2vec2")
+    ckpt["model"] = {k: v.half() for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "checkpoint_best.pt")
+    got = load_checkpoint(tmp_path / "checkpoint_best.pt", family="wav2vec2").state_dict
+    want = {k: v.half().float() for k, v in load_hf_dir(path).state_dict.items()}
+    key = "encoder.pos_conv_embed.conv.weight"  # folded from the half-precision g and v
+    assert torch.allclose(got.pop(key), want.pop(key), rtol=1e-2, atol=1e-3)
+    assert_same(got, want)
 
 
 def test_conv_feature_layers_parsing():
@@ -598,6 +634,11 @@ def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):
     fs["cfg"]["model"].update(_name="wav2vec2", layer_type="conformer")
     torch.save(fs, tmp_path / "conformer.pt")
     _expect(tmp_path / "conformer.pt", "layer_type='conformer' is not supported")
+    # data2vec's released fine-tunes (audio_base_ls_960h.pt) are wav2vec_ctc around a data2vec_audio
+    d2v = fairseq_checkpoint(w2v["wav2vec2_layer"][0], "wav2vec2", "finetuned")
+    d2v["cfg"]["model"]["w2v_args"]["model"].update(_name="data2vec_audio", pos_conv_depth=5, conv_pos=95)
+    torch.save(d2v, tmp_path / "d2v_ft.pt")
+    _expect(tmp_path / "d2v_ft.pt", "fairseq model 'data2vec_audio' is not supported")
     wavlm = fairseq_checkpoint(w2v["wavlm"][0], "wavlm", "unilm")
     wavlm["cfg"]["gru_rel_pos"] = False
     torch.save(wavlm, tmp_path / "ungated.pt")
