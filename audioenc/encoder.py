@@ -231,20 +231,23 @@ class AudioEncoder:
         lengths = torch.tensor([len(x) for x in items], dtype=torch.int64, device="cpu")
         return self._finite(EncoderOutput(pad_items(items), hidden_states=None, lengths=lengths), waves)
 
-    def _warn_of_pcm_scale(self, waves: list[np.ndarray]) -> None:
+    def _warn_of_pcm_scale(self, waves: list[np.ndarray], what: str | None = None) -> bool:
         """Float samples far past [-1, 1] are almost always integer PCM cast to float (int16 audio
         as float32 reaches thousands). Whisper's log-mel, and a waveform the checkpoint does not
-        normalise, take them as they are: frames of another signal, with no error. Warn, naming the item."""
+        normalise, take them as they are: frames of another signal, with no error. Warn, naming the
+        item (or ``what``, a stream's block); returns whether it warned."""
         if self.family != "whisper" and self.do_normalize:  # normalised per item: the scale cancels
-            return
+            return False
         for i, w in enumerate(waves):
             if w.dtype.kind == "f" and len(w):
                 peak = float(np.abs(w).max())
                 if FLOAT_PEAK_WARNING < peak <= 2.0**31:  # within integer PCM's range: past it is no cast
-                    warnings.warn(f"audioenc: audio item {i}: float samples reach {peak:.4g}, but float audio is "
-                                  "expected within [-1, 1]; integer PCM cast to float? Pass the int16/int32 array "
-                                  "itself (scaled by 2^-15 / 2^-31), or divide by 32768", UserWarning, stacklevel=4)
-                    return
+                    warnings.warn(f"audioenc: {what or f'audio item {i}'}: float samples reach {peak:.4g}, but float "
+                                  "audio is expected within [-1, 1]; integer PCM cast to float? Pass the int16/int32 "
+                                  "array itself (scaled by 2^-15 / 2^-31), or divide by 32768", UserWarning,
+                                  stacklevel=4)
+                    return True
+        return False
 
     def _finite(self, out: EncoderOutput, waves: list[np.ndarray]) -> EncoderOutput:
         """out, or a ValueError naming the first item whose frames overflowed: never NaN/Inf frames."""

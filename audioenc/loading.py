@@ -89,7 +89,15 @@ def preprocessor_of(checkpoint: Checkpoint, name: str, preprocessor) -> dict:
     given (it replaces the checkpoint's own, for this encoder only: the graphs cached from the
     checkpoint and its record keep what the checkpoint says), else the checkpoint's."""
     if preprocessor is not None:
-        return preprocessor_settings(preprocessor, name)
+        settings = preprocessor_settings(preprocessor, name)
+        # another kind of feature extractor is named by check_preprocessor (AudioEncoder) instead
+        kind = settings.get("feature_extractor_type", "Wav2Vec2FeatureExtractor")
+        if checkpoint.family != "whisper" and kind == "Wav2Vec2FeatureExtractor" and "do_normalize" not in settings:
+            # it replaces the checkpoint's own: {"do_normalise": False} would normalise without a word
+            raise ValueError(f"{name}: preprocessor= replaces the checkpoint's feature extractor settings, and this "
+                             f"one does not set do_normalize (its keys: {sorted(settings)}): pass "
+                             "{'do_normalize': True} or {'do_normalize': False}, or a feature extractor")
+        return settings
     if checkpoint.family != "whisper" and "do_normalize" not in checkpoint.preprocessor:
         # hubert-base and wavlm-base(-plus) were trained on unnormalised waveforms, most others on normalised ones
         warnings.warn(f"{name}: no feature extractor settings (preprocessor_config.json) say whether the waveform is "

@@ -164,6 +164,7 @@ class EncoderStream:
         self.lock = threading.Lock()
         self.emitted = 0  # frames returned so far
         self.backend_output = False  # encode_long: frames as the backend returns them, like short items
+        self.scale_warned = False  # float blocks past [-1, 1] (integer PCM cast to float) warned of
 
     @property
     def latency_s(self) -> float:
@@ -217,7 +218,12 @@ class EncoderStream:
 
     def _prepare(self, block) -> np.ndarray:
         x = as_pcm_array(block, "block", takes_paths=False)
-        x = finite_float32(x, "block") if x.dtype.kind == "f" else pcm_to_float32(x)
+        if x.dtype.kind == "f":
+            x = finite_float32(x, "block")
+            if not self.scale_warned:  # once: a live stream would repeat it every block
+                self.scale_warned = self.encoder._warn_of_pcm_scale([x], "block")
+        else:
+            x = pcm_to_float32(x)
         if x.ndim == 2 and 1 <= x.shape[1] <= MAX_CHANNELS:  # interleaved PCM, as sound cards deliver it
             x = x.mean(axis=1, dtype=np.float32)
         elif x.ndim != 1:
@@ -334,6 +340,7 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
         raise ValueError(f"the long-audio windows (enc.long_audio_chunk_s={chunk_s:g}, long_audio_left_s={left_s:g}, "
                          f"long_audio_right_s={right_s:g}) do not make a valid stream: {exc}") from None
     stream.backend_output = True
+    stream.scale_warned = True  # encode warned of the item already
     # A GPU is given 8 chunks per push (the stream encodes their windows in runs of at most
     # SECONDS_PER_RUN: with the default 46 s windows, one per run); a CPU gains little from a batch
     # (and its bar moves per window).

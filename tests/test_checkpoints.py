@@ -620,6 +620,11 @@ def test_a_checkpoint_that_does_not_say_whether_it_normalises_warns_and_takes_pr
     assert not audioenc.load(unnormalised, backend="onnx").do_normalize
     with pytest.raises(TypeError, match="not a path"):
         audioenc.load(path, backend="torch", preprocessor=os.path.join(unnormalised, "preprocessor_config.json"))
+    # preprocessor= replaces the checkpoint's settings: one that does not set do_normalize (a typo) would turn the
+    # checkpoint's do_normalize=False into the default without a word, so it is refused, as for a model object
+    for preprocessor in ({"do_normalise": False}, {}):
+        with pytest.raises(ValueError, match=r"this one does not set do_normalize \(its keys: \[.*\]\): pass "):
+            audioenc.load(unnormalised, backend="torch", preprocessor=preprocessor)
 
 
 def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):

@@ -512,3 +512,13 @@ def test_integer_pcm_cast_to_float_warns_where_the_scale_matters(whisper, w2v):
         whisper.encode([x, pcm, 1.5 * x])
         assert w2v.do_normalize
         w2v.encode(pcm.astype(np.float32))
+    # a stream's blocks (a microphone's int16 cast to float32): once per stream, not once per block
+    stream = whisper.stream()
+    with pytest.warns(UserWarning, match=r"block: float samples reach .*integer PCM cast to float") as caught:
+        for block in np.split(pcm.astype(np.float32), 4):
+            stream.push(block)
+    assert len([w for w in caught if "float samples reach" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for enc, block in ((whisper, pcm), (whisper, x), (w2v, pcm.astype(np.float32))):
+            enc.stream().push(block)
