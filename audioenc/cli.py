@@ -127,7 +127,7 @@ def cmd_embed(args) -> int:
     from audioenc.cpu import usable_cores
 
     usage = None
-    if args.layer not in (None, "all") and not args.layer.isdigit():
+    if args.layer not in (None, "all") and not args.layer.isdecimal():
         usage = f"--layer must be a layer number (0 or more) or 'all', got {args.layer!r}"
     elif not args.batch_size >= 1 or not args.max_batch_seconds > 0:  # NaN fails too
         usage = "--batch-size must be at least 1 and --max-batch-seconds above 0"

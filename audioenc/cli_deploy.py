@@ -55,7 +55,7 @@ def cmd_export(args) -> int:
 
 def seed(text: str) -> int:
     """--seed's type: numpy's generators take whole numbers >= 0 only."""
-    if not text.strip().isdigit():
+    if not text.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
     return int(text)
 

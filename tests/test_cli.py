@@ -288,10 +288,13 @@ def test_embed_checks_its_arguments_before_any_work(audio_tree, tmp_path, w2v_ch
     model = w2v_checkpoints["wav2vec2-group"][0]
     base = ["embed", str(audio_tree), "--model", model, "--backend", "torch"]
     out = tmp_path / "out"
-    for extra in (["--layer", "3"], ["--layer", "-1"], ["--batch-size", "0"], ["--max-batch-seconds", "nan"]):
+    for extra in (["--layer", "3"], ["--layer", "-1"], ["--layer", "\u00b2"], ["--batch-size", "0"],
+                  ["--max-batch-seconds", "nan"]):
         assert main([*base, "--out", str(out), *extra]) == 2, extra
         assert not out.exists()
-    assert "--layer must be between 0 and 2 for this model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--layer must be between 0 and 2 for this model" in err
+    assert "--layer must be a layer number (0 or more) or 'all', got '\u00b2'" in err  # str.isdigit takes it
     (tmp_path / "a-file").write_bytes(b"")
     assert main([*base, "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file" in capsys.readouterr().err

@@ -251,6 +251,8 @@ def test_api_argument_errors(w2v, w2v_checkpoints, whisper_checkpoints):
         audioenc.load(w2v_checkpoints["wav2vec2-group"][0], family="whisper")
     with pytest.raises(ValueError, match="backend 'cuda' is unknown"):
         audioenc.load(whisper_checkpoints[80][0], backend="cuda")
+    with pytest.raises(TypeError, match="backend must be a name"):
+        audioenc.load(whisper_checkpoints[80][0], backend=["torch"])
     with pytest.raises(ValueError, match="dtype 'int4' is not supported by the torch backend"):
         audioenc.load(whisper_checkpoints[80][0], backend="torch", dtype="int4")
     with pytest.raises(ValueError, match="unknown architecture"):

@@ -60,6 +60,8 @@ def resolve_dtype(dtype: str, device, supported, backend: str) -> str:
 
 def backend_class(name: str):
     """The backend's class, or a ValueError saying why it cannot be used here."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a name (auto, {', '.join(BACKENDS)}), got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is unknown; choose one of auto, {', '.join(BACKENDS)}")
     module_name, class_name = BACKENDS[name]
@@ -87,7 +89,7 @@ def availability(name: str) -> str | None:
 
 def resolve_backend(name: str, device_type: str) -> str:
     """'auto' -> the first backend of AUTO_ORDER that runs here; other names are checked."""
-    if name != "auto":
+    if not isinstance(name, str) or name != "auto":
         backend_class(name)
         return name
     for candidate in AUTO_ORDER.get(device_type, ("torch",)):

@@ -209,7 +209,7 @@ def onnx_threads() -> int:
     every process."""
     value = os.environ.get("AUDIOENC_ONNX_THREADS", "").strip()
     if value:
-        if not value.isdigit() or int(value) < 1:
+        if not value.isdecimal() or int(value) < 1:
             raise ValueError(f"AUDIOENC_ONNX_THREADS must be a whole number >= 1, got {value!r}")
         return int(value)
     return max(1, min(usable_cores(), torch.get_num_threads()))
