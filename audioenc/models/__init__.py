@@ -22,7 +22,7 @@ def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Modu
     weights frozen: no forward pass records an autograd graph, whoever calls it. A checkpoint's
     tensors become the weights themselves (the model is built without memory first): loading never
     holds two copies of a model. A checkpoint recalled from audioenc's record (no tensors read) gives
-    a model whose weights are not there (on the meta device). ``random_weights``: drawn_weights'."""
+    a model whose weights are not there (on the meta device); ``random_weights``: drawn_weights' instead."""
     dims = dims_of(checkpoint)
     model_class = {"whisper": WhisperEncoder, "wavlm": WavLMModel}.get(checkpoint.family, Wav2Vec2Model)
     with torch.device("meta"):
