@@ -2,8 +2,10 @@
 the peer that ``audioenc bench --against ctranslate2[:COMPUTE_TYPE]`` times side by side with
 audioenc's backends, on the same checkpoint and machine, and whose frames it compares with theirs.
 
-It runs what faster-whisper's encoder step runs: a numpy log-mel of 30 s windows on the CPU
-(transformers' WhisperFeatureExtractor, about 7 ms per window on one core), then CTranslate2's
+It runs what faster-whisper's encoder step runs: a log-mel of 30 s windows on the CPU
+(transformers' WhisperFeatureExtractor, torch's STFT where torch is installed, about 16 ms per
+window on one core; faster-whisper's own numpy one takes the STFT of the audio only, then pads the
+mel: cheaper for short items, and other frames past the audio), then CTranslate2's
 Whisper encoder at the compute type asked for. The weights reach CTranslate2 the way
 faster-whisper's models are made, through its converter for transformers checkpoints.
 """
@@ -16,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from audioenc.backends.onnx import onnx_threads
 from audioenc.config import SAMPLE_RATE, WhisperDims
-from audioenc.cpu import usable_cores
 
 
 def default_compute_type(device: torch.device) -> str:
@@ -67,9 +69,10 @@ def ctranslate2_call(reference: nn.Module, device: torch.device,
                          f"it has {', '.join(sorted(supported))}")
     with tempfile.TemporaryDirectory() as ct2_dir:
         convert(reference, ct2_dir)
-        # All the cores this process may use, as audioenc's CPU backends do.
+        # The threads audioenc's onnx backend runs (torch's count, at most the usable cores): not every
+        # usable core, which on a machine with hyperthreads is twice torch's default (its physical cores).
         model = ctranslate2.models.Whisper(ct2_dir, device=device.type, device_index=device.index or 0,
-                                           compute_type=compute_type, intra_threads=usable_cores())
+                                           compute_type=compute_type, intra_threads=onnx_threads())
     extractor = transformers.WhisperFeatureExtractor(feature_size=dims.n_mels)
 
     def call(audio: list[np.ndarray]) -> torch.Tensor:

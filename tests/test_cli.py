@@ -730,6 +730,24 @@ def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_p
     assert "first 30 s window" in capsys.readouterr().err
 
 
+def test_bench_ctranslate2_runs_as_many_threads_as_audioenc(whisper_checkpoints, monkeypatch):
+    """On a machine with hyperthreads torch (and so audioenc's onnx backend and the torch peers) runs one
+    thread per physical core: CTranslate2 gets that many too, not one per usable (logical) core."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    pytest.importorskip("transformers")
+    import torch
+
+    from audioenc.peer_ctranslate2 import ctranslate2_call
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # 8 logical cores
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # torch's default there: the physical cores
+    threads, whisper = [], ctranslate2.models.Whisper
+    monkeypatch.setattr(ctranslate2.models, "Whisper", lambda *a, **kw: threads.append(kw["intra_threads"]) or whisper(*a, **kw))
+    reference = audioenc.load(whisper_checkpoints[80][0], backend="torch", device="cpu", dtype="float32")
+    ctranslate2_call(reference.backend.model, torch.device("cpu"), "float32")
+    assert threads == [4]
+
+
 def test_stream_command_keeps_a_file_made_at_its_out_during_the_stream(tmp_path, w2v_checkpoints, monkeypatch, capsys):
     from audioenc.streaming import EncoderStream
 
