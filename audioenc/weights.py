@@ -763,9 +763,10 @@ def load_fairseq(obj: dict, path: str) -> Checkpoint:
 
 
 def _fairseq_cfg(obj: dict, path: str) -> tuple[str, dict, dict]:
-    """(model name, model cfg, task cfg) of a fairseq checkpoint; for a fine-tuned model, all three are
-    the pre-trained model's (w2v_args), which sits under w2v_encoder.w2v_model. and holds the sizes:
-    wav2vec_ctc also wraps other models (data2vec_audio's released fine-tunes)."""
+    """(model name, model cfg, task cfg) of a fairseq checkpoint. For a fine-tuned model, the name and
+    model cfg are the pre-trained model's (w2v_args: it sits under w2v_encoder.w2v_model. and holds the
+    sizes; wav2vec_ctc also wraps other models, such as data2vec_audio's released fine-tunes), and the
+    task cfg's normalize is the fine-tune's, else the pre-trained model's."""
     if obj.get("cfg") and "encoder_embed_dim" in obj["cfg"]:  # unilm WavLM: one flat WavLMConfig dict
         model_cfg = dict(obj["cfg"])
         return "wavlm", model_cfg, {"normalize": model_cfg.get("normalize", False)}
