@@ -67,7 +67,10 @@ class BuildExt(build_ext):
                 cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                        "-Icsrc", *arch]
                 print(" ".join(cmd))
-                subprocess.check_call(cmd)
+                if subprocess.call(cmd) != 0:
+                    # e.g. an nvcc older than 11.8 (no sm_90) or a host compiler it does not support
+                    sys.exit(f"nvcc ({nvcc}) failed to compile {src}; set AUDIOENC_CUDA=0 to build without the "
+                             "CUDA kernels, or AUDIOENC_CUDA_ARCH to the -gencode flags this nvcc supports")
                 objects.append(obj)
             ext.extra_objects = list(ext.extra_objects or []) + objects
             ext.define_macros = list(ext.define_macros or []) + [("AUDIOENC_WITH_CUDA", "1")]

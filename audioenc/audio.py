@@ -50,6 +50,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
             data, rate = f.read(dtype="float32", always_2d=True), f.samplerate
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
         data, rate = _decode_with_pyav(path, reason=str(exc))
+    else:
+        if data.shape[0] == 0 and unwritten_wav_sizes(path):  # libsndfile reads none of it, FFmpeg all
+            data, rate = _decode_with_pyav(path, reason="its writer stopped before writing the data chunk's size")
     # A FLAC file cut at a frame boundary: libsndfile fails on it, and FFmpeg decodes up to the cut
     if declared is not None and data.shape[0] < declared:
         raise ValueError(f"{path}: truncated FLAC file (its header declares {declared} samples per channel, "
@@ -115,6 +118,23 @@ def truncation(path: str) -> str | None:
         f.seek(start)
         problem = _data_shortfall(f, os.fstat(f.fileno()).st_size, layout)
     return f"truncated {layout.name} file ({problem})" if problem else None
+
+
+def unwritten_wav_sizes(path: str) -> bool:
+    """Whether path is a WAV whose writer stopped before writing its sizes (GStreamer's wavenc without
+    EOS): its data chunk declares 0 bytes, and audio follows that the RIFF size does not cover (an empty
+    WAV with a LIST chunk after its data chunk declares that chunk in its RIFF size)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return False
+        riff_size, file_size = int.from_bytes(head[4:8], "little"), os.fstat(f.fileno()).st_size
+        while len(header := f.read(8)) == 8:
+            size = int.from_bytes(header[4:], "little")
+            if header[:4] == b"data":
+                return size == 0 and f.tell() < file_size and (riff_size in UNKNOWN_WAV_SIZES or riff_size + 8 <= f.tell())
+            f.seek(size + size % 2, os.SEEK_CUR)
+    return False
 
 
 def _data_shortfall(f, file_size: int, layout: ChunkLayout) -> str | None:

@@ -240,7 +240,7 @@ def _spectrogram(audio, kind, n_mels, sample_rate, padding, device, threads):
         raise ValueError(f"log-mel needs at least {N_FFT // 2 + 1} samples per item after padding "
                          f"(reflect padding of n_fft // 2), got {short}")
     device = torch.device(device) if device is not None else x.device
-    x2 = x.reshape(-1, x.shape[-1]).to(device)
+    x2 = x.reshape(len(lengths), x.shape[-1]).to(device)  # not -1: empty items (all padding) are allowed
     filters = None if kind == "power" else mel_filters(n_mels)
     out = None
     if device.type == "cuda" and _C is not None and getattr(_C, "cuda_compiled", False) \

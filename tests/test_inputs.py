@@ -490,6 +490,29 @@ def test_flac_cut_at_a_frame_boundary_is_truncated(tmp_path):
     assert len(load_audio(tmp_path / "unknown.flac")[0]) == 48000
 
 
+def test_wav_whose_data_size_was_never_written_decodes_to_its_end(tmp_path):
+    """A recorder stopped before it wrote the sizes (GStreamer's wavenc without EOS) leaves 0 in the
+    data chunk's size: libsndfile reads no samples, FFmpeg reads the data to the file's end. An empty
+    WAV whose RIFF size declares a chunk after its data chunk stays empty."""
+    pytest.importorskip("av")
+    sf.write(tmp_path / "whole.wav", speech_like(31999, 13), 16000, subtype="PCM_16")
+    whole = (tmp_path / "whole.wav").read_bytes()
+    assert whole[36:40] == b"data"
+    for riff_size in (0, 36):  # 36: the RIFF size of the header alone, as wavenc writes it first
+        unfinished = bytearray(whole)
+        unfinished[4:8], unfinished[40:44] = riff_size.to_bytes(4, "little"), bytes(4)
+        (tmp_path / "unfinished.wav").write_bytes(bytes(unfinished))
+        data, rate = load_audio(tmp_path / "unfinished.wav")
+        np.testing.assert_array_equal(data, load_audio(tmp_path / "whole.wav")[0])
+        assert rate == 16000
+    (tmp_path / "header.wav").write_bytes(bytes(unfinished[:44]))  # no data at all
+    listed = b"LIST" + (1000).to_bytes(4, "little") + b"INFOICMT" + (992).to_bytes(4, "little") + bytes(992)
+    (tmp_path / "listed.wav").write_bytes(b"RIFF" + (36 + len(listed)).to_bytes(4, "little") + unfinished[8:44] + listed)
+    for name in ("header.wav", "listed.wav"):
+        with pytest.raises(ValueError, match=f"{name}: the file holds no audio samples"):
+            load_audio(tmp_path / name)
+
+
 def test_au_file_of_unknown_length_decodes_to_its_end(tmp_path):
     """0xFFFFFFFF in an AU header's size: a pipe writer's unknown size, not a truncation."""
     sf.write(tmp_path / "whole.AU", speech_like(31999, 12), 16000, format="AU", subtype="PCM_16")

@@ -305,3 +305,13 @@ def test_threads_that_cannot_start_do_not_abort_the_process():
         "print('finished')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "finished" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_empty_audio_padded_to_a_window_matches_whisper(native, monkeypatch):
+    # openai-whisper pads every input by 30 s (padding=N_SAMPLES), empty audio included
+    if not native:
+        monkeypatch.setattr(fe, "_C", None)
+    empty = np.zeros(0, np.float32)
+    assert_close(log_mel_spectrogram(empty, padding=480_000), whisper_ref(empty, padding=480_000))
+    assert log_mel_spectrogram(np.zeros((3, 0), np.float32), padding=1000).shape == (3, 80, 6)
