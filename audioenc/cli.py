@@ -217,6 +217,21 @@ PCM_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
 MAX_BLOCK_MS = 10_000.0  # one read of stdin
 
 
+class AudioFileOnStdin(ValueError):
+    """stdin carries an audio file (`audioenc stream < talk.wav`): read as raw PCM, its header would be
+    samples and a file of another rate, format or channel count garbage frames, with no error."""
+
+
+def audio_file_kind(head: bytes) -> str | None:
+    """The kind of audio file that starts with ``head`` (stdin's first 12 bytes), or None."""
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "WAV"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "AIFF"
+    kinds = {b"fLaC": "FLAC", b"OggS": "Ogg", b"ID3": "MP3", b".snd": "AU"}
+    return next((kind for magic, kind in kinds.items() if head.startswith(magic)), None)
+
+
 def stream_usage_error(args) -> str | None:
     """What is wrong with cmd_stream's arguments, before any model loads."""
     if args.file is None and args.realtime:
@@ -315,9 +330,17 @@ def cmd_stream(args) -> int:
             return
         # read1: what has arrived, up to a block, so a Ctrl-C while a block fills loses none of it
         frame_bytes = dtype.itemsize * channels  # one sample of every channel, interleaved
+        head = b""  # the input's first samples, looked at for an audio file's header
+        while len(head) < 12 and (data := sys.stdin.buffer.read1(12 - len(head))):
+            head += data
+        kind = audio_file_kind(head)
+        if kind:
+            raise AudioFileOnStdin(f"stdin starts with a {kind} file's header, but audioenc stream reads raw PCM "
+                                   "there: give the file with --file, or send raw samples (arecord -t raw, "
+                                   "sox ... -t raw -, ffmpeg ... -f s16le -)")
         size, carry = block * frame_bytes, b""
-        while data := sys.stdin.buffer.read1(size):
-            data = carry + data
+        while data := head or sys.stdin.buffer.read1(size):
+            head, data = b"", carry + data
             whole = len(data) - len(data) % frame_bytes
             carry = data[whole:]  # a sample (or a frame of channels) split between reads
             if whole:
@@ -357,6 +380,9 @@ def cmd_stream(args) -> int:
         ended = "interrupted"
     except BrokenPipeError:
         ended = "stdout was closed"
+    except AudioFileOnStdin as exc:  # before any sample: nothing to flush or save
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # a bad block, or audio before it that overflowed the model once it had context
         ended = f"stopped at the block from sample {received} ({received / rate:.3f} s) of the input: {exc}"
     try:

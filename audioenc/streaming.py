@@ -87,7 +87,7 @@ def seconds_to_frames(seconds: float, what: str, minimum: int = 0) -> int:
     seconds = round(float(seconds), 4)  # to 0.1 ms, finer than any frame: a float32 0.39 is 0.38999998...
     if not math.isfinite(seconds):
         raise ValueError(f"{what} must be a finite number of seconds, got {seconds}")
-    if seconds < 0:
+    if seconds < 0 and not minimum:
         raise ValueError(f"{what} must be >= 0 seconds, got {seconds}")
     # Halves up, as people round (0.05 s -> 3 frames), after rounding off binary noise (2.01 s is 100.4999... frames)
     n = math.floor(round(seconds * SAMPLE_RATE / FRAME_HOP, 6) + 0.5)

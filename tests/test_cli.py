@@ -1,5 +1,6 @@
 """The command line: embed writes one output per input, never overwrites without asking, goes on
 past bad files; info reports what is built."""
+import io
 import os
 import re
 import select
@@ -302,6 +303,20 @@ def test_embed_checks_its_arguments_before_any_work(audio_tree, tmp_path, w2v_ch
     assert main([*base, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "a.flac and " in err and "a.wav would both write" in err  # both inputs named
+
+
+@pytest.mark.parametrize("name, value", [("AUDIOENC_ONNX_THREADS", "two"), ("AUDIOENC_ONNX_PREPACK", "yes")])
+def test_a_bad_onnx_setting_stops_embed_before_any_file(name, value, audio_tree, tmp_path, w2v_checkpoints,
+                                                          monkeypatch, capsys):
+    """Not one 'failed:' line per file, every file of the job failing alike: one error, exit status 2."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert main(["embed", str(audio_tree), "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "onnx",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {name} must be" in err and "failed:" not in err
+    assert not out.exists()
 
 
 def test_auto_says_which_faster_backend_it_passed_over(audio_tree, tmp_path, w2v_checkpoints, monkeypatch, capsys):
@@ -771,6 +786,22 @@ def test_stream_command_with_stdin_closed_says_so(w2v_checkpoints, monkeypatch, 
     monkeypatch.setattr(sys, "stdin", None)  # as Python starts under `audioenc stream <&-`
     assert main(["stream", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch"]) == 2
     assert "stdin is closed; pipe raw PCM to it or give --file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("AIFF", "PCM_16"),
+                                           ("Ogg", "VORBIS")])
+def test_stream_command_refuses_an_audio_file_on_stdin(kind, subtype, tmp_path, w2v_checkpoints, monkeypatch,
+                                                       capsys):
+    """`audioenc stream < talk.wav` (or arecord's default WAV output): read as raw PCM, the header and
+    a file at another rate or channel count would give frames of garbage, with no error."""
+    path = tmp_path / "talk"
+    sf.write(path, np.stack([speech_like(48000 * 2, 6)] * 2, axis=1), 48000, subtype=subtype, format=kind)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(path.read_bytes()))))
+    out = tmp_path / "frames.npy"
+    assert main(["stream", "--model", w2v_checkpoints["wav2vec2-group"][0], "--backend", "torch",
+                 "--out", str(out)]) == 2
+    assert f"error: stdin starts with a {kind} file's header, but audioenc stream reads raw PCM" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_stream_frames_never_replace_a_file_the_user_did_not_name(tmp_path):

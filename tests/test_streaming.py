@@ -130,8 +130,9 @@ def test_stream_at_another_rate_and_pcm_types(w2v_checkpoints):
 
 def test_stream_errors_and_flush(w2v_checkpoints):
     enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="torch")
-    with pytest.raises(ValueError, match="chunk_s must be at least 0.02 s"):
-        enc.stream(chunk_s=0.0)
+    for chunk_s in (0.0, -1.0):  # not ">= 0" for a negative one: 0 is refused too
+        with pytest.raises(ValueError, match="chunk_s must be at least 0.02 s"):
+            enc.stream(chunk_s=chunk_s)
     with pytest.raises(ValueError, match="left_context_s must be >= 0"):
         enc.stream(left_context_s=-1)
     with pytest.raises(TypeError, match="right_context_s must be a number"):

@@ -50,6 +50,8 @@ class OnnxBackend:
         if dtype == "bfloat16" and not (device.type == "cpu" and platform.machine() in ("aarch64", "arm64")):
             raise ValueError("dtype 'bfloat16' in onnxruntime needs an ARM64 CPU (its bf16 fast-math GEMM); "
                              "this machine has no bf16 path there: use float32, float16 or int8")
+        # read again as each session is made; a typo fails the load, not every call (each file of an embed job)
+        onnx_threads(), onnx_prepack()
         self.device, self.dtype = device, dtype
         self.dims = model.dims
         self.reference = ReferenceWeights(model)  # released once a session holds the weights
