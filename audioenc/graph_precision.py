@@ -72,7 +72,7 @@ def to_half(fp32_path: str):
     proto = onnx.shape_inference.infer_shapes(proto)
     halves = {init.name: init for init in proto.graph.initializer}
     for name, half in half_inits.items():
-        halves[half].raw_data = _float_weight(inits[name], folder).astype("<f2").tobytes()
+        halves[half].raw_data = float_weight(inits[name], folder).astype("<f2").tobytes()
     load_external_data_for_model(proto, folder)  # the weights that stay float32
     return proto
 
@@ -186,7 +186,8 @@ def outlier_ratio(peaks: np.ndarray) -> float:
 def smoothing_scales(proto, peaks: dict[str, np.ndarray], folder: str = "") -> dict[str, np.ndarray]:
     """activation -> SmoothQuant per-channel scales s for each quantised input with outlier channels:
     the graph quantises x / s and multiplies by s * W, the same product in float, with the outliers'
-    range moved from the one per-call activation scale into the per-channel weight scales. An input
+    range moved from the activation scales (one per call, or per block of frames: quantized_convs)
+    into the per-channel weight scales. An input
     whose weights another input shares is left alone. The taps a conv-as-MatMul gathers share their
     source channel's scale, so that the source is scaled once, before the gather (smooth_inputs)."""
     weight_rows: dict[str, np.ndarray] = {}  # input -> max |weight| per input channel, over its MatMuls
@@ -194,7 +195,7 @@ def smoothing_scales(proto, peaks: dict[str, np.ndarray], folder: str = "") -> d
     for node, weight in quantizable_matmuls(proto):
         x = node.input[0]
         if x in peaks and outlier_ratio(peaks[x]) > OUTLIER_RATIO:
-            weight_rows[x] = np.maximum(weight_rows.get(x, 0.0), np.abs(_float_weight(weight, folder)).max(axis=1))
+            weight_rows[x] = np.maximum(weight_rows.get(x, 0.0), np.abs(float_weight(weight, folder)).max(axis=1))
         inputs_of.setdefault(weight.name, set()).add(x)
     shared = {x for xs in inputs_of.values() if len(xs) > 1 for x in xs}
     producer = {out: node for node in proto.graph.node for out in node.output}
@@ -227,8 +228,8 @@ def gathered_taps(producer: dict, x: str) -> tuple[str | None, list]:
 def smooth_inputs(proto, scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Divides each input in ``scales`` by its scales, right after the node that makes it, for the
     quantised MatMuls that read it (its other readers keep it as it is); gathered taps are divided at
-    their source, so quantize_before_gather still quantises the source once. Returns weight name ->
-    the factors its rows are multiplied by (quantize_matmuls)."""
+    their source, which quantize_before_gather or quantized_convs then quantises once. Returns weight
+    name -> the factors its rows are multiplied by (quantize_matmuls, quantize_convs)."""
     from onnx import helper, numpy_helper
 
     graph_nodes = list(proto.graph.node)  # one wrapper per node, so id() identifies it below
@@ -284,19 +285,21 @@ def check_half_headroom(peaks: dict[str, float]) -> None:
 
 
 def quantize_int8(fp32_path: str, path: str, external: bool = False,
-                  feeds: dict[str, np.ndarray] | None = None) -> None:
+                  feeds: dict[str, np.ndarray] | None = None, convs_per_block: bool = False) -> None:
     """Dynamic int8 quantisation of the MatMul weights (per output channel); activations are
     quantised per call. With ``feeds`` (example inputs), the fp32 graph runs once to find the inputs
     with outlier channels, which are smoothed first (smoothing_scales). Where ``fp32_path`` is
-    exported with ``convs_as_matmul`` (build_graph does so for layer-norm models: export.int8_convs),
-    the feature encoder's convs are MatMuls and are quantised too, except the first (its input is the
-    waveform, its reduction only kernel-size long); the attention products (no constant weight),
-    LayerNorm, softmax and GELU stay fp32.
+    exported with ``convs_as_matmul`` (build_graph does so for int8), the feature encoder's convs are
+    MatMuls and are quantised too, except the first (its input is the waveform, its reduction only
+    kernel-size long): with one activation scale per call, or where ``convs_per_block``, with a scale
+    per block of frames (quantized_convs). The attention products (no constant weight), LayerNorm,
+    softmax and GELU stay fp32.
     ``external``: as save_onnx takes it."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
     from audioenc.export import save_onnx
+    from audioenc.quantized_convs import quantize_convs
 
     # Float weights are read one at a time as they are quantised (whisper-large-v3's are 2.5 GB);
     # what stays float32 (norms, biases, the first conv) is read afterwards.
@@ -307,6 +310,8 @@ def quantize_int8(fp32_path: str, path: str, external: bool = False,
     row_factors = {}
     if feeds is not None:
         row_factors = smooth_inputs(proto, smoothing_scales(proto, matmul_channel_peaks(fp32_path, feeds), folder))
+    if convs_per_block:
+        quantize_convs(proto, int8_reduce_range(), folder, row_factors)
     quantize_matmuls(proto, int8_reduce_range(), folder, row_factors)
     load_external_data_for_model(proto, folder)
     quantize_before_gather(proto)
@@ -342,13 +347,10 @@ def quantize_matmuls(proto, reduce_range: bool, folder: str = "", row_factors: d
             continue
         x = node.input[0]
         if weight.name not in quantized_weights:
-            w = _float_weight(weight, folder)
+            w = float_weight(weight, folder)
             if weight.name in row_factors:
                 w = w * row_factors[weight.name][:, None]
-            # float64 range over float64 steps, then float32: quantize_dynamic's scales, bit for bit
-            scale = (2 * np.abs(w).max(axis=0).astype(np.float64) / (2 * limit)).astype(np.float32)
-            scale[scale < np.finfo(np.float32).tiny] = 1.0  # an all-zero column
-            q = np.clip(np.round(w / scale), -128, 127).astype(np.int8)
+            q, scale = quantize_weight(w, limit)
             names = (weight.name + "_quantized", weight.name + "_scale", weight.name + "_zero_point")
             proto.graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
                                             numpy_helper.from_array(np.zeros_like(q[0]), names[2])])
@@ -376,7 +378,15 @@ def quantize_matmuls(proto, reduce_range: bool, folder: str = "", row_factors: d
     return rewritten
 
 
-def _float_weight(tensor, folder: str) -> np.ndarray:
+def quantize_weight(w: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weight, float32 scale per column): symmetric, each column's peak at ``limit``. The range
+    and the steps are float64, then float32: quantize_dynamic's scales, bit for bit."""
+    scale = (2 * np.abs(w).max(axis=0).astype(np.float64) / (2 * limit)).astype(np.float32)
+    scale[scale < np.finfo(np.float32).tiny] = 1.0  # an all-zero column
+    return np.clip(np.round(w / scale), -128, 127).astype(np.int8), scale
+
+
+def float_weight(tensor, folder: str) -> np.ndarray:
     """A float32 initializer's values, read from its external data file when it has one."""
     from onnx import numpy_helper
     from onnx.external_data_helper import uses_external_data

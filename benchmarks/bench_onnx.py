@@ -252,7 +252,7 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
 
 def conv_form_rows(tmp: str, repeats: int) -> list[str]:
     """The float32 graph's conv feature encoder as onnxruntime Convs (what the backend exports) against
-    the MatMul-over-gathered-taps form (what layer-norm models' int8 graphs keep: export.int8_convs), whole model, 10 s, batch 1."""
+    the MatMul-over-gathered-taps form (what int8 graphs quantise: export.build_graph), whole model, 10 s, batch 1."""
     import onnxruntime as ort
 
     from audioenc.export import export_onnx

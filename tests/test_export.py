@@ -341,18 +341,68 @@ def test_int8_graph_quantises_conv_inputs_before_their_gather(w2v_checkpoints, t
     assert cos >= 0.995
 
 
+def conv_graph(conv: torch.nn.Conv1d, path: str) -> None:
+    """A graph of one ConvAsMatMul, x (B, T, C) -> y, with B and T dynamic."""
+    with torch.no_grad(), export.exporter_warnings_ignored():
+        torch.onnx.export(graph_modules.ConvAsMatMul(conv), (torch.randn(2, 40, conv.in_channels),), path, dynamo=False,
+                          opset_version=export.OPSET, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "items", 1: "frames"}})
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (5, 2), (4, 2), (2, 3)])
+def test_int8_convs_scale_each_block_of_frames(kernel, stride, tmp_path):
+    """Each block of ``stride`` frames is quantised with a scale of its own: frames 1000x quieter than
+    the rest keep their precision, items of a batch are independent (to float rounding), and every
+    input length (odd, even, one frame's worth of taps) gives the conv's frames. One scale per call
+    leaves the quiet frames a step or two of int8."""
+    from audioenc.quantized_convs import quantize_convs
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 24, kernel, stride, bias=False)  # a bias would hide the quiet frames from the cosine
+    fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
+    conv_graph(conv, fp32)
+    proto = onnx.load(fp32)
+    assert quantize_convs(proto, reduce_range=False) == 1
+    assert not [n for n in proto.graph.node if n.op_type in ("Concat", "MatMul") and "_blocked/" not in n.name]
+    onnx.save(proto, int8)
+    export.check_graph(int8)
+    loud = torch.nn.functional.gelu(torch.randn(2, 101, 32))
+    loud[0, 40:80] *= 1e-3  # a pause
+    loud[1] *= 50
+    for frames in (kernel, kernel + 1, 60, 61, 101):
+        x = loud[:, :frames].contiguous()
+        with torch.no_grad():
+            want = conv(x.transpose(1, 2)).transpose(1, 2)
+        got = torch.from_numpy(session(int8).run(None, {"x": x.numpy()})[0])
+        assert got.shape == want.shape
+        assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() >= 0.999, frames
+        for i in range(2):  # to float rounding: the product's scale is the call's largest step (quantized_convs)
+            alone = session(int8).run(None, {"x": x[i : i + 1].numpy()})[0]
+            np.testing.assert_allclose(alone, got[i : i + 1].numpy(), rtol=1e-5, atol=1e-6 * float(got[i].abs().max()))
+    # one scale per call (quantize_matmuls) loses the pause
+    proto = onnx.load(fp32)
+    graph_precision.quantize_matmuls(proto, reduce_range=False)
+    onnx.save(proto, int8)
+    got = torch.from_numpy(session(int8).run(None, {"x": loud[:1].numpy()})[0])
+    with torch.no_grad():
+        want = conv(loud[:1].transpose(1, 2)).transpose(1, 2)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() < 0.99
+
+
 @pytest.mark.parametrize("variant,dtype,quantised_convs", [
-    ("wav2vec2-group", "float32", False), ("wav2vec2-group", "int8", False), ("wav2vec2-stable", "int8", True)])
+    ("wav2vec2-group", "float32", None), ("wav2vec2-group", "int8", "per block"), ("wav2vec2-stable", "int8", "per call")])
 def test_built_graphs_take_the_conv_form_that_fits(variant, dtype, quantised_convs, w2v_checkpoints, tmp_path):
-    """build_graph (the backends' and `audioenc export`'s path): Convs for float graphs and for
-    group-norm models' int8 graphs (export.int8_convs); MatMuls, which dynamic quantisation
-    quantises, for layer-norm models' int8 graphs, with only the positional conv left a Conv."""
+    """build_graph (the backends' and `audioenc export`'s path): Convs for float graphs; for int8
+    graphs MatMuls, which int8 quantises, with only the positional conv left a Conv: with a scale per
+    block of frames in group-norm models (export.int8_convs_per_block), else one per call."""
     model = reference_model(w2v_checkpoints[variant][0])
     export.build_graph(model, export.ExportSpec(num_layers=1, dtype=dtype), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) in (["model.onnx"], ["model.onnx", "model.onnx.data"])
     nodes = onnx.load(str(tmp_path / export.MODEL_FILE)).graph.node
     convs = sum(node.op_type == "Conv" for node in nodes)
-    assert convs == (1 if quantised_convs else len(model.dims.conv_dim) + 1)
+    assert convs == (len(model.dims.conv_dim) + 1 if quantised_convs is None else 1)
+    per_block = any("_blocked/" in node.name for node in nodes)
+    assert per_block == (quantised_convs == "per block")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])

@@ -281,7 +281,7 @@ def test_int8_keeps_the_quiet_frames_of_speech_at_real_size():
     """A real-size group-norm model on audio with pauses (verify's generated speech): with one
     activation scale per call, an int8 graph that quantised the conv feature encoder left the
     quiet frames a few int8 steps (mean cosine 0.993 here; 0.64 with transformers' initialisation);
-    export.int8_convs keeps those convs in float32."""
+    export.int8_convs_per_block gives those convs a scale per block of frames."""
     ref = audioenc.load("random:wav2vec2-base", backend="torch")
     out = audioenc.load("random:wav2vec2-base", backend="onnx", dtype="int8").encode(generated_audio("wav2vec2", seed=3))
     want = ref.encode(generated_audio("wav2vec2", seed=3))

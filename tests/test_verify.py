@@ -144,7 +144,7 @@ def test_cli_verify_exit_codes(whisper_checkpoints, w2v_checkpoints, monkeypatch
 def test_cli_export(w2v_checkpoints, tmp_path, capsys):
     import onnx
 
-    path = w2v_checkpoints["hubert-stable"][0]  # a layer-norm model: int8 quantises its convs (export.int8_convs)
+    path = w2v_checkpoints["hubert-stable"][0]  # a layer-norm model: int8 quantises its convs with one scale per call
     out = str(tmp_path / "out")
     assert cli(["export", "--model", path, "--format", "onnx", "--out", out, "--hidden-states"]) == 0
     graph = onnx.load(f"{out}/model.onnx")
