@@ -226,8 +226,8 @@ def code_digest() -> str:
 
     h = hashlib.blake2b(digest_size=16)
     models_dir = models.__path__[0]
-    sources = [__file__, fused_attention.__file__, graph_modules.__file__, graph_precision.__file__,
-               quantized_convs.__file__, *sorted(os.path.join(models_dir, n) for n in os.listdir(models_dir) if n.endswith(".py"))]
+    sources = [__file__, fused_attention.__file__, graph_modules.__file__, graph_precision.__file__, quantized_convs.__file__,
+               *sorted(os.path.join(models_dir, n) for n in os.listdir(models_dir) if n.endswith(".py"))]
     for path in sources:
         with open(path, "rb") as f:
             h.update(f.read())

@@ -187,9 +187,9 @@ def smoothing_scales(proto, peaks: dict[str, np.ndarray], folder: str = "") -> d
     """activation -> SmoothQuant per-channel scales s for each quantised input with outlier channels:
     the graph quantises x / s and multiplies by s * W, the same product in float, with the outliers'
     range moved from the activation scales (one per call, or per block of frames: quantized_convs)
-    into the per-channel weight scales. An input
-    whose weights another input shares is left alone. The taps a conv-as-MatMul gathers share their
-    source channel's scale, so that the source is scaled once, before the gather (smooth_inputs)."""
+    into the per-channel weight scales. An input whose weights another input shares is left alone.
+    The taps a conv-as-MatMul gathers share their source channel's scale, so that the source is
+    scaled once, before the gather (smooth_inputs)."""
     weight_rows: dict[str, np.ndarray] = {}  # input -> max |weight| per input channel, over its MatMuls
     inputs_of: dict[str, set] = {}
     for node, weight in quantizable_matmuls(proto):
