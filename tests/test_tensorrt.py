@@ -43,6 +43,26 @@ def test_unavailable_is_a_clear_error():
         audioenc.load("random:whisper-tiny", backend="tensorrt")
 
 
+def test_engines_are_built_without_tf32(tmp_path, monkeypatch):
+    """TensorRT allows TF32 for float32 MatMuls and Convs unless told not to (10-bit mantissas: about
+    1e-3 off the reference, where a float32 engine must be within 1e-4). Built here with a stand-in
+    for TensorRT's Python API, which records the calls."""
+    import sys
+    from unittest import mock
+
+    from audioenc.backends import tensorrt as backend
+
+    trt = mock.MagicMock()
+    config = trt.Builder.return_value.create_builder_config.return_value
+    config.get_timing_cache.return_value.serialize.return_value = b"timings"
+    trt.Builder.return_value.build_serialized_network.return_value = b"engine"
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    profile = Profile.from_ranges(WhisperDims(n_mels=80))
+    assert backend.build_engine("model.onnx", profile, str(tmp_path / "timing.cache")) == b"engine"
+    config.clear_flag.assert_any_call(trt.BuilderFlag.TF32)
+    assert (tmp_path / "timing.cache").read_bytes() == b"timings"
+
+
 @pytest.mark.tensorrt
 @needs_tensorrt
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 2e-2)])

@@ -39,6 +39,7 @@ DEFAULT_BATCH = (1, 1, 8)
 # 47 s: a long-audio window (8 + 30 + 8 s and the conv's receptive field); longer items go through them
 DEFAULT_SECONDS = (1.0, 10.0, 47.0)
 WORKSPACE_BYTES = 4 << 30
+BUILD_SETTINGS = "no TF32"  # in the engine's cache key: engines built with other settings are not reused
 
 
 def parse_range(text: str, what: str, whole: bool = False) -> tuple[float, float, float]:
@@ -104,7 +105,7 @@ def engine_key(onnx_path: str, profile: Profile, dtype: str) -> str:
     import tensorrt as trt
 
     graph = os.path.basename(os.path.dirname(onnx_path))
-    fields = [graph, repr(profile), dtype, trt.__version__, gpu_id()]
+    fields = [graph, repr(profile), dtype, trt.__version__, gpu_id(), BUILD_SETTINGS]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
 
 
@@ -121,6 +122,9 @@ def build_engine(onnx_path: str, profile: Profile, timing_cache_path: str) -> by
         raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    # TF32 is on by default (TensorRT 10 and 11): float32 MatMuls and Convs would round their inputs
+    # to 10-bit mantissas, about 1e-3 off the reference where float32 must be within 1e-4.
+    config.clear_flag(trt.BuilderFlag.TF32)
     optimisation = builder.create_optimization_profile()
     for name, low, opt, high in profile.shapes:
         optimisation.set_shape(name, low, opt, high)
