@@ -201,7 +201,8 @@ def model_with_outlier_channels(family: str, path) -> None:
     """A small model whose LayerNorms make a few channels 100x the rest in every layer, as trained
     encoders carry (the MatMuls or convs that read them take their weights' input channels / 100 in
     exchange). "wav2vec2-convs": in the conv feature encoder of a layer-norm model, whose int8 graph
-    quantises those convs as MatMuls over gathered taps."""
+    quantises those convs as MatMuls over gathered taps; "wav2vec2-group-convs": in a group-norm
+    model's, whose convs have no norm (a conv's output channels are 100x there), quantised per block."""
     transformers = pytest.importorskip("transformers")
     from conftest import randomize
 
@@ -221,7 +222,14 @@ def model_with_outlier_channels(family: str, path) -> None:
                                              intermediate_size=256, conv_dim=(64,) * 7, **convs)
         model = randomize(transformers.Wav2Vec2Model(config))
         transformers.Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(path)
-        if convs:
+        if family == "wav2vec2-group-convs":
+            layers = model.feature_extractor.conv_layers
+            with torch.no_grad():
+                for i in (2, 3, 4):
+                    layers[i].conv.weight[OUTLIER_CHANNELS] *= 100
+                    layers[i + 1].conv.weight[:, OUTLIER_CHANNELS] /= 100
+            norms = []
+        elif convs:
             layers = model.feature_extractor.conv_layers
             norms = [(layers[i].layer_norm, [layers[i + 1].conv]) for i in (2, 3, 4)]
         else:  # post-LN: the outliers ride the residual stream too
@@ -246,7 +254,7 @@ def standardized_cosine(out, ref) -> float:
     return cosine((out - mean) / std, (ref - mean) / std)
 
 
-@pytest.mark.parametrize("family", ["wav2vec2", "wav2vec2-convs", "whisper"])
+@pytest.mark.parametrize("family", ["wav2vec2", "wav2vec2-convs", "wav2vec2-group-convs", "whisper"])
 def test_int8_smooths_inputs_with_outlier_channels(family, tmp_path, monkeypatch):
     """One int8 scale per call leaves the ordinary channels of an input with outlier channels a few
     steps; the export finds such inputs on the model's own weights and moves their range into the
