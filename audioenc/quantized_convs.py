@@ -87,12 +87,13 @@ def blocked_conv_nodes(proto, name: str, x: str, y: str, w: np.ndarray, k: int, 
 
     # Frames in (T), frames out (T_out = (T - k) // stride + 1) and the frames of the blocks they read.
     zero, one, time_axis = ints("zero", 0), ints("one", 1), ints("time_axis", 1)
+    taps, frames_per_block = ints("k", k), ints("stride", stride)
     shape = op("Shape", [x], "shape")
     frames = op("Slice", [shape, one, ints("two", 2)], "frames")
-    out_frames = op("Add", [op("Div", [op("Sub", [frames, ints("k", k)], "minus_k"), ints("stride", stride)], "steps"),
-                            one], "out_frames")
+    out_frames = op("Add", [op("Div", [op("Sub", [frames, taps], "minus_k"), frames_per_block], "steps"), one],
+                    "out_frames")
     block_count = op("Add", [out_frames, ints("more_blocks", parts - 1)], "block_count")
-    block_frames = op("Mul", [block_count, ints("stride_", stride)], "block_frames")
+    block_frames = op("Mul", [block_count, frames_per_block], "block_frames")
     pad_end = ints("pad_end", 0, 0, 0, 0, stride, 0)
 
     def block_frames_of(t, suffix, fill=None):  # t (B, T, ...) padded at the end, cut to the blocks' frames
@@ -106,7 +107,7 @@ def blocked_conv_nodes(proto, name: str, x: str, y: str, w: np.ndarray, k: int, 
                     "frame_peak")
     by_block = op("Reshape", [block_frames_of(frame_peak, "frame_peak"), ints("block_shape", 0, -1, stride)], "by_block")
     if k < stride:
-        by_block = op("Slice", [by_block, zero, ints("k_", k), ints("in_block", 2)], "read_by_block")
+        by_block = op("Slice", [by_block, zero, taps, ints("in_block", 2)], "read_by_block")
     block_peak = op("ReduceMax", [by_block], "block_peak", axes=[-1], keepdims=1)
     block_step = op("Max", [op("Mul", [block_peak, const("per_step", np.float32(1 / 127))], "block_peak_step"),
                             const("floor", np.float32(1e-30))], "block_step")
@@ -138,10 +139,11 @@ def blocked_conv_nodes(proto, name: str, x: str, y: str, w: np.ndarray, k: int, 
         # part i: blocks i .. i + T_out - 1 times the rows of taps i * stride onwards
         first, width = i * stride * channels, min(stride, k - i * stride) * channels
         q, scale = quantize_weight(w[first : first + width], limit)
-        end = op("Add", [out_frames, ints(f"shift{i}", i)], f"end{i}")
+        first_block = ints(f"first_block{i}", i)
+        end = op("Add", [out_frames, first_block], f"end{i}")
         ends = op("Concat", [end, ints(f"width{i}", width)], f"ends{i}", axis=0)
         rows = op("Slice", [blocks, ints(f"start{i}", i, 0), ends, block_axes], f"rows{i}")
-        steps = op("Slice", [relative_step, ints(f"first_block{i}", i), end, time_axis], f"steps{i}")
+        steps = op("Slice", [relative_step, first_block, end, time_axis], f"steps{i}")
         w_zero = const(f"w{i}_zero", np.zeros(q.shape[1], np.int8))
         product = op("MatMulInteger", [rows, const(f"w{i}", q), x_zero, w_zero], f"product{i}")
         scales = op("Mul", [largest_step, const(f"w{i}_scale", scale)], f"scales{i}")
