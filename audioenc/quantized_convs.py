@@ -94,11 +94,14 @@ def blocked_conv_nodes(proto, name: str, x: str, y: str, w: np.ndarray, k: int, 
                     "out_frames")
     block_count = op("Add", [out_frames, ints("more_blocks", parts - 1)], "block_count")
     block_frames = op("Mul", [block_count, frames_per_block], "block_frames")
-    pad_end = ints("pad_end", 0, 0, 0, 0, stride, 0)
+    # Pad's widths (B, T, C): T's end to the blocks' frames, and back; negative widths cut
+    to_blocks = op("Sub", [block_frames, frames], "to_blocks")
+    head, tail = ints("pads_head", 0, 0, 0, 0), ints("pads_tail", 0)
+    pads_to_blocks = op("Concat", [head, to_blocks, tail], "pads_to_blocks", axis=0)
+    pads_to_frames = op("Concat", [head, op("Neg", [to_blocks], "to_frames"), tail], "pads_to_frames", axis=0)
 
-    def block_frames_of(t, suffix, fill=None):  # t (B, T, ...) padded at the end, cut to the blocks' frames
-        padded = op("Pad", [t, pad_end] + ([fill] if fill else []), suffix + "_padded")
-        return op("Slice", [padded, zero, block_frames, time_axis], suffix + "_cut")
+    def block_frames_of(t, suffix, fill=None):  # t (B, T, ...) padded at the end or cut to the blocks' frames
+        return op("Pad", [t, pads_to_blocks] + ([fill] if fill else []), suffix + "_padded")
 
     # Each block's step: 1/127 of its largest |value| (floored: an all-zero block stays zero), over
     # the frames that outputs read (with k < stride, a block's first k).
@@ -115,9 +118,9 @@ def blocked_conv_nodes(proto, name: str, x: str, y: str, w: np.ndarray, k: int, 
     # Frames past the last block, which no output reads, take the largest float as their step.
     per_frame = op("Reshape", [op("Expand", [block_step, ints("each_frame", 1, 1, stride)], "expanded"),
                                ints("frames_shape", 0, -1, 1)], "block_step_per_frame")
-    padded = op("Pad", [per_frame, pad_end, const("huge", np.float32(np.finfo(np.float32).max))], "frame_steps_padded")
-    frame_steps = op("Reshape", [op("Slice", [padded, zero, frames, time_axis], "frame_steps_cut"), ints("flat", -1)],
-                     "frame_steps")
+    each_frame = op("Pad", [per_frame, pads_to_frames, const("huge", np.float32(np.finfo(np.float32).max))],
+                    "frame_steps_padded")
+    frame_steps = op("Reshape", [each_frame, ints("flat", -1)], "frame_steps")
     x_zero = const("x_zero", np.uint8(128))
     zero_points = op("Expand", [const("x_zeros", np.array([128], np.uint8)), op("Shape", [frame_steps], "frame_count")],
                      "x_zero_points")
