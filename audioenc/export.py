@@ -35,6 +35,7 @@ from audioenc.atomic_file import PathTaken, atomic_write_bytes, move_into_place
 from audioenc.cache import META_FILE, cache_root, mark_used
 from audioenc.checkpoint_record import weights_digest
 from audioenc.config import SAMPLE_RATE, WHISPER_HOP, WhisperDims
+from audioenc.file_lock import file_lock
 from audioenc.fork_safe_lock import ForkSafeLock
 from audioenc.fused_attention import fuse_attention, place_optional_inputs
 from audioenc.graph_modules import example_inputs, graph_io, graph_module, trace_inputs
@@ -407,6 +408,27 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
             mark_used(entry)
             return os.path.join(entry, MODEL_FILE)
         warnings.warn(f"audioenc: cached ONNX graph {entry} is unusable ({problem}); rebuilding it", stacklevel=2)
+    unusable = _inode(entry)
+    # One process exports a graph; the others that need it meanwhile (workers started together on an
+    # empty cache) wait and take it, rather than each exporting it again at its CPU and memory.
+    with file_lock(entry + ".lock"):
+        if (os.path.lexists(entry) and (rebuild_reason is None or _inode(entry) != unusable)
+                and entry_problem(entry, key) is None):  # exported by another process while this one waited
+            mark_used(entry)
+            return os.path.join(entry, MODEL_FILE)
+        return _export_entry(model, spec, key, root, entry, rebuild_reason)
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _export_entry(model: nn.Module, spec: ExportSpec, key: str, root: str, entry: str,
+                  rebuild_reason: str | None) -> str:
+    """Exports the graph into a temporary directory and renames it into place as ``entry``."""
     try:
         os.makedirs(root, exist_ok=True)
         tmp = os.path.join(root, f".tmp-{uuid.uuid4().hex}")

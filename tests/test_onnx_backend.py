@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ pytest.importorskip("onnxruntime")
 import audioenc  # noqa: E402
 from audioenc import checkpoint_record, export, loading  # noqa: E402
 from audioenc.backends.onnx import OnnxBackend  # noqa: E402
+from audioenc.cache import KEY_NAME  # noqa: E402
 from audioenc.verify import generated_audio  # noqa: E402
 from conftest import W2V_VARIANTS, rel_err, speech_like  # noqa: E402
 
@@ -572,6 +574,106 @@ def test_a_fork_during_an_export_or_a_load_gives_a_working_child(w2v_checkpoints
     export, and the child's encodes do not hang on a lock it inherited held; a load in another thread
     leaves the child the caller's default dtype."""
     run_script(tmp_path, FORK_DURING_EXPORT, w2v_checkpoints["wav2vec2-group"][0], cache=True)
+
+
+WORKERS_ON_AN_EMPTY_CACHE = """
+import multiprocessing, sys, time, numpy as np, audioenc
+from audioenc import export
+
+def work(_):
+    build = export.build_graph
+
+    def slow_build(*args, **kwargs):  # the export of a larger model: a window other workers arrive in
+        time.sleep(1.0)
+        build(*args, **kwargs)
+        print("built", flush=True)
+
+    export.build_graph = slow_build
+    enc = audioenc.load(sys.argv[1], backend="onnx")
+    return enc.encode(np.full(16000, 0.01, np.float32), output_layer=1).last_hidden_state.numpy()
+
+with multiprocessing.get_context("fork").Pool(3) as pool:
+    outputs = pool.map_async(work, range(3)).get(timeout=120)
+assert all(np.array_equal(out, outputs[0]) for out in outputs)
+print("ok")
+"""
+
+
+def test_workers_started_together_on_an_empty_cache_export_a_graph_once(w2v_checkpoints, tmp_path):
+    """Workers of a service started at once on an empty cache: one exports each graph, the others
+    wait for it rather than each exporting it again (N times the CPU, and the memory: GBs each for a
+    large model), and no lock file stays behind."""
+    script = tmp_path / "script.py"
+    script.write_text(WORKERS_ON_AN_EMPTY_CACHE)
+    env = dict(os.environ, AUDIOENC_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, str(script), w2v_checkpoints["wav2vec2-group"][0]], env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["built", "ok"], result.stdout
+    assert [name for name in os.listdir(tmp_path / "cache" / "onnx") if not KEY_NAME.fullmatch(name)] == []
+
+
+def test_a_rebuild_takes_the_entry_another_process_rebuilt_meanwhile(whisper_checkpoints, tmp_path, monkeypatch):
+    """Workers that all find a graph onnxruntime cannot load (say, after an onnxruntime upgrade) rebuild
+    it once: one that waited while another rebuilt it takes the new entry."""
+    from audioenc.file_lock import file_lock
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    enc = audioenc.load(whisper_checkpoints[80][0], backend="onnx")
+    spec = export.ExportSpec(num_layers=2, hidden_states=False, fused_attention=True)
+    model, digest = enc.backend.reference.model, enc.backend.reference.digest
+    entry = os.path.dirname(enc.backend.graph_path(2, False))
+    shutil.copytree(entry, tmp_path / "rebuilt")  # the entry another process is about to put in place
+    builds, result, looked = [], [], threading.Event()
+    monkeypatch.setattr(export, "build_graph", lambda *args, **kwargs: builds.append(args))
+    inode = export._inode
+    monkeypatch.setattr(export, "_inode", lambda path: (inode(path), looked.set())[0])
+    with file_lock(entry + ".lock"):  # held by the process that rebuilds it
+        waiter = threading.Thread(target=lambda: result.append(
+            export.cached_export(model, spec, digest, rebuild_reason="onnxruntime could not load it")))
+        with pytest.warns(UserWarning, match="onnxruntime could not load it"):
+            waiter.start()
+            assert looked.wait(timeout=60)  # it found the unusable entry, and waits for the lock
+        shutil.rmtree(entry)
+        os.rename(tmp_path / "rebuilt", entry)
+    waiter.join(timeout=60)
+    assert builds == [] and result == [os.path.join(entry, "model.onnx")]
+
+
+def test_a_fork_waits_for_the_session_runs_in_progress(w2v_checkpoints):
+    """A fork while another thread runs an onnxruntime session (DataLoader workers started while a
+    service thread encodes): a child forked mid-run hung at its first run on the mutexes the run held
+    (2 of 150 forks), so the fork waits for the run."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    wave = speech_like(4000, 3)
+    enc.encode(wave)
+    session, started, ended = enc.backend.sessions[(2, False)], threading.Event(), []
+
+    class SlowSession:  # a run long enough to fork inside it
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_with_iobinding(self, binding):
+            started.set()
+            time.sleep(0.5)
+            session.run_with_iobinding(binding)
+            ended.append(time.monotonic())
+
+    enc.backend.sessions[(2, False)] = SlowSession()
+    run = threading.Thread(target=enc.encode, args=(wave,))
+    run.start()
+    assert started.wait(timeout=30)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, repr(time.monotonic()).encode())
+        os._exit(0)
+    os.close(write)
+    forked = float(os.read(read, 100))
+    os.close(read)
+    os.waitpid(pid, 0)
+    run.join()
+    assert ended and forked >= ended[0]
 
 
 HOST_WARNINGS_DURING_EXPORT = """

@@ -17,7 +17,7 @@ from audioenc.backends import import_problem, resolve_dtype
 from audioenc.config import WhisperDims
 from audioenc.cpu import TRIM_AFTER_SAMPLES, return_freed_memory, usable_cores
 from audioenc.export import ExportSpec
-from audioenc.fork_safe_lock import ForkSafeLock
+from audioenc.fork_safe_lock import ForkSafeLock, fork_waits
 from audioenc.reference_weights import ReferenceWeights
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -150,7 +150,8 @@ class OnnxBackend:
                 key = self.untrimmed.pop()
             except KeyError:  # empty, or another thread took the last one
                 return
-            self.sessions[key].run(["last_hidden_state"], feeds, options)
+            with fork_waits():  # as run_batch's calls
+                self.sessions[key].run(["last_hidden_state"], feeds, options)
 
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,
@@ -179,25 +180,26 @@ class OnnxBackend:
         """One session run over the whole batch (the graph masks each item's padding)."""
         session = self.session(num_layers, output_hidden_states)
         device = self.device
-        binding = session.io_binding()
         batch = inputs.shape[0]
         feeds = {"mel": inputs} if lengths is None else {"waveforms": inputs, "lengths": lengths}
         feeds = {name: t.to(device, torch.int64 if name == "lengths" else torch.float32).contiguous()
                  for name, t in feeds.items()}
-        for name, tensor in feeds.items():
-            bind(binding.bind_input, name, tensor)
         if isinstance(self.dims, WhisperDims):
             frames = self.dims.n_ctx
         else:
             frames = self.dims.num_frames(inputs.shape[1])
         shape = (batch, frames, self.dims.hidden_size)
-        outputs = {o.name: torch.empty(batch, dtype=torch.int64, device=device) if o.name == "frame_lengths"
-                   else torch.empty(shape, dtype=torch.float32, device=device) for o in session.get_outputs()}
-        for name, tensor in outputs.items():
-            bind(binding.bind_output, name, tensor)
         if device.type == "cuda":  # onnxruntime runs on its own stream: torch's work on the inputs must be done
             torch.cuda.current_stream(device).synchronize()
-        session.run_with_iobinding(binding)
+        with fork_waits():  # a child forked while these calls hold the session's mutexes would hang on them
+            outputs = {o.name: torch.empty(batch, dtype=torch.int64, device=device) if o.name == "frame_lengths"
+                       else torch.empty(shape, dtype=torch.float32, device=device) for o in session.get_outputs()}
+            binding = session.io_binding()
+            for name, tensor in feeds.items():
+                bind(binding.bind_input, name, tensor)
+            for name, tensor in outputs.items():
+                bind(binding.bind_output, name, tensor)
+            session.run_with_iobinding(binding)
         if device.type == "cpu" and lengths is not None and inputs.numel() > TRIM_AFTER_SAMPLES:
             self.untrimmed.add((num_layers, output_hidden_states))
         hidden_states = [outputs[f"hidden_state_{i}"] for i in range(num_layers + 1)] if output_hidden_states else []

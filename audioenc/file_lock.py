@@ -1,0 +1,50 @@
+"""A lock that processes sharing a cache take around work only one of them should do (exporting the
+same graph): an flock on a file beside the work, removed by its last holder. The kernel drops it
+when its holder dies (SIGKILL included), so a killed export never leaves the others waiting. Where
+there is no flock (Windows), or the folder cannot be written (a read-only cache, where the work
+itself fails and says why), there is no lock: each process goes on as if it were alone."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """Inside: this thread holds ``path``'s lock, against other processes and other threads alike."""
+    try:
+        fd = _acquire(path) if fcntl is not None else None
+    except OSError:
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                with contextlib.suppress(FileNotFoundError):  # the cache removed by hand meanwhile
+                    os.remove(path)  # while held: a waiter finds it gone and opens a new one
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: a child forked meanwhile holds a copy of fd
+                os.close(fd)
+
+
+def _acquire(path: str) -> int:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)  # flock needs no write access
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # the holder before us removed the file as it left: ours is the lock only if it is still there
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
