@@ -310,9 +310,10 @@ def quantize_int8(fp32_path: str, path: str, external: bool = False,
     row_factors = {}
     if feeds is not None:
         row_factors = smooth_inputs(proto, smoothing_scales(proto, matmul_channel_peaks(fp32_path, feeds), folder))
+    reduce_range = int8_reduce_range()
     if convs_per_block:
-        quantize_convs(proto, int8_reduce_range(), folder, row_factors)
-    quantize_matmuls(proto, int8_reduce_range(), folder, row_factors)
+        quantize_convs(proto, reduce_range, folder, row_factors)
+    quantize_matmuls(proto, reduce_range, folder, row_factors)
     load_external_data_for_model(proto, folder)
     quantize_before_gather(proto)
     save_onnx(proto, path, external)
