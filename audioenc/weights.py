@@ -178,6 +178,22 @@ def _stand_in_within(x):
     return next((found for found in map(_stand_in_within, values) if found is not None), None)
 
 
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _check_not_lfs_pointer(path: str) -> None:
+    """ValueError when ``path`` is a Git LFS pointer: a hub repo cloned without Git LFS holds these small
+    text files in place of its weights, which each reader would otherwise call damaged."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except OSError:  # the reader says what is wrong
+        return
+    if head == _LFS_POINTER:
+        raise ValueError(f"{path}: a Git LFS pointer, not the file it stands for: the repository was cloned or copied "
+                         "without its Git LFS files; fetch them (git lfs install, then git lfs pull in the repository)")
+
+
 def _torch_load(path: str, read=None) -> tuple[object, bool]:
     """(torch.load with weights_only=True, whether it is mapped). Legacy fairseq ``args`` need
     argparse.Namespace; any other class or function the file names becomes an inert _StandIn, and
@@ -185,6 +201,7 @@ def _torch_load(path: str, read=None) -> tuple[object, bool]:
     so a file with arbitrary Python objects is never a code execution risk. A zip-format file
     (torch.save's since torch 1.6) is mapped, so tensors that no loader keeps (a decoder, fairseq's
     optimizer state) are never read; the loaders keep private copies of the rest."""
+    _check_not_lfs_pointer(path)
     mapped = zipfile.is_zipfile(path)
     stand_ins = {}
     while True:
@@ -338,6 +355,7 @@ def read_safetensors(path: str, keep=None) -> dict[str, torch.Tensor]:
     float32. Read one at a time into memory of their own, not mapped: a mapped file's pages count
     against the process until its last tensor is gone, and a float16 file would sit in memory beside
     its float32 copy."""
+    _check_not_lfs_pointer(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -462,6 +480,8 @@ def weight_files(path: str) -> list[str]:
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "model.bin")
 
 
 def _download(repo_id: str) -> str:
@@ -485,6 +505,11 @@ def _download(repo_id: str) -> str:
             f"({type(e).__name__}: {str(e).splitlines()[0]}). Pass a local model directory instead, or "
             f"download it while online."
         ) from e
+    # offline, huggingface_hub gives the cached snapshot as it is: it may hold a config and no weights
+    if not any(os.path.exists(os.path.join(path, f)) for f in _HUB_WEIGHTS):
+        raise ValueError(f"{repo_id}: its snapshot in the local Hugging Face cache ({path}) holds no weights "
+                         f"({', '.join(_HUB_WEIGHTS)}): they could not be downloaded (offline? download them while "
+                         "online, or pass a local model directory), or the repo has none in these formats")
     return path
 
 
@@ -604,6 +629,7 @@ def load_ctranslate2_dir(path: str, source: str = "") -> Checkpoint:
 def read_ctranslate2_bin(path: str, prefix: str = "") -> tuple[str, dict[str, torch.Tensor]]:
     """(spec name, {name: tensor}) of a CTranslate2 model.bin, for the variables and aliases whose name
     starts with ``prefix``; quantized weights come back dequantized to float32."""
+    _check_not_lfs_pointer(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         def read(fmt):

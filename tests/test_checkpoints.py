@@ -655,6 +655,24 @@ def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):
     _expect(tmp_path / "mms.pt", r"holds MMS language adapters \(encoder.layers.0.adapter_layer.W_a, ...\)")
 
 
+def test_git_lfs_pointers_are_named(w2v, tmp_path):
+    """A hub repo cloned without Git LFS holds small pointer files in place of its weights: each reader
+    names one as such, not as a damaged file."""
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"4b" * 32 + b"\nsize 377667514\n"
+    _, path = w2v["wav2vec2_group"]
+    cases = {}
+    for name in ("model.safetensors", "pytorch_model.bin", "model.bin"):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        shutil.copy(os.path.join(path, "config.json"), d)
+        (d / name).write_bytes(pointer)
+        cases[d / name] = d
+    (tmp_path / "wav2vec_small.pt").write_bytes(pointer)
+    cases[tmp_path / "wav2vec_small.pt"] = tmp_path / "wav2vec_small.pt"
+    for file, source in cases.items():
+        _expect(source, f"{re.escape(str(file))}: a Git LFS pointer, not the file it stands for.*git lfs pull")
+
+
 def test_errors_ctranslate2(ct2_dirs, tmp_path):
     d = tmp_path / "mt"
     shutil.copytree(ct2_dirs[80, "int8"], d)
@@ -677,18 +695,28 @@ def test_hub_id_offline(whisper, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     # ... and an uncached one gives a clear error that suggests a local directory, without hanging.
+    # A repo of which only the config is cached (AutoConfig or a feature extractor fetched it, not the
+    # weights) is named as such, not as a cache directory without weights.
+    partial = tmp_path / "hf" / "hub" / "models--someone--config-only"
+    (partial / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(os.path.join(whisper[80][1], "config.json"), partial / "snapshots" / commit)
+    (partial / "refs").mkdir()
+    (partial / "refs" / "main").write_text(commit)
     code = ("from audioenc.weights import load_checkpoint\n"
             "c = load_checkpoint('someone/tiny-whisper')\n"
             "print(c.family, c.config['num_mel_bins'], len(c.state_dict))\n"
-            "try:\n    load_checkpoint('openai/whisper-tiny')\n"
-            "except ValueError as e:\n    print(e)\n")
+            "for name in ('openai/whisper-tiny', 'someone/config-only'):\n"
+            "    try:\n        load_checkpoint(name)\n"
+            "    except ValueError as e:\n        print(e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_CACHE", None)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    loaded, error = result.stdout.split("\n", 1)
+    loaded, error, partial_error = result.stdout.splitlines()
     assert loaded.split() == ["whisper", "80", str(len(load_hf_dir(whisper[80][1]).state_dict))], result.stderr
     assert error.startswith("openai/whisper-tiny: no such local path, and it could not be downloaded"), result.stderr
     assert "Pass a local model directory instead" in error
+    assert partial_error.startswith("someone/config-only: its snapshot in the local Hugging Face cache"), result.stderr
+    assert "holds no weights" in partial_error and "download them while online" in partial_error
 
 
 @pytest.mark.parametrize("listing, want", [
