@@ -186,12 +186,29 @@ class ChannelLastFeatureExtractor(nn.Module):
         return x, lengths
 
 
+class Conv1dAs2d(nn.Module):
+    """An nn.Conv1d as a 2-D conv of height 1, which onnxruntime's CPU provider runs as its
+    blocked-layout (NCHWc) direct convolution. Against its 1-D conv: wav2vec2's positional conv (768
+    channels, 16 groups, 128 taps) in about half the time, Whisper's second conv (stride 2) in about
+    0.8x. Same numbers."""
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        return nn.functional.conv2d(x[:, :, None], conv.weight[:, :, None], conv.bias, stride=(1, conv.stride[0]),
+                                    padding=(0, conv.padding[0]), groups=conv.groups)[:, :, 0]
+
+
 class Wav2Vec2Graph(nn.Module):
     def __init__(self, model: nn.Module, num_layers: int, hidden_states: bool, convs_as_matmul: bool,
                  fold_first_norm: bool):
         super().__init__()
         extractor = ChannelLastFeatureExtractor if convs_as_matmul else Conv2dFeatureExtractor
         self.feature_extractor = extractor(model.feature_extractor, fold_first_norm)
+        model.encoder.pos_conv_embed.conv = Conv1dAs2d(model.encoder.pos_conv_embed.conv)
         self.feature_projection, self.encoder = model.feature_projection, model.encoder
         self.num_layers, self.hidden_states = num_layers, hidden_states
 
@@ -260,5 +277,6 @@ def graph_module(model: nn.Module, num_layers: int, hidden_states: bool, convs_a
     # second copy of whisper-large's would be 2.5 GB.
     model = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]}).eval()
     if isinstance(model.dims, WhisperDims):
+        model.conv1, model.conv2 = Conv1dAs2d(model.conv1), Conv1dAs2d(model.conv2)
         return WhisperGraph(model, num_layers, hidden_states)
     return Wav2Vec2Graph(model, num_layers, hidden_states, convs_as_matmul, fold_first_norm)
