@@ -332,9 +332,9 @@ def to_waveforms(audio, sample_rate: float = SAMPLE_RATE, min_samples: int = 1) 
         x = as_pcm_array(audio, "audio")
         if x.ndim == 1:
             items = [x]
+        elif x.size == 0:  # (1, 0), (0, 400), (0, 2): no samples, whatever the layout was meant to be
+            raise ValueError(f"audio: empty audio (shape {tuple(x.shape)})")
         elif x.ndim == 2:
-            if x.shape[0] == 0:
-                raise ValueError("audio: empty batch (shape has 0 rows)")
             # rows this short never make a frame at any rate; rows too short for this model, when there
             # are more of them than samples in each, are far likelier channels than a batch
             too_short = x.shape[1] * SAMPLE_RATE / check_rate(sample_rate) < min_samples
@@ -365,7 +365,8 @@ def to_waveforms(audio, sample_rate: float = SAMPLE_RATE, min_samples: int = 1) 
                 continue
             x = as_pcm_array(item, f"audio[{i}]")
             if x.ndim != 1:
-                raise ValueError(f"audio[{i}]: items of a list must be 1-D, got shape {tuple(x.shape)}")
+                raise ValueError(f"audio[{i}]: empty audio (shape {tuple(x.shape)})" if x.size == 0 else
+                                 f"audio[{i}]: items of a list must be 1-D, got shape {tuple(x.shape)}")
             items.append(x)
             rates.append(check_rate(sample_rate))
             names.append(f"audio[{i}]")

@@ -6,7 +6,7 @@ $AUDIOENC_CACHE, else $XDG_CACHE_HOME/audioenc, else ~/.cache/audioenc. Keys inc
 deleted checkpoints or older versions are never used again: this is how they get removed.
 An entry's meta.json is touched each time the entry is used, so its mtime is the last use.
 Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process; a file
-``<key>.lock`` is the lock of an export in progress (file_lock.py), gone when it ends. Any
+``<key>.lock`` is the lock of an export or engine build in progress (file_lock.py), gone when it ends. Any
 other directory there is not audioenc's (a shared cache folder): it is never listed or removed.
 ``<root>/weights/`` holds small records of the checkpoints audioenc has read (checkpoint_record.py),
 which ``audioenc cache --clear`` removes with the entries.

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import itertools
 import os
+import re
 import sys
 import warnings
 
@@ -15,6 +16,13 @@ from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, inside, l
                                   settings_conflicts)
 
 DEFAULT_ARCHITECTURE = "wav2vec2-base"
+STREAM_FLAGS = {"chunk_s": "--chunk-s", "left_context_s": "--left-context-s", "right_context_s": "--right-context-s"}
+
+
+def as_flags(message: str, flags: dict[str, str]) -> str:
+    """An error of the Python API, which checks the values the flags set, as the command line says it:
+    each argument name in ``flags`` becomes the flag the user typed."""
+    return re.sub(r"\b(" + "|".join(flags) + r")\b", lambda m: flags[m[0]], message)
 
 
 def cmd_info(args) -> int:
@@ -31,7 +39,7 @@ def cmd_info(args) -> int:
 
     print(f"audioenc {audioenc.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     if _native._C is None:
-        print(f"native core: not built ({_native.import_error}); using the Python paths")
+        print(f"native core: {_native.import_error}; using the Python paths")
     else:
         print(f"native core: built (audioenc._C), CUDA kernels compiled: {'yes' if _native._C.cuda_compiled else 'no'}")
     print(f"CPU: {cpu_name()}, {cores_text()}, {vector_isa()}")
@@ -307,8 +315,12 @@ def cmd_stream(args) -> int:
             audio, rate = load_audio(args.file)
         else:
             rate = 16000 if args.rate is None else args.rate
-        stream = enc.stream(sample_rate=rate, chunk_s=args.chunk_s, left_context_s=args.left_context_s,
-                            right_context_s=args.right_context_s, output_layer=args.layer)
+        try:
+            stream = enc.stream(sample_rate=rate, chunk_s=args.chunk_s, left_context_s=args.left_context_s,
+                                right_context_s=args.right_context_s, output_layer=args.layer)
+        except (ValueError, TypeError) as exc:
+            rate_is = f"{args.file}'s sample rate" if args.file else "--rate"
+            raise ValueError(as_flags(str(exc), {**STREAM_FLAGS, "sample_rate": rate_is})) from None
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from audioenc.cli import DEFAULT_ARCHITECTURE
+from audioenc.cli import DEFAULT_ARCHITECTURE, as_flags
 
 DEFAULT_MODEL = f"random:{DEFAULT_ARCHITECTURE}"
 
@@ -153,7 +153,7 @@ def cmd_bench(args) -> int:
             calls[label], outputs[label] = call, output
             print(f"{label}: first call in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"error: {current}: {exc}", file=sys.stderr)
+        print(f"error: {current}: {as_flags(str(exc), {'output_layer': '--layer'})}", file=sys.stderr)
         return 2
     times = timed_rounds(calls, args.repeats, args.warmup)
     audio_s = args.seconds * args.batch

@@ -411,7 +411,7 @@ def cached_export(model: nn.Module, spec: ExportSpec, weights: str | None = None
     unusable = _inode(entry)
     # One process exports a graph; the others that need it meanwhile (workers started together on an
     # empty cache) wait and take it, rather than each exporting it again at its CPU and memory.
-    with file_lock(entry + ".lock"):
+    with file_lock(entry + ".lock", entry):
         if (os.path.lexists(entry) and (rebuild_reason is None or _inode(entry) != unusable)
                 and entry_problem(entry, key) is None):  # exported by another process while this one waited
             mark_used(entry)

@@ -5,12 +5,15 @@
     python benchmarks/bench_gpu.py --tiny                          # anywhere; automatic without CUDA
 
 Peers, each in float16 on the encoder forward (inputs already on the GPU, no frontend): Hugging Face
-transformers with SDPA attention (eager), the same under torch.compile (batch 16 only: compiling
+transformers with its default attention (SDPA where its class has it) on the reference's weights, the
+same under torch.compile (batch 16 only: compiling
 costs a minute per model), openai-whisper's encoder or torchaudio's wav2vec2 / WavLM (where
 installed), audioenc's torch reference backend, and audioenc's triton backend (CUDA graphs).
-Reported: ms per item, real-time factor (compute time / audio time), speed-up of triton against each
+Reported: ms per item, each contender's first call apart (torch.compile's compiling, audioenc's
+autotuning and CUDA-graph captures), real-time factor (compute time / audio time), speed-up of triton against each
 peer, the fraction of the measured bf16 matmul rate that triton reaches (FLOPs counted
-from the dims), and audioenc's relative error against its float32 reference. Then, after the cases
+from the dims), and the relative error against audioenc's float32 reference of every contender on
+its weights (all but torchaudio's). Then, after the cases
 (a section that fails is reported as failed, and the run goes on), timed from CUDA graphs: the
 attention kernel alone against torch SDPA, fc1 + GELU as one kernel against cuBLAS with a GELU
 pass and with the GELU in its epilogue, the conv feature kernels against cuDNN + torch's LayerNorm
@@ -145,13 +148,13 @@ def build(family: str, config: dict):
     return hf_config, getattr(transformers, f"{names}Model"), model, dims
 
 
-def hf_model(cls, hf_config, device, dtype):
-    """The HF model with SDPA attention where its class supports it (else eager: said in the table)."""
-    try:
-        model, attn = cls._from_config(hf_config, attn_implementation="sdpa"), "sdpa"
-    except (ValueError, ImportError):
-        model, attn = cls._from_config(hf_config, attn_implementation="eager"), "eager"
-    return model.to(device, dtype).eval(), attn
+def hf_model(ref_model, device, dtype):
+    """The HF model holding the reference's weights, so its error shows too, with transformers' default
+    attention: SDPA where its class supports it (else eager: said in the table)."""
+    from audioenc.peer_transformers import hf_model as with_weights
+
+    model = with_weights(ref_model)
+    return model.to(device, dtype).eval(), model.config._attn_implementation
 
 
 def torchaudio_model(family, dims, device, dtype):
@@ -177,7 +180,7 @@ def torchaudio_model(family, dims, device, dtype):
 
 def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak):
     """Table rows of one case. A contender that fails is reported as such; the others still run."""
-    hf_config, hf_cls, ref_model, dims = build(family, config)
+    _, _, ref_model, dims = build(family, config)
     gen = torch.Generator().manual_seed(0)
     if family == "whisper":
         inputs = torch.randn(batch, dims.n_mels, 2 * dims.n_ctx, generator=gen).to(device)
@@ -189,15 +192,25 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
         frames = dims.num_frames(samples)
     short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     dtype_name = str(dtype).removeprefix("torch.")
-    results, errors, failures = {}, {}, {}
+    results, errors, failures, firsts = {}, {}, {}, {}
+
+    def first_call(fn):
+        """(fn, its first output or None, seconds): the one-time work, timed apart from the median."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return fn, out, time.perf_counter() - start
 
     def contender(label, make):
-        """make() -> (callable to time, its output or None); the model is freed afterwards."""
+        """make() -> first_call's (callable to time, its output or None, seconds); the model is freed afterwards."""
         try:
-            fn, out = make()
+            fn, out, firsts[label] = make()
             results[label] = timed(fn, repeats)
             if out is not None:
-                errors[label] = layer_errors(out, truth, torch.full((batch,), truth.shape[1]))[1]
+                errors[label] = layer_errors(out.float(), truth, torch.full((batch,), truth.shape[1]))[1]
         except Exception as exc:  # noqa: BLE001 - one broken contender must not hide the others
             failures[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
             print(f"  {label} failed: {failures[label]}", flush=True)
@@ -209,15 +222,15 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
     truth = TorchBackend(copy.deepcopy(ref_model), torch.device(device), "float32").run(
         inputs, lengths, dims.num_layers, output_hidden_states=False)[0]
 
-    model, attn = hf_model(hf_cls, hf_config, device, dtype)
+    model, attn = hf_model(ref_model, device, dtype)
     hf_inputs = inputs.to(dtype)
     run_hf = lambda m: torch.inference_mode()(lambda: m(hf_inputs).last_hidden_state)
-    contender(f"transformers {short} ({attn})", lambda: (run_hf(model), None))
+    contender(f"transformers {short} ({attn})", lambda: first_call(run_hf(model)))
     if not TINY and batch >= 16:  # the target is set at batch 16; compiling costs a minute per model
         # Static shapes: one input shape per case, and dynamo's symbolic shapes made wav2vec2-large's
         # recompile take minutes (stop 17).
         contender(f"transformers {short} + torch.compile",
-                  lambda: (run_hf(torch.compile(model, dynamic=False)), None))
+                  lambda: first_call(run_hf(torch.compile(model, dynamic=False))))
     del model
 
     paths = ""
@@ -233,21 +246,20 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
         for attribute, value in experiment.items():
             if attribute != "attention":
                 setattr(backend.model, attribute, value)
-        fn = lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)
-        out = fn()[0]
+        made = first_call(lambda: backend.run(inputs, lengths, dims.num_layers, output_hidden_states=False)[0])
         if cls is TritonBackend and not experiment:
             paths = kept_paths(backend.model)
-        return fn, out
+        return made
 
     # The other libraries' own implementations, where installed: openai-whisper's on the reference's
     # weights (so its error shows), torchaudio's with its own random weights (timing only).
     def other_library():
         if family == "whisper":
             model = openai_whisper_encoder(copy.deepcopy(ref_model)).to(device)
-            fn = torch.inference_mode()(lambda: model(hf_inputs))
-            return fn, fn().float()
+            return first_call(torch.inference_mode()(lambda: model(hf_inputs)))
         model = torchaudio_model(family, dims, device, dtype)
-        return torch.inference_mode()(lambda: model(hf_inputs)[0]), None
+        fn, _, seconds = first_call(torch.inference_mode()(lambda: model(hf_inputs)[0]))
+        return fn, None, seconds
 
     library, module = ("openai-whisper", "whisper") if family == "whisper" else ("torchaudio", "torchaudio")
     if importlib.util.find_spec(module):
@@ -276,13 +288,14 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
         kept = f" ({paths})" if engine == ours_label and paths else ""
         case = f"| {name}, {seconds:g} s, batch {batch} | {engine}{kept} |"
         if engine in failures:
-            rows.append(f"{case} failed: {failures[engine]} | | | | |")
+            rows.append(f"{case} failed: {failures[engine]} | | | | | |")
             continue
         t = results[engine]
         frac = f"{flops / t / peak:.2f}" if peak and engine == ours_label else ""
         speedup = f"{t / ours:.2f}x" if ours else ""
         err = f"{errors[engine]:.1e}" if engine in errors else ""
-        rows.append(f"{case} {1000 * t / batch:.2f} | {t / (seconds * batch):.5f} | {speedup} | {frac} | {err} |")
+        rows.append(f"{case} {1000 * t / batch:.2f} | {t / (seconds * batch):.5f} | {speedup} | {frac} | {err} | "
+                    f"{firsts[engine]:.2f} |")
     return rows
 
 
@@ -508,13 +521,15 @@ def main() -> None:
         f"Machine: {card}; {machine()}. {versions('torch', 'triton', 'transformers', 'audioenc')}. "
         f"Median of {repeats} runs ({'CUDA events' if device == 'cuda' else 'wall time'} after warm-up), "
         f"random weights, encoder forward only "
-        f"(inputs on the device). RTF = compute time / audio time. Relative error: audioenc's backends against "
-        f"its float32 torch reference on the same weights, and openai-whisper's on them too (transformers and "
-        f"torchaudio have their own random weights: timing only). "
+        f"(inputs on the device). RTF = compute time / audio time. Relative error: against audioenc's float32 "
+        f"torch reference on the same weights, which transformers and openai-whisper run too (torchaudio has "
+        f"its own random weights: timing only). First call: each contender's first call, not in the median "
+        f"(torch.compile compiles there; audioenc's triton backend autotunes and captures its CUDA graph). "
         + (f"Measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s." if peak else ""),
         "",
-        "| case | engine | ms / item | RTF | triton speed-up | fraction of matmul rate | rel. error vs fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| case | engine | ms / item | RTF | triton speed-up | fraction of matmul rate | rel. error vs fp32 | "
+        "first call (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         *micro_lines,

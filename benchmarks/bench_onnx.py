@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import audioenc
+from audioenc.backends.onnx import onnx_threads
 from audioenc.cpu import vector_isa
 from bench_reference import speech_like
 from common import interleaved_medians, machine, versions, write_section
@@ -200,12 +201,13 @@ def whisper_rows(tmp: str, repeats: int, size: str = "base") -> tuple[list[str],
     transformers.WhisperForConditionalGeneration(config).eval().save_pretrained(tmp)
     transformers.WhisperFeatureExtractor(feature_size=dims["num_mel_bins"]).save_pretrained(tmp)
     # int8: what faster-whisper users pick for speed on a CPU; float32: what its default compute type
-    # resolves to on a CPU (faster-whisper's float16 models compute in float32 there).
+    # resolves to on a CPU (faster-whisper's float16 models compute in float32 there). Its threads are
+    # onnxruntime's (which $AUDIOENC_ONNX_THREADS may set apart from torch's), as in audioenc bench.
     ct2 = {}
     for quantization in ("int8", "float32"):
         ctranslate2.converters.TransformersConverter(tmp).convert(f"{tmp}/ct2-{quantization}", quantization=quantization)
         ct2[quantization] = ctranslate2.models.Whisper(f"{tmp}/ct2-{quantization}", device="cpu",
-                                                       compute_type=quantization, intra_threads=torch.get_num_threads())
+                                                       compute_type=quantization, intra_threads=onnx_threads())
 
     from audioenc.frontend import log_mel_spectrogram_ref
     from audioenc.peer_openai_whisper import openai_whisper_encoder
@@ -336,7 +338,8 @@ def main() -> None:
         "the ratios within a run are what counts. "
         "Graph export time (first use, cached on disk afterwards) is not included.",
         "",
-        f"Machine: {machine()}, torch threads {torch.get_num_threads()}, onnxruntime intra-op threads = cores.  ",
+        f"Machine: {machine()}, torch threads {torch.get_num_threads()}, onnxruntime and CTranslate2 intra-op "
+        f"threads {onnx_threads()}.  ",
         f"Versions: {versions('audioenc', 'torch', 'onnxruntime', 'onnx', 'transformers', 'ctranslate2')}.",
         "",
         "Accuracy is against audioenc's torch float32 reference: relative error ||out - ref|| / ||ref|| and mean "

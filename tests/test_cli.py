@@ -653,12 +653,17 @@ def test_stream_command_checks_its_arguments_and_keeps_frames_before_bad_audio(t
     base = [sys.executable, "-m", "audioenc", "stream", "--model", model, "--backend", "torch"]
     wave = speech_like(16000 * 3, 5).astype("<f4")
     sf.write(tmp_path / "a.wav", wave, 16000)
+    sf.write(tmp_path / "2k.wav", wave[:4000], 2000)
     (tmp_path / "dangling.npy").symlink_to(tmp_path / "nowhere")
     for extra, message in ((["--block-ms", "nan"], "--block-ms"), (["--block-ms", "0"], "--block-ms"),
                            (["--block-ms", "1e9"], "--block-ms"), (["--realtime"], "--realtime"),
                            (["--file", str(tmp_path / "a.wav"), "--rate", "8000"], "--rate"),
-                           (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "sample_rate 0 Hz"), (["--out", "-"], "--out - would name"),
-                           (["--left-context-s", "1e5"], "a stream window"), (["--overwrite"], "there is none"),
+                           (["--out", str(tmp_path)], "is a directory"), (["--rate", "0"], "error: --rate 0 Hz is outside"), (["--out", "-"], "--out - would name"),
+                           (["--left-context-s", "1e5"], "a stream window (--left-context-s + --chunk-s + "
+                                                         "--right-context-s) can be at most"),
+                           (["--chunk-s", "-1"], "error: --chunk-s must be at least 0.02 s"),  # the flags typed
+                           (["--file", str(tmp_path / "2k.wav")], "2k.wav's sample rate 2000 Hz is outside"),
+                           (["--overwrite"], "there is none"),
                            (["--channels", "0"], "--channels must be"), (["--layer", "3"], "--layer must be between 0 and 2"),
                            (["--out", str(tmp_path / "a.wav" / "x.npy")], "a.wav is not a directory"),
                            (["--out", str(tmp_path / "dangling.npy")], "dangling.npy exists (use --overwrite)"),
@@ -709,6 +714,8 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     assert main(["bench", "--model", path, "--backend", "onnx", "--against", "ctranslate2"]) == 2
     err = capsys.readouterr().err  # refused before the onnx backend's first call (a graph export)
     assert "ctranslate2 (auto): CTranslate2 runs Whisper encoders" in err and "first call" not in err
+    assert main(["bench", "--model", path, "--backend", "torch", "--layer", "3", "--repeats", "1"]) == 2
+    assert "error: torch (auto): --layer must be between 0 and 2, got 3" in capsys.readouterr().err  # not output_layer
 
 
 def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_path, capsys):

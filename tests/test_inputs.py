@@ -34,7 +34,12 @@ BAD_ARRAYS = [
     (torch.ones(800, dtype=torch.bool), TypeError, "unsupported sample type torch.bool"),
     (torch.ones(800).to(torch.float8_e4m3fn), TypeError, "unsupported sample type torch.float8"),
     (np.ma.masked_array(np.ones(800, np.float32), mask=np.arange(800) == 3), TypeError, "masked samples"),
-    (np.zeros((0, 400), np.float32), ValueError, "empty batch"),
+    (np.zeros((0, 400), np.float32), ValueError, r"audio: empty audio \(shape \(0, 400\)\)"),
+    # empty in any layout says so, not that it looks like (samples, channels) or is not 1-D
+    (np.zeros((1, 0), np.float32), ValueError, r"audio: empty audio \(shape \(1, 0\)\)"),
+    (torch.zeros(0, 2), ValueError, r"audio: empty audio \(shape \(0, 2\)\)"),
+    (np.zeros((1, 1, 0), np.float32), ValueError, r"audio: empty audio \(shape \(1, 1, 0\)\)"),
+    ([np.zeros((1, 0), np.float32)], ValueError, r"audio\[0\]: empty audio \(shape \(1, 0\)\)"),
     ([], ValueError, "empty list"),
     ([0.1] * 800, TypeError, "this one holds numbers: pass one item's samples as an array"),
     ([np.ones((2, 400), np.float32)], ValueError, "must be 1-D"),

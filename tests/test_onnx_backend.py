@@ -628,7 +628,7 @@ def test_a_rebuild_takes_the_entry_another_process_rebuilt_meanwhile(whisper_che
     monkeypatch.setattr(export, "build_graph", lambda *args, **kwargs: builds.append(args))
     inode = export._inode
     monkeypatch.setattr(export, "_inode", lambda path: (inode(path), looked.set())[0])
-    with file_lock(entry + ".lock"):  # held by the process that rebuilds it
+    with file_lock(entry + ".lock", entry):  # held by the process that rebuilds it
         waiter = threading.Thread(target=lambda: result.append(
             export.cached_export(model, spec, digest, rebuild_reason="onnxruntime could not load it")))
         with pytest.warns(UserWarning, match="onnxruntime could not load it"):

@@ -1,5 +1,8 @@
 """TensorRT backend. Profiles are checked everywhere; engines only where TensorRT and a GPU exist
 (never on the machines this was written on: those tests skip)."""
+import os
+import traceback
+
 import pytest
 import torch
 
@@ -61,6 +64,120 @@ def test_engines_are_built_without_tf32(tmp_path, monkeypatch):
     assert backend.build_engine("model.onnx", profile, str(tmp_path / "timing.cache")) == b"engine"
     config.clear_flag.assert_any_call(trt.BuilderFlag.TF32)
     assert (tmp_path / "timing.cache").read_bytes() == b"timings"
+
+
+@pytest.fixture
+def stand_in_builds(tmp_path, monkeypatch):
+    """cached_engine with a stand-in for TensorRT whose build takes a second and writes the pid of
+    each process that builds to the file returned (a window in which other processes arrive)."""
+    import sys
+    import time
+    from unittest import mock
+
+    from audioenc.backends import tensorrt as backend
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock(__version__="10.0"))
+    monkeypatch.setattr(backend, "gpu_id", lambda: "stand-in sm90")
+    builds = tmp_path / "builds"
+
+    def build(onnx_path, profile, timing_cache_path):
+        with open(builds, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        return b"engine"
+
+    monkeypatch.setattr(backend, "build_engine", build)
+    return builds
+
+
+def engine_in_child(onnx_path: str, before=None) -> tuple[int, int]:
+    """Forks a process that runs ``before`` then takes the engine for ``onnx_path``, and writes it to
+    the pipe whose reading end is returned with its pid."""
+    from audioenc.backends import tensorrt as backend
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            if before is not None:
+                before()
+            os.write(write, backend.cached_engine(onnx_path, Profile.from_ranges(WhisperDims(n_mels=80)), "float32"))
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write)
+    return pid, read
+
+
+def test_workers_started_together_on_an_empty_cache_build_an_engine_once(stand_in_builds, tmp_path):
+    """Workers of a service started at once on an empty cache: one builds the engine (minutes, and
+    gigabytes), the others wait for it and take it; no lock file stays behind."""
+    children = [engine_in_child(str(tmp_path / "graph" / "model.onnx")) for _ in range(3)]
+    for pid, read in children:
+        with os.fdopen(read, "rb") as f:
+            engine = f.read()
+        assert os.waitpid(pid, 0)[1] == 0 and engine == b"engine"
+    assert len(stand_in_builds.read_text().split()) == 1
+    assert [name for name in os.listdir(tmp_path / "cache" / "tensorrt") if name.endswith(".lock")] == []
+
+
+def test_a_killed_build_leaves_no_one_waiting(stand_in_builds, tmp_path, capfd):
+    """A process killed (SIGKILL) while it builds an engine: one that waited for it, and said so on
+    stderr, builds the engine itself."""
+    import signal
+    import threading
+    import time
+
+    from audioenc.backends import tensorrt as backend
+
+    onnx_path, profile = str(tmp_path / "graph" / "model.onnx"), Profile.from_ranges(WhisperDims(n_mels=80))
+    started = tmp_path / "started"
+    killed, _ = engine_in_child(onnx_path, before=lambda: setattr(backend, "build_engine", lambda *args: (
+        started.touch(), time.sleep(600))))
+    result = []
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiter = threading.Thread(target=lambda: result.append(backend.cached_engine(onnx_path, profile, "float32")))
+        waiter.start()
+        err = ""
+        while "waiting for another process" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
+        entry = tmp_path / "cache" / "tensorrt" / backend.engine_key(onnx_path, profile, "float32")
+        assert err == f"audioenc: waiting for another process building {entry}\n"
+        assert result == []  # waits for the killed process's build
+    finally:
+        os.kill(killed, signal.SIGKILL)
+        os.waitpid(killed, 0)
+    waiter.join(timeout=60)
+    assert result == [b"engine"] and len(stand_in_builds.read_text().split()) == 1  # the waiter's own build
+
+
+def test_a_cached_engine_is_taken_without_the_lock(stand_in_builds, tmp_path):
+    """Reading a cached engine takes no lock (held elsewhere here, the whole time): a read-only cache,
+    where no lock file can be made, still serves the engines in it."""
+    import threading
+
+    from audioenc.backends import tensorrt as backend
+    from audioenc.file_lock import file_lock
+
+    onnx_path, profile = str(tmp_path / "graph" / "model.onnx"), Profile.from_ranges(WhisperDims(n_mels=80))
+    assert backend.cached_engine(onnx_path, profile, "float32") == b"engine"
+    (entry,) = os.listdir(tmp_path / "cache" / "tensorrt")
+    result = []
+    with file_lock(str(tmp_path / "cache" / "tensorrt" / f"{entry}.lock"), entry):
+        reader = threading.Thread(target=lambda: result.append(backend.cached_engine(onnx_path, profile, "float32")))
+        reader.start()
+        reader.join(timeout=60)
+        assert result == [b"engine"]
+    assert len(stand_in_builds.read_text().split()) == 1
 
 
 @pytest.mark.tensorrt

@@ -32,6 +32,7 @@ from torch import nn
 from audioenc.atomic_file import atomic_write_bytes
 from audioenc.backends import import_problem, resolve_dtype
 from audioenc.config import SAMPLE_RATE, WhisperDims
+from audioenc.file_lock import file_lock
 
 DTYPES = ("float32", "float16")
 ENGINE_FILE = "engine.plan"
@@ -147,32 +148,49 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str, source: str | No
     (``source``, the checkpoint, goes in its meta.json for ``audioenc cache``)."""
     import tensorrt as trt
 
-    from audioenc.cache import cache_root, mark_used
+    from audioenc.cache import cache_root
 
     root = os.path.join(cache_root(), "tensorrt")
     key = engine_key(onnx_path, profile, dtype)
     path = os.path.join(root, key, ENGINE_FILE)
     meta_path = os.path.join(root, key, "meta.json")
-    if os.path.exists(path):
-        try:
-            with open(meta_path) as f:
-                expected = json.load(f)["sha256"]
-            with open(path, "rb") as f:
-                data = f.read()
-            if hashlib.sha256(data).hexdigest() == expected:
-                mark_used(os.path.dirname(path))
-                return data
-            problem = "its checksum does not match"
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON of another shape
-            problem = f"its metadata is unreadable ({exc})"
+    data, problem = _read_entry(path, meta_path)
+    if data is not None:
+        return data
+    if problem is not None:
         warnings.warn(f"audioenc: cached TensorRT engine {path} is unusable ({problem}); rebuilding it", stacklevel=2)
-    timing = os.path.join(root, f"timing-{trt.__version__}-{gpu_id().replace(' ', '_')}.cache")
-    data = build_engine(onnx_path, profile, timing)
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(meta_path, json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "profile": repr(profile),
-                                        "dtype": dtype, "tensorrt": trt.__version__, "gpu": gpu_id(),
-                                        "source": source}).encode())
+    # One process builds an engine (minutes, and gigabytes); the others that need it meanwhile
+    # (workers started together on an empty cache) wait and take it, as for the ONNX graphs.
+    with file_lock(os.path.join(root, key + ".lock"), os.path.dirname(path)):
+        data, _ = _read_entry(path, meta_path)
+        if data is not None:  # built by another process while this one waited
+            return data
+        timing = os.path.join(root, f"timing-{trt.__version__}-{gpu_id().replace(' ', '_')}.cache")
+        data = build_engine(onnx_path, profile, timing)
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(meta_path, json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "profile": repr(profile),
+                                            "dtype": dtype, "tensorrt": trt.__version__, "gpu": gpu_id(),
+                                            "source": source}).encode())
     return data
+
+
+def _read_entry(path: str, meta_path: str) -> tuple[bytes | None, str | None]:
+    """The cached engine when its checksum holds, else None and why not (None when there is none)."""
+    from audioenc.cache import mark_used
+
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(meta_path) as f:
+            expected = json.load(f)["sha256"]
+        with open(path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() == expected:
+            mark_used(os.path.dirname(path))
+            return data, None
+        return None, "its checksum does not match"
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON of another shape
+        return None, f"its metadata is unreadable ({exc})"
 
 
 def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, num_layers: int | None = None,
