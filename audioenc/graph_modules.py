@@ -5,6 +5,7 @@ badly or run slowly in onnxruntime rewritten, giving the same numbers (tests/tes
   or, for int8 graphs that quantise it, as MatMuls over gathered taps, with a masked GroupNorm whose
   sums are MatMuls;
   in onnxruntime's float32 and int8 graphs, a group-norm layer 0 folds into one per-item MatMul;
+- wav2vec2's positional conv and Whisper's conv stem as 2-D convs (the same blocked convolution);
 - the graph's inputs and outputs (graph_io) and random, non-zero example inputs for tracing.
 """
 from __future__ import annotations

@@ -394,13 +394,15 @@ def test_int8_convs_scale_each_block_of_frames(kernel, stride, tmp_path):
 def test_built_graphs_take_the_conv_form_that_fits(variant, dtype, quantised_convs, w2v_checkpoints, tmp_path):
     """build_graph (the backends' and `audioenc export`'s path): Convs for float graphs; for int8
     graphs MatMuls, which int8 quantises, with only the positional conv left a Conv: with a scale per
-    block of frames in group-norm models (export.int8_convs_per_block), else one per call."""
+    block of frames in group-norm models (export.int8_convs_per_block), else one per call. Every Conv
+    is 2-D, which onnxruntime runs as its blocked direct convolution (graph_modules.Conv1dAs2d)."""
     model = reference_model(w2v_checkpoints[variant][0])
     export.build_graph(model, export.ExportSpec(num_layers=1, dtype=dtype), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) in (["model.onnx"], ["model.onnx", "model.onnx.data"])
     nodes = onnx.load(str(tmp_path / export.MODEL_FILE)).graph.node
-    convs = sum(node.op_type == "Conv" for node in nodes)
-    assert convs == (len(model.dims.conv_dim) + 1 if quantised_convs is None else 1)
+    convs = [node for node in nodes if node.op_type == "Conv"]
+    assert len(convs) == (len(model.dims.conv_dim) + 1 if quantised_convs is None else 1)
+    assert all(len(attr.ints) == 2 for node in convs for attr in node.attribute if attr.name == "kernel_shape")
     per_block = any("_blocked/" in node.name for node in nodes)
     assert per_block == (quantised_convs == "per block")
 
@@ -551,8 +553,12 @@ def test_whisper_graph_takes_whole_windows_only(whisper_checkpoints, tmp_path):
     model = audioenc.load(whisper_checkpoints[80][0], backend="torch").backend.model
     path = str(tmp_path / "w.onnx")
     export.export_onnx(model, path, hidden_states=False)
-    mel = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    graph = onnx.load(path).graph
+    mel = graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in mel] == ["batch", 80, 2 * model.dims.n_ctx]
+    # the conv stem as 2-D convs (graph_modules.Conv1dAs2d)
+    assert [len(attr.ints) for node in graph.node if node.op_type == "Conv"
+            for attr in node.attribute if attr.name == "kernel_shape"] == [2, 2]
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     with pytest.raises(Exception, match="dimensions"):
         session.run(None, {"mel": np.ones((1, 80, 2000), np.float32)})
