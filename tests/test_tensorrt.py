@@ -160,6 +160,19 @@ def test_a_killed_build_leaves_no_one_waiting(stand_in_builds, tmp_path, capfd):
     assert result == [b"engine"] and len(stand_in_builds.read_text().split()) == 1  # the waiter's own build
 
 
+def test_an_unwritable_cache_fails_before_the_build(stand_in_builds, tmp_path, monkeypatch):
+    """A cache that cannot be written (here: below a file) is refused before the build, which takes
+    minutes, and the error says how to move the cache."""
+    from audioenc.backends import tensorrt as backend
+
+    (tmp_path / "a_file").write_bytes(b"")
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(OSError, match="cannot write the TensorRT engine cache .* set AUDIOENC_CACHE"):
+        backend.cached_engine(str(tmp_path / "graph" / "model.onnx"), Profile.from_ranges(WhisperDims(n_mels=80)),
+                              "float32")
+    assert not stand_in_builds.exists()
+
+
 def test_a_cached_engine_is_taken_without_the_lock(stand_in_builds, tmp_path):
     """Reading a cached engine takes no lock (held elsewhere here, the whole time): a read-only cache,
     where no lock file can be made, still serves the engines in it."""

@@ -159,6 +159,11 @@ def cached_engine(onnx_path: str, profile: Profile, dtype: str, source: str | No
         return data
     if problem is not None:
         warnings.warn(f"audioenc: cached TensorRT engine {path} is unusable ({problem}); rebuilding it", stacklevel=2)
+    try:  # a cache that cannot be written fails here, not after minutes of building
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write the TensorRT engine cache in {root} ({exc.strerror}); set "
+                                 "AUDIOENC_CACHE to a writable directory") from exc
     # One process builds an engine (minutes, and gigabytes); the others that need it meanwhile
     # (workers started together on an empty cache) wait and take it, as for the ONNX graphs.
     with file_lock(os.path.join(root, key + ".lock"), os.path.dirname(path)):
