@@ -571,3 +571,21 @@ def test_float32_linear_has_a_config_that_fits_small_gpus(monkeypatch):
     for autotune in ("1", "0"):
         monkeypatch.setenv("AUDIOENC_AUTOTUNE", autotune)
         assert min(map(float32_shared_memory, linear_gelu._configs())) <= 99 * 1024
+
+
+def test_float32_attention_at_head_dims_past_64_has_a_config_that_fits_small_gpus(monkeypatch):
+    """Head dims 80 and 128 (XLS-R 1B, MMS-1B, HuBERT-xlarge) run in 128-wide blocks: in float32 one
+    config must fit in 99 KB of shared memory (A10, L4, RTX 30/40), with AUDIOENC_AUTOTUNE=0 too, or
+    every config fails to launch there. The estimate (the query tile, stages - 1 buffers of key and
+    value tiles, the logits) is within 512 B of Triton's compile for sm_86 (compile_offline.py)."""
+    pytest.importorskip("triton")
+    from audioenc.kernels import attention
+
+    def float32_shared_memory(config):
+        m, n, d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], 128
+        return 4 * (m * d + (config.num_stages - 1) * 2 * n * d + m * n)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for autotune in ("1", "0"):
+        monkeypatch.setenv("AUDIOENC_AUTOTUNE", autotune)
+        assert min(map(float32_shared_memory, attention._configs())) <= 99 * 1024

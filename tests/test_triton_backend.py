@@ -457,6 +457,26 @@ def test_dtype_device_and_availability(w2v_checkpoints, monkeypatch):
             load(path)
 
 
+def test_auto_passes_over_triton_on_gpus_triton_cannot_compile_for(w2v_checkpoints, monkeypatch):
+    """A Pascal GPU (compute capability 6.0, Kaggle's P100): auto takes another backend, and asking
+    for triton there names the GPU instead of failing at the first kernel's compile mid-encode."""
+    from audioenc.backends import resolve_backend
+    from audioenc.backends.triton import TritonBackend
+    from audioenc.models import build_model
+    from audioenc.weights import load_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    assert "6.0" in TritonBackend.available() and "Tesla P100" in TritonBackend.available()
+    assert resolve_backend("auto", "cuda") != "triton"
+    model = build_model(load_checkpoint(w2v_checkpoints["wav2vec2-group"][0]))
+    with pytest.raises(ValueError, match="cannot run on cuda:0: Triton compiles for GPUs of compute capability 7.0"):
+        TritonBackend(model, torch.device("cuda:0"), "float16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert TritonBackend.available() is None
+
+
 def test_buckets_pad_at_most_a_quarter():
     from audioenc.backends.triton import MIN_LENGTH_BUCKET, batch_bucket, length_bucket
 

@@ -39,11 +39,24 @@ GRAPH_CACHE_SIZE = 16
 GRAPH_BUFFER_SHARE = 0.25
 MIN_LENGTH_BUCKET = 16000     # samples: 1 s
 MAX_GRAPH_BATCH = 64
+# Triton compiles for Volta and newer only (torch.compile refuses older GPUs for the same reason);
+# on a Pascal GPU (a P100, a GTX 1080) the first kernel would fail to compile mid-encode.
+MIN_CAPABILITY = (7, 0)
 _CAPTURE_LOCK = threading.Lock()
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _capability_problem(device=None) -> str | None:
+    """Why Triton cannot compile for this CUDA GPU (None when it can)."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= MIN_CAPABILITY:
+        return None
+    return (f"Triton compiles for GPUs of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer; "
+            f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]} "
+            "(use backend='torch' or 'tensorrt')")
 
 
 def length_bucket(num_samples: int) -> int:
@@ -601,7 +614,9 @@ class TritonBackend:
         problem = import_problem(("triton",), "pip install 'audioenc[gpu]'")
         if problem is not None:
             return problem
-        if torch.cuda.is_available() or _interpreting():
+        if torch.cuda.is_available():
+            return _capability_problem()  # the current GPU: the one device="cuda" resolves to
+        if _interpreting():
             return None
         return "it needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels slowly in Triton's CPU interpreter)"
 
@@ -610,6 +625,8 @@ class TritonBackend:
             raise ValueError("the triton backend runs on CUDA devices (on the CPU only with TRITON_INTERPRET=1)")
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"the triton backend runs on CUDA devices, not {device.type!r}")
+        if device.type == "cuda" and _capability_problem(device) is not None:
+            raise ValueError(f"the triton backend cannot run on {device}: {_capability_problem(device)}")
         self.device, self.dtype = device, DTYPES[resolve_dtype(dtype, device, DTYPES, "triton")]
         if device.type == "cpu" and self.dtype == torch.bfloat16:
             # Triton's interpreter computes bfloat16 tl.dot wrongly (errors of order 1e9): every matmul
