@@ -86,7 +86,7 @@ def blocked_conv_nodes(proto, name: str, x: str, y: str, w: np.ndarray, k: int, 
         return p + suffix
 
     # Frames in (T), frames out (T_out = (T - k) // stride + 1) and the frames of the blocks they read.
-    zero, one, time_axis = ints("zero", 0), ints("one", 1), ints("time_axis", 1)
+    one, time_axis = ints("one", 1), ints("time_axis", 1)
     taps, frames_per_block = ints("k", k), ints("stride", stride)
     shape = op("Shape", [x], "shape")
     frames = op("Slice", [shape, one, ints("two", 2)], "frames")
@@ -110,7 +110,7 @@ def blocked_conv_nodes(proto, name: str, x: str, y: str, w: np.ndarray, k: int, 
                     "frame_peak")
     by_block = op("Reshape", [block_frames_of(frame_peak, "frame_peak"), ints("block_shape", 0, -1, stride)], "by_block")
     if k < stride:
-        by_block = op("Slice", [by_block, zero, taps, ints("in_block", 2)], "read_by_block")
+        by_block = op("Slice", [by_block, ints("zero", 0), taps, ints("in_block", 2)], "read_by_block")
     block_peak = op("ReduceMax", [by_block], "block_peak", axes=[-1], keepdims=1)
     block_step = op("Max", [op("Mul", [block_peak, const("per_step", np.float32(1 / 127))], "block_peak_step"),
                             const("floor", np.float32(1e-30))], "block_step")
