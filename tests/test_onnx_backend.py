@@ -170,6 +170,24 @@ def test_arena_is_trimmed_after_calls_over_30_s(w2v_checkpoints):
     assert torch.equal(enc.encode(long).last_hidden_state, out.last_hidden_state)
 
 
+def test_pool_threads_stop_spinning_when_a_call_ends(w2v_checkpoints):
+    """onnxruntime's pool threads spin between the parallel loops of a run, and by default for tens of
+    ms after it too (about 50 ms each on a Xeon), taking the cores from whatever the caller does next.
+    Here they stop when the run ends: an idle process after a call uses next to no CPU."""
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    if enc.backend.session_options().intra_op_num_threads < 2:
+        pytest.skip("one thread: no pool to spin")
+    audio = speech_like(16000 * 4, 1)
+    enc.encode(audio)
+    idle = []
+    for _ in range(3):
+        enc.encode(audio)
+        start = time.process_time()  # the CPU time of all the process's threads
+        time.sleep(0.3)
+        idle.append(time.process_time() - start)
+    assert min(idle) < 0.02, idle
+
+
 def test_dtypes(whisper_checkpoints, w2v_checkpoints):
     path, _ = w2v_checkpoints["wav2vec2-group"]
     with pytest.raises(ValueError, match="auto, float32, float16, bfloat16, int8"):

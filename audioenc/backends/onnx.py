@@ -71,6 +71,10 @@ class OnnxBackend:
         options.intra_op_num_threads = onnx_threads()
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = True  # reuse activation buffers across calls
+        # The pool's threads spin between a run's parallel loops (quick hand-offs) but stop when it
+        # ends: by default they spin on for tens of ms (about 50 ms on a Xeon), taking the cores from
+        # whatever the caller runs next, its own torch work or another model included.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if not onnx_prepack():
             options.add_session_config_entry("session.disable_prepacking", "1")
         if self.dtype == "bfloat16":
