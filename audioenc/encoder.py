@@ -185,9 +185,12 @@ class AudioEncoder:
         output_layer=N runs only the first N layers and returns layer N's output (0 = the input of
         the first layer), costing only those layers; N = num_layers gives last_hidden_state, which
         in pre-LN wav2vec2-family models has the final LayerNorm that hidden_states[N] lacks.
-        Items of a batch never influence each other.
-        Items longer than ``long_audio_threshold_s`` are encoded in windows with context
-        (audioenc.streaming.encode_long); ``progress`` shows a bar for them.
+        Items of a batch never influence each other. ``sample_rate`` is that of arrays (files carry
+        their own); other rates are resampled to 16 kHz. output_hidden_states: also return
+        ``hidden_states``, Hugging Face's convention (the input of layer 1, then each layer's output).
+        wav2vec2-family items longer than ``long_audio_threshold_s`` are encoded in windows with
+        context (audioenc.streaming.encode_long; no hidden_states), Whisper items over 30 s as
+        consecutive 30 s windows; ``progress`` shows a bar for either.
         """
         try:
             return self._encode(audio, sample_rate, output_hidden_states, output_layer, progress)

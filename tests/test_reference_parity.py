@@ -260,6 +260,21 @@ def test_output_layer_equals_hidden_state(variant, w2v_checkpoints):
     assert rel_err(last.last_hidden_state, full.last_hidden_state) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_whisper_output_layer_equals_hidden_state(backend, whisper_checkpoints):
+    """A middle layer has no final LayerNorm; the last one, like hidden_states[-1], has it."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    enc = audioenc.load(whisper_checkpoints[80][0], backend=backend)
+    waves = [speech_like(16000 * 3, 6), speech_like(9000, 7)]
+    full = enc.encode(waves, output_hidden_states=True)
+    for layer in range(enc.num_layers + 1):
+        out = enc.encode(waves, output_layer=layer)
+        assert torch.equal(out.lengths, full.lengths)
+        assert rel_err(out.last_hidden_state, full.hidden_states[layer]) <= 1e-6
+    assert rel_err(full.hidden_states[-1], full.last_hidden_state) == 0
+
+
 def test_embed_pools_valid_frames(w2v_checkpoints):
     path, _ = w2v_checkpoints["wav2vec2-group"]
     enc = audioenc.load(path, backend="torch")
