@@ -195,9 +195,12 @@ class AudioEncoder:
         try:
             return self._encode(audio, sample_rate, output_hidden_states, output_layer, progress)
         finally:
-            trim = getattr(self.backend, "trim", None)  # memory that big runs left in the backend's allocator
-            if trim is not None:
-                trim()
+            self._trim()
+
+    def _trim(self) -> None:
+        trim = getattr(self.backend, "trim", None)  # memory that big runs left in the backend's allocator
+        if trim is not None:
+            trim()
 
     def _encode(self, audio, sample_rate: float, output_hidden_states: bool, output_layer: int | None,
                 progress: bool) -> EncoderOutput:

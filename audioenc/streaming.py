@@ -324,7 +324,10 @@ class EncoderStream:
     def encode_samples(self, windows: list[np.ndarray]) -> list[torch.Tensor]:
         """Windows at 16 kHz -> their (frames, dim), encoded as one batch: float32 on the CPU, or
         as the backend returns them (its device and dtype) for encode_long."""
-        out = self.encoder._encode_items(windows, self.num_layers, output_hidden_states=False)
+        try:
+            out = self.encoder._encode_items(windows, self.num_layers, output_hidden_states=False)
+        finally:  # as encode: a stream-only service never calls it (a 60 s push kept 1.1 GB in onnx's arena)
+            self.encoder._trim()
         hidden = out.last_hidden_state if self.backend_output else out.last_hidden_state.float().cpu()  # one copy
         return [hidden[i, : out.lengths[i]] for i in range(len(windows))]
 
