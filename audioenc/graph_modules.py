@@ -190,8 +190,8 @@ class ChannelLastFeatureExtractor(nn.Module):
 class Conv1dAs2d(nn.Module):
     """An nn.Conv1d as a 2-D conv of height 1, which onnxruntime's CPU provider runs as its
     blocked-layout (NCHWc) direct convolution. Against its 1-D conv: wav2vec2's positional conv (768
-    channels, 16 groups, 128 taps) in about half the time, Whisper's second conv (stride 2) in about
-    0.8x. Same numbers."""
+    channels, 16 groups, 128 taps) in 0.7x the time, Whisper's second conv (stride 2) in about 0.8x
+    (BENCHMARKS.md, stop 38). Same numbers."""
 
     def __init__(self, conv: nn.Conv1d):
         super().__init__()
