@@ -295,7 +295,7 @@ def run_case(name, family, config, seconds, batch, repeats, device, dtype, peak)
         speedup = f"{t / ours:.2f}x" if ours else ""
         err = f"{errors[engine]:.1e}" if engine in errors else ""
         rows.append(f"{case} {1000 * t / batch:.2f} | {t / (seconds * batch):.5f} | {speedup} | {frac} | {err} | "
-                    f"{firsts[engine]:.2f} |")
+                    f"{firsts[engine]:.3g} |")
     return rows
 
 
