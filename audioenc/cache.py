@@ -6,13 +6,15 @@ $AUDIOENC_CACHE, else $XDG_CACHE_HOME/audioenc, else ~/.cache/audioenc. Keys inc
 deleted checkpoints or older versions are never used again: this is how they get removed.
 An entry's meta.json is touched each time the entry is used, so its mtime is the last use.
 Directories named ``.tmp-*`` are exports in progress, or left behind by a killed process; a file
-``<key>.lock`` is the lock of an export or engine build in progress (file_lock.py), gone when it ends. Any
-other directory there is not audioenc's (a shared cache folder): it is never listed or removed.
+``<key>.lock`` is the lock of an export or engine build in progress (file_lock.py), gone when it ends;
+``--clear`` leaves the entries whose lock is held. Any other directory there is not audioenc's (a shared
+cache folder): it is never listed or removed.
 ``<root>/weights/`` holds small records of the checkpoints audioenc has read (checkpoint_record.py),
 which ``audioenc cache --clear`` removes with the entries.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from audioenc.atomic_file import TMP_PREFIX
+from audioenc.file_lock import file_lock
 
 KINDS = ("onnx", "tensorrt")
 WEIGHTS_RECORDS = "weights"
@@ -143,17 +146,26 @@ def removable(entries: list[CacheEntry], unused_days: float | None = None,
     return [e for e in entries if old_enough(e)]
 
 
-def remove(entries: list[CacheEntry]) -> tuple[int, list[str]]:
-    """Deletes the entries' directories; returns the bytes freed and, per entry that could not be
-    removed (whole or in part), why."""
-    freed, failed = 0, []
+def remove(entries: list[CacheEntry]) -> tuple[int, list[str], list[CacheEntry]]:
+    """Deletes the entries' directories, but those whose export or engine build holds their lock now
+    (a TensorRT entry's folder exists during its build: removed, the build's files could go under its
+    feet); returns the bytes freed, per entry that could not be removed (whole or in part) why, and
+    the entries kept as being built."""
+    freed, failed, building = 0, [], []
     for entry in entries:
-        try:
-            shutil.rmtree(entry.path)
-            freed += entry.size
-        except OSError as exc:  # e.g. a read-only cache; a part may be gone: its next use rebuilds it
-            failed.append(f"{entry.path} ({exc})")
-    return freed, failed
+        # Held while the entry goes, so an export or build of it that starts meanwhile waits for that.
+        # (An unfinished export's folder has no lock of its own: removable() spares the young ones.)
+        lock = file_lock(entry.path + ".lock", entry.path, wait=False)
+        with contextlib.nullcontext(True) if entry.unfinished else lock as free:
+            if not free:
+                building.append(entry)
+                continue
+            try:
+                shutil.rmtree(entry.path)
+                freed += entry.size
+            except OSError as exc:  # e.g. a read-only cache; a part may be gone: its next use rebuilds it
+                failed.append(f"{entry.path} ({exc})")
+    return freed, failed, building
 
 
 def remove_weights_records(unused_days: float | None = None) -> None:

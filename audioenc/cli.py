@@ -81,15 +81,17 @@ def cmd_cache(args) -> int:
               + ("; remove them with --clear (--unused-days N keeps recent ones)" if entries else ""))
         return 0
     doomed = removable(entries, args.unused_days)
-    freed, failed = remove(doomed)
+    freed, failed, building = remove(doomed)
     remove_weights_records(args.unused_days)
-    print(f"removed {len(doomed) - len(failed)} of {len(entries)} entries, {gib(freed)} freed from {cache_root()}")
+    print(f"removed {len(doomed) - len(failed) - len(building)} of {len(entries)} entries, {gib(freed)} freed "
+          f"from {cache_root()}")
     kept = [e for e in entries if e not in doomed]
-    if kept:
+    if kept or building:
         running = len(removable(kept, args.unused_days, unfinished_too=True))  # kept only as they may be running
-        print(f"kept {len(kept)}: " + ", ".join(filter(None, (
+        print(f"kept {len(kept) + len(building)}: " + ", ".join(filter(None, (
             f"{len(kept) - running} used within --unused-days" if len(kept) > running else "",
-            f"{running} unfinished export(s) under 6 hours old (one may be running now)" if running else ""))))
+            f"{running} unfinished export(s) under 6 hours old (one may be running now)" if running else "",
+            f"{len(building)} being exported or built by another process now" if building else ""))))
     for line in failed:
         print(f"error: could not remove {line}", file=sys.stderr)
     return 1 if failed else 0

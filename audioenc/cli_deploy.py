@@ -38,6 +38,10 @@ def cmd_export(args) -> int:
         num_layers = model.dims.num_layers if args.layers is None else args.layers
         if not 0 <= num_layers <= model.dims.num_layers:
             raise ValueError(f"--layer must be between 0 and {model.dims.num_layers} for this model, got {num_layers}")
+        if args.format == "tensorrt" and args.seconds is not None and model.dims.family == "whisper":
+            # not an engine for other lengths with no word said: Profile.from_ranges has none to set
+            raise ValueError("--seconds sets the audio lengths of a wav2vec2-family engine; a Whisper engine always "
+                             "takes 30 s windows of log-mel, so only --batch sets its profile")
         if args.format == "onnx":
             spec = ExportSpec(num_layers=num_layers, hidden_states=args.hidden_states, dtype=args.dtype,
                               fused_attention=args.fused_attention)

@@ -18,15 +18,20 @@ except ImportError:  # Windows
 
 
 @contextlib.contextmanager
-def file_lock(path: str, work: str):
+def file_lock(path: str, work: str, wait: bool = True):
     """Inside: this thread holds ``path``'s lock, against other processes and other threads alike.
-    ``work`` (what the holder builds, e.g. a cache entry's path) names it in the waiting line."""
+    ``work`` (what the holder builds, e.g. a cache entry's path) names it in the waiting line. With
+    ``wait=False`` it does not wait: where another holds the lock, it yields False and holds nothing
+    (True otherwise)."""
+    held_elsewhere = False
     try:
-        fd = _acquire(path, work) if fcntl is not None else None
+        fd = _acquire(path, work, wait) if fcntl is not None else None
+    except BlockingIOError:  # wait=False, and another holds it
+        fd, held_elsewhere = None, True
     except OSError:
         fd = None
     try:
-        yield
+        yield not held_elsewhere
     finally:
         if fd is not None:
             try:
@@ -37,7 +42,7 @@ def file_lock(path: str, work: str):
                 os.close(fd)
 
 
-def _acquire(path: str, work: str) -> int:
+def _acquire(path: str, work: str, wait: bool = True) -> int:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     said = False
     while True:
@@ -46,6 +51,8 @@ def _acquire(path: str, work: str) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # held by the process building it
+                if not wait:
+                    raise
                 if not said:
                     _say_waiting(work)
                     said = True

@@ -230,3 +230,37 @@ def test_clear_reports_what_it_could_not_remove(filled, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "removed 1 of 7 entries" in out.out
     assert "could not remove" in out.err and "a" * 32 in out.err and "Permission denied" in out.err
+
+
+def test_clear_leaves_an_entry_another_process_is_building(filled, capsys):
+    """A TensorRT entry's folder exists, without its meta.json, for the whole of its build (minutes):
+    `audioenc cache --clear` meanwhile must leave it to the builder, which holds its lock (here in
+    another process), and say why it kept it; once the build is over, a --clear takes it."""
+    from audioenc.file_lock import file_lock
+
+    entry = os.path.join(filled, "tensorrt", "c" * 32)
+    os.remove(os.path.join(entry, cache.META_FILE))  # as during the build
+    locked_r, locked_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with file_lock(entry + ".lock", entry):
+                os.write(locked_w, b"1")
+                os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(locked_r, 1) == b"1"
+        assert main(["cache", "--clear"]) == 0
+    finally:
+        os.write(done_w, b"1")
+        os.waitpid(pid, 0)
+    out = capsys.readouterr().out
+    assert "removed 5 of 7 entries" in out
+    assert "kept 2: 1 unfinished export(s) under 6 hours old (one may be running now), 1 being exported or built " \
+           "by another process now" in out
+    assert sorted(os.listdir(os.path.join(filled, "tensorrt"))) == ["c" * 32, "timing-10.0-H100.cache"]
+    assert main(["cache", "--clear"]) == 0
+    assert "removed 1 of 2 entries" in capsys.readouterr().out
+    assert os.listdir(os.path.join(filled, "tensorrt")) == ["timing-10.0-H100.cache"]  # no lock file left either

@@ -440,6 +440,28 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_outside(dtype, w2v_ch
         assert torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1).mean() >= 0.995
 
 
+def test_an_export_interrupted_after_writing_its_weights_file_leaves_the_cache_clean(w2v_checkpoints, tmp_path,
+                                                                                      monkeypatch):
+    """Ctrl-C while a cached graph is saved, its model.onnx.data written but not the graph: no lone
+    weights file, unfinished folder or lock stays in the cache, and the next use exports it whole."""
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    model, spec = reference_model(w2v_checkpoints["wav2vec2-group"][0]), export.ExportSpec(num_layers=1)
+    save_model = onnx.save_model
+
+    def interrupted(proto, path, *args, **kwargs):
+        assert os.path.getsize(path + ".data") > 0  # the weights are out, the graph is not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.cached_export(model, spec)
+    assert os.listdir(tmp_path / "onnx") == []
+    monkeypatch.setattr(onnx, "save_model", save_model)
+    graph = export.cached_export(model, spec)
+    assert sorted(os.listdir(tmp_path / "onnx")) == [os.path.basename(os.path.dirname(graph))]
+    assert sorted(os.listdir(os.path.dirname(graph))) == ["meta.json", "model.onnx", "model.onnx.data"]
+
+
 def test_export_refuses_to_start_on_a_disk_too_full_to_hold_it(w2v_checkpoints, tmp_path, monkeypatch, capsys):
     """A disk that fills up mid-trace leaves weights silently empty; the export checks the room first."""
     import errno

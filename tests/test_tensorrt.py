@@ -225,3 +225,45 @@ def test_engine_cache_rebuilds_corrupt_entry(whisper_checkpoints, tmp_path, monk
     with pytest.warns(UserWarning, match="checksum"):
         again = audioenc.load(path, backend="tensorrt", device="cuda", dtype="float32").backend.run(mel, None, 2)[0]
     assert rel_err(again, first) <= 1e-6
+
+
+def test_export_refuses_seconds_for_whisper_engines(whisper_checkpoints, w2v_checkpoints, tmp_path, monkeypatch,
+                                                    capsys):
+    """A Whisper engine's profile has no length to set (30 s windows only): `audioenc export --format
+    tensorrt --seconds` must say so, not build a 30 s engine as if it were one for the lengths asked."""
+    from audioenc.backends import tensorrt as backend
+    from audioenc.cli import main
+
+    built = []
+    monkeypatch.setattr(TensorRTBackend, "available", classmethod(lambda cls: None))
+    monkeypatch.setattr(backend, "export_engine", lambda model, dtype, profile, out, **kw: built.append(profile) or [])
+    path, out = whisper_checkpoints[80][0], str(tmp_path / "engine")
+    assert main(["export", "--model", path, "--format", "tensorrt", "--out", out, "--seconds", "1:5:10"]) == 2
+    assert "a Whisper engine always takes 30 s windows" in capsys.readouterr().err and not built
+    assert main(["export", "--model", path, "--format", "tensorrt", "--out", out, "--batch", "1:2:4"]) == 0
+    assert [shape[0] for shape in built[0].shapes[0][1:]] == [1, 2, 4]  # --batch still sets the batch
+    path = w2v_checkpoints["wav2vec2-group"][0]  # the wav2vec2 family's engines take --seconds
+    assert main(["export", "--model", path, "--format", "tensorrt", "--out", out, "--seconds", "1:5:10"]) == 0
+    assert [shape[1] for shape in built[1].shapes[0][1:]] == [16000, 80000, 160000]
+
+
+def test_export_refuses_an_out_it_cannot_write_before_building(w2v_checkpoints, tmp_path, monkeypatch, capsys):
+    """`audioenc export --format tensorrt --out` naming a file, or a directory with a link at engine.plan:
+    said before the graph's export and the engine's build (minutes), not after them."""
+    from audioenc import export
+    from audioenc.cli import main
+
+    def build(*args, **kwargs):
+        raise AssertionError("built although the engine could not be written")
+
+    monkeypatch.setattr(TensorRTBackend, "available", classmethod(lambda cls: None))
+    monkeypatch.setattr(export, "cached_export", build)
+    path = w2v_checkpoints["wav2vec2-group"][0]
+    (tmp_path / "a-file").write_bytes(b"the user's")
+    assert main(["export", "--model", path, "--format", "tensorrt", "--out", str(tmp_path / "a-file")]) == 2
+    assert "a-file is a file; the export needs a directory" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "engine.plan").symlink_to(tmp_path / "elsewhere" / "engine.plan")
+    assert main(["export", "--model", path, "--format", "tensorrt", "--out", str(tmp_path / "out")]) == 2
+    assert "engine.plan exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_bytes() == b"the user's"

@@ -207,7 +207,10 @@ def export_engine(model: nn.Module, dtype: str, profile: Profile, out_dir: str, 
     from audioenc.export import ExportSpec, cached_export, source_label
 
     target = os.path.join(out_dir, ENGINE_FILE)
-    if os.path.exists(target) and not overwrite:
+    # before the build (minutes), not after it
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} is a file; the export needs a directory")
+    if os.path.lexists(target) and not overwrite:  # a link to nothing is the user's too
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     spec = ExportSpec(num_layers=model.dims.num_layers if num_layers is None else num_layers,
                       hidden_states=hidden_states, dtype=dtype)
