@@ -160,13 +160,37 @@ def _load_file(path: str) -> Checkpoint:
 
 class _StandIn:
     """Takes the place of a class or function that a checkpoint names beside its tensors (fairseq keeps
-    its label Dictionary in task_state and numpy scalars in extra_state): nothing is imported or run."""
+    its label Dictionary in task_state and numpy scalars in extra_state): nothing is imported or run.
+    It keeps the state the file gives it as data, which is how a pickled omegaconf config is read."""
+    state = None
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __setstate__(self, state):
-        pass
+        self.state = state
+
+
+# fairseq of late 2020 pickled its cfg as an omegaconf DictConfig (checkpoint_utils.save_state's "cfg": cfg;
+# later Trainers save OmegaConf.to_container): the containers keep their items in _content, the nodes
+# (omegaconf.nodes.AnyNode, StringNode, ...) their value in _val.
+_OMEGACONF_CONTAINERS = ("omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig")
+
+
+def _plain_config(x):
+    """``x`` with each pickled omegaconf container in it read as the plain dict or list of its values."""
+    if isinstance(x, _StandIn):
+        name, state = type(x).__name__, x.state if isinstance(x.state, dict) else {}
+        if name in _OMEGACONF_CONTAINERS and isinstance(state.get("_content"), (dict, list, type(None))):
+            return _plain_config(state["_content"])
+        if name.startswith("omegaconf.nodes.") and "_val" in state:
+            return _plain_config(state["_val"])
+        return x
+    if isinstance(x, dict):
+        return {k: _plain_config(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain_config(v) for v in x]
+    return x
 
 
 def _stand_in_within(x):
@@ -216,8 +240,10 @@ def _torch_load(path: str, read=None) -> tuple[object, bool]:
             reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
             reason = " ".join(reason.split()) or text.strip()
             name = re.search(r"Unsupported global: GLOBAL (\S+) was not", reason)
-            if name and name[1] not in stand_ins and not name[1].startswith("torch."):
-                stand_ins[name[1]] = type(name[1], (_StandIn,), {})
+            # torch names builtins.dict "dict" in its message, but looks it up by the full name
+            name = name and (name[1] if "." in name[1] else f"builtins.{name[1]}")
+            if name and name not in stand_ins and not name.startswith("torch."):
+                stand_ins[name] = type(name, (_StandIn,), {})
                 continue
             if "Unsupported global" in reason:
                 raise ValueError(f"{path}: refused to load, it holds Python objects beyond tensors and plain "
@@ -226,6 +252,8 @@ def _torch_load(path: str, read=None) -> tuple[object, bool]:
             raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one (unpickling failed: {reason})") from e
         except Exception as e:  # zip/pickle/EOF errors from a file that is not a PyTorch checkpoint
             raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict):
+        obj.update({k: _plain_config(v) for k, v in obj.items() if read is None or k in read})
     found = _stand_in_within(obj if read is None or not isinstance(obj, dict) else [obj.get(k) for k in read])
     if found is not None:
         raise ValueError(f"{path}: refused to load, it holds Python objects beyond tensors and plain containers "
@@ -797,7 +825,7 @@ def _fairseq_cfg(obj: dict, path: str) -> tuple[str, dict, dict]:
         model_cfg = dict(obj["cfg"])
         return "wavlm", model_cfg, {"normalize": model_cfg.get("normalize", False)}
     if obj.get("cfg"):
-        model_cfg, task_cfg = dict(obj["cfg"].get("model") or {}), dict(obj["cfg"].get("task") or {})
+        model_cfg, task_cfg = _cfg_section(obj["cfg"].get("model")), _cfg_section(obj["cfg"].get("task"))
         name = model_cfg.get("_name")
     elif isinstance(obj.get("args"), argparse.Namespace):
         model_cfg = task_cfg = vars(obj["args"])
@@ -809,14 +837,20 @@ def _fairseq_cfg(obj: dict, path: str) -> tuple[str, dict, dict]:
         model_cfg = vars(inner)
         task_cfg = {"normalize": model_cfg.get("normalize", task_cfg.get("normalize"))}
     elif isinstance(inner, dict):
-        model_cfg = dict(inner.get("model") or {})
-        task_cfg = {"normalize": task_cfg.get("normalize", (inner.get("task") or {}).get("normalize"))}
+        model_cfg = _cfg_section(inner.get("model"))
+        task_cfg = {"normalize": task_cfg.get("normalize", _cfg_section(inner.get("task")).get("normalize"))}
     elif name in ("wav2vec_ctc", "hubert_ctc"):
         raise ValueError(f"{path}: fine-tuned fairseq checkpoint without w2v_args (the pre-trained model's "
                          f"config); it cannot be read on its own")
     if inner is not None:
         name = model_cfg.get("_name", model_cfg.get("arch", name))
     return name, model_cfg, task_cfg
+
+
+def _cfg_section(section) -> dict:
+    """A section of a fairseq cfg as a dict: convert_namespace_to_omegaconf keeps the model or task
+    section of a legacy architecture, one without a dataclass, as its argparse Namespace."""
+    return dict(vars(section) if isinstance(section, argparse.Namespace) else section or {})
 
 
 def _fairseq_to_hf_config(family: str, cfg: dict, path: str) -> dict:

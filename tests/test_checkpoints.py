@@ -2,6 +2,7 @@
 Hugging Face checkpoint it was made from, and every bad checkpoint fails with a clear ValueError."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -302,6 +303,75 @@ def test_fairseq_checkpoints_keep_their_training_state(w2v, zipped, tmp_path, mo
     assert "fairseq" not in sys.modules
     assert_same(load_checkpoint(tmp_path / "hubert.pt", family="hubert").state_dict, load_hf_dir(path).state_dict)
     _expect(tmp_path / "bad.pt", "refused to load.*fairseq.data.dictionary.Dictionary where audioenc reads it")
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_fairseq_cfg_pickled_as_an_omegaconf_dictconfig(w2v, zipped, tmp_path, monkeypatch):
+    """fairseq of late 2020 (its Hydra port) pickled the cfg as an omegaconf DictConfig, laid out here as
+    omegaconf 2.0 pickles it (nodes in _content, values in _val, a defaultdict(dict) in each metadata),
+    and fairseq's own hack may put an argparse Namespace inside: the values are read from the pickled
+    state, without omegaconf, and the fine-tune's cfg nested in w2v_args too."""
+    import collections
+    import types
+    import typing
+
+    modules, classes = {"omegaconf": types.ModuleType("omegaconf")}, {}
+    for module, name in [("omegaconf.dictconfig", "DictConfig"), ("omegaconf.listconfig", "ListConfig"),
+                         ("omegaconf.nodes", "AnyNode"), ("omegaconf.base", "ContainerMetadata"),
+                         ("omegaconf.base", "Metadata")]:
+        classes[name] = type(name, (), {"__module__": module})
+        setattr(modules.setdefault(module, types.ModuleType(module)), name, classes[name])
+
+    def omegaconf(value, parent=None, key=None):
+        kind = "DictConfig" if isinstance(value, dict) else "ListConfig" if isinstance(value, list) else "AnyNode"
+        node, metadata = classes[kind](), classes["Metadata" if kind == "AnyNode" else "ContainerMetadata"]()
+        metadata.__dict__.update(ref_type=typing.Any if kind == "AnyNode" else dict, object_type=None, optional=True,
+                                 key=key, flags={}, resolver_cache=collections.defaultdict(dict))
+        node.__dict__.update(_metadata=metadata, _parent=parent)
+        if kind == "DictConfig":
+            node._content = {k: omegaconf(v, node, k) for k, v in value.items()}
+        elif kind == "ListConfig":
+            node._content = [omegaconf(v, node, i) for i, v in enumerate(value)]
+        else:
+            node._val = value
+        return node
+
+    base, path = w2v["wav2vec2_layer"]
+    ckpt = fairseq_checkpoint(base, "wav2vec2", "finetuned", normalize=True)
+    ckpt["cfg"]["model"]["w2v_args"]["model"]["latent_temp"] = [2.0, 0.5, 0.999995]
+    ckpt["cfg"]["common"] = argparse.Namespace(fp16=True, seed=1)
+    with monkeypatch.context() as m:
+        for name, module in modules.items():
+            m.setitem(sys.modules, name, module)
+        ckpt["cfg"] = omegaconf(ckpt["cfg"])
+        torch.save(ckpt, tmp_path / "xlsr.pt", _use_new_zipfile_serialization=zipped)
+    got = load_checkpoint(tmp_path / "xlsr.pt", family="wav2vec2")
+    want = load_hf_dir(path)
+    assert got.preprocessor["do_normalize"] is True
+    assert_same(got.state_dict, want.state_dict)
+    assert_same_config(got.config, want.config, W2V_KEYS)
+
+
+@pytest.mark.parametrize("style", ["cfg", "finetuned"])
+def test_fairseq_cfg_sections_kept_as_namespaces(w2v, style, tmp_path):
+    """convert_namespace_to_omegaconf keeps the model or task section of an architecture without a
+    dataclass as its argparse Namespace, which the Trainer saves as it is (in a fine-tune's w2v_args
+    too): it reads like a dict, so such a model of another kind is named, not a TypeError."""
+    def namespaces(cfg):
+        return {section: argparse.Namespace(**values) for section, values in cfg.items()}
+
+    base, path = w2v["hubert"]
+    ckpt = fairseq_checkpoint(base, "hubert", style)
+    if style == "finetuned":
+        ckpt["cfg"]["model"]["w2v_args"] = namespaces(ckpt["cfg"]["model"]["w2v_args"])
+    ckpt["cfg"] = namespaces(ckpt["cfg"])
+    torch.save(ckpt, tmp_path / "hubert.pt")
+    got = load_checkpoint(tmp_path / "hubert.pt", family="hubert")
+    assert got.preprocessor["do_normalize"] is True
+    assert_same(got.state_dict, load_hf_dir(path).state_dict)
+    (ckpt["cfg"]["model"].w2v_args["model"] if style == "finetuned" else ckpt["cfg"]["model"])._name = "s2t_transformer"
+    torch.save(ckpt, tmp_path / "s2t.pt")
+    _expect(tmp_path / "s2t.pt", "fairseq model 's2t_transformer' is not supported")
 
 
 def test_fairseq_fp16_training_checkpoint(w2v, tmp_path):
