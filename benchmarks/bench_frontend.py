@@ -1,6 +1,8 @@
-"""CPU log-mel frontend: audioenc vs librosa, Hugging Face WhisperFeatureExtractor, openai-whisper
-and kaldi-native-fbank, 80 bins, on a 30 s clip and a 10 min file; median of several runs in one
-process. Prints a markdown table and writes it into BENCHMARKS.md's "## Frontend" section.
+"""CPU log-mel frontend: audioenc vs librosa, Hugging Face WhisperFeatureExtractor and openai-whisper,
+80 bins, on a 30 s clip and a 10 min file; median of several runs in one process, the contenders
+timed in turn round by round. Every contender's output is checked against audioenc's first
+(DESIGN.md's float32 rule), so none is timed computing something else. Prints a markdown table and
+writes it into BENCHMARKS.md's "## Frontend" section.
 
     python benchmarks/bench_frontend.py [--runs 15] [--no-write]
 """
@@ -11,39 +13,34 @@ import numpy as np
 import torch
 
 import audioenc.frontend as fe
-from common import machine, median_time, write_section
-
-def median_ms(fn, runs):
-    return 1e3 * median_time(fn, repeats=runs, warmup=1)
+from common import check_output, interleaved_medians, machine, write_section
 
 
 def peers():
-    import kaldi_native_fbank as knf
+    """{name: (version, fn(x) -> the (80, frames) Whisper log-mel)}. kaldi-native-fbank is not here:
+    its fbank (povey window, pre-emphasis, natural log) and even its OnlineWhisperFbank (0.13 relative
+    off openai-whisper, version 1.23) compute other features."""
     import librosa
     import whisper
     from transformers import WhisperFeatureExtractor
 
     hf = WhisperFeatureExtractor(feature_size=80)
 
-    def kaldi(x):
-        opts = knf.FbankOptions()
-        opts.frame_opts.dither = 0.0
-        opts.mel_opts.num_bins = 80
-        fb = knf.OnlineFbank(opts)
-        fb.accept_waveform(16000, x)
-        fb.input_finished()
-        return fb.get_frames(list(range(fb.num_frames_ready))) if hasattr(fb, "get_frames") else \
-            [fb.get_frame(i) for i in range(fb.num_frames_ready)]
+    def librosa_log_mel(x):
+        # librosa's power mel alone is less work than a log-mel: add Whisper's framing (reflect
+        # padding, last frame dropped) and log scaling (DESIGN.md), as openai-whisper does in torch
+        mel = librosa.feature.melspectrogram(y=x, sr=16000, n_fft=400, hop_length=160, n_mels=80,
+                                             pad_mode="reflect")[:, :-1]
+        log = np.log10(np.maximum(mel, 1e-10))
+        return (np.maximum(log, log.max() - 8.0) + 4.0) / 4.0
 
     return {
-        "librosa.feature.melspectrogram": (librosa.__version__, lambda x: librosa.feature.melspectrogram(
-            y=x, sr=16000, n_fft=400, hop_length=160, n_mels=80)),
+        "librosa.feature.melspectrogram + log": (librosa.__version__, librosa_log_mel),
         "transformers WhisperFeatureExtractor": (__import__("transformers").__version__,
-                                                 lambda x: hf(x, sampling_rate=16000, return_tensors="np",
-                                                                    truncation=False, padding="longest")),
+                                                 lambda x: hf(x, sampling_rate=16000, return_tensors="np", truncation=False,
+                                                              padding="longest")["input_features"][0]),
         "openai-whisper log_mel_spectrogram": (whisper.__version__,
                                                lambda x: whisper.log_mel_spectrogram(torch.from_numpy(x))),
-        "kaldi-native-fbank OnlineFbank": (getattr(knf, "__version__", "?"), kaldi),
     }
 
 
@@ -55,15 +52,19 @@ def main():
     rng = np.random.default_rng(0)
     clips = {"30 s": (0.1 * rng.standard_normal(30 * 16000)).astype(np.float32),
              "10 min": (0.1 * rng.standard_normal(600 * 16000)).astype(np.float32)}
-    rows = {}
-    ours = {"audioenc (all cores)": lambda x: fe.log_mel_spectrogram(x),
-            "audioenc (1 thread)": lambda x: fe.log_mel_spectrogram(x, threads=1)}
-    for name, (_, fn) in peers().items():
-        rows[name] = {c: median_ms(lambda: fn(x), args.runs if c == "30 s" else max(3, args.runs // 5))
-                      for c, x in clips.items()}
-    for name, fn in ours.items():
-        rows[name] = {c: median_ms(lambda: fn(x), args.runs * 4 if c == "30 s" else args.runs)
-                      for c, x in clips.items()}
+    contenders = {name: fn for name, (_, fn) in peers().items()}
+    contenders["audioenc (all cores)"] = lambda x: fe.log_mel_spectrogram(x)
+    contenders["audioenc (1 thread)"] = lambda x: fe.log_mel_spectrogram(x, threads=1)
+    rows = {name: {} for name in contenders}
+    for c, x in clips.items():
+        ours = fe.log_mel_spectrogram(x)
+        for name, fn in contenders.items():
+            check_output(f"{name} on the {c} clip", np.asarray(fn(x)), ours)
+        # round by round, so a slow spell of a shared machine slows every contender alike
+        ms = interleaved_medians({name: (lambda fn=fn: fn(x)) for name, fn in contenders.items()},
+                                 args.runs if c == "30 s" else max(3, args.runs // 5), warmup=1)
+        for name, seconds in ms.items():
+            rows[name][c] = 1e3 * seconds
     # Accuracy of the timed output against openai-whisper (normalised units).
     import whisper
     err = {}

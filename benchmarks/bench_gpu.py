@@ -52,7 +52,7 @@ from audioenc.models.whisper import WhisperEncoder  # noqa: E402
 # at each call (its LayerNorm takes float32 input, so converting the model to float16 would break it).
 from audioenc.peer_openai_whisper import openai_whisper_encoder  # noqa: E402
 from audioenc.verify import layer_errors  # noqa: E402
-from common import machine, versions, write_section  # noqa: E402
+from common import check_output, machine, versions, write_section  # noqa: E402
 
 SAMPLE_RATE = 16000
 
@@ -319,7 +319,7 @@ def attention_vs_sdpa(repeats, device, dtype):
     also time cuDNN's attention as the backend calls it (views of the fused QKV projection), which it
     may run there instead of ours, where that is faster."""
     from audioenc.backends.triton import _cudnn_attention_usable, _UnmaskedAttention
-    from audioenc.kernels.attention import attention
+    from audioenc.kernels.attention import attention, attention_ref
 
     rows = []
     shapes = [(16, 1500, 20, 64, False), (16, 499, 16, 64, False), (64, 499, 12, 64, False), (16, 499, 16, 64, True)]
@@ -330,6 +330,9 @@ def attention_vs_sdpa(repeats, device, dtype):
         if masked:
             lengths = torch.randint(t // 2, t + 1, (b,), device=device)
             mask = (torch.arange(t, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        check_output(f"attention at B={b} T={t} H={h} D={d}", attention(q, k, v, lengths),
+                     attention_ref(q.float(), k.float(), v.float(), lengths),
+                     attention_ref(q, k, v, lengths, compute_dtype=dtype) if dtype != torch.float32 else None)
         t_sdpa = graph_timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
                              repeats)
         t_ours = graph_timed(lambda: attention(q, k, v, lengths), repeats)
@@ -350,7 +353,7 @@ def attention_vs_sdpa(repeats, device, dtype):
 def linear_gelu_vs_cublas(repeats, device, dtype):
     """fc1 + GELU as our one fused kernel against cuBLAS (with its bias epilogue) plus a GELU pass, at
     the feed-forward shapes of the cases (rows = batch x frames, K -> N)."""
-    from audioenc.kernels.linear_gelu import linear_gelu
+    from audioenc.kernels.linear_gelu import linear_gelu, linear_gelu_ref
 
     rows = []
     shapes = [(16 * 1500, 1280, 5120), (16 * 499, 1024, 4096), (64 * 499, 768, 3072), (499, 1024, 4096)]
@@ -358,6 +361,9 @@ def linear_gelu_vs_cublas(repeats, device, dtype):
         x = torch.randn(m, k, device=device, dtype=dtype)
         w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
         b = torch.randn(n, device=device, dtype=dtype)
+        check_output(f"linear_gelu at {m} x {k} -> {n}", linear_gelu(x, w, b),
+                     linear_gelu_ref(x.float(), w.float(), b.float()),
+                     linear_gelu_ref(x, w, b, compute_dtype=dtype) if dtype != torch.float32 else None)
         t_cublas = graph_timed(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), repeats)
         t_epilogue = graph_timed(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True), repeats)
         t_ours = graph_timed(lambda: linear_gelu(x, w, b), repeats)
@@ -373,7 +379,7 @@ def conv_vs_cudnn(repeats, device, dtype):
     LayerNorm and GELU, at the cases' biggest conv layers; layer-norm layers both ways the backend
     chooses between (one fused kernel, or the conv with big tiles then LayerNorm + GELU)."""
     from audioenc.backends.triton import _ConvLayerNormGelu
-    from audioenc.kernels.conv_feature import conv1d_gelu
+    from audioenc.kernels.conv_feature import conv1d_gelu, conv1d_gelu_ref
 
     F = torch.nn.functional
     rows = []
@@ -401,7 +407,12 @@ def conv_vs_cudnn(repeats, device, dtype):
         t_cudnn = graph_timed(cudnn, repeats)
         frames = (length + 2 * pad - k) // stride + 1
         flops = 2 * b * frames * c_out * c_in * k
+        ref = lambda compute_dtype, *args: conv1d_gelu_ref(*args, stride, pad, *(norm if ln else ()),
+                                                            out_dtype=torch.float32, compute_dtype=compute_dtype)
+        truth = ref(torch.float32, x.float(), w_ours.float(), bias.float())
+        naive = ref(dtype, x, w_ours, bias) if dtype != torch.float32 else None
         for way, fn in ours.items():
+            check_output(f"conv feature kernel ({way}) at {label}", fn(x), truth, naive)
             t = graph_timed(lambda: fn(x), repeats)
             rows.append(f"| {label}, batch {b}{', LayerNorm' if ln else ''} | {way} | {1000 * t_cudnn:.3f} | "
                         f"{1000 * t:.3f} | {t_cudnn / t:.2f}x | {flops / t / 1e12:.0f} |")
@@ -415,6 +426,7 @@ def positional_conv_vs_cudnn(repeats, device, dtype) -> list[str]:
     and replayed from a CUDA graph (stop 26's eager profile ran it 5x slower than the graph seemed
     to), cuDNN on the transposed view, and audioenc's kernel, which the backend times against cuDNN."""
     from audioenc.backends.triton import _PositionalConv
+    from audioenc.kernels.pos_conv import grouped_conv1d_gelu_ref
 
     rows = []
     # 499 frames: 10 s as the eager profile ran it; 511: the backend's length bucket for 10 s.
@@ -426,6 +438,10 @@ def positional_conv_vs_cudnn(repeats, device, dtype) -> list[str]:
         conv = torch.nn.Conv1d(c, c, k, padding=k // 2, groups=groups)
         pos = _PositionalConv(conv, dtype, torch.device(device))
         x = torch.randn(b, frames, c, device=device, dtype=dtype)
+        check_output(f"grouped_conv1d_gelu at {label}, batch {b}, {frames} frames", pos.triton(x),
+                     grouped_conv1d_gelu_ref(x.float(), pos.weight.float(), pos.bias.float(), groups),
+                     grouped_conv1d_gelu_ref(x, pos.weight, pos.bias, groups, compute_dtype=dtype)
+                     if dtype != torch.float32 else None)
         view = lambda: torch.nn.functional.gelu(torch.nn.functional.conv1d(
             x.transpose(1, 2), pos.weight, pos.bias, padding=k // 2, groups=groups)[..., :frames])
         t_eager = timed(lambda: pos.cudnn(x), repeats)
@@ -448,7 +464,9 @@ def survived(section, *args) -> list[str]:
 
 
 def micro_benchmarks(repeats, device, dtype) -> list[str]:
-    """The kernels alone against their torch counterparts: the BENCHMARKS.md lines."""
+    """The kernels alone against their torch counterparts: the BENCHMARKS.md lines. Each kernel's
+    output is checked against its *_ref first (DESIGN.md's half-precision rule): a mismatch stops the run."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the checks' float32 truths
     att_rows, fc1_rows, conv_rows, pos_rows = (survived(section, repeats, device, dtype) for section in (
         attention_vs_sdpa, linear_gelu_vs_cublas, conv_vs_cudnn, positional_conv_vs_cudnn))
     return [

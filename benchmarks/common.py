@@ -7,7 +7,10 @@ import re
 import statistics
 import time
 
+import torch
+
 from audioenc.cpu import cores_text, cpu_name, vector_isa
+from audioenc.verify import FLOAT32_TOL, HALF_FACTOR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
@@ -30,6 +33,30 @@ def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:
     from audioenc.cli_bench import timed_rounds
 
     return {name: statistics.median(t) for name, t in timed_rounds(fns, repeats, warmup).items()}
+
+
+class WrongOutput(SystemExit):
+    """A contender's output is not its reference's, so its time is not worth reporting. A SystemExit,
+    not an Exception: the scripts' `except Exception` (a config that does not fit this GPU, a peer
+    that fails) must not turn it into one more row."""
+
+
+def check_output(name: str, out, truth, naive=None) -> float:
+    """out's relative error ||out - truth|| / ||truth|| against the float32 truth; raises WrongOutput
+    past DESIGN.md's rule (audioenc.verify): float32 within 1e-4; half precision (naive: the same math
+    done naively in that precision, e.g. a kernel's *_ref with compute_dtype) at most 2x naive's
+    error. NaN never passes."""
+    out, truth = torch.as_tensor(out).detach().cpu().double(), torch.as_tensor(truth).detach().cpu().double()
+    if out.shape != truth.shape:
+        raise WrongOutput(f"{name}: output shape {tuple(out.shape)}, its reference's {tuple(truth.shape)}")
+    rel = lambda a: float((a - truth).norm() / (truth.norm() if truth.norm() > 0 else 1.0))
+    err = rel(out)
+    # the floor: cases the half-precision math gets exactly right
+    bound = FLOAT32_TOL if naive is None else HALF_FACTOR * rel(torch.as_tensor(naive).cpu().double()) + 1e-5
+    if not err <= bound:  # NaN fails here too
+        raise WrongOutput(f"{name}: output differs from its reference by {err:.2e} relative (allowed {bound:.2e}); "
+                          "not timing a wrong answer")
+    return err
 
 
 def machine() -> str:

@@ -8,8 +8,9 @@ The autotuner keeps one config per shape class and says nothing about the others
 far apart they are, whether configs outside the tuned list would win, and what loading the steady
 key blocks with Hopper's tensor memory accelerator (host TensorDescriptors) gives (stop 17, H200:
 nothing; BENCHMARKS.md), and the same with the key loop warp-specialized (not yet run on a GPU). Shapes are the
-backend's: q, k, v are views of one fused (B, T, 3, H, D) projection. Each row is checked against
-SDPA's output. ms per call from a CUDA graph of 20 calls.
+backend's: q, k, v are views of one fused (B, T, 3, H, D) projection. Each way's output is checked
+against attention_ref's float32 truth (DESIGN.md's half-precision rule) before it is timed: a
+mismatch stops the sweep. ms per call from a CUDA graph of 20 calls.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from bench_gpu import TINY, graph_timed  # sets TRITON_INTERPRET without CUDA, b
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from audioenc.kernels.attention import (  # noqa: E402
-    LOG2E, TUNED_CONFIGS, _attend_keys, _attention_fwd_kernel, attention)
+    LOG2E, TUNED_CONFIGS, _attend_keys, _attention_fwd_kernel, attention, attention_ref)
+from common import check_output  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, warps, stages): the tuned list, then configs outside it
 CONFIGS = TUNED_CONFIGS + [(128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 2), (256, 64, 8, 3), (256, 64, 8, 2),
@@ -111,10 +113,11 @@ def sweep(b, t, h, d, masked, repeats, device, dtype, configs):
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     mask = None if lengths is None else (torch.arange(t, device=device)[None, :] < lengths[:, None])[:, None, None, :]
     sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
-    expected = sdpa().transpose(1, 2).float()
+    truth = attention_ref(q.float(), k.float(), v.float(), lengths)
+    naive = attention_ref(q, k, v, lengths, compute_dtype=dtype) if dtype != torch.float32 else None
     flops = 4 * b * h * t * t * d
     title = f"B={b} T={t} H={h} D={d}{', key mask' if masked else ''}"
-    print(f"\n### {title}\n\n| way | BLOCK_M, BLOCK_N, warps, stages | ms | TFLOP/s | vs SDPA | max error |\n"
+    print(f"\n### {title}\n\n| way | BLOCK_M, BLOCK_N, warps, stages | ms | TFLOP/s | vs SDPA | rel. error vs fp32 |\n"
           "|---|---|---:|---:|---:|---:|", flush=True)
     t_sdpa = graph_timed(sdpa, repeats)
     print(f"| torch SDPA | | {1000 * t_sdpa:.3f} | {flops / t_sdpa / 1e12:.0f} | 1.00x | |", flush=True)
@@ -124,8 +127,8 @@ def sweep(b, t, h, d, masked, repeats, device, dtype, configs):
              for c in configs for name, tma, ws in variants
              if not ws or c[2] == 8]  # warp specialization splits 8 warps into producers and consumers
     for name, config, fn in ways:
-        try:
-            error = float((fn().float() - expected).abs().max())
+        try:  # a wrong output raises WrongOutput, no Exception: it stops the sweep
+            error = check_output(f"attention ({name}{f', {config}' if config else ''}) at {title}", fn(), truth, naive)
             seconds = graph_timed(fn, repeats)
         except Exception as exc:  # noqa: BLE001 - a config that does not fit this GPU's shared memory
             print(f"| {name} | {config} | failed: {str(exc).splitlines()[0][:80]} | | | |", flush=True)

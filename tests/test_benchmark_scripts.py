@@ -79,3 +79,96 @@ def test_bench_onnx_runs_ctranslate2_on_onnxruntimes_threads(tmp_path, monkeypat
     with pytest.raises(Loaded) as loaded:
         bench_onnx.whisper_rows(str(tmp_path), repeats=1, size="tiny")
     assert loaded.value.args == (threads,)
+
+
+def bench_module(monkeypatch, name: str):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def test_bench_frontend_times_the_contenders_round_by_round(monkeypatch):
+    """A slow spell of a shared machine must slow every contender alike, not whichever ran then."""
+    pytest.importorskip("whisper")
+    bench_frontend = bench_module(monkeypatch, "bench_frontend")
+    calls = []
+
+    def peer(name):
+        def fn(x):
+            calls.append(name)
+            return bench_frontend.fe.log_mel_spectrogram(x)
+        return "1", fn
+
+    monkeypatch.setattr(bench_frontend, "peers", lambda: {"a": peer("a"), "b": peer("b")})
+    monkeypatch.setattr(sys, "argv", ["bench_frontend.py", "--runs", "3", "--no-write"])
+    bench_frontend.main()
+    switches = sum(x != y for x, y in zip(calls, calls[1:]))
+    assert switches >= 2 * 3 + 2 * 3, calls  # at least one switch per round and clip each way
+
+
+def test_bench_frontend_refuses_a_peer_that_computes_something_else(monkeypatch):
+    """librosa's melspectrogram alone (no log, constant padding, one more frame) was timed as a log-mel peer."""
+    librosa = pytest.importorskip("librosa")
+    pytest.importorskip("whisper")
+    bench_frontend = bench_module(monkeypatch, "bench_frontend")
+    power_mel = lambda x: librosa.feature.melspectrogram(y=x, sr=16000, n_fft=400, hop_length=160, n_mels=80)
+    monkeypatch.setattr(bench_frontend, "peers", lambda: {"librosa power mel": ("1", power_mel)})
+    monkeypatch.setattr(sys, "argv", ["bench_frontend.py", "--runs", "3", "--no-write"])
+    with pytest.raises(SystemExit, match="librosa power mel on the 30 s clip"):
+        bench_frontend.main()
+    # numbers 0.1% off are refused too, not just a wrong shape
+    scaled = lambda x: 1.001 * bench_frontend.fe.log_mel_spectrogram(x)
+    monkeypatch.setattr(bench_frontend, "peers", lambda: {"scaled": ("1", scaled)})
+    with pytest.raises(SystemExit, match="scaled on the 30 s clip: output differs"):
+        bench_frontend.main()
+
+
+def test_bench_frontend_gpu_checks_each_item_against_openai_whisper(monkeypatch):
+    whisper = pytest.importorskip("whisper")
+    torch = pytest.importorskip("torch")
+    bench_frontend_gpu = bench_module(monkeypatch, "bench_frontend_gpu")
+    x = 0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    assert bench_frontend_gpu.checked_diff(x, whisper) < 1e-3
+    real = bench_frontend_gpu.fe.log_mel_spectrogram
+    monkeypatch.setattr(bench_frontend_gpu.fe, "log_mel_spectrogram", lambda x: real(x) * 1.01)
+    with pytest.raises(SystemExit, match="audioenc log-mel, item 0 of a batch of 2: output differs"):
+        bench_frontend_gpu.checked_diff(x, whisper)
+
+
+def test_sweep_attention_runs_tiny():
+    out = run_script("benchmarks/sweep_attention.py", "--tiny")
+    assert out.count("| autotuned |") == 2 and "| pointer | 128, 64, 8, 3 |" in out
+
+
+# Runs a benchmark script with one kernel's output off by 1%, the kernel patched before the script imports it.
+WRONG_KERNEL = """
+import sys
+sys.argv = {argv!r}
+sys.path.insert(0, "benchmarks")
+import bench_gpu  # sets TRITON_INTERPRET without CUDA, before the kernels load
+import runpy
+import {module} as kernels
+real = kernels.{kernel}
+kernels.{kernel} = lambda *args, **kwargs: 1.01 * real(*args, **kwargs)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("argv, module, kernel, message", [
+    (["benchmarks/sweep_attention.py", "--tiny"], "audioenc.kernels.attention", "attention",
+     "attention (autotuned) at B=2 T=97 H=2 D=64: output differs"),
+    (["benchmarks/bench_gpu.py", "--tiny", "--no-write", "--cases", "none"], "audioenc.kernels.attention",
+     "attention", "attention at B=2 T=97 H=2 D=64: output differs"),
+    (["benchmarks/bench_gpu.py", "--tiny", "--no-write", "--cases", "none"], "audioenc.kernels.linear_gelu",
+     "linear_gelu", "linear_gelu at 97 x 64 -> 256: output differs"),
+    (["benchmarks/bench_gpu.py", "--tiny", "--no-write", "--cases", "none"], "audioenc.kernels.conv_feature",
+     "conv1d_gelu", "conv feature kernel (fused) at tiny conv: output differs"),
+    (["benchmarks/bench_gpu.py", "--tiny", "--no-write", "--cases", "none"], "audioenc.kernels.pos_conv",
+     "grouped_conv1d_gelu", "grouped_conv1d_gelu at tiny, batch 2, 49 frames: output differs"),
+])
+def test_a_wrong_kernel_output_stops_the_benchmark(argv, module, kernel, message):
+    skip_without_triton_interpreter()
+    code = WRONG_KERNEL.format(argv=argv, module=module, kernel=kernel)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and message in result.stderr, result.stdout[-4000:] + result.stderr[-4000:]
