@@ -530,7 +530,8 @@ class _FastWav2Vec2:
             lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
             if norm_type == "group":
                 x = conv0_group_norm_gelu(x, lengths, weight, bias, norm[0], norm[1], s, norm[2], out_dtype=self.dtype)
-                x = x + group_norm_overflow(waveforms, weight, bias).to(self.dtype)
+                # in place: a second copy of the widest activation is GBs at batch 64
+                x.add_(group_norm_overflow(waveforms, weight, bias).to(self.dtype))
                 continue
             if i in self.layer_norm_convs:
                 x = self.layer_norm_convs[i](x)
