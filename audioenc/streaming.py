@@ -297,7 +297,12 @@ class EncoderStream:
                 offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
                 kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
         if kept:
-            encoded = self.encode_samples([samples for samples, _, _ in kept])
+            try:
+                encoded = self.encode_samples([samples for samples, _, _ in kept])
+            except ValueError as exc:
+                # The encoder refuses what it was given (Whisper: finite samples whose spectrogram
+                # overflows), which every retry of these windows would meet again
+                raise self._fail(str(exc)) from exc
             pieces = [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, kept)]
             # As encode: never NaN or Inf frames. The windows before an overflowing one keep theirs.
             finite = torch.stack([torch.isfinite(p).all() for p in pieces]).cpu()  # one wait on a GPU

@@ -571,6 +571,35 @@ def test_half_activation_peaks_of_real_size_models(name, tmp_path):
     graph_precision.check_half_headroom(peaks)
 
 
+def test_int8_graph_at_whisper_large_v3_widths(tmp_path, monkeypatch):
+    """whisper-large-v3 (and distil-large-v3, the same encoder) at its real widths (128 mels, 1280
+    wide, 20 heads) and one layer, random weights: every linear layer quantised, the graph's weights
+    outside it as the full 2.5 GB model's are (lowered limit), and the frames within the int8 rule."""
+    from audioenc.frontend import window_log_mel
+    from audioenc.models import build_model
+    from audioenc.presets import ARCHITECTURES
+    from audioenc.verify import INT8_MIN_COSINE
+    from audioenc.weights import Checkpoint
+
+    config = dict(ARCHITECTURES["whisper-large-v3"][0], encoder_layers=1)
+    model = build_model(Checkpoint("whisper", config, {}, {}, "random:whisper-large-v3", "random"), random_weights=True)
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1 << 20)
+    export.build_graph(model, export.ExportSpec(num_layers=1, hidden_states=False, dtype="int8", fused_attention=True),
+                       str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+    graph = str(tmp_path / export.MODEL_FILE)
+    proto = onnx.load(graph, load_external_data=False)
+    weights = {init.name for init in proto.graph.initializer}
+    assert not [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert sum(n.op_type == "MatMulInteger" for n in proto.graph.node) == 6
+    mel = window_log_mel([speech_like(16000 * 7, 4)], 480000, 128, torch.device("cpu"))
+    got = torch.from_numpy(session(graph).run(["last_hidden_state"], {"mel": mel.numpy()})[0])
+    with torch.no_grad():
+        want = model(mel, num_layers=1)[0]
+    valid = 7 * 50  # frames of the 7 s of audio
+    assert torch.nn.functional.cosine_similarity(got[0, :valid], want[0, :valid], dim=-1).mean() >= INT8_MIN_COSINE
+
+
 def test_whisper_graph_takes_whole_windows_only(whisper_checkpoints, tmp_path):
     """The trace is short, but a Whisper encoder computes 30 s windows: another length must be
     refused by the graph, not run into frames Whisper never computes."""

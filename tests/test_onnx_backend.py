@@ -8,6 +8,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -325,6 +326,99 @@ def test_int8_keeps_the_quiet_frames_of_speech_at_real_size():
     assert torch.equal(out.lengths, want.lengths)
     for i, n in enumerate(want.lengths.tolist()):
         assert cosine(out.last_hidden_state[i, :n], want.last_hidden_state[i, :n]) >= 0.995
+
+
+@pytest.fixture(scope="module")
+def int8_sized(tmp_path_factory):
+    """family -> checkpoint path of a model just wide enough for int8 to quantise every linear layer
+    (the shared tiny checkpoints, 32 wide, are below QUANTIZE_MIN_ROWS: their int8 graphs keep all
+    the encoder's MatMuls in float32). The WavLM is layer-norm (convs quantised one scale per call,
+    wav2vec2-base's group norm has its real-size test above) with 64-wide heads, so its gate's
+    Linear(head_dim, 8) is quantised too."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import randomize
+
+    out = {}
+    path = tmp_path_factory.mktemp("int8-whisper")
+    config = transformers.WhisperConfig(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=256,
+                                        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64)
+    randomize(transformers.WhisperModel(config)).save_pretrained(path)
+    transformers.WhisperFeatureExtractor().save_pretrained(path)
+    out["whisper"] = str(path)
+    path = tmp_path_factory.mktemp("int8-wavlm")
+    config = transformers.WavLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                      conv_dim=(64,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                                      feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                                      num_buckets=32, max_bucket_distance=60)
+    randomize(transformers.WavLMModel(config)).save_pretrained(path)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(path)
+    out["wavlm"] = str(path)
+    return out
+
+
+def float_and_quantized_matmuls(graph: str) -> tuple[list[str], int]:
+    """(names of the MatMuls by a constant weight left in float, number of MatMulIntegers) of a graph."""
+    import onnx
+
+    proto = onnx.load(graph, load_external_data=False)
+    weights = {init.name for init in proto.graph.initializer}
+    nodes = proto.graph.node
+    return ([n.name for n in nodes if n.op_type == "MatMul" and n.input[1] in weights],
+            sum(n.op_type == "MatMulInteger" for n in nodes))
+
+
+@pytest.mark.parametrize("family,left_float,quantized", [
+    ("whisper", [], 2 * 6),  # q, k, v, out, fc1, fc2 per layer; the conv stem stays Conv
+    # the first conv reads the waveform (a reduction of 10); layers: 6 + the gate; convs 1-6; the projection
+    ("wavlm", ["/feature_extractor/convs.0/MatMul"], 2 * 7 + 6 + 1)])
+def test_int8_quantises_every_linear_layer_and_meets_the_int8_rule(family, left_float, quantized, int8_sized,
+                                                                    tmp_path, monkeypatch):
+    """With every linear layer quantised, each layer's mean per-frame cosine to the float32 reference
+    meets `audioenc verify`'s int8 rule, for every item of a batch."""
+    from audioenc.verify import INT8_MIN_COSINE
+
+    monkeypatch.setenv("AUDIOENC_CACHE", str(tmp_path))
+    waves = [speech_like(16000 * 3, 11), speech_like(12345, 12)]
+    out = audioenc.load(int8_sized[family], backend="onnx", dtype="int8").encode(waves, output_hidden_states=True)
+    (graph,) = [os.path.join(tmp_path, "onnx", entry, "model.onnx") for entry in os.listdir(tmp_path / "onnx")]
+    assert float_and_quantized_matmuls(graph) == (left_float, quantized)
+    ref = audioenc.load(int8_sized[family], backend="torch").encode(waves, output_hidden_states=True)
+    assert torch.equal(out.lengths, ref.lengths)
+    for i, n in enumerate(ref.lengths.tolist()):
+        pairs = zip((*out.hidden_states, out.last_hidden_state), (*ref.hidden_states, ref.last_hidden_state))
+        cosines = [cosine(a[i, :n], b[i, :n]) for a, b in pairs]
+        assert min(cosines) >= INT8_MIN_COSINE, cosines
+        assert cosines[-1] < 1 - 1e-7  # quantised: not the float32 frames
+        assert torch.all(out.last_hidden_state[i, n:] == 0)
+
+
+@pytest.mark.parametrize("family", ["whisper", "wavlm"])
+def test_int8_streams_meet_the_int8_rule_against_a_float32_stream(family, int8_sized):
+    """A stream's windows see less than the whole audio, so its frames differ from offline ones in
+    any dtype; an int8 stream is judged against the float32 reference streaming the same windows.
+    Audio that fits one window streams to the offline int8 frames exactly."""
+    from audioenc.verify import INT8_MIN_COSINE
+
+    path = int8_sized[family]
+    enc, ref = audioenc.load(path, backend="onnx", dtype="int8"), audioenc.load(path, backend="torch")
+    wave = speech_like(16000 * 4 + 555, 13)
+
+    def streamed(encoder, wave, chunk_s=1.0):
+        stream, rng, pieces, pos = encoder.stream(chunk_s=chunk_s), np.random.default_rng(5), [], 0
+        while pos < len(wave):
+            n = int(rng.integers(1, 9000))
+            pieces.append(stream.push(wave[pos : pos + n]))
+            pos += n
+        pieces.append(stream.flush())
+        frames = torch.cat([p.frames for p in pieces])
+        assert np.allclose(np.concatenate([p.times for p in pieces]), np.arange(len(frames)) * 0.02)  # on the grid, once each
+        return frames
+
+    got, want = streamed(enc, wave), streamed(ref, wave)
+    assert got.shape == want.shape == enc.encode(wave).last_hidden_state[0].shape
+    assert INT8_MIN_COSINE <= cosine(got, want) < 1 - 1e-7
+    short = wave[:12000]  # within one window: chunk and context
+    assert torch.equal(streamed(enc, short, chunk_s=2.0), enc.encode(short).last_hidden_state[0])
 
 
 def test_fusions_exact_gelu_in_float32(w2v_checkpoints):

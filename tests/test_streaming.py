@@ -261,6 +261,25 @@ def test_a_stream_whose_output_overflows_fails_for_good_and_keeps_its_frames(w2v
     assert len(resampled.flush()) >= 75  # the frames of the audio before it
 
 
+def test_a_whisper_stream_whose_spectrogram_overflows_fails_for_good_and_keeps_its_frames(whisper_checkpoints):
+    """Whisper's frontend refuses finite samples whose spectrogram overflows float32. The window that
+    holds them was kept for a retry that meets the same error: every later push and flush raised it,
+    and the frames finished before it in that push were never returned."""
+    enc = audioenc.load(whisper_checkpoints[80][0], backend="torch")
+    wave = speech_like(16000 * 4, 9)
+    stream = enc.stream(chunk_s=1.0)
+    good = stream.push(wave[:16000])
+    bad = wave[16000:56000].copy()
+    bad[24000] = 1e30  # at 2.5 s: one push finishes the first two seconds, then meets it
+    with pytest.raises(ValueError, match="spectrogram overflows float32"):
+        stream.push(bad)
+    with pytest.raises(RuntimeError, match="failed earlier .*spectrogram overflows"):
+        stream.push(wave[56000:])
+    rest = stream.flush()
+    assert rest.first == len(good) and len(good) + len(rest) == 100  # the first two seconds' frames are kept
+    assert len(stream.flush()) == 0
+
+
 def test_long_audio_goes_through_windows(w2v_checkpoints):
     enc = audioenc.load(w2v_checkpoints["wav2vec2-layer-postln-oddpos"][0], backend="torch")  # layer norm, no waveform norm
     wave = speech_like(16000 * 6 + 5, 5)
