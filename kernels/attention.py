@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
+from audioenc.kernels.autotune import autotune, choose_configs
 from audioenc.models.wavlm import bias_per_distance
 
 LOG2E = 1.4426950408889634
@@ -90,7 +90,7 @@ def _attend_keys(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rel_bas
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T", "LOG2_BH", "HAS_BIAS"], **CACHE_RESULTS)
+@autotune(configs=_configs(), key=["HEAD_DIM", "LOG2_T", "LOG2_BH", "HAS_BIAS"])
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lengths, RelBias, Gate,

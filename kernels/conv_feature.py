@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
+from audioenc.kernels.autotune import autotune, choose_configs
 from audioenc.kernels.gelu import gelu
 from audioenc.models.layers import masked_group_norm
 
@@ -35,7 +35,7 @@ def _conv_configs():
         interpreted=triton.Config({"BLOCK_T": 128, "BLOCK_CI": 64}, num_warps=4))
 
 
-@triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "KSIZE", "LOG2_T", "LAYER_NORM"], **CACHE_RESULTS)
+@autotune(configs=_conv_configs(), key=["C_in", "C_out", "KSIZE", "LOG2_T", "LAYER_NORM"])
 @triton.jit
 def _conv1d_gelu_kernel(
     X, W, Bias, NormW, NormB, Add, Out,
@@ -120,7 +120,7 @@ def _conv0_configs():
                           interpreted=triton.Config({"BLOCK_T": 512, "BLOCK_C": 64}, num_warps=4))
 
 
-@triton.autotune(configs=_conv0_configs(), key=["C_out", "KSIZE", "LOG2_T"], **CACHE_RESULTS)
+@autotune(configs=_conv0_configs(), key=["C_out", "KSIZE", "LOG2_T"])
 @triton.jit
 def _conv0_group_norm_gelu_kernel(
     X, W, Bias, NormW, NormB, FrameLengths, Out,

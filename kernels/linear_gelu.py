@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
+from audioenc.kernels.autotune import autotune, choose_configs
 from audioenc.kernels.gelu import gelu
 
 
@@ -49,7 +49,7 @@ def _dot(acc, x, w, IEEE: tl.constexpr):
     return tl.dot(x, tl.trans(w), acc)
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "LOG2_M"], **CACHE_RESULTS)
+@autotune(configs=_configs(), key=["N", "K", "LOG2_M"])
 @triton.jit
 def _linear_gelu_kernel(
     X, W, Bias, Out,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from audioenc.kernels.autotune import CACHE_RESULTS, choose_configs
+from audioenc.kernels.autotune import autotune, choose_configs
 from audioenc.kernels.gelu import gelu
 
 
@@ -40,7 +40,7 @@ def _configs():
 
 
 
-@triton.autotune(configs=_configs(), key=["GROUP_C", "KSIZE", "LOG2_T", "LOG2_BG"], **CACHE_RESULTS)
+@autotune(configs=_configs(), key=["GROUP_C", "KSIZE", "LOG2_T", "LOG2_BG"])
 @triton.jit
 def _grouped_conv1d_gelu_kernel(
     X, W, Bias, Out,

@@ -557,6 +557,53 @@ def test_autotune_configs_per_mode(monkeypatch):
     assert choose_configs(tuned, interpreted) == [interpreted]
 
 
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_autotune_setting_other_than_0_or_1_is_an_error(monkeypatch, interpret):
+    """AUDIOENC_AUTOTUNE=false (or off, no) autotuned every config, silently."""
+    triton = pytest.importorskip("triton")
+    from audioenc.kernels.autotune import choose_configs
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    for value in ("false", "off", "", "2"):
+        monkeypatch.setenv("AUDIOENC_AUTOTUNE", value)
+        with pytest.raises(ValueError, match=r"AUDIOENC_AUTOTUNE must be 0 .* or 1 .*, got"):
+            choose_configs([triton.Config({"BLOCK": 64})], triton.Config({"BLOCK": 512}))
+
+
+def test_autotuned_choices_are_kept_per_gpu(kernels, monkeypatch):
+    """A process on two GPUs (an H100 and an L4) ran the first one's choice on the other, where it may
+    not fit in shared memory. Here the fake "small" GPU has no room for BLOCK=64."""
+    import triton
+    import triton.language as tl
+
+    from audioenc.kernels import autotune
+
+    @autotune.autotune(configs=[triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 32})], key=["N"])
+    @triton.jit
+    def write_block(out, N, BLOCK: tl.constexpr):
+        tl.store(out + tl.arange(0, 1), tl.full((1,), BLOCK, tl.int32))
+
+    device, timed = ["big"], []
+    out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+
+    def bench(kernel_call, quantiles):  # bigger blocks are faster, where they fit
+        kernel_call()
+        block = int(out[0])
+        timed.append((device[0], block))
+        fits = block <= {"big": 64, "small": 32}[device[0]]
+        return [1 / block if fits else float("inf")] * 3
+
+    write_block.do_bench = bench
+    write_block.cache_results = False  # the disk cache is keyed by the real GPU's architecture
+    monkeypatch.setattr(autotune, "device_key", lambda: device[0])
+    ran = []
+    for device[0] in ("big", "small", "big", "small"):
+        write_block[(1,)](out, 1000)
+        ran.append(int(out[0]))
+    assert ran == [64, 32, 64, 32]
+    assert timed == [("big", 64), ("big", 32), ("small", 64), ("small", 32)]  # each tuned once
+
+
 def test_float32_linear_has_a_config_that_fits_small_gpus(monkeypatch):
     """The triton backend's float32 Linears all run in linear_gelu (IEEE): one config must fit in
     99 KB of shared memory (A10, L4), with AUDIOENC_AUTOTUNE=0 too."""

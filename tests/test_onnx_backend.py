@@ -108,6 +108,60 @@ def test_middle_layer_runs_a_shallower_graph(w2v_checkpoints):
     assert len(enc.backend.sessions[1, True].get_outputs()) == 2 + 2
 
 
+def test_a_layer_sweep_keeps_the_last_sessions_used(w2v_checkpoints):
+    """Each depth is a session holding its layers' weights (prepacked: wav2vec2-base's full depth about
+    350 MB) and a thread pool: a sweep over output_layer, hidden states too, kept them all."""
+    from audioenc.backends import onnx
+
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    wave = speech_like(9000, 6)
+    keys = [(layer, hidden) for hidden in (False, True) for layer in range(enc.num_layers + 1)]
+    first = {}
+    for layer, hidden in keys:
+        first[layer, hidden] = enc.encode(wave, output_layer=layer, output_hidden_states=hidden)
+        assert len(enc.backend.sessions) <= onnx.SESSION_CACHE_SIZE
+    assert list(enc.backend.sessions) == keys[-onnx.SESSION_CACHE_SIZE:]
+    kept, evicted = keys[-1], keys[0]
+    enc.encode(wave, output_layer=kept[0], output_hidden_states=kept[1])  # now the most recent: kept
+    with pytest.warns(UserWarning, match="output_hidden_states=True, which returns every layer from one run"):
+        again = enc.encode(wave, output_layer=evicted[0], output_hidden_states=evicted[1])  # exported once, loaded again
+    assert list(enc.backend.sessions)[-2:] == [kept, evicted]
+    assert torch.equal(again.last_hidden_state, first[evicted].last_hidden_state)
+    enc.backend.untrimmed.add(keys[1])  # a long call's session, evicted before its trim
+    enc.backend.trim()
+    assert not enc.backend.untrimmed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per encoder
+        enc.encode(wave, output_layer=keys[1][0], output_hidden_states=keys[1][1])
+
+
+def test_threads_at_different_depths_share_a_small_session_cache(w2v_checkpoints, monkeypatch):
+    """With room for one session, each thread's new depth evicts the session another thread is running:
+    that run holds its session until it ends, and every result is its depth's."""
+    from audioenc.backends import onnx
+
+    monkeypatch.setattr(onnx, "SESSION_CACHE_SIZE", 1)
+    enc = audioenc.load(w2v_checkpoints["wav2vec2-group"][0], backend="onnx")
+    wave = speech_like(12000, 7)
+    want = {layer: enc.encode(wave, output_layer=layer).last_hidden_state for layer in range(enc.num_layers + 1)}
+    errors = []
+
+    def work(layer):
+        try:
+            for _ in range(4):
+                assert torch.equal(enc.encode(wave, output_layer=layer).last_hidden_state, want[layer])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(layer,)) for layer in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(enc.backend.sessions) == 1
+
+
 def test_reference_weights_are_released_and_built_again_for_another_depth(w2v_checkpoints, tmp_path, monkeypatch):
     """Once a session holds the weights, the reference's copy is freed; a graph not in the cache is
     exported from weights built again from the checkpoint, which is refused once it has changed."""

@@ -57,6 +57,13 @@ def assert_items_close(ours, ref, tol):
 WAVES = [(400, 1), (3001, 2), (4801, 3)]  # one frame, and two odd lengths in one padded batch
 
 
+def test_autotune_setting_typo_fails_the_load(w2v_checkpoints, monkeypatch):
+    """The kernels read AUDIOENC_AUTOTUNE as they are first imported, at the first call, not the load."""
+    monkeypatch.setenv("AUDIOENC_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="AUDIOENC_AUTOTUNE must be 0 .* or 1 .*, got 'yes'"):
+        load(w2v_checkpoints["wav2vec2-group"][0])
+
+
 @pytest.mark.parametrize("variant", list(W2V_VARIANTS))
 def test_wav2vec2_family_float32_matches_reference(variant, w2v_checkpoints):
     path, _ = w2v_checkpoints[variant]

@@ -7,8 +7,11 @@ is exported (and cached) on first use, which takes seconds for a base-size model
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import warnings
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -26,6 +29,10 @@ GRAPH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "float32"
 # appear in a float32 graph.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
              "SimplifiedLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+# Sessions kept, the most recently used: each holds its depth's weights (prepacked: wav2vec2-base's
+# full depth about 350 MB) and its own thread pool. Three serve the last layer, the same with every
+# hidden state and one middle layer without reloading; a sweep over output_layer holds no more.
+SESSION_CACHE_SIZE = 3
 
 
 class OnnxBackend:
@@ -55,7 +62,10 @@ class OnnxBackend:
         self.device, self.dtype = device, dtype
         self.dims = model.dims
         self.reference = ReferenceWeights(model)  # released once a session holds the weights
-        self.sessions: dict[tuple[int, bool], object] = {}  # (num_layers, hidden_states) -> session
+        # (num_layers, hidden_states) -> session, the least recently used first
+        self.sessions: OrderedDict[tuple[int, bool], object] = OrderedDict()
+        self.evicted: set[tuple[int, bool]] = set()  # keys whose session was dropped: a reload warns, once
+        self.reload_warned = False
         self.untrimmed: set[tuple[int, bool]] = set()  # sessions that ran past TRIM_AFTER_SAMPLES since a trim
         self.lock = ForkSafeLock(level=0)  # held while a graph is exported: a fork waits for it
 
@@ -95,10 +105,21 @@ class OnnxBackend:
         key = (num_layers, hidden_states)
         session = self.sessions.get(key)  # a graph in use never waits for another's export
         if session is not None:
+            with contextlib.suppress(KeyError):  # evicted meanwhile: its runs hold it until they end
+                self.sessions.move_to_end(key)
             return session
         with self.lock:
             if key not in self.sessions:
                 options = self.session_options()  # its errors are the caller's, not the graph's
+                while len(self.sessions) >= SESSION_CACHE_SIZE:  # before the new one loads: a lower peak
+                    self.evicted.add(self.sessions.popitem(last=False)[0])
+                if key in self.evicted and not self.reload_warned:
+                    self.reload_warned = True  # once per encoder
+                    warnings.warn(f"audioenc: the onnx backend keeps the {SESSION_CACHE_SIZE} sessions last used "
+                                  "(one per depth, and apart for hidden states), so a dropped one is loaded again, "
+                                  "which takes about a second; for several layers of each input, ask for "
+                                  "output_hidden_states=True, which returns every layer from one run",
+                                  UserWarning, stacklevel=2)
                 path = self.graph_path(*key)
                 self.reference.release()  # before the session loads its own copy: a lower peak
                 try:
@@ -107,7 +128,7 @@ class OnnxBackend:
                     path = self.graph_path(*key, rebuild_reason=f"onnxruntime could not load it: {exc}")
                     self.reference.release()
                     session = ort.InferenceSession(path, options, providers=self.providers)
-                return_freed_memory()  # the graph's file image, read to build the session
+                return_freed_memory()  # the graph's file image, read to build the session, and an evicted session
                 self.sessions[key] = session
             return self.sessions[key]
 
@@ -154,8 +175,11 @@ class OnnxBackend:
                 key = self.untrimmed.pop()
             except KeyError:  # empty, or another thread took the last one
                 return
+            session = self.sessions.get(key)
+            if session is None:  # evicted: its arena went with it
+                continue
             with fork_waits():  # as run_batch's calls
-                self.sessions[key].run(["last_hidden_state"], feeds, options)
+                session.run(["last_hidden_state"], feeds, options)
 
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, lengths: torch.Tensor | None, num_layers: int,

@@ -622,6 +622,9 @@ class TritonBackend:
         return "it needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels slowly in Triton's CPU interpreter)"
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str):
+        from audioenc.kernels.autotune import autotune_enabled
+
+        autotune_enabled()  # read as the kernels are first imported; a typo fails the load, not the first call
         if device.type == "cpu" and not _interpreting():
             raise ValueError("the triton backend runs on CUDA devices (on the CPU only with TRITON_INTERPRET=1)")
         if device.type not in ("cuda", "cpu"):
