@@ -109,16 +109,33 @@ def test_list_of_lengths_and_dtypes():
         assert torch.equal(log_mel_spectrogram(x.astype(dtype)), log_mel_spectrogram(x.astype(dtype[1:])))
 
 
+def expected_isa(flags, env):
+    """The vector path log_mel_cpu should pick on a CPU with these /proc/cpuinfo flags under env."""
+    if "AUDIOENC_NO_AVX2" in env or not {"avx2", "fma"} <= flags:
+        return "sse2"
+    if "AUDIOENC_NO_AVX512" in env or not {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags:
+        return "avx2"
+    return "avx512"
+
+
 @pytest.mark.skipif(_C is None, reason="audioenc._C is not built")
-def test_baseline_vector_path_matches_whisper():
+@pytest.mark.parametrize("env", [{"AUDIOENC_NO_AVX2": "1"}, {"AUDIOENC_NO_AVX512": "1"}, {}])
+def test_each_vector_path_matches_whisper(env):
+    import os
     import subprocess
     import sys
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        flags = set()
+    isa = expected_isa(flags, env)
     code = ("import numpy as np, torch, whisper, audioenc.frontend as fe; from audioenc._native import _C; "
-            "assert _C.log_mel_cpu_isa == 'sse2'; x = (0.1 * np.random.randn(2, 48003)).astype(np.float32); "
+            f"assert _C.log_mel_cpu_isa == {isa!r}, _C.log_mel_cpu_isa; x = (0.1 * np.random.randn(2, 48003)).astype(np.float32); "
             "o = fe.log_mel_spectrogram(x); d = max((o[b] - whisper.log_mel_spectrogram(torch.from_numpy(x[b]))).abs().max().item() for b in range(2)); "
             "assert d < 1e-3, d")
-    env = dict(__import__("os").environ, AUDIOENC_NO_AVX2="1")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    clean = {k: v for k, v in os.environ.items() if k not in ("AUDIOENC_NO_AVX2", "AUDIOENC_NO_AVX512")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
 
 

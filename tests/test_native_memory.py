@@ -21,7 +21,8 @@ def test_cpp_unit_tests_under_asan(tmp_path):
     assert build.returncode == 0, build.stderr[-4000:]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-    for isa_env in ({}, {"AUDIOENC_NO_AVX2": "1"}):  # the AVX2 path (where the CPU has it) and the baseline
+    # the AVX-512 and AVX2 paths (where the CPU has them) and the baseline
+    for isa_env in ({}, {"AUDIOENC_NO_AVX512": "1"}, {"AUDIOENC_NO_AVX2": "1"}):
         run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120, env={**env, **isa_env})
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]

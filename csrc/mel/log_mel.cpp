@@ -74,6 +74,48 @@ inline void transpose(V* r) {  // 8 x 8 in registers: unpack, shuffle, swap 128-
 #else
 #pragma GCC pop_options
 #endif
+
+// AVX-512 path: 16 lanes, chosen at run time like the AVX2 one.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
+#endif
+namespace mel_avx512 {
+typedef float V __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+constexpr int W = 16;
+inline V madd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline void transpose(V* r) {  // 16 x 16: 4 x 4 transposes within 128-bit lanes, then of the lanes
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // u[4a + c], 128-bit lane k: rows 4a .. 4a + 3 of column 4k + c
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[c + 4], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[c + 4], 0xee);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[c + 8], u[c + 12], 0x44), v3 = _mm512_shuffle_f32x4(u[c + 8], u[c + 12], 0xee);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[c + 4] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    r[c + 8] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+  }
+}
+#include "mel/log_mel_kernel.inc"
+}  // namespace mel_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif
 
 namespace {
@@ -83,6 +125,18 @@ bool has_avx2() {
   // AUDIOENC_NO_AVX2=1 forces the baseline path (tests run both).
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          std::getenv("AUDIOENC_NO_AVX2") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool has_avx512() {
+#ifdef AUDIOENC_X86_DISPATCH
+  // AUDIOENC_NO_AVX512=1 forces the AVX2 path (AUDIOENC_NO_AVX2=1 the baseline).
+  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && std::getenv("AUDIOENC_NO_AVX512") == nullptr;
   return ok;
 #else
   return false;
@@ -127,14 +181,14 @@ int pick_threads(int threads, int64_t work, int64_t min_per_thread) {
 
 }  // namespace
 
-const char* log_mel_cpu_isa() { return has_avx2() ? "avx2" : "sse2"; }
+const char* log_mel_cpu_isa() { return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "sse2"; }
 
 template <typename T>
 void log_mel_cpu(const T* audio, int64_t stride, const int64_t* lengths, int64_t batch,
                  int64_t padding, float scale, const SparseFilters* filters, MelOutput kind,
                  float* out, int64_t out_stride, int threads, uint8_t* nonfinite) {
-  const bool avx2 = has_avx2();
-  const int w = avx2 ? 8 : 4;
+  const bool avx512 = has_avx512(), avx2 = has_avx2();
+  const int w = avx512 ? 16 : avx2 ? 8 : 4;
   std::vector<int64_t> block_start(batch + 1, 0);
   for (int64_t b = 0; b < batch; ++b)
     block_start[b + 1] = block_start[b] + (mel_frames(lengths[b] + padding) + w - 1) / w;
@@ -147,6 +201,11 @@ void log_mel_cpu(const T* audio, int64_t stride, const int64_t* lengths, int64_t
     float* pk = peaks.data() + t * batch;
     uint8_t* bd = bad.data() + t * batch;
 #ifdef AUDIOENC_X86_DISPATCH
+    if (avx512) {
+      mel_avx512::run_blocks(audio, stride, lengths, block_start.data(), batch, padding, scale,
+                             filters, kind, out, out_stride, first, last, pk, bd);
+      return;
+    }
     if (avx2) {
       mel_avx2::run_blocks(audio, stride, lengths, block_start.data(), batch, padding, scale,
                            filters, kind, out, out_stride, first, last, pk, bd);

@@ -1,8 +1,8 @@
 // Whisper's log-mel frontend on the CPU in one pass per block of frames: reflect padding,
 // framing, periodic Hann window, 400-point real FFT, power, sparse Slaney mel, log10 clamp; then
 // the per-item max - 8 floor and (x + 4) / 4 scaling as a second cheap pass.
-// Frames are processed 8 (AVX2 + FMA, chosen at run time) or 4 (SSE2) at a time, one frame per
-// vector lane, which lays the results out as (bins, frames) rows for free.
+// Frames are processed 16 (AVX-512), 8 (AVX2 + FMA; both chosen at run time) or 4 (SSE2) at a
+// time, one frame per vector lane, which lays the results out as (bins, frames) rows for free.
 // ref: audioenc/frontend.py log_mel_spectrogram_ref (openai-whisper's log_mel_spectrogram).
 #pragma once
 
@@ -30,7 +30,7 @@ void log_mel_cpu(const T* audio, int64_t stride, const int64_t* lengths, int64_t
                  int64_t padding, float scale, const SparseFilters* filters, MelOutput kind,
                  float* out, int64_t out_stride, int threads, uint8_t* nonfinite);
 
-// Which vector path log_mel_cpu takes on this CPU: "avx2" or "sse2" (or "scalar").
+// Which vector path log_mel_cpu takes on this CPU: "avx512", "avx2" or "sse2" (or "scalar").
 const char* log_mel_cpu_isa();
 
 }  // namespace audioenc
