@@ -19,6 +19,11 @@ def autotune_enabled() -> bool:
     return value == "1"
 
 
+# Every kernel's fallback (choose_configs): benchmarks/compile_offline.py checks that the configs
+# AUDIOENC_AUTOTUNE=0 keeps (a kernel's first and its fallback) include one that fits each GPU.
+FALLBACKS: list = []
+
+
 def choose_configs(tuned: list, interpreted: triton.Config, fallback: triton.Config | None = None) -> list:
     """The configs a kernel autotunes over.
 
@@ -30,6 +35,8 @@ def choose_configs(tuned: list, interpreted: triton.Config, fallback: triton.Con
     big blocks.
     """
     enabled = autotune_enabled()  # a typo fails in the interpreter too
+    if fallback is not None:
+        FALLBACKS.append(fallback)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [interpreted]
     if not enabled:

@@ -50,9 +50,71 @@ def test_bench_gpu_groups_plans_without_a_gpu():
     assert "| whisper-large-v3 | one 270 s item (9 windows) | as few calls as fit | 9 |" in out
 
 
-def test_compile_offline_compiles_a_kernel_for_hopper_without_a_gpu():
-    out = run_script("benchmarks/compile_offline.py", "--only", "add_layer_norm shift float16")
-    assert "ok   add_layer_norm shift float16: no autotuning" in out and "0 failed" in out
+def test_compile_offline_compiles_a_kernel_for_a_t4_without_a_gpu():
+    out = run_script("benchmarks/compile_offline.py", "--kernel", "add_layer_norm shift float16", "--arch", "75",
+                     interpreter=False)
+    assert "ok   add_layer_norm shift float16 sm_75: no autotuning: " in out and "fits (T4: 65536)" in out
+    assert "| add_layer_norm shift float16 | 1/1 fit (" in out and "0 failed" in out
+
+
+def compile_offline_module(monkeypatch):
+    """benchmarks/compile_offline.py imported, with the kernels compiled (not interpreted)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compile_offline.py compiles kernels: TRITON_INTERPRET=1 interprets them")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import compile_offline
+
+    return compile_offline
+
+
+def test_compile_offline_fails_when_no_config_fits_a_gpu_class(monkeypatch, capsys):
+    compile_offline = compile_offline_module(monkeypatch)
+    import torch
+    # The backend runs from compute capability 7.0: a V100 and a T4 are listed with their limits.
+    assert compile_offline.GPUS[70][1] == 96 * 1024 and compile_offline.GPUS[75][1] == 64 * 1024
+    problem = compile_offline.problem
+    assert problem([70000, 50000], 65536, [0, 1]) is None
+    assert problem([70000, None], 65536, [0, 1]) == "no config fits"
+    assert problem([70000, 50000, 70000], 65536, [0, 2]) == "no config AUDIOENC_AUTOTUNE=0 keeps fits"
+    from audioenc.kernels.attention import attention
+
+    q = torch.randn(1, 16, 1, 64)
+    configs = compile_offline.launch_of(lambda: attention(q, q, q)).configs
+    assert compile_offline.untuned_indices(configs) == [0, len(configs) - 1]  # the first and the fallback
+    monkeypatch.setitem(compile_offline.GPUS, 75, ("a GPU of 1 KB", 1024))  # the kernel takes 4 KB
+    assert compile_offline.main(["--kernel", "add_layer_norm shift float16", "--arch", "75"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL add_layer_norm shift float16 sm_75 (a GPU of 1 KB): no config fits" in out and "1 failed" in out
+
+
+def test_compile_offline_launches_what_the_backend_launches(monkeypatch):
+    """Triton specialises a kernel on its arguments' layout and flags: the cases must be the
+    backend's (conv weights taps-first, attention on views of the fused QKV output, every head dim
+    of the supported models, the float32 Linear without GELU); no compiling here."""
+    compile_offline = compile_offline_module(monkeypatch)
+    import torch
+
+    launches = []  # (kernel, its arguments by name)
+    for _, call in compile_offline.cases():
+        launch = compile_offline.launch_of(call)
+        launches.append((launch.fn.__name__, dict(zip(launch.fn.arg_names, launch.args), **launch.kwargs)))
+    of = lambda kernel, dtype: [args for name, args in launches if name == kernel and args["Out"].dtype == dtype]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        pos_conv = of("_grouped_conv1d_gelu_kernel", dtype)
+        # _PositionalConv's (K, C / groups, C) memory
+        assert pos_conv and all(args["W"].stride()[:2] == (1, args["GROUP_C"] * 16) for args in pos_conv)
+        assert {args["GROUP_C"] for args in pos_conv} == {48, 64, 80}
+        convs = of("_conv1d_gelu_kernel", dtype) + of("_conv0_group_norm_gelu_kernel", dtype)
+        assert convs and all(args["W"].stride(0) == 1 for args in convs)
+        attention = of("_attention_fwd_kernel", dtype)
+        assert {args["HEAD_DIM"] for args in attention} == {64, 80, 120}
+        assert all(args["stride_qt"] == 3 * args["num_heads"] * args["HEAD_DIM"] for args in attention)  # QKV views
+        assert {(args["HAS_LENGTHS"], args["HAS_BIAS"]) for args in attention} == {(False, False), (True, False),
+                                                                                   (True, True)}
+    assert any(args["X"].dtype == torch.float32 and not args["APPLY_GELU"] and args["HAS_BIAS"]
+               for kernel, args in launches if kernel == "_linear_gelu_kernel")
+    assert any(args["X"].stride(1) == 1 for kernel, args in launches if kernel == "_conv1d_gelu_kernel")  # Whisper's mel
 
 
 def test_bench_onnx_runs_ctranslate2_on_onnxruntimes_threads(tmp_path, monkeypatch):
