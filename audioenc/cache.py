@@ -98,7 +98,10 @@ def _describe(entry: str) -> tuple[str, float]:
             meta = json.load(f)
         last_used = os.path.getmtime(meta_path)
     except (OSError, ValueError):
-        return "no readable meta.json (rebuilt at its next use)", os.path.getmtime(entry)
+        with file_lock(entry + ".lock", entry, wait=False) as free:  # a TensorRT build runs minutes without one
+            what = "no readable meta.json (rebuilt at its next use)" if free else \
+                "being exported or built by another process now"
+        return what, os.path.getmtime(entry)
     if not isinstance(meta, dict):
         return "meta.json is not an audioenc cache record (rebuilt at its next use)", last_used
     fields = [meta.get(name) for name in ("family", "spec", "dtype", "profile", "gpu")]

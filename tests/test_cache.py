@@ -252,6 +252,9 @@ def test_clear_leaves_an_entry_another_process_is_building(filled, capsys):
             os._exit(0)
     try:
         assert os.read(locked_r, 1) == b"1"
+        assert main(["cache"]) == 0
+        listed = [line for line in capsys.readouterr().out.splitlines() if "c" * 32 in line]
+        assert len(listed) == 1 and listed[0].endswith("being exported or built by another process now")
         assert main(["cache", "--clear"]) == 0
     finally:
         os.write(done_w, b"1")
