@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
@@ -295,15 +296,21 @@ class EncoderStream:
             if len(samples) >= self.encoder.min_samples:
                 first = centre // FRAME_HOP if first is None else first
                 offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
-                kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP)))
+                kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP), (begin, end)))
         if kept:
             try:
-                encoded = self.encode_samples([samples for samples, _, _ in kept])
+                encoded = self.encode_samples([samples for samples, *_ in kept])
             except ValueError as exc:
                 # The encoder refuses what it was given (Whisper: finite samples whose spectrogram
-                # overflows), which every retry of these windows would meet again
-                raise self._fail(str(exc)) from exc
-            pieces = [frames[offset : offset + count] for frames, (_, offset, count) in zip(encoded, kept)]
+                # overflows), which every retry of these windows would meet again. Its "audio item N"
+                # is the Nth window here: named by where it is in the stream.
+                message, item = str(exc), re.match(r"audio item (\d+): ", str(exc))
+                if item and int(item[1]) < len(kept):
+                    begin, end = kept[int(item[1])][3]
+                    message = f"the stream's audio from {begin / SAMPLE_RATE:.2f} s to {end / SAMPLE_RATE:.2f} s: " \
+                        + message[item.end():]
+                raise self._fail(message) from exc
+            pieces = [frames[offset : offset + count] for frames, (_, offset, count, _) in zip(encoded, kept)]
             # As encode: never NaN or Inf frames. The windows before an overflowing one keep theirs.
             finite = torch.stack([torch.isfinite(p).all() for p in pieces]).cpu()  # one wait on a GPU
             good = next((i for i, ok in enumerate(finite.tolist()) if not ok), len(pieces))
