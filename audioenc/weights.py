@@ -252,7 +252,7 @@ def _torch_load(path: str, read=None) -> tuple[object, bool]:
             raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one (unpickling failed: {reason})") from e
         except Exception as e:  # zip/pickle/EOF errors from a file that is not a PyTorch checkpoint
             raise ValueError(f"{path}: not a PyTorch checkpoint, or a damaged one ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict):
+    if stand_ins and isinstance(obj, dict):  # a pickled omegaconf config is among the stand-ins, or none is
         obj.update({k: _plain_config(v) for k, v in obj.items() if read is None or k in read})
     found = _stand_in_within(obj if read is None or not isinstance(obj, dict) else [obj.get(k) for k in read])
     if found is not None:
