@@ -2,6 +2,7 @@
 (never on the machines this was written on: those tests skip)."""
 import os
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -36,6 +37,18 @@ def test_profile_from_env(monkeypatch):
         monkeypatch.setenv("AUDIOENC_TRT_PROFILE", text)
         with pytest.raises(ValueError, match=f"AUDIOENC_TRT_PROFILE.*{message}"):
             Profile.from_env(Wav2Vec2Dims("hubert"))
+
+
+def test_profile_from_env_warns_that_seconds_do_not_apply_to_whisper(monkeypatch):
+    monkeypatch.setenv("AUDIOENC_TRT_PROFILE", "batch=1:2:4,seconds=1:2:3")
+    with pytest.warns(UserWarning, match="seconds do not apply to a Whisper engine"):
+        profile = Profile.from_env(WhisperDims())
+    assert profile == Profile.from_ranges(WhisperDims(), (1, 2, 4))
+    monkeypatch.setenv("AUDIOENC_TRT_PROFILE", "batch=1:2:4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Profile.from_env(WhisperDims())
+        Profile.from_env(Wav2Vec2Dims("hubert"))
 
 
 def test_unavailable_is_a_clear_error():

@@ -85,6 +85,10 @@ class Profile:
             if key not in ranges:
                 raise ValueError(f"AUDIOENC_TRT_PROFILE: expected batch=MIN:OPT:MAX,seconds=MIN:OPT:MAX, got {text!r}")
             ranges[key] = parse_range(value, f"AUDIOENC_TRT_PROFILE's {key}", whole=key == "batch")
+        if isinstance(dims, WhisperDims) and ranges["seconds"] is not DEFAULT_SECONDS:
+            # Not an error: one process-wide setting may serve wav2vec2-family engines too.
+            warnings.warn("audioenc: AUDIOENC_TRT_PROFILE's seconds do not apply to a Whisper engine, which always "
+                          "takes 30 s windows; only its batch range is used", stacklevel=2)
         return cls.from_ranges(dims, ranges["batch"], ranges["seconds"])
 
     def check(self, feeds: dict[str, torch.Tensor]) -> None:
