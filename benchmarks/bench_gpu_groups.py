@@ -6,7 +6,9 @@ as few calls as its size allows: one padded batch, as audioenc did before the po
     python benchmarks/bench_gpu_groups.py [--models wavlm-large,wav2vec2-base,whisper-large-v3]
                                           [--repeats 10] [--budget SECONDS]
 
-Without CUDA it prints the groups each cost would choose on a GPU, and no timings.
+Without CUDA it prints the groups each cost would choose on a GPU, and no timings. On a GPU every
+grouping's frames are checked against the torch float32 reference under DESIGN.md's half-precision
+rule before its time is reported (the groups must not change the frames).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import audioenc
 from audioenc.backends.triton import graph_samples
 from audioenc.encoder import GPU_MAX_BATCH, GPU_SAMPLES_PER_RUN, WHISPER_WINDOWS_PER_RUN, cheapest_groups
 from audioenc.verify import speech_like
+from common import check_output
 
 SAMPLE_RATE = 16000
 CALL_COSTS = [0.0, 5.0, 15.0, 40.0, 1e6]  # 15: the default
@@ -46,6 +49,12 @@ def planned_groups(seconds: list[float], call_cost_s: float, whisper: bool) -> s
     groups = cheapest_groups(lengths, lambda b, n: graph_samples(b, n, whisper), call_cost_s * SAMPLE_RATE, max_batch,
                              GPU_SAMPLES_PER_RUN)
     return "+".join(str(len(g)) for g in groups)
+
+
+def valid_frames(enc, waves) -> torch.Tensor:
+    """Every item's valid frames, one item after another."""
+    out = enc.encode(waves)
+    return torch.cat([h[:n] for h, n in zip(out.last_hidden_state, out.lengths)]).float().cpu()
 
 
 def timed_ms(enc, waves, repeats: int) -> float:
@@ -77,15 +86,22 @@ def main() -> None:
             print(f"budget of {args.budget:g} s spent: {name} and later models not run")
             break
         whisper = name.startswith("whisper")
-        enc = audioenc.load(f"random:{name}", backend="triton", device="cuda", dtype="float16") if on_gpu else None
+        enc, truth_enc, naive_enc = (
+            audioenc.load(f"random:{name}", backend=backend, device="cuda", dtype=dtype) if on_gpu else None
+            for backend, dtype in (("triton", "float16"), ("torch", "float32"), ("torch", "float16")))
         rng = np.random.default_rng(0)
         for label, seconds in (WHISPER_LISTS if whisper else LISTS).items():
             waves = [speech_like(int(s * SAMPLE_RATE), rng) for s in seconds]
+            truth = naive = None
+            if enc is not None:  # one padded batch on the reference: the frames every grouping must give
+                truth_enc.gpu_call_cost_s = naive_enc.gpu_call_cost_s = CALL_COSTS[-1]
+                truth, naive = valid_frames(truth_enc, waves), valid_frames(naive_enc, waves)
             rows = []
             for cost in CALL_COSTS:
                 ms = None
                 if enc is not None:
                     enc.gpu_call_cost_s = cost
+                    check_output(f"{name}, {label}, call cost {cost:g}", valid_frames(enc, waves), truth, naive)
                     ms = timed_ms(enc, waves, args.repeats)
                 rows.append((cost, planned_groups(seconds, cost, whisper), ms))
             one_batch = rows[-1][2]
@@ -93,7 +109,7 @@ def main() -> None:
                 timing = "" if ms is None else f"{ms:.2f} | {one_batch / ms:.2f}x"
                 shown = "as few calls as fit" if cost == CALL_COSTS[-1] else f"{cost:g}"
                 print(f"| {name} | {label} | {shown} | {groups} | {timing or ' | '} |", flush=True)
-        del enc
+        del enc, truth_enc, naive_enc
         if on_gpu:
             torch.cuda.empty_cache()
 
