@@ -138,6 +138,12 @@ def cases():
         yield f"conv1d_gelu k3 s2 {name}", lambda dt=dt: conv1d_gelu(
             rand(2, 3199, 512, dtype=dt), taps_first(rand(512, 512, 3, dtype=dt)), None, 2, 0, None, None, 1e-5,
             out_dtype=dt)
+        yield f"conv1d_gelu k2 s2 {name}", lambda dt=dt: conv1d_gelu(  # the feature encoder's last layers
+            rand(2, 799, 512, dtype=dt), taps_first(rand(512, 512, 2, dtype=dt)), None, 2, 0, None, None, 1e-5,
+            out_dtype=dt)
+        yield f"conv1d_gelu k2 s2 + LayerNorm {name}", lambda dt=dt: conv1d_gelu(
+            rand(2, 799, 512, dtype=dt), taps_first(rand(512, 512, 2, dtype=dt)), rand(512, dtype=dt), 2, 0,
+            rand(512), rand(512), 1e-5, out_dtype=dt)
         yield f"conv1d_gelu LayerNorm layer 0 {name}", lambda dt=dt: conv1d_gelu(
             rand(2, 160000)[:, :, None], taps_first(rand(512, 1, 10)), rand(512), 5, 0, rand(512), rand(512), 1e-5,
             out_dtype=dt)
@@ -173,6 +179,10 @@ def cases():
         if dt == torch.float32:
             linear = _Linear([nn.Linear(1024, 1024)] * 3, dt, cpu)  # a fused QKV projection
             yield "linear_gelu no GELU float32", lambda: linear(rand(2, 499, 1024))
+            # no bias either: out_proj and fc2 adding into the residual (_run_blocks_in_cublas)
+            yield "linear_gelu no GELU, no bias float32", lambda: linear.accumulate(rand(998, 3072), rand(2, 499, 1024))
+            adapter_in = _Linear([nn.Linear(1280, 16)], dt, cpu)  # MMS's adapters: 16 wide
+            yield "linear_gelu MMS adapter float32", lambda: adapter_in(rand(2, 499, 1280))
 
 
 def problem(shared: list, limit: int, untuned: list) -> str | None:
