@@ -6,7 +6,7 @@ import torch
 
 import audioenc
 from audioenc.encoder import cheapest_groups, length_groups
-from conftest import TINY_W2V, W2V_VARIANTS, randomize, rel_err, speech_like
+from conftest import TINY_W2V, TINY_WHISPER, W2V_VARIANTS, randomize, rel_err, speech_like
 
 transformers = pytest.importorskip("transformers")
 
@@ -221,6 +221,30 @@ def test_whisper_matches_hf(n_mels, whisper_checkpoints):
         assert rel_err(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) <= TOL
         for ours, theirs in zip(out.hidden_states, ref.hidden_states):
             assert rel_err(ours[i, :n], theirs[i, :n]) <= TOL
+
+
+def test_whisper_with_a_shorter_window_matches_hf(tmp_path):
+    """max_source_positions 750: a 15 s window (its feature extractor's chunk_length), and longer audio
+    in consecutive windows of that length."""
+    config = transformers.WhisperConfig(**{**TINY_WHISPER, "max_source_positions": 750})
+    hf = randomize(transformers.WhisperForConditionalGeneration(config))
+    hf.save_pretrained(tmp_path)
+    fe = transformers.WhisperFeatureExtractor(chunk_length=15)
+    fe.save_pretrained(tmp_path)
+    enc = audioenc.load(str(tmp_path), backend="torch")
+    waves = [speech_like(16000 * 4, 1), speech_like(16000 * 15, 2)]
+    with torch.no_grad():
+        ref = hf.model.encoder(fe(waves, sampling_rate=16000, return_tensors="pt").input_features,
+                               output_hidden_states=True)
+    out = enc.encode(waves, output_hidden_states=True)
+    assert out.lengths.tolist() == [200, 750]
+    for i, n in enumerate(out.lengths.tolist()):
+        assert rel_err(out.last_hidden_state[i, :n], ref.last_hidden_state[i, :n]) <= TOL
+        for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+            assert rel_err(ours[i, :n], theirs[i, :n]) <= TOL
+    longer = enc.encode(np.concatenate([waves[1], waves[0]]))
+    assert longer.lengths.tolist() == [950]
+    assert rel_err(longer.last_hidden_state[0, :750], ref.last_hidden_state[1]) <= TOL
 
 
 def test_whisper_long_audio_is_consecutive_windows(whisper_checkpoints):
