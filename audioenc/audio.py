@@ -53,10 +53,11 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     else:
         if data.shape[0] == 0 and unwritten_wav_sizes(path):  # libsndfile reads none of it, FFmpeg all
             data, rate = _decode_with_pyav(path, reason="its writer stopped before writing the data chunk's size")
-    # A FLAC file cut at a frame boundary: libsndfile fails on it, and FFmpeg decodes up to the cut
+    # A FLAC file cut at a frame boundary, or with a corrupt frame: libsndfile fails on it, and FFmpeg
+    # decodes up to the cut, or drops the frame its parser finds broken
     if declared is not None and data.shape[0] < declared:
-        raise ValueError(f"{path}: truncated FLAC file (its header declares {declared} samples per channel, "
-                         f"the file holds {data.shape[0]})")
+        raise ValueError(f"{path}: truncated or corrupt FLAC file (its header declares {declared} samples per "
+                         f"channel, the file holds {data.shape[0]} that decode)")
     if data.shape[0] == 0:
         raise ValueError(f"{path}: the file holds no audio samples (empty, cut before its first audio frame, or "
                          "not audio)")
@@ -216,6 +217,8 @@ def _decode_with_pyav(path: str, reason: str) -> tuple[np.ndarray, int]:
             if not container.streams.audio:
                 raise ValueError("no audio stream")
             stream = container.streams.audio[0]
+            if stream.codec_context.name == "flac":  # FFmpeg skips FLAC's frame CRCs unless told to check them
+                stream.codec_context.options = {"err_detect": "crccheck+explode"}
             rate = stream.codec_context.sample_rate
             # Planar float32 at the stream's own rate and layout: (channels, samples) per frame.
             planar = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 from audioenc.atomic_file import TMP_PREFIX, PathTaken, atomic_write, atomic_write_bytes
 
@@ -286,15 +287,20 @@ def embed_batch(enc, batch, args, failed: list[str], written: set[str]) -> float
         if not group:
             continue
         try:
-            # A bar per long file (past enc.long_audio_threshold_s), where stderr shows the job's bar
-            out = enc.encode([w for _, _, w in group], output_hidden_states=all_layers, output_layer=layer,
-                             progress=sys.stderr is not None and sys.stderr.isatty())
+            # The encoder's warnings name an item by its place in this group, which tells the user nothing
+            with warnings.catch_warnings(record=True) as caught:
+                # A bar per long file (past enc.long_audio_threshold_s), where stderr shows the job's bar
+                out = enc.encode([w for _, _, w in group], output_hidden_states=all_layers, output_layer=layer,
+                                 progress=sys.stderr is not None and sys.stderr.isatty())
         except (ValueError, TypeError) as exc:
-            if len(group) > 1:  # find the item that fails: encode each alone
+            if len(group) > 1:  # find the item that fails: encode each alone (which warns again)
                 groups += [[item] for item in group]
             else:
                 failed.append(failure(group[0][0], exc))
             continue
+        for w in caught:  # "audio item 2" becomes the file's path
+            message = re.sub(r"audio item (\d+)", lambda m: group[int(m.group(1))][0], str(w.message), count=1)
+            warnings.warn(message, w.category, stacklevel=2)
         for row, (path, target, wave) in enumerate(group):
             try:
                 # without --overwrite, what is at target now (it appeared while the job ran) is kept

@@ -262,6 +262,17 @@ def test_embed_reports_bad_files_and_goes_on(audio_tree, tmp_path, w2v_checkpoin
     assert (out / "a.npy").exists() and (out / "sub" / "b.npy").exists()
 
 
+def test_embed_warning_names_the_file_not_its_place_in_the_batch(audio_tree, tmp_path, whisper_checkpoints):
+    """Float samples at integer PCM's scale change Whisper's frames; the warning must say which file
+    (the encoder says "audio item 2": its place in a batch the user never sees)."""
+    loud = audio_tree / "sub" / "c.wav"
+    sf.write(loud, speech_like(20000, 4) * 32767, 16000, subtype="FLOAT")  # int16 values written as float
+    with pytest.warns(UserWarning, match=re.escape(f"audioenc: {loud}: float samples reach")) as caught:
+        assert main(["embed", str(audio_tree), "--model", whisper_checkpoints[80][0], "--backend", "torch",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert not [w for w in caught if "audio item" in str(w.message)]
+
+
 def test_embed_usage_errors(tmp_path, w2v_checkpoints, capsys):
     model = w2v_checkpoints["wav2vec2-group"][0]
     assert main(["embed", str(tmp_path / "nope.wav"), "--model", model, "--backend", "torch", "--out", str(tmp_path)]) == 2

@@ -486,13 +486,27 @@ def test_flac_cut_at_a_frame_boundary_is_truncated(tmp_path):
     starts = [i for i in range(whole.index(b"\xff\xf8") + 2, len(whole) - 1) if whole[i : i + 2] == b"\xff\xf8"]
     cut = starts[len(starts) // 2]
     (tmp_path / "cut.flac").write_bytes(whole[:cut])
-    with pytest.raises(ValueError, match=r"cut.flac: truncated FLAC file \(its header declares 48000 samples"):
+    with pytest.raises(ValueError,
+                       match=r"cut.flac: truncated or corrupt FLAC file \(its header declares 48000 samples"):
         load_audio(tmp_path / "cut.flac")
     unknown = bytearray(whole)  # STREAMINFO's total samples 0: a stream of unknown length decodes whole
     field = int.from_bytes(unknown[18:26], "big") & ~((1 << 36) - 1)
     unknown[18:26] = field.to_bytes(8, "big")
     (tmp_path / "unknown.flac").write_bytes(bytes(unknown))
     assert len(load_audio(tmp_path / "unknown.flac")[0]) == 48000
+
+
+@pytest.mark.parametrize("where", [0.25, 0.5, 0.95])
+def test_flac_with_a_corrupt_frame_is_refused_not_decoded_to_garbage(tmp_path, where):
+    """libsndfile fails on a frame whose CRC does not match; FFmpeg, the fallback, decoded it anyway,
+    wrong samples and all (or a frame more than the file holds), unless told to check the CRCs."""
+    pytest.importorskip("av")
+    sf.write(tmp_path / "whole.flac", speech_like(48000, 12), 16000, subtype="PCM_16")
+    damaged = bytearray((tmp_path / "whole.flac").read_bytes())
+    damaged[int(len(damaged) * where)] ^= 0x55  # one flipped byte, as bit rot or a bad copy leaves
+    (tmp_path / "damaged.flac").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"damaged.flac: (truncated or corrupt FLAC file|cannot decode audio)"):
+        load_audio(tmp_path / "damaged.flac")
 
 
 def test_wav_whose_data_size_was_never_written_decodes_to_its_end(tmp_path):
