@@ -151,21 +151,21 @@ def cmd_embed(args) -> int:
         print(f"error: {usage}", file=sys.stderr)
         return 2
     try:
+        # the inputs before the model: a mistyped path must not wait for a load (or a hub download)
+        unlisted: dict[str, str] = {}  # folders whose files could not be found (permissions)
+        jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy", unlisted)
+        for line in unlisted.values():
+            print(f"failed: {line}", file=sys.stderr)
+        if not jobs:
+            raise ValueError("no audio files found in the given inputs")
         enc = load_from_args(args)
         if args.layer not in (None, "all") and int(args.layer) > enc.num_layers:  # here, not once per file
             raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
-        unlisted: dict[str, str] = {}  # folders whose files could not be found (permissions)
-        jobs = output_paths(args.inputs, args.out, ".safetensors" if args.layer == "all" else ".npy", unlisted)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_load_notes(enc, args)
     print(enc)
-    for line in unlisted.values():
-        print(f"failed: {line}", file=sys.stderr)
-    if not jobs:
-        print("error: no audio files found in the given inputs", file=sys.stderr)
-        return 2
     if os.path.isdir(args.out):
         remove_stale_temporaries(args.out)
     # Spelled one way per setting: a checkpoint by its real path, a layer by its number ("last" for
@@ -310,13 +310,13 @@ def cmd_stream(args) -> int:
         print(f"error: {usage}", file=sys.stderr)
         return 2
     try:
-        enc = load_from_args(args)
-        if args.layer is not None and not 0 <= args.layer <= enc.num_layers:  # the flag's name, not the API's
-            raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
-        if args.file:
+        if args.file:  # before the model: a mistyped path must not wait for a load (or a hub download)
             audio, rate = load_audio(args.file)
         else:
             rate = 16000 if args.rate is None else args.rate
+        enc = load_from_args(args)
+        if args.layer is not None and not 0 <= args.layer <= enc.num_layers:  # the flag's name, not the API's
+            raise ValueError(f"--layer must be between 0 and {enc.num_layers} for this model, got {args.layer}")
         try:
             stream = enc.stream(sample_rate=rate, chunk_s=args.chunk_s, left_context_s=args.left_context_s,
                                 right_context_s=args.right_context_s, output_layer=args.layer)

@@ -21,6 +21,12 @@ def cmd_export(args) -> int:
             raise ValueError("--out must name a directory, got ''")
         if args.format == "onnx" and (args.batch is not None or args.seconds is not None):
             raise ValueError("--batch and --seconds set a TensorRT profile; ONNX graphs take any batch and length")
+        if args.format == "onnx":  # before the model loads; without the extra, export would end in a traceback
+            from audioenc.backends.onnx import OnnxBackend
+
+            unavailable = OnnxBackend.available()
+            if unavailable is not None:
+                raise ValueError(f"cannot export an ONNX graph here: {unavailable}")
         if args.format == "tensorrt":  # what can be told before the model loads
             from audioenc.backends.tensorrt import (DEFAULT_BATCH, DEFAULT_SECONDS, Profile, TensorRTBackend,
                                                     export_engine, parse_range)

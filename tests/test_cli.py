@@ -392,6 +392,21 @@ def test_embed_follows_directory_links_once(audio_tree, tmp_path, w2v_checkpoint
     assert "wrote 1 file(s)" in capsys.readouterr().out
 
 
+def test_embed_and_stream_check_their_inputs_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """A mistyped path, or a folder with no audio, must not first wait for a load (or a hub download)."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(audioenc, "load", no_load)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no audio here")
+    for path, message in (tmp_path / "nope.wav", "no such file"), (tmp_path / "empty", "no audio files found"):
+        assert main(["embed", str(path), "--model", "facebook/wav2vec2-base", "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["stream", "--file", str(tmp_path / "nope.wav"), "--model", "facebook/wav2vec2-base"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
 def test_embed_reports_pipes_and_broken_links_in_directories_unopened(audio_tree, tmp_path, w2v_checkpoints, capsys):
     """Reading a pipe's header blocks until something writes to it: the job would hang. Skipping it (or
     a link to a file since removed) unseen would hide that its output is missing."""

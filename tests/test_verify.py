@@ -1,6 +1,7 @@
 """audioenc verify and export: per-layer report, pass/fail rules, exit codes, CLI."""
 import argparse
 import os
+import sys
 
 import pytest
 import torch
@@ -139,6 +140,15 @@ def test_cli_verify_exit_codes(whisper_checkpoints, w2v_checkpoints, monkeypatch
     assert cli(["verify", "--model", "random:no-such", "--backend", "onnx"]) == 2
     assert cli(["verify", "--model", "random:no-such", "--backend", "onnx", "--audio", __file__, "--seed", "1"]) == 2
     assert "--seed seeds generated audio" in capsys.readouterr().err
+
+
+def test_cli_export_without_onnx_says_what_to_install(w2v_checkpoints, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as without the [onnx] extra: import onnx fails
+    out = tmp_path / "out"
+    assert cli(["export", "--model", w2v_checkpoints["hubert-stable"][0], "--out", str(out)]) == 2
+    assert "cannot export an ONNX graph here: onnx is not installed (pip install 'audioenc[onnx]')" in \
+        capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_export(w2v_checkpoints, tmp_path, capsys):
