@@ -113,6 +113,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from audioenc.backends import BACKENDS
+    from audioenc.backends.onnx import onnx_threads
     from audioenc.cpu import cores_text, cpu_name, vector_isa
     from audioenc.verify import speech_like
 
@@ -162,8 +163,12 @@ def cmd_bench(args) -> int:
     # Every item has the same length, so all its frames are valid; transformers' Whisper also returns
     # the frames of the padding up to 30 s, which audioenc drops.
     frames = min(output.shape[1] for output in outputs.values())
+    # onnxruntime's and CTranslate2's threads follow torch's unless $AUDIOENC_ONNX_THREADS sets them apart
+    threads = f"torch threads {torch.get_num_threads()}"
+    if any(label.startswith(("onnx ", "ctranslate2 ")) for label in calls):
+        threads += f", onnxruntime and CTranslate2 intra-op threads {onnx_threads()}"
     print(f"model {args.model}; batch {args.batch} x {args.seconds:g} s; output layer "
-          f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, torch threads {torch.get_num_threads()}")
+          f"{'last' if args.layer is None else args.layer}; median of {args.repeats} rounds, {threads}")
     on_gpu = next((output.device for output in outputs.values() if output.is_cuda), None)
     gpu = f"; GPU {torch.cuda.get_device_name(on_gpu)}" if on_gpu is not None else ""
     print(f"machine: CPU {cpu_name()} ({vector_isa()}), {cores_text()}{gpu}")

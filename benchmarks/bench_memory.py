@@ -28,7 +28,8 @@ METHOD = ("each contender in a fresh process: import, load a checkpoint from dis
           "encode the same audio (batch 1) a few times; resident memory after the calls and the process's peak "
           "(VmHWM, loading included); first output: seconds from the start of the process's script to the first "
           "call's result (imports, load, first call; the interpreter's own start is not counted), beside the last "
-          "call's seconds. CTranslate2 takes faster-whisper's numpy log-mel, as faster-whisper runs it. Medians of {rounds} interleaved "
+          "call's seconds. CTranslate2 takes faster-whisper's numpy log-mel, as faster-whisper runs it, and as many "
+          "intra-op threads as onnxruntime (not CTranslate2's default, up to 4 whatever the cores). Medians of {rounds} interleaved "
           "rounds of processes. audioenc's ONNX graphs were exported and cached by earlier processes, "
           "as in a deployment; the first-use row exports its graph in the measured process. Whisper checkpoints "
           "have a one-layer decoder, so transformers' WhisperModel holds little beyond the encoder.")
@@ -39,7 +40,7 @@ import time
 start = time.perf_counter()
 import json, sys
 import numpy as np
-contender, path, seconds, calls = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+contender, path, seconds, calls, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rng = np.random.default_rng(0)
 audio = (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
 if contender.startswith("audioenc"):
@@ -64,7 +65,8 @@ elif contender == "transformers":
 else:  # "ctranslate2 COMPUTE_TYPE": faster-whisper's engine on its converted model, with its numpy log-mel
     import ctranslate2
     from faster_whisper.feature_extractor import FeatureExtractor
-    model = ctranslate2.models.Whisper(path + "-ct2", device="cpu", compute_type=contender.split()[1])
+    model = ctranslate2.models.Whisper(path + "-ct2", device="cpu", compute_type=contender.split()[1],
+                                       intra_threads=threads)
     extract = FeatureExtractor(feature_size=model.n_mels)
     def call():
         mel = extract(audio)[:, :3000]  # one 30 s window, padded as faster-whisper pads it
@@ -84,8 +86,11 @@ print(json.dumps({"rss_mb": int(status["VmRSS"].split()[0]) / 1e3, "peak_mb": in
 
 
 def measure(contender: str, path: str, seconds: float, calls: int, cache: str) -> dict:
+    from audioenc.backends.onnx import onnx_threads
+
     env = dict(os.environ, AUDIOENC_CACHE=cache)
-    done = subprocess.run([sys.executable, "-c", CHILD, contender, path, str(seconds), str(calls)],
+    # CTranslate2's threads: the count the children's onnxruntime sessions take (torch's, as its peers)
+    done = subprocess.run([sys.executable, "-c", CHILD, contender, path, str(seconds), str(calls), str(onnx_threads())],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{contender} failed:\n{done.stderr[-2000:]}")
@@ -129,6 +134,9 @@ def main() -> None:
     if args.calls < 2:
         parser.error("--calls must be at least 2 (the first call is timed apart)")
     sys.path.insert(0, HERE)
+    import torch
+
+    from audioenc.backends.onnx import onnx_threads
     from common import machine, versions, write_section
 
     cases = [("whisper-large-v3", 30.0)] if args.whisper_large else [("wav2vec2-base", 10.0), ("whisper-base", 30.0)]
@@ -157,7 +165,8 @@ def main() -> None:
             print("\n".join(rows[-len(results):]), flush=True)
     command = " ".join(["python benchmarks/bench_memory.py", *(a for a in sys.argv[1:] if a != "--no-write")])
     body = (f"`{command}` — {METHOD.format(rounds=args.rounds)}\n\n"
-            f"Machine: {machine()}.  \nVersions: {versions('audioenc', 'torch', 'onnxruntime', 'transformers', 'ctranslate2', 'faster_whisper')}.\n\n"
+            f"Machine: {machine()}, torch threads {torch.get_num_threads()}, onnxruntime and CTranslate2 intra-op "
+            f"threads {onnx_threads()}.  \nVersions: {versions('audioenc', 'torch', 'onnxruntime', 'transformers', 'ctranslate2', 'faster_whisper')}.\n\n"
             "| case | engine | resident after the calls (MB) | vs transformers | peak (MB) | vs transformers "
             "| first output (s) | speed-up vs transformers | a later call (s) |\n"
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))

@@ -16,7 +16,7 @@ import torch
 
 import audioenc
 from audioenc import verify
-from common import machine, median_time, versions, write_section
+from common import check_output, interleaved_medians, machine, versions, write_section
 
 
 def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
@@ -71,15 +71,16 @@ def main() -> None:
             name, audio, run_hf = make(tmp)
             enc = audioenc.load(tmp, backend="torch", device="cpu", dtype="float32")
             ours = enc.encode(audio).last_hidden_state[0]
-            theirs = run_hf()[0, : ours.shape[0]]
-            err = float((ours - theirs).norm() / theirs.norm())
-            t_hf = median_time(run_hf, args.repeats)
-            t_ours = median_time(lambda: enc.encode(audio), args.repeats)
+            # checked before timing: past 1e-4 the two do not compute the same thing (WrongOutput)
+            err = check_output(f"{name}: audioenc torch against transformers", ours, run_hf()[0, : ours.shape[0]])
+            # in rounds, so a slow spell of a shared machine slows both alike
+            times = interleaved_medians({"hf": run_hf, "ours": lambda: enc.encode(audio)}, args.repeats)
+            t_hf, t_ours = times["hf"], times["ours"]
             rows.append(f"| {name} | {t_hf * 1000:.0f} | {t_ours * 1000:.0f} | {t_hf / t_ours:.2f}x | {err:.1e} |")
             print(rows[-1], flush=True)
     body = "\n".join([
         "`python benchmarks/bench_reference.py` — audio in, frames out, float32 on the CPU, random weights at "
-        f"real sizes, median of {args.repeats} runs after 2 warm-up runs; both sides include their own "
+        f"real sizes, median of {args.repeats} interleaved rounds after 2 warm-up runs; both sides include their own "
         "feature extraction. The reference backend is the ground truth, not the fast path.",
         "",
         f"Machine: {machine()}, torch threads {torch.get_num_threads()}.  ",

@@ -5,7 +5,6 @@ import os
 import platform
 import re
 import statistics
-import time
 
 import torch
 
@@ -14,18 +13,6 @@ from audioenc.verify import FLOAT32_TOL, HALF_FACTOR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
-
-
-def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of fn() in seconds, after warm-up calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:

@@ -234,3 +234,98 @@ def test_a_wrong_kernel_output_stops_the_benchmark(argv, module, kernel, message
     code = WRONG_KERNEL.format(argv=argv, module=module, kernel=kernel)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and message in result.stderr, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+# faster-whisper's feature extractor, for a test without faster-whisper: it also records the intra-op
+# threads CTranslate2's Whisper is made with.
+FAKE_FASTER_WHISPER = """
+import json, os
+import ctranslate2
+import numpy as np
+
+whisper = ctranslate2.models.Whisper
+
+
+def recorded(*args, **kwargs):
+    with open(os.environ["THREADS_RECORD"], "w") as f:
+        json.dump(kwargs.get("intra_threads"), f)
+    return whisper(*args, **kwargs)
+
+
+ctranslate2.models.Whisper = recorded
+
+
+class FeatureExtractor:
+    def __init__(self, feature_size):
+        self.feature_size = feature_size
+
+    def __call__(self, audio):
+        return np.zeros((self.feature_size, len(audio) // 160), np.float32)
+"""
+
+
+def test_bench_memory_runs_ctranslate2_on_audioencs_threads(tmp_path, monkeypatch):
+    """CTranslate2's default is up to 4 intra-op threads, whatever the cores: its process gets the
+    threads audioenc's onnxruntime sessions run, as in the other scripts."""
+    pytest.importorskip("ctranslate2")
+    transformers = pytest.importorskip("transformers")
+    bench_memory = bench_module(monkeypatch, "bench_memory")
+    package = tmp_path / "fake" / "faster_whisper"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "feature_extractor.py").write_text(FAKE_FASTER_WHISPER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("THREADS_RECORD", str(tmp_path / "threads.json"))
+    monkeypatch.setenv("AUDIOENC_ONNX_THREADS", "3")
+    path = str(tmp_path / "whisper")
+    config = transformers.WhisperConfig(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=256,
+                                        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=256, vocab_size=64,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(path)
+    transformers.WhisperFeatureExtractor().save_pretrained(path)
+    import ctranslate2
+
+    ctranslate2.converters.TransformersConverter(path).convert(path + "-ct2", force=True)
+    result = bench_memory.measure("ctranslate2 float32", path, 1.0, 2, str(tmp_path / "cache"))
+    assert result["call_s"] > 0
+    assert (tmp_path / "threads.json").read_text() == "3"
+
+
+def test_bench_reference_checks_then_times_both_sides_round_by_round(tmp_path, monkeypatch):
+    """transformers and the reference are timed in alternating rounds (not all of one, then all of the
+    other, on a machine whose speed drifts), and only once they agree."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    bench_reference = bench_module(monkeypatch, "bench_reference")
+    calls, scale = [], [1.0]
+
+    def tiny_case(tmp):
+        config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, conv_dim=(16, 16), conv_kernel=(10, 3),
+                                             conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                                             num_conv_pos_embedding_groups=2)
+        hf = transformers.Wav2Vec2Model(config).eval()
+        hf.save_pretrained(tmp)
+        fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True)
+        fe.save_pretrained(tmp)
+        audio = bench_reference.speech_like(0.5)
+
+        def run_hf():
+            calls.append("hf")
+            with torch.inference_mode():
+                return scale[0] * hf(fe(audio, sampling_rate=16000, return_tensors="pt").input_values).last_hidden_state
+
+        return "tiny", audio, run_hf
+
+    monkeypatch.setattr(bench_reference, "wav2vec2_case", tiny_case)
+    monkeypatch.setattr(bench_reference, "whisper_case", tiny_case)
+    encode = bench_reference.audioenc.AudioEncoder.encode
+    monkeypatch.setattr(bench_reference.audioenc.AudioEncoder, "encode",
+                        lambda self, *a, **kw: calls.append("ours") or encode(self, *a, **kw))
+    monkeypatch.setattr(sys, "argv", ["bench_reference.py", "--repeats", "3", "--no-write"])
+    bench_reference.main()
+    switches = sum(x != y for x, y in zip(calls, calls[1:]))
+    assert switches >= 2 * 2 * 3, calls  # each timed round of each case runs both sides
+    scale[0] = 1.001  # 0.1% off: not the same computation
+    with pytest.raises(SystemExit, match="tiny: audioenc torch against transformers: output differs"):
+        bench_reference.main()

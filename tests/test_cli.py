@@ -744,6 +744,20 @@ def test_bench_times_backends_side_by_side(w2v_checkpoints, capsys):
     assert "error: torch (auto): --layer must be between 0 and 2, got 3" in capsys.readouterr().err  # not output_layer
 
 
+def test_bench_prints_the_threads_of_every_contender(w2v_checkpoints, monkeypatch, capsys):
+    """$AUDIOENC_ONNX_THREADS sets onnxruntime's (and CTranslate2's) threads apart from torch's, which
+    the torch backend and the torch peers run: the table must say so, not only torch's count."""
+    import torch
+
+    monkeypatch.setenv("AUDIOENC_ONNX_THREADS", str(torch.get_num_threads() + 1))
+    path = w2v_checkpoints["wav2vec2-group"][0]
+    assert main(["bench", "--model", path, "--backend", "onnx", "--dtype", "float32", "--against", "transformers",
+                 "--seconds", "0.5", "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (f"torch threads {torch.get_num_threads()}, onnxruntime and CTranslate2 intra-op threads "
+            f"{torch.get_num_threads() + 1}") in out, out
+
+
 def test_bench_against_whisper_peers(whisper_checkpoints, w2v_checkpoints, tmp_path, capsys):
     """faster-whisper's engine and openai-whisper on the same weights: float32 gives the reference's
     frames, CTranslate2's int8 nearly."""
