@@ -77,7 +77,11 @@ def ctranslate2_call(reference: nn.Module, device: torch.device,
 
     def call(audio: list[np.ndarray]) -> torch.Tensor:
         features = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
-        out = model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=True)
+        on_gpu = device.type == "cuda"  # the output kept there, as faster-whisper keeps it (and audioenc's is)
+        out = model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=not on_gpu)
+        if on_gpu:
+            torch.cuda.synchronize(device)  # every stream of the device: CTranslate2 runs on its own
+            return torch.as_tensor(out, device=device).float()  # via __cuda_array_interface__, then copied
         return torch.from_numpy(np.asarray(out).astype(np.float32))
 
     return call
