@@ -442,9 +442,13 @@ def load_hf_dir(path: str, source: str = "") -> Checkpoint:
             kept = {n: t for n, t in loaded.items() if keep(n)}
             tensors.update(private_copies(kept, loaded) if mapped else kept)
     tensors = {n[len(outer):]: t for n, t in tensors.items()}
+    state_dict = canonical_hf_state_dict(family, tensors, source or path)
+    if not state_dict:  # the model loader would call every tensor missing: a truncated file, it would suggest
+        raise ValueError(f"{source or path}: holds none of the {family} encoder's tensors"
+                         + (" (a decoder-only model, such as WhisperForCausalLM: distil-whisper's assistant models)"
+                            if family == "whisper" else ""))
     preprocessor = read_preprocessor(path)
-    return Checkpoint(family, config, canonical_hf_state_dict(family, tensors, source or path), preprocessor,
-                      source or path, "hf")
+    return Checkpoint(family, config, state_dict, preprocessor, source or path, "hf")
 
 
 def read_preprocessor(path: str) -> dict:
@@ -572,6 +576,13 @@ def load_openai_whisper(obj: dict, path: str) -> Checkpoint:
                              encoder_layers=dims["n_audio_layer"], encoder_attention_heads=dims["n_audio_head"],
                              encoder_ffn_dim=4 * dims["n_audio_state"],  # openai's MLP is always 4x wide
                              max_source_positions=dims["n_audio_ctx"])
+    names = list(obj["model_state_dict"])
+    if not any(name.startswith("encoder.") for name in names):  # else every tensor is called missing, unexplained
+        encoder_alone = any(name.startswith(("conv1.", "blocks.", "ln_post.")) for name in names)
+        raise ValueError(f"{path}: its model_state_dict holds no encoder tensors (openai-whisper names them "
+                         "encoder.*): " + ("the AudioEncoder's own state dict? Save the whole model's state dict, "
+                                           "or prefix its names with 'encoder.'" if encoder_alone else
+                                           "a decoder-only state dict?"))
     state_dict = _float32(_rename(obj["model_state_dict"], _OPENAI_NAMES))
     preprocessor = _whisper_preprocessor(dims["n_mels"], dims["n_audio_ctx"])
     return Checkpoint("whisper", config, state_dict, preprocessor, path, "openai")

@@ -702,6 +702,17 @@ def test_errors_openai_and_fairseq(whisper, w2v, tmp_path):
     del ckpt["dims"]
     torch.save(ckpt, tmp_path / "nodims.pt")
     _expect(tmp_path / "nodims.pt", "without 'dims'")
+    # a decoder-only state dict, or the encoder's own (no encoder. prefix): not "missing tensors" of a truncated file
+    ckpt = openai_checkpoint(whisper[80][0])
+    sd = ckpt["model_state_dict"]
+    torch.save({**ckpt, "model_state_dict": {k: v for k, v in sd.items() if not k.startswith("encoder.")}},
+               tmp_path / "decoder.pt")
+    _expect(tmp_path / "decoder.pt", r"model_state_dict holds no encoder tensors .*: a decoder-only state dict")
+    torch.save({**ckpt, "model_state_dict": {k.removeprefix("encoder."): v for k, v in sd.items()}}, tmp_path / "enc.pt")
+    _expect(tmp_path / "enc.pt", r"holds no encoder tensors .*: the AudioEncoder's own state dict\? Save the whole model's state dict, or prefix")
+    causal = tmp_path / "causal"  # distil-whisper's assistant models: a Whisper decoder alone
+    T.WhisperForCausalLM(whisper[80][0].config).save_pretrained(causal)
+    _expect(causal, "holds none of the whisper encoder's tensors .a decoder-only model, such as WhisperForCausalLM")
     fs = fairseq_checkpoint(w2v["wav2vec2_group"][0], "wav2vec2")
     fs["cfg"]["model"]["_name"] = "data2vec_audio"
     torch.save(fs, tmp_path / "d2v.pt")

@@ -223,6 +223,31 @@ def test_whisper_matches_hf(n_mels, whisper_checkpoints):
             assert rel_err(ours[i, :n], theirs[i, :n]) <= TOL
 
 
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_whisper_valid_frames_are_openai_whispers_on_pad_or_trim(n_mels, tmp_path):
+    """The README's valid frames: ceil(floor(samples / 160) / 2) per window, each equal to openai-whisper's
+    encoder output on the log-mel of the pad_or_trim'med window; a tail under 160 samples adds none."""
+    whisper = pytest.importorskip("whisper")
+    from audioenc.peer_openai_whisper import openai_whisper_encoder
+
+    config = transformers.WhisperConfig(**{**TINY_WHISPER, "num_mel_bins": n_mels, "encoder_ffn_dim": 128})  # openai's 4x
+    randomize(transformers.WhisperForConditionalGeneration(config)).save_pretrained(tmp_path)
+    enc = audioenc.load(str(tmp_path), backend="torch")
+    theirs = openai_whisper_encoder(enc.backend.model)
+    for samples, frames in ((160, 1), (16000 * 7 + 37, 350), (480000, 1500), (480001, 1500), (480000 + 160, 1501)):
+        wave = speech_like(samples, samples)
+        out = enc.encode(wave)
+        assert out.lengths.tolist() == [frames]
+        for start in range(0, samples, 480000):
+            window = torch.from_numpy(wave[start : start + 480000])
+            n = min(frames - start // 320, 1500)
+            if n == 0:  # the tail that adds no frame
+                continue
+            with torch.no_grad():
+                want = theirs(whisper.log_mel_spectrogram(whisper.pad_or_trim(window), n_mels)[None])[0, :n]
+            assert rel_err(out.last_hidden_state[0, start // 320 : start // 320 + n], want) <= TOL
+
+
 def test_whisper_with_a_shorter_window_matches_hf(tmp_path):
     """max_source_positions 750: a 15 s window (its feature extractor's chunk_length), and longer audio
     in consecutive windows of that length."""
