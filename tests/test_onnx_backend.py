@@ -744,6 +744,28 @@ print("ok")
 """
 
 
+FORK_AFTER_THREE_SESSIONS = """
+import multiprocessing, sys, numpy as np, audioenc
+enc = audioenc.load(sys.argv[1], backend="onnx")
+wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+for layer in (0, 1, 2):  # the session cache is full when the server forks
+    enc.encode(wave, output_layer=layer)
+
+def work(_):  # a 4th graph: a session made in the parent is evicted in the child
+    return len(enc.encode(wave, output_hidden_states=True).hidden_states)
+
+with multiprocessing.get_context("fork").Pool(1) as pool:
+    assert pool.map_async(work, range(1)).get(timeout=60) == [3]
+print("ok")
+"""
+
+
+def test_a_forked_child_that_evicts_a_session_of_the_parent_does_not_hang(w2v_checkpoints, tmp_path):
+    """Freeing a session made before a fork hangs in the child (onnxruntime waits for the parent's
+    session threads), so a worker that needed a 4th graph hung: the child never frees those."""
+    run_script(tmp_path, FORK_AFTER_THREE_SESSIONS, w2v_checkpoints["wav2vec2-group"][0], cache=True, timeout=240)
+
+
 def test_a_fork_during_an_export_or_a_load_gives_a_working_child(w2v_checkpoints, tmp_path):
     """A pre-forking server that forks while a warm-up thread exports a graph: the fork waits for the
     export, and the child's encodes do not hang on a lock it inherited held; a load in another thread

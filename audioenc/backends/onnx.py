@@ -8,9 +8,11 @@ is exported (and cached) on first use, which takes seconds for a base-size model
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -33,6 +35,21 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayer
 # full depth about 350 MB) and its own thread pool. Three serve the last layer, the same with every
 # hidden state and one middle layer without reloading; a sweep over output_layer holds no more.
 SESSION_CACHE_SIZE = 3
+_backends: weakref.WeakSet[OnnxBackend] = weakref.WeakSet()
+
+
+def _keep_sessions_of_the_parent() -> None:
+    """In a forked child: the sessions made before the fork are never freed there. Freeing one waits
+    forever on a condition variable that the parent's session threads were waiting on, threads the
+    child does not have: a worker that evicted one (a 4th depth) hung. They still run in the child;
+    their memory is the parent's, shared. A reference in a list would be dropped as the interpreter
+    finalizes; this one never is."""
+    for backend in list(_backends):
+        for session in backend.sessions.values():
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(session))  # a reference that is never dropped
+
+
+os.register_at_fork(after_in_child=_keep_sessions_of_the_parent)
 
 
 class OnnxBackend:
@@ -68,6 +85,7 @@ class OnnxBackend:
         self.reload_warned = False
         self.untrimmed: set[tuple[int, bool]] = set()  # sessions that ran past TRIM_AFTER_SAMPLES since a trim
         self.lock = ForkSafeLock(level=0)  # held while a graph is exported: a fork waits for it
+        _backends.add(self)
 
     def __repr__(self) -> str:
         return f"OnnxBackend({self.dims.family}, {self.dtype}, {self.providers[0]})"
