@@ -86,6 +86,7 @@ class Wav2Vec2Dims:
     feat_proj_layer_norm: bool = True      # HuBERT may omit the LayerNorm before the projection
     num_conv_pos_embeddings: int = 128
     num_conv_pos_embedding_groups: int = 16
+    conv_pos_batch_norm: bool = False      # mHuBERT-25Hz: BatchNorm before the positional conv, no weight norm
     do_stable_layer_norm: bool = False     # pre-LN layers + final LayerNorm
     num_buckets: int = 320                 # WavLM relative position bias
     max_bucket_distance: int = 800
@@ -96,9 +97,8 @@ class Wav2Vec2Dims:
         for key, expected in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu")):
             if config.get(key, expected) != expected:
                 raise _unsupported(source, key, config[key], f"only the exact erf {expected!r}")
-        for key in ("add_adapter", "conv_pos_batch_norm"):
-            if config.get(key):
-                raise _unsupported(source, key, config[key], "it must be false")
+        if config.get("add_adapter"):
+            raise _unsupported(source, "add_adapter", config["add_adapter"], "it must be false")
         stable = bool(config.get("do_stable_layer_norm", False))
         norm = config.get("feat_extract_norm", "group")
         if norm not in ("group", "layer"):
@@ -118,6 +118,7 @@ class Wav2Vec2Dims:
             feat_proj_layer_norm=bool(config.get("feat_proj_layer_norm", True)) if family == "hubert" else True,
             num_conv_pos_embeddings=config.get("num_conv_pos_embeddings", 128),
             num_conv_pos_embedding_groups=config.get("num_conv_pos_embedding_groups", 16),
+            conv_pos_batch_norm=bool(config.get("conv_pos_batch_norm", False)),
             do_stable_layer_norm=stable,
             num_buckets=config.get("num_buckets", 320),
             max_bucket_distance=config.get("max_bucket_distance", 800),

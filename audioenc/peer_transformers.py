@@ -27,7 +27,10 @@ def hf_config(dims):
                                           encoder_ffn_dim=dims.n_ffn)
     config_class = {"wav2vec2": transformers.Wav2Vec2Config, "hubert": transformers.HubertConfig,
                     "wavlm": transformers.WavLMConfig}[dims.family]
-    extra = {"hubert": dict(feat_proj_layer_norm=dims.feat_proj_layer_norm),
+    if dims.conv_pos_batch_norm and dims.family != "hubert":  # a fairseq wav2vec2 trained with it
+        raise ValueError(f"transformers has no BatchNorm before the positional conv for {dims.family} "
+                         "(conv_pos_batch_norm), only for hubert")
+    extra = {"hubert": dict(feat_proj_layer_norm=dims.feat_proj_layer_norm, conv_pos_batch_norm=dims.conv_pos_batch_norm),
              "wavlm": dict(num_buckets=dims.num_buckets, max_bucket_distance=dims.max_bucket_distance)}
     return config_class(
         hidden_size=dims.hidden_size, num_hidden_layers=dims.num_layers, num_attention_heads=dims.num_heads,
@@ -52,14 +55,15 @@ def hf_model(reference: nn.Module) -> nn.Module:
         model = {"wav2vec2": transformers.Wav2Vec2Model, "hubert": transformers.HubertModel,
                  "wavlm": transformers.WavLMModel}[dims.family](config)
     state = dict(reference.state_dict())
-    if not isinstance(dims, WhisperDims):
+    if not isinstance(dims, WhisperDims) and not dims.conv_pos_batch_norm:
         # audioenc folds the positional conv's weight norm at load; transformers keeps it as a
         # parametrisation over dim 2: g = ||w|| per kernel tap and v = w give back w.
         weight = state.pop("encoder.pos_conv_embed.conv.weight")
         state["encoder.pos_conv_embed.conv.parametrizations.weight.original0"] = weight.norm(dim=(0, 1), keepdim=True)
         state["encoder.pos_conv_embed.conv.parametrizations.weight.original1"] = weight
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if name != "masked_spec_embed"]  # training-time masking only
+    # training only: the masking of SpecAugment, the count of BatchNorm's updates
+    missing = [name for name in missing if name != "masked_spec_embed" and not name.endswith(".num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"transformers' {type(model).__name__} does not take these weights: "
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -22,7 +22,8 @@ encoder and a float32 state dict in audioenc's canonical names, which are Huggin
 names with the task prefix removed:
 
 - wav2vec2 / HuBERT / WavLM: ``feature_extractor.conv_layers.0.conv.weight``, ...,
-  ``encoder.pos_conv_embed.conv.weight`` (weight norm already folded into a plain weight).
+  ``encoder.pos_conv_embed.conv.weight`` (weight norm already folded into a plain weight;
+  ``encoder.pos_conv_embed.batch_norm.*`` before it in mHuBERT-25Hz, without num_batches_tracked).
 - Whisper: the encoder only, ``conv1.weight``, ``embed_positions.weight``, ``layers.0.fc1.weight``, ...
 
 Missing or misshapen tensors are reported by the model loader (audioenc.models), not here.
@@ -309,6 +310,10 @@ def _float32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
+# The training-step count of mHuBERT-25Hz's positional BatchNorm: inference never reads it.
+_BATCH_NORM_COUNTER = "encoder.pos_conv_embed.batch_norm.num_batches_tracked"
+
+
 def fold_weight_norm(state_dict: dict[str, torch.Tensor], module: str, source: str, dim: int = 2) -> None:
     """Replaces weight norm's (g, v) pair of ``module`` by the plain weight g * v / ||v||, with the
     norm taken over every dim except ``dim`` (torch.nn.utils.weight_norm semantics)."""
@@ -361,6 +366,7 @@ def canonical_hf_state_dict(family: str, state_dict: dict[str, torch.Tensor], so
             out[name[len(prefix):]] = tensor
     if family != "whisper":
         fold_weight_norm(out, "encoder.pos_conv_embed.conv", source)
+        out.pop(_BATCH_NORM_COUNTER, None)
     return _float32(out)
 
 
@@ -772,6 +778,12 @@ _FAIRSEQ_NAMES = [
     (r"encoder\.layer_norm\.(\w+)", r"encoder.layer_norm.\1"),
 ]
 
+# conv_pos_batch_norm: encoder.pos_conv is Sequential(BatchNorm1d, Conv1d, SamePad, GELU).
+_FAIRSEQ_BATCH_NORM_POS_CONV = [
+    (r"encoder\.pos_conv\.0\.(\w+)", r"encoder.pos_conv_embed.batch_norm.\1"),
+    (r"encoder\.pos_conv\.1\.(\w+)", r"encoder.pos_conv_embed.conv.\1"),
+]
+
 # fairseq's Wav2Vec2Config / HubertConfig defaults, for legacy args that omit a field.
 _FAIRSEQ_DEFAULTS = {
     "extractor_mode": "default",
@@ -786,6 +798,7 @@ _FAIRSEQ_DEFAULTS = {
     "conv_pos": 128,
     "conv_pos_groups": 16,
     "pos_conv_depth": 1,
+    "conv_pos_batch_norm": False,
     "layer_type": "transformer",
     "relative_position_embedding": False,  # WavLM's: both must be on, and its buckets come with them
     "gru_rel_pos": False,
@@ -813,8 +826,10 @@ def load_fairseq(obj: dict, path: str) -> Checkpoint:
         raise ValueError(f"{path}: the checkpoint holds MMS language adapters ({adapter}, ...), one set per language, "
                          "which audioenc does not read from fairseq checkpoints: load the Hugging Face checkpoint "
                          "(e.g. facebook/mms-1b-all), which holds one language's adapters")
-    state_dict = _rename(state_dict, _FAIRSEQ_NAMES)
+    names = _FAIRSEQ_BATCH_NORM_POS_CONV + _FAIRSEQ_NAMES if config["conv_pos_batch_norm"] else _FAIRSEQ_NAMES
+    state_dict = _rename(state_dict, names)
     fold_weight_norm(state_dict, "encoder.pos_conv_embed.conv", path)
+    state_dict.pop(_BATCH_NORM_COUNTER, None)
     if "feature_projection.projection.weight" not in state_dict and config["conv_dim"][-1] == config["hidden_size"]:
         # fairseq skips post_extract_proj when the conv and encoder widths agree; HF always projects.
         state_dict["feature_projection.projection.weight"] = torch.eye(config["hidden_size"])
@@ -889,6 +904,7 @@ def _fairseq_to_hf_config(family: str, cfg: dict, path: str) -> dict:
         "conv_bias": bool(cfg["conv_bias"]),
         "num_conv_pos_embeddings": cfg["conv_pos"],
         "num_conv_pos_embedding_groups": cfg["conv_pos_groups"],
+        "conv_pos_batch_norm": bool(cfg["conv_pos_batch_norm"]),
         "do_stable_layer_norm": bool(cfg["layer_norm_first"]),
     }
     if family == "hubert":

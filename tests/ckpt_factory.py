@@ -23,6 +23,7 @@ W2V_VARIANTS = {
     "wav2vec2_group": (T.Wav2Vec2Config, {}),
     "wav2vec2_layer": (T.Wav2Vec2Config, dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)),
     "hubert": (T.HubertConfig, {}),
+    "hubert_posbatchnorm": (T.HubertConfig, dict(conv_pos_batch_norm=True)),  # slprl/mhubert-base-25hz
     "wavlm": (T.WavLMConfig, dict(num_buckets=16, max_bucket_distance=32)),
 }
 # Keys that size or switch the encoder; every format must agree with Hugging Face on them.
@@ -34,13 +35,16 @@ WHISPER_KEYS = ("model_type", "num_mel_bins", "d_model", "encoder_layers", "enco
 
 
 def randomize(model: torch.nn.Module, seed: int, keep=()) -> torch.nn.Module:
-    """Random values everywhere (so a swapped name shows), except parameters whose name contains one of
-    ``keep``."""
+    """Random values everywhere (so a swapped name shows), BatchNorm's running statistics included,
+    except parameters whose name contains one of ``keep``."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not any(k in name for k in keep):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
     return model
 
 
@@ -68,7 +72,8 @@ def whisper_model(n_mels: int, seed: int = 0) -> T.WhisperForConditionalGenerati
 def reference_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The canonical names and values, straight from a transformers base model (weight norm as torch
     computes it)."""
-    sd = {k: v.clone() for k, v in base.state_dict().items() if k != "masked_spec_embed"}
+    sd = {k: v.clone() for k, v in base.state_dict().items()
+          if k != "masked_spec_embed" and not k.endswith("num_batches_tracked")}
     if "encoder.pos_conv_embed.conv.parametrizations.weight.original0" in sd:
         del sd["encoder.pos_conv_embed.conv.parametrizations.weight.original0"]
         del sd["encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
@@ -137,9 +142,12 @@ def _sub(table, name: str) -> str:
 
 # ---- fairseq --------------------------------------------------------------------------------------
 
-def _to_fairseq_table(feat_extract_norm: str):
+def _to_fairseq_table(feat_extract_norm: str, pos_batch_norm: bool):
     norm = r"feature_extractor.conv_layers.0.2." if feat_extract_norm == "group" else r"feature_extractor.conv_layers.\1.2.1."
-    return [
+    # with conv_pos_batch_norm, fairseq's pos_conv is Sequential(BatchNorm1d, Conv1d, SamePad, GELU)
+    pos = [(r"encoder\.pos_conv_embed\.batch_norm\.", "encoder.pos_conv.0."),
+           (r"encoder\.pos_conv_embed\.conv\.", "encoder.pos_conv.1.")] if pos_batch_norm else []
+    return pos + [
         (r"feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
         (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.", norm),
         (r"feature_projection\.layer_norm\.", "layer_norm."),
@@ -177,7 +185,9 @@ def fairseq_checkpoint(base: torch.nn.Module, family: str, style: str = "cfg", n
     legacy Namespaces, as wav2vec_small_960h.pt) or "unilm" (WavLM's own .pt). fairseq's Trainer writes
     "args": None beside a cfg."""
     c = base.config
-    sd = {_sub(_to_fairseq_table(c.feat_extract_norm), k): v.clone() for k, v in base.state_dict().items()}
+    pos_batch_norm = getattr(c, "conv_pos_batch_norm", False)
+    table = _to_fairseq_table(c.feat_extract_norm, pos_batch_norm)
+    sd = {_sub(table, k): v.clone() for k, v in base.state_dict().items()}
     # fairseq-only pre-training tensors, which the loader must drop
     sd.update({"quantizer.vars": torch.randn(1, 4, 8), "project_q.weight": torch.randn(8, 8),
                "final_proj.weight": torch.randn(8, 32), "label_embs_concat": torch.randn(4, 8)})
@@ -189,6 +199,8 @@ def fairseq_checkpoint(base: torch.nn.Module, family: str, style: str = "cfg", n
         "activation_fn": "gelu", "layer_norm_first": c.do_stable_layer_norm, "conv_pos": c.num_conv_pos_embeddings,
         "conv_pos_groups": c.num_conv_pos_embedding_groups, "dropout": 0.1,
     }
+    if pos_batch_norm:
+        model_cfg["conv_pos_batch_norm"] = True
     task_cfg = {"_name": "audio_pretraining", "normalize": normalize, "sample_rate": 16000}
     if style == "unilm":  # microsoft/unilm WavLM: one flat WavLMConfig dict, no model name
         assert family == "wavlm"

@@ -27,6 +27,9 @@ W2V_VARIANTS = {
                                            adapter_attn_dim=8, layer_norm_eps=1e-2), True),
     "hubert-group-noprojln": ("hubert", dict(feat_extract_norm="group", feat_proj_layer_norm=False), False),
     "hubert-stable": ("hubert", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True), True),
+    # slprl/mhubert-base-25hz: a BatchNorm before the positional conv, no weight norm. "group" in the
+    # name keeps it out of the padded-batch comparison: there transformers is padding-sensitive.
+    "hubert-group-posbatchnorm": ("hubert", dict(feat_extract_norm="group", conv_pos_batch_norm=True), False),
     "wavlm-group": ("wavlm", dict(feat_extract_norm="group", num_buckets=32, max_bucket_distance=60), False),
     "wavlm-stable": ("wavlm", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
                                    num_buckets=32, max_bucket_distance=60), True),
@@ -35,7 +38,7 @@ W2V_VARIANTS = {
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fresh random values for every parameter, so LayerNorm gains, biases and WavLM's gate
-    constants are not at their trivial initial values."""
+    constants are not at their trivial initial values, and for BatchNorm's running statistics."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -44,6 +47,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen) if p.dim() < 2 else
                         torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
     return model.eval()
 
 

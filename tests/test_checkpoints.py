@@ -25,9 +25,9 @@ from ckpt_factory import (W2V_KEYS, WHISPER_KEYS, fairseq_checkpoint, openai_che
 T = pytest.importorskip("transformers")
 
 BASE_CLASSES = {"wav2vec2_group": T.Wav2Vec2Model, "wav2vec2_layer": T.Wav2Vec2Model, "hubert": T.HubertModel,
-                "wavlm": T.WavLMModel}
+                "hubert_posbatchnorm": T.HubertModel, "wavlm": T.WavLMModel}
 TASK_CLASSES = {"wav2vec2_group": T.Wav2Vec2ForPreTraining, "wav2vec2_layer": T.Wav2Vec2ForCTC,
-                "hubert": T.HubertForCTC, "wavlm": T.WavLMForXVector}
+                "hubert": T.HubertForCTC, "hubert_posbatchnorm": T.HubertForCTC, "wavlm": T.WavLMForXVector}
 XVECTOR = dict(tdnn_dim=(8, 8), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8)
 
 
@@ -255,7 +255,7 @@ def test_ctranslate2_dir_with_copied_preprocessor_config(whisper, tmp_path):
 
 @pytest.mark.parametrize("variant,family,style", [
     *((variant, family, style) for variant, family in [("wav2vec2_group", "wav2vec2"), ("wav2vec2_layer", "wav2vec2"),
-                                                        ("hubert", "hubert")]
+                                                        ("hubert", "hubert"), ("hubert_posbatchnorm", "hubert")]
       for style in ["cfg", "args", "finetuned"]),
     ("wav2vec2_group", "wav2vec2", "args_finetuned"), ("wav2vec2_layer", "wav2vec2", "args_finetuned"),
     ("wavlm", "wavlm", "unilm")])
@@ -268,7 +268,8 @@ def test_fairseq(w2v, variant, family, style, tmp_path):
     assert (ckpt.family, ckpt.format) == (family, "unilm" if style == "unilm" else "fairseq")
     assert ckpt.preprocessor["do_normalize"] is normalize
     assert_same(ckpt.state_dict, want.state_dict)
-    extra = {"hubert": ("feat_proj_layer_norm",), "wavlm": ("num_buckets", "max_bucket_distance")}.get(family, ())
+    extra = {"hubert": ("feat_proj_layer_norm", "conv_pos_batch_norm"),
+             "wavlm": ("num_buckets", "max_bucket_distance")}.get(family, ())
     assert_same_config(ckpt.config, want.config, W2V_KEYS + extra)
 
 

@@ -510,6 +510,9 @@ class _FastWav2Vec2:
         self.projection = _Linear([projection.projection], dtype, device)
         encoder = model.encoder
         self.pos_conv = _PositionalConv(encoder.pos_conv_embed.conv, dtype, device)
+        self.pos_norm = None  # mHuBERT-25Hz's BatchNorm before the positional conv: (scale, shift)
+        if encoder.pos_conv_embed.batch_norm is not None:
+            self.pos_norm = tuple(t.detach().float().to(device) for t in encoder.pos_conv_embed.batch_norm.scale_and_shift())
         self.pre_norm = encoder.pre_norm
         self.encoder_norm = _Norm(encoder.layer_norm, device)
         self.fc1_choices, self.attention_choices = {}, {}
@@ -550,7 +553,10 @@ class _FastWav2Vec2:
         frames = x.shape[1]
         valid = valid_mask(frame_lengths, frames)
         x = x * valid[..., None].to(x.dtype)  # padding must not leak into valid frames via the pos conv
-        pos = self.pos_conv(x)
+        conv_in = x
+        if self.pos_norm is not None:  # padded frames zeroed again after the shift, as in the reference
+            conv_in = ((x.float() * self.pos_norm[0] + self.pos_norm[1]) * valid[..., None]).to(x.dtype)
+        pos = self.pos_conv(conv_in)
         if self.pre_norm:
             x = x.float() + pos.float()
         else:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from audioenc.config import Wav2Vec2Dims, WhisperDims
-from audioenc.models.wav2vec2 import Wav2Vec2Model
+from audioenc.models.wav2vec2 import BatchNorm, Wav2Vec2Model
 from audioenc.models.wavlm import WavLMModel
 from audioenc.models.whisper import WhisperEncoder, sinusoids
 from audioenc.weights import Checkpoint
@@ -38,9 +38,10 @@ def build_model(checkpoint: Checkpoint, random_weights: bool = False) -> nn.Modu
 def drawn_weights(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights for ``model`` (built on the meta device), distributed as torch's own
     initialisation draws them: Linear and Conv1d weights and biases uniform within +-1/sqrt(fan_in)
-    (kaiming_uniform with a=sqrt(5)), embeddings standard normal, norms 1 and 0, WavLM's gate
-    constants 1. They come from a generator of their own, not torch's global one, which the caller's
-    other threads may draw from meanwhile: the same weights every time, in any thread."""
+    (kaiming_uniform with a=sqrt(5)), embeddings standard normal, norms 1 and 0 (running mean 0 and
+    variance 1), WavLM's gate constants 1. They come from a generator of their own, not torch's global
+    one, which the caller's other threads may draw from meanwhile: the same weights every time, in any
+    thread."""
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for prefix, module in model.named_modules():
@@ -51,8 +52,9 @@ def drawn_weights(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
                 weights[name] = torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
             elif isinstance(module, nn.Embedding):
                 weights[name] = torch.randn(shape, generator=generator, dtype=torch.float32)
-            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or last == "gru_rel_pos_const":
-                weights[name] = (torch.zeros if last == "bias" else torch.ones)(shape, dtype=torch.float32)
+            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, BatchNorm)) or last == "gru_rel_pos_const":
+                zero = last in ("bias", "running_mean")
+                weights[name] = (torch.zeros if zero else torch.ones)(shape, dtype=torch.float32)
             else:
                 raise TypeError(f"no random initialisation for {name} ({type(module).__name__})")
     return weights

@@ -87,17 +87,47 @@ class FeatureProjection(nn.Module):
         return self.projection(x)
 
 
+class BatchNorm(nn.Module):
+    """BatchNorm1d at inference, over (B, T, C): a per-channel affine from the running statistics.
+    Its tensors are parameters, as the loaders and drawn_weights take them; the checkpoint's
+    num_batches_tracked, a training counter, is dropped at load."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.running_mean = nn.Parameter(torch.zeros(channels))
+        self.running_var = nn.Parameter(torch.ones(channels))
+        self.eps = eps
+
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_and_shift()
+        return x * scale + shift
+
+
 class PositionalConvEmbedding(nn.Module):
-    """Grouped conv over time (weight norm folded at load); even kernels drop the last frame."""
+    """Grouped conv over time (weight norm folded at load); even kernels drop the last frame.
+    With conv_pos_batch_norm (mHuBERT-25Hz), a BatchNorm first and no weight norm."""
 
     def __init__(self, dims: Wav2Vec2Dims):
         super().__init__()
         k = dims.num_conv_pos_embeddings
+        self.batch_norm = BatchNorm(dims.hidden_size) if dims.conv_pos_batch_norm else None
         self.conv = nn.Conv1d(dims.hidden_size, dims.hidden_size, k, padding=k // 2,
                               groups=dims.num_conv_pos_embedding_groups)
         self.remove_last = k % 2 == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) with padded frames zero; valid: (B, T) bool."""
+        if self.batch_norm is not None:
+            # The norm's shift would make padded frames nonzero; zero them again, so that the conv sees
+            # what an item alone sees past its end (its zero padding). transformers and fairseq do not,
+            # so there an item's frames depend on the batch's padding (transformers#47739).
+            x = self.batch_norm(x) * valid[..., None].to(x.dtype)
         y = self.conv(x.transpose(1, 2))
         if self.remove_last:
             y = y[..., :-1]
@@ -169,7 +199,7 @@ class Encoder(nn.Module):
         frames = x.shape[1]
         valid = valid_mask(lengths, frames)
         x = x * valid[..., None].to(x.dtype)  # padding must not leak into valid frames via the pos conv
-        x = x + self.pos_conv_embed(x)
+        x = x + self.pos_conv_embed(x, valid)
         if not self.pre_norm:
             x = self.layer_norm(x)
         bias = key_padding_bias(lengths, frames, x.dtype)
