@@ -72,6 +72,17 @@ def test_autotune_setting_typo_fails_the_load(w2v_checkpoints, monkeypatch):
         load(w2v_checkpoints["wav2vec2-group"][0])
 
 
+def test_head_dim_over_128_fails_the_load():
+    """The attention kernel takes head dims up to 128: a model past that is refused at load, not at
+    its first call."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    encoder = WhisperEncoder(WhisperConfig(d_model=272, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=8))
+    with pytest.raises(ValueError, match="head dims up to 128; this model's is 136"):
+        audioenc.load(encoder, backend="triton", device=DEVICE)
+
+
 @pytest.mark.parametrize("variant", list(W2V_VARIANTS))
 def test_wav2vec2_family_float32_matches_reference(variant, w2v_checkpoints):
     path, _ = w2v_checkpoints[variant]

@@ -643,6 +643,11 @@ class TritonBackend:
             # kernel would return garbage, silently.
             raise ValueError("the triton backend runs bfloat16 only on CUDA devices: Triton's CPU interpreter "
                              "computes bfloat16 matmuls wrongly; use float32 or float16 there")
+        dims = model.dims
+        head_dim = dims.n_state // dims.n_head if dims.family == "whisper" else dims.hidden_size // dims.num_heads
+        if head_dim > 128:  # no released checkpoint has one; found here, not at the first call
+            raise ValueError(f"the triton backend's attention kernel takes head dims up to 128; this model's is "
+                             f"{head_dim}: use backend='torch' or 'onnx'")
         model = model.float().eval()
         with torch.no_grad():
             if model.dims.family == "whisper":
