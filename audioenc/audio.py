@@ -5,6 +5,7 @@ ValueError / TypeError that names the problem.
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from audioenc.config import SAMPLE_RATE
 from audioenc.frontend import pcm_to_float32
+from audioenc.ogg_pages import links as ogg_links
 
 MIN_RATE, MAX_RATE = 4000, 384000
 SUPPORTED_DTYPES = (np.float16, np.float32, np.float64, np.int16, np.int32)
@@ -42,6 +44,13 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     problem = truncation(path)  # the header alone tells: before decoding
     if problem:
         raise ValueError(f"{path}: {problem}")
+    links = ogg_links(path)  # every Ogg page checked: decoders skip a damaged one without a word
+    if links is not None and len(links) > 1:
+        data, rate = _decode_chain(path, links)
+        if data.size == 0:
+            raise ValueError(f"{path}: the file holds no audio samples (a chained Ogg file none of whose links "
+                             "decode to audio)")
+        return data, rate
     declared = None  # FLAC: the samples its STREAMINFO declares
     try:
         with sf.SoundFile(path) as f:
@@ -205,15 +214,39 @@ def _sphere_shortfall(head: bytes, file_size: int) -> str | None:
     return f"its header declares {size} bytes of audio, the file holds {available}" if available < size else None
 
 
-def _decode_with_pyav(path: str, reason: str) -> tuple[np.ndarray, int]:
-    """(samples, channels) float32 and the rate, through FFmpeg; ValueError when that fails too."""
+def _decode_chain(path: str, links: list[tuple[int, int]]) -> tuple[np.ndarray, int]:
+    """A chained Ogg's links decoded one by one (libsndfile decodes only the first), each mixed to mono
+    and resampled to the first one's rate: 1-D float32 and that rate."""
+    import soundfile as sf
+
+    parts, first_rate = [], None
+    with open(path, "rb") as f:
+        for i, (start, end) in enumerate(links):
+            f.seek(start)
+            link = io.BytesIO(f.read(end - start))
+            try:
+                with sf.SoundFile(link) as s:
+                    data, rate = s.read(dtype="float32", always_2d=True), s.samplerate
+            except Exception as exc:  # as in load_audio: Ogg FLAC, or a link libsndfile cannot read
+                link.seek(0)
+                # libsndfile's message names the BytesIO object: the link is named here instead
+                reason = f"link {i + 1} of {len(links)}, at byte {start}: {getattr(exc, 'error_string', exc)}"
+                data, rate = _decode_with_pyav(path, reason=reason, source=link)
+            first_rate = first_rate or rate
+            parts.append(resample(data.mean(axis=1), rate, first_rate))
+    return np.concatenate(parts), int(first_rate)
+
+
+def _decode_with_pyav(path: str, reason: str, source: io.BytesIO | None = None) -> tuple[np.ndarray, int]:
+    """(samples, channels) float32 and the rate, through FFmpeg (from ``source`` when given, a part of
+    the file at path); ValueError when that fails too."""
     try:
         import av
     except ImportError:
         raise ValueError(f"{path}: cannot decode audio ({reason}); installing PyAV (pip install av) "
                          "adds the formats FFmpeg reads") from None
     try:
-        with av.open(path) as container:
+        with av.open(path if source is None else source) as container:
             if not container.streams.audio:
                 raise ValueError("no audio stream")
             stream = container.streams.audio[0]

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from audioenc.atomic_file import TMP_PREFIX, PathTaken, atomic_write, atomic_write_bytes
+from audioenc.ogg_pages import links as ogg_links
 
 SETTINGS_FILE = ".audioenc-embed.json"  # in --out: what its outputs were made with
 
@@ -202,6 +203,8 @@ def duration_s(path: str) -> float:
     if not os.path.isfile(path):  # a broken link or a pipe: decoding reports it, unopened
         return math.inf
     try:
+        if len(ogg_links(path) or ()) > 1:  # a chained Ogg: its header gives the first link's length only
+            return math.inf
         return sf.info(path).duration
     except Exception:  # not a format soundfile reads
         pass

@@ -1,11 +1,13 @@
 """Bad input gets a clear ValueError / TypeError naming the problem, at every entry point."""
+import io
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 import audioenc
-from audioenc.audio import load_audio, to_waveforms, truncation
+from audioenc.audio import load_audio, resample, to_waveforms, truncation
 from conftest import speech_like
 
 
@@ -566,3 +568,174 @@ def test_integer_pcm_cast_to_float_warns_where_the_scale_matters(whisper, w2v):
         warnings.simplefilter("error")
         for enc, block in ((whisper, pcm), (whisper, x), (w2v, pcm.astype(np.float32))):
             enc.stream().push(block)
+
+
+def ogg_pages(data: bytes):
+    """(offset, header, segment table, body) of each page of an Ogg file."""
+    offset = 0
+    while offset < len(data):
+        n = data[offset + 26]
+        table = data[offset + 27 : offset + 27 + n]
+        yield offset, data[offset : offset + 27], table, data[offset + 27 + n : offset + 27 + n + sum(table)]
+        offset += 27 + n + sum(table)
+
+
+def reference_ogg_crc(data: bytes) -> int:
+    """Ogg's CRC-32 bit by bit, as RFC 3533 and libogg define it."""
+    register = 0
+    for byte in data:
+        register ^= byte << 24
+        for _ in range(8):
+            register = ((register << 1) ^ 0x04C11DB7 if register & 0x80000000 else register << 1) & 0xFFFFFFFF
+    return register
+
+
+def ogg_page(header: bytes, table: bytes, body: bytes, number: int, flags: int, granule: int) -> bytes:
+    """A page renumbered, with the flags and granule position given and its CRC recomputed."""
+    page = bytearray(header + table + body)
+    page[5], page[6:14], page[18:22], page[22:26], page[26] = (flags, granule.to_bytes(8, "little"),
+                                                                number.to_bytes(4, "little"), bytes(4), len(table))
+    page[22:26] = reference_ogg_crc(bytes(page)).to_bytes(4, "little")
+    return bytes(page)
+
+
+def test_ogg_crc_matches_the_reference():
+    from audioenc.ogg_pages import crc
+
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 3, 255, 4099):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert crc(data) == reference_ogg_crc(data)
+    assert crc(b"\x01") == 0x04C11DB7 and crc(b"\x80") == 0x690CE0EE  # not zlib's reflected CRC
+    for subtype in ("VORBIS", "OPUS"):  # pages libsndfile (libogg) wrote
+        buffer = io.BytesIO()
+        sf.write(buffer, speech_like(16000, 14), 16000, format="OGG", subtype=subtype)
+        for _, header, table, body in ogg_pages(buffer.getvalue()):
+            zeroed = header[:22] + bytes(4) + header[26:] + table + body
+            assert crc(zeroed) == reference_ogg_crc(zeroed) == int.from_bytes(header[22:26], "little")
+
+
+@pytest.mark.parametrize("subtype", ["VORBIS", "OPUS"])
+def test_ogg_with_a_damaged_or_missing_page_is_refused(tmp_path, subtype):
+    """libogg skips a page whose CRC fails, and decoding goes on a page's audio (seconds) short:
+    neither libsndfile nor FFmpeg says a word."""
+    sf.write(tmp_path / "whole.ogg", speech_like(48000, 15), 16000, format="OGG", subtype=subtype)
+    whole = (tmp_path / "whole.ogg").read_bytes()
+    assert len(load_audio(tmp_path / "whole.ogg")[0]) == 48000
+    pages = list(ogg_pages(whole))
+    offset, header, table, body = pages[len(pages) // 2]
+    damaged = bytearray(whole)
+    damaged[offset + 27 + len(table) + len(body) // 2] ^= 0x55  # one flipped byte in the middle page's audio
+    (tmp_path / "damaged.ogg").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=rf"damaged.ogg: truncated or corrupt Ogg file \(the page at byte {offset} "
+                                         r"fails its CRC check\)"):
+        load_audio(tmp_path / "damaged.ogg")
+    damaged = bytearray(whole)
+    damaged[offset + 1] ^= 0x55  # its "OggS" too: libogg looks for the next page
+    (tmp_path / "damaged.ogg").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=rf"truncated or corrupt Ogg file \(no Ogg page at byte {offset}"):
+        load_audio(tmp_path / "damaged.ogg")
+    end = offset + 27 + len(table) + len(body)
+    (tmp_path / "gap.ogg").write_bytes(whole[:offset] + whole[end:])  # a page lost whole: every CRC holds
+    number = int.from_bytes(header[18:22], "little")
+    with pytest.raises(ValueError, match=rf"gap.ogg: truncated or corrupt Ogg file \(the page at byte {offset} is "
+                                         rf"page {number + 1} of stream .*, where page {number} was due"):
+        load_audio(tmp_path / "gap.ogg")
+
+
+@pytest.mark.parametrize("subtype", ["VORBIS", "OPUS"])
+def test_ogg_cut_inside_a_page_is_truncated(tmp_path, subtype):
+    sf.write(tmp_path / "whole.ogg", speech_like(48000, 16), 16000, format="OGG", subtype=subtype)
+    whole = (tmp_path / "whole.ogg").read_bytes()
+    pages = list(ogg_pages(whole))
+    for offset, _, table, body in (pages[len(pages) // 2], pages[-1]):  # the last: decoders lose only its audio
+        cut = offset + 27 + len(table) + len(body) // 2
+        (tmp_path / "cut.ogg").write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=rf"cut.ogg: truncated or corrupt Ogg file \(the page at byte {offset} "
+                                             rf"runs past the file's end at byte {cut}\)"):
+            load_audio(tmp_path / "cut.ogg")
+
+
+def test_chained_ogg_decodes_every_link(tmp_path):
+    """``cat a.ogg b.ogg`` (an internet-radio dump): libsndfile decoded the first link only. Links of
+    other rates and channel counts join at the first one's rate, mixed to mono like any file."""
+    sf.write(tmp_path / "a.ogg", speech_like(24000, 17), 16000, format="OGG", subtype="VORBIS")
+    sf.write(tmp_path / "b.ogg", np.stack([speech_like(36000, 18)] * 2, 1), 48000, format="OGG", subtype="OPUS")
+    a, b = (tmp_path / "a.ogg").read_bytes(), (tmp_path / "b.ogg").read_bytes()
+    (tmp_path / "chain.ogg").write_bytes(a + b + a)
+    data, rate = load_audio(tmp_path / "chain.ogg")
+    first = load_audio(tmp_path / "a.ogg")[0]
+    second = resample(load_audio(tmp_path / "b.ogg")[0], 48000, 16000)
+    assert rate == 16000 and len(data) == 24000 + 12000 + 24000
+    np.testing.assert_array_equal(data[:24000], first)
+    np.testing.assert_array_equal(data[24000:36000], second)
+    np.testing.assert_array_equal(data[36000:], first)  # the same serial number twice, as cat a.ogg a.ogg makes
+    # The CLI's batching: the header gives the first link's 1.5 s of the chain's 3.75, so it runs alone.
+    from audioenc.embed_files import length_batches
+
+    jobs = [(str(tmp_path / name), name) for name in ("chain.ogg", "a.ogg", "b.ogg")]
+    batches = [[target for _, target in batch] for batch in length_batches(jobs, batch_size=8, max_audio_s=5)]
+    assert batches == [["b.ogg", "a.ogg"], ["chain.ogg"]]
+    damaged = bytearray(a + b)
+    damaged[len(a) + len(b) // 2] ^= 0x55  # the second link's pages are checked too
+    (tmp_path / "damaged.ogg").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="damaged.ogg: truncated or corrupt Ogg file"):
+        load_audio(tmp_path / "damaged.ogg")
+
+
+def write_ogg_flac(path, wave: np.ndarray, rate: int, av) -> None:
+    with av.open(str(path), "w", format="ogg") as container:
+        stream = container.add_stream("flac", rate=rate)
+        stream.layout = "mono"
+        for start in range(0, len(wave), 4096):
+            frame = av.AudioFrame.from_ndarray((wave[None, start : start + 4096] * 32767).astype(np.int16),
+                                               format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_ogg_flac_links_libsndfile_cannot_read_go_through_pyav(tmp_path):
+    """Each link of a chain is decoded on its own, from memory: through FFmpeg where libsndfile fails."""
+    av = pytest.importorskip("av")
+    write_ogg_flac(tmp_path / "a.oga", speech_like(20000, 19), 16000, av)
+    write_ogg_flac(tmp_path / "b.oga", speech_like(30000, 20), 16000, av)
+    single = load_audio(tmp_path / "a.oga")[0]
+    assert len(single) == 20000
+    (tmp_path / "chain.oga").write_bytes((tmp_path / "a.oga").read_bytes() + (tmp_path / "b.oga").read_bytes())
+    data, rate = load_audio(tmp_path / "chain.oga")
+    assert rate == 16000 and len(data) == 50000
+    np.testing.assert_array_equal(data[:20000], single)
+
+
+@pytest.mark.parametrize("subtype", ["VORBIS", "OPUS"])
+def test_valid_ogg_files_pass_the_page_checks(tmp_path, subtype):
+    """Pages a packet continues onto, and a page with no segments at all, are valid Ogg; so is a
+    file of 0.01 s, or one that ends without its last page's end-of-stream flag (a recorder
+    stopped before it wrote that page, as an unwritten WAV size is decoded to its end)."""
+    sf.write(tmp_path / "short.ogg", speech_like(160, 21), 16000, format="OGG", subtype=subtype)
+    assert len(load_audio(tmp_path / "short.ogg")[0]) == 160
+    sf.write(tmp_path / "whole.ogg", speech_like(48000, 22), 16000, format="OGG", subtype=subtype)
+    whole = (tmp_path / "whole.ogg").read_bytes()
+    pages, number = [], 0
+    for _, header, table, body in ogg_pages(whole):
+        granule = int.from_bytes(header[6:14], "little")
+        # a cut inside a packet, where no packet ends before it (or on a header page: granule 0 throughout)
+        cuts = [m for m in range(1, len(table)) if table[m - 1] == 255 and (granule == 0 or min(table[:m]) == 255)]
+        if header[5] & 2 or not cuts:
+            pages.append(ogg_page(header, table, body, number, header[5], granule))
+            number += 1
+            continue
+        size = sum(table[: cuts[0]])
+        pages += [ogg_page(header, table[: cuts[0]], body[:size], number, header[5] & ~4, granule or 2**64 - 1),
+                  ogg_page(header, b"", b"", number + 1, header[5] & ~4 | 1, 2**64 - 1),  # empty, continued
+                  ogg_page(header, table[cuts[0] :], body[size:], number + 2, header[5] | 1, granule)]
+        number += 3
+    assert number > len(list(ogg_pages(whole)))
+    (tmp_path / "paged.ogg").write_bytes(b"".join(pages))
+    np.testing.assert_array_equal(load_audio(tmp_path / "paged.ogg")[0], load_audio(tmp_path / "whole.ogg")[0])
+    last = list(ogg_pages(whole))[-1][0]
+    (tmp_path / "stopped.ogg").write_bytes(whole[:last])
+    assert 0 < len(load_audio(tmp_path / "stopped.ogg")[0]) < 48000
