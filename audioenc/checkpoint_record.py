@@ -52,7 +52,8 @@ def recorded_weights_digest(model: nn.Module) -> str:
         record = _record_path(key)
         # the key inside too: a record file copied or moved to another's name is not taken for it
         fields = {"key": key, "digest": digest, "family": checkpoint.family, "format": checkpoint.format,
-                  "config": checkpoint.config, "preprocessor": checkpoint.preprocessor, "source": checkpoint.source}
+                  "config": checkpoint.config, "preprocessor": checkpoint.preprocessor, "source": checkpoint.source,
+                  "target_lang": checkpoint.target_lang}
         try:
             text = json.dumps(fields)
             if json.loads(text) != fields:  # e.g. tuples in a config: recalled, it would differ
@@ -63,15 +64,16 @@ def recorded_weights_digest(model: nn.Module) -> str:
     return digest
 
 
-def recall(source: str, path: str) -> Checkpoint | None:
-    """The checkpoint ``source`` (read from ``path``; "" for a ``random:`` architecture) as recorded
-    when it was last read, without tensors (``weights_digest`` set), or None when there is no record
-    of it in its present state."""
+def recall(source: str, path: str, target_lang: str | None = None) -> Checkpoint | None:
+    """The checkpoint ``source`` (read from ``path``; "" for a ``random:`` architecture) with
+    ``target_lang``'s adapter as recorded when it was last read, without tensors (``weights_digest``
+    set), or None when there is no record of it in its present state."""
     try:
         stats = file_stats(path) if path else []
     except OSError:
         return None
-    probe = Checkpoint("", {}, {}, source=source, path=os.path.abspath(path) if path else "", file_stats=stats)
+    probe = Checkpoint("", {}, {}, source=source, path=os.path.abspath(path) if path else "", file_stats=stats,
+                       target_lang=target_lang or "")
     key = _record_key(probe)
     if key is None:
         return None
@@ -127,6 +129,8 @@ def _record_key(checkpoint: Checkpoint) -> str | None:
                   "cpu": torch.backends.cpu.get_cpu_capability()}
     else:
         return None
+    if checkpoint.target_lang:  # another language's adapters: other weights from the same files
+        fields["target_lang"] = checkpoint.target_lang
     fields.update(code=_code_digest(), torch=torch.__version__)
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
 

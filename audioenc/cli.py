@@ -17,6 +17,9 @@ from audioenc.embed_files import (MIXED, decoded_batches, embed_batch, inside, l
 
 DEFAULT_ARCHITECTURE = "wav2vec2-base"
 STREAM_FLAGS = {"chunk_s": "--chunk-s", "left_context_s": "--left-context-s", "right_context_s": "--right-context-s"}
+TARGET_LANG_HELP = ("MMS checkpoints (e.g. facebook/mms-1b-all): the language whose adapter file "
+                    "adapter.<lang>.safetensors replaces the adapters in the weights, e.g. fra (default: the "
+                    "weights' own, English for mms-1b-all)")
 
 
 def as_flags(message: str, flags: dict[str, str]) -> str:
@@ -104,7 +107,8 @@ def load_from_args(args):
     # only a missing --model means random weights: an empty one (an unset shell variable) is an error
     model = f"random:{DEFAULT_ARCHITECTURE}" if args.model is None else args.model
     preprocessor = None if args.do_normalize is None else {"do_normalize": args.do_normalize == "true"}
-    enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype, preprocessor=preprocessor)
+    enc = audioenc.load(model, backend=args.backend, device=args.device, dtype=args.dtype, preprocessor=preprocessor,
+                        target_lang=args.target_lang)
     if enc.family == "whisper" and preprocessor is not None:
         raise ValueError("--do-normalize is for the wav2vec2 family: Whisper's log-mel has no such setting")
     return enc
@@ -116,6 +120,7 @@ def add_model_arguments(parser, model_help: str) -> None:
     parser.add_argument("--do-normalize", choices=["true", "false"], default=None,
                         help="wav2vec2 family: whether the waveform is normalised, replacing the checkpoint's "
                              "preprocessor_config.json (default: the checkpoint's; without one, true, with a warning)")
+    parser.add_argument("--target-lang", help=TARGET_LANG_HELP)
 
 
 def print_load_notes(enc, args, file=None) -> None:
@@ -177,6 +182,8 @@ def cmd_embed(args) -> int:
                 "dtype": str(enc.backend.dtype).removeprefix("torch.")}
     if enc.family != "whisper":
         settings["do_normalize"] = enc.do_normalize
+    if getattr(enc.dims, "adapter_attn_dim", None) is not None:  # MMS: each language gives other embeddings
+        settings["target_lang"] = enc.target_lang
     conflicts = settings_conflicts(args.out, settings, enc.num_layers)
     if conflicts and not args.overwrite:
         print("error: " + "; ".join(f"{d} {why}" for d, why in conflicts) + ": use another --out, or --overwrite "

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from audioenc.cli import DEFAULT_ARCHITECTURE, as_flags
+from audioenc.cli import DEFAULT_ARCHITECTURE, TARGET_LANG_HELP, as_flags
 
 DEFAULT_MODEL = f"random:{DEFAULT_ARCHITECTURE}"
 
@@ -85,7 +85,7 @@ def peer_contender(args, peer: str, dtype: str, audio: list):
     import audioenc
     from audioenc.loading import resolve_device
 
-    reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32")
+    reference = audioenc.load(args.model, backend="torch", device="cpu", dtype="float32", target_lang=args.target_lang)
     if reference.family == "whisper" and args.seconds > 30:
         raise ValueError(f"{peer} encodes the first 30 s window of each item (audioenc encodes them all): "
                          "time Whisper against it with --seconds 30 or less")
@@ -97,7 +97,7 @@ def audioenc_contender(args, backend: str, dtype: str, audio: list):
     """(label, call) of an audioenc backend; its first call exports graphs, builds engines or autotunes."""
     import audioenc
 
-    enc = audioenc.load(args.model, backend=backend, device=args.device, dtype=dtype)
+    enc = audioenc.load(args.model, backend=backend, device=args.device, dtype=dtype, target_lang=args.target_lang)
     label = f"{enc.backend.name} {str(enc.backend.dtype).removeprefix('torch.')} {enc.backend.device}"
     return label, lambda: enc.encode(audio, output_layer=args.layer).last_hidden_state
 
@@ -187,6 +187,7 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="time a model end to end here, on one or more backends side by side")
     bench.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME (default: {DEFAULT_MODEL})")
+    bench.add_argument("--target-lang", help=TARGET_LANG_HELP)
     bench.add_argument("--backend", default="auto", help="the backend timed first (ratios are against it; default auto)")
     bench.add_argument("--dtype", default="auto", help="the first backend's dtype (default auto)")
     bench.add_argument("--against", nargs="*", default=[],

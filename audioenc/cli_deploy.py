@@ -5,12 +5,15 @@ import argparse
 import os
 import sys
 
+from audioenc.cli import TARGET_LANG_HELP
 
-def model_of(source: str):
-    """The float32 reference model of ``source`` (a checkpoint or random:NAME), on the CPU."""
+
+def model_of(source: str, target_lang: str | None = None):
+    """The float32 reference model of ``source`` (a checkpoint or random:NAME) with ``target_lang``'s
+    MMS adapter, on the CPU."""
     import audioenc
 
-    return audioenc.load(source, backend="torch", device="cpu", dtype="float32").backend.model
+    return audioenc.load(source, backend="torch", device="cpu", dtype="float32", target_lang=target_lang).backend.model
 
 
 def cmd_export(args) -> int:
@@ -40,7 +43,7 @@ def cmd_export(args) -> int:
             unavailable = TensorRTBackend.available()
             if unavailable is not None:
                 raise ValueError(f"cannot build a TensorRT engine here: {unavailable}")
-        model = model_of(args.model)
+        model = model_of(args.model, args.target_lang)
         num_layers = model.dims.num_layers if args.layers is None else args.layers
         if not 0 <= num_layers <= model.dims.num_layers:
             raise ValueError(f"--layer must be between 0 and {model.dims.num_layers} for this model, got {num_layers}")
@@ -84,7 +87,8 @@ def cmd_verify(args) -> int:
                 return 2
         audio = list(args.audio)
     try:
-        report = verify(args.model, args.backend, dtype=args.dtype, device=args.device, audio=audio, seed=args.seed)
+        report = verify(args.model, args.backend, dtype=args.dtype, device=args.device, audio=audio, seed=args.seed,
+                        target_lang=args.target_lang)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,6 +100,7 @@ def register(subparsers) -> None:
     """Adds the ``export`` and ``verify`` subcommands to the main parser's subparsers."""
     export = subparsers.add_parser("export", help="export a model to ONNX or a TensorRT engine")
     export.add_argument("--model", required=True, help="checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME")
+    export.add_argument("--target-lang", help=TARGET_LANG_HELP)
     export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="(default onnx)")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--dtype", choices=["float32", "float16", "int8"], default="float32",
@@ -115,6 +120,7 @@ def register(subparsers) -> None:
 
     verify = subparsers.add_parser("verify", help="check a backend against the torch reference, layer by layer")
     verify.add_argument("--model", required=True, help="checkpoint dir, .pt file, CTranslate2 dir, hub id or random:NAME")
+    verify.add_argument("--target-lang", help=TARGET_LANG_HELP)
     verify.add_argument("--backend", required=True, help="onnx, tensorrt, triton, torch")
     verify.add_argument("--dtype", default="auto", help="the backend's dtype, checked against the float32 reference "
                         "(default auto: float32 on the CPU, float16 on a GPU)")

@@ -99,9 +99,10 @@ class AudioEncoder:
     gpu_call_cost_s = Setting(0)
 
     def __init__(self, family: str, dims: Wav2Vec2Dims | WhisperDims, backend, source: str,
-                 preprocessor: dict, random_weights: bool = False):
+                 preprocessor: dict, random_weights: bool = False, target_lang: str | None = None):
         self.family, self.dims, self.backend, self.source = family, dims, backend, source
         self.random_weights = random_weights
+        self.target_lang = target_lang  # MMS: the language adapter loaded in place of the checkpoint's own
         self.do_normalize = bool(check_preprocessor(preprocessor, dims, source).get("do_normalize", True))
         # Items longer than long_audio_threshold_s go through context windows (bounded memory).
         (self.long_audio_threshold_s, self.long_audio_chunk_s,
@@ -145,6 +146,8 @@ class AudioEncoder:
 
     def __repr__(self) -> str:
         weights = "RANDOM weights" if self.random_weights else self.source
+        if self.target_lang:
+            weights += f", target_lang={self.target_lang}"
         dtype = str(self.backend.dtype).removeprefix("torch.")  # torch dtypes and backends' strings alike
         return (f"AudioEncoder({self.family}, {self.num_layers} layers x {self.hidden_size}, "
                 f"backend={self.backend.name}, device={self.backend.device}, dtype={dtype}, {weights})")

@@ -492,10 +492,12 @@ def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
             "not normalised (the checkpoint's do_normalize is false), ") + "zero after them; lengths (batch,) int64")
     frame_rate = SAMPLE_RATE / (2 * WHISPER_HOP if isinstance(dims, WhisperDims) else dims.hop)
     source = source_label(model) or ""
+    target_lang = getattr(getattr(model, "checkpoint", None), "target_lang", "")
     proto = onnx.load(path, load_external_data=False)
     onnx.helper.set_model_props(proto, {
         "producer": f"audioenc {__version__}", "family": dims.family, "dtype": spec.dtype,
         "checkpoint": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source,  # not the user's tree
+        **({"target_lang": target_lang} if target_lang else {}),  # MMS: the language adapter in the graph
         "layers": f"{spec.num_layers} of {dims.num_layers}", "hidden_states": str(spec.hidden_states).lower(),
         "inputs": inputs, "frames_per_second": f"{frame_rate:g}"})
     onnx.save(proto, path)

@@ -15,7 +15,7 @@ from audioenc.models import build_model, dims_of
 from audioenc.presets import random_checkpoint
 from audioenc.torch_defaults import float32_on_cpu
 from audioenc.model_objects import load_model_object
-from audioenc.weights import Checkpoint, check_family, load_checkpoint, locate, preprocessor_settings
+from audioenc.weights import Checkpoint, check_family, check_target_lang, load_checkpoint, locate, preprocessor_settings
 
 
 def resolve_device(device) -> torch.device:
@@ -35,7 +35,7 @@ def resolve_device(device) -> torch.device:
 
 
 def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="auto", dtype="auto",
-         family: str | None = None, preprocessor=None) -> AudioEncoder:
+         family: str | None = None, preprocessor=None, target_lang: str | None = None) -> AudioEncoder:
     """Loads an encoder.
 
     source: a local Hugging Face model dir, an openai-whisper .pt, a CTranslate2 (faster-whisper)
@@ -57,6 +57,9 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
     or a dict such as {"do_normalize": True}). A model object of the wav2vec2 family needs it, as the
     model does not say whether the waveform is normalised. A path or hub id brings its own
     (processor_config.json or preprocessor_config.json); given, it replaces them.
+    target_lang: an MMS checkpoint's language (e.g. "fra" for facebook/mms-1b-all): its adapter file
+    adapter.<lang>.safetensors (downloaded with a hub id) replaces the adapters in the weights, as
+    transformers' Wav2Vec2ForCTC.from_pretrained(..., target_lang=...) does. None: the weights' own.
     """
     if isinstance(source, nn.Module):
         name = None
@@ -70,18 +73,22 @@ def load(source: str | os.PathLike | nn.Module, backend: str = "auto", device="a
         torch_device = resolve_device(device)
         runner_class = backend_class(resolve_backend(backend, torch_device.type))
         if name is None:
+            if target_lang is not None:
+                raise ValueError("target_lang picks an adapter file of a checkpoint on disk or the hub; a model object "
+                                 "runs the adapters it holds: call its load_adapter(target_lang) before passing it")
             checkpoint = load_model_object(source, preprocessor)
             check_family(checkpoint, family)
         else:
             # the onnx and tensorrt backends run on their cached graph's weights: a checkpoint read before
             # and unchanged since is described by its record, its tensors left unread (checkpoint_record.py)
-            checkpoint = read_checkpoint(name, family, recall=getattr(runner_class, "cached_weights", False))
+            checkpoint = read_checkpoint(name, family, recall=getattr(runner_class, "cached_weights", False),
+                                         target_lang=target_lang)
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         settings = checkpoint.preprocessor if name is None else preprocessor_of(checkpoint, name, preprocessor)
         runner = runner_class(reference_model(checkpoint, name), torch_device, dtype)
         return AudioEncoder(checkpoint.family, dims_of(checkpoint), runner, checkpoint.source if name is None else name,
-                            settings, name is not None and name.startswith("random:"))
+                            settings, name is not None and name.startswith("random:"), checkpoint.target_lang or None)
 
 
 def preprocessor_of(checkpoint: Checkpoint, name: str, preprocessor) -> dict:
@@ -108,17 +115,22 @@ def preprocessor_of(checkpoint: Checkpoint, name: str, preprocessor) -> dict:
     return checkpoint.preprocessor
 
 
-def read_checkpoint(name: str, family: str | None = None, recall: bool = False) -> Checkpoint:
-    """The checkpoint at ``name`` (a path, hub id or "random:NAME"); ``family``, when given, must
-    match. ``recall``: from audioenc's record of it when it has one, without its tensors."""
+def read_checkpoint(name: str, family: str | None = None, recall: bool = False,
+                    target_lang: str | None = None) -> Checkpoint:
+    """The checkpoint at ``name`` (a path, hub id or "random:NAME") with ``target_lang``'s MMS
+    adapter; ``family``, when given, must match. ``recall``: from audioenc's record of it when it has
+    one, without its tensors."""
     check_family(None, family)
+    check_target_lang(target_lang)
     random_name = name[len("random:"):] if name.startswith("random:") else None
-    path = "" if random_name is not None else locate(name)
-    checkpoint = recalled(name, path) if recall else None
+    if random_name is not None and target_lang is not None:
+        raise ValueError(f"{name}: target_lang picks an MMS checkpoint's adapter file; a random: architecture has none")
+    path = "" if random_name is not None else locate(name, target_lang)
+    checkpoint = recalled(name, path, target_lang) if recall else None
     if checkpoint is None and random_name is not None:
         checkpoint = random_checkpoint(random_name)
     elif checkpoint is None:
-        checkpoint = load_checkpoint(name, path=path)
+        checkpoint = load_checkpoint(name, path=path, target_lang=target_lang)
     check_family(checkpoint, family)
     return checkpoint
 

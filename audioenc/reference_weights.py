@@ -42,7 +42,9 @@ class ReferenceWeights:
         why = (f"a graph that is not in the cache must be exported from the reference weights, which audioenc "
                f"released to save memory; building them again from {self.source} failed:")
         try:
-            model = reference_model(read_checkpoint(self.source, self.model.dims.family), self.source)
+            target_lang = getattr(getattr(self.model, "checkpoint", None), "target_lang", "") or None
+            model = reference_model(read_checkpoint(self.source, self.model.dims.family, target_lang=target_lang),
+                                    self.source)
         except (OSError, ValueError, RuntimeError) as exc:
             raise RuntimeError(f"{why} it cannot be read now ({exc}); load the encoder again") from exc
         if weights_digest(model) != self.digest:

@@ -130,14 +130,16 @@ def whole_items(audio, encoders) -> list:
 
 
 def verify(source, backend: str, dtype: str = "auto", device: str = "auto", audio=None,
-           seed: int | None = None, preprocessor=None) -> Report:
+           seed: int | None = None, preprocessor=None, target_lang: str | None = None) -> Report:
     """Runs ``backend`` and the torch float32 reference on ``audio`` (a path, array or list; fresh
     generated speech-like audio when None) and checks every layer against the rules above.
-    ``source`` and ``preprocessor`` are as audioenc.load takes them (a model object too)."""
+    ``source``, ``preprocessor`` and ``target_lang`` are as audioenc.load takes them (a model object too)."""
     import audioenc
 
-    ref_enc = audioenc.load(source, backend="torch", device="cpu", dtype="float32", preprocessor=preprocessor)
-    enc = audioenc.load(source, backend=backend, device=device, dtype=dtype, preprocessor=preprocessor)
+    ref_enc = audioenc.load(source, backend="torch", device="cpu", dtype="float32", preprocessor=preprocessor,
+                            target_lang=target_lang)
+    enc = audioenc.load(source, backend=backend, device=device, dtype=dtype, preprocessor=preprocessor,
+                        target_lang=target_lang)
     resolved = str(enc.backend.dtype).removeprefix("torch.")
     report = Report(enc.backend.name, resolved)
     if audio is None:
@@ -156,7 +158,7 @@ def verify(source, backend: str, dtype: str = "auto", device: str = "auto", audi
     yardstick = resolved in HALF_DTYPES and enc.backend.name == "torch"  # the budget would be itself
     if resolved in HALF_DTYPES and not yardstick:  # the error budget: the plain torch model in that precision
         half_enc = audioenc.load(source, backend="torch", device=enc.backend.device, dtype=resolved,
-                                 preprocessor=preprocessor)
+                                 preprocessor=preprocessor, target_lang=target_lang)
         half_enc.long_audio_threshold_s = enc.long_audio_threshold_s
         half_ref, _ = outputs_of(half_enc, audio)
     for i, (name, mine, want) in enumerate(zip(layer_names(len(ref) - 2), ours, ref)):

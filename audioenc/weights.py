@@ -7,6 +7,8 @@ Formats :func:`load_checkpoint` reads:
   SpeechEncoderDecoderModel's encoder;
 - a Hugging Face hub id ("facebook/wav2vec2-base"), downloaded with huggingface_hub (or taken from
   its local cache when offline);
+- with ``target_lang``, an MMS checkpoint's language adapter (adapter.<lang>.safetensors beside its
+  config.json) in place of the adapters in its weights, as transformers' ``target_lang`` loads it;
 - an openai-whisper ``.pt`` (``dims`` + ``model_state_dict``);
 - a CTranslate2 / faster-whisper Whisper directory (model.bin + config.json + vocabulary), float32,
   float16, bfloat16, int8 (with any float type), int16;
@@ -57,14 +59,24 @@ class Checkpoint:
     path: str = ""                     # the local file or directory read (a hub id's snapshot)
     weights_digest: str = ""           # recalled from audioenc's record, no tensors read (checkpoint_record.py)
     file_stats: list = field(default_factory=list)  # its files' stat, taken before they were read
+    target_lang: str = ""              # MMS: the language whose adapter.<lang> file replaced the adapters
 
 
-def load_checkpoint(source: str | os.PathLike, *, family: str | None = None, path: str | None = None) -> Checkpoint:
+def load_checkpoint(source: str | os.PathLike, *, family: str | None = None, path: str | None = None,
+                    target_lang: str | None = None) -> Checkpoint:
     """Any supported checkpoint (see the module docstring); ``family`` makes a checkpoint of another
-    family an error instead of a surprise. ``path``: where :func:`locate` found it, when known."""
+    family an error instead of a surprise. ``path``: where :func:`locate` found it, when known.
+    ``target_lang``: an MMS checkpoint's language adapter replaces the adapters of its weights."""
     check_family(None, family)
+    check_target_lang(target_lang)
     source = os.fspath(source)
-    path = locate(source) if path is None else path
+    path = locate(source, target_lang) if path is None else path
+    if target_lang is not None and not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+                                        and not os.path.isfile(os.path.join(path, "model.bin"))):
+        # before reading it: a fairseq .pt may be gigabytes
+        raise ValueError(f"{source}: target_lang={target_lang!r} picks an MMS language adapter (an "
+                         "adapter.<lang>.safetensors file beside a Hugging Face checkpoint's config.json, as in "
+                         "facebook/mms-1b-all), and this checkpoint is not a Hugging Face directory: it has none")
     try:
         stats = file_stats(path)
     except OSError:  # e.g. an unreadable directory: the loaders say what is wrong; no record is kept
@@ -74,13 +86,16 @@ def load_checkpoint(source: str | os.PathLike, *, family: str | None = None, pat
     else:
         checkpoint = _load_file(path)
     checkpoint.path, checkpoint.file_stats = os.path.abspath(path), stats
+    if target_lang is not None:
+        load_language_adapter(checkpoint, path, target_lang)
     check_family(checkpoint, family)
     return checkpoint
 
 
-def locate(source: str | os.PathLike) -> str:
+def locate(source: str | os.PathLike, target_lang: str | None = None) -> str:
     """The checkpoint file or directory ``source`` names: itself, or a hub id's local snapshot
-    (downloaded when not in the local cache, or when online and changed)."""
+    (downloaded when not in the local cache, or when online and changed; with ``target_lang``'s
+    adapter file)."""
     source = os.fspath(source)
     if not source.strip():
         raise ValueError("the checkpoint's name is empty: pass a checkpoint directory or file, a hub id or random:NAME")
@@ -89,7 +104,7 @@ def locate(source: str | os.PathLike) -> str:
     if os.path.exists(source):
         raise ValueError(f"{source}: not a regular file or a directory (a pipe, socket or device)")
     if _HUB_ID.fullmatch(source):
-        return _download(source)
+        return _download(source, target_lang)
     raise ValueError(f"{source}: no such file or directory")
 
 
@@ -517,19 +532,92 @@ def weight_files(path: str) -> list[str]:
     raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) in this directory")
 
 
+_TARGET_LANG = re.compile(r"[A-Za-z0-9][\w-]*")  # MMS's codes: "fra", "cmn-script_simplified"
+_ADAPTER_FILE = re.compile(r"adapter\.([A-Za-z0-9][\w-]*)\.(?:safetensors|bin)")
+
+
+def check_target_lang(target_lang) -> None:
+    """TypeError or ValueError unless ``target_lang`` is None or a language code (a file name part)."""
+    if target_lang is not None and not isinstance(target_lang, str):
+        raise TypeError(f"target_lang must be a language code string such as 'fra', got {type(target_lang).__name__}")
+    if target_lang is not None and not _TARGET_LANG.fullmatch(target_lang):
+        raise ValueError(f"target_lang must be a language code such as 'fra' or 'cmn-script_simplified' (the <lang> of "
+                         f"an adapter.<lang>.safetensors file), got {target_lang!r}")
+
+
+def load_language_adapter(checkpoint: Checkpoint, path: str, target_lang: str) -> None:
+    """Replaces the MMS adapters in ``checkpoint``'s weights by those of ``path``/adapter.<target_lang>
+    .safetensors (or .bin), with transformers' checks (Wav2Vec2ForCTC's load_adapter): every adapter
+    tensor there and nothing else. Its lm_head (a CTC head for the language's letters) is not the
+    encoder's: it is dropped."""
+    source, config = checkpoint.source or path, checkpoint.config
+    if checkpoint.family != "wav2vec2":  # HubertForCTC's target_lang goes to peft, WavLM has no adapters
+        raise ValueError(f"{source}: target_lang={target_lang!r} picks an MMS language adapter, which transformers "
+                         f"loads into wav2vec2 models only; this is a {checkpoint.family} checkpoint")
+    if config.get("adapter_attn_dim") is None or not config.get("do_stable_layer_norm"):
+        why = ("its config has no adapter_attn_dim" if config.get("adapter_attn_dim") is None else
+               "its layers are post-LN (do_stable_layer_norm false), which transformers builds without adapters")
+        raise ValueError(f"{source}: target_lang={target_lang!r} picks an MMS language adapter, but this checkpoint "
+                         f"has no language adapters ({why}): drop target_lang, or load an MMS checkpoint such as "
+                         "facebook/mms-1b-all")
+    names = [f"adapter.{target_lang}.safetensors", f"adapter.{target_lang}.bin"]  # transformers' order
+    file = next((os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))), None)
+    if file is None:
+        found = sorted({m[1] for m in map(_ADAPTER_FILE.fullmatch, os.listdir(path)) if m})
+        where = (f"the hub repo {source} has none, or it could not be downloaded (offline?)" if path != source else
+                 f"{path} has none")
+        listed = (f"adapters found there: {', '.join(found[:10])}{', ...' if len(found) > 10 else ''} "
+                  f"({len(found)} languages)" if found else "there are no adapter.<lang>.safetensors files there")
+        raise ValueError(f"{source}: no adapter for target_lang {target_lang!r}: {where} ({' or '.join(names)}); "
+                         f"{listed}")
+    mapped = False
+    if file.endswith(".safetensors"):
+        tensors = read_safetensors(file)
+    else:
+        tensors, mapped = _torch_load(file)
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{file}: not a state dict of tensors")
+    hidden, inner = config.get("hidden_size", 768), config["adapter_attn_dim"]
+    shapes = {"norm.weight": (hidden,), "norm.bias": (hidden,), "linear_1.weight": (inner, hidden),
+              "linear_1.bias": (inner,), "linear_2.weight": (hidden, inner), "linear_2.bias": (hidden,)}
+    # Wav2Vec2ForCTC's names (a base Wav2Vec2Model's lack the prefix)
+    prefix = "wav2vec2." if any(k.startswith("wav2vec2.") for k in tensors) else ""
+    expected = {f"encoder.layers.{i}.adapter_layer.{leaf}": shape
+                for i in range(config.get("num_hidden_layers", 12)) for leaf, shape in shapes.items()}
+    adapter = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix) and k[len(prefix):] in expected}
+    unexpected = sorted(k for k in tensors if not k.startswith("lm_head.") and k not in {prefix + n for n in adapter})
+    missing = sorted(set(expected) - set(adapter))
+    if unexpected or missing:
+        parts = ([f"{len(missing)} missing adapter tensor(s), e.g. {', '.join(prefix + k for k in missing[:3])}"]
+                 if missing else []) + ([f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}"]
+                                        if unexpected else [])
+        raise ValueError(f"{file}: not this checkpoint's language adapter: {'; '.join(parts)} (an adapter of another "
+                         "model, or a damaged file?)")
+    for name, tensor in adapter.items():
+        if tuple(tensor.shape) != expected[name] or not tensor.is_floating_point():
+            raise ValueError(f"{file}: tensor {prefix + name} is {str(tensor.dtype).removeprefix('torch.')} of shape "
+                             f"{tuple(tensor.shape)}, this checkpoint's adapters take floating point {expected[name]} "
+                             "(an adapter of another model size?)")
+    checkpoint.state_dict.update(_float32(private_copies(adapter, tensors) if mapped else adapter))
+    checkpoint.target_lang = target_lang
+
+
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "model.bin")
 
 
-def _download(repo_id: str) -> str:
+def _download(repo_id: str, target_lang: str | None = None) -> str:
     """Fetches config, preprocessor and weights of a hub repo (safetensors, else .bin; model.bin for a
-    CTranslate2 repo); offline, huggingface_hub answers from its local cache."""
+    CTranslate2 repo), and ``target_lang``'s MMS adapter file (facebook/mms-1b-all holds over a thousand:
+    only that one); offline, huggingface_hub answers from its local cache."""
     from huggingface_hub import snapshot_download
 
     # Shards by transformers' own names only: repos such as openai/whisper-large-v3 also carry
     # "model.fp32-0000N-of-0000M.safetensors" copies that a looser pattern would fetch (6 GB more).
     common = ["config.json", "preprocessor_config.json", "processor_config.json", "vocabulary.*", "model.bin"]
+    if target_lang is not None:
+        common += [f"adapter.{target_lang}.safetensors", f"adapter.{target_lang}.bin"]
     try:
         path = snapshot_download(repo_id, allow_patterns=common + [
             "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"])
@@ -825,7 +913,7 @@ def load_fairseq(obj: dict, path: str) -> Checkpoint:
     if adapter is not None:  # _rename would drop them: the encoder without them computes other frames
         raise ValueError(f"{path}: the checkpoint holds MMS language adapters ({adapter}, ...), one set per language, "
                          "which audioenc does not read from fairseq checkpoints: load the Hugging Face checkpoint "
-                         "(e.g. facebook/mms-1b-all), which holds one language's adapters")
+                         "(e.g. facebook/mms-1b-all), which holds one language's adapters (target_lang picks another)")
     names = _FAIRSEQ_BATCH_NORM_POS_CONV + _FAIRSEQ_NAMES if config["conv_pos_batch_norm"] else _FAIRSEQ_NAMES
     state_dict = _rename(state_dict, names)
     fold_weight_norm(state_dict, "encoder.pos_conv_embed.conv", path)

@@ -69,10 +69,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     if missing and all(".adapter_layer." in name for name in missing):
         # transformers would run them on random weights, with a warning
         raise ValueError(f"{source}: its config's adapter_attn_dim asks for an attention adapter in every layer, but "
-                         f"the checkpoint lacks {len(missing)} of their tensors, e.g. {', '.join(missing[:2])}. audioenc "
-                         "reads the adapters held in model.safetensors / pytorch_model.bin (as transformers does "
-                         "without target_lang), never an adapter.<lang>.safetensors file: save the model with the "
-                         "language's adapter loaded (transformers' load_adapter(lang), then save_pretrained)")
+                         f"the checkpoint lacks {len(missing)} of their tensors, e.g. {', '.join(missing[:2])}. Without "
+                         "target_lang, audioenc reads the adapters held in model.safetensors / pytorch_model.bin (as "
+                         "transformers does); to take them from an adapter.<lang>.safetensors file beside it, pass "
+                         "target_lang='<lang>' (audioenc.load) or --target-lang <lang> (the command line)")
     if missing or unexpected:
         parts = []
         if missing:
