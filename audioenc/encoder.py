@@ -31,7 +31,8 @@ GPU_SAMPLES_PER_RUN = 1280 * SAMPLE_RATE  # ...and samples it computes, padding 
 
 @dataclass
 class EncoderOutput:
-    """What ``encode`` returns: the frames of a batch (50 per second), zero past each item's length."""
+    """What ``encode`` returns: the frames of a batch (``frame_rate`` per second: 50 for most models),
+    zero past each item's length."""
 
     last_hidden_state: torch.Tensor                # (B, frames, dim); frames past lengths[b] are 0
     hidden_states: tuple[torch.Tensor, ...] | None  # input of layer 1, then one per layer (when asked)
@@ -135,11 +136,11 @@ class AudioEncoder:
             return
         if longest - contexts >= 1.0:  # keep the contexts (they set the frames' quality), shorten the chunk
             self.long_audio_chunk_s = float(int(longest - contexts))
-        else:  # a short profile: everything shrinks alike, in whole 20 ms frames
-            scale = longest / (self.long_audio_chunk_s + contexts)
-            chunk, left, right = (math.floor(x * scale * 50) / 50
+        else:  # a short profile: everything shrinks alike, in whole frames (which the stream would round up)
+            scale, rate = longest / (self.long_audio_chunk_s + contexts), self.frame_rate
+            chunk, left, right = (math.floor(x * scale * rate) / rate
                                   for x in (self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s))
-            if chunk < 0.02:
+            if chunk <= 0:
                 raise ValueError(f"the backend takes inputs of at most {max_samples} samples: too short for "
                                  "long-audio windows (allow longer inputs, e.g. AUDIOENC_TRT_PROFILE seconds)")
             self.long_audio_chunk_s, self.long_audio_left_s, self.long_audio_right_s = chunk, left, right
@@ -163,11 +164,16 @@ class AudioEncoder:
     sample_rate = SAMPLE_RATE
 
     @property
+    def frame_hop(self) -> int:
+        """Samples between output frames: Whisper's 160-sample mel hop, doubled by its stride-2 conv;
+        the wav2vec2 family's conv stack's total stride (320 for the standard stack, 640 for a
+        25 Hz one such as slprl/mhubert-base-25hz)."""
+        return 2 * WHISPER_HOP if self.family == "whisper" else self.dims.hop
+
+    @property
     def frame_rate(self) -> float:
-        """Output frames per second: 50 for every released checkpoint (Whisper: a 160-sample mel hop,
-        halved by its stride-2 conv; the wav2vec2 family: its conv stack's total stride, 320)."""
-        hop = 2 * WHISPER_HOP if self.family == "whisper" else self.dims.hop
-        return SAMPLE_RATE / hop
+        """Output frames per second: 16000 / frame_hop (50 for most checkpoints, 25 for mHuBERT-25Hz)."""
+        return SAMPLE_RATE / self.frame_hop
 
     @property
     def min_samples(self) -> int:
@@ -178,7 +184,8 @@ class AudioEncoder:
                left_context_s: float | None = None, right_context_s: float | None = None,
                output_layer: int | None = None) -> EncoderStream:
         """A live stream: ``push(block)`` returns the frames that became final, ``flush()`` the rest.
-        Frames sit on the offline grid (20 ms); contexts default per family (streaming.STREAM_DEFAULTS)."""
+        Frames sit on the offline grid (one every ``frame_hop`` samples); contexts default per family
+        (streaming.STREAM_DEFAULTS), in seconds, rounded to whole frames."""
         return EncoderStream(self, sample_rate, chunk_s, left_context_s, right_context_s, output_layer)
 
     def encode(self, audio, sample_rate: float = SAMPLE_RATE, output_hidden_states: bool = False,

@@ -3,9 +3,11 @@
 Audio is cut by the native chunker (audioenc.chunker) into windows of ``left + chunk + right``
 samples; each window is encoded on its own and only the frames whose start lies in its centre are
 kept, so every frame is produced exactly once and at the position it has offline: frame j starts at
-sample 320 * j (20 ms), for every family. ``chunk`` and ``left`` are rounded to whole frames so
-window starts stay on that grid; the right context gets the extra samples the conv stack needs to
-finish the centre's last frame (80 for the wav2vec2 family, 200 for Whisper's mel + conv stem).
+sample hop * j, the model's hop (``AudioEncoder.frame_hop``: 320 samples, 20 ms, for Whisper and the
+standard wav2vec2-family conv stack; 640 for a 25 Hz one such as slprl/mhubert-base-25hz). ``chunk``
+and ``left`` are rounded to whole frames so window starts stay on that grid; the right context gets
+the extra samples the conv stack needs to finish the centre's last frame (its receptive field less
+one hop: 80 for the standard wav2vec2-family stack, 200 for Whisper's mel + conv stem).
 
 Whisper's positions are absolute within its 30 s windows, and offline audio is encoded as
 consecutive 30 s windows; so a Whisper stream never crosses a 30 s boundary: each window starts at
@@ -38,7 +40,6 @@ from audioenc.config import SAMPLE_RATE
 from audioenc.frontend import pcm_to_float32
 from audioenc.progress import progress_bar
 
-FRAME_HOP = 320  # samples per output frame, every family
 # Windows that arrive together (long audio) are encoded in batches of at most this much audio:
 # enough to keep the encoder busy, small enough that the conv stack's activations stay ~1 GB.
 SECONDS_PER_RUN = 48.0
@@ -76,13 +77,14 @@ class StreamFrames:
         return self.frames.shape[0]
 
 
-def conv_tail(family: str, receptive_field: int) -> int:
-    """Samples past a frame's start that its features depend on, beyond one hop."""
-    return 200 if family == "whisper" else receptive_field - FRAME_HOP
+def conv_tail(encoder) -> int:
+    """Samples past a frame's start that its features depend on, beyond one hop (none where the
+    receptive field is shorter than the hop)."""
+    return 200 if encoder.family == "whisper" else max(0, encoder.dims.receptive_field - encoder.frame_hop)
 
 
-def seconds_to_frames(seconds: float, what: str, minimum: int = 0) -> int:
-    """Seconds -> whole frames of 320 samples."""
+def seconds_to_frames(seconds: float, what: str, hop: int, minimum: int = 0) -> int:
+    """Seconds -> whole frames of ``hop`` samples."""
     if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool):
         raise TypeError(f"{what} must be a number of seconds, got {seconds!r}")
     seconds = round(float(seconds), 4)  # to 0.1 ms, finer than any frame: a float32 0.39 is 0.38999998...
@@ -91,18 +93,10 @@ def seconds_to_frames(seconds: float, what: str, minimum: int = 0) -> int:
     if seconds < 0 and not minimum:
         raise ValueError(f"{what} must be >= 0 seconds, got {seconds}")
     # Halves up, as people round (0.05 s -> 3 frames), after rounding off binary noise (2.01 s is 100.4999... frames)
-    n = math.floor(round(seconds * SAMPLE_RATE / FRAME_HOP, 6) + 0.5)
+    n = math.floor(round(seconds * SAMPLE_RATE / hop, 6) + 0.5)
     if n < minimum:
-        raise ValueError(f"{what} must be at least {minimum * FRAME_HOP / SAMPLE_RATE:g} s, got {seconds}")
+        raise ValueError(f"{what} must be at least {minimum * hop / SAMPLE_RATE:g} s, got {seconds}")
     return n
-
-
-def check_frame_hop(encoder) -> None:
-    """Streams and long-audio windows sit on the 20 ms grid: a model with another hop cannot run them."""
-    if encoder.family != "whisper" and encoder.dims.hop != FRAME_HOP:
-        raise ValueError(f"streams and long-audio windows need {FRAME_HOP} samples per frame (20 ms), as every "
-                         f"released checkpoint has; this model's conv stack has {encoder.dims.hop}: encode whole "
-                         "items instead (raise the encoder's long_audio_threshold_s for long ones)")
 
 
 class EncoderStream:
@@ -114,7 +108,6 @@ class EncoderStream:
     def __init__(self, encoder, sample_rate: float = SAMPLE_RATE, chunk_s: float | None = None,
                  left_context_s: float | None = None, right_context_s: float | None = None,
                  output_layer: int | None = None):
-        check_frame_hop(encoder)
         defaults = STREAM_DEFAULTS[encoder.family]
         chunk_s = defaults[0] if chunk_s is None else chunk_s
         left_context_s = defaults[1] if left_context_s is None else left_context_s
@@ -122,10 +115,11 @@ class EncoderStream:
         self.encoder = encoder
         self.sample_rate = check_rate(sample_rate)
         self.num_layers = encoder._layers_to_run(output_layer)  # fails now on a bad layer
-        self.chunk = seconds_to_frames(chunk_s, "chunk_s", minimum=1) * FRAME_HOP
-        self.left = seconds_to_frames(left_context_s, "left_context_s") * FRAME_HOP
-        self.right = seconds_to_frames(right_context_s, "right_context_s") * FRAME_HOP
-        self.tail = conv_tail(encoder.family, getattr(encoder.dims, "receptive_field", 400))
+        self.hop = encoder.frame_hop  # samples per frame: the grid that chunk and contexts keep to
+        self.chunk = seconds_to_frames(chunk_s, "chunk_s", self.hop, minimum=1) * self.hop
+        self.left = seconds_to_frames(left_context_s, "left_context_s", self.hop) * self.hop
+        self.right = seconds_to_frames(right_context_s, "right_context_s", self.hop) * self.hop
+        self.tail = conv_tail(encoder)
         # Whisper: windows stay inside their 30 s block (see the module docstring).
         self.block = encoder.dims.window_samples if encoder.family == "whisper" else None
         if self.block is not None:
@@ -294,9 +288,9 @@ class EncoderStream:
             if silence:  # the window at its place in the block keeps every frame's position
                 samples, begin = np.concatenate([np.zeros(silence, np.float32), samples]), begin - silence
             if len(samples) >= self.encoder.min_samples:
-                first = centre // FRAME_HOP if first is None else first
-                offset = (centre - begin) // FRAME_HOP  # begin is on the frame grid
-                kept.append((samples, offset, -(-w.valid_centre // FRAME_HOP), (begin, end)))
+                first = centre // self.hop if first is None else first
+                offset = (centre - begin) // self.hop  # begin is on the frame grid
+                kept.append((samples, offset, -(-w.valid_centre // self.hop), (begin, end)))
         if kept:
             try:
                 encoded = self.encode_samples([samples for samples, *_ in kept])
@@ -331,7 +325,7 @@ class EncoderStream:
         out = torch.cat([frames for _, frames in self._done]) if len(self._done) > 1 else self._done[0][1]
         self._done = []
         self.emitted = first + len(out)
-        return StreamFrames(out, (first + np.arange(len(out))) * FRAME_HOP / SAMPLE_RATE, first)
+        return StreamFrames(out, (first + np.arange(len(out))) * self.hop / SAMPLE_RATE, first)
 
     def encode_samples(self, windows: list[np.ndarray]) -> list[torch.Tensor]:
         """Windows at 16 kHz -> their (frames, dim), encoded as one batch: float32 on the CPU, or
@@ -348,7 +342,6 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
                 output_layer: int | None = None, progress: bool = False) -> torch.Tensor:
     """Offline encode of one long item through the streaming windows, in bounded memory.
     Returns (frames, dim) on the device and in the dtype of the backend's outputs, as short items."""
-    check_frame_hop(encoder)  # the model's, which no setting changes
     try:
         stream = EncoderStream(encoder, SAMPLE_RATE, chunk_s, left_s, right_s, output_layer)
     except ValueError as exc:  # the stream's names for the encoder's long-audio settings
@@ -361,13 +354,13 @@ def encode_long(encoder, wave: np.ndarray, chunk_s: float, left_s: float, right_
     # (and its bar moves per window).
     block = stream.chunk * (8 if encoder.backend.device.type == "cuda" else 1)
     outputs = []
-    # The bar counts the audio whose frames are final (20 ms each), so it is full when they all are.
+    # The bar counts the audio whose frames are final (one hop each), so it is full when they all are.
     total = len(wave) / SAMPLE_RATE
     with progress_bar(progress, total=total, unit="s", unit_scale=True, desc="encode",
                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
         for start in range(0, len(wave), block):
             outputs.append(stream.push(wave[start : start + block]).frames)
-            bar.update(min(len(outputs[-1]) * FRAME_HOP / SAMPLE_RATE, total - bar.n))
+            bar.update(min(len(outputs[-1]) * stream.hop / SAMPLE_RATE, total - bar.n))
         outputs.append(stream.flush().frames)
         bar.update(total - bar.n)
     pieces = [x for x in outputs if len(x)]  # pushes that finished no frame give CPU float32

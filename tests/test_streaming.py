@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import audioenc
-from conftest import rel_err, speech_like
+from conftest import TINY_W2V, randomize, rel_err, speech_like
 
 
 def stream_all(stream, wave, seed=0, max_block=7000):
@@ -341,22 +341,108 @@ def test_long_items_come_back_like_short_ones(w2v_checkpoints):
     assert torch.cat([stream.push(wave).frames, stream.flush().frames]).dtype == torch.float32  # streams: float32
 
 
-def test_models_without_the_20_ms_hop_refuse_streams_and_long_windows(tmp_path):
+@pytest.mark.parametrize("kernel,stride", [((10, 3, 3), (5, 2, 2)),  # 20 samples per frame
+                                           ((4, 2), (5, 2))])  # a receptive field (9) shorter than the hop (10)
+def test_streams_and_long_windows_keep_any_conv_stacks_grid(kernel, stride, tmp_path):
     transformers = pytest.importorskip("transformers")
 
     config = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                         conv_dim=(8, 8, 8), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
+                                         conv_dim=(8,) * len(kernel), conv_kernel=kernel, conv_stride=stride,
                                          num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
     transformers.Wav2Vec2Model(config).save_pretrained(tmp_path)
-    enc = audioenc.load(str(tmp_path), backend="torch")
-    assert enc.frame_rate == 800.0
-    with pytest.raises(ValueError, match="320 samples per frame .* has 20"):
-        enc.stream()
+    enc = audioenc.load(str(tmp_path), backend="torch", preprocessor={"do_normalize": False})
+    hop = enc.frame_hop
+    assert enc.frame_rate == 16000 / hop
+    wave = speech_like(16000 + 37, 2)
+    want = enc.dims.num_frames(len(wave))
+    frames, times = collect(stream_all(enc.stream(chunk_s=0.1, left_context_s=0.1, right_context_s=0.0), wave))
+    assert len(frames) == want
+    np.testing.assert_allclose(times, np.arange(want) * hop / 16000)
+    enc.long_audio_threshold_s = 0.5
+    assert enc.encode(wave).lengths.item() == want
+
+
+def make_hubert_25hz(path) -> str:
+    """A tiny random HuBERT with a 25 Hz conv stack, as slprl/mhubert-base-25hz has (the standard one with
+    one more stride-2 layer: 640 samples per frame), and its BatchNorm before the positional conv."""
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.HubertConfig(**{**TINY_W2V, "conv_dim": (24,) * 8, "conv_kernel": (10, 3, 3, 3, 3, 2, 2, 2),
+                                          "conv_stride": (5, 2, 2, 2, 2, 2, 2, 2)},
+                                       feat_extract_norm="group", conv_pos_batch_norm=True)
+    randomize(transformers.HubertModel(config)).save_pretrained(path)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=False, return_attention_mask=True).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hubert_25hz(tmp_path_factory):
+    return make_hubert_25hz(tmp_path_factory.mktemp("hubert-25hz"))
+
+
+def test_a_25_hz_stream_equals_the_offline_encode_of_its_windows(hubert_25hz):
+    """Chunk and contexts round to whole 40 ms frames; each chunk's frames are the offline encode of
+    the window the stream cuts for it, at their offline positions."""
+    enc = audioenc.load(hubert_25hz, backend="torch")
+    assert (enc.frame_hop, enc.frame_rate) == (640, 25.0)
+    wave = speech_like(16000 * 5 + 777, 1)
+    offline = enc.encode(wave).last_hidden_state[0]
+    stream = enc.stream(chunk_s=0.5, left_context_s=1.0, right_context_s=0.2)
+    assert (stream.chunk, stream.left, stream.right, stream.tail) == (13 * 640, 25 * 640, 5 * 640, 720 - 640)
+    assert stream.latency_s == pytest.approx((13 * 640 + 5 * 640 + 80) / 16000)
+    pieces = stream_all(stream, wave)
+    frames, times = collect(pieces)
+    assert frames.shape == offline.shape
+    np.testing.assert_allclose(times, np.arange(len(frames)) * 0.04)
+    assert [p.first for p in pieces] == list(np.cumsum([0] + [len(p) for p in pieces[:-1]]))
+    want = []
+    for start in range(0, len(wave), stream.chunk):
+        begin = max(0, start - stream.left)
+        window = wave[begin : start + stream.chunk + stream.right + stream.tail]
+        if len(window) >= enc.min_samples:
+            first = (start - begin) // 640
+            want.append(enc.encode(window).last_hidden_state[0, first : first + stream.chunk // 640])
+    assert rel_err(frames, torch.cat(want)) <= 1e-5
+    with pytest.raises(ValueError, match="chunk_s must be at least 0.04 s"):
+        enc.stream(chunk_s=0)
+
+
+def test_a_25_hz_model_encodes_long_audio_in_windows(hubert_25hz, monkeypatch):
+    enc = audioenc.load(hubert_25hz, backend="torch")
+    wave = speech_like(16000 * 6 + 5, 5)
+    offline = enc.encode(wave).last_hidden_state[0]
     enc.long_audio_threshold_s = 1.0
-    with pytest.raises(ValueError, match="320 samples per frame"):
-        enc.encode(speech_like(32000))
-    enc.long_audio_threshold_s = 3.0
-    assert enc.encode(speech_like(32000)).lengths.item() == 1599  # whole items still work
+    # Contexts that cover the whole item: every window sees all of it, so the frames are exact.
+    enc.long_audio_chunk_s, enc.long_audio_left_s, enc.long_audio_right_s = 1.0, 7.0, 7.0
+    out = enc.encode([wave, wave[:16000]])
+    assert out.lengths.tolist() == [offline.shape[0], enc.dims.num_frames(16000)]
+    assert rel_err(out.last_hidden_state[0], offline) <= 1e-5
+    enc.long_audio_left_s, enc.long_audio_right_s = 1.0, 0.5  # short contexts: bounded windows, same grid
+    assert enc.encode(wave, progress=True).lengths.item() == offline.shape[0]
+    # A TensorRT profile of 2 s: the default windows shrink to whole 40 ms frames (20 ms ones rounded up past it)
+    enc.long_audio_chunk_s, enc.long_audio_left_s, enc.long_audio_right_s = 30.0, 8.0, 8.0
+    enc._fit_long_audio_to(2 * 16000)
+    enc.backend.max_samples = 2 * 16000  # as a TensorRT engine declares its profile's longest input
+    sizes, run = [], enc.backend.run
+    monkeypatch.setattr(enc.backend, "run", lambda inputs, *args: sizes.append(inputs.shape[-1]) or run(inputs, *args))
+    assert enc.encode(wave).lengths.item() == offline.shape[0]
+    assert max(sizes) <= 2 * 16000
+    assert (enc.long_audio_chunk_s, enc.long_audio_left_s, enc.long_audio_right_s) == (1.24, 0.32, 0.32)
+
+
+def test_the_stream_command_prints_a_25_hz_models_times(hubert_25hz, tmp_path, capsys):
+    """Each line spans its frames: from the first one's start to the last one's end, 40 ms later."""
+    from audioenc.cli import main
+
+    sf = pytest.importorskip("soundfile")
+    sf.write(tmp_path / "a.wav", speech_like(16000 * 3, 6), 16000)
+    out = tmp_path / "frames.npy"
+    assert main(["stream", "--model", hubert_25hz, "--backend", "torch", "--file", str(tmp_path / "a.wav"),
+                 "--chunk-s", "1", "--out", str(out)]) == 0
+    spans = [tuple(map(float, line.split(" s ")[0].split("-"))) for line in capsys.readouterr().out.splitlines()]
+    frames = np.load(out)
+    assert spans[0] == (0.0, 1.0) and spans[-1][1] == pytest.approx(len(frames) * 0.04)
+    assert all(end == pytest.approx(start) for (_, end), (start, _) in zip(spans, spans[1:]))  # no gap, no overlap
 
 
 def test_stream_takes_numpy_numbers_as_seconds(w2v_checkpoints):
