@@ -466,10 +466,18 @@ def _export_entry(model: nn.Module, spec: ExportSpec, key: str, root: str, entry
     return os.path.join(entry, MODEL_FILE)
 
 
+def checkpoint_label(model: nn.Module) -> str | None:
+    """The checkpoint ``model`` was read from: its path or hub id, or a model object's label
+    ("Wav2Vec2ForCTC object (...)")."""
+    return getattr(model, "checkpoint_source", None) or getattr(getattr(model, "checkpoint", None), "source", None)
+
+
 def source_label(model: nn.Module) -> str | None:
     """What the graphs and engines of ``model`` say they came from (`audioenc cache` shows it): its
-    checkpoint's path or hub id, or a model object's label ("Wav2Vec2ForCTC object (...)")."""
-    return getattr(model, "checkpoint_source", None) or getattr(getattr(model, "checkpoint", None), "source", None)
+    checkpoint_label, and an MMS checkpoint's language, whose graphs are entries of their own
+    ("facebook/mms-1b-all, target_lang=fra")."""
+    source, target_lang = checkpoint_label(model), getattr(getattr(model, "checkpoint", None), "target_lang", "")
+    return f"{source}, target_lang={target_lang}" if source and target_lang else source
 
 
 def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
@@ -491,7 +499,7 @@ def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
             "each item normalised over its valid samples ((x - mean) / sqrt(var + 1e-7)), " if normalize else
             "not normalised (the checkpoint's do_normalize is false), ") + "zero after them; lengths (batch,) int64")
     frame_rate = SAMPLE_RATE / (2 * WHISPER_HOP if isinstance(dims, WhisperDims) else dims.hop)
-    source = source_label(model) or ""
+    source = checkpoint_label(model) or ""
     target_lang = getattr(getattr(model, "checkpoint", None), "target_lang", "")
     proto = onnx.load(path, load_external_data=False)
     onnx.helper.set_model_props(proto, {

@@ -7,11 +7,12 @@ libsndfile up to the end of its first link only.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import zlib
 
 _BIT_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
-BOS = 2  # a header_type flag: a logical stream's first page
+BOS, EOS = 2, 4  # header_type flags: a logical stream's first page, its last
 
 
 def _reverse32(x: int) -> int:
@@ -40,9 +41,13 @@ def links(path: str) -> list[tuple[int, int]] | None:
         size, offset = os.fstat(f.fileno()).st_size, 0
         starts, previous_bos = [], False
         next_page = {}  # serial number -> the page number due next
+        unended = set()  # streams whose last page (EOS) has not come yet
+        in_headers = set()  # streams whose last page was a header page (granule position 0)
         while offset < size:
             header = f.read(27)
             if header[:4] != b"OggS":
+                if not unended and _no_page_after(f, offset):
+                    break  # a tag or padding after every stream's end (ID3v1, APE): decoders skip it, nothing is lost
                 raise ValueError(f"{path}: truncated or corrupt Ogg file (no Ogg page at byte {offset}, where one "
                                  "was due)")
             table = f.read(header[26]) if len(header) == 27 else b""
@@ -57,17 +62,34 @@ def links(path: str) -> list[tuple[int, int]] | None:
                 raise ValueError(f"{path}: truncated or corrupt Ogg file (the page at byte {offset} fails its CRC "
                                  "check)")
             flags, serial = header[5], int.from_bytes(header[14:18], "little")
-            number = int.from_bytes(header[18:22], "little")
+            number, granule = int.from_bytes(header[18:22], "little"), int.from_bytes(header[6:14], "little")
+            # A listener joining a live stream late (an Icecast dump) gets its header pages, then its pages
+            # from where it is now: page numbers jump on once, past the header pages, with nothing lost
+            joined = serial in in_headers and granule != 0
             if flags & BOS:
                 if not previous_bos:  # the first of a link's start pages (one per multiplexed stream)
                     starts.append(offset)
-            elif serial in next_page and number != next_page[serial]:
+            elif serial in next_page and number != next_page[serial] and not joined:
                 raise ValueError(f"{path}: truncated or corrupt Ogg file (the page at byte {offset} is page {number} "
                                  f"of stream {serial:#010x}, where page {next_page[serial]} was due: pages are "
                                  "missing or out of order)")
             next_page[serial] = (number + 1) % 2**32
+            if flags & EOS:
+                unended.discard(serial)
+            else:
+                unended.add(serial)
+            if granule == 0:
+                in_headers.add(serial)
+            else:
+                in_headers.discard(serial)
             previous_bos = bool(flags & BOS)
             offset += 27 + len(table) + len(body)
     if not starts or starts[0] != 0:  # a dump cut into a stream: its pages before the next start page
         starts.insert(0, 0)
     return list(zip(starts, starts[1:] + [size]))
+
+
+def _no_page_after(f, offset: int) -> bool:
+    """Whether no "OggS" follows offset: what is there is not a damaged page of a link to come."""
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(b"OggS", offset) < 0

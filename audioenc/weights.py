@@ -564,10 +564,13 @@ def load_language_adapter(checkpoint: Checkpoint, path: str, target_lang: str) -
     file = next((os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))), None)
     if file is None:
         found = sorted({m[1] for m in map(_ADAPTER_FILE.fullmatch, os.listdir(path)) if m})
-        where = (f"the hub repo {source} has none, or it could not be downloaded (offline?)" if path != source else
+        hub = path != source
+        where = (f"the hub repo {source} has none, or it could not be downloaded (offline?)" if hub else
                  f"{path} has none")
-        listed = (f"adapters found there: {', '.join(found[:10])}{', ...' if len(found) > 10 else ''} "
-                  f"({len(found)} languages)" if found else "there are no adapter.<lang>.safetensors files there")
+        # a hub snapshot holds only the adapters downloaded so far, not the repo's
+        there = f"in its local snapshot {path}" if hub else "there"
+        listed = (f"adapters found {there}: {', '.join(found[:10])}{', ...' if len(found) > 10 else ''} "
+                  f"({len(found)} languages)" if found else f"there are no adapter.<lang>.safetensors files {there}")
         raise ValueError(f"{source}: no adapter for target_lang {target_lang!r}: {where} ({' or '.join(names)}); "
                          f"{listed}")
     mapped = False

@@ -635,8 +635,10 @@ def test_ogg_with_a_damaged_or_missing_page_is_refused(tmp_path, subtype):
     (tmp_path / "damaged.ogg").write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match=rf"truncated or corrupt Ogg file \(no Ogg page at byte {offset}"):
         load_audio(tmp_path / "damaged.ogg")
+    # a page lost whole: every CRC holds (not the first audio page: where a live stream was joined late, it jumps)
+    offset, header, table, body = pages[-2]
     end = offset + 27 + len(table) + len(body)
-    (tmp_path / "gap.ogg").write_bytes(whole[:offset] + whole[end:])  # a page lost whole: every CRC holds
+    (tmp_path / "gap.ogg").write_bytes(whole[:offset] + whole[end:])
     number = int.from_bytes(header[18:22], "little")
     with pytest.raises(ValueError, match=rf"gap.ogg: truncated or corrupt Ogg file \(the page at byte {offset} is "
                                          rf"page {number + 1} of stream .*, where page {number} was due"):
@@ -739,3 +741,34 @@ def test_valid_ogg_files_pass_the_page_checks(tmp_path, subtype):
     last = list(ogg_pages(whole))[-1][0]
     (tmp_path / "stopped.ogg").write_bytes(whole[:last])
     assert 0 < len(load_audio(tmp_path / "stopped.ogg")[0]) < 48000
+
+
+def test_ogg_with_a_tag_after_its_end_decodes(tmp_path):
+    """An ID3v1 or APE tag, or padding, after every stream's last page: decoders skip it and lose
+    nothing. Where an "OggS" follows, it is a damaged page of a link to come: still refused."""
+    sf.write(tmp_path / "whole.ogg", speech_like(16000, 23), 16000, format="OGG", subtype="VORBIS")
+    whole = (tmp_path / "whole.ogg").read_bytes()
+    for tail in (b"TAG" + bytes(125), b"APETAGEX" + bytes(24), bytes(100)):
+        (tmp_path / "tagged.ogg").write_bytes(whole + tail)
+        np.testing.assert_array_equal(load_audio(tmp_path / "tagged.ogg")[0], load_audio(tmp_path / "whole.ogg")[0])
+    (tmp_path / "chain.ogg").write_bytes(whole + b"TAG" + whole[3:])  # the second link's first "OggS" damaged
+    with pytest.raises(ValueError, match=rf"chain.ogg: .* \(no Ogg page at byte {len(whole)}, where one was due"):
+        load_audio(tmp_path / "chain.ogg")
+
+
+@pytest.mark.parametrize("subtype", ["VORBIS", "OPUS"])
+def test_ogg_of_a_live_stream_joined_late_decodes(tmp_path, subtype):
+    """A listener joining an Icecast stream late gets its header pages (granule 0), then its pages
+    from where it is now: the page number jumps once, and nothing in the file is lost."""
+    sf.write(tmp_path / "whole.ogg", speech_like(48000, 24), 16000, format="OGG", subtype=subtype)
+    pages = list(ogg_pages((tmp_path / "whole.ogg").read_bytes()))
+    headers = [page for page in pages if int.from_bytes(page[1][6:14], "little") == 0]
+    joined = []
+    for i, (_, header, table, body) in enumerate(pages):
+        number = int.from_bytes(header[18:22], "little") + (1000 if i >= len(headers) else 0)
+        joined.append(ogg_page(header, table, body, number, header[5], int.from_bytes(header[6:14], "little")))
+    (tmp_path / "joined.ogg").write_bytes(b"".join(joined))
+    np.testing.assert_array_equal(load_audio(tmp_path / "joined.ogg")[0], load_audio(tmp_path / "whole.ogg")[0])
+    (tmp_path / "gap.ogg").write_bytes(b"".join(joined[: len(headers) + 1] + joined[len(headers) + 2 :]))
+    with pytest.raises(ValueError, match=r"gap.ogg: truncated or corrupt Ogg file .* pages are missing"):
+        load_audio(tmp_path / "gap.ogg")

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import audioenc
+from audioenc import cache
 from audioenc.cache import KEY_NAME
 from audioenc.cli import main
 from conftest import TINY_W2V, randomize, rel_err, speech_like
@@ -91,6 +92,9 @@ def test_each_language_has_its_own_cached_graph(mms, tmp_path, monkeypatch):
     assert torch.equal(again.encode(wave).last_hidden_state, outputs["fra"])
     layer1 = audioenc.load(mms, backend="torch", target_lang="fra").encode(wave, output_layer=1).last_hidden_state
     assert rel_err(again.encode(wave, output_layer=1).last_hidden_state, layer1) < 1e-4
+    # `audioenc cache` tells each language's graphs apart (mms-1b-all's are gigabytes each)
+    labels = sorted(entry.what.rsplit(" (from ", 1)[1] for entry in cache.list_entries())
+    assert labels == [f"{mms})", f"{mms}, target_lang=deu)", f"{mms}, target_lang=fra)", f"{mms}, target_lang=fra)"]
 
 
 def test_hub_id_downloads_only_its_language(mms, tmp_path, monkeypatch):
@@ -113,7 +117,8 @@ def test_hub_id_downloads_only_its_language(mms, tmp_path, monkeypatch):
     want = audioenc.load(mms, backend="torch", target_lang="fra").encode(wave).last_hidden_state
     assert torch.equal(enc.encode(wave).last_hidden_state, want)
     with pytest.raises(ValueError, match=r"someone/mms: no adapter for target_lang 'ita': the hub repo someone/mms "
-                                         r"has none, or it could not be downloaded"):
+                                         r"has none, or it could not be downloaded .*; adapters found in its local "
+                                         r"snapshot .*: fra \(1 languages\)$"):  # not the repo's: it may have 1000
         audioenc.load("someone/mms", backend="torch", target_lang="ita")
 
 
@@ -246,7 +251,8 @@ def test_export_with_target_lang(mms, tmp_path):
 
     assert main(["export", "--model", mms, "--target-lang", "spa", "--out", str(tmp_path / "x")]) == 0
     session = onnxruntime.InferenceSession(str(tmp_path / "x" / "model.onnx"))
-    assert session.get_modelmeta().custom_metadata_map["target_lang"] == "spa"
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["target_lang"] == "spa" and meta["checkpoint"] == os.path.basename(mms)  # not the user's tree
     enc = audioenc.load(mms, backend="torch", target_lang="spa")
     wave = speech_like(8000, 9)
     normalised = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)

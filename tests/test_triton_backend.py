@@ -320,7 +320,7 @@ def test_both_positional_conv_paths_compute_the_models_conv(kernel):
     pos = _PositionalConv(module.conv, torch.float32, torch.device(DEVICE))
     x = torch.randn(2, 37, 48, device=DEVICE)
     with torch.no_grad():
-        truth = module(x)
+        truth = module(x, torch.ones(2, 37, dtype=torch.bool, device=DEVICE))  # every frame valid
         for path in ("cudnn", "triton"):
             assert rel_err(getattr(pos, path)(x), truth) <= 1e-5, path
         assert rel_err(pos(x), truth) <= 1e-5 and not pos.choices  # float32: ours (cuDNN's TF32 is off), untimed
