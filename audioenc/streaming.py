@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import threading
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -37,6 +36,7 @@ import torch
 from audioenc.audio import MAX_CHANNELS, as_pcm_array, check_rate, finite_float32
 from audioenc.chunker import Chunker, Window
 from audioenc.config import SAMPLE_RATE
+from audioenc.deferred_interrupt import InterruptSafeLock, interrupt_deferred
 from audioenc.frontend import pcm_to_float32
 from audioenc.progress import progress_bar
 
@@ -144,7 +144,8 @@ class EncoderStream:
 
             self.resampler = soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         # Work moves through these in order, and each step is dropped only once the next holds its
-        # result: a push interrupted midway (Ctrl-C) loses nothing, the next push or flush goes on.
+        # result, Ctrl-C held back in between (interrupt_deferred): a push interrupted midway loses
+        # nothing, the next push or flush goes on.
         self._unfed = np.zeros(0, np.float32)   # 16 kHz samples not yet in the chunker
         self._windows: deque[Window] = deque()  # windows taken from the chunker, not yet encoded
         self._block_start = 0  # Whisper: the stream position of the chunker's 0 (the current 30 s block)
@@ -156,8 +157,9 @@ class EncoderStream:
         self._feed = self._windows_per_run * self.chunk
         self._input_ended = self._chunker_ended = self.finished = False
         self._failure: str | None = None  # why an earlier call failed for good
-        self.lock = threading.Lock()
+        self.lock = InterruptSafeLock()
         self.emitted = 0  # frames returned so far
+        self.samples_taken = 0  # input samples taken, at the input's rate
         self.backend_output = False  # encode_long: frames as the backend returns them, like short items
         self.scale_warned = False  # float blocks past [-1, 1] (integer PCM cast to float) warned of
 
@@ -170,14 +172,17 @@ class EncoderStream:
 
     def push(self, block) -> StreamFrames:
         """Takes a block of samples and returns the frames that became final. A block refused before it
-        is taken (NaN/Inf, a wrong shape: ValueError; a wrong dtype: TypeError) leaves the stream unchanged."""
-        self._check_usable()
-        x = self._prepare(block)
+        is taken (NaN/Inf, a wrong shape: ValueError; a wrong dtype: TypeError) leaves the stream unchanged;
+        a push interrupted by Ctrl-C took all of its block or none of it: ``samples_taken`` tells which."""
         with self.lock:  # blocks pushed from several threads at once go in one after another
-            self._check_usable()
-            if self._input_ended:  # flush() began (it may have been interrupted: call it again)
-                raise RuntimeError("push after flush(); start a new stream")
-            self._accept(x)
+            with interrupt_deferred():
+                self._check_usable()
+                if self._input_ended:  # flush() began (it may have been interrupted: call it again)
+                    raise RuntimeError("push after flush(); start a new stream")
+                x = self._prepare(block)
+                overflow = self._hold(x)
+                self.samples_taken += len(x)
+            self._advance(overflow)
             return self._take()
 
     def flush(self) -> StreamFrames:
@@ -189,13 +194,15 @@ class EncoderStream:
                 if not self._input_ended:
                     # Ended first: soxr takes its last call once, and an interrupted encode of the
                     # samples it gives back goes on in the _advance below when flush is called again
-                    self._input_ended = True
-                    if self.resampler is not None:
-                        self._accept(np.zeros(0, np.float32), last=True)
+                    with interrupt_deferred():
+                        self._input_ended = True
+                        overflow = self._hold(np.zeros(0, np.float32), last=True) if self.resampler else None
+                    self._advance(overflow)
                 self._advance()
                 if not self._chunker_ended:
-                    self._take_windows(self.chunker.flush())
-                    self._chunker_ended = True
+                    with interrupt_deferred():
+                        self._take_windows(self.chunker.flush())
+                        self._chunker_ended = True
                 self._advance()
             self.finished = True
             return self._take()
@@ -228,8 +235,10 @@ class EncoderStream:
             raise ValueError("block: the channels' mean overflows float32 (audio is expected within [-1, 1])")
         return np.ascontiguousarray(x)
 
-    def _accept(self, x: np.ndarray, last: bool = False) -> None:
-        """Takes a block's samples (resampled to 16 kHz) and encodes the windows they complete."""
+    def _hold(self, x: np.ndarray, last: bool = False) -> str | None:
+        """Adds a block's samples, resampled to 16 kHz, to those held for the chunker (a copy: x may be
+        a view of the caller's buffer, which it may refill before the next push). Returns why the
+        stream must fail once the samples before the problem are encoded, or None."""
         overflow = None
         if self.resampler is not None:
             x = self.resampler.resample_chunk(x, last=last)
@@ -237,34 +246,30 @@ class EncoderStream:
             if not finite.all():  # finite audio near float32's limit, as encode checks too
                 overflow = "block: resampling to 16 kHz overflows float32 (audio is expected within [-1, 1])"
                 x = x[: int(np.argmin(finite))]  # the samples before it still make their frames
-        self._unfed = np.concatenate([self._unfed, x]) if len(self._unfed) else x
-        try:
-            self._advance()
-        except BaseException:
-            # x may be a view of the caller's buffer, which it may refill before the next push
-            self._unfed = self._unfed.copy()
-            raise
-        if overflow:
-            raise self._fail(overflow)
+        self._unfed = np.concatenate([self._unfed, x])
+        return overflow
 
-    def _advance(self) -> None:
+    def _advance(self, overflow: str | None = None) -> None:
         """Feeds the held samples to the chunker and encodes the windows they complete, one
-        encoder call's worth at a time."""
+        encoder call's worth at a time; then fails the stream for ``overflow``, if given."""
         while True:
             if self._windows:
                 self._encode_next_windows()
             elif len(self._unfed):
-                take = self._feed if self.block is None else min(self._feed, self.block - self.chunker.received)
-                self._take_windows(self.chunker.push(self._unfed[:take]))
-                self._unfed = self._unfed[take:]
-                if self.block is not None and self.chunker.received == self.block:
-                    # Whisper: its 30 s block is complete, and so are the block's windows, none of
-                    # which reaches past it; the next block starts a new chunker stream.
-                    self._take_windows(self.chunker.flush())
-                    self.chunker.reset()
-                    self._block_start += self.block
+                with interrupt_deferred():  # the samples leave _unfed as their windows join _windows
+                    take = self._feed if self.block is None else min(self._feed, self.block - self.chunker.received)
+                    self._take_windows(self.chunker.push(self._unfed[:take]))
+                    self._unfed = self._unfed[take:]
+                    if self.block is not None and self.chunker.received == self.block:
+                        # Whisper: its 30 s block is complete, and so are the block's windows, none of
+                        # which reaches past it; the next block starts a new chunker stream.
+                        self._take_windows(self.chunker.flush())
+                        self.chunker.reset()
+                        self._block_start += self.block
             else:
-                return
+                break
+        if overflow:
+            raise self._fail(overflow)
 
     def _take_windows(self, windows: list[Window]) -> None:
         self._windows.extend(replace(w, start=w.start + self._block_start) for w in windows)
@@ -308,24 +313,28 @@ class EncoderStream:
             # As encode: never NaN or Inf frames. The windows before an overflowing one keep theirs.
             finite = torch.stack([torch.isfinite(p).all() for p in pieces]).cpu()  # one wait on a GPU
             good = next((i for i, ok in enumerate(finite.tolist()) if not ok), len(pieces))
-            if good:
-                self._done.append((first, torch.cat(pieces[:good])))
             if good < len(pieces):
+                if good:
+                    self._done.append((first, torch.cat(pieces[:good])))
                 raise self._fail("the encoder's output for this audio holds NaN or Inf: the backend's arithmetic "
                                  "overflowed (audio is expected within [-1, 1])")
-        for _ in group:
-            self._windows.popleft()
+        with interrupt_deferred():  # the frames join _done as their windows leave
+            if kept:
+                self._done.append((first, torch.cat(pieces)))
+            for _ in group:
+                self._windows.popleft()
 
     def _take(self) -> StreamFrames:
-        """The frames encoded and not yet returned."""
+        """The frames encoded and not yet returned. A Ctrl-C before the one-statement commit (no call in
+        it, so Python raises no KeyboardInterrupt inside it) leaves them for the next call."""
         if not self._done:
             return StreamFrames(torch.zeros(0, self.encoder.hidden_size, dtype=torch.float32, device="cpu"),
                                 np.zeros(0), self.emitted)
         first = self._done[0][0]  # consecutive: no window is dropped
         out = torch.cat([frames for _, frames in self._done]) if len(self._done) > 1 else self._done[0][1]
-        self._done = []
-        self.emitted = first + len(out)
-        return StreamFrames(out, (first + np.arange(len(out))) * self.hop / SAMPLE_RATE, first)
+        frames = StreamFrames(out, (first + np.arange(len(out))) * self.hop / SAMPLE_RATE, first)
+        self._done, self.emitted = [], first + len(out)
+        return frames
 
     def encode_samples(self, windows: list[np.ndarray]) -> list[torch.Tensor]:
         """Windows at 16 kHz -> their (frames, dim), encoded as one batch: float32 on the CPU, or
