@@ -383,7 +383,8 @@ def cmd_stream(args) -> int:
             collected.append(frames.frames.numpy())
             if stdout_open:
                 try:
-                    print(f"{frames.times[0]:8.2f}-{frames.times[-1] + 1 / enc.frame_rate:8.2f} s  {len(frames):4d} frames  "
+                    end = frames.times[-1] + 1 / enc.frame_rate
+                    print(f"{frames.times[0]:8.2f}-{end:8.2f} s  {len(frames):4d} frames  "
                           f"compute {compute_ms[-1]:6.1f} ms  mean|x| {float(np.abs(collected[-1]).mean()):.4f}",
                           flush=True)
                 except BrokenPipeError:  # e.g. `| head -1`: these frames are kept, the stream ends
@@ -470,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stdin channels, interleaved; mixed to mono (default 1)")
     stream.add_argument("--block-ms", type=float, default=20.0, help="audio read per push, ms (default 20)")
     stream.add_argument("--chunk-s", type=float, default=None,
-                        help="audio per window centre, s (default per family: 1; rounded to whole frames, 20 ms for most models)")
+                        help="audio per window centre, s (default per family: 1; rounded to whole frames, "
+                             "20 ms for most models)")
     stream.add_argument("--left-context-s", type=float, default=None,
                         help="context before each chunk, s (default: wav2vec2/HuBERT 2, WavLM 4, Whisper its 30 s window)")
     stream.add_argument("--right-context-s", type=float, default=None,

@@ -510,9 +510,10 @@ class _FastWav2Vec2:
         self.projection = _Linear([projection.projection], dtype, device)
         encoder = model.encoder
         self.pos_conv = _PositionalConv(encoder.pos_conv_embed.conv, dtype, device)
+        batch_norm = encoder.pos_conv_embed.batch_norm
         self.pos_norm = None  # mHuBERT-25Hz's BatchNorm before the positional conv: (scale, shift)
-        if encoder.pos_conv_embed.batch_norm is not None:
-            self.pos_norm = tuple(t.detach().float().to(device) for t in encoder.pos_conv_embed.batch_norm.scale_and_shift())
+        if batch_norm is not None:
+            self.pos_norm = tuple(t.detach().float().to(device) for t in batch_norm.scale_and_shift())
         self.pre_norm = encoder.pre_norm
         self.encoder_norm = _Norm(encoder.layer_norm, device)
         self.fc1_choices, self.attention_choices = {}, {}
