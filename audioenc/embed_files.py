@@ -116,8 +116,9 @@ def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tu
     """(directory, why) for each record around out_dir that describes outputs under out_dir which
     must not be kept beside new ones: made with other settings, or mixed (an --overwrite run with new
     ones replaced only some), so that a rerun would silently mix two kinds of embedding. A setting a
-    record lacks (it predates the setting) does not conflict; a layer recorded by number that is the
-    last (before it was spelled "last") is "last"."""
+    record lacks (it predates the setting) does not conflict, except an MMS model's target_lang,
+    which was then always the weights' own (None); a layer recorded by number that is the last
+    (before it was spelled "last") is "last"."""
     conflicts, records = [], records_around(out_dir)
     below = [os.path.realpath(d) + os.sep for d, _ in records if inside(d, out_dir)]
     for directory, previous in records:
@@ -126,6 +127,8 @@ def settings_conflicts(out_dir: str, settings: dict, last_layer: int) -> list[tu
         else:
             if previous.get("layer") == str(last_layer):
                 previous = {**previous, "layer": "last"}
+            if "target_lang" in settings:  # an MMS record from before --target-lang: the weights' own adapters
+                previous = {"target_lang": None, **previous}
             differs = [f"{key} {previous[key]!r} (now {value!r})" for key, value in settings.items()
                        if key in previous and previous[key] != value]
             if not differs:

@@ -4,6 +4,7 @@ does, keeps each language's cached graphs apart, and refuses what has no such ad
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 
@@ -243,6 +244,16 @@ def test_embed_with_target_lang(mms, tmp_path, capsys):
     assert main(args + ["--target-lang", "deu", "--overwrite"]) == 0
     assert main(args) == 2
     assert "holds embeddings made with target_lang 'deu' (now None)" in capsys.readouterr().err
+    # a record written before --target-lang existed: its embeddings had the weights' own adapters
+    assert main(args + ["--overwrite"]) == 0
+    record = os.path.join(out, ".audioenc-embed.json")
+    with open(record) as f:
+        settings = json.load(f)
+    del settings["target_lang"]
+    with open(record, "w") as f:
+        json.dump(settings, f)
+    assert main(args + ["--target-lang", "fra"]) == 2
+    assert "holds embeddings made with target_lang None (now 'fra')" in capsys.readouterr().err
 
 
 def test_export_with_target_lang(mms, tmp_path):
