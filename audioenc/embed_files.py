@@ -206,7 +206,8 @@ def duration_s(path: str) -> float:
     if not os.path.isfile(path):  # a broken link or a pipe: decoding reports it, unopened
         return math.inf
     try:
-        if len(ogg_links(path) or ()) > 1:  # a chained Ogg: its header gives the first link's length only
+        # a chained Ogg: its header gives the first link's length only (its pages are checked as it is decoded)
+        if len(ogg_links(path, verify=False) or ()) > 1:
             return math.inf
         return sf.info(path).duration
     except Exception:  # not a format soundfile reads

@@ -472,11 +472,16 @@ def checkpoint_label(model: nn.Module) -> str | None:
     return getattr(model, "checkpoint_source", None) or getattr(getattr(model, "checkpoint", None), "source", None)
 
 
+def target_lang_of(model: nn.Module) -> str:
+    """The MMS language adapter ``model`` was loaded with ("" for the checkpoint's own)."""
+    return getattr(getattr(model, "checkpoint", None), "target_lang", "")
+
+
 def source_label(model: nn.Module) -> str | None:
     """What the graphs and engines of ``model`` say they came from (`audioenc cache` shows it): its
     checkpoint_label, and an MMS checkpoint's language, whose graphs are entries of their own
     ("facebook/mms-1b-all, target_lang=fra")."""
-    source, target_lang = checkpoint_label(model), getattr(getattr(model, "checkpoint", None), "target_lang", "")
+    source, target_lang = checkpoint_label(model), target_lang_of(model)
     return f"{source}, target_lang={target_lang}" if source and target_lang else source
 
 
@@ -500,7 +505,7 @@ def describe_graph(model: nn.Module, spec: ExportSpec, path: str) -> None:
             "not normalised (the checkpoint's do_normalize is false), ") + "zero after them; lengths (batch,) int64")
     frame_rate = SAMPLE_RATE / (2 * WHISPER_HOP if isinstance(dims, WhisperDims) else dims.hop)
     source = checkpoint_label(model) or ""
-    target_lang = getattr(getattr(model, "checkpoint", None), "target_lang", "")
+    target_lang = target_lang_of(model)
     proto = onnx.load(path, load_external_data=False)
     onnx.helper.set_model_props(proto, {
         "producer": f"audioenc {__version__}", "family": dims.family, "dtype": spec.dtype,

@@ -26,10 +26,11 @@ def crc(data: bytes) -> int:
     return _reverse32(zlib.crc32(data.translate(_BIT_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF)
 
 
-def links(path: str) -> list[tuple[int, int]] | None:
+def links(path: str, verify: bool = True) -> list[tuple[int, int]] | None:
     """The byte ranges of a chained Ogg file's links (one for an unchained file), after checking
-    every page's CRC, its length against the file's, and that each logical stream's page numbers
-    run on without a gap; None for a file that is not Ogg. ValueError names the first bad page."""
+    every page's CRC (unless not ``verify``: only the pages' headers are read), its length against
+    the file's, and that each logical stream's page numbers run on without a gap; None for a file
+    that is not Ogg. ValueError names the first bad page."""
     try:
         f = open(path, "rb")
     except OSError:  # unreadable: the decoder reports it
@@ -51,16 +52,20 @@ def links(path: str) -> list[tuple[int, int]] | None:
                 raise ValueError(f"{path}: truncated or corrupt Ogg file (no Ogg page at byte {offset}, where one "
                                  "was due)")
             table = f.read(header[26]) if len(header) == 27 else b""
-            body = f.read(sum(table))
-            if len(header) < 27 or len(table) < header[26] or len(body) < sum(table):
+            body_size = sum(table)
+            if len(header) < 27 or len(table) < header[26] or offset + 27 + len(table) + body_size > size:
                 raise ValueError(f"{path}: truncated or corrupt Ogg file (the page at byte {offset} runs past the "
                                  f"file's end at byte {size})")
             if header[4] != 0:
                 raise ValueError(f"{path}: truncated or corrupt Ogg file (the page at byte {offset} has unknown "
                                  f"version {header[4]})")
-            if crc(header[:22] + bytes(4) + header[26:] + table + body) != int.from_bytes(header[22:26], "little"):
-                raise ValueError(f"{path}: truncated or corrupt Ogg file (the page at byte {offset} fails its CRC "
-                                 "check)")
+            if verify:
+                page = header[:22] + bytes(4) + header[26:] + table + f.read(body_size)  # its CRC field zeroed
+                if crc(page) != int.from_bytes(header[22:26], "little"):
+                    raise ValueError(f"{path}: truncated or corrupt Ogg file (the page at byte {offset} fails its CRC "
+                                     "check)")
+            else:
+                f.seek(body_size, os.SEEK_CUR)
             flags, serial = header[5], int.from_bytes(header[14:18], "little")
             number, granule = int.from_bytes(header[18:22], "little"), int.from_bytes(header[6:14], "little")
             # A listener joining a live stream late (an Icecast dump) gets its header pages, then its pages
@@ -83,7 +88,7 @@ def links(path: str) -> list[tuple[int, int]] | None:
             else:
                 in_headers.discard(serial)
             previous_bos = bool(flags & BOS)
-            offset += 27 + len(table) + len(body)
+            offset += 27 + len(table) + body_size
     if not starts or starts[0] != 0:  # a dump cut into a stream: its pages before the next start page
         starts.insert(0, 0)
     return list(zip(starts, starts[1:] + [size]))

@@ -13,7 +13,7 @@ from torch import nn
 
 from audioenc.checkpoint_record import forget, recorded_weights_digest, weights_digest
 from audioenc.cpu import return_freed_memory
-from audioenc.export import ExportSpec, cached_export, cached_graph
+from audioenc.export import ExportSpec, cached_export, cached_graph, target_lang_of
 
 
 class ReferenceWeights:
@@ -42,9 +42,9 @@ class ReferenceWeights:
         why = (f"a graph that is not in the cache must be exported from the reference weights, which audioenc "
                f"released to save memory; building them again from {self.source} failed:")
         try:
-            target_lang = getattr(getattr(self.model, "checkpoint", None), "target_lang", "") or None
-            model = reference_model(read_checkpoint(self.source, self.model.dims.family, target_lang=target_lang),
-                                    self.source)
+            checkpoint = read_checkpoint(self.source, self.model.dims.family,
+                                         target_lang=target_lang_of(self.model) or None)
+            model = reference_model(checkpoint, self.source)
         except (OSError, ValueError, RuntimeError) as exc:
             raise RuntimeError(f"{why} it cannot be read now ({exc}); load the encoder again") from exc
         if weights_digest(model) != self.digest:
